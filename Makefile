@@ -1,0 +1,28 @@
+# The README's two commands: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: venv demo test bench clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: a CPU wheel; an unpinned torch would pull a multi-GB CUDA build
+	$(PY) -m pip install -q -c constraints.txt torch
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,examples]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) examples/digits_side_by_side.py
+
+test: venv
+	$(PY) -m pytest -n 2 -q
+
+bench: venv
+	$(PY) benchmarks/bench_step.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -1,0 +1,308 @@
+"""The core protocol: one per-array update rule, lifted to any pytree.
+
+An update rule is written once, for one parameter array, the way torch writes
+the loop body of ``_single_tensor_<name>``::
+
+    def rule(param, grad, slots, step, hparams, options) -> (param, slots)
+
+* ``param``, ``grad``: arrays of one dtype (complex leaves arrive as real views
+  ``[..., 2]``, as torch's ``view_as_real``);
+* ``slots``: this parameter's state buffers, ``{"exp_avg": ..., ...}``;
+* ``step``: this parameter's step count *after* the increment, in the widest
+  enabled float (torch's ``float(state["step"])``);
+* ``hparams``: this parameter's group's numeric hyperparameters, widest float
+  scalars (or small vectors, e.g. ``betas``);
+* ``options``: the group's static options (``maximize``, ``amsgrad``, ...).
+
+:func:`make_optimizer` turns such a rule into an :class:`Optimizer`: an
+``optax.GradientTransformationExtraArgs`` with one more method, ``step``, whose
+state (:class:`OptState`) is arrays only: per-parameter step counts, per-group
+hyperparameters and per-parameter buffers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from . import _groups
+from ._math import widest_float
+from ._tree import PyTree, flatten_grads, is_trainable
+
+Rule = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+SlotsInit = Callable[[jax.Array, Mapping[str, Any]], dict[str, jax.Array]]
+
+
+class OptState(NamedTuple):
+    """State of a funcopt optimizer: arrays only, so it jits, shards and saves.
+
+    Attributes:
+      step: ``int32[n_leaves]``, each parameter's own step count (torch's
+        ``state[p]["step"]``); 0 for leaves that never had a gradient.
+      hparams: ``{name: array[n_groups, ...]}``, every numeric hyperparameter
+        of every parameter group, in the widest enabled float.
+      slots: ``{name: pytree}``, per-parameter buffers named as in torch's
+        ``optimizer.state[p]`` (``exp_avg``, ``momentum_buffer``, ...), each a
+        pytree with the structure of the params and ``None`` where a leaf has
+        no such buffer.
+    """
+
+    step: jax.Array
+    hparams: dict[str, jax.Array]
+    slots: dict[str, PyTree]
+
+
+class Optimizer(optax.GradientTransformationExtraArgs):
+    """An optax transform with torch's ``optimizer.step()`` as a pure function.
+
+    ``opt.init(params)`` and ``opt.update(grads, state, params)`` follow the
+    optax protocol (``update`` returns ``new_params - params``).
+    ``opt.step(params, grads, state)`` returns ``(new_params, new_state)``
+    exactly as torch's parameters and state after ``optimizer.step()`` with
+    ``p.grad = grads``; prefer it to ``update`` + ``optax.apply_updates``,
+    whose extra subtraction and addition can round by one ulp.
+    """
+
+    def step(self, params, grads, state, *, has_grad=None):
+        """torch's ``optimizer.step()``: ``(new_params, new_state)``.
+
+        A ``None`` leaf of ``grads`` leaves that parameter and its state
+        untouched. ``has_grad`` (a pytree of booleans shaped like the params)
+        does the same with traced flags, for a structure that never changes
+        under ``jit`` (see :class:`funcopt.TrainState`).
+        """
+        return self._step_fn(params, grads, state, has_grad)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items())
+        return f"funcopt.{self.name}({args})"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Definition:
+    name: str
+    rule: Rule
+    init_slots: SlotsInit
+    hyperparams: dict[str, Any]
+    options: dict[str, Any]
+    groups: _groups.ParamGroups | None
+    supports_complex: bool
+
+    def group_values(self, name: str) -> dict[str, Any]:
+        values = {**self.hyperparams, **self.options}
+        if self.groups is not None and name in self.groups.overrides:
+            values.update(self.groups.overrides[name])
+        return values
+
+
+def make_optimizer(
+    *,
+    name: str,
+    rule: Rule,
+    init_slots: SlotsInit,
+    hyperparams: Mapping[str, Any],
+    options: Mapping[str, Any] | None = None,
+    validate: Callable[[Mapping[str, Any]], None] | None = None,
+    param_groups: _groups.ParamGroups | None = None,
+    supports_complex: bool = True,
+    extra_defaults: Mapping[str, Any] | None = None,
+) -> Optimizer:
+    """Lift a per-array update ``rule`` to a pytree :class:`Optimizer`.
+
+    Args:
+      name: the torch class this optimizer mirrors (``"Adam"``).
+      rule: ``rule(param, grad, slots, step, hparams, options)`` (module doc).
+      init_slots: ``init_slots(param, group) -> {slot: array}``, the buffers
+        of one parameter (``group`` is its group's values, as Python objects).
+      hyperparams: numeric hyperparameters and their values (torch names);
+        they live in the state as arrays, so changing them never recompiles.
+      options: static per-group options (booleans, strings).
+      validate: ``validate(group)`` raises torch's error for a bad value; it
+        runs on the defaults and on every group's overrides.
+      param_groups: from :func:`funcopt.param_groups`.
+      supports_complex: complex leaves are updated as real views (torch's
+        ``view_as_real``); when False they raise ``TypeError``.
+      extra_defaults: torch-only arguments (``foreach``, ``fused``, ...) kept
+        for display and ``state_dict`` export; they do not affect the math.
+    """
+    options = dict(options or {})
+    hyperparams = dict(hyperparams)
+    definition = _Definition(
+        name, rule, init_slots, hyperparams, options, param_groups, supports_complex
+    )
+    if validate is not None:
+        validate({**hyperparams, **options})
+    if param_groups is not None:
+        known = {*hyperparams, *options}
+        for group, values in param_groups.overrides.items():
+            unknown = sorted(set(values) - known)
+            if unknown:
+                raise ValueError(
+                    f"param group {group!r}: {name} has no hyperparameter "
+                    f"{unknown[0]!r}; known: {sorted(known)}"
+                )
+            if validate is not None:
+                validate(definition.group_values(group))
+
+    opt = Optimizer(
+        lambda params: _init(definition, params),
+        lambda updates, state, params=None, *, has_grad=None, **extra_args: _update(
+            definition, updates, state, params, has_grad
+        ),
+    )
+    opt._step_fn = lambda params, grads, state, has_grad: _apply(
+        definition, params, grads, state, has_grad
+    )
+    opt.name = name
+    opt.defaults = {**hyperparams, **options, **dict(extra_defaults or {})}
+    opt.param_groups = param_groups
+    opt.definition = definition
+    return opt
+
+
+# --------------------------------------------------------------------------
+# init / step / update
+# --------------------------------------------------------------------------
+
+
+def _check_complex(definition: _Definition, params: PyTree) -> None:
+    if definition.supports_complex:
+        return
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if is_trainable(leaf) and jnp.iscomplexobj(leaf):
+            raise TypeError(
+                f"params{jax.tree_util.keystr(path)}: {definition.name} does not "
+                "support complex parameters"
+            )
+
+
+def _init(definition: _Definition, params: PyTree) -> OptState:
+    _check_complex(definition, params)
+    leaves, treedef = jax.tree.flatten(params)
+    names, group_of = _groups.resolve(definition.groups, params)
+    values = [definition.group_values(n) for n in names]
+    dtype = widest_float()
+    hparams = {
+        k: jnp.asarray([v[k] for v in values], dtype=dtype).reshape(
+            (len(names), *np.shape(definition.hyperparams[k]))
+        )
+        for k in definition.hyperparams
+    }
+    per_leaf = [
+        {} if g is None else definition.init_slots(p, values[g])
+        for p, g in zip(leaves, group_of)
+    ]
+    slot_names = list(dict.fromkeys(k for s in per_leaf for k in s))
+    slots = {k: treedef.unflatten([s.get(k) for s in per_leaf]) for k in slot_names}
+    return OptState(jnp.zeros(len(leaves), jnp.int32), hparams, slots)
+
+
+def _check_state(definition: _Definition, state: Any, n_leaves: int, n_groups: int):
+    if not isinstance(state, OptState):
+        raise TypeError(
+            f"{definition.name} expects the state made by its init(), got "
+            f"{type(state).__name__}"
+        )
+    if set(state.hparams) != set(definition.hyperparams):
+        raise ValueError(
+            f"this state was made by another optimizer: it holds hyperparameters "
+            f"{sorted(state.hparams)}, {definition.name} has "
+            f"{sorted(definition.hyperparams)}"
+        )
+    if state.step.shape != (n_leaves,):
+        raise ValueError(
+            f"this state was made for a param tree with {state.step.shape[0]} "
+            f"leaves; params have {n_leaves}"
+        )
+    n_state_groups = next(iter(state.hparams.values())).shape[0] if state.hparams else 0
+    if state.hparams and n_state_groups != n_groups:
+        raise ValueError(
+            f"this state has {n_state_groups} parameter groups; params resolve "
+            f"to {n_groups}"
+        )
+
+
+def _as_real(x: jax.Array) -> jax.Array:
+    return jnp.stack([x.real, x.imag], axis=-1) if jnp.iscomplexobj(x) else x
+
+
+def _as_complex(x: jax.Array, like: jax.Array) -> jax.Array:
+    if not jnp.iscomplexobj(like):
+        return x
+    return jax.lax.complex(x[..., 0], x[..., 1]).astype(like.dtype)
+
+
+def _apply(definition, params, grads, state, has_grad):
+    """``(new_params, new_state)``: torch's ``optimizer.step()``."""
+    _check_complex(definition, params)
+    leaves, grad_leaves = flatten_grads(params, grads)
+    treedef = jax.tree.structure(params)
+    names, group_of = _groups.resolve(definition.groups, params)
+    _check_state(definition, state, len(leaves), len(names))
+    values = [definition.group_values(n) for n in names]
+    options = [{k: v[k] for k in definition.options} for v in values]
+    try:
+        slot_leaves = {k: treedef.flatten_up_to(t) for k, t in state.slots.items()}
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"this {definition.name} state's buffers do not match the params tree"
+        ) from e
+    mask = None if has_grad is None else treedef.flatten_up_to(has_grad)
+
+    new_leaves, increments = [], []
+    new_slots = {k: list(v) for k, v in slot_leaves.items()}
+    for i, (p, g, group) in enumerate(zip(leaves, grad_leaves, group_of)):
+        if g is None or group is None:
+            new_leaves.append(p)
+            increments.append(False)
+            continue
+        step = state.step[i] + 1
+        hparams = {k: v[group] for k, v in state.hparams.items()}
+        own = {k: v[i] for k, v in slot_leaves.items() if v[i] is not None}
+        new_p, new_own = definition.rule(
+            _as_real(p),
+            _as_real(g),
+            {k: _as_real(v) for k, v in own.items()},
+            step.astype(widest_float()),
+            hparams,
+            options[group],
+        )
+        new_p = _as_complex(new_p, p)
+        new_own = {k: _as_complex(v, own[k]) for k, v in new_own.items()}
+        if mask is not None:
+            new_p = jnp.where(mask[i], new_p, p)
+            new_own = {k: jnp.where(mask[i], v, own[k]) for k, v in new_own.items()}
+        new_leaves.append(new_p)
+        for k, v in new_own.items():
+            new_slots[k][i] = v
+        increments.append(True if mask is None else mask[i])
+
+    new_step = state.step + jnp.asarray(increments, dtype=bool).astype(jnp.int32)
+    new_state = OptState(
+        new_step,
+        state.hparams,
+        {k: treedef.unflatten(v) for k, v in new_slots.items()},
+    )
+    return treedef.unflatten(new_leaves), new_state
+
+
+def _update(definition, grads, state, params, has_grad):
+    """The optax protocol: ``(new_params - params, new_state)``."""
+    if params is None:
+        raise ValueError(
+            f"funcopt.{definition.name.lower()}'s update() needs params: call "
+            "update(grads, state, params)"
+        )
+    new_params, new_state = _apply(definition, params, grads, state, has_grad)
+    updates = jax.tree.map(
+        lambda new, old: new - old if is_trainable(old) else jnp.zeros_like(old),
+        new_params,
+        params,
+    )
+    return updates, new_state

@@ -1,0 +1,172 @@
+"""Adam and AdamW, mirroring ``torch.optim.Adam`` and ``torch.optim.AdamW``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from .. import _validate
+from .._core import Optimizer, make_optimizer
+from .._groups import ParamGroups
+from .._math import addcdiv, lerp, scalar
+from ._common import (
+    apply_maximize,
+    coupled_weight_decay,
+    decoupled_weight_decay,
+    ema_of_square,
+)
+
+
+def _validate_adam(group: Mapping[str, Any]) -> None:
+    _validate.check_scalar_lr(group["lr"])
+    _validate.check_at_least_zero(group["lr"], "learning rate")
+    _validate.check_at_least_zero(group["eps"], "epsilon value")
+    _validate.check_betas(group["betas"])
+    _validate.check_at_least_zero(group["weight_decay"], "weight_decay value")
+    _validate.check_betas_both_floats(group["betas"])
+
+
+def _adam_slots(param, group):
+    slots = {"exp_avg": jnp.zeros_like(param), "exp_avg_sq": jnp.zeros_like(param)}
+    if group["amsgrad"]:
+        slots["max_exp_avg_sq"] = jnp.zeros_like(param)
+    return slots
+
+
+def _adam_rule(param, grad, slots, step, hparams, options):
+    lr, eps, weight_decay = hparams["lr"], hparams["eps"], hparams["weight_decay"]
+    beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
+    grad = apply_maximize(grad, options)
+    if options["decoupled_weight_decay"]:
+        param = decoupled_weight_decay(param, lr, weight_decay)
+    else:
+        grad = coupled_weight_decay(grad, param, weight_decay)
+    exp_avg = lerp(slots["exp_avg"], grad, 1 - beta1)
+    exp_avg_sq = ema_of_square(slots["exp_avg_sq"], grad, beta2)
+    # torch: Python-float scalar math on float(step)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = jnp.sqrt(1 - beta2**step)
+    step_size = lr / bias_correction1
+    new_slots = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    if options["amsgrad"]:
+        # the max is over the raw second moment, bias-corrected afterwards
+        second = jnp.maximum(slots["max_exp_avg_sq"], exp_avg_sq)
+        new_slots["max_exp_avg_sq"] = second
+    else:
+        second = exp_avg_sq
+    denom = jnp.sqrt(second) / scalar(bias_correction2_sqrt, param) + scalar(eps, param)
+    return addcdiv(param, exp_avg, denom, -step_size), new_slots
+
+
+def adam(
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0,
+    amsgrad: bool = False,
+    *,
+    foreach: bool | None = None,
+    maximize: bool = False,
+    capturable: bool = False,
+    differentiable: bool = False,
+    fused: bool | None = None,
+    decoupled_weight_decay: bool = False,
+    param_groups: ParamGroups | None = None,
+) -> Optimizer:
+    r"""Adam, as ``torch.optim.Adam``.
+
+    .. math::
+        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) \;(+\lambda\theta_{t-1}
+               \text{ if coupled}) \\
+        \theta_{t-1} &\leftarrow \theta_{t-1}(1 - \gamma\lambda)
+               \text{ if decoupled\_weight\_decay} \\
+        m_t &= \operatorname{lerp}(m_{t-1}, g_t, 1-\beta_1) \\
+        v_t &= \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+        \hat v_t &= \max(\hat v_{t-1}, v_t) \text{ if amsgrad else } v_t \\
+        \theta_t &= \theta_{t-1} - \frac{\gamma}{1-\beta_1^t}\,
+               \frac{m_t}{\sqrt{\hat v_t}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    with :math:`\gamma` = ``lr``, :math:`\lambda` = ``weight_decay``. Note
+    where ``eps`` sits: after the bias-corrected square root, as in torch
+    (optax's ``eps_root`` has no torch counterpart). ``t`` is each parameter's
+    own step count. AMSGrad takes the max of the raw :math:`v_t` (optax's
+    ``amsgrad`` takes it of the bias-corrected one).
+
+    ``foreach``, ``fused``, ``capturable`` and ``differentiable`` are accepted
+    and ignored. State: ``exp_avg``, ``exp_avg_sq`` and, with ``amsgrad``,
+    ``max_exp_avg_sq``; the step count is ``state.step``.
+    """
+    _validate.check_fused(
+        {"fused": fused, "foreach": foreach, "differentiable": differentiable}
+    )
+    return _adam_family(
+        "Adam",
+        dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay),
+        dict(
+            amsgrad=amsgrad,
+            maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay,
+        ),
+        dict(
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+        ),
+        param_groups,
+    )
+
+
+def adamw(
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    amsgrad: bool = False,
+    *,
+    maximize: bool = False,
+    foreach: bool | None = None,
+    capturable: bool = False,
+    differentiable: bool = False,
+    fused: bool | None = None,
+    param_groups: ParamGroups | None = None,
+) -> Optimizer:
+    r"""AdamW, as ``torch.optim.AdamW``: :func:`adam` with decoupled weight decay.
+
+    .. math::
+        \theta_{t-1} \leftarrow \theta_{t-1}(1 - \gamma\lambda)
+
+    is applied before the moment updates, with the group's current ``lr``
+    :math:`\gamma`; the rest is :func:`adam`. The default ``weight_decay`` is
+    torch's ``1e-2`` (optax's ``adamw`` defaults to ``1e-4``).
+    """
+    _validate.check_fused(
+        {"fused": fused, "foreach": foreach, "differentiable": differentiable}
+    )
+    return _adam_family(
+        "AdamW",
+        dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay),
+        dict(amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=True),
+        dict(
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+        ),
+        param_groups,
+    )
+
+
+def _adam_family(name, hyperparams, options, extra_defaults, param_groups):
+    return make_optimizer(
+        name=name,
+        rule=_adam_rule,
+        init_slots=_adam_slots,
+        hyperparams=hyperparams,
+        options=options,
+        validate=_validate_adam,
+        param_groups=param_groups,
+        extra_defaults=extra_defaults,
+    )

@@ -1,0 +1,109 @@
+"""SGD, mirroring ``torch.optim.SGD``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from .. import _validate
+from .._core import Optimizer, make_optimizer
+from .._groups import ParamGroups
+from .._math import add
+from ._common import apply_maximize, coupled_weight_decay
+
+
+def _validate_sgd(group: Mapping[str, Any]) -> None:
+    _validate.check_scalar_lr(group["lr"])
+    _validate.check_not_negative(group["lr"], "learning rate")
+    _validate.check_not_negative(group["momentum"], "momentum value")
+    _validate.check_not_negative(group["weight_decay"], "weight_decay value")
+    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+
+def _sgd_slots(param, group):
+    # torch keeps a momentum buffer only for groups with momentum != 0
+    if group["momentum"] != 0:
+        return {"momentum_buffer": jnp.zeros_like(param)}
+    return {}
+
+
+def _sgd_rule(param, grad, slots, step, hparams, options):
+    lr, momentum = hparams["lr"], hparams["momentum"]
+    grad = apply_maximize(grad, options)
+    grad = coupled_weight_decay(grad, param, hparams["weight_decay"])
+    new_slots = {}
+    if "momentum_buffer" in slots:
+        old = slots["momentum_buffer"]
+        # torch: the first step with a gradient clones it (no dampening)
+        buf = jnp.where(
+            step == 1,
+            grad,
+            add(old * momentum.astype(old.dtype), grad, 1 - hparams["dampening"]),
+        )
+        direction = add(grad, buf, momentum) if options["nesterov"] else buf
+        # torch touches the buffer only while the group's momentum != 0
+        grad = jnp.where(momentum != 0, direction, grad)
+        new_slots["momentum_buffer"] = jnp.where(momentum != 0, buf, old)
+    return add(param, grad, -lr), new_slots
+
+
+def sgd(
+    lr: float = 1e-3,
+    momentum: float = 0,
+    dampening: float = 0,
+    weight_decay: float = 0,
+    nesterov: bool = False,
+    *,
+    maximize: bool = False,
+    foreach: bool | None = None,
+    differentiable: bool = False,
+    fused: bool | None = None,
+    param_groups: ParamGroups | None = None,
+) -> Optimizer:
+    r"""Stochastic gradient descent with momentum, as ``torch.optim.SGD``.
+
+    .. math::
+        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\theta_{t-1} \\
+        b_t &= \begin{cases} g_t & t = 1 \\
+               \mu b_{t-1} + (1-\tau) g_t & t > 1 \end{cases} \\
+        d_t &= g_t + \mu b_t \text{ (nesterov) else } b_t \\
+        \theta_t &= \theta_{t-1} - \gamma d_t
+
+    with :math:`\gamma` = ``lr``, :math:`\mu` = ``momentum``, :math:`\tau` =
+    ``dampening``, :math:`\lambda` = ``weight_decay`` (coupled, added to the
+    gradient); :math:`-\nabla` when ``maximize``. Without momentum
+    :math:`d_t = g_t`. The first momentum step copies the gradient: dampening
+    acts from the second step on.
+
+    ``foreach``, ``fused`` and ``differentiable`` are torch execution switches,
+    accepted and ignored (``fused`` combined with the others raises as in
+    torch). ``param_groups`` comes from :func:`funcopt.param_groups`.
+
+    State: ``momentum_buffer`` per parameter, only for groups whose
+    ``momentum != 0``.
+    """
+    _validate.check_fused(
+        {"fused": fused, "foreach": foreach, "differentiable": differentiable}
+    )
+    return make_optimizer(
+        name="SGD",
+        rule=_sgd_rule,
+        init_slots=_sgd_slots,
+        hyperparams={
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+        },
+        options={"nesterov": nesterov, "maximize": maximize},
+        validate=_validate_sgd,
+        param_groups=param_groups,
+        extra_defaults={
+            "foreach": foreach,
+            "differentiable": differentiable,
+            "fused": fused,
+        },
+    )

@@ -1,0 +1,93 @@
+"""The parity table: one row per torch optimizer, each with its flag grid.
+
+Adding an optimizer means adding one ``OptCase`` (and its bad arguments as
+``ErrorCase`` rows); every generic test (parity in float64 and float32, jit
+and eager, ``None`` gradients, errors, signatures) runs over this table.
+Families live in ``cases_*.py`` beside this file.
+"""
+
+import torch
+
+import funcopt as fo
+from tests.parity import cases_adaptive, cases_misc
+from tests.torch_ref import ErrorCase, OptCase
+
+CORE_CASES = [
+    OptCase(
+        "sgd",
+        torch.optim.SGD,
+        fo.sgd,
+        grid={
+            "momentum": [0.0, 0.9],
+            "dampening": [0.0, 0.3],
+            "nesterov": [False, True],
+            "weight_decay": [0.0, 0.1],
+            "maximize": [False, True],
+        },
+        fixed={"lr": 0.05},
+        valid=lambda kw: (
+            not kw["nesterov"] or (kw["momentum"] > 0 and kw["dampening"] == 0)
+        ),
+    ),
+    OptCase(
+        "adam",
+        torch.optim.Adam,
+        fo.adam,
+        grid={
+            "weight_decay": [0.0, 0.1],
+            "amsgrad": [False, True],
+            "maximize": [False, True],
+            "decoupled_weight_decay": [False, True],
+        },
+        fixed={"lr": 0.02, "betas": (0.8, 0.95), "eps": 1e-6},
+        valid=lambda kw: kw["weight_decay"] or not kw["decoupled_weight_decay"],
+    ),
+    OptCase(
+        "adamw",
+        torch.optim.AdamW,
+        fo.adamw,
+        grid={
+            "weight_decay": [1e-2, 0.3],
+            "amsgrad": [False, True],
+            "maximize": [False, True],
+        },
+        fixed={"lr": 0.02},
+    ),
+]
+
+CORE_ERRORS = [
+    ErrorCase("sgd", torch.optim.SGD, fo.sgd, kw)
+    for kw in [
+        {"lr": -0.1},
+        {"momentum": -0.5},
+        {"weight_decay": -1e-4},
+        {"nesterov": True},
+        {"nesterov": True, "momentum": 0.9, "dampening": 0.1},
+        {"fused": True, "differentiable": True},
+        {"fused": True, "foreach": True},
+    ]
+] + [
+    ErrorCase(name, cls, factory, kw)
+    for name, cls, factory in [
+        ("adam", torch.optim.Adam, fo.adam),
+        ("adamw", torch.optim.AdamW, fo.adamw),
+    ]
+    for kw in [
+        {"lr": -1e-3},
+        {"lr": float("nan")},
+        {"eps": -1e-8},
+        {"betas": (1.0, 0.999)},
+        {"betas": (0.9, -0.1)},
+        {"betas": (0, 0.999)},  # torch: both floats or both tensors
+        {"weight_decay": -0.1},
+        {"fused": True, "differentiable": True},
+    ]
+]
+
+OPT_CASES = CORE_CASES + cases_adaptive.CASES + cases_misc.CASES
+ERROR_CASES = CORE_ERRORS + cases_adaptive.ERRORS + cases_misc.ERRORS
+
+OPT_PARAMS = [p for case in OPT_CASES for p in case.params()]
+# Eager (no-jit) runs are slow; one combination per optimizer, all flags on.
+OPT_PARAMS_EAGER = [case.params()[-1] for case in OPT_CASES]
+ERROR_PARAMS = [case.param() for case in ERROR_CASES]

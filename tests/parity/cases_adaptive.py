@@ -1,0 +1,4 @@
+"""Parity rows: see cases.py."""
+
+CASES = []
+ERRORS = []

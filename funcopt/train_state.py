@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from . import clip as _clip
 from ._core import Optimizer
 from ._tree import PyTree, is_trainable
 
@@ -24,6 +25,8 @@ class TrainState:
     ``loss.backward()``           ``ts, loss = ts.backward(loss_fn, *args)``
     ``optimizer.step()``          ``ts = ts.step()``
     ``optimizer.zero_grad()``     ``ts = ts.zero_grad()`` (``set_to_none=True``)
+    ``clip_grad_norm_(ps, m)``    ``ts, total = ts.clip_grad_norm(m)``
+    ``clip_grad_value_(ps, c)``   ``ts = ts.clip_grad_value(c)``
     ============================  ==================================================
 
     ``backward`` *adds* the new gradient to ``grads``, so two calls without a
@@ -66,8 +69,10 @@ class TrainState:
     ) -> tuple[TrainState, jax.Array]:
         """``loss = loss_fn(params, *args, **kwargs); loss.backward()``.
 
-        Returns ``(new_state, loss)``; the gradient of every trainable leaf is
-        added to ``grads`` and marked defined.
+        Returns ``(new_state, loss)``; the gradient of every trainable leaf
+        the loss depends on is added to ``grads`` and marked defined. Leaves
+        the loss does not use keep their gradient, as in torch (where they
+        stay ``None``; ``jax.grad`` alone would report zeros).
         """
         leaves, treedef = jax.tree.flatten(self.params)
         trainable = [i for i, p in enumerate(leaves) if is_trainable(p)]
@@ -78,22 +83,21 @@ class TrainState:
                 full[i] = leaf
             return loss_fn(treedef.unflatten(full), *args, **kwargs)
 
-        loss, new = jax.value_and_grad(loss_of_trainable)(
-            [leaves[i] for i in trainable]
-        )
+        primals = [leaves[i] for i in trainable]
+        loss, new = jax.value_and_grad(loss_of_trainable)(primals)
+        reached = _inputs_reaching_output(loss_of_trainable, primals)
         grads = treedef.flatten_up_to(self.grads)
         defined = treedef.flatten_up_to(self.grad_defined)
-        for i, g in zip(trainable, new):
-            grads[i] = grads[i] + g
-            defined[i] = jnp.asarray(True)
-        return (
-            dataclasses.replace(
-                self,
-                grads=treedef.unflatten(grads),
-                grad_defined=treedef.unflatten(defined),
-            ),
-            loss,
+        for i, g, used in zip(trainable, new, reached):
+            if used:  # torch: a leaf outside the graph keeps its grad (None)
+                grads[i] = grads[i] + g
+                defined[i] = jnp.asarray(True)
+        new_state = dataclasses.replace(
+            self,
+            grads=treedef.unflatten(grads),
+            grad_defined=treedef.unflatten(defined),
         )
+        return new_state, loss
 
     def step(self) -> TrainState:
         """``optimizer.step()`` with the accumulated gradients."""
@@ -101,6 +105,39 @@ class TrainState:
             self.params, self.grads, self.opt_state, has_grad=self.grad_defined
         )
         return dataclasses.replace(self, params=params, opt_state=opt_state)
+
+    def clip_grad_norm(
+        self,
+        max_norm: float | jax.Array,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
+        foreach: bool | None = None,
+    ) -> tuple[TrainState, jax.Array]:
+        """``total = clip_grad_norm_(params, max_norm, norm_type)`` on ``grads``.
+
+        Returns ``(new_state, total_norm)``. Only defined gradients count in
+        the norm and are scaled, as torch skips ``p.grad is None``. The total
+        is in the promoted dtype of all trainable leaves (torch promotes only
+        over the defined ones). See :func:`funcopt.clip_grad_norm`.
+        """
+        grads, total = _clip.clip_grad_norm(
+            self.grads,
+            max_norm,
+            norm_type,
+            error_if_nonfinite,
+            foreach,
+            has_grad=self.grad_defined,
+        )
+        return dataclasses.replace(self, grads=grads), total
+
+    def clip_grad_value(
+        self, clip_value: float, foreach: bool | None = None
+    ) -> TrainState:
+        """``clip_grad_value_(params, clip_value)`` on the defined ``grads``."""
+        grads = _clip.clip_grad_value(
+            self.grads, clip_value, foreach, has_grad=self.grad_defined
+        )
+        return dataclasses.replace(self, grads=grads)
 
     def zero_grad(self, set_to_none: bool = True) -> TrainState:
         """``optimizer.zero_grad(set_to_none)``.
@@ -116,6 +153,25 @@ class TrainState:
         return dataclasses.replace(
             self, grads=_zero_grads(self.params), grad_defined=defined
         )
+
+
+def _inputs_reaching_output(fn: Callable, args: list) -> list[bool]:
+    """Which of ``fn``'s inputs the output depends on (torch's autograd graph).
+
+    torch leaves ``p.grad`` as None for a parameter the loss never used;
+    ``jax.grad`` returns zeros for it. Dead-code elimination of the traced
+    loss tells them apart. It follows data flow, so an input used only
+    through ``stop_gradient`` counts as used (torch's ``detach`` would give
+    None). If JAX's internal DCE is unavailable, every input counts as used.
+    """
+    try:
+        from jax._src.interpreters import partial_eval as pe
+
+        closed = jax.make_jaxpr(lambda *a: fn(list(a)))(*args)
+        _, used = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+        return list(used)
+    except Exception:  # pragma: no cover - depends on JAX internals
+        return [True] * len(args)
 
 
 def _zero_grads(params: PyTree) -> PyTree:

@@ -1,0 +1,150 @@
+"""TrainState's backward/step/zero_grad against the same torch training loop.
+
+Each scenario is a script of operations run in both libraries; parameters are
+compared after every operation, so accumulation, forgotten ``zero_grad``,
+``step`` before ``backward``, stale gradients and ``set_to_none`` all show.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import funcopt as fo
+
+RNG = np.random.default_rng(0)
+BATCHES = [(RNG.normal(size=(5, 3)), RNG.normal(size=(5, 2))) for _ in range(4)]
+INIT = {"w": RNG.normal(size=(3, 2)), "b": RNG.normal(size=(2,)), "h": RNG.normal(size=(2,))}
+
+
+def jax_loss(params, x, y, use_head=True):
+    out = x @ params["w"] + params["b"]
+    if use_head:
+        out = out * params["h"]
+    return jnp.mean((out - y) ** 2)
+
+
+def torch_loss(params, x, y, use_head=True):
+    out = torch.as_tensor(x) @ params["w"] + params["b"]
+    if use_head:
+        out = out * params["h"]
+    return torch.mean((out - torch.as_tensor(y)) ** 2)
+
+
+SCENARIOS = {
+    "standard": ["bw0", "step", "zero", "bw1", "step", "zero", "bw2", "step"],
+    "accumulate": ["bw0", "bw1", "step", "zero", "bw2", "bw3", "step"],
+    "forgot_zero_grad": ["bw0", "step", "bw1", "step", "bw2", "step"],
+    "step_before_backward": ["step", "step", "bw0", "step"],
+    "stale_gradient": ["bw0", "step", "step", "step"],
+    "keep_zeros": ["bw0", "step", "zero_keep", "step", "bw1", "step", "zero_keep", "step"],
+    "unused_param": ["bw0_nohead", "step", "zero", "bw1", "step", "zero", "bw2_nohead", "step"],
+}
+
+OPTIMIZERS = {
+    "sgd": (torch.optim.SGD, fo.sgd, dict(lr=0.1, momentum=0.9, weight_decay=0.1)),
+    "adamw": (torch.optim.AdamW, fo.adamw, dict(lr=0.05, weight_decay=0.1)),
+}
+
+
+def run_scenario_torch(ops, torch_cls, kwargs):
+    params = {k: torch.tensor(v, requires_grad=True) for k, v in INIT.items()}
+    opt = torch_cls(list(params.values()), **kwargs)
+    history = []
+    for op in ops:
+        if op.startswith("bw"):
+            x, y = BATCHES[int(op[2])]
+            torch_loss(params, x, y, use_head="nohead" not in op).backward()
+        elif op == "step":
+            opt.step()
+        elif op == "zero":
+            opt.zero_grad()
+        elif op == "zero_keep":
+            opt.zero_grad(set_to_none=False)
+        history.append({k: v.detach().numpy().copy() for k, v in params.items()})
+    return history
+
+
+def run_scenario_funcopt(ops, factory, kwargs, jit):
+    params = {k: jnp.asarray(v) for k, v in INIT.items()}
+    ts = fo.TrainState.create(params, factory(**kwargs))
+    maybe_jit = jax.jit if jit else (lambda f, **kw: f)
+    backward = maybe_jit(
+        lambda ts, x, y, use_head: ts.backward(jax_loss, x, y, use_head),
+        static_argnums=3,
+    )
+    step = maybe_jit(lambda ts: ts.step())
+    zero = maybe_jit(lambda ts, keep: ts.zero_grad(set_to_none=not keep), static_argnums=1)
+    history = []
+    for op in ops:
+        if op.startswith("bw"):
+            x, y = BATCHES[int(op[2])]
+            ts, _ = backward(ts, jnp.asarray(x), jnp.asarray(y), "nohead" not in op)
+        elif op == "step":
+            ts = step(ts)
+        elif op == "zero":
+            ts = zero(ts, False)
+        elif op == "zero_keep":
+            ts = zero(ts, True)
+        history.append({k: np.asarray(v) for k, v in ts.params.items()})
+    return history
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_scenario_matches_torch(scenario, opt_name, jit, x64):
+    torch_cls, factory, kwargs = OPTIMIZERS[opt_name]
+    ops = SCENARIOS[scenario]
+    expected = run_scenario_torch(ops, torch_cls, kwargs)
+    actual = run_scenario_funcopt(ops, factory, kwargs, jit)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        for k in e:
+            np.testing.assert_allclose(
+                a[k], e[k], rtol=1e-12, atol=1e-14, err_msg=f"after op {i} {ops[i]}: {k}"
+            )
+
+
+def test_backward_accumulates_like_torch(x64):
+    # torch: two backward passes on sum(w**2) with w=[1,2] give grad [4, 8]
+    ts = fo.TrainState.create({"w": jnp.array([1.0, 2.0])}, fo.sgd())
+    for _ in range(2):
+        ts, _ = ts.backward(lambda p: jnp.sum(p["w"] ** 2))
+    np.testing.assert_array_equal(ts.grads["w"], [4.0, 8.0])
+    assert bool(ts.grad_defined["w"])
+
+
+def test_unused_leaf_keeps_no_gradient():
+    ts = fo.TrainState.create({"a": jnp.ones(2), "b": jnp.ones(2)}, fo.sgd())
+    ts, _ = ts.backward(lambda p: jnp.sum(p["a"]))
+    assert bool(ts.grad_defined["a"]) and not bool(ts.grad_defined["b"])
+
+
+def test_train_step_compiles_once():
+    ts = fo.TrainState.create({"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}, fo.adam())
+    traces = []
+
+    @jax.jit
+    def train_step(ts, x, y):
+        traces.append(None)
+        ts = ts.zero_grad()
+        ts, loss = ts.backward(jax_loss, x, y, False)
+        return ts.step(), loss
+
+    for x, y in BATCHES:
+        ts, _ = train_step(ts, jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+    ts = fo.set_lr(ts, 1e-2)
+    ts, _ = train_step(ts, jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+    assert len(traces) == 1
+    assert float(fo.get_lr(ts)[0]) == pytest.approx(1e-2)
+
+
+def test_non_trainable_leaves_are_carried():
+    params = {"w": jnp.ones(2), "count": jnp.arange(3)}
+    ts = fo.TrainState.create(params, fo.adam(lr=0.1))
+    ts, _ = ts.backward(lambda p: jnp.sum(p["w"] * p["count"][:2].astype(jnp.float32)))
+    ts = ts.step()
+    assert ts.grads["count"] is None
+    np.testing.assert_array_equal(ts.params["count"], params["count"])
+    assert not np.allclose(ts.params["w"], params["w"])

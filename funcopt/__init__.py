@@ -6,6 +6,8 @@ with one more method, ``step(params, grads, state) -> (params, state)``,
 torch's ``optimizer.step()`` as a pure function.
 """
 
+from . import lr_scheduler as lr_scheduler
+from . import swa_utils as swa_utils
 from ._core import Optimizer as Optimizer
 from ._core import OptState as OptState
 from ._core import make_optimizer as make_optimizer
@@ -15,9 +17,27 @@ from ._hparams import get_hparam as get_hparam
 from ._hparams import get_lr as get_lr
 from ._hparams import set_hparam as set_hparam
 from ._hparams import set_lr as set_lr
+from .clip import clip_grad_norm as clip_grad_norm
+from .clip import clip_grad_norm_transform as clip_grad_norm_transform
+from .clip import clip_grad_value as clip_grad_value
+from .clip import clip_grad_value_transform as clip_grad_value_transform
+from .clip import clip_grads_with_norm as clip_grads_with_norm
+from .clip import get_total_norm as get_total_norm
+from .optim import adadelta as adadelta
+from .optim import adafactor as adafactor
+from .optim import adagrad as adagrad
 from .optim import adam as adam
+from .optim import adamax as adamax
 from .optim import adamw as adamw
+from .optim import asgd as asgd
+from .optim import lbfgs as lbfgs
+from .optim import muon as muon
+from .optim import nadam as nadam
+from .optim import radam as radam
+from .optim import rmsprop as rmsprop
+from .optim import rprop as rprop
 from .optim import sgd as sgd
+from .optim import sparse_adam as sparse_adam
 from .train_state import TrainState as TrainState
 
 __version__ = "0.1.0"
@@ -27,13 +47,33 @@ __all__ = [
     "Optimizer",
     "ParamGroups",
     "TrainState",
+    "adadelta",
+    "adafactor",
+    "adagrad",
     "adam",
+    "adamax",
     "adamw",
+    "asgd",
+    "clip_grad_norm",
+    "clip_grad_norm_transform",
+    "clip_grad_value",
+    "clip_grad_value_transform",
+    "clip_grads_with_norm",
     "get_hparam",
     "get_lr",
+    "get_total_norm",
+    "lbfgs",
+    "lr_scheduler",
     "make_optimizer",
+    "muon",
+    "nadam",
     "param_groups",
+    "radam",
+    "rmsprop",
+    "rprop",
     "set_hparam",
     "set_lr",
     "sgd",
+    "sparse_adam",
+    "swa_utils",
 ]

@@ -30,10 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import sparse as jsparse
 
 from . import _groups
 from ._math import widest_float
-from ._tree import PyTree, flatten_grads, is_trainable
+from ._tree import PyTree, flatten_grads, is_trainable, leaf_paths
 
 Rule = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 SlotsInit = Callable[[jax.Array, Mapping[str, Any]], dict[str, jax.Array]]
@@ -93,6 +94,7 @@ class _Definition:
     options: dict[str, Any]
     groups: _groups.ParamGroups | None
     supports_complex: bool
+    sparse_grads: bool = False
 
     def group_values(self, name: str) -> dict[str, Any]:
         values = {**self.hyperparams, **self.options}
@@ -112,6 +114,7 @@ def make_optimizer(
     param_groups: _groups.ParamGroups | None = None,
     supports_complex: bool = True,
     extra_defaults: Mapping[str, Any] | None = None,
+    sparse_grads: bool = False,
 ) -> Optimizer:
     """Lift a per-array update ``rule`` to a pytree :class:`Optimizer`.
 
@@ -130,11 +133,21 @@ def make_optimizer(
         ``view_as_real``); when False they raise ``TypeError``.
       extra_defaults: torch-only arguments (``foreach``, ``fused``, ...) kept
         for display and ``state_dict`` export; they do not affect the math.
+      sparse_grads: the rule takes gradients given as
+        ``jax.experimental.sparse.BCOO`` (passed to it as they are, real
+        dtypes only); when False a BCOO gradient raises ``RuntimeError``.
     """
     options = dict(options or {})
     hyperparams = dict(hyperparams)
     definition = _Definition(
-        name, rule, init_slots, hyperparams, options, param_groups, supports_complex
+        name,
+        rule,
+        init_slots,
+        hyperparams,
+        options,
+        param_groups,
+        supports_complex,
+        sparse_grads,
     )
     if validate is not None:
         validate({**hyperparams, **options})
@@ -238,10 +251,21 @@ def _as_complex(x: jax.Array, like: jax.Array) -> jax.Array:
     return jax.lax.complex(x[..., 0], x[..., 1]).astype(like.dtype)
 
 
+def _check_dense(definition: _Definition, params: PyTree, grad_leaves: list) -> None:
+    for i, g in enumerate(grad_leaves):
+        if isinstance(g, jsparse.BCOO):
+            raise RuntimeError(
+                f"params{leaf_paths(params)[i]}: {definition.name} does not "
+                "support sparse gradients"
+            )
+
+
 def _apply(definition, params, grads, state, has_grad):
     """``(new_params, new_state)``: torch's ``optimizer.step()``."""
     _check_complex(definition, params)
     leaves, grad_leaves = flatten_grads(params, grads)
+    if not definition.sparse_grads:
+        _check_dense(definition, params, grad_leaves)
     treedef = jax.tree.structure(params)
     names, group_of = _groups.resolve(definition.groups, params)
     _check_state(definition, state, len(leaves), len(names))

@@ -14,10 +14,11 @@ import jax
 import jax.numpy as jnp
 
 from ._core import OptState
+from .optim.lbfgs import LBFGSState
 
 
 def _is_opt_state(x: Any) -> bool:
-    return isinstance(x, OptState)
+    return isinstance(x, OptState | LBFGSState)
 
 
 def _find(tree: Any) -> OptState:

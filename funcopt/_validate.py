@@ -64,3 +64,9 @@ def check_fused(group: Mapping[str, Any]) -> None:
             raise RuntimeError("`fused` does not support `differentiable`")
         if group.get("foreach"):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
+def check_positive(value: Any, what: str) -> None:
+    """torch's ``if not 0.0 < value: raise ValueError(...)`` (rejects 0 and NaN)."""
+    if not 0.0 < value:
+        raise ValueError(f"Invalid {what}: {value}")

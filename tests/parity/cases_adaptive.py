@@ -1,4 +1,200 @@
-"""Parity rows: see cases.py."""
+"""Parity rows: see cases.py.
 
-CASES = []
-ERRORS = []
+Adamax, NAdam, RAdam, RMSprop, Adagrad, Adadelta, Rprop and ASGD: one row
+each, with a flag grid that turns every switch on and off.
+"""
+
+import torch
+
+from funcopt.optim.adadelta import adadelta
+from funcopt.optim.adagrad import adagrad
+from funcopt.optim.adamax import adamax
+from funcopt.optim.asgd import asgd
+from funcopt.optim.nadam import nadam
+from funcopt.optim.radam import radam
+from funcopt.optim.rmsprop import rmsprop
+from funcopt.optim.rprop import rprop
+from tests.torch_ref import ErrorCase, OptCase
+
+
+def _decay_needs_wd(kw):
+    return kw["weight_decay"] or not kw["decoupled_weight_decay"]
+
+
+CASES = [
+    OptCase(
+        "adamax",
+        torch.optim.Adamax,
+        adamax,
+        grid={"weight_decay": [0.0, 0.1], "maximize": [False, True]},
+        fixed={"lr": 0.02, "betas": (0.8, 0.95), "eps": 1e-6},
+    ),
+    OptCase(
+        "nadam",
+        torch.optim.NAdam,
+        nadam,
+        grid={
+            "momentum_decay": [4e-3, 0.3],
+            "weight_decay": [0.0, 0.1],
+            "decoupled_weight_decay": [False, True],
+            "maximize": [False, True],
+        },
+        fixed={"lr": 0.02, "betas": (0.8, 0.95), "eps": 1e-6},
+        valid=_decay_needs_wd,
+    ),
+    OptCase(
+        "radam",
+        torch.optim.RAdam,
+        radam,
+        # beta2=0.99: rho_t <= 5 for the first steps, > 5 afterwards
+        grid={
+            "weight_decay": [0.0, 0.1],
+            "decoupled_weight_decay": [False, True],
+            "maximize": [False, True],
+        },
+        fixed={"lr": 0.02, "betas": (0.9, 0.99), "eps": 1e-6},
+        valid=_decay_needs_wd,
+    ),
+    OptCase(
+        "rmsprop",
+        torch.optim.RMSprop,
+        rmsprop,
+        grid={
+            "momentum": [0.0, 0.9],
+            "centered": [False, True],
+            "weight_decay": [0.0, 0.1],
+            "maximize": [False, True],
+        },
+        fixed={"lr": 0.01, "alpha": 0.9},
+    ),
+    OptCase(
+        "adagrad",
+        torch.optim.Adagrad,
+        adagrad,
+        grid={
+            "lr_decay": [0.0, 0.1],
+            "initial_accumulator_value": [0.0, 0.5],
+            "weight_decay": [0.0, 0.1],
+            "maximize": [False, True],
+        },
+        fixed={"lr": 0.1},
+    ),
+    OptCase(
+        "adadelta",
+        torch.optim.Adadelta,
+        adadelta,
+        grid={
+            "rho": [0.9, 0.5],
+            "weight_decay": [0.0, 0.1],
+            "maximize": [False, True],
+        },
+        fixed={"lr": 1.0},
+    ),
+    OptCase(
+        "rprop",
+        torch.optim.Rprop,
+        rprop,
+        grid={
+            "etas": [(0.5, 1.2), (0.3, 1.7)],
+            "step_sizes": [(1e-6, 50), (1e-3, 0.05)],
+            "maximize": [False, True],
+        },
+        fixed={"lr": 0.01},
+    ),
+    OptCase(
+        "asgd",
+        torch.optim.ASGD,
+        asgd,
+        # t0=5: mu != 1 (averaging proper) from the 7th step of each param
+        grid={
+            "t0": [1e6, 5.0],
+            "lambd": [1e-4, 0.1],
+            "weight_decay": [0.0, 0.1],
+            "maximize": [False, True],
+        },
+        fixed={"lr": 0.05, "alpha": 0.75},
+    ),
+]
+
+_ADAM_LIKE_ERRORS = [
+    {"lr": -1e-3},
+    {"lr": float("nan")},
+    {"eps": -1e-8},
+    {"betas": (1.0, 0.999)},
+    {"betas": (-0.1, 0.999)},
+    {"betas": (0.9, 1.0)},
+    {"weight_decay": -0.1},
+]
+
+ERRORS = (
+    [
+        ErrorCase(name, cls, factory, kw)
+        for name, cls, factory in [
+            ("adamax", torch.optim.Adamax, adamax),
+            ("nadam", torch.optim.NAdam, nadam),
+            ("radam", torch.optim.RAdam, radam),
+        ]
+        for kw in _ADAM_LIKE_ERRORS
+    ]
+    + [
+        ErrorCase("nadam", torch.optim.NAdam, nadam, {"momentum_decay": -1e-3}),
+        ErrorCase("nadam", torch.optim.NAdam, nadam, {"momentum_decay": float("nan")}),
+    ]
+    + [
+        ErrorCase("rmsprop", torch.optim.RMSprop, rmsprop, kw)
+        for kw in [
+            {"lr": -0.01},
+            {"lr": float("nan")},
+            {"eps": -1e-8},
+            {"momentum": -0.9},
+            {"weight_decay": -0.1},
+            {"alpha": -0.5},
+            {"alpha": float("nan")},
+        ]
+    ]
+    + [
+        ErrorCase("adagrad", torch.optim.Adagrad, adagrad, kw)
+        for kw in [
+            {"lr": -0.01},
+            {"lr": float("nan")},
+            {"lr_decay": -0.1},
+            {"weight_decay": -0.1},
+            {"initial_accumulator_value": -0.1},
+            {"eps": -1e-10},
+            {"fused": True, "differentiable": True},
+            {"fused": True, "foreach": True},
+            {"lr": -0.01, "fused": True, "differentiable": True},
+        ]
+    ]
+    + [
+        ErrorCase("adadelta", torch.optim.Adadelta, adadelta, kw)
+        for kw in [
+            {"lr": -1.0},
+            {"lr": float("nan")},
+            {"rho": -0.1},
+            {"rho": 1.1},
+            {"rho": float("nan")},
+            {"eps": -1e-6},
+            {"weight_decay": -0.1},
+        ]
+    ]
+    + [
+        ErrorCase("rprop", torch.optim.Rprop, rprop, kw)
+        for kw in [
+            {"lr": -0.01},
+            {"lr": float("nan")},
+            {"etas": (0.0, 1.2)},
+            {"etas": (1.0, 1.2)},
+            {"etas": (0.5, 1.0)},
+            {"etas": (0.5, float("nan"))},
+        ]
+    ]
+    + [
+        ErrorCase("asgd", torch.optim.ASGD, asgd, kw)
+        for kw in [
+            {"lr": -0.01},
+            {"lr": float("nan")},
+            {"weight_decay": -0.1},
+        ]
+    ]
+)

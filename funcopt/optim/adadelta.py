@@ -1,0 +1,86 @@
+"""Adadelta, mirroring ``torch.optim.Adadelta``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from .. import _validate
+from .._core import Optimizer, make_optimizer
+from .._groups import ParamGroups
+from .._math import add, scalar
+from ._common import apply_maximize, coupled_weight_decay, ema_of_square
+
+
+def _validate_adadelta(group: Mapping[str, Any]) -> None:
+    _validate.check_scalar_lr(group["lr"])
+    _validate.check_at_least_zero(group["lr"], "learning rate")
+    rho = group["rho"]
+    if not 0.0 <= rho <= 1.0:
+        raise ValueError(f"Invalid rho value: {rho}")
+    _validate.check_at_least_zero(group["eps"], "epsilon value")
+    _validate.check_at_least_zero(group["weight_decay"], "weight_decay value")
+
+
+def _adadelta_slots(param, group):
+    return {"square_avg": jnp.zeros_like(param), "acc_delta": jnp.zeros_like(param)}
+
+
+def _adadelta_rule(param, grad, slots, step, hparams, options):
+    rho, eps = hparams["rho"], scalar(hparams["eps"], param)
+    grad = apply_maximize(grad, options)
+    grad = coupled_weight_decay(grad, param, hparams["weight_decay"])
+    square_avg = ema_of_square(slots["square_avg"], grad, rho)
+    std = jnp.sqrt(square_avg + eps)
+    # delta = acc_delta.add(eps).sqrt_(); delta.div_(std).mul_(grad)
+    delta = jnp.sqrt(slots["acc_delta"] + eps) / std * grad
+    acc_delta = ema_of_square(slots["acc_delta"], delta, rho)
+    new_param = add(param, delta, -hparams["lr"])
+    return new_param, {"square_avg": square_avg, "acc_delta": acc_delta}
+
+
+def adadelta(
+    lr: float = 1.0,
+    rho: float = 0.9,
+    eps: float = 1e-6,
+    weight_decay: float = 0,
+    foreach: bool | None = None,
+    *,
+    capturable: bool = False,
+    maximize: bool = False,
+    differentiable: bool = False,
+    param_groups: ParamGroups | None = None,
+) -> Optimizer:
+    r"""Adadelta, as ``torch.optim.Adadelta``.
+
+    .. math::
+        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\theta_{t-1} \\
+        v_t &= \rho v_{t-1} + (1-\rho) g_t^2 \\
+        \delta_t &= \frac{\sqrt{u_{t-1} + \epsilon}}{\sqrt{v_t + \epsilon}}\, g_t \\
+        u_t &= \rho u_{t-1} + (1-\rho)\delta_t^2 \\
+        \theta_t &= \theta_{t-1} - \gamma\delta_t
+
+    with :math:`\gamma` = ``lr``, :math:`\lambda` = ``weight_decay``
+    (coupled). ``rho`` may be 1. (optax's ``adadelta`` with its default
+    ``learning_rate=None`` ascends; this one descends, as torch does.)
+
+    ``foreach``, ``capturable`` and ``differentiable`` are accepted and
+    ignored. State: ``square_avg`` (:math:`v`), ``acc_delta`` (:math:`u`); the
+    step count is ``state.step``.
+    """
+    return make_optimizer(
+        name="Adadelta",
+        rule=_adadelta_rule,
+        init_slots=_adadelta_slots,
+        hyperparams={"lr": lr, "rho": rho, "eps": eps, "weight_decay": weight_decay},
+        options={"maximize": maximize},
+        validate=_validate_adadelta,
+        param_groups=param_groups,
+        extra_defaults={
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+        },
+    )

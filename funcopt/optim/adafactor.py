@@ -1,0 +1,171 @@
+"""Adafactor, mirroring ``torch.optim.Adafactor``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from .. import _validate
+from .._core import Optimizer, make_optimizer
+from .._groups import ParamGroups
+from .._math import add, lerp, scalar, widest_float
+from ._common import apply_maximize, decoupled_weight_decay
+
+
+def _validate_adafactor(group: Mapping[str, Any]) -> None:
+    lr, eps = group["lr"], group["eps"]
+    _validate.check_scalar_lr(lr)
+    if not 0.0 <= lr:
+        raise ValueError(f"Learning rate should be >= 0 but is: {lr}")
+    if not 0.0 >= group["beta2_decay"]:
+        raise ValueError(f"beta2_decay should be <= 0 but is: {group['beta2_decay']}")
+    if eps[0] is not None and not 0.0 <= eps[0]:
+        raise ValueError(f"epsilon1 should be >= 0 but is: {eps[0]}")
+    if not 0.0 <= eps[1]:
+        raise ValueError(f"epsilon2 should be >= 0 but is: {eps[1]}")
+    if not 1.0 <= group["d"]:
+        raise ValueError(f"Clipping threshold d should be >= 1 but is: {group['d']}")
+    if not 0.0 <= group["weight_decay"]:
+        raise ValueError(f"weight_decay should be >= 0 but is: {group['weight_decay']}")
+
+
+def _encode_eps(eps: Any) -> tuple[Any, Any]:
+    """``eps1=None`` (finfo(param dtype).eps) is stored in the state as NaN."""
+    return (math.nan if eps[0] is None else eps[0], eps[1])
+
+
+def _adafactor_slots(param, group):
+    if param.ndim > 1:
+        row_shape = (*param.shape[:-1], 1)
+        col_shape = (*param.shape[:-2], 1, param.shape[-1])
+        return {
+            "row_var": jnp.zeros(row_shape, param.dtype),
+            "col_var": jnp.zeros(col_shape, param.dtype),
+        }
+    return {"variance": jnp.zeros_like(param)}
+
+
+def _norm(x, **kwargs):
+    """``torch.norm``: the 2-norm, in ``x``'s dtype."""
+    return jnp.sqrt(jnp.sum(x * x, **kwargs))
+
+
+def _adafactor_rule(param, grad, slots, step, hparams, options):
+    lr, d, weight_decay = hparams["lr"], hparams["d"], hparams["weight_decay"]
+    eps1, eps2 = hparams["eps"][0], hparams["eps"][1]
+    # NaN encodes torch's eps1=None: finfo(param.dtype).eps
+    eps1 = jnp.where(jnp.isnan(eps1), float(jnp.finfo(param.dtype).eps), eps1)
+    grad = apply_maximize(grad, options)
+    # torch: Python-float scalar math on float(step)
+    one_minus_beta2_t = step ** hparams["beta2_decay"]
+    rho_t = jnp.minimum(lr, 1 / step**0.5)
+    param_rms = _norm(param).astype(widest_float()) / param.size**0.5
+    alpha = jnp.maximum(eps2, param_rms) * rho_t
+    # decoupled, with lr, after alpha is read from the undecayed param
+    param = decoupled_weight_decay(param, lr, weight_decay)
+    new_slots = {}
+    if grad.ndim > 1:
+        row_mean = jnp.square(_norm(grad, axis=-1, keepdims=True)) / grad.shape[-1]
+        row_var = lerp(slots["row_var"], row_mean, one_minus_beta2_t)
+        col_mean = jnp.square(_norm(grad, axis=-2, keepdims=True)) / grad.shape[-2]
+        col_var = lerp(slots["col_var"], col_mean, one_minus_beta2_t)
+        # torch's row_var @ col_var: an outer product (inner dimension 1)
+        var_estimate = row_var * col_var
+        row_var_mean = jnp.mean(row_var, axis=-2, keepdims=True)
+        var_estimate = var_estimate / jnp.maximum(row_var_mean, scalar(eps1, param))
+        new_slots = {"row_var": row_var, "col_var": col_var}
+    else:
+        variance = lerp(slots["variance"], grad * grad, one_minus_beta2_t)
+        var_estimate = variance
+        new_slots = {"variance": variance}
+    # torch's CPU rsqrt is 1/sqrt
+    update = 1 / jnp.sqrt(jnp.maximum(var_estimate, scalar(eps1 * eps1, param)))
+    update = update * grad
+    update_rms = _norm(update).astype(widest_float()) / (update.size**0.5 * d)
+    denom = jnp.maximum(1.0, update_rms)
+    return add(param, update, -alpha / denom), new_slots
+
+
+def adafactor(
+    lr: float = 1e-2,
+    beta2_decay: float = -0.8,
+    eps: tuple[float | None, float] = (None, 1e-3),
+    d: float = 1.0,
+    weight_decay: float = 0.0,
+    *,
+    foreach: bool | None = None,
+    maximize: bool = False,
+    param_groups: ParamGroups | None = None,
+) -> Optimizer:
+    r"""Adafactor, as ``torch.optim.Adafactor`` (torch's variant, not optax's).
+
+    .. math::
+        G_t &= \pm\nabla_\theta f_t(\theta_{t-1}) \\
+        \hat\beta_t &= t^{\tau} \quad (= 1 - \beta_{2,t}) \\
+        \rho_t &= \min(\gamma, 1/\sqrt t) \\
+        \alpha_t &= \max(\epsilon_2, \operatorname{RMS}(\theta_{t-1}))\,\rho_t \\
+        \theta_{t-1} &\leftarrow \theta_{t-1}(1 - \gamma\lambda) \\
+        R_t &= \operatorname{lerp}(R_{t-1}, \operatorname{mean}_{-1}(G_t^2),
+               \hat\beta_t), \quad
+        C_t = \operatorname{lerp}(C_{t-1}, \operatorname{mean}_{-2}(G_t^2),
+               \hat\beta_t) \\
+        V_t &= \frac{R_t C_t}{\max(\operatorname{mean}_{-2}(R_t), \epsilon_1)}
+               \quad\text{(}\ge\text{2-D; else }
+               V_t = \operatorname{lerp}(V_{t-1}, G_t^2, \hat\beta_t)\text{)} \\
+        U_t &= G_t / \sqrt{\max(V_t, \epsilon_1^2)} \\
+        \theta_t &= \theta_{t-1} - \frac{\alpha_t}
+               {\max(1, \operatorname{RMS}(U_t)/d)}\, U_t
+
+    with :math:`\gamma` = ``lr``, :math:`\tau` = ``beta2_decay``,
+    :math:`(\epsilon_1, \epsilon_2)` = ``eps``, :math:`\lambda` =
+    ``weight_decay``; ``t`` is each parameter's own step count. ``lr`` only
+    caps the relative step :math:`\rho_t` and scales the decoupled weight
+    decay. Leaves with two or more dimensions keep factored second moments
+    over their last two dimensions, with torch's shapes: ``row_var``
+    (``shape[:-1] + (1,)``) and ``col_var`` (``shape[:-2] + (1, shape[-1])``);
+    0-D and 1-D leaves keep a full ``variance``. There is no first moment.
+
+    ``eps[0] = None`` means ``jnp.finfo(param.dtype).eps``, resolved per
+    parameter (torch resolves it on the first parameter with a gradient of
+    each group, so a group mixing float32 and float64 parameters uses that
+    parameter's dtype for all of them). In the state it is stored as NaN:
+    ``fo.get_hparam(state, "eps")`` shows NaN for None, and
+    ``fo.set_hparam(state, "eps", (float("nan"), 1e-3))`` sets it back.
+
+    ``foreach`` is accepted and ignored. Complex parameters raise
+    ``TypeError`` at ``init`` (torch raises ``RuntimeError`` at ``step``).
+    """
+    group = dict(
+        lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay
+    )
+    # validate torch's values (None included) here; the state holds NaN for None
+    _validate_adafactor(group)
+    if param_groups is not None:
+        for values in param_groups.overrides.values():
+            _validate_adafactor({**group, **values})
+        param_groups = ParamGroups(
+            param_groups.labels,
+            {
+                name: (
+                    {**values, "eps": _encode_eps(values["eps"])}
+                    if "eps" in values
+                    else values
+                )
+                for name, values in param_groups.overrides.items()
+            },
+        )
+    opt = make_optimizer(
+        name="Adafactor",
+        rule=_adafactor_rule,
+        init_slots=_adafactor_slots,
+        hyperparams={**group, "eps": _encode_eps(eps)},
+        options={"maximize": maximize},
+        param_groups=param_groups,
+        supports_complex=False,
+        extra_defaults={"foreach": foreach},
+    )
+    opt.defaults = {**opt.defaults, "eps": eps}
+    return opt

@@ -1,0 +1,110 @@
+"""Adagrad, mirroring ``torch.optim.Adagrad``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from .. import _validate
+from .._core import Optimizer, make_optimizer
+from .._groups import ParamGroups
+from .._math import addcdiv, addcmul, scalar
+from ._common import apply_maximize, coupled_weight_decay
+
+
+def _validate_adagrad(group: Mapping[str, Any]) -> None:
+    _validate.check_scalar_lr(group["lr"])
+    _validate.check_at_least_zero(group["lr"], "learning rate")
+    _validate.check_at_least_zero(group["lr_decay"], "lr_decay value")
+    _validate.check_at_least_zero(group["weight_decay"], "weight_decay value")
+    _validate.check_at_least_zero(
+        group["initial_accumulator_value"], "initial_accumulator_value value"
+    )
+    _validate.check_at_least_zero(group["eps"], "epsilon value")
+
+
+def _adagrad_slots(initial_accumulator_value):
+    # torch fills ``sum`` with the constructor's value for every group (a
+    # group's own ``initial_accumulator_value`` is ignored)
+    def init(param, group):
+        value = initial_accumulator_value
+        if jnp.iscomplexobj(param):
+            value = complex(value, value)
+        return {"sum": jnp.full_like(param, value)}
+
+    return init
+
+
+def _adagrad_rule(param, grad, slots, step, hparams, options):
+    lr, lr_decay = hparams["lr"], hparams["lr_decay"]
+    grad = apply_maximize(grad, options)
+    grad = coupled_weight_decay(grad, param, hparams["weight_decay"])
+    # torch: Python-float scalar math on float(step)
+    clr = lr / (1 + (step - 1) * lr_decay)
+    state_sum = addcmul(slots["sum"], grad, grad, 1.0)
+    std = jnp.sqrt(state_sum) + scalar(hparams["eps"], param)
+    return addcdiv(param, grad, std, -clr), {"sum": state_sum}
+
+
+def adagrad(
+    lr: float = 1e-2,
+    lr_decay: float = 0,
+    weight_decay: float = 0,
+    initial_accumulator_value: float = 0,
+    eps: float = 1e-10,
+    foreach: bool | None = None,
+    *,
+    maximize: bool = False,
+    differentiable: bool = False,
+    fused: bool | None = None,
+    param_groups: ParamGroups | None = None,
+) -> Optimizer:
+    r"""Adagrad, as ``torch.optim.Adagrad`` (dense gradients).
+
+    .. math::
+        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\theta_{t-1} \\
+        \tilde\gamma_t &= \frac{\gamma}{1 + (t-1)\eta} \\
+        S_t &= S_{t-1} + g_t^2, \quad S_0 = s_0 \\
+        \theta_t &= \theta_{t-1} - \tilde\gamma_t\, \frac{g_t}{\sqrt{S_t} + \epsilon}
+
+    with :math:`\gamma` = ``lr``, :math:`\eta` = ``lr_decay``,
+    :math:`\lambda` = ``weight_decay`` (coupled), :math:`s_0` =
+    ``initial_accumulator_value``. ``eps`` is outside the square root (optax's
+    ``adagrad`` puts it inside and starts from 0.1). ``t`` is each parameter's
+    own step count.
+
+    Like torch, the state exists from ``init`` for every parameter, and
+    :math:`s_0` is the constructor's value for every group: a group's own
+    ``initial_accumulator_value`` is ignored.
+
+    ``foreach``, ``fused`` and ``differentiable`` are accepted and ignored
+    (``fused`` combined with the others raises as in torch). State: ``sum``;
+    the step count is ``state.step``.
+    """
+    opt = make_optimizer(
+        name="Adagrad",
+        rule=_adagrad_rule,
+        init_slots=_adagrad_slots(initial_accumulator_value),
+        hyperparams={
+            "lr": lr,
+            "lr_decay": lr_decay,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "initial_accumulator_value": initial_accumulator_value,
+        },
+        options={"maximize": maximize},
+        validate=_validate_adagrad,
+        param_groups=param_groups,
+        extra_defaults={
+            "foreach": foreach,
+            "differentiable": differentiable,
+            "fused": fused,
+        },
+    )
+    # torch checks ``fused`` after the argument checks
+    _validate.check_fused(
+        {"fused": fused, "foreach": foreach, "differentiable": differentiable}
+    )
+    return opt

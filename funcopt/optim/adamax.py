@@ -1,0 +1,90 @@
+"""Adamax, mirroring ``torch.optim.Adamax``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from .. import _validate
+from .._core import Optimizer, make_optimizer
+from .._groups import ParamGroups
+from .._math import addcdiv, lerp, scalar
+from ._common import apply_maximize, coupled_weight_decay
+
+
+def _validate_adamax(group: Mapping[str, Any]) -> None:
+    _validate.check_scalar_lr(group["lr"])
+    _validate.check_at_least_zero(group["lr"], "learning rate")
+    _validate.check_at_least_zero(group["eps"], "epsilon value")
+    _validate.check_betas(group["betas"])
+    _validate.check_at_least_zero(group["weight_decay"], "weight_decay value")
+
+
+def _adamax_slots(param, group):
+    return {"exp_avg": jnp.zeros_like(param), "exp_inf": jnp.zeros_like(param)}
+
+
+def _adamax_rule(param, grad, slots, step, hparams, options):
+    lr, eps = hparams["lr"], hparams["eps"]
+    beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
+    grad = apply_maximize(grad, options)
+    grad = coupled_weight_decay(grad, param, hparams["weight_decay"])
+    exp_avg = lerp(slots["exp_avg"], grad, 1 - beta1)
+    # torch.maximum(exp_inf.mul_(beta2), grad.abs().add_(eps)): eps inside the max
+    exp_inf = jnp.maximum(
+        slots["exp_inf"] * scalar(beta2, param), jnp.abs(grad) + scalar(eps, param)
+    )
+    # torch: Python-float scalar math on float(step)
+    clr = lr / (1 - beta1**step)
+    new_param = addcdiv(param, exp_avg, exp_inf, -clr)
+    return new_param, {"exp_avg": exp_avg, "exp_inf": exp_inf}
+
+
+def adamax(
+    lr: float = 2e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0,
+    foreach: bool | None = None,
+    *,
+    maximize: bool = False,
+    differentiable: bool = False,
+    capturable: bool = False,
+    param_groups: ParamGroups | None = None,
+) -> Optimizer:
+    r"""Adamax (Adam with the infinity norm), as ``torch.optim.Adamax``.
+
+    .. math::
+        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\theta_{t-1} \\
+        m_t &= \operatorname{lerp}(m_{t-1}, g_t, 1-\beta_1) \\
+        u_t &= \max(\beta_2 u_{t-1},\, |g_t| + \epsilon) \\
+        \theta_t &= \theta_{t-1} - \frac{\gamma}{1-\beta_1^t}\,\frac{m_t}{u_t}
+
+    with :math:`\gamma` = ``lr``, :math:`\lambda` = ``weight_decay`` (coupled,
+    added to the gradient); :math:`-\nabla` when ``maximize``. ``eps`` sits
+    inside the max, as in torch. ``t`` is each parameter's own step count.
+
+    ``foreach``, ``capturable`` and ``differentiable`` are accepted and
+    ignored. State: ``exp_avg``, ``exp_inf``; the step count is ``state.step``.
+    """
+    return make_optimizer(
+        name="Adamax",
+        rule=_adamax_rule,
+        init_slots=_adamax_slots,
+        hyperparams={
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+        },
+        options={"maximize": maximize},
+        validate=_validate_adamax,
+        param_groups=param_groups,
+        extra_defaults={
+            "foreach": foreach,
+            "differentiable": differentiable,
+            "capturable": capturable,
+        },
+    )

@@ -1,0 +1,107 @@
+"""ASGD, mirroring ``torch.optim.ASGD``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from .. import _validate
+from .._core import Optimizer, make_optimizer
+from .._groups import ParamGroups
+from .._math import add, scalar, widest_float
+from ._common import apply_maximize, coupled_weight_decay
+
+
+def _validate_asgd(group: Mapping[str, Any]) -> None:
+    _validate.check_scalar_lr(group["lr"])
+    _validate.check_at_least_zero(group["lr"], "learning rate")
+    _validate.check_at_least_zero(group["weight_decay"], "weight_decay value")
+
+
+def _asgd_slots(param, group):
+    # torch: eta and mu are 0-dim float32 tensors (its default dtype)
+    return {
+        "eta": jnp.asarray(float(group["lr"]), jnp.float32),
+        "mu": jnp.ones((), jnp.float32),
+        "ax": jnp.zeros_like(param),
+    }
+
+
+def _asgd_rule(param, grad, slots, step, hparams, options):
+    lr, lambd = hparams["lr"], hparams["lambd"]
+    alpha, t0 = hparams["alpha"], hparams["t0"]
+    grad = apply_maximize(grad, options)
+    grad = coupled_weight_decay(grad, param, hparams["weight_decay"])
+    # torch creates eta at the first step, from the group's lr then
+    eta = jnp.where(step == 1, lr.astype(jnp.float32), slots["eta"])
+    eta_value = eta.astype(widest_float())  # _get_value(eta)
+    param = param * scalar(1 - lambd * eta_value, param)
+    param = add(param, grad, -eta_value)
+    mu = slots["mu"]
+    ax = slots["ax"]
+    # ax.add_(param.sub(ax).mul_(mu)) if mu.item() != 1 else ax.copy_(param)
+    ax = jnp.where(mu != 1, ax + (param - ax) * mu.astype(ax.dtype), param)
+    # the next step's eta and mu, Python floats stored as float32
+    new_eta = (lr / ((1 + lambd * lr * step) ** alpha)).astype(jnp.float32)
+    excess = step - t0
+    new_mu = (1 / jnp.where(excess > 1, excess, 1.0)).astype(jnp.float32)
+    return param, {"eta": new_eta, "mu": new_mu, "ax": ax}
+
+
+def asgd(
+    lr: float = 1e-2,
+    lambd: float = 1e-4,
+    alpha: float = 0.75,
+    t0: float = 1e6,
+    weight_decay: float = 0,
+    foreach: bool | None = None,
+    maximize: bool = False,
+    differentiable: bool = False,
+    capturable: bool = False,
+    *,
+    param_groups: ParamGroups | None = None,
+) -> Optimizer:
+    r"""Averaged SGD, as ``torch.optim.ASGD``.
+
+    .. math::
+        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda'\theta_{t-1} \\
+        \theta_t &= \theta_{t-1}(1 - \lambda\eta_{t-1}) - \eta_{t-1} g_t \\
+        \bar\theta_t &= \bar\theta_{t-1} + \mu_{t-1}(\theta_t - \bar\theta_{t-1})
+            \text{ if } \mu_{t-1} \ne 1 \text{ else } \theta_t \\
+        \eta_t &= \operatorname{f32}\!\left(\frac{\gamma}
+                  {(1 + \lambda\gamma t)^{\alpha}}\right), \quad
+        \mu_t = \operatorname{f32}\!\left(\frac{1}{\max(1, t - t_0)}\right)
+
+    with :math:`\gamma` = ``lr``, :math:`\lambda` = ``lambd``,
+    :math:`\lambda'` = ``weight_decay`` (coupled), :math:`\eta_0 = \gamma`,
+    :math:`\mu_0 = 1`. ``eta`` and ``mu`` are float32 scalars in torch and are
+    rounded to float32 here too. The averaged iterate :math:`\bar\theta`
+    (``ax``) is state only; the parameters are never replaced by it. This is
+    torch's single-tensor algebra (its foreach path differs by rounding).
+
+    ``foreach``, ``differentiable`` and ``capturable`` are accepted and
+    ignored. State: ``eta``, ``mu`` (float32 scalars) and ``ax``; the step
+    count is ``state.step``.
+    """
+    return make_optimizer(
+        name="ASGD",
+        rule=_asgd_rule,
+        init_slots=_asgd_slots,
+        hyperparams={
+            "lr": lr,
+            "lambd": lambd,
+            "alpha": alpha,
+            "t0": t0,
+            "weight_decay": weight_decay,
+        },
+        options={"maximize": maximize},
+        validate=_validate_asgd,
+        param_groups=param_groups,
+        extra_defaults={
+            "foreach": foreach,
+            "differentiable": differentiable,
+            "capturable": capturable,
+        },
+    )

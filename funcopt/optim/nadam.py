@@ -1,0 +1,131 @@
+"""NAdam, mirroring ``torch.optim.NAdam``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from .. import _validate
+from .._core import Optimizer, make_optimizer
+from .._groups import ParamGroups
+from .._math import addcdiv, lerp, scalar, widest_float
+from ._common import (
+    apply_maximize,
+    coupled_weight_decay,
+    decoupled_weight_decay,
+    ema_of_square,
+)
+
+
+def _validate_nadam(group: Mapping[str, Any]) -> None:
+    _validate.check_scalar_lr(group["lr"])
+    _validate.check_at_least_zero(group["lr"], "learning rate")
+    _validate.check_at_least_zero(group["eps"], "epsilon value")
+    _validate.check_betas(group["betas"])
+    _validate.check_at_least_zero(group["weight_decay"], "weight_decay value")
+    _validate.check_at_least_zero(group["momentum_decay"], "momentum_decay value")
+
+
+def _nadam_slots(param, group):
+    return {
+        # torch: a 0-dim float32 tensor (its default dtype), rounded every step
+        "mu_product": jnp.ones((), jnp.float32),
+        "exp_avg": jnp.zeros_like(param),
+        "exp_avg_sq": jnp.zeros_like(param),
+    }
+
+
+def _nadam_rule(param, grad, slots, step, hparams, options):
+    lr, eps, weight_decay = hparams["lr"], hparams["eps"], hparams["weight_decay"]
+    beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
+    momentum_decay = hparams["momentum_decay"]
+    grad = apply_maximize(grad, options)
+    bias_correction2 = 1 - beta2**step
+    if options["decoupled_weight_decay"]:
+        param = decoupled_weight_decay(param, lr, weight_decay)
+    else:
+        grad = coupled_weight_decay(grad, param, weight_decay)
+    # the momentum cache mu_t and mu_{t+1}, Python-float math
+    mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
+    mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
+    # mu_product *= mu: in place on the float32 0-dim tensor
+    mu_product = slots["mu_product"] * mu.astype(jnp.float32)
+    exp_avg = lerp(slots["exp_avg"], grad, 1 - beta1)
+    exp_avg_sq = ema_of_square(slots["exp_avg_sq"], grad, beta2)
+    denom = jnp.sqrt(exp_avg_sq / scalar(bias_correction2, param)) + scalar(eps, param)
+    # _get_value(mu_product): the float32 value read back as a Python float
+    mu_product_value = mu_product.astype(widest_float())
+    mu_product_next = mu_product_value * mu_next
+    param = addcdiv(param, grad, denom, -lr * (1.0 - mu) / (1.0 - mu_product_value))
+    param = addcdiv(param, exp_avg, denom, (-lr * mu_next) / (1.0 - mu_product_next))
+    return param, {
+        "mu_product": mu_product,
+        "exp_avg": exp_avg,
+        "exp_avg_sq": exp_avg_sq,
+    }
+
+
+def nadam(
+    lr: float = 2e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0,
+    momentum_decay: float = 4e-3,
+    decoupled_weight_decay: bool = False,
+    *,
+    foreach: bool | None = None,
+    maximize: bool = False,
+    capturable: bool = False,
+    differentiable: bool = False,
+    param_groups: ParamGroups | None = None,
+) -> Optimizer:
+    r"""NAdam (Adam with Nesterov momentum), as ``torch.optim.NAdam``.
+
+    .. math::
+        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) \;(+\lambda\theta_{t-1}
+               \text{ if coupled}) \\
+        \theta_{t-1} &\leftarrow \theta_{t-1}(1 - \gamma\lambda)
+               \text{ if decoupled\_weight\_decay} \\
+        \mu_t &= \beta_1\bigl(1 - \tfrac12\, 0.96^{t\psi}\bigr), \quad
+        \Pi_t = \operatorname{f32}(\Pi_{t-1}\mu_t) \\
+        m_t &= \operatorname{lerp}(m_{t-1}, g_t, 1-\beta_1), \quad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+        d_t &= \sqrt{v_t / (1-\beta_2^t)} + \epsilon \\
+        \theta_t &= \theta_{t-1} - \frac{\gamma(1-\mu_t)}{1-\Pi_t}\frac{g_t}{d_t}
+                   - \frac{\gamma\mu_{t+1}}{1-\Pi_t\mu_{t+1}}\frac{m_t}{d_t}
+
+    with :math:`\gamma` = ``lr``, :math:`\lambda` = ``weight_decay``,
+    :math:`\psi` = ``momentum_decay``. The two terms are two separate
+    ``addcdiv`` steps, as in torch. :math:`\Pi` (``mu_product``) is a float32
+    scalar in torch and is rounded to float32 at every step here too.
+    ``t`` is each parameter's own step count.
+
+    ``foreach``, ``capturable`` and ``differentiable`` are accepted and
+    ignored. State: ``mu_product`` (a float32 scalar), ``exp_avg``,
+    ``exp_avg_sq``; the step count is ``state.step``.
+    """
+    return make_optimizer(
+        name="NAdam",
+        rule=_nadam_rule,
+        init_slots=_nadam_slots,
+        hyperparams={
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "momentum_decay": momentum_decay,
+        },
+        options={
+            "decoupled_weight_decay": decoupled_weight_decay,
+            "maximize": maximize,
+        },
+        validate=_validate_nadam,
+        param_groups=param_groups,
+        extra_defaults={
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+        },
+    )

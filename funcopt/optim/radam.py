@@ -1,0 +1,128 @@
+"""RAdam, mirroring ``torch.optim.RAdam``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from .. import _validate
+from .._core import Optimizer, make_optimizer
+from .._groups import ParamGroups
+from .._math import add, lerp, scalar
+from ._common import (
+    apply_maximize,
+    coupled_weight_decay,
+    decoupled_weight_decay,
+    ema_of_square,
+)
+
+
+def _validate_radam(group: Mapping[str, Any]) -> None:
+    _validate.check_scalar_lr(group["lr"])
+    _validate.check_at_least_zero(group["lr"], "learning rate")
+    _validate.check_at_least_zero(group["eps"], "epsilon value")
+    _validate.check_betas(group["betas"])
+    _validate.check_at_least_zero(group["weight_decay"], "weight_decay value")
+
+
+def _radam_slots(param, group):
+    return {"exp_avg": jnp.zeros_like(param), "exp_avg_sq": jnp.zeros_like(param)}
+
+
+def _radam_rule(param, grad, slots, step, hparams, options):
+    lr, eps, weight_decay = hparams["lr"], hparams["eps"], hparams["weight_decay"]
+    beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
+    grad = apply_maximize(grad, options)
+    if options["decoupled_weight_decay"]:
+        param = decoupled_weight_decay(param, lr, weight_decay)
+    else:
+        grad = coupled_weight_decay(grad, param, weight_decay)
+    exp_avg = lerp(slots["exp_avg"], grad, 1 - beta1)
+    exp_avg_sq = ema_of_square(slots["exp_avg_sq"], grad, beta2)
+    # torch: Python-float scalar math on float(step)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    bias_corrected_exp_avg = exp_avg / scalar(bias_correction1, param)
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
+    # only used where rho_t > 5 (then rho_inf > rho_t > 5 and the root is real)
+    rect = (
+        (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+    ) ** 0.5
+    # (bias_correction2**0.5) / tensor is Tensor.__rtruediv__: reciprocal() * scalar
+    adaptive_lr = (1 / (jnp.sqrt(exp_avg_sq) + scalar(eps, param))) * scalar(
+        bias_correction2**0.5, param
+    )
+    lr_t = scalar(lr, param)
+    adapted = bias_corrected_exp_avg * lr_t * adaptive_lr * scalar(rect, param)
+    plain = bias_corrected_exp_avg * lr_t
+    new_param = add(param, jnp.where(rho_t > 5.0, adapted, plain), -1.0)
+    return new_param, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+
+def radam(
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0,
+    decoupled_weight_decay: bool = False,
+    *,
+    foreach: bool | None = None,
+    maximize: bool = False,
+    capturable: bool = False,
+    differentiable: bool = False,
+    param_groups: ParamGroups | None = None,
+) -> Optimizer:
+    r"""RAdam (rectified Adam), as ``torch.optim.RAdam``.
+
+    .. math::
+        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) \;(+\lambda\theta_{t-1}
+               \text{ if coupled}) \\
+        \theta_{t-1} &\leftarrow \theta_{t-1}(1 - \gamma\lambda)
+               \text{ if decoupled\_weight\_decay} \\
+        m_t &= \operatorname{lerp}(m_{t-1}, g_t, 1-\beta_1), \quad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2, \quad
+        \hat m_t = m_t / (1-\beta_1^t) \\
+        \rho_\infty &= \frac{2}{1-\beta_2} - 1, \quad
+        \rho_t = \rho_\infty - \frac{2t\beta_2^t}{1-\beta_2^t} \\
+        \theta_t &= \begin{cases}
+            \theta_{t-1} - \gamma\hat m_t\,
+            \frac{\sqrt{1-\beta_2^t}}{\sqrt{v_t}+\epsilon}\, r_t & \rho_t > 5 \\
+            \theta_{t-1} - \gamma\hat m_t & \text{otherwise}
+        \end{cases} \\
+        r_t &= \sqrt{\frac{(\rho_t-4)(\rho_t-2)\rho_\infty}
+                          {(\rho_\infty-4)(\rho_\infty-2)\rho_t}}
+
+    with :math:`\gamma` = ``lr``, :math:`\lambda` = ``weight_decay``. The
+    threshold is strict, as in torch (optax uses ``>=``), and ``eps`` is added
+    to the uncorrected :math:`\sqrt{v_t}`. With the default :math:`\beta_2`
+    the first five steps are un-adapted. ``t`` is each parameter's own count.
+
+    ``foreach``, ``capturable`` and ``differentiable`` are accepted and
+    ignored. State: ``exp_avg``, ``exp_avg_sq``; the step count is
+    ``state.step``.
+    """
+    return make_optimizer(
+        name="RAdam",
+        rule=_radam_rule,
+        init_slots=_radam_slots,
+        hyperparams={
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+        },
+        options={
+            "decoupled_weight_decay": decoupled_weight_decay,
+            "maximize": maximize,
+        },
+        validate=_validate_radam,
+        param_groups=param_groups,
+        extra_defaults={
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+        },
+    )

@@ -1,0 +1,115 @@
+"""RMSprop, mirroring ``torch.optim.RMSprop``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from .. import _validate
+from .._core import Optimizer, make_optimizer
+from .._groups import ParamGroups
+from .._math import add, addcdiv, addcmul, lerp, scalar
+from ._common import apply_maximize, coupled_weight_decay, ema_of_square
+
+
+def _validate_rmsprop(group: Mapping[str, Any]) -> None:
+    _validate.check_scalar_lr(group["lr"])
+    _validate.check_at_least_zero(group["lr"], "learning rate")
+    _validate.check_at_least_zero(group["eps"], "epsilon value")
+    _validate.check_at_least_zero(group["momentum"], "momentum value")
+    _validate.check_at_least_zero(group["weight_decay"], "weight_decay value")
+    _validate.check_at_least_zero(group["alpha"], "alpha value")
+
+
+def _rmsprop_slots(param, group):
+    # torch decides which buffers exist once, when the state is created
+    slots = {"square_avg": jnp.zeros_like(param)}
+    if group["momentum"] > 0:
+        slots["momentum_buffer"] = jnp.zeros_like(param)
+    if group["centered"]:
+        slots["grad_avg"] = jnp.zeros_like(param)
+    return slots
+
+
+def _rmsprop_rule(param, grad, slots, step, hparams, options):
+    lr, alpha, momentum = hparams["lr"], hparams["alpha"], hparams["momentum"]
+    grad = apply_maximize(grad, options)
+    grad = coupled_weight_decay(grad, param, hparams["weight_decay"])
+    square_avg = ema_of_square(slots["square_avg"], grad, alpha)
+    new_slots = {"square_avg": square_avg}
+    if "grad_avg" in slots:
+        grad_avg = lerp(slots["grad_avg"], grad, 1 - alpha)
+        new_slots["grad_avg"] = grad_avg
+        avg = jnp.sqrt(addcmul(square_avg, grad_avg, grad_avg, -1.0))
+    else:
+        avg = jnp.sqrt(square_avg)
+    avg = avg + scalar(hparams["eps"], param)
+    plain = addcdiv(param, grad, avg, -lr)
+    if "momentum_buffer" in slots:
+        # torch reads the group's momentum at every step: ``if momentum > 0``
+        old = slots["momentum_buffer"]
+        buf = addcdiv(old * scalar(momentum, old), grad, avg, 1.0)
+        new_slots["momentum_buffer"] = jnp.where(momentum > 0, buf, old)
+        return jnp.where(momentum > 0, add(param, buf, -lr), plain), new_slots
+    return plain, new_slots
+
+
+def rmsprop(
+    lr: float = 1e-2,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0,
+    momentum: float = 0,
+    centered: bool = False,
+    capturable: bool = False,
+    foreach: bool | None = None,
+    maximize: bool = False,
+    differentiable: bool = False,
+    *,
+    param_groups: ParamGroups | None = None,
+) -> Optimizer:
+    r"""RMSprop, as ``torch.optim.RMSprop``.
+
+    .. math::
+        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\theta_{t-1} \\
+        v_t &= \alpha v_{t-1} + (1-\alpha) g_t^2 \\
+        \bar g_t &= \operatorname{lerp}(\bar g_{t-1}, g_t, 1-\alpha)
+                    \text{ (centered)} \\
+        a_t &= \sqrt{v_t - \bar g_t^2} + \epsilon \text{ (centered) else }
+               \sqrt{v_t} + \epsilon \\
+        b_t &= \mu b_{t-1} + g_t / a_t, \quad
+        \theta_t = \theta_{t-1} - \gamma b_t \text{ (momentum > 0)} \\
+        \theta_t &= \theta_{t-1} - \gamma\, g_t / a_t \text{ (otherwise)}
+
+    with :math:`\gamma` = ``lr``, :math:`\mu` = ``momentum``,
+    :math:`\lambda` = ``weight_decay`` (coupled). ``eps`` is outside the
+    square root and there is no bias correction, as in torch (optax's
+    ``rmsprop`` defaults differ on both). ``alpha`` has no upper bound.
+
+    ``capturable``, ``foreach`` and ``differentiable`` are accepted and
+    ignored. State: ``square_avg``; ``momentum_buffer`` only for groups with
+    ``momentum > 0`` and ``grad_avg`` only for ``centered`` groups, decided
+    at init as torch decides it when it creates the state.
+    """
+    return make_optimizer(
+        name="RMSprop",
+        rule=_rmsprop_rule,
+        init_slots=_rmsprop_slots,
+        hyperparams={
+            "lr": lr,
+            "alpha": alpha,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "momentum": momentum,
+        },
+        options={"centered": centered, "maximize": maximize},
+        validate=_validate_rmsprop,
+        param_groups=param_groups,
+        extra_defaults={
+            "capturable": capturable,
+            "foreach": foreach,
+            "differentiable": differentiable,
+        },
+    )

@@ -1,0 +1,508 @@
+"""funcopt.lbfgs against live torch.optim.LBFGS, float64, several ``step`` calls.
+
+Each case runs the same problem through ``torch.optim.LBFGS.step(closure)`` and
+``fo.lbfgs(...).step(params, state, value_and_grad_fn)`` (jitted unless said
+otherwise) and compares, after every call: the parameters, the returned (first)
+loss, ``func_evals``/``n_iter``, and the stored state (``d``, ``t``, ``H_diag``,
+``prev_flat_grad``, ``prev_loss`` and the history in torch's list order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import funcopt as fo
+from funcopt._tree import is_trainable
+
+RTOL = 1e-10
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """A loss written twice: on a JAX params tree and on torch's param list."""
+
+    name: str
+    make_params: Callable[[], Any]  # numpy pytree
+    jax_loss: Callable[[Any], jax.Array]
+    torch_loss: Callable[[list[torch.Tensor]], torch.Tensor]
+
+
+def _rosenbrock(dim: int, start=None) -> Problem:
+    def rosen(x, lib):
+        return lib.sum(100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2)
+
+    def make():
+        if start is not None:
+            return {"x": np.full(dim, start, np.float64)}
+        return {"x": np.linspace(-1.2, 1.0, dim) + 0.1 * np.sin(np.arange(dim))}
+
+    return Problem(
+        f"rosenbrock{dim}" + ("" if start is None else f"@{start}"),
+        make,
+        lambda p: rosen(p["x"], jnp),
+        lambda ps: rosen(ps[0], torch),
+    )
+
+
+_RNG = np.random.default_rng(0)
+_A = _RNG.normal(size=(20, 5))
+_Y = _A @ np.array([1.0, -2.0, 0.5, 3.0, -1.0]) + 0.3 + 0.1 * _RNG.normal(size=20)
+_X = _RNG.normal(size=(40, 3))
+_LABELS = (_X @ np.array([1.5, -1.0, 0.5]) + 0.2 * _RNG.normal(size=40) > 0).astype(
+    np.float64
+)
+
+
+def _least_squares() -> Problem:
+    """A (frozen int leaf, bias, weights) tree: flat order is b, then w."""
+
+    def make():
+        return {
+            "b": np.asarray(0.0),
+            "frozen": np.arange(3, dtype=np.int32),
+            "w": np.zeros(5),
+        }
+
+    def jl(p):
+        return jnp.mean((jnp.asarray(_A) @ p["w"] + p["b"] - jnp.asarray(_Y)) ** 2)
+
+    def tl(ps):
+        b, w = ps
+        return torch.mean((torch.tensor(_A) @ w + b - torch.tensor(_Y)) ** 2)
+
+    return Problem("least_squares", make, jl, tl)
+
+
+def _logistic() -> Problem:
+    """Logistic regression with a small L2 term; a 2-D weight and a bias."""
+
+    def make():
+        return {"w": np.full((3, 1), 0.1), "b": np.zeros(1)}
+
+    def jl(p):
+        z = (jnp.asarray(_X) @ p["w"])[:, 0] + p["b"][0]
+        y = jnp.asarray(_LABELS)
+        return jnp.mean(jax.nn.softplus(z) - y * z) + 1e-3 * jnp.sum(p["w"] ** 2)
+
+    def tl(ps):
+        b, w = ps  # jax.tree.leaves order: "b" before "w"
+        z = (torch.tensor(_X) @ w)[:, 0] + b[0]
+        y = torch.tensor(_LABELS)
+        return torch.mean(torch.nn.functional.softplus(z) - y * z) + 1e-3 * torch.sum(
+            w**2
+        )
+
+    return Problem("logistic", make, jl, tl)
+
+
+def _value_and_grad(problem: Problem):
+    # allow_int: the frozen int leaf gets a float0 gradient, i.e. none
+    return jax.value_and_grad(problem.jax_loss, allow_int=True)
+
+
+def _torch_params(params) -> list[torch.Tensor]:
+    return [
+        torch.tensor(np.array(p), requires_grad=True)
+        for p in jax.tree.leaves(params)
+        if is_trainable(p)
+    ]
+
+
+def _ordered_history(state) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ring buffers in torch's list order (oldest first)."""
+    count, start = int(state.history_count), int(state.history_start)
+    size = state.old_dirs.shape[0]
+    rows = [(start + i) % size for i in range(count)]
+    return (
+        np.asarray(state.old_dirs)[rows],
+        np.asarray(state.old_stps)[rows],
+        np.asarray(state.ro)[rows],
+    )
+
+
+def _close(actual, expected, what, rtol=RTOL):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    scale = max(1.0, float(np.max(np.abs(expected), initial=0.0)))
+    np.testing.assert_allclose(
+        actual, expected, rtol=rtol, atol=rtol * scale, err_msg=what
+    )
+
+
+def _compare_state(state, tstate, call):
+    assert int(state.func_evals) == tstate["func_evals"], f"func_evals, call {call}"
+    assert int(state.n_iter) == tstate["n_iter"], f"n_iter, call {call}"
+    if "d" not in tstate:  # torch returned at once every time: nothing stored
+        assert int(state.history_count) == 0
+        return
+    _close(state.d, tstate["d"], f"d, call {call}")
+    _close(state.t, float(tstate["t"]), f"t, call {call}")
+    _close(state.H_diag, float(tstate["H_diag"]), f"H_diag, call {call}")
+    _close(state.prev_flat_grad, tstate["prev_flat_grad"], f"prev_g, call {call}")
+    _close(state.prev_loss, float(tstate["prev_loss"]), f"prev_loss, call {call}")
+    dirs, stps, ro = _ordered_history(state)
+    assert len(dirs) == len(tstate["old_dirs"]), f"history length, call {call}"
+    if len(dirs):
+        _close(dirs, torch.stack(tstate["old_dirs"]), f"old_dirs, call {call}")
+        _close(stps, torch.stack(tstate["old_stps"]), f"old_stps, call {call}")
+        _close(ro, [float(r) for r in tstate["ro"]], f"ro, call {call}")
+
+
+def _run_both(problem: Problem, kwargs: dict, calls: int, jit: bool = True):
+    """Run ``calls`` steps in torch and funcopt; compare after each; return both."""
+    params0 = problem.make_params()
+    tparams = _torch_params(params0)
+    topt = torch.optim.LBFGS(tparams, **kwargs)
+
+    def closure():
+        topt.zero_grad()
+        loss = problem.torch_loss(tparams)
+        loss.backward()
+        return loss
+
+    opt = fo.lbfgs(**kwargs)
+    params = jax.tree.map(jnp.asarray, params0)
+    state = opt.init(params)
+    vg = _value_and_grad(problem)
+
+    def step(p, s):
+        return opt.step(p, s, vg)
+
+    if jit:
+        step = jax.jit(step)
+    for call in range(calls):
+        torch_loss = topt.step(closure)
+        params, state, loss = step(params, state)
+        ours = [p for p in jax.tree.leaves(params) if is_trainable(p)]
+        for i, (p, tp) in enumerate(zip(ours, tparams)):
+            _close(p, tp.detach().numpy(), f"param {i}, call {call}")
+        _close(loss, torch_loss.item(), f"loss, call {call}")
+        _compare_state(state, topt.state[tparams[0]], call)
+        frozen = [p for p in jax.tree.leaves(params) if not is_trainable(p)]
+        for p, p0 in zip(
+            frozen, [p for p in jax.tree.leaves(params0) if not is_trainable(p)]
+        ):
+            np.testing.assert_array_equal(p, p0)
+    return params, state, tparams, topt
+
+
+CASES = [
+    # (problem, kwargs, calls)
+    (_rosenbrock(2), dict(max_iter=4), 5),
+    (_rosenbrock(5), dict(max_iter=4), 5),
+    (_rosenbrock(10), dict(max_iter=5), 5),
+    (_rosenbrock(5), dict(max_iter=4, lr=0.5), 5),
+    (_rosenbrock(2), dict(max_iter=4, line_search_fn="strong_wolfe"), 5),
+    (_rosenbrock(5), dict(max_iter=4, line_search_fn="strong_wolfe"), 5),
+    (_rosenbrock(10), dict(max_iter=5, line_search_fn="strong_wolfe"), 5),
+    # ring buffer: history_size 2/3, far more accepted pairs than that
+    (_rosenbrock(5), dict(max_iter=4, history_size=2), 5),
+    (
+        _rosenbrock(5),
+        dict(max_iter=4, history_size=3, line_search_fn="strong_wolfe"),
+        5,
+    ),
+    (_least_squares(), dict(max_iter=4, history_size=2), 5),
+    (_least_squares(), dict(max_iter=20), 5),
+    (_least_squares(), dict(max_iter=20, line_search_fn="strong_wolfe"), 5),
+    (_logistic(), dict(max_iter=20), 5),
+    (_logistic(), dict(max_iter=20, history_size=3), 5),
+    (_logistic(), dict(max_iter=20, line_search_fn="strong_wolfe"), 5),
+    (_logistic(), dict(max_iter=10, history_size=2, line_search_fn="strong_wolfe"), 5),
+    # max_eval shorter than max_iter (both paths), and max_ls == 0 in strong_wolfe
+    (_rosenbrock(5), dict(max_iter=10, max_eval=4), 5),
+    (_rosenbrock(5), dict(max_iter=10, max_eval=7, line_search_fn="strong_wolfe"), 5),
+    (_rosenbrock(5), dict(max_iter=1, line_search_fn="strong_wolfe"), 5),
+    (_rosenbrock(5), dict(max_iter=1), 5),
+    # tolerance edge cases: large tolerances stop the inner loop early
+    (_least_squares(), dict(max_iter=20, tolerance_grad=1e-2), 5),
+    (_logistic(), dict(max_iter=20, tolerance_change=1e-4), 5),
+    (
+        _logistic(),
+        dict(max_iter=20, tolerance_change=1e-4, line_search_fn="strong_wolfe"),
+        5,
+    ),
+    (
+        _least_squares(),
+        dict(max_iter=20, tolerance_grad=1e-3, line_search_fn="strong_wolfe"),
+        5,
+    ),
+    # at the minimum: max|g| <= tolerance_grad at once, every call
+    (_rosenbrock(5, start=1.0), dict(max_iter=5), 3),
+    (_rosenbrock(5, start=1.0), dict(max_iter=5, line_search_fn="strong_wolfe"), 3),
+]
+
+
+def _id(case):
+    problem, kwargs, calls = case
+    return f"{problem.name}-" + "-".join(f"{k}={v}" for k, v in kwargs.items())
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_matches_torch(x64, case):
+    problem, kwargs, calls = case
+    _run_both(problem, kwargs, calls)
+
+
+def test_converged_runs_stop_as_torch(x64):
+    """Many calls on a convex fit: later calls exit at once at the optimum."""
+    _, state, _, topt = _run_both(_least_squares(), dict(max_iter=20), 8)
+    assert topt.state[next(iter(topt.state))]["n_iter"] < 8 * 20  # early exits happened
+
+
+def test_early_exit_leaves_params_and_n_iter(x64):
+    problem = _rosenbrock(3, start=1.0)
+    params, state, _, _ = _run_both(problem, dict(max_iter=5), 2)
+    np.testing.assert_array_equal(params["x"], problem.make_params()["x"])
+    assert int(state.n_iter) == 0 and int(state.func_evals) == 2
+
+
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+def test_without_jit(x64, line_search_fn):
+    _run_both(
+        _logistic(),
+        dict(max_iter=6, history_size=3, line_search_fn=line_search_fn),
+        3,
+        jit=False,
+    )
+
+
+def test_none_grad_counts_as_zero(x64):
+    """A leaf the loss does not use: torch's ``p.grad is None``, here a None leaf."""
+    base = _rosenbrock(4)
+
+    def make():
+        return {"unused": np.array([0.5, -0.5]), "x": base.make_params()["x"]}
+
+    problem = Problem(
+        "with_unused",
+        make,
+        lambda p: base.jax_loss({"x": p["x"]}),
+        lambda ps: base.torch_loss(ps[1:]),
+    )
+
+    def vg(p):
+        loss, grads = jax.value_and_grad(problem.jax_loss)(p)
+        return loss, {**grads, "unused": None}
+
+    params0 = make()
+    tparams = _torch_params(params0)
+    topt = torch.optim.LBFGS(tparams, max_iter=4, line_search_fn="strong_wolfe")
+
+    def closure():
+        topt.zero_grad()
+        loss = problem.torch_loss(tparams)
+        loss.backward()
+        return loss
+
+    opt = fo.lbfgs(max_iter=4, line_search_fn="strong_wolfe")
+    params = jax.tree.map(jnp.asarray, params0)
+    state = opt.init(params)
+    step = jax.jit(lambda p, s: opt.step(p, s, vg))
+    for call in range(4):
+        topt.step(closure)
+        params, state, _ = step(params, state)
+        assert tparams[0].grad is None
+        _close(params["unused"], tparams[0].detach().numpy(), f"unused, call {call}")
+        _close(params["x"], tparams[1].detach().numpy(), f"x, call {call}")
+        _compare_state(state, topt.state[tparams[0]], call)
+
+
+def test_complex_param_as_real_pairs(x64):
+    """A complex leaf is a real pair in the flat vector (torch's view_as_real)."""
+    z0 = np.array([1.0 + 2.0j, -0.5 + 0.3j, 0.2 - 1.0j])
+    target = np.array([0.3 - 0.1j, 1.0 + 1.0j, -2.0 + 0.5j])
+
+    def jl(p):
+        e = p["z"] - jnp.asarray(target)
+        return jnp.sum(jnp.abs(e) ** 4) + jnp.sum(e.real * e.imag)
+
+    def vg(p):
+        loss, g = jax.value_and_grad(jl)(p)
+        # torch's gradient of a real loss is dL/dRe + i dL/dIm: JAX's conjugate
+        return loss, jax.tree.map(jnp.conj, g)
+
+    tz = torch.tensor(z0, requires_grad=True)
+    topt = torch.optim.LBFGS(
+        [tz], max_iter=4, history_size=3, line_search_fn="strong_wolfe"
+    )
+
+    def closure():
+        topt.zero_grad()
+        e = tz - torch.tensor(target)
+        loss = torch.sum(torch.abs(e) ** 4) + torch.sum(e.real * e.imag)
+        loss.backward()
+        return loss
+
+    opt = fo.lbfgs(max_iter=4, history_size=3, line_search_fn="strong_wolfe")
+    params = {"z": jnp.asarray(z0)}
+    state = opt.init(params)
+    assert state.d.shape == (6,)
+    step = jax.jit(lambda p, s: opt.step(p, s, vg))
+    for call in range(4):
+        tl = topt.step(closure)
+        params, state, loss = step(params, state)
+        _close(
+            np.asarray(params["z"]).view(np.float64),
+            tz.detach().numpy().view(np.float64),
+            f"z, call {call}",
+        )
+        _close(loss, tl.item(), f"loss, call {call}")
+        _compare_state(state, topt.state[tz], call)
+
+
+def test_get_and_set_lr(x64):
+    """``fo.get_lr``/``fo.set_lr`` on the state, mid-run, without recompiling."""
+    problem = _logistic()
+    params0 = problem.make_params()
+    tparams = _torch_params(params0)
+    topt = torch.optim.LBFGS(tparams, lr=0.8, max_iter=5)
+
+    def closure():
+        topt.zero_grad()
+        loss = problem.torch_loss(tparams)
+        loss.backward()
+        return loss
+
+    opt = fo.lbfgs(lr=0.8, max_iter=5)
+    params = jax.tree.map(jnp.asarray, params0)
+    state = opt.init(params)
+    assert [float(v) for v in fo.get_lr(state)] == [0.8]
+    vg = _value_and_grad(problem)
+    step = jax.jit(lambda p, s: opt.step(p, s, vg))
+    for call, lr in enumerate([0.8, 0.8, 0.3, 0.3, 1.0]):
+        topt.param_groups[0]["lr"] = lr
+        state = fo.set_lr(state, lr)
+        assert [float(v) for v in fo.get_lr(state)] == [lr]
+        topt.step(closure)
+        params, state, _ = step(params, state)
+        _close(params["w"], tparams[1].detach().numpy(), f"w, call {call}")
+        _compare_state(state, topt.state[tparams[0]], call)
+    assert step._cache_size() == 1
+
+
+def test_update_needs_value_fn_and_matches_step(x64):
+    problem = _rosenbrock(4)
+    opt = fo.lbfgs(max_iter=5, line_search_fn="strong_wolfe")
+    params = jax.tree.map(jnp.asarray, problem.make_params())
+    state = opt.init(params)
+    loss, grads = _value_and_grad(problem)(params)
+    with pytest.raises(NotImplementedError, match="value_and_grad_fn"):
+        opt.update(grads, state)
+    with pytest.raises(ValueError, match="needs params"):
+        opt.update(grads, state, value_fn=problem.jax_loss)
+    stepped, stepped_state, _ = opt.step(params, state, _value_and_grad(problem))
+    updates, new_state = jax.jit(
+        lambda g, s, p, v: opt.update(g, s, p, value=v, value_fn=problem.jax_loss)
+    )(grads, state, params, loss)
+    new_params = jax.tree.map(lambda p, u: p + u, params, updates)
+    _close(new_params["x"], stepped["x"], "update vs step", rtol=1e-14)
+    assert int(new_state.func_evals) == int(stepped_state.func_evals)
+    assert int(new_state.n_iter) == int(stepped_state.n_iter)
+
+
+# --------------------------------------------------------------------------
+# arguments and errors
+# --------------------------------------------------------------------------
+
+
+def test_signature_matches_torch():
+    torch_sig = inspect.signature(torch.optim.LBFGS.__init__)
+    expected = [
+        (p.name, p.kind, p.default)
+        for p in torch_sig.parameters.values()
+        if p.name not in ("self", "params")
+    ]
+    actual = [
+        (p.name, p.kind, p.default)
+        for p in inspect.signature(fo.lbfgs).parameters.values()
+        if p.name != "param_groups"
+    ]
+    assert actual == expected
+
+
+@pytest.mark.parametrize("max_iter", [1, 4, 20, 21])
+def test_default_max_eval(max_iter):
+    p = torch.zeros(2, requires_grad=True)
+    torch_group = torch.optim.LBFGS([p], max_iter=max_iter).param_groups[0]
+    assert fo.lbfgs(max_iter=max_iter).defaults["max_eval"] == torch_group["max_eval"]
+
+
+def _torch_error(fn):
+    with pytest.raises(Exception) as info:
+        fn()
+    return info.value
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"lr": -1.0},
+        {"lr": -1e-3},
+        {"lr": float("nan")},
+        {"lr": torch.tensor([1.0, 2.0])},
+    ],
+    ids=str,
+)
+def test_bad_lr_matches_torch(kwargs):
+    p = torch.zeros(2, requires_grad=True)
+    expected = _torch_error(lambda: torch.optim.LBFGS([p], **kwargs))
+    ours = dict(kwargs)
+    if isinstance(ours["lr"], torch.Tensor):
+        ours["lr"] = np.asarray(ours["lr"])
+    actual = _torch_error(lambda: fo.lbfgs(**ours))
+    assert type(actual) is type(expected)
+    assert str(actual) == str(expected)
+
+
+def test_bad_line_search_fn_matches_torch():
+    """torch raises at its first step; funcopt at construction: same type/message."""
+    p = torch.ones(2, requires_grad=True)
+    topt = torch.optim.LBFGS([p], line_search_fn="backtracking")
+
+    def closure():
+        topt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    expected = _torch_error(lambda: topt.step(closure))
+    actual = _torch_error(lambda: fo.lbfgs(line_search_fn="backtracking"))
+    assert type(actual) is type(expected)
+    assert str(actual) == str(expected)
+
+
+def test_param_groups_match_torch():
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(3, requires_grad=True)
+    expected = _torch_error(
+        lambda: torch.optim.LBFGS([{"params": [a]}, {"params": [b], "lr": 0.1}])
+    )
+    params = {"a": jnp.zeros(2), "b": jnp.zeros(3)}
+    # two groups visible from the overrides alone: raised at construction
+    two = fo.param_groups({"a": "x", "b": "y"}, {"x": {"lr": 0.1}, "y": {"lr": 0.2}})
+    actual = _torch_error(lambda: fo.lbfgs(param_groups=two))
+    assert (type(actual), str(actual)) == (type(expected), str(expected))
+    # a default group plus one override: raised by init
+    opt = fo.lbfgs(
+        param_groups=fo.param_groups({"a": "default", "b": "y"}, {"y": {"lr": 0.1}})
+    )
+    actual = _torch_error(lambda: opt.init(params))
+    assert (type(actual), str(actual)) == (type(expected), str(expected))
+
+
+def test_single_param_group_is_fine(x64):
+    """torch accepts one group with its own lr; so does funcopt."""
+    groups = fo.param_groups(
+        lambda p: jax.tree.map(lambda _: "g", p), {"g": {"lr": 0.25}}
+    )
+    opt = fo.lbfgs(param_groups=groups)
+    state = opt.init({"x": jnp.zeros(3)})
+    assert [float(v) for v in fo.get_lr(state)] == [0.25]

@@ -19,7 +19,7 @@ def widest_float() -> jnp.dtype:
 
 
 def scalar(x: jax.Array, like: jax.Array) -> jax.Array:
-    """Cast a (widest-float) scalar to ``like``'s dtype, as torch does for ``alpha=``."""
+    """Cast a widest-float scalar to ``like``'s dtype, as torch does for ``alpha=``."""
     return jnp.asarray(x, dtype=like.dtype)
 
 

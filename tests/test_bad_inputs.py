@@ -39,7 +39,8 @@ def test_wrong_shape_named(opt):
     grads["dense"]["kernel"] = jnp.ones((3, 4))
     with pytest.raises(
         ValueError,
-        match=r"params\['dense'\]\['kernel'\]: grad shape \(3, 4\) != param shape \(4, 3\)",
+        match=r"params\['dense'\]\['kernel'\]: "
+        r"grad shape \(3, 4\) != param shape \(4, 3\)",
     ):
         opt.step(PARAMS, grads, opt.init(PARAMS))
 

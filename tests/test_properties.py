@@ -84,9 +84,7 @@ def test_steps_equal_scan(name, tree, seed):
 
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *grad_seq)
     scan = jax.jit(lambda c, g: jax.lax.scan(body, c, g, length=len(grad_seq)))
-    (p_scan, s_scan), _ = scan(
-        (params, state), stacked
-    )
+    (p_scan, s_scan), _ = scan((params, state), stacked)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
         (p, s),

@@ -15,7 +15,11 @@ import funcopt as fo
 
 RNG = np.random.default_rng(0)
 BATCHES = [(RNG.normal(size=(5, 3)), RNG.normal(size=(5, 2))) for _ in range(4)]
-INIT = {"w": RNG.normal(size=(3, 2)), "b": RNG.normal(size=(2,)), "h": RNG.normal(size=(2,))}
+INIT = {
+    "w": RNG.normal(size=(3, 2)),
+    "b": RNG.normal(size=(2,)),
+    "h": RNG.normal(size=(2,)),
+}
 
 
 def jax_loss(params, x, y, use_head=True):
@@ -38,8 +42,26 @@ SCENARIOS = {
     "forgot_zero_grad": ["bw0", "step", "bw1", "step", "bw2", "step"],
     "step_before_backward": ["step", "step", "bw0", "step"],
     "stale_gradient": ["bw0", "step", "step", "step"],
-    "keep_zeros": ["bw0", "step", "zero_keep", "step", "bw1", "step", "zero_keep", "step"],
-    "unused_param": ["bw0_nohead", "step", "zero", "bw1", "step", "zero", "bw2_nohead", "step"],
+    "keep_zeros": [
+        "bw0",
+        "step",
+        "zero_keep",
+        "step",
+        "bw1",
+        "step",
+        "zero_keep",
+        "step",
+    ],
+    "unused_param": [
+        "bw0_nohead",
+        "step",
+        "zero",
+        "bw1",
+        "step",
+        "zero",
+        "bw2_nohead",
+        "step",
+    ],
 }
 
 OPTIMIZERS = {
@@ -75,7 +97,9 @@ def run_scenario_funcopt(ops, factory, kwargs, jit):
         static_argnums=3,
     )
     step = maybe_jit(lambda ts: ts.step())
-    zero = maybe_jit(lambda ts, keep: ts.zero_grad(set_to_none=not keep), static_argnums=1)
+    zero = maybe_jit(
+        lambda ts, keep: ts.zero_grad(set_to_none=not keep), static_argnums=1
+    )
     history = []
     for op in ops:
         if op.startswith("bw"):
@@ -102,7 +126,11 @@ def test_scenario_matches_torch(scenario, opt_name, jit, x64):
     for i, (a, e) in enumerate(zip(actual, expected)):
         for k in e:
             np.testing.assert_allclose(
-                a[k], e[k], rtol=1e-12, atol=1e-14, err_msg=f"after op {i} {ops[i]}: {k}"
+                a[k],
+                e[k],
+                rtol=1e-12,
+                atol=1e-14,
+                err_msg=f"after op {i} {ops[i]}: {k}",
             )
 
 

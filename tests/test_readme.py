@@ -40,3 +40,21 @@ def test_status_is_true():
             assert ours in tested, f"{ours} is marked done but not parity-tested"
         else:
             assert not hasattr(fo, ours), f"{ours} exists: update its status"
+
+
+SCHED_ROW = re.compile(r"^\| `(?:swa_utils\.)?(\w+)` \| `(\w+)`[^|]* \| (.+?) \|$", re.M)
+
+
+def test_every_torch_scheduler_is_listed_and_exists():
+    import torch.optim.lr_scheduler as torch_sched
+
+    rows = {t: (ours, status) for t, ours, status in SCHED_ROW.findall(README)}
+    schedulers = {
+        name
+        for name in torch_sched.__all__
+        if inspect.isclass(getattr(torch_sched, name)) and name != "LRScheduler"
+    }
+    assert schedulers | {"SWALR"} <= set(rows)
+    for ours, status in rows.values():
+        assert status.startswith("✅")
+        assert hasattr(fo.lr_scheduler, ours), ours

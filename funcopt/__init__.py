@@ -6,7 +6,10 @@ with one more method, ``step(params, grads, state) -> (params, state)``,
 torch's ``optimizer.step()`` as a pure function.
 """
 
+from . import contrib as contrib
+from . import flat as flat
 from . import lr_scheduler as lr_scheduler
+from . import sharding as sharding
 from . import swa_utils as swa_utils
 from ._core import Optimizer as Optimizer
 from ._core import OptState as OptState
@@ -38,9 +41,29 @@ from .optim import rmsprop as rmsprop
 from .optim import rprop as rprop
 from .optim import sgd as sgd
 from .optim import sparse_adam as sparse_adam
+from .precision import MasterWeightsState as MasterWeightsState
+from .precision import master_weights as master_weights
+from .precision import precision_policy as precision_policy
+from .reliability import NonFiniteWarning as NonFiniteWarning
+from .reliability import SkipNonfiniteState as SkipNonfiniteState
+from .reliability import debug_nonfinite as debug_nonfinite
+from .reliability import skip_nonfinite as skip_nonfinite
 from .train_state import TrainState as TrainState
 
 __version__ = "0.1.0"
+
+_LAZY_SUBMODULES = ("checkpoint", "compare", "torch_interop")
+
+
+def __getattr__(name: str):
+    """``fo.torch_interop``, ``fo.checkpoint``, ``fo.compare``: imported on first
+    use, so ``import funcopt`` imports neither torch nor orbax."""
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'funcopt' has no attribute {name!r}")
+
 
 __all__ = [
     "OptState",
@@ -63,6 +86,13 @@ __all__ = [
     "get_lr",
     "get_total_norm",
     "lbfgs",
+    "master_weights",
+    "MasterWeightsState",
+    "NonFiniteWarning",
+    "precision_policy",
+    "skip_nonfinite",
+    "SkipNonfiniteState",
+    "debug_nonfinite",
     "lr_scheduler",
     "make_optimizer",
     "muon",

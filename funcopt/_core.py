@@ -32,12 +32,15 @@ import numpy as np
 import optax
 from jax.experimental import sparse as jsparse
 
-from . import _groups
+from . import _groups, _multi_tensor
 from ._math import widest_float
 from ._tree import PyTree, flatten_grads, is_trainable, leaf_paths
 
 Rule = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 SlotsInit = Callable[[jax.Array, Mapping[str, Any]], dict[str, jax.Array]]
+# complex_error(paths, torch_indices) -> the exception to raise; torch_indices
+# are torch's ``[group index, index within the group]`` of each complex leaf
+ComplexError = Callable[[list[str], list[list[int]]], Exception]
 
 
 class OptState(NamedTuple):
@@ -95,6 +98,8 @@ class _Definition:
     groups: _groups.ParamGroups | None
     supports_complex: bool
     sparse_grads: bool = False
+    complex_error: ComplexError | None = None
+    elementwise: bool = False
 
     def group_values(self, name: str) -> dict[str, Any]:
         values = {**self.hyperparams, **self.options}
@@ -115,6 +120,8 @@ def make_optimizer(
     supports_complex: bool = True,
     extra_defaults: Mapping[str, Any] | None = None,
     sparse_grads: bool = False,
+    complex_error: ComplexError | None = None,
+    elementwise: bool = False,
 ) -> Optimizer:
     """Lift a per-array update ``rule`` to a pytree :class:`Optimizer`.
 
@@ -130,12 +137,21 @@ def make_optimizer(
         runs on the defaults and on every group's overrides.
       param_groups: from :func:`funcopt.param_groups`.
       supports_complex: complex leaves are updated as real views (torch's
-        ``view_as_real``); when False they raise ``TypeError``.
+        ``view_as_real``); when False they raise, at ``init`` and ``step``,
+        ``complex_error(paths, torch_indices)`` (default: a ``TypeError``
+        naming the first complex leaf).
       extra_defaults: torch-only arguments (``foreach``, ``fused``, ...) kept
         for display and ``state_dict`` export; they do not affect the math.
       sparse_grads: the rule takes gradients given as
         ``jax.experimental.sparse.BCOO`` (passed to it as they are, real
         dtypes only); when False a BCOO gradient raises ``RuntimeError``.
+      complex_error: see ``supports_complex``; ``paths`` are the key paths of
+        the complex leaves, ``torch_indices`` torch's ``[group, index]``.
+      elementwise: every output element of ``rule`` depends only on the same
+        element of its inputs and on per-parameter scalars (which may arrive
+        as arrays broadcastable to the param: ``step`` shaped ``[rows, 1]``,
+        0-dim buffers likewise). Such rules can run on many leaves packed
+        into one buffer (:mod:`funcopt.flat`, the multi-tensor path).
     """
     options = dict(options or {})
     hyperparams = dict(hyperparams)
@@ -148,6 +164,8 @@ def make_optimizer(
         param_groups,
         supports_complex,
         sparse_grads,
+        complex_error,
+        elementwise,
     )
     if validate is not None:
         validate({**hyperparams, **options})
@@ -163,6 +181,16 @@ def make_optimizer(
             if validate is not None:
                 validate(definition.group_values(group))
 
+    defaults = {**hyperparams, **options, **dict(extra_defaults or {})}
+    return build_optimizer(definition, defaults)
+
+
+def build_optimizer(definition: _Definition, defaults: Mapping[str, Any]) -> Optimizer:
+    """The :class:`Optimizer` of a (validated) definition.
+
+    Wrappers that change a rule (e.g. :func:`funcopt.precision_policy`) use it
+    with ``dataclasses.replace(opt.definition, rule=...)``.
+    """
     opt = Optimizer(
         lambda params: _init(definition, params),
         lambda updates, state, params=None, *, has_grad=None, **extra_args: _update(
@@ -172,9 +200,9 @@ def make_optimizer(
     opt._step_fn = lambda params, grads, state, has_grad: _apply(
         definition, params, grads, state, has_grad
     )
-    opt.name = name
-    opt.defaults = {**hyperparams, **options, **dict(extra_defaults or {})}
-    opt.param_groups = param_groups
+    opt.name = definition.name
+    opt.defaults = dict(defaults)
+    opt.param_groups = definition.groups
     opt.definition = definition
     return opt
 
@@ -187,15 +215,33 @@ def make_optimizer(
 def _check_complex(definition: _Definition, params: PyTree) -> None:
     if definition.supports_complex:
         return
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if is_trainable(leaf) and jnp.iscomplexobj(leaf):
-            raise TypeError(
-                f"params{jax.tree_util.keystr(path)}: {definition.name} does not "
-                "support complex parameters"
-            )
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    bad = [
+        i
+        for i, (_, leaf) in enumerate(flat)
+        if is_trainable(leaf) and jnp.iscomplexobj(leaf)
+    ]
+    if not bad:
+        return
+    paths = [jax.tree_util.keystr(flat[i][0]) for i in bad]
+    if definition.complex_error is None:
+        raise TypeError(
+            f"params{paths[0]}: {definition.name} does not support complex parameters"
+        )
+    # torch's [group index, index within the group] of each complex leaf
+    names, group_of = _groups.resolve(definition.groups, params)
+    seen = [0] * len(names)
+    index = {}
+    for i, g in enumerate(group_of):
+        if g is not None:
+            index[i] = [g, seen[g]]
+            seen[g] += 1
+    raise definition.complex_error(paths, [index[i] for i in bad])
 
 
 def _init(definition: _Definition, params: PyTree) -> OptState:
+    if isinstance(params, _multi_tensor.FlatParams):
+        return _multi_tensor.init_flat(definition, params)
     _check_complex(definition, params)
     leaves, treedef = jax.tree.flatten(params)
     names, group_of = _groups.resolve(definition.groups, params)
@@ -262,6 +308,8 @@ def _check_dense(definition: _Definition, params: PyTree, grad_leaves: list) -> 
 
 def _apply(definition, params, grads, state, has_grad):
     """``(new_params, new_state)``: torch's ``optimizer.step()``."""
+    if isinstance(params, _multi_tensor.FlatParams):
+        return _multi_tensor.apply_flat(definition, params, grads, state, has_grad)
     _check_complex(definition, params)
     leaves, grad_leaves = flatten_grads(params, grads)
     if not definition.sparse_grads:
@@ -281,7 +329,20 @@ def _apply(definition, params, grads, state, has_grad):
 
     new_leaves, increments = [], []
     new_slots = {k: list(v) for k, v in slot_leaves.items()}
+    # many leaves packed into one kernel per (group, dtype) where it pays
+    packed = {}
+    if definition.elementwise:
+        packed = _multi_tensor.apply_tree(
+            definition, leaves, grad_leaves, group_of, slot_leaves, state, options, mask
+        )
     for i, (p, g, group) in enumerate(zip(leaves, grad_leaves, group_of)):
+        if i in packed:
+            new_p, new_own, inc = packed[i]
+            new_leaves.append(new_p)
+            for k, v in new_own.items():
+                new_slots[k][i] = v
+            increments.append(inc)
+            continue
         if g is None or group is None:
             new_leaves.append(p)
             increments.append(False)

@@ -1,8 +1,9 @@
 """Reading and changing hyperparameters held in the state.
 
 Like ``[g["lr"] for g in optimizer.param_groups]`` and ``g["lr"] = x``. They
-work on any pytree that contains one funcopt :class:`~funcopt.OptState`: the
-state itself, an ``optax.chain`` state, a :class:`~funcopt.TrainState`, ...
+work on any pytree that contains funcopt optimizer states: the state itself,
+an ``optax.chain`` or ``optax.partition`` state, a :class:`~funcopt.TrainState`,
+...
 Values keep their array shape and dtype, so a jitted step never recompiles.
 """
 
@@ -12,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._core import OptState
 from .optim.lbfgs import LBFGSState
@@ -21,44 +23,75 @@ def _is_opt_state(x: Any) -> bool:
     return isinstance(x, OptState | LBFGSState)
 
 
-def _find(tree: Any) -> OptState:
+def _find_all(tree: Any) -> list:
+    """The funcopt optimizer states in ``tree``, in flattening order."""
     found = [
         x for x in jax.tree.leaves(tree, is_leaf=_is_opt_state) if _is_opt_state(x)
     ]
-    if len(found) != 1:
-        raise ValueError(
-            f"expected exactly one funcopt optimizer state in the tree, found "
-            f"{len(found)}"
-        )
-    return found[0]
+    if not found:
+        raise ValueError("no funcopt optimizer state in the tree")
+    return found
+
+
+def _hparam_arrays(states: list, name: str) -> list[jax.Array]:
+    for s in states:
+        if name not in s.hparams:
+            raise KeyError(
+                f"no hyperparameter {name!r}; this state has {sorted(s.hparams)}"
+            )
+    return [s.hparams[name] for s in states]
 
 
 def get_hparam(state: Any, name: str) -> list[jax.Array]:
-    """One value of hyperparameter ``name`` per parameter group, in group order."""
-    hparams = _find(state).hparams
-    if name not in hparams:
-        raise KeyError(f"no hyperparameter {name!r}; this state has {sorted(hparams)}")
-    return list(hparams[name])
+    """One value of hyperparameter ``name`` per parameter group, in group order.
+
+    Where the tree holds several funcopt optimizer states (e.g. an
+    ``optax.partition`` of Muon and AdamW), their groups are concatenated in
+    the tree's flattening order, like the groups of one torch optimizer.
+    """
+    return [v for arr in _hparam_arrays(_find_all(state), name) for v in arr]
 
 
 def set_hparam(state: Any, name: str, value: Any) -> Any:
     """Return ``state`` with hyperparameter ``name`` set (a new state).
 
     ``value`` is one value for every group (a scalar, or a tuple such as
-    ``betas=(0.9, 0.99)``), or a Python ``list`` with one value per group.
-    Works under ``jit``; the state's array shapes and dtypes are kept.
+    ``betas=(0.9, 0.99)``), or a Python ``list`` with one value per group (in
+    :func:`get_hparam` order). Works under ``jit``; the state's array shapes
+    and dtypes are kept.
     """
-    old = _find(state).hparams
-    if name not in old:
-        raise KeyError(f"no hyperparameter {name!r}; this state has {sorted(old)}")
-    current = old[name]
-    n_groups, value_shape = current.shape[0], current.shape[1:]
+    current = _hparam_arrays(_find_all(state), name)
+    n_groups = sum(arr.shape[0] for arr in current)
+    if not isinstance(value, list | tuple) and np.shape(value) == (
+        n_groups,
+        *current[0].shape[1:],
+    ):
+        value = list(jnp.asarray(value))  # an array with one row per group
+    if isinstance(value, list) and len(value) != n_groups:
+        raise ValueError(
+            f"set_hparam({name!r}): got {len(value)} values for {n_groups} "
+            "parameter groups"
+        )
+    new_arrays, offset = [], 0
+    for arr in current:
+        n = arr.shape[0]
+        part = value[offset : offset + n] if isinstance(value, list) else value
+        new_arrays.append(_as_hparam(name, part, arr))
+        offset += n
+    replacements = iter(new_arrays)
+
+    def replace(x):
+        if _is_opt_state(x):
+            return x._replace(hparams={**x.hparams, name: next(replacements)})
+        return x
+
+    return jax.tree.map(replace, state, is_leaf=_is_opt_state)
+
+
+def _as_hparam(name: str, value: Any, current: jax.Array) -> jax.Array:
+    """``value`` (per-group list, or one value for all) shaped like ``current``."""
+    value_shape = current.shape[1:]
     if isinstance(value, list):
-        if len(value) != n_groups:
-            raise ValueError(
-                f"set_hparam({name!r}): got {len(value)} values for {n_groups} "
-                "parameter groups"
-            )
         new = jnp.stack([jnp.asarray(v, current.dtype) for v in value])
     else:
         new = jnp.asarray(value, current.dtype)
@@ -69,13 +102,7 @@ def set_hparam(state: Any, name: str, value: Any) -> Any:
                 f"group {value_shape} nor all groups {current.shape}"
             )
         new = jnp.broadcast_to(new, current.shape)
-
-    def replace(x):
-        if _is_opt_state(x):
-            return x._replace(hparams={**x.hparams, name: new})
-        return x
-
-    return jax.tree.map(replace, state, is_leaf=_is_opt_state)
+    return new
 
 
 def get_lr(state: Any) -> list[jax.Array]:

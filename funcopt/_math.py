@@ -48,3 +48,15 @@ def addcdiv(x: jax.Array, t1: jax.Array, t2: jax.Array, value) -> jax.Array:
 def add(x: jax.Array, other: jax.Array, alpha) -> jax.Array:
     """``x.add(other, alpha=alpha)``: ``x + alpha*other``."""
     return x + scalar(alpha, x) * other
+
+
+def sqrt_nonnegative(x: jax.Array) -> jax.Array:
+    """``sqrt(x)`` for ``x`` that is >= 0 by construction (a sum of squares).
+
+    The same value as ``jnp.sqrt`` (NaN stays NaN, ``sqrt(+-0) = +-0``), but a
+    zero gradient at 0 instead of ``inf * 0 = NaN``, so differentiating
+    through a step (e.g. w.r.t. the learning rate) stays finite when some
+    gradient entries are exactly zero.
+    """
+    positive = x > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), x * 0)

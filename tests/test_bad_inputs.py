@@ -97,7 +97,7 @@ def test_invalid_group_value_is_validated():
 
 
 def test_get_lr_without_optimizer_state():
-    with pytest.raises(ValueError, match="exactly one funcopt optimizer state"):
+    with pytest.raises(ValueError, match="no funcopt optimizer state"):
         fo.get_lr({"nothing": jnp.ones(1)})
 
 

@@ -9,7 +9,7 @@ import pytest
 
 DOCS = pathlib.Path(__file__).parent.parent / "docs"
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.M | re.S)
-RUNNABLE_PAGES = ["porting.md"]
+RUNNABLE_PAGES = ["porting.md", "extending.md"]
 
 
 @pytest.mark.parametrize("page", RUNNABLE_PAGES)

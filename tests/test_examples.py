@@ -28,3 +28,29 @@ def test_digits_side_by_side_float64(tmp_path):
     max_rel = float(re.search(r"max relative loss difference .*: (\S+)", out).group(1))
     assert max_rel < 1e-9
     assert plot.stat().st_size > 0
+
+
+def _run(script, *args):
+    return subprocess.run(
+        [sys.executable, f"examples/{script}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
+def test_hypergradient_example_lowers_validation_loss(tmp_path):
+    plot = tmp_path / "hyper.png"
+    out = _run("hypergradient_lr.py", "--outer-steps", "6", "--plot", str(plot))
+    losses = [float(v) for v in re.findall(r"val loss after \d+ steps (\S+)", out)]
+    assert losses[-1] < losses[0]  # the hypergradient steps improve the lr
+    assert plot.stat().st_size > 0
+
+
+def test_muon_adamw_example_trains(tmp_path):
+    plot = tmp_path / "mix.png"
+    out = _run("muon_adamw_groups.py", "--steps", "60", "--plot", str(plot))
+    losses = [float(v) for v in re.findall(r"loss (\S+)  lr", out)]
+    assert losses[-1] < losses[0]
+    assert plot.stat().st_size > 0

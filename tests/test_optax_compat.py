@@ -88,3 +88,24 @@ def test_update_needs_params():
     opt = fo.sgd()
     with pytest.raises(ValueError, match="needs params"):
         opt.update(GRADS, opt.init(PARAMS))
+
+
+def test_partition_of_two_optimizers_acts_like_groups():
+    params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+    labels = {"w": "muon", "b": "adamw"}
+    opt = optax.partition(
+        {"muon": fo.muon(lr=0.02), "adamw": fo.adamw(lr=1e-3)}, labels
+    )
+    state = opt.init(params)
+    # groups of both optimizers, in the state's flattening order (adamw, muon)
+    assert [float(x) for x in fo.get_lr(state)] == pytest.approx([1e-3, 0.02])
+    state = fo.set_lr(state, [1e-2, 0.5])
+    assert [float(x) for x in fo.get_lr(state)] == pytest.approx([1e-2, 0.5])
+    sched = fo.lr_scheduler.step_lr(step_size=1, gamma=0.5)
+    state, sched_state = sched.init(state)
+    state, sched_state = jax.jit(sched.step)(state, sched_state)
+    assert [float(x) for x in fo.get_lr(state)] == pytest.approx([5e-3, 0.25])
+    updates, state = jax.jit(opt.update)(
+        jax.tree.map(jnp.ones_like, params), state, params
+    )
+    assert jax.tree.map(jnp.shape, updates) == jax.tree.map(jnp.shape, params)

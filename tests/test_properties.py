@@ -101,3 +101,82 @@ def test_zero_lr_leaves_params_unchanged(name, tree, seed):
     grads = jax.tree.map(jnp.asarray, grads_like(tree, seed))
     new_params, _ = jax.jit(opt.step)(params, grads, opt.init(params))
     jax.tree.map(np.testing.assert_array_equal, new_params, params)
+
+
+# ---- every torch.optim optimizer of the parity table (issue 8) ------------
+from tests.parity.cases import OPT_CASES as _ALL_CASES  # noqa: E402
+
+TABLE = {
+    c.name: c for c in _ALL_CASES if c.torch_cls.__module__.startswith("torch.optim")
+}
+# lr=0 moves params anyway: Rprop seeds step_size with lr, then clamps it to
+# step_sizes[0] > 0 (torch does the same)
+ZERO_LR_MOVES = {"rprop"}
+few = settings(
+    max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+@st.composite
+def matrix_trees(draw):
+    """Muon takes 2-D leaves only (zero-size ones too)."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    shapes = st.sampled_from([(2, 3), (4, 4), (0, 3), (1, 5)])
+    tree = {
+        f"k{i}": rng.normal(size=draw(shapes)).astype(np.float32)
+        for i in range(draw(st.integers(0, 2)))
+    }
+    if draw(st.booleans()):
+        tree["empty"] = {}
+    return tree
+
+
+@pytest.mark.parametrize("name", list(TABLE))
+@few
+@given(data=st.data(), seed=st.integers(0, 100))
+def test_every_optimizer_properties(name, data, seed, tmp_path_factory):
+    case = TABLE[name]
+    tree = data.draw(matrix_trees() if name == "muon" else trees())
+    kwargs = case.combos()[-1]
+    opt = case.factory(**kwargs)
+    params = jax.tree.map(jnp.asarray, tree)
+    grads = jax.tree.map(jnp.asarray, grads_like(tree, seed))
+    state = opt.init(params)
+    before = jax.tree.map(np.array, (params, grads, state))
+    step = jax.jit(opt.step)
+    eager = opt.step(params, grads, state)
+    jitted = step(params, grads, state)
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # noqa: E731
+    jax.tree.map(close, eager, jitted)
+    jax.tree.map(np.testing.assert_array_equal, (params, grads, state), before)
+    # k steps == lax.scan of k steps
+    p, s = jitted
+    p, s = step(p, grads, s)
+    scan = jax.jit(
+        lambda c: jax.lax.scan(
+            lambda c, _: (opt.step(c[0], grads, c[1]), None), c, None, length=2
+        )[0]
+    )
+    jax.tree.map(close, (p, s), scan((params, state)))
+    # state: arrays only, round trip through a checkpoint
+    leaves, treedef = jax.tree.flatten(s)
+    assert all(isinstance(x, jax.Array) for x in leaves)
+    path = tmp_path_factory.mktemp("ckpt") / "state.npz"
+    np.savez(path, *[np.asarray(x) for x in leaves])
+    with np.load(path) as f:
+        loaded = treedef.unflatten(
+            [jnp.asarray(f[f"arr_{i}"]) for i in range(len(leaves))]
+        )
+    jax.tree.map(
+        np.testing.assert_array_equal, step(p, grads, loaded), step(p, grads, s)
+    )
+    # zero lr
+    zero = case.factory(**{**kwargs, "lr": 0.0})
+    new, _ = jax.jit(zero.step)(params, grads, zero.init(params))
+    moved = any(
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(params))
+    )
+    assert moved == (
+        name in ZERO_LR_MOVES and any(np.size(x) for x in jax.tree.leaves(params))
+    )

@@ -42,7 +42,9 @@ def test_status_is_true():
             assert not hasattr(fo, ours), f"{ours} exists: update its status"
 
 
-SCHED_ROW = re.compile(r"^\| `(?:swa_utils\.)?(\w+)` \| `(\w+)`[^|]* \| (.+?) \|$", re.M)
+SCHED_ROW = re.compile(
+    r"^\| `(?:swa_utils\.)?(\w+)` \| `(\w+)`[^|]* \| (.+?) \|$", re.M
+)
 
 
 def test_every_torch_scheduler_is_listed_and_exists():

@@ -72,6 +72,7 @@ def adadelta(
     """
     return make_optimizer(
         name="Adadelta",
+        elementwise=True,
         rule=_adadelta_rule,
         init_slots=_adadelta_slots,
         hyperparams={"lr": lr, "rho": rho, "eps": eps, "weight_decay": weight_decay},

@@ -89,6 +89,11 @@ def _adafactor_rule(param, grad, slots, step, hparams, options):
     return add(param, update, -alpha / denom), new_slots
 
 
+def _complex_error(paths, indices):
+    # torch raises this at step(); funcopt at init() and step()
+    return RuntimeError("Adafactor does not support complex parameters")
+
+
 def adafactor(
     lr: float = 1e-2,
     beta2_decay: float = -0.8,
@@ -136,7 +141,7 @@ def adafactor(
     ``fo.set_hparam(state, "eps", (float("nan"), 1e-3))`` sets it back.
 
     ``foreach`` is accepted and ignored. Complex parameters raise
-    ``TypeError`` at ``init`` (torch raises ``RuntimeError`` at ``step``).
+    torch's ``RuntimeError`` at ``init`` and ``step`` (torch: at ``step``).
     """
     group = dict(
         lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay
@@ -165,6 +170,7 @@ def adafactor(
         options={"maximize": maximize},
         param_groups=param_groups,
         supports_complex=False,
+        complex_error=_complex_error,
         extra_defaults={"foreach": foreach},
     )
     opt.defaults = {**opt.defaults, "eps": eps}

@@ -85,6 +85,7 @@ def adagrad(
     """
     opt = make_optimizer(
         name="Adagrad",
+        elementwise=True,
         rule=_adagrad_rule,
         init_slots=_adagrad_slots(initial_accumulator_value),
         hyperparams={

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
-from .._math import addcdiv, lerp, scalar
+from .._math import addcdiv, lerp, scalar, sqrt_nonnegative
 from ._common import (
     apply_maximize,
     coupled_weight_decay,
@@ -56,7 +56,9 @@ def _adam_rule(param, grad, slots, step, hparams, options):
         new_slots["max_exp_avg_sq"] = second
     else:
         second = exp_avg_sq
-    denom = jnp.sqrt(second) / scalar(bias_correction2_sqrt, param) + scalar(eps, param)
+    denom = sqrt_nonnegative(second) / scalar(bias_correction2_sqrt, param) + scalar(
+        eps, param
+    )
     return addcdiv(param, exp_avg, denom, -step_size), new_slots
 
 
@@ -162,6 +164,7 @@ def adamw(
 def _adam_family(name, hyperparams, options, extra_defaults, param_groups):
     return make_optimizer(
         name=name,
+        elementwise=True,
         rule=_adam_rule,
         init_slots=_adam_slots,
         hyperparams=hyperparams,

@@ -71,6 +71,7 @@ def adamax(
     """
     return make_optimizer(
         name="Adamax",
+        elementwise=True,
         rule=_adamax_rule,
         init_slots=_adamax_slots,
         hyperparams={

@@ -87,6 +87,7 @@ def asgd(
     """
     return make_optimizer(
         name="ASGD",
+        elementwise=True,
         rule=_asgd_rule,
         init_slots=_asgd_slots,
         hyperparams={

@@ -110,6 +110,11 @@ def _muon_rule(param, grad, slots, step, hparams, options):
     return param, {"momentum_buffer": buf}
 
 
+def _complex_error(paths, indices):
+    # torch raises this at step(); funcopt at init() and step()
+    return RuntimeError("Muon does not support complex parameters")
+
+
 def muon(
     lr: float = 1e-3,
     weight_decay: float = 0.1,
@@ -149,7 +154,7 @@ def muon(
     otherwise (torch raises it at construction). Torch checks ``ns_steps <
     100`` and the number of coefficients at the first step; funcopt raises
     the same ``ValueError`` when the optimizer is made. Complex parameters
-    raise ``TypeError`` (torch: ``RuntimeError`` at ``step``).
+    raise torch's ``RuntimeError`` (at ``init`` and ``step``; torch: at ``step``).
 
     State: ``momentum_buffer`` per parameter; torch keeps no step count (the
     core's ``state.step`` still counts).
@@ -173,5 +178,6 @@ def muon(
         validate=_validate_muon,
         param_groups=param_groups,
         supports_complex=False,
+        complex_error=_complex_error,
     )
     return opt

@@ -108,6 +108,7 @@ def nadam(
     """
     return make_optimizer(
         name="NAdam",
+        elementwise=True,
         rule=_nadam_rule,
         init_slots=_nadam_slots,
         hyperparams={

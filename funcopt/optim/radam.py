@@ -106,6 +106,7 @@ def radam(
     """
     return make_optimizer(
         name="RAdam",
+        elementwise=True,
         rule=_radam_rule,
         init_slots=_radam_slots,
         hyperparams={

@@ -95,6 +95,7 @@ def rmsprop(
     """
     return make_optimizer(
         name="RMSprop",
+        elementwise=True,
         rule=_rmsprop_rule,
         init_slots=_rmsprop_slots,
         hyperparams={

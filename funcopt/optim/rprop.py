@@ -85,6 +85,7 @@ def rprop(
     """
     return make_optimizer(
         name="Rprop",
+        elementwise=True,
         rule=_rprop_rule,
         init_slots=_rprop_slots,
         hyperparams={"lr": lr, "etas": etas, "step_sizes": step_sizes},

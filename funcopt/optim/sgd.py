@@ -90,6 +90,7 @@ def sgd(
     )
     return make_optimizer(
         name="SGD",
+        elementwise=True,
         rule=_sgd_rule,
         init_slots=_sgd_slots,
         hyperparams={

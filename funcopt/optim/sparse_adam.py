@@ -57,6 +57,14 @@ def _sparse_adam_rule(param, grad, slots, step, hparams, options):
     return param, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 
 
+def _complex_error(paths, indices):
+    # torch raises this at construction; funcopt at init() and step()
+    return ValueError(
+        f"Complex params at indices {indices}: SparseAdam does not support complex "
+        "parameters"
+    )
+
+
 def sparse_adam(
     lr: float = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),
@@ -98,8 +106,8 @@ def sparse_adam(
     a jitted step from recompiling.
 
     State: ``exp_avg``, ``exp_avg_sq`` (dense); the step count is
-    ``state.step``. Complex parameters raise ``TypeError`` (torch:
-    ``ValueError`` at construction).
+    ``state.step``. Complex parameters raise
+    torch's ``ValueError`` (at ``init``; torch: at construction).
     """
     return make_optimizer(
         name="SparseAdam",
@@ -110,5 +118,6 @@ def sparse_adam(
         validate=_validate_sparse_adam,
         param_groups=param_groups,
         supports_complex=False,
+        complex_error=_complex_error,
         sparse_grads=True,
     )

@@ -9,7 +9,7 @@ Families live in ``cases_*.py`` beside this file.
 import torch
 
 import funcopt as fo
-from tests.parity import cases_adaptive, cases_misc
+from tests.parity import cases_adaptive, cases_ecosystem, cases_misc
 from tests.torch_ref import ErrorCase, OptCase
 
 CORE_CASES = [
@@ -84,10 +84,21 @@ CORE_ERRORS = [
     ]
 ]
 
-OPT_CASES = CORE_CASES + cases_adaptive.CASES + cases_misc.CASES
-ERROR_CASES = CORE_ERRORS + cases_adaptive.ERRORS + cases_misc.ERRORS
+OPT_CASES = CORE_CASES + cases_adaptive.CASES + cases_misc.CASES + cases_ecosystem.CASES
+ERROR_CASES = (
+    CORE_ERRORS + cases_adaptive.ERRORS + cases_misc.ERRORS + cases_ecosystem.ERRORS
+)
 
 OPT_PARAMS = [p for case in OPT_CASES for p in case.params()]
 # Eager (no-jit) runs are slow; one combination per optimizer, all flags on.
 OPT_PARAMS_EAGER = [case.params()[-1] for case in OPT_CASES]
+# float64 runs prove the formula for every combination; float32 runs prove the
+# dtype handling, for which every other combination (and the all-flags one) is
+# enough
+OPT_PARAMS_F32 = [
+    p
+    for case in OPT_CASES
+    for i, p in enumerate(case.params())
+    if i % 2 == 0 or i == len(case.params()) - 1
+]
 ERROR_PARAMS = [case.param() for case in ERROR_CASES]

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.parity.cases import OPT_PARAMS, OPT_PARAMS_EAGER
+from tests.parity.cases import OPT_PARAMS, OPT_PARAMS_EAGER, OPT_PARAMS_F32
 from tests.torch_ref import (
     assert_close,
     make_grads,
@@ -46,13 +46,14 @@ def _compare(case, kwargs, dtype, jit, with_none, rtol, atol, seed=0):
             np.testing.assert_array_equal(new, old)
 
 
-@pytest.mark.parametrize("with_none", [False, True], ids=["all-grads", "none-grads"])
+# the None-gradient pattern also has steps where every leaf has a gradient
+@pytest.mark.parametrize("with_none", [True], ids=["none-grads"])
 @pytest.mark.parametrize("case,kwargs", OPT_PARAMS)
 def test_float64_parity(case, kwargs, with_none, x64):
     _compare(case, kwargs, np.float64, True, with_none, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("case,kwargs", OPT_PARAMS)
+@pytest.mark.parametrize("case,kwargs", OPT_PARAMS_F32)
 def test_float32_parity(case, kwargs):
     assert not jax.config.jax_enable_x64
     _compare(

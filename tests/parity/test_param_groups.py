@@ -4,7 +4,9 @@ Each ``OptCase`` is split into two groups, ``"default"`` (the optimizer's own
 arguments) and ``"g1"``, which differs in ``lr`` *and* in every other argument
 where the case's first and last flag combinations differ (weight decay,
 momentum, amsgrad, ...). torch gets the same two groups as
-``[{"params": default_leaves}, {"params": g1_leaves, **overrides}]``. An
+``[{"params": default_leaves}, {"params": g1_leaves, **overrides}]``. A
+``SharedLrCase`` (Prodigy) keeps the lrs equal and sets g1's lr to 0 mid run
+instead: its reference allows no other lr per group. An
 optimizer that torch refuses to group (LBFGS) must refuse with torch's error.
 """
 
@@ -50,6 +52,9 @@ def two_groups(case):
                 overrides[k] = (not value) if isinstance(value, bool) else 0.05
                 break
     assert overrides, f"{case.name}: no second hyperparameter to vary per group"
+    if getattr(case, "shared_group_lr", False):
+        # the reference refuses different nonzero group lrs (SharedLrCase)
+        return base, overrides
     lr = base.get("lr", inspect.signature(case.factory).parameters["lr"].default)
     overrides["lr"] = lr * 0.37
     return base, overrides
@@ -107,7 +112,10 @@ def test_two_groups_parity(case, x64):
     for t, grads in enumerate(grads_seq):
         if t == SET_LR_AT:  # param_groups[i]["lr"] = x mid-run
             new_lrs = [0.5 * lr for lr in torch_lrs(topt)]
-            new_lrs[1] = 1.7 * new_lrs[1]
+            if getattr(case, "shared_group_lr", False):
+                new_lrs[1] = 0.0  # the only other lr such a reference allows
+            else:
+                new_lrs[1] = 1.7 * new_lrs[1]
             for g, lr in zip(topt.param_groups, new_lrs):
                 g["lr"] = lr
             state = fo.set_lr(state, new_lrs)

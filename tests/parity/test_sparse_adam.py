@@ -101,7 +101,7 @@ def _compare(dtype, jit, maximize, rtol, atol, seed=0):
     params = _params(rng, dtype)
     # eager runs take unpadded BCOOs (a new nse each step); each shape compiles
     # its own eager kernels, so they run fewer steps
-    seq = _gradients(rng, params, dtype, pad=jit)[: None if jit else 10]
+    seq = _gradients(rng, params, dtype, pad=jit)[: None if jit else 6]
     kwargs = dict(lr=0.05, betas=(0.8, 0.95), eps=1e-6, maximize=maximize)
 
     names = ["bias", "emb", "mat"]  # jax.tree.leaves order, trainable only

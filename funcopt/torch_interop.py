@@ -1,0 +1,995 @@
+"""PyTorch interop: ``optimizer.state_dict()``, scheduler states and module weights.
+
+Needs the ``torch`` extra; torch is imported inside the functions only, so
+``import funcopt`` never imports it. Import this module explicitly::
+
+    import funcopt.torch_interop as fti
+
+    sd = fti.state_dict(opt, state, params)          # -> torch_opt.load_state_dict(sd)
+    state = fti.load_state_dict(opt, params, torch_opt.state_dict())
+    ssd = fti.scheduler_state_dict(sched, sched_state, state)
+    sched_state = fti.load_scheduler_state_dict(sched, state, torch_sched.state_dict(),
+                                                torch_opt.state_dict())
+
+**Parameter order (torch's integer ids).** Torch numbers parameters 0, 1, ...
+walking ``optimizer.param_groups`` in order and each group's ``params`` in
+order. funcopt's order is: groups in :func:`funcopt.get_lr` order (the
+``"default"`` group first, then the ``param_groups`` overrides in dict
+order); within a group, the *trainable* (floating-point) leaves of
+``jax.tree.leaves(params)`` in that order (dict keys sorted, as JAX flattens
+them). :func:`param_names` lists those leaves as dotted names, so the
+matching torch optimizer is ``torch.optim.X([model.get_parameter(n) for n in
+param_names(params)], ...)`` (one group) -- see :func:`torch_param_groups`.
+
+**State.** Exported entries follow torch's lazy creation: a parameter has an
+entry once it has had a gradient (``state.step > 0``); Adagrad's state is
+eager (every parameter, ``step = 0`` included); SGD keeps only
+``momentum_buffer``, and only in groups built with ``momentum != 0``.
+``step`` is a 0-dim tensor of torch's scalar dtype (float32, float64 under a
+float64 default dtype), a Python ``int`` for SparseAdam; SGD and Muon keep
+none. NAdam's ``mu_product`` and ASGD's ``eta``/``mu`` are 0-dim float32
+tensors; buffers have the parameter's dtype and shape (Adafactor's
+``row_var``/``col_var`` torch's keepdim shapes). Entries are listed in id
+order (torch lists them in creation order; ``load_state_dict`` does not care).
+
+**Hyperparameters.** Every key of torch's ``param_groups`` is written,
+``foreach``/``fused``/``capturable``/``differentiable`` included, with the
+*current* values held in the state (so a scheduler's lr is exported). A
+value equal to the optimizer's Python argument after rounding to the state's
+dtype is written as that Python value (float32 states do not perturb
+``lr=0.1``). Scheduler-added keys (``initial_lr``, ``max_lr``, ``min_lr``,
+``max_momentum``, ``base_momentum``, ``swa_lr``) are added when
+``state_dict`` gets the scheduler and its state.
+
+On import, numeric hyperparameters come from the torch groups, as torch's
+``load_state_dict`` takes them; static options (``maximize``, ``amsgrad``,
+``nesterov``, ``centered``, ``decoupled_weight_decay``, LBFGS's
+``max_iter``/``history_size``/...) select code paths in funcopt and must equal
+the funcopt optimizer's, else ``ValueError`` names the key and both values.
+Torch-only switches (``foreach``, ...) and scheduler keys are ignored.
+SGD and Muon keep no step count in torch; an imported parameter with state
+gets ``step = 1`` (funcopt only tests "has a buffer"), without state 0.
+
+**Module weights.** :func:`module_state_dict_to_params` turns
+``model.state_dict()`` (or ``dict(model.named_parameters())``) into nested
+dicts split at the dots: ``"encoder.0.weight"`` becomes
+``params["encoder"]["0"]["weight"]`` (every key a string, list indices
+too). Arrays keep torch's layout: ``nn.Linear``'s ``weight`` is ``(out,
+in)``, so the JAX forward pass is ``x @ w.T + b``. Transposing to JAX's
+``(in, out)`` convention is the user's choice; keep torch's layout when
+matching torch, since Muon's shape scale and Adafactor's row/column factors
+depend on it. :func:`params_to_module_state_dict` is the inverse (any pytree;
+its key path joined with dots). Buffers (``running_mean``,
+``num_batches_tracked``) come along with ``state_dict()``; float buffers are
+then trainable leaves for funcopt, so pass ``named_parameters()`` to build
+the tree an optimizer sees.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _groups
+from ._tree import is_trainable
+
+# the keys schedulers add to torch's param_groups
+SCHEDULER_GROUP_KEYS = (
+    "initial_lr",
+    "max_lr",
+    "min_lr",
+    "max_momentum",
+    "base_momentum",
+    "swa_lr",
+)
+_NO_STEP = ("SGD", "Muon")  # torch keeps no per-parameter step
+_EAGER = ("Adagrad",)  # state exists from construction
+_FLOAT32_SCALARS = ("mu_product", "eta", "mu")  # 0-dim float32 tensors in torch
+_TORCH_ONLY = ("foreach", "fused", "capturable", "differentiable")
+_LBFGS_STATIC = ("max_iter", "max_eval", "history_size", "line_search_fn")
+
+
+# --------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - torch is a test dependency
+        raise ImportError(
+            "funcopt.torch_interop needs PyTorch: pip install 'funcopt[torch]'"
+        ) from e
+    return torch
+
+
+def _scalar_dtype():
+    """torch's ``_get_scalar_dtype()``: the dtype of ``state["step"]``."""
+    torch = _torch()
+    if torch.get_default_dtype() == torch.float64:
+        return torch.float64
+    return torch.float32
+
+
+def _to_tensor(x: Any):
+    torch = _torch()
+    return torch.from_numpy(np.array(x, copy=True))
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    torch = _torch()
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().resolve_conj().numpy()
+    return np.asarray(x)
+
+
+def _as_float(x: Any) -> float:
+    return float(_to_numpy(x))
+
+
+def _key_name(k: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def param_names(params: Any) -> list[str]:
+    """Dotted names of the trainable leaves of ``params``, in funcopt's (and
+    the exported state dict's) parameter order within one group."""
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if is_trainable(leaf):
+            out.append(".".join(_key_name(k) for k in path))
+    return out
+
+
+def torch_param_groups(opt: Any, params: Any, module: Any) -> list[dict[str, Any]]:
+    """torch ``param_groups`` for ``module`` that match funcopt's ids:
+    ``[{"params": [module.get_parameter(name), ...]}, ...]`` in group order,
+    with each group's overrides (so ``torch.optim.X(groups, **defaults)``
+    builds the equivalent torch optimizer)."""
+    names = param_names(params)
+    layout = _layout(opt, params)
+    groups = []
+    for g, gname in enumerate(layout.names):
+        members = [names[layout.trainable.index(i)] for i in layout.members[g]]
+        overrides = {}
+        if opt.param_groups is not None:
+            overrides = dict(opt.param_groups.overrides.get(gname, {}))
+        groups.append(
+            {"params": [module.get_parameter(n) for n in members], **overrides}
+        )
+    return groups
+
+
+class _Layout:
+    """Groups and torch ids of the trainable leaves of ``params``."""
+
+    def __init__(self, definition_groups, params):
+        self.leaves, self.treedef = jax.tree.flatten(params)
+        self.names, self.group_of = _groups.resolve(definition_groups, params)
+        self.trainable = [i for i, p in enumerate(self.leaves) if is_trainable(p)]
+        self.members = [
+            [i for i in self.trainable if self.group_of[i] == g]
+            for g in range(len(self.names))
+        ]
+        self.id_of = {}
+        for group in self.members:
+            for i in group:
+                self.id_of[i] = len(self.id_of)
+        self.paths = [
+            jax.tree_util.keystr(p)
+            for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+        ]
+
+
+def _layout(opt, params) -> _Layout:
+    return _Layout(opt.param_groups, params)
+
+
+def _py_value(value: np.ndarray, config: Any) -> Any:
+    """A hyperparameter from the state as a Python value (``config`` when it
+    rounds to the same value: keeps ``0.1`` exact in float32 states)."""
+    value = np.asarray(value)
+    if config is not None:
+        try:
+            cfg = np.asarray(
+                [math.nan if c is None else c for c in config]
+                if isinstance(config, (tuple, list))
+                else config,
+                dtype=value.dtype,
+            )
+            if cfg.shape == value.shape and np.array_equal(cfg, value, equal_nan=True):
+                return config
+        except (TypeError, ValueError):
+            pass
+    if value.ndim == 0:
+        return float(value)
+    return tuple(float(v) for v in value)
+
+
+def _decode_adafactor_eps(value: Any) -> Any:
+    if isinstance(value, tuple) and value and value[0] is not None:
+        if isinstance(value[0], float) and math.isnan(value[0]):
+            return (None, *value[1:])
+    return value
+
+
+def _encode(value: Any) -> Any:
+    """A torch group value as what funcopt's hparams hold (None -> NaN)."""
+    if isinstance(value, (tuple, list)):
+        return [math.nan if v is None else _as_float(v) for v in value]
+    return _as_float(value)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    return a == b
+
+
+def _torch_keys(cls) -> set[str]:
+    """The param_group keys of a torch optimizer class (its arguments)."""
+    sig = inspect.signature(cls.__init__)
+    keys = {k for k in sig.parameters if k not in ("self", "params")}
+    if cls.__name__ == "AdamW":
+        keys.add("decoupled_weight_decay")
+    return keys
+
+
+def _guess_torch_class(keys: set[str]) -> str | None:
+    torch = _torch()
+    best, score = None, 0.0
+    for name in dir(torch.optim):
+        cls = getattr(torch.optim, name)
+        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+            continue
+        if cls is torch.optim.Optimizer:
+            continue
+        ref = _torch_keys(cls)
+        jaccard = len(ref & keys) / max(1, len(ref | keys))
+        if jaccard > score:
+            best, score = name, jaccard
+    return best if score > 0.5 else None
+
+
+def _check_groups(opt_name: str, expected: set[str], groups: list) -> None:
+    for g, group in enumerate(groups):
+        got = set(group) - {"params", "param_names", *SCHEDULER_GROUP_KEYS}
+        if got == expected:
+            continue
+        guess = _guess_torch_class(got)
+        origin = f" (it looks like torch.optim.{guess}'s)" if guess else ""
+        raise ValueError(
+            f"this state dict is not a torch.optim.{opt_name} state dict{origin}: "
+            f"param_groups[{g}] is missing {sorted(expected - got)} and has "
+            f"unexpected keys {sorted(got - expected)}"
+        )
+
+
+def _check_group_sizes(layout: _Layout, groups: list) -> None:
+    n_torch = sum(len(g["params"]) for g in groups)
+    if len(groups) != len(layout.names):
+        raise ValueError(
+            f"the torch state dict has {len(groups)} parameter groups, the funcopt "
+            f"optimizer {len(layout.names)} ({layout.names})"
+        )
+    if n_torch != len(layout.trainable):
+        raise ValueError(
+            f"the torch state dict has {n_torch} parameters, params has "
+            f"{len(layout.trainable)} trainable leaves"
+        )
+    for g, (group, members) in enumerate(zip(groups, layout.members)):
+        if len(group["params"]) != len(members):
+            raise ValueError(
+                f"param_groups[{g}] has {len(group['params'])} parameters in the "
+                f"torch state dict, {len(members)} in funcopt's group "
+                f"{layout.names[g]!r}"
+            )
+
+
+def _state_entry(states: Mapping, pid: Any) -> Any:
+    if pid in states:
+        return states[pid]
+    if str(pid) in states:  # after a JSON round trip
+        return states[str(pid)]
+    return None
+
+
+# --------------------------------------------------------------------------
+# scheduler keys in param_groups
+# --------------------------------------------------------------------------
+
+
+def _children(sched, s):
+    return list(zip(sched.schedulers, s.schedulers))
+
+
+def _scheduler_group_keys(sched: Any, s: Any) -> dict[str, np.ndarray]:
+    """The keys torch's schedulers write into param_groups, per group."""
+    keys: dict[str, np.ndarray] = {}
+
+    def visit(sched, s):
+        name = sched.name
+        if name in ("ChainedScheduler", "SequentialLR"):
+            for c, cs in _children(sched, s):
+                visit(c, cs)
+            return
+        if name == "ReduceLROnPlateau":
+            return
+        if name == "OneCycleLR":
+            keys["initial_lr"] = np.asarray(s.initial_lrs)  # overwritten
+            keys["max_lr"] = np.asarray(s.max_lrs)
+            keys["min_lr"] = np.asarray(s.min_lrs)
+        else:
+            keys.setdefault("initial_lr", np.asarray(s.base_lrs))
+        if name in ("CyclicLR", "OneCycleLR") and sched.cycle_momentum:
+            keys["max_momentum"] = np.asarray(s.max_momentums)
+            keys["base_momentum"] = np.asarray(s.base_momentums)
+        if name == "SWALR":
+            keys["swa_lr"] = np.asarray(s.swa_lrs)
+
+    visit(sched, s)
+    return keys
+
+
+# --------------------------------------------------------------------------
+# optimizers: export
+# --------------------------------------------------------------------------
+
+
+def state_dict(
+    opt: Any,
+    state: Any,
+    params: Any,
+    *,
+    sched: Any = None,
+    sched_state: Any = None,
+) -> dict[str, Any]:
+    """``torch_optimizer.state_dict()`` of the equivalent torch optimizer.
+
+    Args:
+      opt: the funcopt optimizer (``fo.adam(...)``, ``fo.lbfgs(...)``, ...).
+      state: its state (``OptState`` / ``LBFGSState``).
+      params: the parameters the state belongs to (for the ids and groups).
+      sched: optionally a funcopt scheduler (with ``sched_state``): the keys
+        torch's schedulers add to ``param_groups`` (``initial_lr``, ...) are
+        written too, so a torch scheduler can resume with ``last_epoch >= 0``
+        or through its own ``load_state_dict``.
+      sched_state: the state of ``sched``.
+
+    Returns ``{"state": {id: {...}}, "param_groups": [...]}`` with torch
+    tensors, accepted by ``torch_optimizer.load_state_dict`` (module doc).
+    """
+    if opt.name == "LBFGS":
+        out = _lbfgs_state_dict(opt, state, params)
+    else:
+        out = _state_dict(opt, state, params)
+    if sched is not None:
+        for key, values in _scheduler_group_keys(sched, sched_state).items():
+            for g, group in enumerate(out["param_groups"]):
+                group[key] = float(values[g])
+    return out
+
+
+def _state_dict(opt, state, params):
+    torch = _torch()
+    definition = opt.definition
+    layout = _layout(opt, params)
+    if set(state.hparams) != set(definition.hyperparams):
+        raise ValueError(
+            f"this state was made by another optimizer: it holds hyperparameters "
+            f"{sorted(state.hparams)}, {opt.name} has {sorted(definition.hyperparams)}"
+        )
+    if state.step.shape != (len(layout.leaves),):
+        raise ValueError(
+            f"this state was made for a param tree with {state.step.shape[0]} "
+            f"leaves; params have {len(layout.leaves)}"
+        )
+    param_groups = []
+    for g, gname in enumerate(layout.names):
+        values = definition.group_values(gname)
+        group = {k: v for k, v in opt.defaults.items()}
+        group.update({k: v for k, v in values.items() if k in definition.options})
+        for k in definition.hyperparams:
+            group[k] = _py_value(np.asarray(state.hparams[k][g]), values[k])
+        if opt.name == "Adafactor":
+            group["eps"] = _decode_adafactor_eps(tuple(group["eps"]))
+        group["params"] = [layout.id_of[i] for i in layout.members[g]]
+        param_groups.append(group)
+
+    steps = np.asarray(state.step)
+    slots = {k: layout.treedef.flatten_up_to(t) for k, t in state.slots.items()}
+    out_state = {}
+    for group in layout.members:
+        for i in group:
+            has = steps[i] > 0 or opt.name in _EAGER
+            own = {k: v[i] for k, v in slots.items() if v[i] is not None}
+            if opt.name in _NO_STEP and not own:
+                has = False
+            if not has:
+                continue
+            entry = {}
+            if opt.name == "SparseAdam":
+                entry["step"] = int(steps[i])
+            elif opt.name not in _NO_STEP:
+                entry["step"] = torch.tensor(float(steps[i]), dtype=_scalar_dtype())
+            for k, v in own.items():
+                entry[k] = _to_tensor(v)
+            out_state[layout.id_of[i]] = entry
+    return {"state": out_state, "param_groups": param_groups}
+
+
+# --------------------------------------------------------------------------
+# optimizers: import
+# --------------------------------------------------------------------------
+
+
+def load_state_dict(opt: Any, params: Any, torch_state_dict: Mapping) -> Any:
+    """A funcopt state from ``torch_optimizer.state_dict()``.
+
+    The torch optimizer must be the equivalent of ``opt`` on ``params``: the
+    same class, the same number of groups with the same sizes (module doc
+    for the order), the same static options. Hyperparameters (``lr``, ...)
+    come from the state dict, as torch's ``load_state_dict`` takes them.
+    Buffers are cast to the parameter's dtype (torch does the same) and must
+    have its shape. Raises ``ValueError`` naming what differs.
+    """
+    sd = torch_state_dict
+    if not isinstance(sd, Mapping) or "param_groups" not in sd or "state" not in sd:
+        raise TypeError(
+            "expected torch_optimizer.state_dict(): a dict with 'state' and "
+            f"'param_groups', got {type(sd).__name__}"
+        )
+    if opt.name == "LBFGS":
+        return _lbfgs_load(opt, params, sd)
+    definition = opt.definition
+    groups = list(sd["param_groups"])
+    _check_groups(opt.name, set(opt.defaults), groups)
+    layout = _layout(opt, params)
+    _check_group_sizes(layout, groups)
+    state0 = opt.init(params)
+
+    hparams = {}
+    for g, (group, gname) in enumerate(zip(groups, layout.names)):
+        values = definition.group_values(gname)
+        for k in definition.options:
+            if not _same(group[k], values[k]):
+                raise ValueError(
+                    f"param_groups[{g}][{k!r}] is {group[k]!r} in the torch state "
+                    f"dict and {values[k]!r} in the funcopt optimizer; static "
+                    f"options must match (build funcopt.{opt.name.lower()} with "
+                    f"{k}={group[k]!r})"
+                )
+    for k, old in state0.hparams.items():
+        rows = [np.asarray(_encode(group[k]), np.float64) for group in groups]
+        new = np.stack(rows).reshape(old.shape)
+        hparams[k] = jnp.asarray(new, dtype=old.dtype)
+
+    torch_ids = [pid for group in groups for pid in group["params"]]
+    steps = np.zeros(len(layout.leaves), np.int32)
+    slots = {k: list(layout.treedef.flatten_up_to(t)) for k, t in state0.slots.items()}
+    for i, pid in layout.id_of.items():
+        entry = _state_entry(sd["state"], torch_ids[pid])
+        if not entry:
+            continue
+        own = [k for k in slots if slots[k][i] is not None]
+        allowed = set(own) | ({"step"} if opt.name not in _NO_STEP else set())
+        unknown = sorted(set(entry) - allowed)
+        missing = sorted(set(own) - set(entry))
+        where = f"parameter {pid} (params{layout.paths[i]})"
+        if unknown or (missing and opt.name not in _NO_STEP):
+            raise ValueError(
+                f"{where}: the torch state has keys {sorted(entry)}; this "
+                f"funcopt.{opt.name.lower()} keeps {sorted(allowed)} for it "
+                f"(missing {missing}, unexpected {unknown})"
+            )
+        if opt.name in _NO_STEP:
+            steps[i] = 1 if entry else 0
+        else:
+            steps[i] = int(round(_as_float(entry["step"])))
+        for k in own:
+            if k not in entry:
+                continue
+            ref = slots[k][i]
+            value = _to_numpy(entry[k])
+            if tuple(value.shape) != tuple(ref.shape):
+                raise ValueError(
+                    f"{where}: {k!r} has shape {tuple(value.shape)} in the torch "
+                    f"state dict, funcopt expects {tuple(ref.shape)}"
+                )
+            slots[k][i] = jnp.asarray(value.astype(ref.dtype))
+    return state0._replace(
+        step=jnp.asarray(steps),
+        hparams=hparams,
+        slots={k: layout.treedef.unflatten(v) for k, v in slots.items()},
+    )
+
+
+# --------------------------------------------------------------------------
+# LBFGS
+# --------------------------------------------------------------------------
+
+
+def _lbfgs_state_dict(opt, state, params):
+    torch = _torch()
+    layout = _Layout(opt.param_groups, params)
+    group = dict(opt.defaults)
+    if opt.param_groups is not None:
+        group.update(opt.param_groups.overrides.get(layout.names[0], {}))
+    for k, v in state.hparams.items():
+        group[k] = _py_value(np.asarray(v[0]), group[k])
+    group["params"] = list(range(len(layout.trainable)))
+    out_state = {}
+    func_evals, n_iter = int(state.func_evals), int(state.n_iter)
+    if func_evals > 0 and layout.trainable:
+        entry: dict[str, Any] = {"func_evals": func_evals, "n_iter": n_iter}
+        if n_iter > 0:
+            h = state.old_dirs.shape[0]
+            count, start = int(state.history_count), int(state.history_start)
+            rows = [(start + j) % h for j in range(count)]
+            old_dirs, old_stps = np.asarray(state.old_dirs), np.asarray(state.old_stps)
+            ro = np.asarray(state.ro)
+            entry.update(
+                d=_to_tensor(state.d),
+                t=float(state.t),
+                old_dirs=[_to_tensor(old_dirs[r]) for r in rows],
+                old_stps=[_to_tensor(old_stps[r]) for r in rows],
+                ro=[_to_tensor(ro[r]) for r in rows],
+                H_diag=_to_tensor(state.H_diag),
+                prev_flat_grad=_to_tensor(state.prev_flat_grad),
+                prev_loss=float(state.prev_loss),
+            )
+        out_state[0] = entry
+    del torch
+    return {"state": out_state, "param_groups": [group]}
+
+
+def _lbfgs_load(opt, params, sd):
+    groups = list(sd["param_groups"])
+    _check_groups("LBFGS", set(opt.defaults), groups)
+    layout = _Layout(opt.param_groups, params)
+    _check_group_sizes(layout, groups)
+    state0 = opt.init(params)
+    group = groups[0]
+    ours = dict(opt.defaults)
+    if opt.param_groups is not None:
+        ours.update(opt.param_groups.overrides.get(layout.names[0], {}))
+    for k in _LBFGS_STATIC:
+        if not _same(group[k], ours[k]):
+            raise ValueError(
+                f"param_groups[0][{k!r}] is {group[k]!r} in the torch state dict "
+                f"and {ours[k]!r} in the funcopt optimizer; they must match "
+                f"(build funcopt.lbfgs with {k}={group[k]!r})"
+            )
+    hparams = {
+        k: jnp.asarray([_as_float(group[k])], dtype=v.dtype)
+        for k, v in state0.hparams.items()
+    }
+    state = state0._replace(hparams=hparams)
+    entry = _state_entry(sd["state"], group["params"][0]) if group["params"] else None
+    if not entry:
+        return state
+    vdt = state0.d.dtype
+    n = state0.d.shape[0]
+    h = state0.old_dirs.shape[0]
+
+    def vec(x, what):
+        v = _to_numpy(x).astype(vdt).reshape(-1)
+        if v.shape != (n,):
+            raise ValueError(
+                f"LBFGS state {what!r} has {v.size} entries in the torch state "
+                f"dict; the flat vector of params has {n}"
+            )
+        return v
+
+    state = state._replace(
+        func_evals=jnp.asarray(int(entry.get("func_evals", 0)), jnp.int32),
+        n_iter=jnp.asarray(int(entry.get("n_iter", 0)), jnp.int32),
+    )
+    if entry.get("d") is None:
+        return state
+    old_dirs = list(entry.get("old_dirs") or [])
+    old_stps = list(entry.get("old_stps") or [])
+    ro = list(entry.get("ro") or [])
+    if len(old_dirs) > h:
+        raise ValueError(
+            f"the torch LBFGS history holds {len(old_dirs)} pairs; history_size is {h}"
+        )
+    dirs = np.zeros((h, n), vdt)
+    stps = np.zeros((h, n), vdt)
+    ros = np.zeros((h,), vdt)
+    for j, (y, s, r) in enumerate(zip(old_dirs, old_stps, ro)):
+        dirs[j], stps[j], ros[j] = vec(y, "old_dirs"), vec(s, "old_stps"), _as_float(r)
+    prev = entry.get("prev_flat_grad")
+    sdt = state0.t.dtype
+    return state._replace(
+        d=jnp.asarray(vec(entry["d"], "d")),
+        t=jnp.asarray(_as_float(entry.get("t", 0.0)), sdt),
+        prev_flat_grad=jnp.asarray(
+            np.zeros(n, vdt) if prev is None else vec(prev, "prev_flat_grad")
+        ),
+        prev_loss=jnp.asarray(_as_float(entry.get("prev_loss", 0.0)), sdt),
+        H_diag=jnp.asarray(_as_float(entry.get("H_diag", 1.0)), vdt),
+        old_dirs=jnp.asarray(dirs),
+        old_stps=jnp.asarray(stps),
+        ro=jnp.asarray(ros),
+        history_count=jnp.asarray(len(old_dirs), jnp.int32),
+        history_start=jnp.asarray(0, jnp.int32),
+    )
+
+
+# --------------------------------------------------------------------------
+# schedulers
+# --------------------------------------------------------------------------
+
+# funcopt attribute -> torch state_dict key, per scheduler: the configuration
+# torch keeps in its state_dict (compared on import, written on export)
+_CONFIG = {
+    "StepLR": ("step_size", "gamma"),
+    "MultiStepLR": ("milestones", "gamma"),
+    "ConstantLR": ("factor", "total_iters"),
+    "LinearLR": ("start_factor", "end_factor", "total_iters"),
+    "ExponentialLR": ("gamma",),
+    "PolynomialLR": ("total_iters", "power"),
+    "CosineAnnealingLR": ("T_max", "eta_min"),
+    "CosineAnnealingWarmRestarts": ("T_0", "T_mult", "eta_min"),
+    "CyclicLR": ("total_size", "step_ratio", "mode", "gamma", "scale_mode"),
+    "OneCycleLR": ("total_steps",),
+    "SWALR": ("anneal_epochs",),
+    "ReduceLROnPlateau": (
+        "mode",
+        "factor",
+        "patience",
+        "threshold",
+        "threshold_mode",
+        "cooldown",
+        "eps",
+    ),
+}
+_PHASE_KEYS = {
+    "initial": "initial_lr",
+    "max": "max_lr",
+    "min": "min_lr",
+    "max_m": "max_momentum",
+    "base_m": "base_momentum",
+}
+
+
+# keys a torch scheduler may hold besides what funcopt exports
+_BENIGN_KEYS = {
+    "use_beta1",
+    "base_momentums",
+    "max_momentums",
+    "_scale_fn_custom",
+    "_scale_fn_ref",
+    "lr_lambdas",
+    "default_min_lr",
+    "mode_worse",
+    "_last_lr",
+    "_is_initial",
+    "_get_lr_called_within_step",
+    "verbose",
+}
+
+
+def _plain(x: float) -> Any:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _floats(x: Any) -> list[float]:
+    return [float(v) for v in np.asarray(x).reshape(-1)]
+
+
+def scheduler_state_dict(sched: Any, sched_state: Any, state: Any) -> dict[str, Any]:
+    """``torch_scheduler.state_dict()`` of the equivalent torch scheduler.
+
+    ``state`` is the optimizer state the scheduler drives (its lrs are
+    ``_last_lr``). The dict holds torch's step counters (``last_epoch``,
+    ``_step_count``), ``base_lrs``, the scheduler's own state (``T_cur``,
+    ``best``, ...) and its configuration keys; the per-group keys torch keeps
+    in ``param_groups`` (``initial_lr``, OneCycleLR's ``max_lr``, ...) go into
+    the optimizer's dict: pass ``sched=, sched_state=`` to :func:`state_dict`.
+    Composite schedulers nest their children under ``_schedulers``; a child's
+    ``_last_lr`` is written as the current lrs (torch's is the lr that child
+    last computed; it is only reported, never used).
+    """
+    from ._hparams import get_hparam
+
+    lrs = [float(x) for x in get_hparam(state, "lr")]
+    momentum_kind = "betas"
+    try:
+        get_hparam(state, "betas")
+    except KeyError:
+        momentum_kind = "momentum"
+    return _sched_export(sched, sched_state, lrs, momentum_kind)
+
+
+def _sched_export(sched, s, lrs, momentum_kind):
+    name = sched.name
+    if name == "ChainedScheduler":
+        return {
+            "_last_lr": list(lrs),
+            "_schedulers": [
+                _sched_export(c, cs, lrs, momentum_kind)
+                for c, cs in _children(sched, s)
+            ],
+        }
+    if name == "SequentialLR":
+        return {
+            "_milestones": list(sched.milestones),
+            "last_epoch": int(s.last_epoch),
+            "_last_lr": list(lrs),
+            "_schedulers": [
+                _sched_export(c, cs, lrs, momentum_kind)
+                for c, cs in _children(sched, s)
+            ],
+        }
+    out = {k: getattr(sched, k) for k in _CONFIG.get(name, ())}
+    if name == "ReduceLROnPlateau":
+        min_lr = sched.min_lr
+        out.update(
+            last_epoch=int(s.last_epoch),
+            best=float(s.best),
+            num_bad_epochs=int(s.num_bad_epochs),
+            cooldown_counter=int(s.cooldown_counter),
+            min_lrs=_floats(s.min_lrs),
+            default_min_lr=None if isinstance(min_lr, (list, tuple)) else min_lr,
+            mode_worse=sched.mode_worse,
+            _last_lr=list(lrs),
+        )
+        return out
+    if name == "MultiStepLR":
+        out["milestones"] = collections.Counter(sched.milestones)
+    out.update(
+        base_lrs=_floats(s.base_lrs),
+        last_epoch=int(s.last_epoch),
+        _step_count=int(s.step_count),
+        _is_initial=False,
+        _get_lr_called_within_step=False,
+        _last_lr=list(lrs),
+    )
+    if name in ("LambdaLR", "MultiplicativeLR"):
+        out["lr_lambdas"] = [None] * len(lrs)
+    elif name == "CosineAnnealingWarmRestarts":
+        out.update(T_cur=_plain(s.T_cur), T_i=_plain(s.T_i))
+    elif name == "CyclicLR":
+        out.update(
+            max_lrs=_floats(s.max_lrs),
+            cycle_momentum=sched.cycle_momentum,
+            _scale_fn_custom=None,
+        )
+        if sched.cycle_momentum:
+            out.update(
+                use_beta1=momentum_kind == "betas",
+                base_momentums=_floats(s.base_momentums),
+                max_momentums=_floats(s.max_momentums),
+            )
+    elif name == "OneCycleLR":
+        out.update(
+            _anneal_func_type=sched.anneal_strategy,
+            cycle_momentum=sched.cycle_momentum,
+            _schedule_phases=[
+                {
+                    "end_step": end,
+                    "start_lr": _PHASE_KEYS[lr0],
+                    "end_lr": _PHASE_KEYS[lr1],
+                    "start_momentum": _PHASE_KEYS[m0],
+                    "end_momentum": _PHASE_KEYS[m1],
+                }
+                for end, lr0, lr1, m0, m1 in sched.phases
+            ],
+        )
+        if sched.cycle_momentum:
+            out["use_beta1"] = momentum_kind == "betas"
+    elif name == "SWALR":
+        out["_anneal_strategy"] = sched.anneal_strategy
+    return out
+
+
+def load_scheduler_state_dict(
+    sched: Any,
+    state: Any,
+    torch_scheduler_state_dict: Mapping,
+    torch_optimizer_state_dict: Mapping | None = None,
+) -> Any:
+    """A funcopt ``sched_state`` from ``torch_scheduler.state_dict()``.
+
+    ``state`` is the funcopt optimizer state (already loaded with
+    :func:`load_state_dict`); ``sched`` must be built with the torch
+    scheduler's arguments (configuration keys present in the dict are
+    compared; a difference raises ``ValueError``). OneCycleLR and SWALR keep
+    per-group values in torch's ``param_groups``: pass
+    ``torch_optimizer.state_dict()`` as ``torch_optimizer_state_dict``.
+    """
+    _, template = sched.init(state)
+    groups = None
+    if torch_optimizer_state_dict is not None:
+        groups = list(torch_optimizer_state_dict["param_groups"])
+    return _sched_import(sched, template, dict(torch_scheduler_state_dict), groups)
+
+
+def _require(sd: Mapping, keys, name: str) -> None:
+    missing = [k for k in keys if k not in sd]
+    if missing:
+        raise ValueError(
+            f"this is not a torch {name} state dict: it lacks {missing} "
+            f"(it has {sorted(sd)})"
+        )
+
+
+def _group_key(groups, key, name, like):
+    if groups is None:
+        raise ValueError(
+            f"{name} keeps {key!r} in the optimizer's param_groups: pass "
+            "torch_optimizer.state_dict() as torch_optimizer_state_dict"
+        )
+    if any(key not in g for g in groups):
+        raise ValueError(f"the torch optimizer's param_groups lack {key!r} ({name})")
+    return jnp.asarray([_as_float(g[key]) for g in groups], like.dtype)
+
+
+def _sched_import(sched, t, sd, groups):
+    name = sched.name
+    if name in ("ChainedScheduler", "SequentialLR"):
+        _require(sd, ["_schedulers"], name)
+        children = sd["_schedulers"]
+        if len(children) != len(sched.schedulers):
+            raise ValueError(
+                f"the torch {name} has {len(children)} schedulers, the funcopt one "
+                f"{len(sched.schedulers)}"
+            )
+        states = tuple(
+            _sched_import(c, cs, dict(csd), groups)
+            for c, cs, csd in zip(sched.schedulers, t.schedulers, children)
+        )
+        if name == "SequentialLR":
+            _require(sd, ["_milestones", "last_epoch"], name)
+            if list(sd["_milestones"]) != list(sched.milestones):
+                raise ValueError(
+                    f"SequentialLR milestones differ: torch {list(sd['_milestones'])}"
+                    f", funcopt {list(sched.milestones)}"
+                )
+            return t._replace(
+                last_epoch=jnp.asarray(int(sd["last_epoch"]), jnp.int32),
+                schedulers=states,
+            )
+        return t._replace(schedulers=states)
+
+    config = _CONFIG.get(name, ())
+    n_groups = (t.min_lrs if name == "ReduceLROnPlateau" else t.base_lrs).shape[0]
+    known = set(_sched_export(sched, t, [0.0] * n_groups, "momentum"))
+    unexpected = sorted(set(sd) - known - _BENIGN_KEYS)
+    if unexpected:
+        raise ValueError(
+            f"this is not a torch {name} state dict: it has {unexpected}, which "
+            f"{name} does not keep (it has {sorted(sd)})"
+        )
+    if name == "ReduceLROnPlateau":
+        _require(sd, ["best", "num_bad_epochs", "cooldown_counter", *config], name)
+    elif name == "CosineAnnealingWarmRestarts":
+        _require(sd, ["T_cur", "T_i", "base_lrs", "last_epoch", *config], name)
+    else:
+        _require(sd, ["base_lrs", "last_epoch", "_step_count", *config], name)
+    for k in config:
+        ours = getattr(sched, k)
+        theirs = sd[k]
+        if k == "milestones":
+            ours, theirs = collections.Counter(ours), collections.Counter(theirs)
+        if not _same(theirs, ours):
+            raise ValueError(
+                f"{name} {k!r} differs: {theirs!r} in the torch state dict, "
+                f"{ours!r} in the funcopt scheduler"
+            )
+
+    def arr(x, like):
+        return jnp.asarray(np.asarray(x, np.float64), like.dtype).reshape(like.shape)
+
+    def i32(x):
+        return jnp.asarray(int(x), jnp.int32)
+
+    if name == "ReduceLROnPlateau":
+        return t._replace(
+            last_epoch=i32(sd["last_epoch"]),
+            best=arr(float(sd["best"]), t.best),
+            num_bad_epochs=i32(sd["num_bad_epochs"]),
+            cooldown_counter=i32(sd["cooldown_counter"]),
+            min_lrs=arr([float(x) for x in sd["min_lrs"]], t.min_lrs),
+        )
+    n = t.base_lrs.shape[0]
+    if len(sd["base_lrs"]) != n:
+        raise ValueError(
+            f"the torch {name} has {len(sd['base_lrs'])} base_lrs, the funcopt "
+            f"state {n} parameter groups"
+        )
+    new = dict(
+        last_epoch=i32(sd["last_epoch"]),
+        step_count=i32(sd.get("_step_count", 0)),
+        base_lrs=arr([float(x) for x in sd["base_lrs"]], t.base_lrs),
+    )
+    if name == "CosineAnnealingWarmRestarts":
+        new.update(
+            T_cur=arr(float(sd["T_cur"]), t.T_cur), T_i=arr(float(sd["T_i"]), t.T_i)
+        )
+    elif name == "CyclicLR":
+        new["max_lrs"] = arr([float(x) for x in sd["max_lrs"]], t.max_lrs)
+        if sched.cycle_momentum:
+            new["base_momentums"] = arr(sd["base_momentums"], t.base_momentums)
+            new["max_momentums"] = arr(sd["max_momentums"], t.max_momentums)
+    elif name == "OneCycleLR":
+        like = t.base_lrs
+        new.update(
+            initial_lrs=_group_key(groups, "initial_lr", name, like),
+            max_lrs=_group_key(groups, "max_lr", name, like),
+            min_lrs=_group_key(groups, "min_lr", name, like),
+        )
+        if sched.cycle_momentum:
+            new["base_momentums"] = _group_key(groups, "base_momentum", name, like)
+            new["max_momentums"] = _group_key(groups, "max_momentum", name, like)
+    elif name == "SWALR":
+        new["swa_lrs"] = _group_key(groups, "swa_lr", name, t.base_lrs)
+    return t._replace(**new)
+
+
+# --------------------------------------------------------------------------
+# module weights
+# --------------------------------------------------------------------------
+
+
+def module_state_dict_to_params(module_state_dict: Mapping) -> dict[str, Any]:
+    """``model.state_dict()`` (name -> tensor) as nested dicts of JAX arrays.
+
+    ``"encoder.0.weight"`` becomes ``params["encoder"]["0"]["weight"]``;
+    layouts and dtypes are kept (float64 needs ``jax_enable_x64``; without it
+    JAX stores float32). See the module doc for ``nn.Linear``'s ``(out, in)``.
+    """
+    out: dict[str, Any] = {}
+    for name, value in module_state_dict.items():
+        parts = str(name).split(".")
+        node = out
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(
+                    f"{name!r}: {part!r} is both a tensor and a module prefix"
+                )
+            node = child
+        if parts[-1] in node:
+            raise ValueError(f"{name!r}: also a module prefix of other entries")
+        node[parts[-1]] = jnp.asarray(_to_numpy(value))
+    return out
+
+
+def params_to_module_state_dict(params: Any) -> collections.OrderedDict:
+    """A pytree of arrays as ``{dotted name: torch.Tensor}`` for
+    ``model.load_state_dict`` (the inverse of
+    :func:`module_state_dict_to_params`; any pytree, its key path joined
+    with dots)."""
+    out = collections.OrderedDict()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        out[".".join(_key_name(k) for k in path)] = _to_tensor(leaf)
+    return out
+
+
+__all__ = [
+    "SCHEDULER_GROUP_KEYS",
+    "load_scheduler_state_dict",
+    "load_state_dict",
+    "module_state_dict_to_params",
+    "param_names",
+    "params_to_module_state_dict",
+    "scheduler_state_dict",
+    "state_dict",
+    "torch_param_groups",
+]

@@ -1,0 +1,408 @@
+"""Sharded vs single-device steps on 8 simulated CPU devices; prints a JSON report.
+
+Run by ``tests/test_sharding.py`` in a subprocess (the device count must be
+fixed before JAX initialises, so the rest of the suite keeps one device):
+
+    python tests/_sharded_checks.py
+
+For every optimizer of ``tests.parity.cases.OPT_CASES`` (its last flag
+combination, every flag on), plus SparseAdam, LBFGS and global-norm
+clipping, it runs the same steps three ways on a ``("data", "model")`` = (4, 2) mesh:
+
+* ``ref``: ``jax.jit(opt.step)`` on one device;
+* ``plain``: params model-sharded, state from ``fo.sharding.init``, and a
+  ``jax.jit(opt.step)`` *without* shardings given, so that the report can
+  check the state comes out exactly as it went in;
+* ``zero``: ``fo.sharding.zero_step`` with the state split over ``data``.
+
+and reports, per run, whether the results are bit-identical, the largest
+difference, the output shardings and the collectives in the compiled HLO.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import sys
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.experimental import sparse as jsparse  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import funcopt as fo  # noqa: E402
+from funcopt import sharding as fs  # noqa: E402
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+STEPS = 3
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute")
+
+
+def make_mesh():
+    return jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+
+
+def tree_and_specs(rng, kind: str, complex_ok: bool):
+    """numpy params and their PartitionSpecs (model-sharded, some replicated)."""
+    if kind == "matrices":  # Muon: 2-D leaves only
+        params = {
+            "frozen": np.arange(4, dtype=np.int32),
+            "sq": rng.normal(size=(8, 8)).astype(np.float32),
+            "tall": rng.normal(size=(16, 4)).astype(np.float32),
+            "wide": rng.normal(size=(8, 12)).astype(np.float32),
+        }
+        specs = {"frozen": P(), "sq": P(), "tall": P("model"), "wide": P(None, "model")}
+        return params, specs
+    params = {
+        "b": rng.normal(size=(12,)).astype(np.float32),
+        "frozen": np.arange(4, dtype=np.int32),
+        "k": rng.normal(size=(4, 2, 6)).astype(np.float32),
+        "s": np.asarray(rng.normal(), np.float32),
+        "tall": rng.normal(size=(16, 4)).astype(np.float32),
+        "w": rng.normal(size=(8, 12)).astype(np.float32),
+    }
+    specs = {
+        "b": P("model"),
+        "frozen": P(),
+        "k": P(),
+        "s": P(),
+        "tall": P("model"),
+        "w": P(None, "model"),
+    }
+    if complex_ok:
+        params["c"] = (rng.normal(size=(8, 6)) + 1j * rng.normal(size=(8, 6))).astype(
+            np.complex64
+        )
+        specs["c"] = P(None, "model")
+    return params, specs
+
+
+def grads_for(rng, params):
+    def one(p):
+        if not jnp.issubdtype(p.dtype, jnp.inexact):
+            return None
+        g = rng.normal(size=p.shape)
+        if np.iscomplexobj(p):
+            g = g + 1j * rng.normal(size=p.shape)
+        return g.astype(p.dtype)
+
+    return [jax.tree.map(one, params) for _ in range(STEPS)]
+
+
+def compare(a_tree, b_tree):
+    """(bit-identical, max abs diff, max rel diff) over all leaves."""
+    bitwise, max_abs, max_rel = True, 0.0, 0.0
+    for a, b in zip(jax.tree.leaves(a_tree), jax.tree.leaves(b_tree)):
+        a, b = np.asarray(a), np.asarray(b)
+        bitwise &= a.tobytes() == b.tobytes()
+        if a.size and np.issubdtype(a.dtype, np.inexact):
+            d = np.abs(a.astype(np.complex128) - b.astype(np.complex128))
+            max_abs = max(max_abs, float(d.max()))
+            scale = np.maximum(np.abs(a.astype(np.complex128)), 1e-30)
+            max_rel = max(max_rel, float((d / scale).max()))
+    return bitwise, max_abs, max_rel
+
+
+def same_shardings(tree, shardings):
+    """Every array of ``tree`` carries the expected sharding (None leaves skip)."""
+    ok = []
+    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+        ok.append(x.sharding.is_equivalent_to(s, x.ndim))
+    return len(jax.tree.leaves(tree)) == len(jax.tree.leaves(shardings)) and all(ok)
+
+
+def collectives(compiled) -> dict[str, int]:
+    text = compiled.as_text()
+    return {c: len(re.findall(rf"\s{c}(?:-start)?\(", text)) for c in COLLECTIVES}
+
+
+def run_optimizer(mesh, name, factory, kwargs, kind, rng):
+    opt = factory(**kwargs)
+    definition = getattr(opt, "definition", None)
+    complex_ok = bool(getattr(definition, "supports_complex", False))
+    np_params, specs = tree_and_specs(rng, kind, complex_ok)
+    shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+    grads_seq = grads_for(rng, np_params)
+
+    ref_step = jax.jit(opt.step)
+    p, st = np_params, opt.init(np_params)
+    for g in grads_seq:
+        p, st = ref_step(p, g, st)
+    ref = (p, st)
+
+    out = []
+    # plain: the state follows the params; jit is given no shardings at all
+    params = jax.device_put(np_params, shardings)
+    st_sh = fs.state_shardings(opt, params)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params
+    )
+    # the state is created from abstract params, directly sharded (unless it
+    # copies parameter values, as schedule-free's z)
+    state = fs.init(opt, params if fs._reads_values(opt, params) else abstract)
+    init_ok = abstract_ok = same_shardings(state, st_sh)
+    # eager init: zeros_like puts every buffer shaped like its param on the
+    # param's sharding (buffers of other shapes, 0-d scalars, are made on one
+    # device: fs.init places those)
+    eager = opt.init(params)
+    treedef = jax.tree.structure(params)
+    eager_ok = all(
+        x.sharding.is_equivalent_to(p.sharding, p.ndim)
+        for k in eager.slots
+        for x, p in zip(treedef.flatten_up_to(eager.slots[k]), jax.tree.leaves(params))
+        if x is not None and p.ndim and x.shape == p.shape
+    )
+    sharded_grads = [jax.device_put(g, shardings) for g in grads_seq]
+    # Prodigy keeps flattened (sliced) copies of each parameter (``s``, ``p0``):
+    # with no annotations XLA propagates the parameter's sharding onto them, so
+    # its jitted step is given the state's shardings explicitly.
+    pinned = {"out_shardings": (shardings, st_sh)} if name.startswith("prodigy") else {}
+    with fs.per_leaf():
+        step = (
+            jax.jit(opt.step, **pinned).lower(params, sharded_grads[0], state).compile()
+        )
+    keeps = True
+    for g in sharded_grads:
+        params, state = step(params, g, state)
+        keeps &= same_shardings(state, st_sh) and same_shardings(params, shardings)
+    bitwise, max_abs, max_rel = compare(ref, (params, state))
+    out.append(
+        dict(
+            name=name,
+            kwargs=repr(kwargs),
+            mode="plain",
+            bitwise=bitwise,
+            max_abs=max_abs,
+            max_rel=max_rel,
+            shardings_kept=keeps,
+            init_sharded=init_ok and abstract_ok,
+            eager_init_follows=eager_ok,
+            collectives=collectives(step),
+        )
+    )
+
+    # ZeRO: state split over "data", params stay model-sharded
+    params = jax.device_put(np_params, shardings)
+    st_sh = fs.state_shardings(opt, params, zero_axis="data")
+    state = fs.init(opt, params, zero_axis="data")
+    step = fs.zero_step(opt, params).lower(params, sharded_grads[0], state).compile()
+    keeps = same_shardings(state, st_sh)
+    for g in sharded_grads:
+        params, state = step(params, g, state)
+        keeps &= same_shardings(state, st_sh) and same_shardings(params, shardings)
+    bitwise, max_abs, max_rel = compare(ref, (params, state))
+    out.append(
+        dict(
+            name=name,
+            kwargs=repr(kwargs),
+            mode="zero",
+            bitwise=bitwise,
+            max_abs=max_abs,
+            max_rel=max_rel,
+            shardings_kept=keeps,
+            init_sharded=True,
+            eager_init_follows=True,
+            collectives=collectives(step),
+        )
+    )
+    return out
+
+
+def check_sparse_adam(mesh, rng):
+    """SparseAdam: dense params and state sharded, the BCOO gradient replicated."""
+    opt = fo.sparse_adam(lr=0.05)
+    table = rng.normal(size=(16, 4)).astype(np.float32)
+    sh = {"emb": NamedSharding(mesh, P("data", "model"))}
+    grads_seq = []
+    for _ in range(STEPS):
+        ids = rng.integers(0, 16, size=5)
+        rows = rng.normal(size=(5, 4)).astype(np.float32)
+        grads_seq.append(
+            {"emb": jsparse.BCOO((rows, ids[:, None].astype(np.int32)), shape=(16, 4))}
+        )
+    ref_step = jax.jit(opt.step)
+    p, st = {"emb": table}, opt.init({"emb": table})
+    for g in grads_seq:
+        p, st = ref_step(p, g, st)
+    out = []
+    for mode in ("plain", "zero"):
+        params = jax.device_put({"emb": table}, sh)
+        zero = "data" if mode == "zero" else None
+        st_sh = fs.state_shardings(opt, params, zero_axis=zero)
+        state = fs.init(opt, params, zero_axis=zero)
+        step = jax.jit(opt.step, out_shardings=(sh, st_sh))
+        for g in grads_seq:
+            params, state = step(params, g, state)
+        bitwise, max_abs, max_rel = compare((p, st), (params, state))
+        out.append(
+            dict(
+                name="sparse_adam",
+                kwargs="{'lr': 0.05}",
+                mode=mode,
+                bitwise=bitwise,
+                max_abs=max_abs,
+                max_rel=max_rel,
+                shardings_kept=same_shardings(state, st_sh),
+                init_sharded=True,
+                eager_init_follows=True,
+                collectives={},
+            )
+        )
+    return out
+
+
+def least_squares(rng):
+    x = rng.normal(size=(32, 8)).astype(np.float32)
+    y = rng.normal(size=(32, 12)).astype(np.float32)
+    params = {
+        "w": (0.1 * rng.normal(size=(8, 12))).astype(np.float32),
+        "b": np.zeros((12,), np.float32),
+    }
+
+    def loss(params, x, y):
+        r = x @ params["w"] + params["b"] - y
+        return jnp.mean(r * r) + 0.01 * jnp.sum(params["w"] * params["w"])
+
+    return params, x, y, loss
+
+
+def check_lbfgs(mesh, rng, dtype, max_iter):
+    """LBFGS (flat-vector state, dot products: global reductions).
+
+    Its sharded dot products sum in another order, and over many iterations
+    L-BFGS amplifies float32 rounding (the curvature pairs of a nearly
+    converged quadratic are mostly rounding noise), so the long run is
+    checked in float64 and float32 over two iterations.
+    """
+    params0, x, y, loss = least_squares(rng)
+    params0, x, y = jax.tree.map(lambda a: a.astype(dtype), (params0, x, y))
+    out = []
+    for ls in (None, "strong_wolfe"):
+        opt = fo.lbfgs(lr=0.5, max_iter=max_iter, history_size=5, line_search_fn=ls)
+
+        def run(params, state, x, y, opt=opt):
+            return opt.step(params, state, jax.value_and_grad(lambda p: loss(p, x, y)))
+
+        ref = jax.jit(run)(params0, opt.init(params0), x, y)
+        for mode in ("plain", "zero"):
+            sh = {
+                "w": NamedSharding(mesh, P(None, "model")),
+                "b": NamedSharding(mesh, P("model")),
+            }
+            data = NamedSharding(mesh, P("data"))
+            params = jax.device_put(params0, sh)
+            zero = "data" if mode == "zero" else None
+            st_sh = fs.state_shardings(opt, params, zero_axis=zero)
+            state = fs.init(opt, params, zero_axis=zero)
+            step = jax.jit(run, out_shardings=(sh, st_sh, fs.replicated(mesh)))
+            got = step(params, state, jax.device_put(x, data), jax.device_put(y, data))
+            bitwise, max_abs, max_rel = compare(ref, got)
+            out.append(
+                dict(
+                    name=f"lbfgs(line_search_fn={ls!r})",
+                    kwargs=f"{np.dtype(dtype).name}, max_iter={max_iter}",
+                    mode=mode,
+                    bitwise=bitwise,
+                    max_abs=max_abs,
+                    max_rel=max_rel,
+                    shardings_kept=same_shardings(got[1], st_sh),
+                    init_sharded=True,
+                    eager_init_follows=True,
+                    collectives={},
+                )
+            )
+    return out
+
+
+def check_clip(mesh, rng):
+    """A data-parallel train step: grads, fo.clip_grad_norm, adam; ZeRO-2 too."""
+    params0, x, y, loss = least_squares(rng)
+    opt = fo.adam(lr=0.01)
+
+    def train(params, state, x, y, grad_shardings=None):
+        grads = jax.grad(loss)(params, x, y)
+        if grad_shardings is not None:  # ZeRO-2: reduce-scatter the grads
+            grads = fs.constrain(grads, grad_shardings)
+        grads, norm = fo.clip_grad_norm(grads, 0.5)
+        params, state = opt.step(params, grads, state)
+        return params, state, norm
+
+    ref = jax.jit(train)(params0, opt.init(params0), x, y)
+    ref = jax.jit(train)(*ref[:2], x, y)
+    out = []
+    for mode in ("plain", "zero"):
+        sh = {
+            "w": NamedSharding(mesh, P(None, "model")),
+            "b": NamedSharding(mesh, P("model")),
+        }
+        data = NamedSharding(mesh, P("data"))
+        params = jax.device_put(params0, sh)
+        zero = "data" if mode == "zero" else None
+        st_sh = fs.state_shardings(opt, params, zero_axis=zero)
+        state = fs.init(opt, params, zero_axis=zero)
+        local = fs.zero_shardings(params) if zero else None
+
+        def step_fn(params, state, x, y, local=local, sh=sh):
+            if local is None:
+                return train(params, state, x, y)
+            # ZeRO: run the update on the data slices, then all-gather params
+            p_local = fs.constrain(params, local)
+            new_p, new_s, norm = train(p_local, state, x, y, grad_shardings=local)
+            return fs.constrain(new_p, sh), new_s, norm
+
+        step = jax.jit(step_fn, out_shardings=(sh, st_sh, fs.replicated(mesh)))
+        xs, ys = jax.device_put(x, data), jax.device_put(y, data)
+        got = step(params, state, xs, ys)
+        got = step(*got[:2], xs, ys)
+        bitwise, max_abs, max_rel = compare(ref, got)
+        out.append(
+            dict(
+                name="clip_grad_norm+adam",
+                kwargs="{'max_norm': 0.5}",
+                mode=mode,
+                bitwise=bitwise,
+                max_abs=max_abs,
+                max_rel=max_rel,
+                shardings_kept=same_shardings(got[1], st_sh),
+                init_sharded=True,
+                eager_init_follows=True,
+                collectives=collectives(step.lower(*got[:2], xs, ys).compile()),
+            )
+        )
+    return out
+
+
+def main():
+    from tests.parity.cases import OPT_CASES
+
+    assert jax.device_count() == 8, jax.devices()
+    mesh = make_mesh()
+    rng = np.random.default_rng(0)
+    results = []
+    names = []
+    for case in OPT_CASES:
+        names.append(case.name)
+        combos = case.combos()
+        kind = "matrices" if case.tree is not None else "mixed"
+        # the last combination has every flag on (as the eager parity tests)
+        results += run_optimizer(mesh, case.name, case.factory, combos[-1], kind, rng)
+    results += check_sparse_adam(mesh, rng)
+    results += check_lbfgs(mesh, rng, np.float32, 2)
+    with jax.enable_x64(True):
+        results += check_lbfgs(mesh, rng, np.float64, 8)
+    results += check_clip(mesh, rng)
+    print(json.dumps({"cases": names, "results": results}))
+
+
+if __name__ == "__main__":
+    main()

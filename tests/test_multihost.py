@@ -1,0 +1,25 @@
+"""The two-process ``jax.distributed`` example trains like a single process."""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+def test_two_processes_match_single_process():
+    out = subprocess.run(
+        [sys.executable, "examples/multihost_data_parallel.py", "--timeout", "120"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    # both workers ran, each seeing 2 local of 4 global devices
+    assert len(re.findall(r"process [01]/2: 2 local of 4 devices", out.stdout)) == 2
+    lines = re.findall(
+        r"vs 1 process x (\d) device\(s\): .* allclose: (\w+)", out.stdout
+    )
+    assert sorted(lines) == [("1", "True"), ("4", "True")]

@@ -1,0 +1,157 @@
+"""Sharded and ZeRO-sharded optimizer state (``funcopt.sharding``).
+
+The 8-device checks run once, in a subprocess (``tests/_sharded_checks.py``):
+the simulated device count must be set before JAX initialises, and the rest
+of the suite keeps its single device.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import funcopt as fo
+from funcopt import sharding as fs
+from tests.parity.cases import OPT_CASES
+
+ROOT = pathlib.Path(__file__).parent.parent
+# elementwise optimizers whose sharded steps are bit-identical to one device
+BITWISE = {"sgd", "adam", "adamw", "sparse_adam"}
+# torch's elementwise rules: a sharded step needs no communication at all
+ELEMENTWISE = {
+    "sgd", "adam", "adamw", "adamax", "nadam", "radam", "rmsprop", "adagrad",
+    "adadelta", "rprop", "asgd",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def report():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run(
+        [sys.executable, "tests/_sharded_checks.py"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_every_optimizer_is_checked(report):
+    names = {r["name"] for r in report["results"]}
+    assert {c.name for c in OPT_CASES} <= names
+    assert "sparse_adam" in names
+    assert {
+        "lbfgs(line_search_fn=None)",
+        "lbfgs(line_search_fn='strong_wolfe')",
+    } <= names
+    assert "clip_grad_norm+adam" in names
+    assert {r["mode"] for r in report["results"]} == {"plain", "zero"}
+
+
+def test_sharded_steps_equal_single_device(report):
+    for r in report["results"]:
+        # float32 params of order 1: a few ulp, absolute or relative (some
+        # states hold large values, e.g. LAMB's); sharded reductions (norms,
+        # trust ratios, Newton-Schulz, dot products) sum in another order
+        tol = 1e-9 if "float64" in r["kwargs"] else 1e-6
+        assert r["max_abs"] <= tol or r["max_rel"] <= tol, r
+        if r["name"] in BITWISE:
+            assert r["bitwise"], r
+
+
+def test_state_follows_and_keeps_its_sharding(report):
+    for r in report["results"]:
+        assert r["shardings_kept"], r
+        assert r["init_sharded"], r
+        assert r["eager_init_follows"], r
+
+
+def test_plain_step_moves_nothing(report):
+    """Elementwise rules on sharded params: no collective in the compiled step."""
+    for r in report["results"]:
+        if r["mode"] == "plain" and r["name"] in ELEMENTWISE:
+            assert not any(r["collectives"].values()), r
+
+
+def test_zero_step_gathers_params_only(report):
+    """ZeRO: the update runs on slices; XLA all-gathers the new params."""
+    for r in report["results"]:
+        if r["mode"] == "zero" and r["name"] in ELEMENTWISE:
+            c = r["collectives"]
+            assert c["all-gather"] > 0, r
+            assert c["all-reduce"] == 0 and c["reduce-scatter"] == 0, r
+
+
+# ---------------------------------------------------------------------------
+# single-device checks of the helpers (a 1x1 mesh)
+# ---------------------------------------------------------------------------
+
+
+def _mesh():
+    return jax.make_mesh((1, 1), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+
+
+def test_state_shardings_structure_and_abstract_init():
+    mesh = _mesh()
+    params = {
+        "w": jnp.ones((4, 6), jnp.float32),
+        "v": jnp.ones((3,), jnp.float32),
+        "i": jnp.arange(2),
+    }
+    sh = {
+        "w": NamedSharding(mesh, P(None, "model")),
+        "v": NamedSharding(mesh, P()),
+        "i": NamedSharding(mesh, P()),
+    }
+    params = jax.device_put(params, sh)
+    for opt in (fo.adafactor(), fo.asgd(), fo.rprop(), fo.lbfgs(history_size=3)):
+        abstract = jax.eval_shape(lambda p: p, params)
+        shardings = fs.state_shardings(opt, abstract, sh)
+        state = fs.init(opt, abstract, sh)
+        expected = jax.tree.leaves(opt.init(params))
+        assert jax.tree.structure(state) == jax.tree.structure(opt.init(params))
+        for x, s, e in zip(
+            jax.tree.leaves(state), jax.tree.leaves(shardings), expected
+        ):
+            assert x.sharding.is_equivalent_to(s, x.ndim)
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(e))
+
+
+def test_zero_and_adafactor_specs():
+    mesh = _mesh()
+    params = {"w": jax.ShapeDtypeStruct((8, 6), jnp.float32)}
+    sh = {"w": NamedSharding(mesh, P(None, "model"))}
+    assert fs.zero_shardings(params, sh)["w"].spec == P("data", "model")
+    st = fs.state_shardings(fo.adafactor(), params, sh, zero_axis="data")
+    assert st.slots["row_var"]["w"].spec == P("data", None)
+    # (1, 6): the data axis joins "model" on the last dim, the 1 stays whole
+    assert st.slots["col_var"]["w"].spec == P(None, ("model", "data"))
+    assert st.step.spec == P() and st.hparams["lr"].spec == P()
+
+
+def test_chain_and_bytes_per_device():
+    mesh = _mesh()
+    params = {"w": jnp.ones((4, 4), jnp.float32)}
+    sh = {"w": NamedSharding(mesh, P())}
+    opt = fo.clip_grad_norm_transform(1.0)
+    import optax
+
+    chained = optax.chain(opt, fo.adam())
+    shardings = fs.state_shardings(chained, params, sh)
+    state = fs.init(chained, params, sh)
+    assert jax.tree.structure(state) == jax.tree.structure(chained.init(params))
+    assert len(jax.tree.leaves(shardings)) == len(jax.tree.leaves(state))
+    mem = fs.bytes_per_device(state)
+    assert sum(mem.values()) == sum(x.nbytes for x in jax.tree.leaves(state))

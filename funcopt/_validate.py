@@ -70,3 +70,16 @@ def check_positive(value: Any, what: str) -> None:
     """torch's ``if not 0.0 < value: raise ValueError(...)`` (rejects 0 and NaN)."""
     if not 0.0 < value:
         raise ValueError(f"Invalid {what}: {value}")
+
+
+def check_adam_family(group: Mapping[str, Any]) -> None:
+    """The checks Adam, AdamW, Adamax, NAdam and RAdam share, in torch's order.
+
+    ``lr``, ``eps``, ``betas``, ``weight_decay``; each optimizer adds its own
+    checks after these (Adam: both-floats betas; NAdam: momentum_decay).
+    """
+    check_scalar_lr(group["lr"])
+    check_at_least_zero(group["lr"], "learning rate")
+    check_at_least_zero(group["eps"], "epsilon value")
+    check_betas(group["betas"])
+    check_at_least_zero(group["weight_decay"], "weight_decay value")

@@ -20,11 +20,7 @@ from ._common import (
 
 
 def _validate_adam(group: Mapping[str, Any]) -> None:
-    _validate.check_scalar_lr(group["lr"])
-    _validate.check_at_least_zero(group["lr"], "learning rate")
-    _validate.check_at_least_zero(group["eps"], "epsilon value")
-    _validate.check_betas(group["betas"])
-    _validate.check_at_least_zero(group["weight_decay"], "weight_decay value")
+    _validate.check_adam_family(group)
     _validate.check_betas_both_floats(group["betas"])
 
 

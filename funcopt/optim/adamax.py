@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import jax.numpy as jnp
 
 from .. import _validate
@@ -12,14 +9,6 @@ from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
 from .._math import addcdiv, lerp, scalar
 from ._common import apply_maximize, coupled_weight_decay
-
-
-def _validate_adamax(group: Mapping[str, Any]) -> None:
-    _validate.check_scalar_lr(group["lr"])
-    _validate.check_at_least_zero(group["lr"], "learning rate")
-    _validate.check_at_least_zero(group["eps"], "epsilon value")
-    _validate.check_betas(group["betas"])
-    _validate.check_at_least_zero(group["weight_decay"], "weight_decay value")
 
 
 def _adamax_slots(param, group):
@@ -81,7 +70,7 @@ def adamax(
             "weight_decay": weight_decay,
         },
         options={"maximize": maximize},
-        validate=_validate_adamax,
+        validate=_validate.check_adam_family,
         param_groups=param_groups,
         extra_defaults={
             "foreach": foreach,

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import jax.numpy as jnp
 
 from .. import _validate
@@ -17,14 +14,6 @@ from ._common import (
     decoupled_weight_decay,
     ema_of_square,
 )
-
-
-def _validate_radam(group: Mapping[str, Any]) -> None:
-    _validate.check_scalar_lr(group["lr"])
-    _validate.check_at_least_zero(group["lr"], "learning rate")
-    _validate.check_at_least_zero(group["eps"], "epsilon value")
-    _validate.check_betas(group["betas"])
-    _validate.check_at_least_zero(group["weight_decay"], "weight_decay value")
 
 
 def _radam_slots(param, group):
@@ -119,7 +108,7 @@ def radam(
             "decoupled_weight_decay": decoupled_weight_decay,
             "maximize": maximize,
         },
-        validate=_validate_radam,
+        validate=_validate.check_adam_family,
         param_groups=param_groups,
         extra_defaults={
             "foreach": foreach,

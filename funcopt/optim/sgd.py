@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from .. import _validate
@@ -30,24 +31,35 @@ def _sgd_slots(param, group):
     return {}
 
 
+def _sgd_direction(param, grad, hparams, options):
+    """torch's gradient after ``maximize`` and coupled weight decay."""
+    grad = apply_maximize(grad, options)
+    return coupled_weight_decay(grad, param, hparams["weight_decay"])
+
+
 def _sgd_rule(param, grad, slots, step, hparams, options):
     lr, momentum = hparams["lr"], hparams["momentum"]
-    grad = apply_maximize(grad, options)
-    grad = coupled_weight_decay(grad, param, hparams["weight_decay"])
-    new_slots = {}
-    if "momentum_buffer" in slots:
-        old = slots["momentum_buffer"]
-        # torch: the first step with a gradient clones it (no dampening)
-        buf = jnp.where(
-            step == 1,
-            grad,
-            add(old * momentum.astype(old.dtype), grad, 1 - hparams["dampening"]),
-        )
-        direction = add(grad, buf, momentum) if options["nesterov"] else buf
-        # torch touches the buffer only while the group's momentum != 0
-        grad = jnp.where(momentum != 0, direction, grad)
-        new_slots["momentum_buffer"] = jnp.where(momentum != 0, buf, old)
-    return add(param, grad, -lr), new_slots
+    if "momentum_buffer" not in slots:
+        return add(param, _sgd_direction(param, grad, hparams, options), -lr), {}
+    old = slots["momentum_buffer"]
+    d_p = _sgd_direction(param, grad, hparams, options)
+    # torch: the first step with a gradient clones it (no dampening)
+    buf = jnp.where(
+        step == 1,
+        d_p,
+        add(old * momentum.astype(old.dtype), d_p, 1 - hparams["dampening"]),
+    )
+    # torch touches the buffer only while the group's momentum != 0
+    buf = jnp.where(momentum != 0, buf, old)
+    # Speed, not semantics: the barrier makes XLA write the new buffer first
+    # and then update the param from it in a second pass (recomputing the
+    # cheap d_p), instead of two fusions that each read the other's donated
+    # input and force defensive copies of both.
+    buf, param, grad = jax.lax.optimization_barrier((buf, param, grad))
+    d_p = _sgd_direction(param, grad, hparams, options)
+    direction = add(d_p, buf, momentum) if options["nesterov"] else buf
+    d_p = jnp.where(momentum != 0, direction, d_p)
+    return add(param, d_p, -lr), {"momentum_buffer": buf}
 
 
 def sgd(

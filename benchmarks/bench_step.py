@@ -163,9 +163,13 @@ def bench_optax(make_tx, params, donate, min_time):
     return t, ct
 
 
-def bench_torch(cls, kwargs, sizes, mode, min_time):
+def bench_torch(cls, kwargs, sizes, mode, min_time, device="cpu"):
     rng = np.random.default_rng(0)
-    ps = [torch.tensor(rng.standard_normal(s, dtype=np.float32)) for s in sizes]
+    ps = [
+        torch.tensor(rng.standard_normal(s, dtype=np.float32), device=device)
+        for s in sizes
+    ]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for p in ps:
         p.requires_grad_(True)
         p.grad = p.detach() * 1e-3
@@ -173,6 +177,7 @@ def bench_torch(cls, kwargs, sizes, mode, min_time):
     with torch.no_grad():
         for _ in range(2):
             opt.step()
+        sync()
         times = []
         start = time.perf_counter()
         while len(times) < 200 and (
@@ -180,6 +185,7 @@ def bench_torch(cls, kwargs, sizes, mode, min_time):
         ):
             t0 = time.perf_counter()
             opt.step()
+            sync()
             times.append(time.perf_counter() - t0)
     state_bytes = sum(
         v.numel() * v.element_size()
@@ -197,12 +203,27 @@ def funcopt_state_bytes(make_opt, sizes):
     return sum(x.nbytes for x in jax.tree.leaves(state.slots)) / n
 
 
-def bandwidth(nbytes=400_000_000):
-    """Streaming bandwidth in bytes/s: best of a numpy copy and a JAX x + 1."""
+def bandwidth(nbytes=400_000_000, device="cpu"):
+    """Streaming bandwidth in bytes/s: best of a host (numpy) or torch CUDA
+    copy and a JAX ``x + 1`` on the default device."""
     n = nbytes // 4
-    src = np.ones(n, np.float32)
-    dst = np.empty_like(src)
-    best_np = min(_timeit(lambda: np.copyto(dst, src)) for _ in range(5))
+    if device == "cuda":
+        src = torch.ones(n, device="cuda")
+        dst = torch.empty_like(src)
+
+        def copy():
+            dst.copy_(src)
+            torch.cuda.synchronize()
+
+        copy()
+    else:
+        src = np.ones(n, np.float32)
+        dst = np.empty_like(src)
+
+        def copy():
+            np.copyto(dst, src)
+
+    best_copy = min(_timeit(copy) for _ in range(5))
     f = jax.jit(lambda x: x + 1, donate_argnums=0)
     x = jnp.ones(n, jnp.float32)
     x = f(x).block_until_ready()
@@ -212,7 +233,7 @@ def bandwidth(nbytes=400_000_000):
         x = f(x).block_until_ready()
         best_jax = min(best_jax, time.perf_counter() - t0)
     return {
-        "numpy_copy": 2 * nbytes / best_np,
+        "copy": 2 * nbytes / best_copy,
         "jax_add_donated": 2 * nbytes / best_jax,
     }
 
@@ -238,17 +259,27 @@ def main():
         help="skip optax above this many leaves (its compile grows superlinearly)",
     )
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: JAX on its default GPU, torch on cuda (files *_gpu.*)",
+    )
     args = ap.parse_args()
+    if args.device == "cuda" and jax.default_backend() != "gpu":
+        raise SystemExit(
+            f"--device cuda needs a JAX GPU backend, not {jax.default_backend()}"
+        )
     min_time = 0.25 if args.quick else 0.6
     names = list(CASES)
     if args.cases:
         names = [names[int(i)] for i in args.cases.split(",")]
     opts = args.opts.split(",")
 
-    bw = bandwidth()
+    bw = bandwidth(device=args.device)
     bw_best = max(bw.values())
     print(
-        f"bandwidth: numpy copy {bw['numpy_copy'] / 1e9:.1f} GB/s, "
+        f"bandwidth: {args.device} copy {bw['copy'] / 1e9:.1f} GB/s, "
         f"jax x+1 {bw['jax_add_donated'] / 1e9:.1f} GB/s"
     )
     rows = []
@@ -282,8 +313,9 @@ def main():
                 row.update({f"{key}_ms": 1e3 * t, f"{key}_compile_s": ct})
             for mode in ("foreach", "fused"):
                 try:
-                    t, sb = bench_torch(tcls, tkw, sizes, mode, min_time)
-                except TypeError:  # no fused kernel (RMSprop): torch's best is foreach
+                    t, sb = bench_torch(tcls, tkw, sizes, mode, min_time, args.device)
+                except (TypeError, RuntimeError):
+                    # no fused kernel (RMSprop): torch's best is foreach
                     row[f"torch_{mode}_ms"] = None
                     continue
                 row[f"torch_{mode}_ms"] = 1e3 * t
@@ -306,7 +338,7 @@ def main():
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
-        "machine": machine(),
+        "machine": machine(args.device),
         "bandwidth_bytes_per_s": bw,
         "versions": {
             "jax": jax.__version__,
@@ -316,19 +348,22 @@ def main():
         },
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
-    (out / "bench_step.json").write_text(
+    stem = "bench_step" + ("_gpu" if args.device == "cuda" else "")
+    (out / f"{stem}.json").write_text(
         json.dumps({"meta": meta, "rows": rows}, indent=1)
     )
     md = markdown(meta, rows)
-    (out / "bench_step.md").write_text(md)
+    (out / f"{stem}.md").write_text(md)
     print(md)
     try:
-        plot(rows, out / "bench_step.png")
+        plot(rows, out / f"{stem}.png")
     except ImportError:  # pragma: no cover - matplotlib is an examples extra
         print("matplotlib missing: no plot")
 
 
-def machine() -> str:
+def machine(device="cpu") -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} (JAX: {jax.devices()[0].device_kind})"
     cpu = platform.processor() or platform.machine()
     try:
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
@@ -361,8 +396,8 @@ def markdown(meta, rows) -> str:
     bw = meta["bandwidth_bytes_per_s"]
     lines = [
         f"Machine: {meta['machine']}; streaming bandwidth "
-        f"{max(bw.values()) / 1e9:.1f} GB/s (numpy copy "
-        f"{bw['numpy_copy'] / 1e9:.1f}, JAX x+1 {bw['jax_add_donated'] / 1e9:.1f}); "
+        f"{max(bw.values()) / 1e9:.1f} GB/s (copy "
+        f"{bw['copy'] / 1e9:.1f}, JAX x+1 {bw['jax_add_donated'] / 1e9:.1f}); "
         + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
         + ". Median ms per step, params and state donated; compile in s.",
         "",

@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from jax.experimental import sparse as jsparse
 
-from . import _groups, _multi_tensor
+from . import _groups, _multi_tensor, _tree, _validate
 from ._math import widest_float
 from ._tree import PyTree, flatten_grads, is_trainable, leaf_paths
 
@@ -100,6 +100,10 @@ class _Definition:
     sparse_grads: bool = False
     complex_error: ComplexError | None = None
     elementwise: bool = False
+    # (shape, dtype, group name) -> {slot: (shape, dtype)}, see _check_slots
+    slot_specs: dict = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def group_values(self, name: str) -> dict[str, Any]:
         values = {**self.hyperparams, **self.options}
@@ -155,6 +159,26 @@ def make_optimizer(
     """
     options = dict(options or {})
     hyperparams = dict(hyperparams)
+    _validate.check_param_groups(param_groups)
+    _validate.check_not_traced(name, {**hyperparams, **options})
+    if validate is not None:
+        with _validate.torch_semantics(name, hyperparams):
+            validate({**hyperparams, **options})
+    if param_groups is not None:
+        known = {*hyperparams, *options}
+        for group, values in param_groups.overrides.items():
+            unknown = sorted(set(values) - known)
+            if unknown:
+                raise ValueError(
+                    f"param group {group!r}: {name} has no hyperparameter "
+                    f"{unknown[0]!r}; known: {sorted(known)}"
+                )
+            _validate.check_not_traced(f"{name} param group {group!r}", values)
+            if validate is not None:
+                with _validate.torch_semantics(name, values):
+                    validate({**hyperparams, **options, **values})
+    defaults = {**hyperparams, **options, **dict(extra_defaults or {})}
+    hyperparams, param_groups = _numeric_hyperparams(hyperparams, param_groups)
     definition = _Definition(
         name,
         rule,
@@ -167,22 +191,49 @@ def make_optimizer(
         complex_error,
         elementwise,
     )
-    if validate is not None:
-        validate({**hyperparams, **options})
-    if param_groups is not None:
-        known = {*hyperparams, *options}
-        for group, values in param_groups.overrides.items():
-            unknown = sorted(set(values) - known)
-            if unknown:
-                raise ValueError(
-                    f"param group {group!r}: {name} has no hyperparameter "
-                    f"{unknown[0]!r}; known: {sorted(known)}"
-                )
-            if validate is not None:
-                validate(definition.group_values(group))
-
-    defaults = {**hyperparams, **options, **dict(extra_defaults or {})}
     return build_optimizer(definition, defaults)
+
+
+def _numeric_hyperparams(
+    hyperparams: dict[str, Any], groups: _groups.ParamGroups | None
+) -> tuple[dict[str, Any], _groups.ParamGroups | None]:
+    """1-element arrays as 0-d (torch's 1-element tensors act as scalars), in
+    the defaults and in every group's overrides."""
+    canonical = _validate.canonical_hyperparameter
+    hyperparams = {k: canonical(v) for k, v in hyperparams.items()}
+    if groups is None:
+        return hyperparams, None
+    overrides = {
+        group: {k: canonical(v) if k in hyperparams else v for k, v in values.items()}
+        for group, values in groups.overrides.items()
+    }
+    return hyperparams, _groups.ParamGroups(groups.labels, overrides)
+
+
+def _check_hyperparams(definition: _Definition) -> None:
+    """Every hyperparameter is numeric and has one shape in every group.
+
+    Checked by ``init`` (torch accepts anything at construction and fails at
+    its first step), naming the argument: ``TypeError`` for a non-number,
+    ``ValueError`` for a group value of another shape.
+    """
+    name = definition.name
+    for key, value in definition.hyperparams.items():
+        _validate.check_hyperparameter(name, key, value)
+        _validate.check_hyperparameter_shape(name, key, value)
+    if definition.groups is None:
+        return
+    for group, values in definition.groups.overrides.items():
+        where = f"{name} param group {group!r}"
+        for key in [k for k in values if k in definition.hyperparams]:
+            _validate.check_hyperparameter(where, key, values[key])
+            shape = np.shape(values[key])
+            expected = np.shape(definition.hyperparams[key])
+            if shape != expected:
+                raise ValueError(
+                    f"{where}: {key} has shape {shape}; {name}'s {key} has "
+                    f"shape {expected}"
+                )
 
 
 def build_optimizer(definition: _Definition, defaults: Mapping[str, Any]) -> Optimizer:
@@ -240,6 +291,7 @@ def _check_complex(definition: _Definition, params: PyTree) -> None:
 
 
 def _init(definition: _Definition, params: PyTree) -> OptState:
+    _check_hyperparams(definition)
     if isinstance(params, _multi_tensor.FlatParams):
         return _multi_tensor.init_flat(definition, params)
     _check_complex(definition, params)
@@ -262,29 +314,149 @@ def _init(definition: _Definition, params: PyTree) -> OptState:
     return OptState(jnp.zeros(len(leaves), jnp.int32), hparams, slots)
 
 
-def _check_state(definition: _Definition, state: Any, n_leaves: int, n_groups: int):
+def _check_state(
+    definition: _Definition,
+    state: Any,
+    n_leaves: int,
+    n_groups: int,
+    params: PyTree = None,
+):
     if not isinstance(state, OptState):
         raise TypeError(
             f"{definition.name} expects the state made by its init(), got "
             f"{type(state).__name__}"
         )
-    if set(state.hparams) != set(definition.hyperparams):
+    if not isinstance(state.hparams, Mapping) or set(state.hparams) != set(
+        definition.hyperparams
+    ):
+        held = sorted(state.hparams) if isinstance(state.hparams, Mapping) else None
         raise ValueError(
             f"this state was made by another optimizer: it holds hyperparameters "
-            f"{sorted(state.hparams)}, {definition.name} has "
-            f"{sorted(definition.hyperparams)}"
+            f"{held}, {definition.name} has {sorted(definition.hyperparams)}"
         )
-    if state.step.shape != (n_leaves,):
+    if np.ndim(state.step) != 1:
         raise ValueError(
-            f"this state was made for a param tree with {state.step.shape[0]} "
-            f"leaves; params have {n_leaves}"
+            f"this state's step counts have shape {np.shape(state.step)}; "
+            f"params have {n_leaves} leaves"
         )
-    n_state_groups = next(iter(state.hparams.values())).shape[0] if state.hparams else 0
+    if np.shape(state.step) != (n_leaves,):
+        detail = ""
+        slots = [t for t in state.slots.values() if isinstance(t, dict | list | tuple)]
+        if params is not None and slots:
+            where = _tree.describe_structure_mismatch(params, slots[0], "the state")
+            detail = f" ({where})"
+        raise ValueError(
+            f"this state was made for a param tree with {np.shape(state.step)[0]} "
+            f"leaves; params have {n_leaves}{detail}"
+        )
+    shapes = [np.shape(v) for v in state.hparams.values()]
+    n_state_groups = shapes[0][0] if shapes and shapes[0] else 0
     if state.hparams and n_state_groups != n_groups:
         raise ValueError(
             f"this state has {n_state_groups} parameter groups; params resolve "
             f"to {n_groups}"
         )
+
+
+def _slot_spec(definition: _Definition, leaf: Any, group: str) -> dict:
+    """``{slot: (shape, dtype)}`` that ``init`` makes for a leaf like ``leaf``
+    in ``group`` (traced once per shape, dtype and group, then cached)."""
+    key = (tuple(leaf.shape), np.dtype(leaf.dtype), group)
+    spec = definition.slot_specs.get(key)
+    if spec is None:
+        values = definition.group_values(group)
+        shapes = jax.eval_shape(
+            lambda p: definition.init_slots(p, values),
+            jax.ShapeDtypeStruct(leaf.shape, leaf.dtype),
+        )
+        spec = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in shapes.items()}
+        definition.slot_specs[key] = spec
+    return spec
+
+
+def _array_spec(x: Any) -> tuple | None:
+    if not isinstance(x, jax.Array | np.ndarray):
+        return None
+    return tuple(x.shape), np.dtype(x.dtype)
+
+
+def _check_slots(
+    definition: _Definition,
+    params: PyTree,
+    leaves: list,
+    names: list[str],
+    group_of: list[int | None],
+    state: OptState,
+) -> dict[str, list]:
+    """The state's buffers, leaf by leaf, checked against what ``init`` makes.
+
+    Raises ``ValueError`` naming the first leaf whose buffers differ in name,
+    shape or dtype: a state made by another optimizer, with other options,
+    or for another param tree (``TypeError`` for a buffer that is not an
+    array). Runs at trace time (free under ``jit``).
+    """
+    treedef = jax.tree.structure(params)
+    slot_leaves = {}
+    for k, t in state.slots.items():
+        try:
+            slot_leaves[k] = treedef.flatten_up_to(t)
+        except (ValueError, TypeError) as e:
+            detail = _tree.describe_structure_mismatch(params, t, repr(k))
+            raise ValueError(
+                f"this {definition.name} state was made for another param tree: "
+                f"its buffer {k!r} does not have the structure of params ({detail})"
+            ) from e
+    paths = None
+    for i, (p, g) in enumerate(zip(leaves, group_of)):
+        own = {k: v[i] for k, v in slot_leaves.items() if v[i] is not None}
+        if g is None:
+            expected = {}
+        else:
+            expected = _slot_spec(definition, p, names[g])
+        if set(own) == set(expected) and all(
+            _array_spec(v) == expected[k] for k, v in own.items()
+        ):
+            continue
+        paths = paths or leaf_paths(params)
+        where = f"params{paths[i]}"
+        if set(own) != set(expected):
+            raise ValueError(
+                f"{where}: this state holds buffers {sorted(own)} for it, "
+                f"{definition.name} with these options makes {sorted(expected)}: "
+                "the state was made by another optimizer, with other options "
+                "or for another param tree"
+            )
+        for k, v in own.items():
+            if not isinstance(v, jax.Array | np.ndarray):
+                raise TypeError(
+                    f"{where}: state buffer {k!r} must be an array, got "
+                    f"{type(v).__name__}"
+                )
+            shape, dtype = _array_spec(v)
+            if (shape, dtype) != expected[k]:
+                raise ValueError(
+                    f"{where}: state buffer {k!r} is {dtype}{list(shape)}, "
+                    f"{definition.name} makes {expected[k][1]}"
+                    f"{list(expected[k][0])} for this {p.dtype}{list(p.shape)} "
+                    "param: the state was made for another param tree or with "
+                    "other options"
+                )
+    return slot_leaves
+
+
+def check_step(definition: _Definition, params: PyTree, grads: PyTree, state: Any):
+    """Every trace-time check of ``step(params, grads, state)``.
+
+    Returns ``(leaves, grad_leaves, names, group_of, slot_leaves)``.
+    """
+    _check_complex(definition, params)
+    leaves, grad_leaves = flatten_grads(params, grads)
+    if not definition.sparse_grads:
+        _check_dense(definition, params, grad_leaves)
+    names, group_of = _groups.resolve(definition.groups, params)
+    _check_state(definition, state, len(leaves), len(names), params)
+    slot_leaves = _check_slots(definition, params, leaves, names, group_of, state)
+    return leaves, grad_leaves, names, group_of, slot_leaves
 
 
 def _as_real(x: jax.Array) -> jax.Array:
@@ -310,21 +482,12 @@ def _apply(definition, params, grads, state, has_grad):
     """``(new_params, new_state)``: torch's ``optimizer.step()``."""
     if isinstance(params, _multi_tensor.FlatParams):
         return _multi_tensor.apply_flat(definition, params, grads, state, has_grad)
-    _check_complex(definition, params)
-    leaves, grad_leaves = flatten_grads(params, grads)
-    if not definition.sparse_grads:
-        _check_dense(definition, params, grad_leaves)
+    leaves, grad_leaves, names, group_of, slot_leaves = check_step(
+        definition, params, grads, state
+    )
     treedef = jax.tree.structure(params)
-    names, group_of = _groups.resolve(definition.groups, params)
-    _check_state(definition, state, len(leaves), len(names))
     values = [definition.group_values(n) for n in names]
     options = [{k: v[k] for k in definition.options} for v in values]
-    try:
-        slot_leaves = {k: treedef.flatten_up_to(t) for k, t in state.slots.items()}
-    except (ValueError, TypeError) as e:
-        raise ValueError(
-            f"this {definition.name} state's buffers do not match the params tree"
-        ) from e
     mask = None if has_grad is None else treedef.flatten_up_to(has_grad)
 
     new_leaves, increments = [], []

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _groups
+from . import _groups, _math
 from ._math import widest_float
 from ._tree import is_trainable
 
@@ -198,6 +198,17 @@ class Bucket:
         pieces = jnp.split(flat, cuts[:-1]) if len(cuts) > 1 else [flat]
         return [pieces[k].reshape(s) for k, s in zip(keep, shapes)]
 
+    def scalar_loop_mask(self) -> jax.Array:
+        """``bool[n_rows, width]``: the elements torch's CPU loop over their
+        own leaf runs in its scalar tail (:func:`funcopt._math.add`)."""
+        start = np.empty(self.n_rows, np.int64)
+        for first, rows, size in zip(self.first_row, self.rows, self.sizes):
+            tail = size - _math.scalar_loop_elements(size)
+            start[first : first + rows] = tail - np.arange(rows) * self.width
+        start = np.clip(start, 0, self.width).astype(np.int32)
+        col = jax.lax.broadcasted_iota(jnp.int32, (self.n_rows, self.width), 1)
+        return col >= jnp.asarray(start)[:, None]
+
     def pack_scalars(self, values: Sequence[jax.Array]) -> jax.Array:
         """Per-leaf 0-dim slots -> ``[n_rows]`` (one value per row)."""
         per_leaf = jnp.stack([jnp.asarray(v) for v in values])
@@ -262,7 +273,9 @@ def run_bucket(definition, bucket, p, g, slots, steps, hparams, options, mask):
     """
     step = bucket.expand(steps + 1).astype(widest_float())
     wide = {k: v[:, None] if v.ndim == 1 else v for k, v in slots.items()}
-    new_p, new_slots = definition.rule(p, g, dict(wide), step, hparams, options)
+    # 16-bit rules round like torch's loop over each leaf (see _math.add)
+    with _math.packed_leaves(p.shape, bucket.sizes, bucket.scalar_loop_mask):
+        new_p, new_slots = definition.rule(p, g, dict(wide), step, hparams, options)
     new_slots = {
         k: jnp.broadcast_to(v, wide[k].shape).astype(wide[k].dtype)
         for k, v in new_slots.items()

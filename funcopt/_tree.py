@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import sparse as jsparse
 
 PyTree = Any
 
@@ -37,27 +38,38 @@ def leaf_paths(tree: PyTree) -> list[str]:
     ]
 
 
-def _describe_structure_mismatch(params: PyTree, grads: PyTree) -> str:
+def _is_leaf_like(x: Any) -> bool:
+    # None (no gradient / no buffer) and sparse gradients count as leaves
+    return x is None or isinstance(x, jsparse.BCOO)
+
+
+def describe_structure_mismatch(params: PyTree, other: PyTree, name: str) -> str:
+    """Which key paths ``other`` lacks or adds compared to ``params``."""
     param_paths = leaf_paths(params)
-    grad_paths = [
+    other_paths = [
         jax.tree_util.keystr(path)
         for path, _ in jax.tree_util.tree_flatten_with_path(
-            grads, is_leaf=lambda x: x is None
+            other, is_leaf=_is_leaf_like
         )[0]
     ]
-    missing = [p for p in param_paths if p not in set(grad_paths)]
-    extra = [p for p in grad_paths if p not in set(param_paths)]
+    missing = [p for p in param_paths if p not in set(other_paths)]
+    extra = [p for p in other_paths if p not in set(param_paths)]
     parts = []
     if missing:
-        parts.append(f"missing from grads: {', '.join(missing[:5])}")
+        parts.append(f"missing from {name}: {', '.join(missing[:5])}")
     if extra:
         parts.append(f"not in params: {', '.join(extra[:5])}")
     if not parts:
         parts.append(
             f"params structure {jax.tree.structure(params)} != "
-            f"grads structure {jax.tree.structure(grads, is_leaf=lambda x: x is None)}"
+            f"{name} structure {jax.tree.structure(other, is_leaf=_is_leaf_like)}"
         )
-    return "grads do not have the structure of params (" + "; ".join(parts) + ")"
+    return "; ".join(parts)
+
+
+def _describe_structure_mismatch(params: PyTree, grads: PyTree) -> str:
+    detail = describe_structure_mismatch(params, grads, "grads")
+    return f"grads do not have the structure of params ({detail})"
 
 
 def flatten_grads(params: PyTree, grads: PyTree) -> tuple[list, list]:

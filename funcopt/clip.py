@@ -162,6 +162,22 @@ def _check_finite(total: jax.Array, norm_type: float) -> None:
     jax.debug.callback(callback, total)
 
 
+def _float_arg(x: Any, what: str) -> float:
+    """torch's ``float(x)`` of a Python number or a 1-element tensor."""
+    if isinstance(x, jax.core.Tracer):
+        raise TypeError(
+            f"{what} must be a Python number: it selects the computation, so it "
+            "cannot be a traced value"
+        )
+    if isinstance(x, jax.Array | np.ndarray):
+        if np.size(x) != 1:
+            raise ValueError(
+                f"{what} must be a number or a 1-element array, got shape {np.shape(x)}"
+            )
+        x = np.asarray(x).reshape(())
+    return float(x)
+
+
 def _flat(grads: PyTree, has_grad: PyTree | None):
     leaves, treedef = jax.tree.flatten(grads, is_leaf=lambda x: x is None)
     idx = [i for i, g in enumerate(leaves) if g is not None and is_trainable(g)]
@@ -189,6 +205,7 @@ def get_total_norm(
     ``tensor(0.)``. ``foreach`` is accepted and ignored.
     """
     del foreach
+    norm_type = _float_arg(norm_type, "norm_type")
     leaves, _, idx, mask = _flat(grads, has_grad)
     total = _total_norm([leaves[i] for i in idx], norm_type, mask)
     if error_if_nonfinite:
@@ -213,14 +230,22 @@ def clip_grads_with_norm(
     are ``None`` or flagged undefined in ``has_grad`` are returned unchanged.
     """
     del foreach
+    # torch's ``max_norm = float(max_norm)``, first; an array (traced too)
+    # is kept as an array, but must hold one value as a tensor must for float()
+    if isinstance(max_norm, jax.Array | np.ndarray):
+        if np.size(max_norm) != 1:
+            raise ValueError(
+                "clip_grads_with_norm: max_norm must be a number or a 1-element "
+                f"array, got shape {np.shape(max_norm)}"
+            )
+    else:
+        max_norm = float(max_norm)
     leaves, treedef, idx, mask = _flat(grads, has_grad)
     if not idx:
         return grads
     total_norm = jnp.asarray(total_norm)
-    if isinstance(max_norm, int | float | np.number):
-        max_norm = float(max_norm)
-    else:
-        max_norm = jnp.asarray(max_norm, total_norm.dtype)
+    if not isinstance(max_norm, float):
+        max_norm = jnp.asarray(max_norm, total_norm.dtype).reshape(())
     # torch: max_norm / (total_norm + 1e-6) is Tensor.__rtruediv__,
     # i.e. (total_norm + 1e-6).reciprocal() * max_norm
     coef = jnp.reciprocal(total_norm + 1e-6) * max_norm
@@ -294,7 +319,7 @@ def clip_grad_value(
     ``foreach`` is accepted and ignored. Same as ``optax.clip(clip_value)``.
     """
     del foreach
-    c = float(clip_value)
+    c = _float_arg(clip_value, "clip_value")
     leaves, treedef, idx, mask = _flat(grads, has_grad)
     out = list(leaves)
     for k, i in enumerate(idx):

@@ -3,7 +3,10 @@
 Regenerate the docs table with ``python -m tests.reliability_table``.
 """
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import sparse as jsparse
 
 import funcopt as fo
 
@@ -28,6 +31,43 @@ def _missing():
 
 
 C = {"w": jnp.zeros((2, 2), jnp.complex64)}
+# the same number of leaves as P, other key paths; P's leaves in bfloat16
+OTHER = {"x": jnp.ones((4, 3)), "y": jnp.zeros(3), "z": jnp.arange(2)}
+P16 = {
+    "dense": {
+        "kernel": jnp.ones((4, 3), jnp.bfloat16),
+        "bias": jnp.zeros(3, jnp.bfloat16),
+    },
+    "n": jnp.arange(2),
+}
+SPARSE = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
+
+
+def _sparse_missing():
+    opt = fo.sparse_adam()
+    grads = {"w": jsparse.BCOO.fromdense(jnp.ones((4, 3)))}
+    return opt.step(SPARSE, grads, opt.init(SPARSE))
+
+
+def _jit_wrong_shape():
+    opt = fo.adam()
+    return jax.jit(opt.step)(P, _g(kernel=jnp.ones((3, 4))), opt.init(P))
+
+
+def _traced_lr():
+    return jax.jit(lambda lr: fo.adam(lr=lr).init(P))(0.1)
+
+
+def _lbfgs(state=None, fn=None):
+    opt = fo.lbfgs()
+    grads = _g()
+    fn = fn if fn is not None else (lambda p: (jnp.asarray(1.0), grads))
+    return lambda: opt.step(P, opt.init(P) if state is None else state, fn)
+
+
+def _groups(values):
+    return fo.param_groups({"dense": {"kernel": "g", "bias": "g"}, "n": "g"}, values)
+
 
 # (bad input, call, exception type, message (regex))
 ROWS = [
@@ -86,6 +126,66 @@ ROWS = [
         r"made for a param tree with 1 leaves; params have 3",
     ),
     (
+        "a grad of the wrong shape, under jit (a trace-time check)",
+        _jit_wrong_shape,
+        ValueError,
+        r"params\['dense'\]\['kernel'\]: grad shape \(3, 4\) != param shape \(4, 3\)",
+    ),
+    (
+        "sparse grads missing a leaf, SparseAdam",
+        _sparse_missing,
+        TypeError,
+        r"grads do not have the structure of params \(missing from grads: \['b'\]\)",
+    ),
+    (
+        "a state of another param tree with as many leaves",
+        _step(_g(), fo.adam(), fo.adam().init(OTHER)),
+        ValueError,
+        r"this Adam state was made for another param tree: its buffer 'exp_avg' "
+        r"does not have the structure of params \(missing from 'exp_avg': "
+        r"\['dense'\]\['bias'\]",
+    ),
+    (
+        "a state of the bfloat16 version of the params",
+        _step(_g(), fo.adam(), fo.adam().init(P16)),
+        ValueError,
+        r"params\['dense'\]\['bias'\]: state buffer 'exp_avg' is bfloat16\[3\], "
+        r"Adam makes float32\[3\] for this float32\[3\] param",
+    ),
+    (
+        "a state of another optimizer with the same hyperparameters",
+        _step(_g(), fo.adamax(), fo.adam().init(P)),
+        ValueError,
+        r"params\['dense'\]\['bias'\]: this state holds buffers \['exp_avg', "
+        r"'exp_avg_sq'\] for it, Adamax with these options makes \['exp_avg', "
+        r"'exp_inf'\]",
+    ),
+    (
+        "a state made with other options",
+        _step(_g(), fo.adam(amsgrad=True), fo.adam().init(P)),
+        ValueError,
+        r"this state holds buffers \['exp_avg', 'exp_avg_sq'\] for it, Adam with "
+        r"these options makes \['exp_avg', 'exp_avg_sq', 'max_exp_avg_sq'\]",
+    ),
+    (
+        "LBFGS, a value_and_grad_fn that is not a function",
+        _lbfgs(fn=3),
+        TypeError,
+        r"LBFGS: value_and_grad_fn must be a function params -> \(loss, grads\)",
+    ),
+    (
+        "LBFGS, a state of the bfloat16 version of the params",
+        _lbfgs(state=fo.lbfgs().init(P16)),
+        ValueError,
+        r"this LBFGS state's 'd' is bfloat16\[15\]; params need float32 vectors",
+    ),
+    (
+        "LBFGS, a gradient of the wrong shape",
+        _lbfgs(fn=lambda p: (jnp.asarray(1.0), _g(kernel=jnp.ones((3, 4))))),
+        ValueError,
+        r"params\['dense'\]\['kernel'\]: grad shape \(3, 4\) != param shape \(4, 3\)",
+    ),
+    (
         "None as the state",
         lambda: fo.adam().step(P, _g(), None),
         TypeError,
@@ -132,6 +232,77 @@ ROWS = [
         lambda: fo.adam(lr=float("nan")),
         ValueError,
         r"Invalid learning rate: nan",
+    ),
+    (
+        "lr traced (the optimizer made inside jit)",
+        _traced_lr,
+        TypeError,
+        r"Adam: lr is a traced JAX value; optimizer arguments are checked when the "
+        r"optimizer is made",
+    ),
+    (
+        "a multi-element array as eps",
+        lambda: fo.adam(eps=np.ones(2)),
+        RuntimeError,
+        r"^Boolean value of Tensor with more than one value is ambiguous$",
+    ),
+    (
+        "a string hyperparameter that torch checks only in step",
+        lambda: fo.sgd(dampening="x").init(P),
+        TypeError,
+        r"SGD: dampening must be a real number, got 'x'",
+    ),
+    (
+        "a number where torch unpacks a tuple",
+        lambda: fo.rprop(step_sizes=1e-3).init(P),
+        TypeError,
+        r"Rprop: step_sizes must be a tuple of 2 numbers, got 0.001",
+    ),
+    (
+        "a tuple of the wrong length",
+        lambda: fo.adam(betas=(0.9, 0.99, 0.5)).init(P),
+        ValueError,
+        r"Adam: betas must be a tuple of 2 numbers, got \(0.9, 0.99, 0.5\)",
+    ),
+    (
+        "param_groups not made by fo.param_groups",
+        lambda: fo.adam(param_groups={"head": {"lr": 0.1}}),
+        TypeError,
+        r"param_groups must be made by funcopt.param_groups\(labels, overrides\), "
+        r"got dict",
+    ),
+    (
+        "a group value of another shape",
+        lambda: fo.adam(param_groups=_groups({"g": {"betas": (0.9, 0.99, 0.5)}})).init(
+            P
+        ),
+        ValueError,
+        r"Adam param group 'g': betas has shape \(3,\); Adam's betas has shape "
+        r"\(2,\)",
+    ),
+    (
+        "StepLR, a float step_size",
+        lambda: fo.lr_scheduler.step_lr(step_size=2.5),
+        TypeError,
+        r"StepLR: step_size must be an int, got 2.5",
+    ),
+    (
+        "ExponentialLR, a string gamma",
+        lambda: fo.lr_scheduler.exponential_lr(gamma="x"),
+        TypeError,
+        r"ExponentialLR: gamma must be a real number, got 'x'",
+    ),
+    (
+        "clip_grad_norm, max_norm None",
+        lambda: fo.clip_grad_norm(_g(), None),
+        TypeError,
+        r"float\(\) argument must be a string or a real number, not 'NoneType'",
+    ),
+    (
+        "clip_grad_norm, a norm_type of two values",
+        lambda: fo.clip_grad_norm(_g(), 1.0, np.ones(2)),
+        ValueError,
+        r"norm_type must be a number or a 1-element array, got shape \(2,\)",
     ),
     (
         "skip_nonfinite with the inner state",

@@ -104,14 +104,81 @@ def test_zero_lr_leaves_params_unchanged(name, tree, seed):
 
 
 # ---- every torch.optim optimizer of the parity table (issue 8) ------------
+import torch  # noqa: E402
+
 from tests.parity.cases import OPT_CASES as _ALL_CASES  # noqa: E402
+from tests.torch_ref import (  # noqa: E402
+    make_grads,
+    make_params_for,
+    run_funcopt,
+    run_torch,
+    trainable_leaves,
+)
 
 TABLE = {
     c.name: c for c in _ALL_CASES if c.torch_cls.__module__.startswith("torch.optim")
 }
 # lr=0 moves params anyway: Rprop seeds step_size with lr, then clamps it to
-# step_sizes[0] > 0 (torch does the same)
+# step_sizes[0] > 0 (torch does the same). Every other optimizer of the table
+# leaves them unchanged, as torch does, except those whose reference refuses
+# lr=0 at construction (SparseAdam too: lr > 0). Checked against torch by
+# test_zero_lr_moves_exactly_where_torch_does; listed in docs/reliability.md.
 ZERO_LR_MOVES = {"rprop"}
+ZERO_LR_REFUSED = {
+    "lion",
+    "lion-decoupled",
+    "prodigy",
+    "prodigy-coupled-biascorr",
+    "prodigy-growth-slice",
+}
+
+
+@pytest.mark.parametrize("case", _ALL_CASES, ids=[c.name for c in _ALL_CASES])
+def test_zero_lr_moves_exactly_where_torch_does(case):
+    kwargs = {**case.combos()[-1], "lr": 0.0}
+    if case.name in ZERO_LR_REFUSED:
+        with pytest.raises(Exception) as theirs:
+            case.torch_cls([torch.zeros(2, requires_grad=True)], **kwargs)
+        with pytest.raises(type(theirs.value)):
+            case.factory(**kwargs)
+        return
+    rng = np.random.default_rng(0)
+    params = make_params_for(case, rng, np.float32)
+    grads = make_grads(rng, params, 1, with_none=False)
+    before = trainable_leaves(params)
+    theirs, _ = run_torch(case, kwargs, params, grads)
+    torch_moved = any(not np.array_equal(a, b) for a, b in zip(theirs, before))
+    assert torch_moved == (case.name in ZERO_LR_MOVES)
+    if case.name in TABLE:
+        return  # funcopt's side: test_every_optimizer_properties, on random trees
+    ours = trainable_leaves(run_funcopt(case, kwargs, params, grads, jit=False)[0])
+    assert any(not np.array_equal(a, b) for a, b in zip(ours, before)) == torch_moved
+
+
+def test_zero_lr_lbfgs_and_sparse_adam_as_torch():
+    p = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
+    topt = torch.optim.LBFGS([p], lr=0.0)
+
+    def closure():
+        topt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    topt.step(closure)
+    assert p.tolist() == [1.0, -2.0, 3.0]
+    opt = fo.lbfgs(lr=0.0)
+    x = {"x": jnp.asarray([1.0, -2.0, 3.0])}
+    new, _, _ = opt.step(
+        x, opt.init(x), jax.value_and_grad(lambda q: (q["x"] ** 2).sum())
+    )
+    np.testing.assert_array_equal(new["x"], x["x"])
+    with pytest.raises(ValueError, match="Invalid learning rate: 0.0"):
+        torch.optim.SparseAdam([p], lr=0.0)
+    with pytest.raises(ValueError, match="Invalid learning rate: 0.0"):
+        fo.sparse_adam(lr=0.0)
+
+
 few = settings(
     max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
@@ -158,15 +225,12 @@ def test_every_optimizer_properties(name, data, seed, tmp_path_factory):
         )[0]
     )
     jax.tree.map(close, (p, s), scan((params, state)))
-    # state: arrays only, round trip through a checkpoint
-    leaves, treedef = jax.tree.flatten(s)
-    assert all(isinstance(x, jax.Array) for x in leaves)
+    # state: arrays only, round trip through a funcopt checkpoint
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(s))
     path = tmp_path_factory.mktemp("ckpt") / "state.npz"
-    np.savez(path, *[np.asarray(x) for x in leaves])
-    with np.load(path) as f:
-        loaded = treedef.unflatten(
-            [jnp.asarray(f[f"arr_{i}"]) for i in range(len(leaves))]
-        )
+    fo.checkpoint.save(path, s)
+    loaded = fo.checkpoint.restore(path, like=opt.init(params))
+    assert jax.tree.structure(loaded) == jax.tree.structure(s)  # the treedef
     jax.tree.map(
         np.testing.assert_array_equal, step(p, grads, loaded), step(p, grads, s)
     )

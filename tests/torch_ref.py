@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import torch
 
@@ -35,6 +36,18 @@ class ErrorCase:
         import pytest
 
         return pytest.param(self, id=f"{self.name}-{self.kwargs}")
+
+    def funcopt_kwargs(self) -> dict[str, Any]:
+        """``kwargs`` with every torch tensor as the numpy array funcopt takes."""
+
+        def convert(x):
+            if isinstance(x, torch.Tensor):
+                return x.numpy()
+            if isinstance(x, tuple):
+                return tuple(convert(v) for v in x)
+            return x
+
+        return {k: convert(v) for k, v in self.kwargs.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +100,30 @@ def make_params_for(case: OptCase, rng, dtype):
     return (case.tree or make_params)(rng, dtype)
 
 
+def make_params_16bit(rng: np.random.Generator, dtype) -> dict:
+    """A tree for 16-bit runs: leaves sized for both of torch's CPU loops.
+
+    torch's CPU kernels run 16-bit tensors in blocks of 32 elements and the
+    rest in a scalar loop that rounds some ops differently: "k" has one block
+    and an 18-element tail, "w" one block and no tail, "s" only a tail.
+    """
+    return {
+        "frozen": np.arange(2, dtype=np.int32),
+        "k": rng.normal(size=(5, 10)).astype(dtype),
+        "s": np.asarray(rng.normal(), dtype=dtype),
+        "w": rng.normal(size=(4, 8)).astype(dtype),
+    }
+
+
+def make_params_16bit_for(case: OptCase, rng) -> dict:
+    """The row's tree twice: bfloat16 and float16 leaves, one optimizer."""
+    make = case.tree or make_params_16bit
+    return {
+        "bfloat16": make(rng, np.dtype(ml_dtypes.bfloat16)),
+        "float16": make(rng, np.dtype(np.float16)),
+    }
+
+
 def make_params(rng: np.random.Generator, dtype) -> dict:
     """A nested tree with a scalar leaf, several shapes and a frozen int leaf."""
     return {
@@ -122,11 +159,25 @@ def make_grads(rng, params, steps: int, with_none: bool) -> list:
     return seq
 
 
+def to_torch(x) -> torch.Tensor:
+    """A numpy (or JAX) array as a torch tensor of its dtype, bfloat16 included."""
+    x = np.asarray(x)
+    if x.dtype == ml_dtypes.bfloat16:
+        return torch.tensor(x.astype(np.float32)).to(torch.bfloat16)
+    return torch.tensor(np.array(x))
+
+
+def from_torch(t: torch.Tensor) -> np.ndarray:
+    """A torch tensor as a numpy array of its dtype, bfloat16 included."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.float().numpy().astype(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
 def torch_params(params) -> list[torch.Tensor]:
     return [
-        torch.tensor(np.array(p), requires_grad=True)
-        for p in jax.tree.leaves(params)
-        if is_trainable(p)
+        to_torch(p).requires_grad_() for p in jax.tree.leaves(params) if is_trainable(p)
     ]
 
 
@@ -141,9 +192,9 @@ def run_torch(case: OptCase, kwargs, params, grads_seq):
             g for g, p in zip(flat, jax.tree.leaves(params)) if is_trainable(p)
         ]
         for tp, g in zip(tparams, trainable_grads):
-            tp.grad = None if g is None else torch.tensor(np.array(g))
+            tp.grad = None if g is None else to_torch(g)
         opt.step()
-    return [p.detach().numpy() for p in tparams], [opt.state[p] for p in tparams]
+    return [from_torch(p) for p in tparams], [opt.state[p] for p in tparams]
 
 
 def run_funcopt(case: OptCase, kwargs, params, grads_seq, jit: bool):
@@ -154,6 +205,34 @@ def run_funcopt(case: OptCase, kwargs, params, grads_seq, jit: bool):
     for grads in grads_seq:
         grads = jax.tree.map(jnp.asarray, grads)
         params, state = step(params, grads, state)
+    return params, state
+
+
+def run_funcopt_flagged(case: OptCase, kwargs, params, grads_seq):
+    """:func:`run_funcopt` (jit) with ``None`` gradients as ``has_grad`` flags.
+
+    The same semantics (torch's ``p.grad = None``), compiled once instead of
+    once per ``None`` pattern. Non-trainable leaves keep their ``None``.
+    """
+    opt = case.factory(**kwargs)
+    params = jax.tree.map(jnp.asarray, params)
+    leaves, treedef = jax.tree.flatten(params)
+    state = opt.init(params)
+    step = jax.jit(opt.step)
+    for grads in grads_seq:
+        flat = treedef.flatten_up_to(grads)
+        has_grad = treedef.unflatten([g is not None for g in flat])
+        filled = treedef.unflatten(
+            [
+                g
+                if g is None and not is_trainable(p)
+                else jnp.zeros_like(p)
+                if g is None
+                else jnp.asarray(g)
+                for g, p in zip(flat, leaves)
+            ]
+        )
+        params, state = step(params, filled, state, has_grad=has_grad)
     return params, state
 
 
@@ -171,6 +250,22 @@ def slot_leaves(state, params, name) -> list:
 def step_counts(state, params) -> list[int]:
     leaves = jax.tree.leaves(params)
     return [int(s) for s, p in zip(np.asarray(state.step), leaves) if is_trainable(p)]
+
+
+def assert_same_bits(actual, expected, what):
+    """Bit for bit (any NaN matches any NaN), dtype included."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.dtype == expected.dtype, f"{what}: {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{what}: {actual.shape} != {expected.shape}"
+    uint = np.dtype(f"uint{8 * actual.dtype.itemsize}")
+    nan = np.isnan(actual.astype(np.float32)) & np.isnan(expected.astype(np.float32))
+    differ = (actual.view(uint) != expected.view(uint)) & ~nan
+    if differ.any():
+        i = np.unravel_index(np.argmax(differ), differ.shape)
+        raise AssertionError(
+            f"{what}: {int(differ.sum())} of {differ.size} elements differ, first "
+            f"at {tuple(int(j) for j in i)}: {actual[i]!r} != torch {expected[i]!r}"
+        )
 
 
 def assert_close(actual, expected, rtol, atol, what):

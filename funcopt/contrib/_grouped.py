@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import _groups
-from .._core import Optimizer, OptState
+from .._core import Optimizer, check_step
 from .._math import widest_float
 from .._tree import flatten_grads, is_trainable
 
@@ -84,11 +84,8 @@ def with_group_state(
     """``inner`` with a per-step group update (and reduction) before its rule."""
 
     def step_fn(params, grads, state, has_grad):
-        if not isinstance(state, OptState):
-            raise TypeError(
-                f"{inner.name} expects the state made by its init(), got "
-                f"{type(state).__name__}"
-            )
+        # the inner step's trace-time checks, before the group step reads state
+        check_step(inner.definition, params, grads, state)
         stats = (
             []
             if leaf_stats is None

@@ -8,6 +8,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
 from .._math import add, addcdiv, addcmul, lerp, scalar
@@ -15,6 +16,7 @@ from ._grouped import GroupStep, global_grad_scale, with_group_state
 from ._pytorch_optimizer import validate_betas, validate_lr, validate_non_negative
 
 
+@_validate.torch_checks("Adan")
 def _validate_adan(group: Mapping[str, Any]) -> None:
     validate_lr(group["lr"])
     validate_betas(group["betas"])

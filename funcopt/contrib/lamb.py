@@ -8,6 +8,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
 from .._math import add, addcdiv, scalar
@@ -18,6 +19,7 @@ from ._pytorch_optimizer import validate_betas, validate_lr, validate_non_negati
 CLAMP = 10.0  # Lamb.clamp: the weight norm's upper bound
 
 
+@_validate.torch_checks("Lamb")
 def _validate_lamb(group: Mapping[str, Any]) -> None:
     validate_lr(group["lr"])
     validate_betas(group["betas"])

@@ -8,15 +8,22 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
 from .._math import add, scalar
 
 
+@_validate.torch_checks("Lion")
 def _validate_lion(group: Mapping[str, Any]) -> None:
-    # lion-pytorch checks with bare asserts
-    assert group["lr"] > 0.0
-    assert all([0.0 <= beta <= 1.0 for beta in group["betas"]])
+    # lion-pytorch checks with bare asserts: the same AssertionError, here
+    # with a message (and also under ``python -O``)
+    if not group["lr"] > 0.0:
+        raise AssertionError(f"Lion: lr must be > 0, got {group['lr']!r}")
+    if not all([0.0 <= beta <= 1.0 for beta in group["betas"]]):
+        raise AssertionError(
+            f"Lion: betas must each be in [0, 1], got {group['betas']!r}"
+        )
 
 
 def _lion_slots(param, group):

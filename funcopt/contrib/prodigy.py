@@ -39,12 +39,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
 from .._math import add, addcdiv, addcmul, scalar, widest_float
 from ._grouped import GroupStep, with_group_state
 
 
+@_validate.torch_checks("Prodigy")
 def _validate_prodigy(group: Mapping[str, Any]) -> None:
     """``Prodigy.__init__``'s checks, in its order (constructor arguments only:
     torch does not check param-group overrides, and a group ``lr`` of 0 is
@@ -60,6 +62,9 @@ def _validate_prodigy(group: Mapping[str, Any]) -> None:
         raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
     if not 0.0 <= betas[1] < 1.0:
         raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    # the reference prints a note here; the comparison is its type check
+    if group.get("decouple") and group.get("weight_decay", 0) > 0:
+        pass
 
 
 def _check_slice_p(slice_p: Any, where: str) -> None:
@@ -300,14 +305,24 @@ def prodigy(
     any group's :math:`\beta_1 > 0` at construction; the reference creates it
     from group 0's) and ``exp_avg_sq``.
     """
+    _validate_prodigy(
+        dict(
+            d0=d0,
+            lr=lr,
+            eps=eps,
+            betas=betas,
+            decouple=decouple,
+            weight_decay=weight_decay,
+        )
+    )
     if fsdp_in_use:
         raise NotImplementedError(
             "funcopt.contrib.prodigy: fsdp_in_use=True is not supported; JAX "
             "reductions over sharded arrays are already global, so leave it "
             "False (the reference uses it to all-reduce with torch.distributed)"
         )
-    _validate_prodigy(dict(d0=d0, lr=lr, eps=eps, betas=betas))
     _check_slice_p(slice_p, "")
+    _validate.check_param_groups(param_groups)
     nan = float("nan")
     if param_groups is not None:
         overrides = {}

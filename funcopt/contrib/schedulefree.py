@@ -40,7 +40,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .. import _groups
+from .. import _groups, _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
 from .._math import add, lerp, scalar
@@ -125,6 +125,7 @@ def _sgd_rule(param, grad, slots, step, hparams, options):
     return y, {"z": z}
 
 
+@_validate.torch_checks("SGDScheduleFree")
 def _validate_sgd(group: Mapping[str, Any]) -> None:
     lr, weight_decay, momentum = group["lr"], group["weight_decay"], group["momentum"]
     if lr < 0.0:

@@ -24,6 +24,7 @@ with an ``epoch`` and :func:`~funcopt.lr_scheduler.sequential_lr` milestones.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -118,6 +119,45 @@ def pick(param: Any, group: int) -> Any:
 
 def is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
+
+
+def _is_real(x: Any) -> bool:
+    if isinstance(x, numbers.Real):  # bool, int, float, numpy real scalars
+        return True
+    if isinstance(x, np.ndarray | jax.Array) and not isinstance(x, jax.core.Tracer):
+        return np.ndim(x) == 0 and np.asarray(x).dtype.kind in "biuf"
+    return False
+
+
+def check_arguments(
+    name: str,
+    *,
+    ints: dict[str, Any] | None = None,
+    reals: dict[str, Any] | None = None,
+    group_reals: dict[str, Any] | None = None,
+) -> None:
+    """``TypeError`` naming an argument of the wrong type.
+
+    torch takes these as they come and fails (or computes with them) in
+    ``step``; funcopt turns them into arrays, so it checks them when the
+    scheduler is made, after torch's own checks. ``ints``: integers (not bools);
+    ``reals``: real numbers (or 0-d real arrays); ``group_reals``: a real
+    number or a list/tuple of them, one per parameter group. A traced value
+    is refused: schedulers are configuration, made outside ``jit``.
+    """
+    for key, value in (ints or {}).items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name}: {key} must be an int, got {value!r}")
+    for key, value in (reals or {}).items():
+        if not _is_real(value):
+            raise TypeError(f"{name}: {key} must be a real number, got {value!r}")
+    for key, value in (group_reals or {}).items():
+        items = value if isinstance(value, list | tuple) else [value]
+        if not all(_is_real(v) for v in items):
+            raise TypeError(
+                f"{name}: {key} must be a real number or a list of them (one per "
+                f"parameter group), got {value!r}"
+            )
 
 
 def raise_errors(templates: Sequence[str], errors: Errors) -> None:

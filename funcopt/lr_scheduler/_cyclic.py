@@ -14,6 +14,7 @@ from .._hparams import get_hparam, set_hparam
 from ._base import (
     Scheduler,
     as_float,
+    check_arguments,
     const,
     current_lr,
     div,
@@ -236,7 +237,23 @@ def cyclic_lr(
     """
     args = (base_lr, max_lr, step_size_up, step_size_down, mode, gamma)
     args += (scale_fn, scale_mode, cycle_momentum, base_momentum, max_momentum)
-    return CyclicLR(*args, last_epoch)
+    sched = CyclicLR(*args, last_epoch)
+    check_arguments(
+        "CyclicLR",
+        ints={"last_epoch": last_epoch},
+        reals={
+            "step_size_up": step_size_up,
+            "gamma": gamma,
+            **({} if step_size_down is None else {"step_size_down": step_size_down}),
+        },
+        group_reals={
+            "base_lr": base_lr,
+            "max_lr": max_lr,
+            "base_momentum": base_momentum,
+            "max_momentum": max_momentum,
+        },
+    )
+    return sched
 
 
 # --------------------------------------------------------------------------
@@ -441,7 +458,18 @@ def one_cycle_lr(
     """
     args = (max_lr, total_steps, epochs, steps_per_epoch, pct_start)
     args += (anneal_strategy, cycle_momentum, base_momentum, max_momentum)
-    return OneCycleLR(*args, div_factor, final_div_factor, three_phase, last_epoch)
+    sched = OneCycleLR(*args, div_factor, final_div_factor, three_phase, last_epoch)
+    check_arguments(
+        "OneCycleLR",
+        ints={"last_epoch": last_epoch},
+        reals={"div_factor": div_factor, "final_div_factor": final_div_factor},
+        group_reals={
+            "max_lr": max_lr,
+            "base_momentum": base_momentum,
+            "max_momentum": max_momentum,
+        },
+    )
+    return sched
 
 
 # --------------------------------------------------------------------------
@@ -526,4 +554,8 @@ def swalr(
     :math:`\eta_k = s\,\alpha_k + \eta_0(1 - \alpha_k)`. A ``swa_lr`` list of
     the wrong length raises torch's ``ValueError`` at ``init``.
     """
-    return SWALR(swa_lr, anneal_epochs, anneal_strategy, last_epoch)
+    sched = SWALR(swa_lr, anneal_epochs, anneal_strategy, last_epoch)
+    check_arguments(
+        "SWALR", ints={"last_epoch": last_epoch}, group_reals={"swa_lr": swa_lr}
+    )
+    return sched

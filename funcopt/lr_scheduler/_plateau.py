@@ -8,7 +8,15 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ._base import Scheduler, const, current_lr, int32, is_concrete, write_lr
+from ._base import (
+    Scheduler,
+    check_arguments,
+    const,
+    current_lr,
+    int32,
+    is_concrete,
+    write_lr,
+)
 
 
 class PlateauState(NamedTuple):
@@ -134,6 +142,13 @@ def reduce_lr_on_plateau(
     ``init``). Deviation: a NaN lr is handled by ``jnp.maximum`` (NaN), where
     Python's ``max`` depends on the argument order.
     """
-    return ReduceLROnPlateau(
+    sched = ReduceLROnPlateau(
         mode, factor, patience, threshold, threshold_mode, cooldown, min_lr, eps
     )
+    check_arguments(
+        "ReduceLROnPlateau",
+        ints={"patience": patience, "cooldown": cooldown},
+        reals={"factor": factor, "threshold": threshold, "eps": eps},
+        group_reals={"min_lr": min_lr},
+    )
+    return sched

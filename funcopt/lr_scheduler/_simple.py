@@ -8,6 +8,7 @@ the group's current lr (the recursive forms read it from the state).
 from __future__ import annotations
 
 import math
+import numbers
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 from ._base import (
     Scheduler,
     as_float,
+    check_arguments,
     const,
     current_lr,
     div,
@@ -93,7 +95,9 @@ def lambda_lr(lr_lambda: LrLambda | list[LrLambda], last_epoch: int = -1) -> Sch
     10)``; no Python ``if`` on it). A wrong list length raises torch's
     ``ValueError`` at ``init`` (where the groups are known).
     """
-    return LambdaLR(lr_lambda, last_epoch)
+    sched = LambdaLR(lr_lambda, last_epoch)
+    check_arguments("LambdaLR", ints={"last_epoch": last_epoch})
+    return sched
 
 
 def multiplicative_lr(
@@ -106,7 +110,9 @@ def multiplicative_lr(
     no closed form, so ``step(epoch=...)`` multiplies the current lr by
     :math:`\lambda(\text{epoch})`, as torch does.
     """
-    return MultiplicativeLR(lr_lambda, last_epoch)
+    sched = MultiplicativeLR(lr_lambda, last_epoch)
+    check_arguments("MultiplicativeLR", ints={"last_epoch": last_epoch})
+    return sched
 
 
 class StepLR(Scheduler):
@@ -131,6 +137,11 @@ def step_lr(step_size: int, gamma: float = 0.1, last_epoch: int = -1) -> Schedul
     r"""``torch.optim.lr_scheduler.StepLR``: :math:`\eta_e = \gamma\,\eta_{e-1}`
     when :math:`e > 0` and ``e % step_size == 0``; closed form
     :math:`b\,\gamma^{\lfloor e / \text{step\_size} \rfloor}`."""
+    check_arguments(
+        "StepLR",
+        ints={"step_size": step_size, "last_epoch": last_epoch},
+        reals={"gamma": gamma},
+    )
     return StepLR(step_size, gamma, last_epoch)
 
 
@@ -171,6 +182,18 @@ def multi_step_lr(
     \gamma^{c(e)}\eta_{e-1}` where :math:`c(e)` counts ``e`` in
     ``milestones`` (duplicates compound, order does not matter); closed form
     :math:`b\,\gamma^{\#\{m \le e\}}`."""
+    milestones = list(milestones) if isinstance(milestones, Iterable) else milestones
+    check_arguments(
+        "MultiStepLR",
+        ints={"last_epoch": last_epoch},
+        reals={"gamma": gamma},
+    )
+    if not isinstance(milestones, list) or not all(
+        isinstance(m, numbers.Integral) for m in milestones
+    ):
+        raise TypeError(
+            f"MultiStepLR: milestones must be a list of ints, got {milestones!r}"
+        )
     return MultiStepLR(milestones, gamma, last_epoch)
 
 
@@ -214,7 +237,13 @@ def constant_lr(
     Deviation: with ``factor=0`` torch raises ``ZeroDivisionError`` at
     :math:`e = T`; funcopt multiplies by ``inf`` (NaN for a zero lr).
     """
-    return ConstantLR(factor, total_iters, last_epoch)
+    sched = ConstantLR(factor, total_iters, last_epoch)
+    check_arguments(
+        "ConstantLR",
+        ints={"total_iters": total_iters, "last_epoch": last_epoch},
+        reals={"factor": factor},
+    )
+    return sched
 
 
 class LinearLR(Scheduler):
@@ -268,7 +297,13 @@ def linear_lr(
         \eta_e = \eta_{e-1}\Bigl(1 + \frac{f - s}{T s + (e - 1)(f - s)}\Bigr);
 
     closed form :math:`b\,(s + (f - s)\min(T, e)/T)`."""
-    return LinearLR(start_factor, end_factor, total_iters, last_epoch)
+    sched = LinearLR(start_factor, end_factor, total_iters, last_epoch)
+    check_arguments(
+        "LinearLR",
+        ints={"total_iters": total_iters, "last_epoch": last_epoch},
+        reals={"start_factor": start_factor, "end_factor": end_factor},
+    )
+    return sched
 
 
 class ExponentialLR(Scheduler):
@@ -290,6 +325,9 @@ class ExponentialLR(Scheduler):
 def exponential_lr(gamma: float, last_epoch: int = -1) -> Scheduler:
     r"""``torch.optim.lr_scheduler.ExponentialLR``: :math:`\eta_e =
     \gamma\,\eta_{e-1}`; closed form :math:`b\,\gamma^e`."""
+    check_arguments(
+        "ExponentialLR", ints={"last_epoch": last_epoch}, reals={"gamma": gamma}
+    )
     return ExponentialLR(gamma, last_epoch)
 
 
@@ -327,6 +365,11 @@ def polynomial_lr(
         \eta_e = \eta_{e-1}\Bigl(\frac{1 - e/T}{1 - (e-1)/T}\Bigr)^p,
 
     unchanged after :math:`T`; closed form :math:`b\,(1 - \min(T, e)/T)^p`."""
+    check_arguments(
+        "PolynomialLR",
+        ints={"total_iters": total_iters, "last_epoch": last_epoch},
+        reals={"power": power},
+    )
     return PolynomialLR(total_iters, power, last_epoch)
 
 
@@ -384,6 +427,11 @@ def cosine_annealing_lr(
     \cos(\pi/T))/2` when ``(e - 1 - T) % (2T) == 0``. Like torch it is not
     clamped at ``T_max`` (period :math:`2T`). Closed form
     :math:`\eta_{\min} + (b - \eta_{\min})(1 + \cos(\pi e/T))/2`."""
+    check_arguments(
+        "CosineAnnealingLR",
+        ints={"T_max": T_max, "last_epoch": last_epoch},
+        reals={"eta_min": eta_min},
+    )
     return CosineAnnealingLR(T_max, eta_min, last_epoch)
 
 
@@ -531,4 +579,10 @@ def cosine_annealing_warm_restarts(
     uses ``jnp.log``, which can place an exact cycle boundary one cycle
     earlier than ``math.log`` does (and is not checked for being negative).
     """
-    return CosineAnnealingWarmRestarts(T_0, T_mult, eta_min, last_epoch)
+    sched = CosineAnnealingWarmRestarts(T_0, T_mult, eta_min, last_epoch)
+    check_arguments(
+        "CosineAnnealingWarmRestarts",
+        ints={"T_0": T_0, "T_mult": T_mult, "last_epoch": last_epoch},
+        reals={"eta_min": eta_min},
+    )
+    return sched

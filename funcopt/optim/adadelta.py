@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
-from .._math import add, scalar
+from .._math import add, add_scalar, sqrt, tensor_op
 from ._common import apply_maximize, coupled_weight_decay, ema_of_square
 
 
@@ -29,13 +29,14 @@ def _adadelta_slots(param, group):
 
 
 def _adadelta_rule(param, grad, slots, step, hparams, options):
-    rho, eps = hparams["rho"], scalar(hparams["eps"], param)
+    rho, eps = hparams["rho"], hparams["eps"]
     grad = apply_maximize(grad, options)
     grad = coupled_weight_decay(grad, param, hparams["weight_decay"])
     square_avg = ema_of_square(slots["square_avg"], grad, rho)
-    std = jnp.sqrt(square_avg + eps)
+    std = sqrt(add_scalar(square_avg, eps))
     # delta = acc_delta.add(eps).sqrt_(); delta.div_(std).mul_(grad)
-    delta = jnp.sqrt(slots["acc_delta"] + eps) / std * grad
+    delta = sqrt(add_scalar(slots["acc_delta"], eps))
+    delta = tensor_op(jnp.multiply, tensor_op(jnp.divide, delta, std), grad)
     acc_delta = ema_of_square(slots["acc_delta"], delta, rho)
     new_param = add(param, delta, -hparams["lr"])
     return new_param, {"square_avg": square_avg, "acc_delta": acc_delta}

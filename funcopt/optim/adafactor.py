@@ -11,10 +11,11 @@ import jax.numpy as jnp
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
-from .._math import add, lerp, scalar, widest_float
+from .._math import add, div, lerp, rsqrt, scalar, tensor_op, widest_float
 from ._common import apply_maximize, decoupled_weight_decay
 
 
+@_validate.torch_checks("Adafactor")
 def _validate_adafactor(group: Mapping[str, Any]) -> None:
     lr, eps = group["lr"], group["eps"]
     _validate.check_scalar_lr(lr)
@@ -49,8 +50,8 @@ def _adafactor_slots(param, group):
 
 
 def _norm(x, **kwargs):
-    """``torch.norm``: the 2-norm, in ``x``'s dtype."""
-    return jnp.sqrt(jnp.sum(x * x, **kwargs))
+    """``torch.norm``: the 2-norm, in ``x``'s dtype (float32 sums for 16 bits)."""
+    return tensor_op(lambda y: jnp.sqrt(jnp.sum(y * y, **kwargs)), x)
 
 
 def _adafactor_rule(param, grad, slots, step, hparams, options):
@@ -68,22 +69,29 @@ def _adafactor_rule(param, grad, slots, step, hparams, options):
     param = decoupled_weight_decay(param, lr, weight_decay)
     new_slots = {}
     if grad.ndim > 1:
-        row_mean = jnp.square(_norm(grad, axis=-1, keepdims=True)) / grad.shape[-1]
+        # norm(...).square_().div_(size): three ops, each rounded
+        row_norm = _norm(grad, axis=-1, keepdims=True)
+        row_mean = div(tensor_op(jnp.square, row_norm), grad.shape[-1])
         row_var = lerp(slots["row_var"], row_mean, one_minus_beta2_t)
-        col_mean = jnp.square(_norm(grad, axis=-2, keepdims=True)) / grad.shape[-2]
+        col_norm = _norm(grad, axis=-2, keepdims=True)
+        col_mean = div(tensor_op(jnp.square, col_norm), grad.shape[-2])
         col_var = lerp(slots["col_var"], col_mean, one_minus_beta2_t)
         # torch's row_var @ col_var: an outer product (inner dimension 1)
-        var_estimate = row_var * col_var
-        row_var_mean = jnp.mean(row_var, axis=-2, keepdims=True)
-        var_estimate = var_estimate / jnp.maximum(row_var_mean, scalar(eps1, param))
+        var_estimate = tensor_op(jnp.multiply, row_var, col_var)
+        # a 16-bit mean: float32 sum and division, one rounding
+        row_var_mean = tensor_op(lambda r: jnp.mean(r, axis=-2, keepdims=True), row_var)
+        var_estimate = tensor_op(
+            jnp.divide, var_estimate, jnp.maximum(row_var_mean, scalar(eps1, param))
+        )
         new_slots = {"row_var": row_var, "col_var": col_var}
     else:
-        variance = lerp(slots["variance"], grad * grad, one_minus_beta2_t)
+        grad_squared = tensor_op(jnp.multiply, grad, grad)
+        variance = lerp(slots["variance"], grad_squared, one_minus_beta2_t)
         var_estimate = variance
         new_slots = {"variance": variance}
     # torch's CPU rsqrt is 1/sqrt
-    update = 1 / jnp.sqrt(jnp.maximum(var_estimate, scalar(eps1 * eps1, param)))
-    update = update * grad
+    update = rsqrt(jnp.maximum(var_estimate, scalar(eps1 * eps1, param)))
+    update = tensor_op(jnp.multiply, update, grad)
     update_rms = _norm(update).astype(widest_float()) / (update.size**0.5 * d)
     denom = jnp.maximum(1.0, update_rms)
     return add(param, update, -alpha / denom), new_slots
@@ -148,6 +156,7 @@ def adafactor(
     )
     # validate torch's values (None included) here; the state holds NaN for None
     _validate_adafactor(group)
+    _validate.check_param_groups(param_groups)
     if param_groups is not None:
         for values in param_groups.overrides.values():
             _validate_adafactor({**group, **values})

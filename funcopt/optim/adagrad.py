@@ -10,8 +10,8 @@ import jax.numpy as jnp
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
-from .._math import addcdiv, addcmul, scalar
-from ._common import apply_maximize, coupled_weight_decay
+from .._math import add_scalar, addcdiv, addcmul, sqrt
+from ._common import coupled_gradient, write_buffers_first
 
 
 def _validate_adagrad(group: Mapping[str, Any]) -> None:
@@ -39,13 +39,14 @@ def _adagrad_slots(initial_accumulator_value):
 
 def _adagrad_rule(param, grad, slots, step, hparams, options):
     lr, lr_decay = hparams["lr"], hparams["lr_decay"]
-    grad = apply_maximize(grad, options)
-    grad = coupled_weight_decay(grad, param, hparams["weight_decay"])
+    d_p = coupled_gradient(param, grad, hparams, options)
     # torch: Python-float scalar math on float(step)
     clr = lr / (1 + (step - 1) * lr_decay)
-    state_sum = addcmul(slots["sum"], grad, grad, 1.0)
-    std = jnp.sqrt(state_sum) + scalar(hparams["eps"], param)
-    return addcdiv(param, grad, std, -clr), {"sum": state_sum}
+    state_sum = addcmul(slots["sum"], d_p, d_p, 1.0)
+    state_sum, param, grad = write_buffers_first(state_sum, param, grad)
+    d_p = coupled_gradient(param, grad, hparams, options)
+    std = add_scalar(sqrt(state_sum), hparams["eps"])
+    return addcdiv(param, d_p, std, -clr), {"sum": state_sum}
 
 
 def adagrad(

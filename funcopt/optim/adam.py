@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
-from .._math import addcdiv, lerp, scalar, sqrt_nonnegative
+from .._math import add_scalar, addcdiv, div, lerp, sqrt_nonnegative
 from ._common import (
     apply_maximize,
     coupled_weight_decay,
@@ -19,9 +20,15 @@ from ._common import (
 )
 
 
-def _validate_adam(group: Mapping[str, Any]) -> None:
+def _validate_adam(
+    group: Mapping[str, Any], foreach: Any = None, capturable: Any = False
+) -> None:
+    if _validate.is_array(group["lr"]) and foreach and not capturable:
+        raise ValueError(
+            "lr as a Tensor is not supported for capturable=False and foreach=True"
+        )
     _validate.check_adam_family(group)
-    _validate.check_betas_both_floats(group["betas"])
+    _validate.check_betas_both_floats(group["betas"], foreach, capturable)
 
 
 def _adam_slots(param, group):
@@ -52,9 +59,8 @@ def _adam_rule(param, grad, slots, step, hparams, options):
         new_slots["max_exp_avg_sq"] = second
     else:
         second = exp_avg_sq
-    denom = sqrt_nonnegative(second) / scalar(bias_correction2_sqrt, param) + scalar(
-        eps, param
-    )
+    # (v.sqrt() / bias_correction2_sqrt).add_(eps): three ops, each rounded
+    denom = add_scalar(div(sqrt_nonnegative(second), bias_correction2_sqrt), eps)
     return addcdiv(param, exp_avg, denom, -step_size), new_slots
 
 
@@ -96,10 +102,7 @@ def adam(
     and ignored. State: ``exp_avg``, ``exp_avg_sq`` and, with ``amsgrad``,
     ``max_exp_avg_sq``; the step count is ``state.step``.
     """
-    _validate.check_fused(
-        {"fused": fused, "foreach": foreach, "differentiable": differentiable}
-    )
-    return _adam_family(
+    opt = _adam_family(
         "Adam",
         dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay),
         dict(
@@ -115,6 +118,11 @@ def adam(
         ),
         param_groups,
     )
+    # torch checks ``fused`` after the argument checks
+    _validate.check_fused(
+        {"fused": fused, "foreach": foreach, "differentiable": differentiable}
+    )
+    return opt
 
 
 def adamw(
@@ -140,10 +148,7 @@ def adamw(
     :math:`\gamma`; the rest is :func:`adam`. The default ``weight_decay`` is
     torch's ``1e-2`` (optax's ``adamw`` defaults to ``1e-4``).
     """
-    _validate.check_fused(
-        {"fused": fused, "foreach": foreach, "differentiable": differentiable}
-    )
-    return _adam_family(
+    opt = _adam_family(
         "AdamW",
         dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay),
         dict(amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=True),
@@ -155,6 +160,10 @@ def adamw(
         ),
         param_groups,
     )
+    _validate.check_fused(
+        {"fused": fused, "foreach": foreach, "differentiable": differentiable}
+    )
+    return opt
 
 
 def _adam_family(name, hyperparams, options, extra_defaults, param_groups):
@@ -165,7 +174,11 @@ def _adam_family(name, hyperparams, options, extra_defaults, param_groups):
         init_slots=_adam_slots,
         hyperparams=hyperparams,
         options=options,
-        validate=_validate_adam,
+        validate=functools.partial(
+            _validate_adam,
+            foreach=extra_defaults["foreach"],
+            capturable=extra_defaults["capturable"],
+        ),
         param_groups=param_groups,
         extra_defaults=extra_defaults,
     )

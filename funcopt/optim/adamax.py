@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
-from .._math import addcdiv, lerp, scalar
+from .._math import add_scalar, addcdiv, lerp, mul
 from ._common import apply_maximize, coupled_weight_decay
 
 
@@ -22,9 +22,7 @@ def _adamax_rule(param, grad, slots, step, hparams, options):
     grad = coupled_weight_decay(grad, param, hparams["weight_decay"])
     exp_avg = lerp(slots["exp_avg"], grad, 1 - beta1)
     # torch.maximum(exp_inf.mul_(beta2), grad.abs().add_(eps)): eps inside the max
-    exp_inf = jnp.maximum(
-        slots["exp_inf"] * scalar(beta2, param), jnp.abs(grad) + scalar(eps, param)
-    )
+    exp_inf = jnp.maximum(mul(slots["exp_inf"], beta2), add_scalar(jnp.abs(grad), eps))
     # torch: Python-float scalar math on float(step)
     clr = lr / (1 - beta1**step)
     new_param = addcdiv(param, exp_avg, exp_inf, -clr)

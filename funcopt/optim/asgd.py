@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
-from .._math import add, scalar, widest_float
+from .._math import add, mul, tensor_op, widest_float
 from ._common import apply_maximize, coupled_weight_decay
 
 
@@ -37,12 +37,14 @@ def _asgd_rule(param, grad, slots, step, hparams, options):
     # torch creates eta at the first step, from the group's lr then
     eta = jnp.where(step == 1, lr.astype(jnp.float32), slots["eta"])
     eta_value = eta.astype(widest_float())  # _get_value(eta)
-    param = param * scalar(1 - lambd * eta_value, param)
+    param = mul(param, 1 - lambd * eta_value)
     param = add(param, grad, -eta_value)
     mu = slots["mu"]
     ax = slots["ax"]
     # ax.add_(param.sub(ax).mul_(mu)) if mu.item() != 1 else ax.copy_(param)
-    ax = jnp.where(mu != 1, ax + (param - ax) * mu.astype(ax.dtype), param)
+    # (mu: a float32 0-dim tensor, taken as float32 by 16-bit kernels)
+    averaged = tensor_op(jnp.add, ax, mul(tensor_op(jnp.subtract, param, ax), mu))
+    ax = jnp.where(mu != 1, averaged, param)
     # the next step's eta and mu, Python floats stored as float32
     new_eta = (lr / ((1 + lambd * lr * step) ** alpha)).astype(jnp.float32)
     excess = step - t0

@@ -18,6 +18,7 @@ the line search).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -166,8 +167,9 @@ def lbfgs(
     summation order of dot products. ``update`` needs ``value_fn`` (see
     :class:`LBFGS`).
     """
-    _validate.check_scalar_lr(lr)
-    _validate.check_at_least_zero(lr, "learning rate")
+    with _validate.torch_semantics("LBFGS", {"lr": lr}):
+        _validate.check_scalar_lr(lr)
+        _validate.check_at_least_zero(lr, "learning rate")
     if max_eval is None:
         max_eval = max_iter * 5 // 4
     defaults = dict(
@@ -179,6 +181,7 @@ def lbfgs(
         history_size=history_size,
         line_search_fn=line_search_fn,
     )
+    _validate.check_param_groups(param_groups)
     if param_groups is not None:
         named = [n for n in param_groups.overrides if n != _groups.DEFAULT]
         if len(named) > 1:
@@ -208,11 +211,28 @@ def lbfgs(
     return opt
 
 
+@_validate.torch_checks("LBFGS")
 def _validate_group(group: dict[str, Any]) -> None:
     _validate.check_scalar_lr(group["lr"])
     _validate.check_at_least_zero(group["lr"], "learning rate")
-    if group["line_search_fn"] not in (None, "strong_wolfe"):
+    if not (
+        group["line_search_fn"] is None
+        or (
+            isinstance(group["line_search_fn"], str)
+            and group["line_search_fn"] == "strong_wolfe"
+        )
+    ):
         raise RuntimeError(_ONLY_STRONG_WOLFE)
+    # torch takes these as they come and fails in its first step; funcopt
+    # needs numbers to build the state and the loop
+    for key in ("max_iter", "max_eval", "history_size"):
+        value = group[key]
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"LBFGS: {key} must be an int, got {value!r}")
+    for key in ("tolerance_grad", "tolerance_change"):
+        _validate.check_hyperparameter("LBFGS", key, group[key])
+        value = _validate.canonical_hyperparameter(group[key])
+        _validate.check_hyperparameter_shape("LBFGS", key, value)
     if group["history_size"] < 1:
         raise ValueError(
             f"Invalid history_size: {group['history_size']} (torch.optim.LBFGS "
@@ -318,7 +338,10 @@ def _init(defaults, param_groups, params) -> LBFGSState:
         ro=jnp.zeros((h,), vdt),
         history_count=jnp.zeros((), jnp.int32),
         history_start=jnp.zeros((), jnp.int32),
-        hparams={k: jnp.asarray([group[k]], sdt) for k in _HYPERPARAMS},
+        hparams={
+            k: jnp.asarray([_validate.canonical_hyperparameter(group[k])], sdt)
+            for k in _HYPERPARAMS
+        },
     )
 
 
@@ -333,6 +356,15 @@ def _check_state(state, layout: _Flat, group) -> None:
             f"this LBFGS state holds a history of shape {tuple(state.old_dirs.shape)}"
             f"; params and history_size need {expected}"
         )
+    for name in ("d", "prev_flat_grad", "old_dirs", "old_stps", "ro", "H_diag"):
+        x = getattr(state, name)
+        dtype = getattr(x, "dtype", None)
+        if dtype != layout.dtype or (name == "d" and x.shape != (layout.size,)):
+            raise ValueError(
+                f"this LBFGS state's {name!r} is {dtype}{list(np.shape(x))}; "
+                f"params need {layout.dtype} vectors of length {layout.size}: "
+                "the state was made for another param tree"
+            )
 
 
 # --------------------------------------------------------------------------
@@ -627,6 +659,11 @@ def _step(defaults, param_groups, params, state, value_and_grad_fn, first=None):
     leaves, treedef = jax.tree.flatten(params)
     layout = _flat_layout(leaves)
     _check_state(state, layout, group)
+    if not callable(value_and_grad_fn):
+        raise TypeError(
+            "LBFGS: value_and_grad_fn must be a function params -> (loss, grads) "
+            f"(torch's closure), got {type(value_and_grad_fn).__name__}"
+        )
     sdt, vdt = widest_float(), layout.dtype
     lr = state.hparams["lr"][0]
     tolerance_grad = state.hparams["tolerance_grad"][0]

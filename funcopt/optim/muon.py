@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
-from .._math import add, lerp
+from .._math import add, is_reduced, lerp, op_scalar, opmath
 from ._common import decoupled_weight_decay
 
 # torch.optim._muon's defaults
@@ -32,7 +32,10 @@ def _validate_muon(group: Mapping[str, Any]) -> None:
     if not 0.0 <= group["weight_decay"]:
         raise ValueError(f"weight decay should be >= 0 but is: {group['weight_decay']}")
     adjust_lr_fn = group["adjust_lr_fn"]
-    if adjust_lr_fn is not None and adjust_lr_fn not in ["original", "match_rms_adamw"]:
+    known = ["original", "match_rms_adamw"]
+    if adjust_lr_fn is not None and not (
+        isinstance(adjust_lr_fn, str) and adjust_lr_fn in known
+    ):
         raise ValueError(
             f"Adjust learning rate function {adjust_lr_fn} is not supported"
         )
@@ -40,6 +43,11 @@ def _validate_muon(group: Mapping[str, Any]) -> None:
     if group["ns_steps"] >= 100:
         raise ValueError(
             "Number of steps must be less than 100 for computational efficiency"
+        )
+    if not isinstance(group["ns_coefficients"], tuple | list):
+        raise TypeError(
+            "ns_coefficients must be a tuple of 3 numbers, got "
+            f"{group['ns_coefficients']!r}"
         )
     if len(group["ns_coefficients"]) != 3:
         raise ValueError("Coefficients must be a tuple of exactly 3 values")
@@ -65,7 +73,12 @@ def _bf16_matmul(x, y):
 
 
 def _zeropower_via_newtonschulz(grad, coefficients, ns_steps, eps):
-    """torch's ``_zeropower_via_newtonschulz``: bf16, every op rounded once."""
+    """torch's ``_zeropower_via_newtonschulz``: bf16, every op rounded once.
+
+    Returns the result and ``grad.bfloat16()`` divided by its norm (shaped as
+    ``grad``), which torch writes in place into ``grad`` when it already is
+    bfloat16 (``.bfloat16()`` then returns the tensor itself).
+    """
     f32, bf16 = jnp.float32, jnp.bfloat16
     a, b, c = (coefficients[i].astype(f32) for i in range(3))
     x = grad.astype(bf16)
@@ -75,13 +88,14 @@ def _zeropower_via_newtonschulz(grad, coefficients, ns_steps, eps):
     norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(f32)))).astype(bf16)
     norm = jnp.maximum(norm.astype(f32), eps.astype(f32)).astype(bf16)
     x = (x.astype(f32) / norm.astype(f32)).astype(bf16)
+    normalized = x.T if transposed else x
     for _ in range(ns_steps):
         gram = _bf16_matmul(x, x.T).astype(bf16)
         # addmm(gram, gram, gram, beta=b, alpha=c)
         gram_update = (b * gram.astype(f32) + c * _bf16_matmul(gram, gram)).astype(bf16)
         # addmm(x, gram_update, x, beta=a)
         x = (a * x.astype(f32) + _bf16_matmul(gram_update, x)).astype(bf16)
-    return x.T if transposed else x
+    return (x.T if transposed else x), normalized
 
 
 def _adjust_ratio(adjust_lr_fn: str | None, shape) -> float:
@@ -100,13 +114,23 @@ def _muon_rule(param, grad, slots, step, hparams, options):
     lr, momentum = hparams["lr"], hparams["momentum"]
     buf = lerp(slots["momentum_buffer"], grad, 1 - momentum)
     update = lerp(grad, buf, momentum) if options["nesterov"] else buf
-    update = _zeropower_via_newtonschulz(
+    update, normalized = _zeropower_via_newtonschulz(
         update, hparams["ns_coefficients"], options["ns_steps"], hparams["eps"]
     )
+    if not options["nesterov"] and buf.dtype == jnp.bfloat16:
+        # torch's quirk, kept: for a bfloat16 param the update *is* the buffer,
+        # ``buf.bfloat16()`` returns it, and Newton-Schulz's in-place
+        # ``div_`` by its norm leaves the stored buffer normalized
+        buf = normalized
     adjusted_lr = lr * _adjust_ratio(options["adjust_lr_fn"], param.shape)
     # decoupled, with the unadjusted lr, after Newton-Schulz
     param = decoupled_weight_decay(param, lr, hparams["weight_decay"])
-    param = add(param, update.astype(param.dtype), -adjusted_lr)
+    if is_reduced(param) and update.dtype != param.dtype:
+        # a float16 param plus the bfloat16 update: torch computes in float32
+        new = opmath(param) + op_scalar(-adjusted_lr, param) * opmath(update)
+        param = new.astype(param.dtype)
+    else:
+        param = add(param, update.astype(param.dtype), -adjusted_lr)
     return param, {"momentum_buffer": buf}
 
 
@@ -157,7 +181,10 @@ def muon(
     raise torch's ``RuntimeError`` (at ``init`` and ``step``; torch: at ``step``).
 
     State: ``momentum_buffer`` per parameter; torch keeps no step count (the
-    core's ``state.step`` still counts).
+    core's ``state.step`` still counts). For a bfloat16 parameter without
+    ``nesterov`` the stored buffer is :math:`B_t` divided by its norm, as in
+    torch, whose Newton-Schulz normalizes ``B_t.bfloat16()`` in place (the
+    buffer itself when it already is bfloat16).
     """
     opt = make_optimizer(
         name="Muon",

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
-from .._math import addcdiv, lerp, scalar, widest_float
+from .._math import add_scalar, addcdiv, div, lerp, sqrt, widest_float
 from ._common import (
     apply_maximize,
     coupled_weight_decay,
@@ -50,7 +50,7 @@ def _nadam_rule(param, grad, slots, step, hparams, options):
     mu_product = slots["mu_product"] * mu.astype(jnp.float32)
     exp_avg = lerp(slots["exp_avg"], grad, 1 - beta1)
     exp_avg_sq = ema_of_square(slots["exp_avg_sq"], grad, beta2)
-    denom = jnp.sqrt(exp_avg_sq / scalar(bias_correction2, param)) + scalar(eps, param)
+    denom = add_scalar(sqrt(div(exp_avg_sq, bias_correction2)), eps)
     # _get_value(mu_product): the float32 value read back as a Python float
     mu_product_value = mu_product.astype(widest_float())
     mu_product_next = mu_product_value * mu_next

@@ -7,7 +7,16 @@ import jax.numpy as jnp
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
-from .._math import add, lerp, scalar
+from .._math import (
+    add,
+    add_scalar,
+    div,
+    lerp,
+    mul,
+    reciprocal,
+    sqrt,
+    tensor_op,
+)
 from ._common import (
     apply_maximize,
     coupled_weight_decay,
@@ -33,7 +42,7 @@ def _radam_rule(param, grad, slots, step, hparams, options):
     # torch: Python-float scalar math on float(step)
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
-    bias_corrected_exp_avg = exp_avg / scalar(bias_correction1, param)
+    bias_corrected_exp_avg = div(exp_avg, bias_correction1)
     rho_inf = 2 / (1 - beta2) - 1
     rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
     # only used where rho_t > 5 (then rho_inf > rho_t > 5 and the root is real)
@@ -41,12 +50,11 @@ def _radam_rule(param, grad, slots, step, hparams, options):
         (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
     ) ** 0.5
     # (bias_correction2**0.5) / tensor is Tensor.__rtruediv__: reciprocal() * scalar
-    adaptive_lr = (1 / (jnp.sqrt(exp_avg_sq) + scalar(eps, param))) * scalar(
-        bias_correction2**0.5, param
+    adaptive_lr = mul(
+        reciprocal(add_scalar(sqrt(exp_avg_sq), eps)), bias_correction2**0.5
     )
-    lr_t = scalar(lr, param)
-    adapted = bias_corrected_exp_avg * lr_t * adaptive_lr * scalar(rect, param)
-    plain = bias_corrected_exp_avg * lr_t
+    plain = mul(bias_corrected_exp_avg, lr)
+    adapted = mul(tensor_op(jnp.multiply, plain, adaptive_lr), rect)
     new_param = add(param, jnp.where(rho_t > 5.0, adapted, plain), -1.0)
     return new_param, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
-from .._math import add, addcdiv, addcmul, lerp, scalar
-from ._common import apply_maximize, coupled_weight_decay, ema_of_square
+from .._math import add, add_scalar, addcdiv, addcmul, lerp, mul, sqrt
+from ._common import coupled_gradient, ema_of_square, write_buffers_first
 
 
 def _validate_rmsprop(group: Mapping[str, Any]) -> None:
@@ -33,27 +33,36 @@ def _rmsprop_slots(param, group):
     return slots
 
 
+def _rmsprop_denominator(averages, hparams):
+    """``sqrt(square_avg [- grad_avg**2]) + eps``, in torch's op order."""
+    square_avg = averages["square_avg"]
+    if "grad_avg" in averages:
+        grad_avg = averages["grad_avg"]
+        avg = sqrt(addcmul(square_avg, grad_avg, grad_avg, -1.0))
+    else:
+        avg = sqrt(square_avg)
+    return add_scalar(avg, hparams["eps"])
+
+
 def _rmsprop_rule(param, grad, slots, step, hparams, options):
     lr, alpha, momentum = hparams["lr"], hparams["alpha"], hparams["momentum"]
-    grad = apply_maximize(grad, options)
-    grad = coupled_weight_decay(grad, param, hparams["weight_decay"])
-    square_avg = ema_of_square(slots["square_avg"], grad, alpha)
-    new_slots = {"square_avg": square_avg}
+    d_p = coupled_gradient(param, grad, hparams, options)
+    new_slots = {"square_avg": ema_of_square(slots["square_avg"], d_p, alpha)}
     if "grad_avg" in slots:
-        grad_avg = lerp(slots["grad_avg"], grad, 1 - alpha)
-        new_slots["grad_avg"] = grad_avg
-        avg = jnp.sqrt(addcmul(square_avg, grad_avg, grad_avg, -1.0))
-    else:
-        avg = jnp.sqrt(square_avg)
-    avg = avg + scalar(hparams["eps"], param)
-    plain = addcdiv(param, grad, avg, -lr)
-    if "momentum_buffer" in slots:
-        # torch reads the group's momentum at every step: ``if momentum > 0``
-        old = slots["momentum_buffer"]
-        buf = addcdiv(old * scalar(momentum, old), grad, avg, 1.0)
-        new_slots["momentum_buffer"] = jnp.where(momentum > 0, buf, old)
-        return jnp.where(momentum > 0, add(param, buf, -lr), plain), new_slots
-    return plain, new_slots
+        new_slots["grad_avg"] = lerp(slots["grad_avg"], d_p, 1 - alpha)
+    new_slots, param, grad = write_buffers_first(new_slots, param, grad)
+    d_p = coupled_gradient(param, grad, hparams, options)
+    avg = _rmsprop_denominator(new_slots, hparams)
+    if "momentum_buffer" not in slots:
+        return addcdiv(param, d_p, avg, -lr), new_slots
+    # torch reads the group's momentum at every step: ``if momentum > 0``
+    old = slots["momentum_buffer"]
+    buf = jnp.where(momentum > 0, addcdiv(mul(old, momentum), d_p, avg, 1.0), old)
+    (buf, new_slots), param, grad = write_buffers_first((buf, new_slots), param, grad)
+    d_p = coupled_gradient(param, grad, hparams, options)
+    plain = addcdiv(param, d_p, _rmsprop_denominator(new_slots, hparams), -lr)
+    new_param = jnp.where(momentum > 0, add(param, buf, -lr), plain)
+    return new_param, {**new_slots, "momentum_buffer": buf}
 
 
 def rmsprop(

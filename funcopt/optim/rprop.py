@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
-from .._math import addcmul, scalar
+from .._math import addcmul, scalar, tensor_op
 from ._common import apply_maximize
 
 
@@ -37,13 +37,14 @@ def _rprop_rule(param, grad, slots, step, hparams, options):
     grad = apply_maximize(grad, options)
     # torch creates step_size at the first step, from the group's lr then
     step_size = jnp.where(step == 1, scalar(hparams["lr"], param), slots["step_size"])
-    sign = jnp.sign(grad * slots["prev"])
+    sign = jnp.sign(tensor_op(jnp.multiply, grad, slots["prev"]))
     # three masked assignments, in torch's order (NaN stays NaN)
     sign = jnp.where(sign > 0, etaplus, sign)
     sign = jnp.where(sign < 0, etaminus, sign)
     sign = jnp.where(sign == 0, jnp.ones_like(sign), sign)
     # step_size.mul_(sign).clamp_(min, max), every step
-    step_size = jnp.minimum(jnp.maximum(step_size * sign, step_size_min), step_size_max)
+    step_size = tensor_op(jnp.multiply, step_size, sign)
+    step_size = jnp.minimum(jnp.maximum(step_size, step_size_min), step_size_max)
     # after a sign change the element does not move and prev becomes 0
     grad = jnp.where(sign == etaminus, jnp.zeros_like(grad), grad)
     new_param = addcmul(param, jnp.sign(grad), step_size, -1.0)

@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
-from .._math import add
-from ._common import apply_maximize, coupled_weight_decay
+from .._math import add, mul
+from ._common import coupled_gradient, write_buffers_first
 
 
 def _validate_sgd(group: Mapping[str, Any]) -> None:
@@ -31,32 +30,22 @@ def _sgd_slots(param, group):
     return {}
 
 
-def _sgd_direction(param, grad, hparams, options):
-    """torch's gradient after ``maximize`` and coupled weight decay."""
-    grad = apply_maximize(grad, options)
-    return coupled_weight_decay(grad, param, hparams["weight_decay"])
-
-
 def _sgd_rule(param, grad, slots, step, hparams, options):
     lr, momentum = hparams["lr"], hparams["momentum"]
     if "momentum_buffer" not in slots:
-        return add(param, _sgd_direction(param, grad, hparams, options), -lr), {}
+        return add(param, coupled_gradient(param, grad, hparams, options), -lr), {}
     old = slots["momentum_buffer"]
-    d_p = _sgd_direction(param, grad, hparams, options)
+    d_p = coupled_gradient(param, grad, hparams, options)
     # torch: the first step with a gradient clones it (no dampening)
     buf = jnp.where(
         step == 1,
         d_p,
-        add(old * momentum.astype(old.dtype), d_p, 1 - hparams["dampening"]),
+        add(mul(old, momentum), d_p, 1 - hparams["dampening"]),
     )
     # torch touches the buffer only while the group's momentum != 0
     buf = jnp.where(momentum != 0, buf, old)
-    # Speed, not semantics: the barrier makes XLA write the new buffer first
-    # and then update the param from it in a second pass (recomputing the
-    # cheap d_p), instead of two fusions that each read the other's donated
-    # input and force defensive copies of both.
-    buf, param, grad = jax.lax.optimization_barrier((buf, param, grad))
-    d_p = _sgd_direction(param, grad, hparams, options)
+    buf, param, grad = write_buffers_first(buf, param, grad)
+    d_p = coupled_gradient(param, grad, hparams, options)
     direction = add(d_p, buf, momentum) if options["nesterov"] else buf
     d_p = jnp.where(momentum != 0, direction, d_p)
     return add(param, d_p, -lr), {"momentum_buffer": buf}
@@ -97,10 +86,7 @@ def sgd(
     State: ``momentum_buffer`` per parameter, only for groups whose
     ``momentum != 0``.
     """
-    _validate.check_fused(
-        {"fused": fused, "foreach": foreach, "differentiable": differentiable}
-    )
-    return make_optimizer(
+    opt = make_optimizer(
         name="SGD",
         elementwise=True,
         rule=_sgd_rule,
@@ -120,3 +106,8 @@ def sgd(
             "fused": fused,
         },
     )
+    # torch checks ``fused`` after the argument checks
+    _validate.check_fused(
+        {"fused": fused, "foreach": foreach, "differentiable": differentiable}
+    )
+    return opt

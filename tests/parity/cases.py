@@ -65,6 +65,11 @@ CORE_ERRORS = [
         {"nesterov": True, "momentum": 0.9, "dampening": 0.1},
         {"fused": True, "differentiable": True},
         {"fused": True, "foreach": True},
+        # torch checks fused after the values
+        {"lr": -0.1, "fused": True, "foreach": True},
+        {"nesterov": True, "fused": True, "differentiable": True},
+        {"lr": torch.tensor([0.1, 0.2])},
+        {"momentum": torch.tensor([0.9, 0.8])},
     ]
 ] + [
     ErrorCase(name, cls, factory, kw)
@@ -81,6 +86,17 @@ CORE_ERRORS = [
         {"betas": (0, 0.999)},  # torch: both floats or both tensors
         {"weight_decay": -0.1},
         {"fused": True, "differentiable": True},
+        {"fused": True, "foreach": True},
+        {"lr": -1e-3, "fused": True, "differentiable": True},
+        {"eps": float("nan")},
+        {"weight_decay": float("nan")},
+        {"betas": (float("nan"), 0.999)},
+        {"lr": torch.tensor([1e-3, 1e-2])},
+        {"lr": torch.tensor(1e-3), "foreach": True},
+        {"betas": (torch.tensor(0.9), torch.tensor(0.999)), "foreach": True},
+        {"betas": (torch.tensor([0.9, 0.8]), torch.tensor(0.999))},
+        {"betas": (torch.tensor(0.9), torch.tensor([0.999, 0.99]))},
+        {"eps": torch.tensor([1e-8, 1e-6])},
     ]
 ]
 
@@ -102,3 +118,35 @@ OPT_PARAMS_F32 = [
     if i % 2 == 0 or i == len(case.params()) - 1
 ]
 ERROR_PARAMS = [case.param() for case in ERROR_CASES]
+
+# 16-bit runs (bfloat16 and float16, bit for bit against torch's CPU kernels)
+# prove the per-op rounding: each torch.optim row's all-flags combination, or
+# the one below where that leaves a rounding path untested (and, for SGD,
+# both: nesterov needs dampening == 0)
+_PICK_16BIT = {
+    "sgd": lambda kw: kw["nesterov"] and kw["weight_decay"] and not kw["maximize"],
+    # coupled weight decay (adamw covers the decoupled one)
+    "adam": lambda kw: (
+        kw["weight_decay"] and kw["amsgrad"] and not kw["decoupled_weight_decay"]
+    ),
+    # eps1=None: finfo(param dtype).eps
+    "adafactor": lambda kw: kw["eps"][0] is None and kw["weight_decay"] > 0,
+    # without nesterov the update aliases the bf16 buffer (see muon.py)
+    "muon": lambda kw: not kw["nesterov"] and kw["weight_decay"] > 0,
+}
+
+
+def _params_16bit(case):
+    params = case.params()
+    if case.name not in _PICK_16BIT:
+        return [params[-1]]
+    pick = next(i for i, kw in enumerate(case.combos()) if _PICK_16BIT[case.name](kw))
+    return [params[pick], params[-1]] if case.name == "sgd" else [params[pick]]
+
+
+OPT_PARAMS_16BIT = [
+    p
+    for case in OPT_CASES
+    if case.torch_cls.__module__.startswith("torch.optim")
+    for p in _params_16bit(case)
+]

@@ -124,6 +124,8 @@ _ADAM_LIKE_ERRORS = [
     {"betas": (-0.1, 0.999)},
     {"betas": (0.9, 1.0)},
     {"weight_decay": -0.1},
+    {"eps": float("nan")},
+    {"lr": torch.tensor([1e-3, 1e-2])},
 ]
 
 ERRORS = (
@@ -150,6 +152,7 @@ ERRORS = (
             {"weight_decay": -0.1},
             {"alpha": -0.5},
             {"alpha": float("nan")},
+            {"lr": torch.tensor([0.01, 0.02])},
         ]
     ]
     + [
@@ -164,6 +167,7 @@ ERRORS = (
             {"fused": True, "differentiable": True},
             {"fused": True, "foreach": True},
             {"lr": -0.01, "fused": True, "differentiable": True},
+            {"lr": torch.tensor([0.01, 0.02])},
         ]
     ]
     + [
@@ -176,6 +180,7 @@ ERRORS = (
             {"rho": float("nan")},
             {"eps": -1e-6},
             {"weight_decay": -0.1},
+            {"lr": torch.tensor([1.0, 2.0])},
         ]
     ]
     + [
@@ -187,6 +192,8 @@ ERRORS = (
             {"etas": (1.0, 1.2)},
             {"etas": (0.5, 1.0)},
             {"etas": (0.5, float("nan"))},
+            {"lr": torch.tensor([0.01, 0.02])},
+            {"etas": (float("nan"), 1.2)},
         ]
     ]
     + [
@@ -195,6 +202,8 @@ ERRORS = (
             {"lr": -0.01},
             {"lr": float("nan")},
             {"weight_decay": -0.1},
+            {"lr": torch.tensor([0.01, 0.02])},
+            {"weight_decay": float("nan")},
         ]
     ]
 )

@@ -217,6 +217,8 @@ ERRORS = (
             {"lr": -1.0},
             {"betas": (1.5, 0.9)},
             {"betas": (0.9, -1)},
+            {"lr": float("nan")},
+            {"betas": (0.9, float("nan"))},
         ]
     ]
     + [
@@ -267,6 +269,8 @@ ERRORS = (
             {"betas": (-0.1, 0.9)},
             {"betas": (0.9, 1.0)},
             {"d0": -1.0, "lr": -1.0},
+            {"d0": float("nan")},
+            {"eps": float("nan")},
         ]
     ]
 )

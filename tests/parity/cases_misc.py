@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from funcopt.optim.adafactor import adafactor
+from funcopt.optim.lbfgs import lbfgs
 from funcopt.optim.muon import muon
 from funcopt.optim.sparse_adam import sparse_adam
 from tests.torch_ref import ErrorCase, OptCase
@@ -75,6 +76,9 @@ ERRORS = (
             {"eps": (float("nan"), 1e-3)},
             {"d": 0.5},
             {"weight_decay": -0.1},
+            {"lr": torch.tensor([0.1, 0.2])},
+            {"d": float("nan")},
+            {"beta2_decay": float("nan")},
         ]
     ]
     + [
@@ -85,6 +89,9 @@ ERRORS = (
             {"momentum": -0.5},
             {"weight_decay": -0.1},
             {"adjust_lr_fn": "sqrt"},
+            {"lr": torch.tensor([0.1, 0.2])},
+            {"momentum": float("nan")},
+            {"adjust_lr_fn": "Original"},
         ]
     ]
     + [
@@ -95,6 +102,17 @@ ERRORS = (
             {"eps": 0.0},
             {"betas": (1.0, 0.999)},
             {"betas": (0.9, -0.1)},
+            {"lr": torch.tensor([0.1, 0.2])},
+            {"lr": float("nan")},
+            {"eps": float("nan")},
+        ]
+    ]
+    + [
+        ErrorCase("lbfgs", torch.optim.LBFGS, lbfgs, kw)
+        for kw in [
+            {"lr": -1.0},
+            {"lr": float("nan")},
+            {"lr": torch.tensor([1.0, 2.0])},
         ]
     ]
 )

@@ -634,7 +634,17 @@ ERRORS = [
         S.cosine_annealing_warm_restarts,
         {"T_0": 2, "eta_min": "0"},
     ),
+    (
+        TS.CosineAnnealingWarmRestarts,
+        S.cosine_annealing_warm_restarts,
+        {"T_0": 2, "eta_min": None},
+    ),
     (TS.CyclicLR, S.cyclic_lr, {"base_lr": 0.1, "max_lr": 1.0, "mode": "square"}),
+    (
+        TS.CyclicLR,
+        S.cyclic_lr,
+        {"base_lr": 0.1, "max_lr": 1.0, "max_momentum": [0.9] * 3},
+    ),
     (TS.CyclicLR, S.cyclic_lr, {"base_lr": [0.1] * 3, "max_lr": 1.0}),
     (TS.CyclicLR, S.cyclic_lr, {"base_lr": 0.1, "max_lr": [1.0]}),
     (
@@ -660,6 +670,17 @@ ERRORS = [
         {"max_lr": 1.0, "total_steps": 10, "anneal_strategy": "step"},
     ),
     (TS.OneCycleLR, S.one_cycle_lr, {"max_lr": [1.0] * 3, "total_steps": 10}),
+    (
+        TS.OneCycleLR,
+        S.one_cycle_lr,
+        {"max_lr": 1.0, "total_steps": 10, "base_momentum": [0.8] * 3},
+    ),
+    (
+        TS.OneCycleLR,
+        S.one_cycle_lr,
+        {"max_lr": 1.0, "total_steps": 10, "max_momentum": [0.9] * 3},
+    ),
+    (TS.ReduceLROnPlateau, S.reduce_lr_on_plateau, {"factor": 2.0}),
     (TS.ReduceLROnPlateau, S.reduce_lr_on_plateau, {"factor": 1.0}),
     (TS.ReduceLROnPlateau, S.reduce_lr_on_plateau, {"mode": "mean"}),
     (TS.ReduceLROnPlateau, S.reduce_lr_on_plateau, {"threshold_mode": "pct"}),
@@ -683,6 +704,30 @@ def test_bad_argument_matches_torch(x64, torch_cls, factory, kwargs):
         torch_cls(topt, **kwargs)
     with pytest.raises(Exception) as ours:
         factory(**kwargs).init(state)  # per-group lists are checked at init
+    assert type(ours.value) is type(theirs.value)
+    assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize(
+    "torch_cls, factory, kwargs",
+    [
+        (TS.CyclicLR, S.cyclic_lr, {"base_lr": 0.1, "max_lr": 1.0}),
+        (TS.OneCycleLR, S.one_cycle_lr, {"max_lr": 1.0, "total_steps": 10}),
+    ],
+    ids=["CyclicLR", "OneCycleLR"],
+)
+def test_cycle_momentum_needs_momentum_matches_torch(x64, torch_cls, factory, kwargs):
+    """An optimizer without momentum or betas (Adagrad): torch's ValueError."""
+    a, b = (torch.zeros(n, dtype=torch.float64, requires_grad=True) for n in (2, 3))
+    topt = torch.optim.Adagrad([{"params": [a]}, {"params": [b], "lr": 0.2}], lr=0.1)
+    groups = fo.param_groups({"a": "default", "b": "head"}, {"head": {"lr": 0.2}})
+    state = fo.adagrad(lr=0.1, param_groups=groups).init(
+        {"a": jnp.zeros(2), "b": jnp.zeros(3)}
+    )
+    with pytest.raises(Exception) as theirs:
+        torch_cls(topt, **kwargs)
+    with pytest.raises(Exception) as ours:
+        factory(**kwargs).init(state)
     assert type(ours.value) is type(theirs.value)
     assert str(ours.value) == str(theirs.value)
 
@@ -715,6 +760,10 @@ def _composite_errors():
         (
             lambda opt: TS.SequentialLR(opt, [mk(opt), object()], [2]),
             lambda: S.sequential_lr([S.step_lr(3), object()], [2]),
+        ),
+        (
+            lambda opt: TS.ChainedScheduler([mk(opt), object()]),
+            lambda: S.chained_scheduler([S.step_lr(3), object()]),
         ),
     ]
 

@@ -6,7 +6,9 @@ combinations, all flags on included) runs against live torch through:
 * ``flat`` (float64, ``None`` gradients as ``has_grad`` flags): params,
   grads and state live packed (``funcopt.flat``);
 * ``tree`` (float32, ``None`` gradient leaves): ``opt.step`` on the params
-  tree, packing per step (``policy("always")``).
+  tree, packing per step (``policy("always")``);
+* ``flat`` in bfloat16 and float16, bit for bit (leaves that torch's CPU
+  loop splits into vectorised blocks and a scalar tail, packed across rows).
 
 Both are compared with ``_compare`` of test_optim.py, the same checks as the
 per-leaf path. Non-elementwise optimizers run per leaf only: they refuse
@@ -20,7 +22,7 @@ import pytest
 
 import funcopt.flat as ff
 from tests.parity import test_optim
-from tests.parity.cases import OPT_CASES
+from tests.parity.cases import OPT_CASES, OPT_PARAMS_16BIT
 from tests.torch_ref import make_params
 
 
@@ -42,6 +44,13 @@ FLAT_PARAMS = [
     if k % 4 == 0 or k == len(case.combos()) - 1
 ]
 TREE_PARAMS = [case.params()[-1] for case in ELEMENTWISE]
+# the rows whose 16-bit rounding depends on where an element sits in its leaf
+# (add with alpha: weight decay, SGD's and RMSprop's updates)
+FLAT_16BIT_PARAMS = [
+    p
+    for p in OPT_PARAMS_16BIT
+    if p.id.startswith(("sgd-momentum=0.9-dampening=0.3", "rmsprop"))
+]
 
 
 def _run_flat(case, kwargs, params, grads_seq, jit):
@@ -85,6 +94,15 @@ def test_packed_tree_float32_parity(case, kwargs, monkeypatch):
     )
 
 
+@pytest.mark.parametrize("case,kwargs", FLAT_16BIT_PARAMS)
+def test_flat_16bit_parity_is_bit_exact(case, kwargs, x64, monkeypatch):
+    def run_flat(case, kwargs, params, grads_seq):
+        return _run_flat(case, kwargs, params, grads_seq, True)
+
+    monkeypatch.setattr(test_optim, "run_funcopt_flagged", run_flat)
+    test_optim._compare_bits(case, kwargs)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", ELEMENTWISE, ids=lambda c: c.name)
 def test_flat_matches_the_per_leaf_path(case, dtype):
@@ -124,6 +142,33 @@ def test_per_leaf_only_optimizers_refuse_flat(case):
     layout = ff.layout(params, opt)
     with pytest.raises(TypeError, match="not elementwise"):
         opt.init(layout.pack(params))
+
+
+def test_scalar_loop_mask_marks_each_leafs_tail():
+    """Leaves over several rows: the mask is torch's scalar tail of each leaf."""
+    from funcopt import _math, _multi_tensor
+
+    sizes = [70, 5, 64, 33, 0]
+    rows = [max(1, -(-s // 16)) for s in sizes]
+    first = np.concatenate([[0], np.cumsum(rows)[:-1]]).tolist()
+    row_leaf = np.repeat(np.arange(len(sizes), dtype=np.int32), rows)
+    bucket = _multi_tensor.Bucket(
+        0,
+        np.dtype(jnp.bfloat16),
+        tuple(range(5)),
+        tuple(sizes),
+        16,
+        tuple(first),
+        tuple(rows),
+        row_leaf,
+    )
+    mask = np.asarray(bucket.scalar_loop_mask()).reshape(-1)
+    for size, r0 in zip(sizes, first):
+        own = mask[r0 * 16 : r0 * 16 + size]
+        tail = size - _math.scalar_loop_elements(size)
+        np.testing.assert_array_equal(own, np.arange(size) >= tail)
+    assert _math.scalar_loop_elements(70) == 6
+    assert _math.scalar_loop_elements(5) == 5
 
 
 def test_width_choice():

@@ -4,12 +4,21 @@ import jax
 import numpy as np
 import pytest
 
-from tests.parity.cases import OPT_PARAMS, OPT_PARAMS_EAGER, OPT_PARAMS_F32
+from tests.parity.cases import (
+    OPT_PARAMS,
+    OPT_PARAMS_16BIT,
+    OPT_PARAMS_EAGER,
+    OPT_PARAMS_F32,
+)
 from tests.torch_ref import (
     assert_close,
+    assert_same_bits,
+    from_torch,
     make_grads,
+    make_params_16bit_for,
     make_params_for,
     run_funcopt,
+    run_funcopt_flagged,
     run_torch,
     slot_leaves,
     step_counts,
@@ -64,3 +73,36 @@ def test_float32_parity(case, kwargs):
 @pytest.mark.parametrize("case,kwargs", OPT_PARAMS_EAGER)
 def test_eager_parity(case, kwargs, x64):
     _compare(case, kwargs, np.float64, False, True, rtol=1e-10, atol=1e-12)
+
+
+# enough for RAdam's rectified branch (rho_t > 5 from step 6) and ASGD's
+# averaging (t0=5) with the None-gradient pattern
+STEPS_16BIT = 10
+
+
+def _compare_bits(case, kwargs, seed=0):
+    """Params, state and step counts bit for bit against torch."""
+    rng = np.random.default_rng(seed)
+    params = make_params_16bit_for(case, rng)
+    grads = make_grads(rng, params, STEPS_16BIT, True)
+    expected, torch_state = run_torch(case, kwargs, params, grads)
+    new_params, state = run_funcopt_flagged(case, kwargs, params, grads)
+    for i, (a, e) in enumerate(zip(trainable_leaves(new_params), expected)):
+        assert_same_bits(a, e, f"param {i}")
+    steps = step_counts(state, params)
+    for i, torch_leaf_state in enumerate(torch_state):
+        assert torch_leaf_state or steps[i] == 0, f"param {i} never had a gradient"
+        for key, value in torch_leaf_state.items():
+            if key == "step":
+                assert steps[i] == int(value), f"param {i}: step"
+                continue
+            ours = slot_leaves(state, params, key)[i]
+            assert_same_bits(ours, from_torch(value), f"param {i}: state {key}")
+
+
+# bfloat16 and float16 leaves (one tree) through torch's CPU path (foreach=None
+# on CPU: the single-tensor loop), with torch's float64 scalar math (x64); see
+# funcopt/_math.py for the per-op rounding
+@pytest.mark.parametrize("case,kwargs", OPT_PARAMS_16BIT)
+def test_16bit_parity_is_bit_exact(case, kwargs, x64):
+    _compare_bits(case, kwargs)

@@ -11,7 +11,7 @@ from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
 from .._math import add, add_scalar, sqrt, tensor_op
-from ._common import apply_maximize, coupled_weight_decay, ema_of_square
+from ._common import coupled_gradient, ema_of_square
 
 
 def _validate_adadelta(group: Mapping[str, Any]) -> None:
@@ -30,8 +30,7 @@ def _adadelta_slots(param, group):
 
 def _adadelta_rule(param, grad, slots, step, hparams, options):
     rho, eps = hparams["rho"], hparams["eps"]
-    grad = apply_maximize(grad, options)
-    grad = coupled_weight_decay(grad, param, hparams["weight_decay"])
+    grad = coupled_gradient(param, grad, hparams, options)
     square_avg = ema_of_square(slots["square_avg"], grad, rho)
     std = sqrt(add_scalar(square_avg, eps))
     # delta = acc_delta.add(eps).sqrt_(); delta.div_(std).mul_(grad)

@@ -11,7 +11,7 @@ from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
 from .._math import add, mul, tensor_op, widest_float
-from ._common import apply_maximize, coupled_weight_decay
+from ._common import coupled_gradient
 
 
 def _validate_asgd(group: Mapping[str, Any]) -> None:
@@ -32,8 +32,7 @@ def _asgd_slots(param, group):
 def _asgd_rule(param, grad, slots, step, hparams, options):
     lr, lambd = hparams["lr"], hparams["lambd"]
     alpha, t0 = hparams["alpha"], hparams["t0"]
-    grad = apply_maximize(grad, options)
-    grad = coupled_weight_decay(grad, param, hparams["weight_decay"])
+    grad = coupled_gradient(param, grad, hparams, options)
     # torch creates eta at the first step, from the group's lr then
     eta = jnp.where(step == 1, lr.astype(jnp.float32), slots["eta"])
     eta_value = eta.astype(widest_float())  # _get_value(eta)

@@ -19,7 +19,7 @@ demo: venv
 	$(PY) examples/digits_side_by_side.py
 
 test: venv
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 --dist loadgroup -q
 
 docs: venv
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir out/site

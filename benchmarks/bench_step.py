@@ -4,6 +4,8 @@ One process; every jitted step is compiled first (compile time reported
 separately) and warmed up; steps are chained (``p, s = step(p, g, s)``) with
 the params and state donated, and each step is timed to completion (median
 reported; on GPU, chains of 10 steps and one sync, for JAX and torch alike).
+All implementations of a case are timed in alternating turns, so a busy
+moment of the machine falls on all of them alike.
 The machine's streaming bandwidth is measured (a large host or device copy
 and a donated JAX ``x + 1``; the faster counts) and each case's roofline is
 ``bytes moved per step / bandwidth`` (Adam: read p, g, m, v and write p, m,
@@ -106,22 +108,44 @@ def make_tree(sizes, seed=0):
 STEPS_PER_SAMPLE = 1
 
 
-def time_chain(step, carry, grads, min_time, min_steps=5, max_steps=200):
-    """Median seconds per ``carry = step(carry, grads)``, chained."""
-    for _ in range(2):  # warm-up (first runs touch fresh pages)
-        carry = step(carry, grads)
-        jax.block_until_ready(carry)
-    times = []
-    start = time.perf_counter()
-    while len(times) < max_steps and (
-        len(times) < min_steps or time.perf_counter() - start < min_time
-    ):
+def chain_sampler(step, carry, grads):
+    """A function timing ``STEPS_PER_SAMPLE`` chained ``carry = step(carry, grads)``.
+
+    It returns seconds per step; the carry (donated params and state) lives
+    in the closure between calls.
+    """
+    cell = [carry]
+
+    def sample():
         t0 = time.perf_counter()
         for _ in range(STEPS_PER_SAMPLE):
-            carry = step(carry, grads)
-        jax.block_until_ready(carry)
-        times.append((time.perf_counter() - t0) / STEPS_PER_SAMPLE)
-    return statistics.median(times), carry
+            cell[0] = step(cell[0], grads)
+        jax.block_until_ready(cell[0])
+        return (time.perf_counter() - t0) / STEPS_PER_SAMPLE
+
+    return sample
+
+
+def time_interleaved(samplers, min_time, turns=6, max_samples=240):
+    """Median seconds per step of each sampler, timed in alternating turns.
+
+    Each implementation of a case runs for about ``min_time`` seconds in
+    all, in ``turns`` round-robin turns (at least one sample per turn):
+    slow drifts of a shared machine (other processes, clock frequency,
+    memory placement) then fall on all of them alike instead of on
+    whichever ran during the busy moment, and their ratios are fair.
+    """
+    for sample in samplers.values():  # warm-up (first runs touch fresh pages)
+        sample()
+        sample()
+    times = {name: [] for name in samplers}
+    for _ in range(turns):
+        for name, sample in samplers.items():
+            end = time.perf_counter() + min_time / turns
+            times[name].append(sample())
+            while time.perf_counter() < end and len(times[name]) < max_samples:
+                times[name].append(sample())
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def compile_jax(fn, donate, *args):
@@ -130,33 +154,36 @@ def compile_jax(fn, donate, *args):
     return compiled, time.perf_counter() - t0
 
 
-def bench_funcopt_flat(make_opt, params, min_time):
+def funcopt_flat(make_opt, params):
+    """(sampler, compile s, padded elements) of the step on funcopt.flat's layout."""
     opt = make_opt()
     layout = ff.layout(params, opt)
     fparams = layout.pack(params)
     fgrads = layout.pack(jax.tree.map(lambda p: p * 1e-3, params))
     state = opt.init(fparams)
     compiled, ct = compile_jax(opt.step, (0, 2), fparams, fgrads, state)
-    t, _ = time_chain(
-        lambda c, g: compiled(c[0], g, c[1]), (fparams, state), fgrads, min_time
+    sampler = chain_sampler(
+        lambda c, g: compiled(c[0], g, c[1]), (fparams, state), fgrads
     )
     padded = sum(b.n_rows * b.width for b in layout.buckets)
-    return t, ct, padded
+    return sampler, ct, padded
 
 
-def bench_funcopt_tree(make_opt, params, min_time):
+def funcopt_tree(make_opt, params):
+    """(sampler, compile s) of ``opt.step`` on the params tree."""
     opt = make_opt()
     grads = jax.tree.map(lambda p: p * 1e-3, params)
     params = jax.tree.map(jnp.copy, params)
     state = opt.init(params)
     compiled, ct = compile_jax(opt.step, (0, 2), params, grads, state)
-    t, _ = time_chain(
-        lambda c, g: compiled(c[0], g, c[1]), (params, state), grads, min_time
+    sampler = chain_sampler(
+        lambda c, g: compiled(c[0], g, c[1]), (params, state), grads
     )
-    return t, ct
+    return sampler, ct
 
 
-def bench_optax(make_tx, params, donate, min_time):
+def optax_step(make_tx, params, donate):
+    """(sampler, compile s) of optax's update + apply_updates, jitted."""
     tx = make_tx()
     grads = jax.tree.map(lambda p: p * 1e-3, params)
     params = jax.tree.map(jnp.copy, params)
@@ -167,13 +194,17 @@ def bench_optax(make_tx, params, donate, min_time):
         return optax.apply_updates(p, u), s
 
     compiled, ct = compile_jax(step, (0, 2) if donate else (), params, grads, state)
-    t, _ = time_chain(
-        lambda c, g: compiled(c[0], g, c[1]), (params, state), grads, min_time
+    sampler = chain_sampler(
+        lambda c, g: compiled(c[0], g, c[1]), (params, state), grads
     )
-    return t, ct
+    return sampler, ct
 
 
-def bench_torch(cls, kwargs, sizes, mode, min_time, device="cpu"):
+def torch_step(cls, kwargs, sizes, mode, device="cpu"):
+    """(sampler, state bytes/param) of torch's ``opt.step()`` (``mode=True``).
+
+    Raises TypeError or RuntimeError where torch has no such implementation.
+    """
     rng = np.random.default_rng(0)
     ps = [
         torch.tensor(rng.standard_normal(s, dtype=np.float32), device=device)
@@ -184,27 +215,23 @@ def bench_torch(cls, kwargs, sizes, mode, min_time, device="cpu"):
         p.requires_grad_(True)
         p.grad = p.detach() * 1e-3
     opt = cls(ps, **kwargs, **{mode: True})
-    with torch.no_grad():
-        for _ in range(2):
-            opt.step()
-        sync()
-        times = []
-        start = time.perf_counter()
-        while len(times) < 200 and (
-            len(times) < 5 or time.perf_counter() - start < min_time
-        ):
-            t0 = time.perf_counter()
+
+    def sample():
+        t0 = time.perf_counter()
+        with torch.no_grad():
             for _ in range(STEPS_PER_SAMPLE):
                 opt.step()
-            sync()
-            times.append((time.perf_counter() - t0) / STEPS_PER_SAMPLE)
+        sync()
+        return (time.perf_counter() - t0) / STEPS_PER_SAMPLE
+
+    sample()  # creates the state
     state_bytes = sum(
         v.numel() * v.element_size()
         for st in opt.state.values()
         for k, v in st.items()
         if k != "step" and torch.is_tensor(v)
     )
-    return statistics.median(times), state_bytes / sum(sizes)
+    return sample, state_bytes / sum(sizes)
 
 
 def funcopt_state_bytes(make_opt, sizes):
@@ -314,14 +341,14 @@ def main():
             params = make_tree(sizes)
             row = {"optimizer": opt_name, "case": case, "leaves": len(sizes), "n": n}
             row["roofline_ms"] = 1e3 * bpp * n / bw_best
-            t, ct, padded = bench_funcopt_flat(make_fo, params, min_time)
-            row.update(funcopt_flat_ms=1e3 * t, funcopt_flat_compile_s=ct)
-            row["flat_padding"] = padded / n - 1
+            samplers = {}
+            sampler, ct, padded = funcopt_flat(make_fo, params)
+            samplers["funcopt_flat"] = sampler
+            row.update(funcopt_flat_compile_s=ct, flat_padding=padded / n - 1)
+            row.update(funcopt_tree_ms=None, funcopt_tree_compile_s=None)
             if len(sizes) <= 100:  # the per-leaf path: one kernel per leaf
-                t, ct = bench_funcopt_tree(make_fo, params, min_time)
-                row.update(funcopt_tree_ms=1e3 * t, funcopt_tree_compile_s=ct)
-            else:
-                row.update(funcopt_tree_ms=None, funcopt_tree_compile_s=None)
+                samplers["funcopt_tree"], ct = funcopt_tree(make_fo, params)
+                row["funcopt_tree_compile_s"] = ct
             big_optax = len(sizes) > args.optax_max_leaves
             # optax's non-donated step only for adam (the issue's baseline)
             optax_modes = [True] + ([False] if opt_name == "adam" else [])
@@ -329,19 +356,21 @@ def main():
                 big_optax = True  # its 20-30 s compile, once (adam) is enough
             for donate in optax_modes:
                 key = "optax_donate" if donate else "optax"
-                if big_optax:
-                    row[f"{key}_ms"] = row[f"{key}_compile_s"] = None
-                    continue
-                t, ct = bench_optax(make_tx, params, donate, min_time)
-                row.update({f"{key}_ms": 1e3 * t, f"{key}_compile_s": ct})
+                row[f"{key}_ms"] = row[f"{key}_compile_s"] = None
+                if not big_optax:
+                    samplers[key], ct = optax_step(make_tx, params, donate)
+                    row[f"{key}_compile_s"] = ct
             for mode in ("foreach", "fused"):
+                row[f"torch_{mode}_ms"] = None
                 try:
-                    t, sb = bench_torch(tcls, tkw, sizes, mode, min_time, args.device)
+                    samplers[f"torch_{mode}"], sb = torch_step(
+                        tcls, tkw, sizes, mode, args.device
+                    )
                 except (TypeError, RuntimeError):
-                    # no fused kernel (RMSprop): torch's best is foreach
-                    row[f"torch_{mode}_ms"] = None
-                    continue
-                row[f"torch_{mode}_ms"] = 1e3 * t
+                    pass  # no fused kernel (RMSprop): torch's best is foreach
+            for name, t in time_interleaved(samplers, min_time).items():
+                row[f"{name}_ms"] = 1e3 * t
+            del samplers
             row["torch_state_bytes_per_param"] = sb
             row["funcopt_state_bytes_per_param"] = funcopt_state_bytes(
                 make_fo, sizes[:100]

@@ -10,13 +10,18 @@ Two measurements, both for one 10M-parameter float32 leaf:
    state once and writes params and state once (Adam: 28 bytes/param). XLA's
    CPU backend has no multi-output loop fusion, so a step that updates k
    buffers is at least k passes; each pass re-reads what it needs.
-2. **XLA CPU options.** The same steps (funcopt and optax, donated) timed in
+2. **Every elementwise optimizer** (``--audit``, also part of the default
+   run): passes, copies and bytes per parameter of its compiled step, its
+   state bytes per parameter next to torch's, and its step time next to
+   torch's fastest CPU implementation (single-tensor, foreach or fused).
+3. **XLA CPU options.** The same steps (funcopt and optax, donated) timed in
    one subprocess per ``XLA_FLAGS`` setting (XLA reads the flags once per
    process), next to torch fused and foreach in this process.
 
-    .venv/bin/python benchmarks/profile_step.py
+    .venv/bin/python benchmarks/profile_step.py [--audit]
 
-Writes ``benchmarks/results/profile_step.{json,md}``.
+Writes ``benchmarks/results/profile_audit.{json,md}`` (2.) and
+``benchmarks/results/profile_step.{json,md}`` (1. and 3.).
 """
 
 from __future__ import annotations
@@ -81,6 +86,136 @@ SPECS = {
         20,
     ),
 }
+
+
+# optimizer -> (funcopt, torch class and kwargs); defaults unless noted
+AUDIT = {
+    "sgd": (lambda: fo.sgd(lr=1e-2), ("SGD", {"lr": 1e-2})),
+    "sgd(momentum)": (
+        lambda: fo.sgd(lr=1e-2, momentum=0.9),
+        ("SGD", {"lr": 1e-2, "momentum": 0.9}),
+    ),
+    "adam": (fo.adam, ("Adam", {})),
+    "adam(amsgrad)": (lambda: fo.adam(amsgrad=True), ("Adam", {"amsgrad": True})),
+    "adamw": (fo.adamw, ("AdamW", {})),
+    "adamax": (fo.adamax, ("Adamax", {})),
+    "nadam": (fo.nadam, ("NAdam", {})),
+    "radam": (fo.radam, ("RAdam", {})),
+    "rmsprop": (fo.rmsprop, ("RMSprop", {})),
+    "rmsprop(centered, momentum)": (
+        lambda: fo.rmsprop(centered=True, momentum=0.9),
+        ("RMSprop", {"centered": True, "momentum": 0.9}),
+    ),
+    "adagrad": (fo.adagrad, ("Adagrad", {})),
+    "adadelta": (fo.adadelta, ("Adadelta", {})),
+    "asgd": (fo.asgd, ("ASGD", {})),
+    "rprop": (fo.rprop, ("Rprop", {})),
+}
+
+
+def audit(steps: int) -> dict:
+    """Compiled passes, state bytes and step time of every AUDIT optimizer."""
+    out = {}
+    for name, (make_fo, (cls_name, kwargs)) in AUDIT.items():
+        opt = make_fo()
+        params = {"w": jnp.linspace(-1.0, 1.0, N, dtype=jnp.float32)}
+        grads = {"w": jnp.full((N,), 1e-3, jnp.float32)}
+        state = opt.init(params)
+        full_size = [x for x in jax.tree.leaves(state) if x.size >= N]
+        buffers, state_bytes = len(full_size), sum(x.nbytes for x in full_size)
+        compiled = jax.jit(opt.step, donate_argnums=(0, 2))
+        compiled = compiled.lower(params, grads, state).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        hlo = compiled.as_text()
+        entry = hlo[hlo.index("ENTRY") :]
+        times = []
+        for i in range(steps + 2):
+            t0 = time.perf_counter()
+            params, state = compiled(params, grads, state)
+            jax.block_until_ready((params, state))
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+        del params, state, compiled, full_size
+        out[name] = {
+            "buffers": buffers,
+            "passes": _count_full_size(entry, "fusion"),
+            "copies": _count_full_size(entry, "copy"),
+            "bytes_per_param": cost["bytes accessed"] / N,
+            "state_bytes_per_param": state_bytes / N,
+            "ms": 1e3 * statistics.median(times),
+            **_torch_audit(cls_name, kwargs, steps),
+        }
+        print(f"audit {name}: done", flush=True)
+    return out
+
+
+def _torch_audit(cls_name: str, kwargs: dict, steps: int) -> dict:
+    """torch's state bytes/param and its fastest CPU step (ms) of three modes."""
+    import numpy as np
+    import torch
+
+    best, state_bytes = None, None
+    for mode in ({"foreach": False}, {"foreach": True}, {"fused": True}):
+        p = torch.tensor(np.linspace(-1, 1, N, dtype=np.float32))
+        p.grad = torch.full((N,), 1e-3)
+        try:
+            opt = getattr(torch.optim, cls_name)([p], **kwargs, **mode)
+        except (TypeError, RuntimeError):
+            continue
+        times = []
+        with torch.no_grad():
+            for i in range(steps + 2):
+                t0 = time.perf_counter()
+                opt.step()
+                if i >= 2:
+                    times.append(time.perf_counter() - t0)
+        ms = 1e3 * statistics.median(times)
+        if best is None or ms < best[0]:
+            best = (
+                ms,
+                "fused"
+                if "fused" in mode
+                else "foreach"
+                if mode["foreach"]
+                else "single",
+            )
+        state_bytes = sum(
+            t.nbytes
+            for t in opt.state[p].values()
+            if torch.is_tensor(t) and t.numel() >= N
+        )
+        del opt, p
+    return {
+        "torch_ms": best[0],
+        "torch_mode": best[1],
+        "torch_state_bytes_per_param": state_bytes / N,
+    }
+
+
+def audit_markdown(rows: dict) -> str:
+    lines = [
+        "Every elementwise optimizer, one 10M float32 leaf, torch's default "
+        "arguments, params and state donated. Passes = full-size loop fusions "
+        "(at least buffers + 1 without multi-output fusion); bytes = XLA's "
+        "cost analysis of the compiled step; state = bytes per parameter; "
+        "torch = its fastest CPU implementation of single-tensor, foreach "
+        "and fused.",
+        "",
+        "| optimizer | buffers | passes | copies | bytes/param "
+        "| state funcopt / torch | funcopt ms | torch ms | funcopt/torch |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        lines.append(
+            f"| {name} | {r['buffers']} | {r['passes']} | {r['copies']} "
+            f"| {r['bytes_per_param']:.0f} "
+            f"| {r['state_bytes_per_param']:.0f} / "
+            f"{r['torch_state_bytes_per_param']:.0f} "
+            f"| {r['ms']:.2f} | {r['torch_ms']:.2f} ({r['torch_mode']}) "
+            f"| {r['ms'] / r['torch_ms']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _child(opts: list[str], steps: int) -> dict:
@@ -183,10 +318,21 @@ def main():
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument(
+        "--audit", action="store_true", help="only the every-optimizer audit"
+    )
     args = ap.parse_args()
     opts = args.opts.split(",")
     if args.child:
         print(json.dumps(_child(opts, args.steps)))
+        return
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = audit(args.steps)
+    (out / "profile_audit.json").write_text(json.dumps(rows, indent=1))
+    (out / "profile_audit.md").write_text(audit_markdown(rows))
+    print(audit_markdown(rows))
+    if args.audit:
         return
 
     by_flag = {}
@@ -209,8 +355,6 @@ def main():
     torch_ms = _torch_times(opts, args.steps)
 
     md = markdown(opts, by_flag, torch_ms)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "profile_step.json").write_text(
         json.dumps({"xla": by_flag, "torch": torch_ms}, indent=1)
     )

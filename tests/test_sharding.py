@@ -22,6 +22,10 @@ import funcopt as fo
 from funcopt import sharding as fs
 from tests.parity.cases import OPT_CASES
 
+# the 8-device subprocess runs once per worker that needs it: keep this
+# module on one worker (``pytest -n 2 --dist loadgroup``, as ``make test``)
+pytestmark = pytest.mark.xdist_group("sharded_subprocess")
+
 ROOT = pathlib.Path(__file__).parent.parent
 # elementwise optimizers whose sharded steps are bit-identical to one device
 BITWISE = {"sgd", "adam", "adamw", "sparse_adam"}

@@ -22,27 +22,55 @@ def coupled_gradient(param, grad, hparams, options) -> jax.Array:
     return coupled_weight_decay(grad, param, hparams["weight_decay"])
 
 
-def write_buffers_first(new_buffers, *inputs):
-    """``(new_buffers, *inputs)`` through an optimization barrier.
+def weight_decayed(param, grad, hparams, options) -> tuple[jax.Array, jax.Array]:
+    """torch's ``(param, grad)`` after ``maximize`` and weight decay.
 
-    Speed only, and only where the step is lowered for CPU. Values stay
-    torch's; the one visible effect is where LLVM contracts a multiply and an
-    add into a fused multiply-add (RMSprop centered: 1 float32 ulp in some
-    elements, inside every parity tolerance, 16-bit results still bit-exact).
-    XLA's CPU backend has no multi-output loop
-    fusion: a rule that updates k buffers runs as k + 1 passes over memory.
-    Left to itself it may fuse a buffer's update into the param's pass too,
-    reading a donated buffer after another pass overwrote it (so it copies
-    it first), or materialise a shared term such as the weight-decayed
-    gradient in a fresh temporary (page faults on every step). After the
-    barrier the buffers are written first, in place, and the param's pass
-    reads them and recomputes the cheap per-element terms from ``param``
-    and ``grad`` (e.g. :func:`coupled_gradient`); ``inputs`` are the arrays
-    read after the barrier (typically ``param, grad``).
+    Decoupled (``options["decoupled_weight_decay"]``, AdamW's):
+    ``param.mul_(1 - lr * weight_decay)``; coupled (Adam's default):
+    ``grad = grad.add(param, alpha=weight_decay)`` when ``weight_decay != 0``.
     """
-    values = (new_buffers, *inputs)
-    # GPU backends fuse the whole rule into one multi-output kernel: there a
-    # barrier would only split it, so it applies to CPU lowering alone
+    grad = apply_maximize(grad, options)
+    weight_decay = hparams["weight_decay"]
+    if options["decoupled_weight_decay"]:
+        return decoupled_weight_decay(param, hparams["lr"], weight_decay), grad
+    return param, coupled_weight_decay(grad, param, weight_decay)
+
+
+def write_buffers_first(new_buffers, *inputs):
+    """``(new_buffers, *inputs)``, for a param's pass that reads the new buffers.
+
+    Speed only, on CPU (see :func:`recompute_after`). XLA's CPU backend has
+    no multi-output loop fusion: a rule that updates k buffers runs as k + 1
+    passes over memory. Left to itself it shares the cheap per-element terms
+    between them, e.g. the weight-decayed gradient, in a fresh full-size
+    temporary (page faults on every step), or fuses a buffer's update into
+    the param's pass too, reading a donated buffer after another pass
+    overwrote it (so it copies it first). A rule that passes its new buffers
+    and the arrays it reads afterwards (typically ``param, grad``) through
+    here, and computes the param's update from what comes out, gets passes
+    ordered by data (buffers first, written in place; the param's pass
+    reads them) and recomputes those terms in the param's pass.
+    """
+    return recompute_after(new_buffers, *inputs)
+
+
+def recompute_after(*values):
+    """``values`` through an optimization barrier, where lowered for CPU.
+
+    XLA's CPU pipeline removes the barrier before fusion (its
+    ``cse_barrier_expander`` pass); until then, common-subexpression
+    elimination cannot merge what is computed from its outputs with what
+    was computed from its inputs. A rule uses it to compute a per-element
+    term once in each pass that needs it, rather than once in a full-size
+    temporary. It does not order passes; only data dependencies do.
+
+    Values stay torch's; the one visible effect is where LLVM contracts a
+    multiply and an add into a fused multiply-add (RMSprop centered: 1
+    float32 ulp in some elements, inside every parity tolerance, 16-bit
+    results still bit-exact). GPU backends fuse the whole rule into one
+    multi-output kernel, where the recomputation would only cost
+    arithmetic, so the barrier applies to CPU lowering alone.
+    """
     return jax.lax.platform_dependent(
         values, cpu=jax.lax.optimization_barrier, default=lambda v: v
     )

@@ -12,12 +12,7 @@ from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
 from .._math import add_scalar, addcdiv, div, lerp, sqrt_nonnegative
-from ._common import (
-    apply_maximize,
-    coupled_weight_decay,
-    decoupled_weight_decay,
-    ema_of_square,
-)
+from ._common import ema_of_square, weight_decayed
 
 
 def _validate_adam(
@@ -39,13 +34,9 @@ def _adam_slots(param, group):
 
 
 def _adam_rule(param, grad, slots, step, hparams, options):
-    lr, eps, weight_decay = hparams["lr"], hparams["eps"], hparams["weight_decay"]
+    lr, eps = hparams["lr"], hparams["eps"]
     beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
-    grad = apply_maximize(grad, options)
-    if options["decoupled_weight_decay"]:
-        param = decoupled_weight_decay(param, lr, weight_decay)
-    else:
-        grad = coupled_weight_decay(grad, param, weight_decay)
+    param, grad = weight_decayed(param, grad, hparams, options)
     exp_avg = lerp(slots["exp_avg"], grad, 1 - beta1)
     exp_avg_sq = ema_of_square(slots["exp_avg_sq"], grad, beta2)
     # torch: Python-float scalar math on float(step)

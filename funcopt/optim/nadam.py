@@ -11,12 +11,7 @@ from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
 from .._math import add_scalar, addcdiv, div, lerp, sqrt, widest_float
-from ._common import (
-    apply_maximize,
-    coupled_weight_decay,
-    decoupled_weight_decay,
-    ema_of_square,
-)
+from ._common import ema_of_square, weight_decayed, write_buffers_first
 
 
 def _validate_nadam(group: Mapping[str, Any]) -> None:
@@ -34,33 +29,33 @@ def _nadam_slots(param, group):
 
 
 def _nadam_rule(param, grad, slots, step, hparams, options):
-    lr, eps, weight_decay = hparams["lr"], hparams["eps"], hparams["weight_decay"]
+    lr, eps = hparams["lr"], hparams["eps"]
     beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
     momentum_decay = hparams["momentum_decay"]
-    grad = apply_maximize(grad, options)
     bias_correction2 = 1 - beta2**step
-    if options["decoupled_weight_decay"]:
-        param = decoupled_weight_decay(param, lr, weight_decay)
-    else:
-        grad = coupled_weight_decay(grad, param, weight_decay)
     # the momentum cache mu_t and mu_{t+1}, Python-float math
     mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
     mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
     # mu_product *= mu: in place on the float32 0-dim tensor
     mu_product = slots["mu_product"] * mu.astype(jnp.float32)
-    exp_avg = lerp(slots["exp_avg"], grad, 1 - beta1)
-    exp_avg_sq = ema_of_square(slots["exp_avg_sq"], grad, beta2)
-    denom = add_scalar(sqrt(div(exp_avg_sq, bias_correction2)), eps)
+    decayed_param, decayed_grad = weight_decayed(param, grad, hparams, options)
+    moments = {
+        "exp_avg": lerp(slots["exp_avg"], decayed_grad, 1 - beta1),
+        "exp_avg_sq": ema_of_square(slots["exp_avg_sq"], decayed_grad, beta2),
+    }
+    # the param's pass reads the new moments and recomputes the decayed
+    # gradient (no full-size temporary for it)
+    moments, param, grad = write_buffers_first(moments, param, grad)
+    param, grad = weight_decayed(param, grad, hparams, options)
+    denom = add_scalar(sqrt(div(moments["exp_avg_sq"], bias_correction2)), eps)
     # _get_value(mu_product): the float32 value read back as a Python float
     mu_product_value = mu_product.astype(widest_float())
     mu_product_next = mu_product_value * mu_next
     param = addcdiv(param, grad, denom, -lr * (1.0 - mu) / (1.0 - mu_product_value))
-    param = addcdiv(param, exp_avg, denom, (-lr * mu_next) / (1.0 - mu_product_next))
-    return param, {
-        "mu_product": mu_product,
-        "exp_avg": exp_avg,
-        "exp_avg_sq": exp_avg_sq,
-    }
+    param = addcdiv(
+        param, moments["exp_avg"], denom, (-lr * mu_next) / (1.0 - mu_product_next)
+    )
+    return param, {"mu_product": mu_product, **moments}
 
 
 def nadam(

@@ -26,12 +26,16 @@ from tests.torch_ref import (
 )
 
 
-def _compare(case, kwargs, dtype, jit, with_none, rtol, atol, seed=0):
+def _compare(case, kwargs, dtype, jit, with_none, rtol, atol, seed=0, flagged=False):
+    """funcopt against torch; ``flagged``: ``None`` gradients as ``has_grad``."""
     rng = np.random.default_rng(seed)
     params = make_params_for(case, rng, dtype)
     grads = make_grads(rng, params, case.steps, with_none)
     expected, torch_state = run_torch(case, kwargs, params, grads)
-    new_params, state = run_funcopt(case, kwargs, params, grads, jit)
+    if flagged:
+        new_params, state = run_funcopt_flagged(case, kwargs, params, grads)
+    else:
+        new_params, state = run_funcopt(case, kwargs, params, grads, jit)
     for i, (a, e) in enumerate(zip(trainable_leaves(new_params), expected)):
         assert a.dtype == e.dtype, f"param {i}: dtype {a.dtype} != torch {e.dtype}"
         assert_close(a, e, rtol, atol, f"param {i}")
@@ -55,24 +59,37 @@ def _compare(case, kwargs, dtype, jit, with_none, rtol, atol, seed=0):
             np.testing.assert_array_equal(new, old)
 
 
-# the None-gradient pattern also has steps where every leaf has a gradient
+# Every flag combination, jitted. The None-gradient pattern (which also has
+# steps where every leaf has a gradient) goes in as ``has_grad`` flags: the
+# same semantics, one compile per row instead of one per pattern. ``None``
+# leaves themselves run below, jitted and eagerly, for every optimizer.
 @pytest.mark.parametrize("with_none", [True], ids=["none-grads"])
 @pytest.mark.parametrize("case,kwargs", OPT_PARAMS)
 def test_float64_parity(case, kwargs, with_none, x64):
-    _compare(case, kwargs, np.float64, True, with_none, rtol=1e-10, atol=1e-12)
+    _compare(
+        case, kwargs, np.float64, True, with_none, rtol=1e-10, atol=1e-12, flagged=True
+    )
 
 
 @pytest.mark.parametrize("case,kwargs", OPT_PARAMS_F32)
 def test_float32_parity(case, kwargs):
     assert not jax.config.jax_enable_x64
     _compare(
-        case, kwargs, np.float32, True, True, rtol=case.f32_rtol, atol=case.f32_atol
+        case,
+        kwargs,
+        np.float32,
+        True,
+        True,
+        rtol=case.f32_rtol,
+        atol=case.f32_atol,
+        flagged=True,
     )
 
 
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
 @pytest.mark.parametrize("case,kwargs", OPT_PARAMS_EAGER)
-def test_eager_parity(case, kwargs, x64):
-    _compare(case, kwargs, np.float64, False, True, rtol=1e-10, atol=1e-12)
+def test_none_gradient_leaves(case, kwargs, jit, x64):
+    _compare(case, kwargs, np.float64, jit, True, rtol=1e-10, atol=1e-12)
 
 
 # enough for RAdam's rectified branch (rho_t > 5 from step 6) and ASGD's

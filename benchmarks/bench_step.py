@@ -201,8 +201,9 @@ def optax_step(make_tx, params, donate):
 
 
 def torch_step(cls, kwargs, sizes, mode, device="cpu"):
-    """(sampler, state bytes/param) of torch's ``opt.step()`` (``mode=True``).
+    """(sampler, state bytes/param) of torch's ``opt.step()``.
 
+    ``mode``: "foreach" or "fused" (that flag True), "single" (foreach=False).
     Raises TypeError or RuntimeError where torch has no such implementation.
     """
     rng = np.random.default_rng(0)
@@ -214,7 +215,8 @@ def torch_step(cls, kwargs, sizes, mode, device="cpu"):
     for p in ps:
         p.requires_grad_(True)
         p.grad = p.detach() * 1e-3
-    opt = cls(ps, **kwargs, **{mode: True})
+    flags = {"foreach": False} if mode == "single" else {mode: True}
+    opt = cls(ps, **kwargs, **flags)
 
     def sample():
         t0 = time.perf_counter()

@@ -31,14 +31,14 @@ import json
 import os
 import pathlib
 import re
-import statistics
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import optax
+import torch
+from bench_step import chain_sampler, time_interleaved, torch_step
 
 import funcopt as fo
 import funcopt.flat as ff
@@ -113,83 +113,65 @@ AUDIT = {
 }
 
 
-def audit(steps: int) -> dict:
-    """Compiled passes, state bytes and step time of every AUDIT optimizer."""
+def audit(min_time: float) -> dict:
+    """Compiled passes, state bytes and step time of every AUDIT optimizer.
+
+    funcopt and torch's three CPU implementations are timed in alternating
+    turns (``bench_step.time_interleaved``).
+    """
     out = {}
     for name, (make_fo, (cls_name, kwargs)) in AUDIT.items():
         opt = make_fo()
-        params = {"w": jnp.linspace(-1.0, 1.0, N, dtype=jnp.float32)}
-        grads = {"w": jnp.full((N,), 1e-3, jnp.float32)}
-        state = opt.init(params)
+        compiled, params, grads, state = _compiled_step(opt.step, opt.init)
         full_size = [x for x in jax.tree.leaves(state) if x.size >= N]
-        buffers, state_bytes = len(full_size), sum(x.nbytes for x in full_size)
-        compiled = jax.jit(opt.step, donate_argnums=(0, 2))
-        compiled = compiled.lower(params, grads, state).compile()
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        hlo = compiled.as_text()
-        entry = hlo[hlo.index("ENTRY") :]
-        times = []
-        for i in range(steps + 2):
-            t0 = time.perf_counter()
-            params, state = compiled(params, grads, state)
-            jax.block_until_ready((params, state))
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-        del params, state, compiled, full_size
-        out[name] = {
-            "buffers": buffers,
-            "passes": _count_full_size(entry, "fusion"),
-            "copies": _count_full_size(entry, "copy"),
-            "bytes_per_param": cost["bytes accessed"] / N,
-            "state_bytes_per_param": state_bytes / N,
-            "ms": 1e3 * statistics.median(times),
-            **_torch_audit(cls_name, kwargs, steps),
+        row = {
+            "buffers": len(full_size),
+            "state_bytes_per_param": sum(x.nbytes for x in full_size) / N,
+            **_passes(compiled),
         }
+        samplers = {"funcopt": _sampler(compiled, params, grads, state)}
+        del full_size, params, state
+        cls = getattr(torch.optim, cls_name)
+        for mode in ("single", "foreach", "fused"):
+            try:
+                samplers[mode], row["torch_state_bytes_per_param"] = torch_step(
+                    cls, kwargs, [N], mode
+                )
+            except (TypeError, RuntimeError):
+                continue  # no such implementation of this optimizer
+        times = time_interleaved(samplers, min_time)
+        row["ms"] = 1e3 * times.pop("funcopt")
+        row["torch_mode"] = min(times, key=times.get)
+        row["torch_ms"] = 1e3 * times[row["torch_mode"]]
+        out[name] = row
+        del samplers, compiled
         print(f"audit {name}: done", flush=True)
     return out
 
 
-def _torch_audit(cls_name: str, kwargs: dict, steps: int) -> dict:
-    """torch's state bytes/param and its fastest CPU step (ms) of three modes."""
-    import numpy as np
-    import torch
+def _compiled_step(step, init, pack=lambda tree: tree):
+    """The donated step compiled for one N-element leaf, and its inputs."""
+    params = pack({"w": jnp.linspace(-1.0, 1.0, N, dtype=jnp.float32)})
+    grads = pack({"w": jnp.full((N,), 1e-3, jnp.float32)})
+    state = init(params)
+    compiled = jax.jit(step, donate_argnums=(0, 2)).lower(params, grads, state)
+    return compiled.compile(), params, grads, state
 
-    best, state_bytes = None, None
-    for mode in ({"foreach": False}, {"foreach": True}, {"fused": True}):
-        p = torch.tensor(np.linspace(-1, 1, N, dtype=np.float32))
-        p.grad = torch.full((N,), 1e-3)
-        try:
-            opt = getattr(torch.optim, cls_name)([p], **kwargs, **mode)
-        except (TypeError, RuntimeError):
-            continue
-        times = []
-        with torch.no_grad():
-            for i in range(steps + 2):
-                t0 = time.perf_counter()
-                opt.step()
-                if i >= 2:
-                    times.append(time.perf_counter() - t0)
-        ms = 1e3 * statistics.median(times)
-        if best is None or ms < best[0]:
-            best = (
-                ms,
-                "fused"
-                if "fused" in mode
-                else "foreach"
-                if mode["foreach"]
-                else "single",
-            )
-        state_bytes = sum(
-            t.nbytes
-            for t in opt.state[p].values()
-            if torch.is_tensor(t) and t.numel() >= N
-        )
-        del opt, p
+
+def _sampler(compiled, params, grads, state):
+    return chain_sampler(lambda c, g: compiled(c[0], g, c[1]), (params, state), grads)
+
+
+def _passes(compiled) -> dict:
+    """Bytes per param (XLA's cost analysis), full-size fusions and copies."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    hlo = compiled.as_text()
+    entry = hlo[hlo.index("ENTRY") :]
     return {
-        "torch_ms": best[0],
-        "torch_mode": best[1],
-        "torch_state_bytes_per_param": state_bytes / N,
+        "bytes_per_param": cost["bytes accessed"] / N,
+        "passes": _count_full_size(entry, "fusion"),
+        "copies": _count_full_size(entry, "copy"),
     }
 
 
@@ -218,12 +200,10 @@ def audit_markdown(rows: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _child(opts: list[str], steps: int) -> dict:
+def _child(opts: list[str], min_time: float) -> dict:
     """Runs in the subprocess: compile and time each step under XLA_FLAGS."""
 
     def compiled_step(kind, make):
-        params = {"w": jnp.linspace(-1.0, 1.0, N, dtype=jnp.float32)}
-        grads = {"w": jnp.full((N,), 1e-3, jnp.float32)}
         if kind == "optax":
             tx = make()
 
@@ -231,47 +211,30 @@ def _child(opts: list[str], steps: int) -> dict:
                 u, s = tx.update(g, s, p)
                 return optax.apply_updates(p, u), s
 
-            state = tx.init(params)
-        else:
-            opt = make()
-            step = opt.step
-            if kind == "funcopt flat":
-                layout = ff.layout(params, opt)
-                params, grads = layout.pack(params), layout.pack(grads)
-            state = opt.init(params)
-        jitted = jax.jit(step, donate_argnums=(0, 2))
-        compiled = jitted.lower(params, grads, state).compile()
-        return compiled, params, grads, state
+            return _compiled_step(step, tx.init)
+        opt = make()
+        if kind == "funcopt tree":
+            return _compiled_step(opt.step, opt.init)
+        params = {"w": jnp.zeros((N,), jnp.float32)}
+        layout = ff.layout(params, opt)
+        return _compiled_step(opt.step, opt.init, pack=layout.pack)
 
     out = {}
     for name in opts:
         make_fo, make_optax, _, _ = SPECS[name]
+        samplers = {}
         for kind, make in (
             ("funcopt tree", make_fo),
             ("funcopt flat", make_fo),
             ("optax", make_optax),
         ):
             compiled, p, g, s = compiled_step(kind, make)
-            cost = compiled.cost_analysis()
-            cost = cost[0] if isinstance(cost, list) else cost
-            hlo = compiled.as_text()
-            entry = hlo[hlo.index("ENTRY") :]
-            passes = _count_full_size(entry, "fusion")
-            copies = _count_full_size(entry, "copy")
-            times = []
-            for i in range(steps + 2):
-                t0 = time.perf_counter()
-                p, s = compiled(p, g, s)
-                jax.block_until_ready((p, s))
-                if i >= 2:
-                    times.append(time.perf_counter() - t0)
-            out[f"{name}|{kind}"] = {
-                "ms": 1e3 * statistics.median(times),
-                "bytes_per_param": cost["bytes accessed"] / N,
-                "passes": passes,
-                "copies": copies,
-            }
-            del p, g, s, compiled
+            out[f"{name}|{kind}"] = _passes(compiled)
+            samplers[kind] = _sampler(compiled, p, g, s)
+            del p, s, compiled
+        for kind, t in time_interleaved(samplers, min_time).items():
+            out[f"{name}|{kind}"]["ms"] = 1e3 * t
+        del samplers
     return out
 
 
@@ -286,36 +249,30 @@ def _count_full_size(hlo_entry: str, op: str) -> int:
     return count
 
 
-def _torch_times(opts: list[str], steps: int) -> dict:
-    import numpy as np
-    import torch
-
+def _torch_times(opts: list[str], min_time: float) -> dict:
     out = {}
     for name in opts:
+        cls_name, kwargs = SPECS[name][2]
+        samplers = {}
         for mode in ("foreach", "fused"):
-            ps = [torch.tensor(np.linspace(-1, 1, N, dtype=np.float32))]
-            ps[0].grad = torch.full((N,), 1e-3)
-            cls_name, kwargs = SPECS[name][2]
+            out[f"{name}|torch {mode}"] = None
             try:
-                opt = getattr(torch.optim, cls_name)(ps, **kwargs, **{mode: True})
+                samplers[mode], _ = torch_step(
+                    getattr(torch.optim, cls_name), kwargs, [N], mode
+                )
             except (TypeError, RuntimeError):
-                out[f"{name}|torch {mode}"] = None
                 continue
-            times = []
-            with torch.no_grad():
-                for i in range(steps + 2):
-                    t0 = time.perf_counter()
-                    opt.step()
-                    if i >= 2:
-                        times.append(time.perf_counter() - t0)
-            out[f"{name}|torch {mode}"] = 1e3 * statistics.median(times)
+        for mode, t in time_interleaved(samplers, min_time).items():
+            out[f"{name}|torch {mode}"] = 1e3 * t
     return out
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--opts", default=",".join(SPECS))
-    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument(
+        "--min-time", type=float, default=0.5, help="seconds timed per implementation"
+    )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument(
@@ -324,11 +281,11 @@ def main():
     args = ap.parse_args()
     opts = args.opts.split(",")
     if args.child:
-        print(json.dumps(_child(opts, args.steps)))
+        print(json.dumps(_child(opts, args.min_time)))
         return
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = audit(args.steps)
+    rows = audit(args.min_time)
     (out / "profile_audit.json").write_text(json.dumps(rows, indent=1))
     (out / "profile_audit.md").write_text(audit_markdown(rows))
     print(audit_markdown(rows))
@@ -340,7 +297,7 @@ def main():
         env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
         proc = subprocess.run(
             [sys.executable, __file__, "--child", "--opts", args.opts]
-            + ["--steps", str(args.steps)],
+            + ["--min-time", str(args.min_time)],
             env=env,
             capture_output=True,
             text=True,
@@ -352,7 +309,7 @@ def main():
             continue
         by_flag[flags] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{flags or '(default)'}: done", flush=True)
-    torch_ms = _torch_times(opts, args.steps)
+    torch_ms = _torch_times(opts, args.min_time)
 
     md = markdown(opts, by_flag, torch_ms)
     (out / "profile_step.json").write_text(

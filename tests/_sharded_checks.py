@@ -121,6 +121,36 @@ def same_shardings(tree, shardings):
     return len(jax.tree.leaves(tree)) == len(jax.tree.leaves(shardings)) and all(ok)
 
 
+def run_steps(step, params, state, grads_seq, shardings, state_shardings):
+    """``step`` over the gradients; whether every output kept its sharding."""
+    keeps = True
+    for g in grads_seq:
+        params, state = step(params, g, state)
+        keeps &= same_shardings(params, shardings)
+        keeps &= same_shardings(state, state_shardings)
+    return params, state, keeps
+
+
+def result(name, kwargs, mode, ref, got, shardings_kept, collectives=None, **init):
+    """One report row: ``got`` against the single-device ``ref``.
+
+    ``init``: ``init_sharded`` and ``eager_init_follows`` (True unless given).
+    """
+    bitwise, max_abs, max_rel = compare(ref, got)
+    return dict(
+        name=name,
+        kwargs=kwargs,
+        mode=mode,
+        bitwise=bitwise,
+        max_abs=max_abs,
+        max_rel=max_rel,
+        shardings_kept=shardings_kept,
+        init_sharded=init.get("init_sharded", True),
+        eager_init_follows=init.get("eager_init_follows", True),
+        collectives=collectives or {},
+    )
+
+
 def collectives(compiled) -> dict[str, int]:
     text = compiled.as_text()
     return {c: len(re.findall(rf"\s{c}(?:-start)?\(", text)) for c in COLLECTIVES}
@@ -171,23 +201,20 @@ def run_optimizer(mesh, name, factory, kwargs, kind, rng):
         step = (
             jax.jit(opt.step, **pinned).lower(params, sharded_grads[0], state).compile()
         )
-    keeps = True
-    for g in sharded_grads:
-        params, state = step(params, g, state)
-        keeps &= same_shardings(state, st_sh) and same_shardings(params, shardings)
-    bitwise, max_abs, max_rel = compare(ref, (params, state))
+    params, state, keeps = run_steps(
+        step, params, state, sharded_grads, shardings, st_sh
+    )
     out.append(
-        dict(
-            name=name,
-            kwargs=repr(kwargs),
-            mode="plain",
-            bitwise=bitwise,
-            max_abs=max_abs,
-            max_rel=max_rel,
-            shardings_kept=keeps,
+        result(
+            name,
+            repr(kwargs),
+            "plain",
+            ref,
+            (params, state),
+            keeps,
+            collectives(step),
             init_sharded=init_ok and abstract_ok,
             eager_init_follows=eager_ok,
-            collectives=collectives(step),
         )
     )
 
@@ -197,22 +224,13 @@ def run_optimizer(mesh, name, factory, kwargs, kind, rng):
     state = fs.init(opt, params, zero_axis="data")
     step = fs.zero_step(opt, params).lower(params, sharded_grads[0], state).compile()
     keeps = same_shardings(state, st_sh)
-    for g in sharded_grads:
-        params, state = step(params, g, state)
-        keeps &= same_shardings(state, st_sh) and same_shardings(params, shardings)
-    bitwise, max_abs, max_rel = compare(ref, (params, state))
+    params, state, kept = run_steps(
+        step, params, state, sharded_grads, shardings, st_sh
+    )
+    keeps &= kept
     out.append(
-        dict(
-            name=name,
-            kwargs=repr(kwargs),
-            mode="zero",
-            bitwise=bitwise,
-            max_abs=max_abs,
-            max_rel=max_rel,
-            shardings_kept=keeps,
-            init_sharded=True,
-            eager_init_follows=True,
-            collectives=collectives(step),
+        result(
+            name, repr(kwargs), "zero", ref, (params, state), keeps, collectives(step)
         )
     )
     return out
@@ -243,20 +261,9 @@ def check_sparse_adam(mesh, rng):
         step = jax.jit(opt.step, out_shardings=(sh, st_sh))
         for g in grads_seq:
             params, state = step(params, g, state)
-        bitwise, max_abs, max_rel = compare((p, st), (params, state))
+        kept = same_shardings(state, st_sh)
         out.append(
-            dict(
-                name="sparse_adam",
-                kwargs="{'lr': 0.05}",
-                mode=mode,
-                bitwise=bitwise,
-                max_abs=max_abs,
-                max_rel=max_rel,
-                shardings_kept=same_shardings(state, st_sh),
-                init_sharded=True,
-                eager_init_follows=True,
-                collectives={},
-            )
+            result("sparse_adam", "{'lr': 0.05}", mode, (p, st), (params, state), kept)
         )
     return out
 
@@ -306,19 +313,14 @@ def check_lbfgs(mesh, rng, dtype, max_iter):
             state = fs.init(opt, params, zero_axis=zero)
             step = jax.jit(run, out_shardings=(sh, st_sh, fs.replicated(mesh)))
             got = step(params, state, jax.device_put(x, data), jax.device_put(y, data))
-            bitwise, max_abs, max_rel = compare(ref, got)
             out.append(
-                dict(
-                    name=f"lbfgs(line_search_fn={ls!r})",
-                    kwargs=f"{np.dtype(dtype).name}, max_iter={max_iter}",
-                    mode=mode,
-                    bitwise=bitwise,
-                    max_abs=max_abs,
-                    max_rel=max_rel,
-                    shardings_kept=same_shardings(got[1], st_sh),
-                    init_sharded=True,
-                    eager_init_follows=True,
-                    collectives={},
+                result(
+                    f"lbfgs(line_search_fn={ls!r})",
+                    f"{np.dtype(dtype).name}, max_iter={max_iter}",
+                    mode,
+                    ref,
+                    got,
+                    same_shardings(got[1], st_sh),
                 )
             )
     return out
@@ -364,19 +366,15 @@ def check_clip(mesh, rng):
         xs, ys = jax.device_put(x, data), jax.device_put(y, data)
         got = step(params, state, xs, ys)
         got = step(*got[:2], xs, ys)
-        bitwise, max_abs, max_rel = compare(ref, got)
         out.append(
-            dict(
-                name="clip_grad_norm+adam",
-                kwargs="{'max_norm': 0.5}",
-                mode=mode,
-                bitwise=bitwise,
-                max_abs=max_abs,
-                max_rel=max_rel,
-                shardings_kept=same_shardings(got[1], st_sh),
-                init_sharded=True,
-                eager_init_follows=True,
-                collectives=collectives(step.lower(*got[:2], xs, ys).compile()),
+            result(
+                "clip_grad_norm+adam",
+                "{'max_norm': 0.5}",
+                mode,
+                ref,
+                got,
+                same_shardings(got[1], st_sh),
+                collectives(step.lower(*got[:2], xs, ys).compile()),
             )
         )
     return out

@@ -1,0 +1,34 @@
+"""The README's benchmark command runs and writes its tables (no timing checks)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+def test_bench_step_writes_json_markdown_and_summary(tmp_path):
+    def run(*args):
+        out = subprocess.run(
+            [sys.executable, "benchmarks/bench_step.py", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stderr[-4000:]
+        return out.stdout
+
+    run("--quick", "--opts", "sgd", "--cases", "0", "--out", str(tmp_path))
+    saved = json.loads((tmp_path / "bench_step.json").read_text())
+    (row,) = saved["rows"]
+    assert (row["optimizer"], row["case"]) == ("sgd", "1 leaf, 1M")
+    for key in ("funcopt_flat_ms", "funcopt_tree_ms", "optax_donate_ms"):
+        assert row[key] > 0, key
+    assert row["torch_foreach_ms"] > 0 and row["torch_fused_ms"] > 0
+    assert row["funcopt_state_bytes_per_param"] == row["torch_state_bytes_per_param"]
+    markdown = (tmp_path / "bench_step.md").read_text()
+    assert "| sgd | 1 leaf, 1M |" in markdown
+    summary = run("--summarize", str(tmp_path / "bench_step.json"))
+    assert "| 1 leaf, 1M |" in summary and summary.strip() in markdown

@@ -57,6 +57,8 @@ XLA_OPTIONS = [
     "--xla_cpu_copy_insertion_use_region_analysis=true",
     "--xla_cpu_enable_concurrency_optimized_scheduler=true",
     "--xla_cpu_enable_fast_math=true",
+    # a CPU backend option, not a flag: XLA's multi-output fusion pass
+    "--xla_backend_extra_options=xla_cpu_use_multi_output_fusion",
 ]
 
 # optimizer -> (funcopt, optax, torch class and kwargs, ideal bytes/param)
@@ -182,7 +184,7 @@ def audit_markdown(rows: dict) -> str:
         "(at least buffers + 1 without multi-output fusion); bytes = XLA's "
         "cost analysis of the compiled step; state = bytes per parameter; "
         "torch = its fastest CPU implementation of single-tensor, foreach "
-        "and fused.",
+        "and fused. XLA_FLAGS: " + (os.environ.get("XLA_FLAGS") or "(none)") + ".",
         "",
         "| optimizer | buffers | passes | copies | bytes/param "
         "| state funcopt / torch | funcopt ms | torch ms | funcopt/torch |",
@@ -239,14 +241,22 @@ def _child(opts: list[str], min_time: float) -> dict:
 
 
 def _count_full_size(hlo_entry: str, op: str) -> int:
-    """Instructions ``op`` whose float32 result has about N elements."""
+    """Instructions ``op`` with a float32 result (or tuple element) of ~N elements.
+
+    A multi-output fusion, ``(f32[N], f32[N]) fusion(...)``, is one pass.
+    """
     count = 0
-    for dims in re.findall(rf"= f32\[([0-9,]+)\]\{{[0-9,]*\}} {op}\(", hlo_entry):
-        size = 1
-        for d in dims.split(","):
-            size *= int(d)
-        count += size >= N // 2
+    for result in re.findall(rf"= (\(?[^=]*?\)?) {op}\(", hlo_entry):
+        sizes = [_size(dims) for dims in re.findall(r"f32\[([0-9,]+)\]", result)]
+        count += any(size >= N // 2 for size in sizes)
     return count
+
+
+def _size(dims: str) -> int:
+    size = 1
+    for d in dims.split(","):
+        size *= int(d)
+    return size
 
 
 def _torch_times(opts: list[str], min_time: float) -> dict:
@@ -278,6 +288,7 @@ def main():
     ap.add_argument(
         "--audit", action="store_true", help="only the every-optimizer audit"
     )
+    ap.add_argument("--suffix", default="", help="appended to the audit's file names")
     args = ap.parse_args()
     opts = args.opts.split(",")
     if args.child:
@@ -286,8 +297,9 @@ def main():
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = audit(args.min_time)
-    (out / "profile_audit.json").write_text(json.dumps(rows, indent=1))
-    (out / "profile_audit.md").write_text(audit_markdown(rows))
+    stem = "profile_audit" + args.suffix
+    (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
+    (out / f"{stem}.md").write_text(audit_markdown(rows))
     print(audit_markdown(rows))
     if args.audit:
         return

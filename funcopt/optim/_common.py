@@ -54,6 +54,21 @@ def write_buffers_first(new_buffers, *inputs):
     return recompute_after(new_buffers, *inputs)
 
 
+def in_own_pass(fn, param, grad, *rest):
+    """``fn(param, grad, *rest)``, kept apart from any other computation of it.
+
+    For a per-element term (e.g. the weight-decayed gradient) that two
+    buffers' updates read: each update then computes its own copy inside
+    its own pass. XLA's default CPU fusion duplicates such a term anyway;
+    with its multi-output fusion on (``XLA_FLAGS=--xla_backend_extra_options=
+    xla_cpu_use_multi_output_fusion``) it does not, and would otherwise
+    share it through a full-size temporary instead of updating both
+    buffers in one pass.
+    """
+    param, grad = recompute_after(param, grad)
+    return fn(param, grad, *rest)
+
+
 def recompute_after(*values):
     """``values`` through an optimization barrier, where lowered for CPU.
 

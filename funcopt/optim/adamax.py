@@ -8,7 +8,7 @@ from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
 from .._math import add_scalar, addcdiv, lerp, mul
-from ._common import coupled_gradient
+from ._common import coupled_gradient, in_own_pass
 
 
 def _adamax_slots(param, group):
@@ -18,8 +18,10 @@ def _adamax_slots(param, group):
 def _adamax_rule(param, grad, slots, step, hparams, options):
     lr, eps = hparams["lr"], hparams["eps"]
     beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
-    grad = coupled_gradient(param, grad, hparams, options)
-    exp_avg = lerp(slots["exp_avg"], grad, 1 - beta1)
+    exp_avg = lerp(
+        slots["exp_avg"], coupled_gradient(param, grad, hparams, options), 1 - beta1
+    )
+    grad = in_own_pass(coupled_gradient, param, grad, hparams, options)
     # torch.maximum(exp_inf.mul_(beta2), grad.abs().add_(eps)): eps inside the max
     exp_inf = jnp.maximum(mul(slots["exp_inf"], beta2), add_scalar(jnp.abs(grad), eps))
     # torch: Python-float scalar math on float(step)

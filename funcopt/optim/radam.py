@@ -17,7 +17,7 @@ from .._math import (
     sqrt,
     tensor_op,
 )
-from ._common import ema_of_square, weight_decayed
+from ._common import ema_of_square, in_own_pass, weight_decayed
 
 
 def _radam_slots(param, group):
@@ -27,8 +27,9 @@ def _radam_slots(param, group):
 def _radam_rule(param, grad, slots, step, hparams, options):
     lr, eps = hparams["lr"], hparams["eps"]
     beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
-    param, grad = weight_decayed(param, grad, hparams, options)
-    exp_avg = lerp(slots["exp_avg"], grad, 1 - beta1)
+    _, decayed_grad = weight_decayed(param, grad, hparams, options)
+    exp_avg = lerp(slots["exp_avg"], decayed_grad, 1 - beta1)
+    param, grad = in_own_pass(weight_decayed, param, grad, hparams, options)
     exp_avg_sq = ema_of_square(slots["exp_avg_sq"], grad, beta2)
     # torch: Python-float scalar math on float(step)
     bias_correction1 = 1 - beta1**step

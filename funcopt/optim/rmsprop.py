@@ -11,7 +11,12 @@ from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
 from .._math import add, add_scalar, addcdiv, addcmul, lerp, mul, sqrt
-from ._common import coupled_gradient, ema_of_square, write_buffers_first
+from ._common import (
+    coupled_gradient,
+    ema_of_square,
+    in_own_pass,
+    write_buffers_first,
+)
 
 
 def _validate_rmsprop(group: Mapping[str, Any]) -> None:
@@ -49,6 +54,7 @@ def _rmsprop_rule(param, grad, slots, step, hparams, options):
     d_p = coupled_gradient(param, grad, hparams, options)
     new_slots = {"square_avg": ema_of_square(slots["square_avg"], d_p, alpha)}
     if "grad_avg" in slots:
+        d_p = in_own_pass(coupled_gradient, param, grad, hparams, options)
         new_slots["grad_avg"] = lerp(slots["grad_avg"], d_p, 1 - alpha)
     new_slots, param, grad = write_buffers_first(new_slots, param, grad)
     d_p = coupled_gradient(param, grad, hparams, options)

@@ -7,9 +7,9 @@ Two measurements, both for one 10M-parameter float32 leaf:
    elementwise step is memory-bound, so bytes per parameter and the number
    of full-size loop fusions (passes over memory) explain its time. The ideal
    is torch's ``fused=True`` kernel: one pass that reads params, grads and
-   state once and writes params and state once (Adam: 28 bytes/param). XLA's
-   CPU backend has no multi-output loop fusion, so a step that updates k
-   buffers is at least k passes; each pass re-reads what it needs.
+   state once and writes params and state once (Adam: 28 bytes/param). By default
+   XLA's CPU backend does not fuse loops with several outputs, so a step that
+   updates k buffers is at least k passes; each pass re-reads what it needs.
 2. **Every elementwise optimizer** (``--audit``, also part of the default
    run): passes, copies and bytes per parameter of its compiled step, its
    state bytes per parameter next to torch's, and its step time next to

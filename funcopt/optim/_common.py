@@ -39,9 +39,9 @@ def weight_decayed(param, grad, hparams, options) -> tuple[jax.Array, jax.Array]
 def write_buffers_first(new_buffers, *inputs):
     """``(new_buffers, *inputs)``, for a param's pass that reads the new buffers.
 
-    Speed only, on CPU (see :func:`recompute_after`). XLA's CPU backend has
-    no multi-output loop fusion: a rule that updates k buffers runs as k + 1
-    passes over memory. Left to itself it shares the cheap per-element terms
+    Speed only, on CPU (see :func:`recompute_after`). XLA's CPU backend does
+    not fuse loops with several outputs by default: a rule that updates k
+    buffers runs as k + 1 passes over memory. Left to itself it shares the cheap per-element terms
     between them, e.g. the weight-decayed gradient, in a fresh full-size
     temporary (page faults on every step), or fuses a buffer's update into
     the param's pass too, reading a donated buffer after another pass

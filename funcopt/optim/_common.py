@@ -41,15 +41,16 @@ def write_buffers_first(new_buffers, *inputs):
 
     Speed only, on CPU (see :func:`recompute_after`). XLA's CPU backend does
     not fuse loops with several outputs by default: a rule that updates k
-    buffers runs as k + 1 passes over memory. Left to itself it shares the cheap per-element terms
-    between them, e.g. the weight-decayed gradient, in a fresh full-size
-    temporary (page faults on every step), or fuses a buffer's update into
-    the param's pass too, reading a donated buffer after another pass
-    overwrote it (so it copies it first). A rule that passes its new buffers
-    and the arrays it reads afterwards (typically ``param, grad``) through
-    here, and computes the param's update from what comes out, gets passes
-    ordered by data (buffers first, written in place; the param's pass
-    reads them) and recomputes those terms in the param's pass.
+    buffers runs as k + 1 passes over memory. Left to itself it shares the
+    cheap per-element terms between them, e.g. the weight-decayed gradient,
+    in a fresh full-size temporary (page faults on every step), or fuses a
+    buffer's update into the param's pass too, reading a donated buffer
+    after another pass overwrote it (so it copies it first). A rule that
+    passes its new buffers and the arrays it reads afterwards (typically
+    ``param, grad``) through here, and computes the param's update from what
+    comes out, gets passes ordered by data (buffers first, written in place;
+    the param's pass reads them) and recomputes those terms in the param's
+    pass.
     """
     return recompute_after(new_buffers, *inputs)
 

@@ -1,0 +1,118 @@
+"""The shape of each compiled CPU step: passes over memory and copies.
+
+A structural check, not a timing: XLA's CPU backend runs a rule that updates
+k buffers as k + 1 loops over memory at best. The rules are arranged so that
+the donated step reaches that (no full-size temporary such as a shared
+weight-decayed gradient, no copy of a donated buffer); this fails when a
+change to a rule makes XLA materialise or copy something again. Measured
+speed is in ``benchmarks/`` (``profile_step.py --audit``).
+"""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import funcopt as fo
+
+N = 1 << 16
+
+# name -> (optimizer, full-size copies XLA cannot avoid)
+RULES = {
+    "sgd": (lambda: fo.sgd(lr=0.1), 0),
+    "sgd(momentum, nesterov, weight_decay)": (
+        lambda: fo.sgd(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1),
+        0,
+    ),
+    "adam": (fo.adam, 0),
+    "adam(amsgrad)": (lambda: fo.adam(amsgrad=True), 0),
+    "adamw": (fo.adamw, 0),
+    "adamax": (fo.adamax, 0),
+    "nadam": (fo.nadam, 0),
+    "nadam(decoupled)": (
+        lambda: fo.nadam(weight_decay=0.1, decoupled_weight_decay=True),
+        0,
+    ),
+    "radam": (fo.radam, 0),
+    "rmsprop": (fo.rmsprop, 0),
+    "rmsprop(centered, momentum)": (
+        lambda: fo.rmsprop(centered=True, momentum=0.9),
+        0,
+    ),
+    "adagrad": (fo.adagrad, 0),
+    "asgd": (fo.asgd, 0),
+    # each of their later passes reads an old value another pass overwrites
+    "adadelta": (fo.adadelta, 2),
+    "rprop": (fo.rprop, 2),
+}
+
+
+def full_size(hlo_entry: str, op: str) -> int:
+    """Instructions ``op`` with an N-element float32 result (or tuple element)."""
+    results = re.findall(rf"= (\(?[^=]*?\)?) {op}\(", hlo_entry)
+    return sum(f"f32[{N}]" in result for result in results)
+
+
+def passes_and_copies(name: str) -> tuple[int, int, int]:
+    """(buffers, full-size loops, full-size copies) of the donated step."""
+    opt = RULES[name][0]()
+    params = {"w": jnp.linspace(-1.0, 1.0, N, dtype=jnp.float32)}
+    state = opt.init(params)
+    buffers = sum(x.size == N for x in jax.tree.leaves(state))
+    compiled = (
+        jax.jit(opt.step, donate_argnums=(0, 2)).lower(params, params, state).compile()
+    )
+    hlo = compiled.as_text()
+    entry = hlo[hlo.index("ENTRY") :]
+    return buffers, full_size(entry, "fusion"), full_size(entry, "copy")
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_donated_step_makes_one_pass_per_output(name):
+    buffers, passes, copies = passes_and_copies(name)
+    assert (passes, copies) == (buffers + 1, RULES[name][1])
+
+
+# with XLA's multi-output fusion on, the buffers that read the same inputs
+# update in one loop: passes (copies) expected per rule
+MULTI_OUTPUT = {
+    "adam": (2, 0),
+    "adam(amsgrad)": (3, 0),
+    "adamw": (2, 0),
+    "adamax": (2, 0),
+    "nadam": (2, 0),
+    "radam": (2, 0),
+    "rmsprop(centered, momentum)": (3, 0),
+    "adadelta": (2, 0),
+    "rprop": (3, 0),
+}
+
+
+def test_multi_output_fusion_updates_buffers_together():
+    """Each buffer computes the decayed gradient itself (``in_own_pass``)."""
+    code = (
+        "import json, tests.test_compiled_passes as t; "
+        "print(json.dumps({n: t.passes_and_copies(n)[1:] for n in t.MULTI_OUTPUT}))"
+    )
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_backend_extra_options=xla_cpu_use_multi_output_fusion",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=pathlib.Path(__file__).parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {n: tuple(v) for n, v in got.items()} == MULTI_OUTPUT

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .._math import add, addcmul, mul
+from .._math import add, addcmul, lerp, mul
 
 
 def apply_maximize(grad: jax.Array, options: Mapping[str, Any]) -> jax.Array:
@@ -34,6 +34,26 @@ def weight_decayed(param, grad, hparams, options) -> tuple[jax.Array, jax.Array]
     if options["decoupled_weight_decay"]:
         return decoupled_weight_decay(param, hparams["lr"], weight_decay), grad
     return param, coupled_weight_decay(grad, param, weight_decay)
+
+
+def adam_moments(param, grad, slots, hparams, options):
+    r"""The Adam family's ``(param, {"exp_avg": m, "exp_avg_sq": v})``.
+
+    .. math::
+        m_t = \operatorname{lerp}(m_{t-1}, g_t, 1-\beta_1), \qquad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2
+
+    with :math:`g_t` the gradient after ``maximize`` and weight decay, and
+    ``param`` after decoupled weight decay (:func:`weight_decayed`; Adam,
+    AdamW, NAdam and RAdam). Each moment computes :math:`g_t` itself
+    (:func:`in_own_pass`).
+    """
+    beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
+    _, decayed_grad = weight_decayed(param, grad, hparams, options)
+    exp_avg = lerp(slots["exp_avg"], decayed_grad, 1 - beta1)
+    param, decayed_grad = in_own_pass(weight_decayed, param, grad, hparams, options)
+    exp_avg_sq = ema_of_square(slots["exp_avg_sq"], decayed_grad, beta2)
+    return param, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 
 
 def write_buffers_first(new_buffers, *inputs):

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
-from .._math import add_scalar, addcdiv, div, lerp, sqrt_nonnegative
-from ._common import ema_of_square, in_own_pass, weight_decayed
+from .._math import add_scalar, addcdiv, div, sqrt_nonnegative
+from ._common import adam_moments
 
 
 def _validate_adam(
@@ -36,15 +36,12 @@ def _adam_slots(param, group):
 def _adam_rule(param, grad, slots, step, hparams, options):
     lr, eps = hparams["lr"], hparams["eps"]
     beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
-    _, decayed_grad = weight_decayed(param, grad, hparams, options)
-    exp_avg = lerp(slots["exp_avg"], decayed_grad, 1 - beta1)
-    param, grad = in_own_pass(weight_decayed, param, grad, hparams, options)
-    exp_avg_sq = ema_of_square(slots["exp_avg_sq"], grad, beta2)
+    param, new_slots = adam_moments(param, grad, slots, hparams, options)
+    exp_avg, exp_avg_sq = new_slots["exp_avg"], new_slots["exp_avg_sq"]
     # torch: Python-float scalar math on float(step)
     bias_correction1 = 1 - beta1**step
     bias_correction2_sqrt = jnp.sqrt(1 - beta2**step)
     step_size = lr / bias_correction1
-    new_slots = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     if options["amsgrad"]:
         # the max is over the raw second moment, bias-corrected afterwards
         second = jnp.maximum(slots["max_exp_avg_sq"], exp_avg_sq)

@@ -10,13 +10,8 @@ import jax.numpy as jnp
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
-from .._math import add_scalar, addcdiv, div, lerp, sqrt, widest_float
-from ._common import (
-    ema_of_square,
-    in_own_pass,
-    weight_decayed,
-    write_buffers_first,
-)
+from .._math import add_scalar, addcdiv, div, sqrt, widest_float
+from ._common import adam_moments, weight_decayed, write_buffers_first
 
 
 def _validate_nadam(group: Mapping[str, Any]) -> None:
@@ -43,11 +38,7 @@ def _nadam_rule(param, grad, slots, step, hparams, options):
     mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
     # mu_product *= mu: in place on the float32 0-dim tensor
     mu_product = slots["mu_product"] * mu.astype(jnp.float32)
-    _, decayed_grad = weight_decayed(param, grad, hparams, options)
-    exp_avg = lerp(slots["exp_avg"], decayed_grad, 1 - beta1)
-    _, decayed_grad = in_own_pass(weight_decayed, param, grad, hparams, options)
-    exp_avg_sq = ema_of_square(slots["exp_avg_sq"], decayed_grad, beta2)
-    moments = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    _, moments = adam_moments(param, grad, slots, hparams, options)
     # the param's pass reads the new moments and recomputes the decayed
     # gradient (no full-size temporary for it)
     moments, param, grad = write_buffers_first(moments, param, grad)

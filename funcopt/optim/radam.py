@@ -11,13 +11,12 @@ from .._math import (
     add,
     add_scalar,
     div,
-    lerp,
     mul,
     reciprocal,
     sqrt,
     tensor_op,
 )
-from ._common import ema_of_square, in_own_pass, weight_decayed
+from ._common import adam_moments
 
 
 def _radam_slots(param, group):
@@ -27,10 +26,8 @@ def _radam_slots(param, group):
 def _radam_rule(param, grad, slots, step, hparams, options):
     lr, eps = hparams["lr"], hparams["eps"]
     beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
-    _, decayed_grad = weight_decayed(param, grad, hparams, options)
-    exp_avg = lerp(slots["exp_avg"], decayed_grad, 1 - beta1)
-    param, grad = in_own_pass(weight_decayed, param, grad, hparams, options)
-    exp_avg_sq = ema_of_square(slots["exp_avg_sq"], grad, beta2)
+    param, moments = adam_moments(param, grad, slots, hparams, options)
+    exp_avg, exp_avg_sq = moments["exp_avg"], moments["exp_avg_sq"]
     # torch: Python-float scalar math on float(step)
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
@@ -48,7 +45,7 @@ def _radam_rule(param, grad, slots, step, hparams, options):
     plain = mul(bias_corrected_exp_avg, lr)
     adapted = mul(tensor_op(jnp.multiply, plain, adaptive_lr), rect)
     new_param = add(param, jnp.where(rho_t > 5.0, adapted, plain), -1.0)
-    return new_param, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    return new_param, moments
 
 
 def radam(

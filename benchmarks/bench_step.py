@@ -126,6 +126,21 @@ def chain_sampler(step, carry, grads):
     return sample
 
 
+def step_sampler(compiled, params, grads, state):
+    """:func:`chain_sampler` of a compiled ``step(params, grads, state)``."""
+    return chain_sampler(lambda c, g: compiled(c[0], g, c[1]), (params, state), grads)
+
+
+def optax_train_step(tx):
+    """``step(params, grads, state)`` of an optax transform: update, apply."""
+
+    def step(p, g, s):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    return step
+
+
 def time_interleaved(samplers, min_time, turns=6, max_samples=240):
     """Median seconds per step of each sampler, timed in alternating turns.
 
@@ -162,9 +177,7 @@ def funcopt_flat(make_opt, params):
     fgrads = layout.pack(jax.tree.map(lambda p: p * 1e-3, params))
     state = opt.init(fparams)
     compiled, ct = compile_jax(opt.step, (0, 2), fparams, fgrads, state)
-    sampler = chain_sampler(
-        lambda c, g: compiled(c[0], g, c[1]), (fparams, state), fgrads
-    )
+    sampler = step_sampler(compiled, fparams, fgrads, state)
     padded = sum(b.n_rows * b.width for b in layout.buckets)
     return sampler, ct, padded
 
@@ -176,9 +189,7 @@ def funcopt_tree(make_opt, params):
     params = jax.tree.map(jnp.copy, params)
     state = opt.init(params)
     compiled, ct = compile_jax(opt.step, (0, 2), params, grads, state)
-    sampler = chain_sampler(
-        lambda c, g: compiled(c[0], g, c[1]), (params, state), grads
-    )
+    sampler = step_sampler(compiled, params, grads, state)
     return sampler, ct
 
 
@@ -188,15 +199,9 @@ def optax_step(make_tx, params, donate):
     grads = jax.tree.map(lambda p: p * 1e-3, params)
     params = jax.tree.map(jnp.copy, params)
     state = tx.init(params)
-
-    def step(p, g, s):
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
+    step = optax_train_step(tx)
     compiled, ct = compile_jax(step, (0, 2) if donate else (), params, grads, state)
-    sampler = chain_sampler(
-        lambda c, g: compiled(c[0], g, c[1]), (params, state), grads
-    )
+    sampler = step_sampler(compiled, params, grads, state)
     return sampler, ct
 
 

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import torch
-from bench_step import chain_sampler, time_interleaved, torch_step
+from bench_step import optax_train_step, step_sampler, time_interleaved, torch_step
 
 import funcopt as fo
 import funcopt.flat as ff
@@ -131,7 +131,7 @@ def audit(min_time: float) -> dict:
             "state_bytes_per_param": sum(x.nbytes for x in full_size) / N,
             **_passes(compiled),
         }
-        samplers = {"funcopt": _sampler(compiled, params, grads, state)}
+        samplers = {"funcopt": step_sampler(compiled, params, grads, state)}
         del full_size, params, state
         cls = getattr(torch.optim, cls_name)
         for mode in ("single", "foreach", "fused"):
@@ -158,10 +158,6 @@ def _compiled_step(step, init, pack=lambda tree: tree):
     state = init(params)
     compiled = jax.jit(step, donate_argnums=(0, 2)).lower(params, grads, state)
     return compiled.compile(), params, grads, state
-
-
-def _sampler(compiled, params, grads, state):
-    return chain_sampler(lambda c, g: compiled(c[0], g, c[1]), (params, state), grads)
 
 
 def _passes(compiled) -> dict:
@@ -208,12 +204,7 @@ def _child(opts: list[str], min_time: float) -> dict:
     def compiled_step(kind, make):
         if kind == "optax":
             tx = make()
-
-            def step(p, g, s):
-                u, s = tx.update(g, s, p)
-                return optax.apply_updates(p, u), s
-
-            return _compiled_step(step, tx.init)
+            return _compiled_step(optax_train_step(tx), tx.init)
         opt = make()
         if kind == "funcopt tree":
             return _compiled_step(opt.step, opt.init)
@@ -232,7 +223,7 @@ def _child(opts: list[str], min_time: float) -> dict:
         ):
             compiled, p, g, s = compiled_step(kind, make)
             out[f"{name}|{kind}"] = _passes(compiled)
-            samplers[kind] = _sampler(compiled, p, g, s)
+            samplers[kind] = step_sampler(compiled, p, g, s)
             del p, s, compiled
         for kind, t in time_interleaved(samplers, min_time).items():
             out[f"{name}|{kind}"]["ms"] = 1e3 * t

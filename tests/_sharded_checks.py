@@ -131,11 +131,18 @@ def run_steps(step, params, state, grads_seq, shardings, state_shardings):
     return params, state, keeps
 
 
-def result(name, kwargs, mode, ref, got, shardings_kept, collectives=None, **init):
-    """One report row: ``got`` against the single-device ``ref``.
-
-    ``init``: ``init_sharded`` and ``eager_init_follows`` (True unless given).
-    """
+def result(
+    name,
+    kwargs,
+    mode,
+    ref,
+    got,
+    shardings_kept,
+    collectives=None,
+    init_sharded=True,
+    eager_init_follows=True,
+):
+    """One report row: ``got`` against the single-device ``ref``."""
     bitwise, max_abs, max_rel = compare(ref, got)
     return dict(
         name=name,
@@ -145,8 +152,8 @@ def result(name, kwargs, mode, ref, got, shardings_kept, collectives=None, **ini
         max_abs=max_abs,
         max_rel=max_rel,
         shardings_kept=shardings_kept,
-        init_sharded=init.get("init_sharded", True),
-        eager_init_follows=init.get("eager_init_follows", True),
+        init_sharded=init_sharded,
+        eager_init_follows=eager_init_follows,
         collectives=collectives or {},
     )
 

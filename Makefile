@@ -3,14 +3,14 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: venv demo test docs bench clean
+.PHONY: venv demo test lint docs bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: a CPU wheel; an unpinned torch would pull a multi-GB CUDA build
 	$(PY) -m pip install -q -c constraints.txt torch
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,examples,docs]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,examples,docs,lint]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -20,6 +20,11 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -n 2 --dist loadgroup -q
+
+lint: venv
+	$(VENV)/bin/ruff check funcopt tests examples benchmarks
+	$(VENV)/bin/ruff format --check funcopt tests examples benchmarks
+	$(VENV)/bin/mypy
 
 docs: venv
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir out/site

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import sparse as jsparse
+from jax.tree_util import PyTreeDef
 
 from . import _groups, _multi_tensor, _tree, _validate
 from ._math import widest_float
@@ -295,6 +296,7 @@ def _init(definition: _Definition, params: PyTree) -> OptState:
     if isinstance(params, _multi_tensor.FlatParams):
         return _multi_tensor.init_flat(definition, params)
     _check_complex(definition, params)
+    treedef: PyTreeDef
     leaves, treedef = jax.tree.flatten(params)
     names, group_of = _groups.resolve(definition.groups, params)
     values = [definition.group_values(n) for n in names]
@@ -374,7 +376,10 @@ def _slot_spec(definition: _Definition, leaf: Any, group: str) -> dict:
     return spec
 
 
-def _array_spec(x: Any) -> tuple | None:
+_ArraySpec = tuple[tuple[int, ...], np.dtype]
+
+
+def _array_spec(x: Any) -> _ArraySpec | None:
     if not isinstance(x, jax.Array | np.ndarray):
         return None
     return tuple(x.shape), np.dtype(x.dtype)
@@ -395,7 +400,7 @@ def _check_slots(
     or for another param tree (``TypeError`` for a buffer that is not an
     array). Runs at trace time (free under ``jit``).
     """
-    treedef = jax.tree.structure(params)
+    treedef: PyTreeDef = jax.tree.structure(params)
     slot_leaves = {}
     for k, t in state.slots.items():
         try:
@@ -432,7 +437,7 @@ def _check_slots(
                     f"{where}: state buffer {k!r} must be an array, got "
                     f"{type(v).__name__}"
                 )
-            shape, dtype = _array_spec(v)
+            shape, dtype = cast(_ArraySpec, _array_spec(v))  # v is an array
             if (shape, dtype) != expected[k]:
                 raise ValueError(
                     f"{where}: state buffer {k!r} is {dtype}{list(shape)}, "

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+from jax.tree_util import PyTreeDef
 
 from ._tree import PyTree, is_trainable, leaf_paths
 
@@ -36,7 +37,7 @@ class ParamGroups:
     def leaf_labels(self, params: PyTree) -> list[str]:
         """One group label per leaf of ``params``, in flattening order."""
         labels = self.labels(params) if callable(self.labels) else self.labels
-        treedef = jax.tree.structure(params)
+        treedef: PyTreeDef = jax.tree.structure(params)
         try:
             flat = treedef.flatten_up_to(labels)
         except (ValueError, TypeError) as e:

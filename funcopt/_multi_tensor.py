@@ -35,7 +35,7 @@ import dataclasses
 import math
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -121,10 +121,10 @@ def _candidate_widths(sizes: np.ndarray) -> list[int]:
 
 def choose_width(sizes: Sequence[int]) -> int:
     """Row width minimising ``padded elements + _ROW_COST * rows``."""
-    sizes = np.asarray(sizes, dtype=np.int64)
+    arr = np.asarray(sizes, dtype=np.int64)
     best, best_cost = 1, None
-    for w in _candidate_widths(sizes):
-        rows = np.maximum(1, -(-sizes // w))
+    for w in _candidate_widths(arr):
+        rows = np.maximum(1, -(-arr // w))
         cost = int((rows * (w + _ROW_COST)).sum())
         if best_cost is None or cost < best_cost or (cost == best_cost and w > best):
             best, best_cost = w, cost
@@ -189,7 +189,9 @@ class Bucket:
     def split(self, buffer: jax.Array, shapes: Sequence[tuple[int, ...]]) -> list:
         """``[n_rows, width]`` -> real leaves of ``shapes`` (one ``split``)."""
         flat = buffer.reshape(-1)
-        cuts, pos, keep = [], 0, []
+        cuts: list[int] = []
+        keep: list[int] = []
+        pos = 0
         for size, rows in zip(self.sizes, self.rows):
             keep.append(len(cuts))
             cuts.append(pos + size)
@@ -231,7 +233,8 @@ def make_buckets(
     """Buckets of the leaves ``select`` (indices), by (group, real dtype)."""
     by_key: dict[tuple[int, str], list[int]] = {}
     for i in select:
-        key = (group_of[i], str(real_dtype(leaves[i])))
+        # the callers select only leaves that have a group
+        key = (cast(int, group_of[i]), str(real_dtype(leaves[i])))
         by_key.setdefault(key, []).append(i)
     buckets = []
     for (group, _), idx in by_key.items():

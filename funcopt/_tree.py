@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse as jsparse
+from jax.tree_util import PyTreeDef
 
 PyTree = Any
 
@@ -80,13 +81,14 @@ def flatten_grads(params: PyTree, grads: PyTree) -> tuple[list, list]:
     Raises ``TypeError`` on a structure or dtype mismatch and ``ValueError`` on a
     shape mismatch, naming the key path of the offending leaf.
     """
+    treedef: PyTreeDef
     param_leaves, treedef = jax.tree.flatten(params)
     try:
         grad_leaves = treedef.flatten_up_to(grads)
     except (ValueError, TypeError) as e:
         raise TypeError(_describe_structure_mismatch(params, grads)) from e
     paths = None
-    checked = []
+    checked: list[Any] = []
     for i, (p, g) in enumerate(zip(param_leaves, grad_leaves)):
         if g is None or _is_float0(g):
             checked.append(None)

@@ -93,7 +93,7 @@ def _check_like(manifest_leaves: list[dict], like: Any) -> tuple[list, Any]:
 
 def _rebuild(treedef, values: list[np.ndarray], like: Any) -> Any:
     like_leaves = jax.tree.leaves(like)
-    out = []
+    out: list[Any] = []
     for value, ref in zip(values, like_leaves):
         if isinstance(ref, jax.Array):
             out.append(jnp.asarray(value, dtype=ref.dtype))
@@ -138,7 +138,7 @@ def save_npz(path: str | os.PathLike, tree: Any) -> None:
     """Save ``tree`` to ``path`` (one file), atomically; see the module doc."""
     path = os.fspath(path)
     paths, arrays, treedef = _flatten(tree)
-    manifest = {
+    manifest: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
         "treedef": str(treedef),

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.tree_util import PyTreeDef
 
 from ._tree import PyTree, is_trainable
 
@@ -179,6 +180,7 @@ def _float_arg(x: Any, what: str) -> float:
 
 
 def _flat(grads: PyTree, has_grad: PyTree | None):
+    treedef: PyTreeDef
     leaves, treedef = jax.tree.flatten(grads, is_leaf=lambda x: x is None)
     idx = [i for i, g in enumerate(leaves) if g is not None and is_trainable(g)]
     mask = None

@@ -47,7 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Literal
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
+from jax.tree_util import PyTreeDef
 
 from . import _multi_tensor
 from ._core import OptState
@@ -69,7 +70,7 @@ __all__ = [
 AxisName = str | Sequence[str]
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
+def replicated(mesh: Mesh | AbstractMesh) -> NamedSharding:
     """A ``NamedSharding`` that keeps a full copy on every device of ``mesh``."""
     return NamedSharding(mesh, PartitionSpec())
 
@@ -83,7 +84,7 @@ def param_shardings(params: PyTree) -> PyTree:
     return jax.tree.map(lambda x: getattr(x, "sharding", None), params)
 
 
-def _find_mesh(shardings: PyTree) -> Mesh | None:
+def _find_mesh(shardings: PyTree) -> Mesh | AbstractMesh | None:
     for s in jax.tree.leaves(shardings):
         if isinstance(s, NamedSharding):
             return s.mesh
@@ -104,11 +105,13 @@ def _axes(entry: Any) -> tuple[str, ...]:
     return tuple(entry) if isinstance(entry, tuple | list) else (entry,)
 
 
-def _axis_size(mesh: Mesh, axes: Sequence[str]) -> int:
+def _axis_size(mesh: Mesh | AbstractMesh, axes: Sequence[str]) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
-def _add_axis(spec: list, shape: Sequence[int], mesh: Mesh, axis: AxisName) -> list:
+def _add_axis(
+    spec: list, shape: Sequence[int], mesh: Mesh | AbstractMesh, axis: AxisName
+) -> list:
     """``spec`` with the mesh axis (or axes) ``axis`` added to one dimension.
 
     The largest dimension that is not sharded yet and that the axis' size
@@ -149,7 +152,7 @@ def _like(
     param_sharding: Any,
     param_shape: Sequence[int],
     shape: Sequence[int],
-    mesh: Mesh,
+    mesh: Mesh | AbstractMesh,
     zero_axis: AxisName | None,
 ) -> Any:
     """The sharding of a buffer of ``shape`` that belongs to a parameter.
@@ -175,7 +178,7 @@ def _like(
 def zero_shardings(
     params: PyTree,
     param_shardings_: PyTree | None = None,
-    mesh: Mesh | None = None,
+    mesh: Mesh | AbstractMesh | None = None,
     zero_axis: AxisName = "data",
 ) -> PyTree:
     """Per-leaf shardings of ``params`` further split over ``zero_axis``.
@@ -188,6 +191,7 @@ def zero_shardings(
     mesh = mesh or _find_mesh(param_shardings_)
     if mesh is None:
         raise ValueError("zero_shardings needs a mesh or NamedSharding params")
+    treedef: PyTreeDef
     leaves, treedef = jax.tree.flatten(params)
     shardings = treedef.flatten_up_to(param_shardings_)
     return treedef.unflatten(
@@ -206,7 +210,7 @@ def state_shardings(
     opt: Any,
     params: PyTree,
     param_shardings_: PyTree | None = None,
-    mesh: Mesh | None = None,
+    mesh: Mesh | AbstractMesh | None = None,
     *,
     zero_axis: AxisName | None = None,
 ) -> PyTree:
@@ -239,6 +243,7 @@ def state_shardings(
             "param_shardings) with NamedSharding"
         )
     abstract = jax.eval_shape(opt.init, params)
+    treedef: PyTreeDef
     leaves, treedef = jax.tree.flatten(params)
     p_shardings = treedef.flatten_up_to(param_shardings_)
     rep = replicated(mesh)
@@ -276,7 +281,7 @@ def init(
     opt: Any,
     params: PyTree,
     param_shardings_: PyTree | None = None,
-    mesh: Mesh | None = None,
+    mesh: Mesh | AbstractMesh | None = None,
     *,
     zero_axis: AxisName | None = None,
 ) -> PyTree:
@@ -328,7 +333,7 @@ def constrain(tree: PyTree, shardings: PyTree) -> PyTree:
     ``shardings`` has the structure of the params; ``tree`` (gradients, say)
     may have ``None`` where a leaf has no value.
     """
-    treedef = jax.tree.structure(shardings, is_leaf=lambda s: s is None)
+    treedef: PyTreeDef = jax.tree.structure(shardings, is_leaf=lambda s: s is None)
     flat = treedef.flatten_up_to(tree)
     out = [
         x if x is None or s is None else jax.lax.with_sharding_constraint(x, s)
@@ -341,7 +346,7 @@ def zero_step(
     opt: Any,
     params: PyTree,
     param_shardings_: PyTree | None = None,
-    mesh: Mesh | None = None,
+    mesh: Mesh | AbstractMesh | None = None,
     *,
     zero_axis: AxisName = "data",
     donate: bool = False,

@@ -52,6 +52,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.tree_util import PyTreeDef
 
 from ._math import lerp
 from ._tree import PyTree
@@ -248,7 +249,7 @@ class AveragedModel:
             return model  # eager first call: torch copies, calls no avg fn
         if self.multi_avg_fn is not None or self.avg_fn is None:
             if self.multi_avg_fn is not None:
-                averaged = [None] * len(own)
+                averaged: list[Any] = [None] * len(own)
                 for idx in _group_by_dtype(own):
                     out = self.multi_avg_fn(
                         [own[i] for i in idx], [model[i] for i in idx], n
@@ -315,7 +316,7 @@ def averaged_model(
 
 
 def _flatten_like(own: PyTree, new: PyTree, what: str) -> tuple[list, Any]:
-    treedef = jax.tree.structure(own)
+    treedef: PyTreeDef = jax.tree.structure(own)
     try:
         flat = treedef.flatten_up_to(new)
     except (ValueError, TypeError) as e:

@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.tree_util import PyTreeDef
 
 from . import clip as _clip
 from ._core import Optimizer
@@ -74,6 +75,7 @@ class TrainState:
         the loss does not use keep their gradient, as in torch (where they
         stay ``None``; ``jax.grad`` alone would report zeros).
         """
+        treedef: PyTreeDef
         leaves, treedef = jax.tree.flatten(self.params)
         trainable = [i for i, p in enumerate(leaves) if is_trainable(p)]
 

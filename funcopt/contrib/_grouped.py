@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.tree_util import PyTreeDef
 
 from .. import _groups
 from .._core import Optimizer, check_step
@@ -58,7 +59,7 @@ Prepare = Callable[[dict[str, jax.Array], list], GroupStep]
 def _leaf_stats(inner: Optimizer, leaf_stats, params, grads, state, has_grad):
     definition = inner.definition
     leaves, grad_leaves = flatten_grads(params, grads)
-    treedef = jax.tree.structure(params)
+    treedef: PyTreeDef = jax.tree.structure(params)
     names, group_of = _groups.resolve(definition.groups, params)
     values = [definition.group_values(n) for n in names]
     options = [{k: v[k] for k in definition.options} for v in values]

@@ -18,10 +18,10 @@ def _negative_lr_error(lr: Any) -> Exception:
     # The reference's own class when it is installed, so ``except`` clauses
     # written against pytorch-optimizer keep working; else a twin.
     try:
-        from pytorch_optimizer.base.exception import NegativeLRError as cls
+        from pytorch_optimizer.base.exception import NegativeLRError as reference
     except ImportError:
-        cls = NegativeLRError
-    return cls(lr)
+        return NegativeLRError(lr)
+    return reference(lr)
 
 
 def validate_lr(lr: Any) -> None:

@@ -39,6 +39,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.tree_util import PyTreeDef
 
 from .. import _groups, _validate
 from .._core import Optimizer, make_optimizer
@@ -138,6 +139,7 @@ def _validate_sgd(group: Mapping[str, Any]) -> None:
 
 def _switch(opt, params, state, beta_of_group, to_eval: bool):
     names, group_of = _groups.resolve(opt.param_groups, params)
+    treedef: PyTreeDef
     leaves, treedef = jax.tree.flatten(params)
     z = treedef.flatten_up_to(state.slots["z"])
     out = []

@@ -235,9 +235,20 @@ def cyclic_lr(
     ``cycle_momentum=True`` raises ``ValueError`` at ``init`` for it, where
     torch silently switches momentum on.
     """
-    args = (base_lr, max_lr, step_size_up, step_size_down, mode, gamma)
-    args += (scale_fn, scale_mode, cycle_momentum, base_momentum, max_momentum)
-    sched = CyclicLR(*args, last_epoch)
+    sched = CyclicLR(
+        base_lr=base_lr,
+        max_lr=max_lr,
+        step_size_up=step_size_up,
+        step_size_down=step_size_down,
+        mode=mode,
+        gamma=gamma,
+        scale_fn=scale_fn,
+        scale_mode=scale_mode,
+        cycle_momentum=cycle_momentum,
+        base_momentum=base_momentum,
+        max_momentum=max_momentum,
+        last_epoch=last_epoch,
+    )
     check_arguments(
         "CyclicLR",
         ints={"last_epoch": last_epoch},
@@ -456,9 +467,21 @@ def one_cycle_lr(
     ..."); under ``jit`` it cannot raise and sets the lr (and momentum) to
     NaN instead. Same ``momentum=0`` deviation as :func:`cyclic_lr`.
     """
-    args = (max_lr, total_steps, epochs, steps_per_epoch, pct_start)
-    args += (anneal_strategy, cycle_momentum, base_momentum, max_momentum)
-    sched = OneCycleLR(*args, div_factor, final_div_factor, three_phase, last_epoch)
+    sched = OneCycleLR(
+        max_lr=max_lr,
+        total_steps=total_steps,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        pct_start=pct_start,
+        anneal_strategy=anneal_strategy,
+        cycle_momentum=cycle_momentum,
+        base_momentum=base_momentum,
+        max_momentum=max_momentum,
+        div_factor=div_factor,
+        final_div_factor=final_div_factor,
+        three_phase=three_phase,
+        last_epoch=last_epoch,
+    )
     check_arguments(
         "OneCycleLR",
         ints={"last_epoch": last_epoch},

@@ -76,7 +76,11 @@ class ReduceLROnPlateau(Scheduler):
             return a > best * (self.threshold + 1.0)
         return a > best + self.threshold
 
-    def step(self, state, sched_state, metrics: Any = None, epoch: Any = None):
+    # torch's ReduceLROnPlateau.step(metrics, epoch=None) has another signature
+    # than LRScheduler.step(epoch=None); torch ignores [override] there too
+    def step(  # type: ignore[override]
+        self, state, sched_state, metrics: Any = None, epoch: Any = None
+    ):
         """torch's ``step(metrics, epoch=None)``; jit-able (``metrics`` may be
         a traced scalar)."""
         if metrics is None:

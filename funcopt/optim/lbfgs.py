@@ -258,7 +258,7 @@ def _group(defaults, param_groups, params) -> dict[str, Any]:
 class _Flat(NamedTuple):
     """Where the trainable leaves sit in the flat vector."""
 
-    index: list[int]  # positions of trainable leaves among all leaves
+    positions: list[int]  # of the trainable leaves among all leaves
     like: list[Any]  # those leaves (for shapes and dtypes)
     dtype: Any  # the flat vector's (real) dtype
     size: int
@@ -376,15 +376,15 @@ class _History(NamedTuple):
     old_dirs: jax.Array
     old_stps: jax.Array
     ro: jax.Array
-    count: jax.Array
+    n_valid: jax.Array  # the state's history_count
     start: jax.Array
 
 
 def _push(hist: _History, y, s, rho, accept) -> _History:
     """torch's drop-the-oldest-if-full, then ``append``, when ``accept``."""
     size = hist.old_dirs.shape[0]
-    full = hist.count == size
-    row = jnp.where(full, hist.start, (hist.start + hist.count) % size)
+    full = hist.n_valid == size
+    row = jnp.where(full, hist.start, (hist.start + hist.n_valid) % size)
 
     def put(buf, value):
         return buf.at[row].set(jnp.where(accept, value, buf[row]))
@@ -393,7 +393,7 @@ def _push(hist: _History, y, s, rho, accept) -> _History:
         put(hist.old_dirs, y),
         put(hist.old_stps, s),
         put(hist.ro, rho),
-        jnp.where(accept & ~full, hist.count + 1, hist.count),
+        jnp.where(accept & ~full, hist.n_valid + 1, hist.n_valid),
         jnp.where(accept & full, (hist.start + 1) % size, hist.start),
     )
 
@@ -407,13 +407,13 @@ def _two_loop(hist: _History, flat_grad, H_diag) -> jax.Array:
 
     def backward(j, carry):
         q, al = carry
-        i = hist.count - 1 - j
+        i = hist.n_valid - 1 - j
         k = row(i)
         a = _dot(hist.old_stps[k], q) * hist.ro[k]
         return q - a * hist.old_dirs[k], al.at[i].set(a)
 
     q, al = jax.lax.fori_loop(
-        0, hist.count, backward, (-flat_grad, jnp.zeros(size, flat_grad.dtype))
+        0, hist.n_valid, backward, (-flat_grad, jnp.zeros(size, flat_grad.dtype))
     )
     r = q * H_diag
 
@@ -422,7 +422,7 @@ def _two_loop(hist: _History, flat_grad, H_diag) -> jax.Array:
         be_i = _dot(hist.old_dirs[k], r) * hist.ro[k]
         return r + (al[i] - be_i) * hist.old_stps[k]
 
-    return jax.lax.fori_loop(0, hist.count, forward, r)
+    return jax.lax.fori_loop(0, hist.n_valid, forward, r)
 
 
 # --------------------------------------------------------------------------
@@ -673,7 +673,7 @@ def _step(defaults, param_groups, params, state, value_and_grad_fn, first=None):
 
     def rebuild(xs):
         new = list(leaves)
-        for i, x in zip(layout.index, xs):
+        for i, x in zip(layout.positions, xs):
             new[i] = x
         return treedef.unflatten(new)
 
@@ -683,7 +683,7 @@ def _step(defaults, param_groups, params, state, value_and_grad_fn, first=None):
         loss, grads = value_and_grad_fn(p)
         return _to_scalar(loss, sdt), _flat_grads(layout, p, grads)
 
-    xs = [leaves[i] for i in layout.index]
+    xs = [leaves[i] for i in layout.positions]
     if first is None:
         orig_loss, grads = value_and_grad_fn(params)
         loss, flat_grad = _to_scalar(orig_loss, sdt), _flat_grads(layout, params, grads)
@@ -707,7 +707,7 @@ def _step(defaults, param_groups, params, state, value_and_grad_fn, first=None):
         H_diag = jnp.where(
             first_ever, jnp.ones((), vdt), jnp.where(accept, ys / _dot(y, y), c.H_diag)
         )
-        hist = hist._replace(count=jnp.where(first_ever, 0, hist.count))
+        hist = hist._replace(n_valid=jnp.where(first_ever, 0, hist.n_valid))
         # with an empty history and H_diag = 1 this is exactly d = -g
         d = _two_loop(hist, c.flat_grad, H_diag)
         prev_flat_grad, prev_loss = c.flat_grad, c.loss
@@ -837,7 +837,7 @@ def _step(defaults, param_groups, params, state, value_and_grad_fn, first=None):
         old_dirs=c.hist.old_dirs,
         old_stps=c.hist.old_stps,
         ro=c.hist.ro,
-        history_count=c.hist.count,
+        history_count=c.hist.n_valid,
         history_start=c.hist.start,
     )
     return rebuild(c.xs), new_state, orig_loss
@@ -855,7 +855,7 @@ def _to_scalar(loss, dtype) -> jax.Array:
 
 def _flat_grads(layout: _Flat, params, grads) -> jax.Array:
     _, grad_leaves = flatten_grads(params, grads)
-    return _flatten(layout, [grad_leaves[i] for i in layout.index])
+    return _flatten(layout, [grad_leaves[i] for i in layout.positions])
 
 
 def _update(defaults, param_groups, updates, state, params=None, **extra):

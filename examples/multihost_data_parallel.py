@@ -61,7 +61,7 @@ def train(args) -> None:
             coordinator_address=args.coordinator,
             num_processes=args.num_processes,
             process_id=args.process_id,
-            initialization_timeout=60,
+            initialization_timeout=int(args.timeout),
         )
     import jax.numpy as jnp
     from jax.sharding import AxisType, NamedSharding
@@ -131,11 +131,15 @@ def train(args) -> None:
         jax.distributed.shutdown()
 
 
-def worker_cmd(out, local_devices, num_processes=1, process_id=0, coordinator=""):
+def worker_cmd(
+    out, local_devices, timeout, num_processes=1, process_id=0, coordinator=""
+):
     return [
         sys.executable,
         __file__,
         "--worker",
+        "--timeout",
+        str(timeout),
         "--out",
         str(out),
         "--local-devices",
@@ -160,7 +164,8 @@ def launch(args) -> int:
         coordinator = f"127.0.0.1:{free_port()}"
         procs = [
             subprocess.Popen(
-                worker_cmd(tmp / "multi.npz", 2, 2, i, coordinator), env=env
+                worker_cmd(tmp / "multi.npz", 2, args.timeout, 2, i, coordinator),
+                env=env,
             )
             for i in range(2)
         ]
@@ -175,7 +180,7 @@ def launch(args) -> int:
             return 1
         for n in (4, 1):
             subprocess.run(
-                worker_cmd(tmp / f"single{n}.npz", n),
+                worker_cmd(tmp / f"single{n}.npz", n, args.timeout),
                 env=env,
                 check=True,
                 timeout=args.timeout,
@@ -208,7 +213,12 @@ def main() -> int:
     ap.add_argument("--coordinator", default="")
     ap.add_argument("--local-devices", type=int, default=2)
     ap.add_argument("--out", default="")
-    ap.add_argument("--timeout", type=float, default=120)
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=600,
+        help="seconds before a hung worker (or its connection) is given up",
+    )
     args = ap.parse_args()
     if args.worker:
         train(args)

@@ -26,7 +26,11 @@ takes it, and round once at the end. Measured against torch 2.13 on CPU
   ``addcdiv`` computes ``x + (value*t1)/t2``;
 * ``add(other, alpha=)`` and ``rsqrt`` round differently in torch's
   vectorised loop and in its scalar tail; both are mirrored, element by
-  element (:func:`add`).
+  element (:func:`add`). Where the vectorised loop ends depends on the build
+  torch ran: blocks of 32 elements on x86 with AVX2 or AVX-512, no vectorised
+  loop at all under ``ATEN_CPU_CAPABILITY=default``. funcopt follows
+  :func:`torch_cpu_block` (32 unless set);
+  ``funcopt.torch_interop.measure_torch_cpu_block()`` measures it.
 
 For float32 and float64 every helper is the expression funcopt always used:
 the dtype checks run at trace time, so those paths compile to the same
@@ -45,13 +49,36 @@ import jax.numpy as jnp
 
 _REDUCED = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
-# torch's CPU elementwise loops (``cpu_kernel_vec``) run vectorised over
-# blocks of this many 16-bit elements (AVX2 and AVX512 builds alike); the
-# remaining ``n % 32`` elements go through the scalar loop, which for
-# ``add(alpha=)`` rounds differently (see ``add``)
-TORCH_CPU_BLOCK = 32
-
 _layout = threading.local()
+# torch's CPU elementwise loops (``cpu_kernel_vec``) run vectorised over
+# blocks of this many 16-bit elements (x86 AVX2 and AVX-512 builds alike; None:
+# no vectorised loop); the remaining elements go through the scalar loop,
+# which for ``add(alpha=)`` and ``rsqrt`` rounds differently (see ``add``)
+_torch_cpu: dict[str, int | None] = {"block": 32}
+
+
+def torch_cpu_block() -> int | None:
+    """Elements per vectorised block of the torch CPU loop funcopt mirrors.
+
+    32 (the default) is torch on x86 with AVX2 or AVX-512; ``None`` is a
+    torch without a vectorised loop (``ATEN_CPU_CAPABILITY=default``), where
+    every element takes the scalar loop. Only 16-bit parameters see it.
+    """
+    return _torch_cpu["block"]
+
+
+def set_torch_cpu_block(block: int | None) -> None:
+    """Mirror a torch CPU loop with ``block``-element vectorised blocks
+    (``None``: scalar loop only); see :func:`torch_cpu_block`.
+
+    Read when a step is traced: set it before the first step (a jitted step
+    already compiled keeps the block it was traced with).
+    """
+    if block is not None and (
+        isinstance(block, bool) or not isinstance(block, int) or block < 1
+    ):
+        raise ValueError(f"block must be a positive int or None, got {block!r}")
+    _torch_cpu["block"] = block
 
 
 def widest_float() -> jnp.dtype:
@@ -219,7 +246,8 @@ def addcdiv(x: jax.Array, t1: jax.Array, t2: jax.Array, value) -> jax.Array:
 
 def scalar_loop_elements(size: int) -> int:
     """How many trailing elements of a leaf torch's scalar loop runs."""
-    return size if size < TORCH_CPU_BLOCK else size % TORCH_CPU_BLOCK
+    block = torch_cpu_block()
+    return size if block is None or size < block else size % block
 
 
 @contextlib.contextmanager
@@ -262,7 +290,7 @@ def add(x: jax.Array, other: jax.Array, alpha) -> jax.Array:
 
     For 16-bit tensors torch rounds ``alpha`` to the tensor's dtype, and its
     CPU loop rounds in two ways depending on where an element sits: the
-    vectorised blocks (``TORCH_CPU_BLOCK`` elements) round ``x + alpha*other``
+    vectorised blocks (:func:`torch_cpu_block` elements) round ``x + alpha*other``
     once; the scalar loop over the remaining elements rounds ``alpha*other``
     to 16 bits first. Both are mirrored, element by element: a leaf is one
     contiguous loop, whose last :func:`scalar_loop_elements` run scalar

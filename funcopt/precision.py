@@ -12,6 +12,13 @@ that has ``step``):
 * :func:`master_weights` keeps a float32 copy of every lower-precision
   parameter in the state, steps that copy, and returns it rounded to the
   parameter's dtype.
+
+16-bit steps round as torch's CPU kernels, whose vectorised loop and scalar
+tail round some ops differently: :func:`torch_cpu_block` says which loop
+funcopt mirrors (blocks of 32 elements, torch on x86 with AVX2 or AVX-512),
+:func:`set_torch_cpu_block` changes it, and
+``funcopt.torch_interop.measure_torch_cpu_block()`` measures it on the torch
+at hand.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import jax.numpy as jnp
 import optax
 
 from ._core import Optimizer, build_optimizer
+from ._math import set_torch_cpu_block as set_torch_cpu_block
+from ._math import torch_cpu_block as torch_cpu_block
 from ._tree import PyTree, is_trainable
 from .reliability import _check_state, _inner_step, _wrapper
 

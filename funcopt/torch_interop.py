@@ -982,10 +982,81 @@ def params_to_module_state_dict(params: Any) -> collections.OrderedDict:
     return out
 
 
+def _loop_rounding(size: int, trials: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Per element of a ``size``-element 16-bit ``x.add(o, alpha=a)``: did it
+    ever round as torch's vectorised loop alone, and as its scalar loop alone
+    (``alpha*o`` rounded to 16 bits first)?"""
+    torch = _torch()
+    rng = np.random.default_rng(0)
+    alpha = 0.1234567
+    vectorised = np.zeros(size, bool)
+    scalar = np.zeros(size, bool)
+    for _ in range(trials):
+        x, o = (
+            torch.tensor(rng.normal(size=size), dtype=torch.float32).to(dtype)
+            for _ in range(2)
+        )
+        out = x.add(o, alpha=alpha).float().numpy()
+        a = torch.tensor(alpha, dtype=dtype).float()
+        once = (x.float() + a * o.float()).to(dtype).float().numpy()
+        twice = (x.float() + (a * o.float()).to(dtype).float()).to(dtype)
+        twice = twice.float().numpy()
+        vectorised |= (out == once) & (out != twice)
+        scalar |= (out == twice) & (out != once)
+    return vectorised, scalar
+
+
+def _scalar_loop_start(size: int, trials: int, dtype) -> int | None:
+    """Where torch's scalar loop starts in a ``size``-element 16-bit op
+    (``None``: no element ever rounded as the vectorised loop does)."""
+    vectorised, scalar = _loop_rounding(size, trials, dtype)
+    if not vectorised.any():
+        return None
+    start = int(np.argmax(scalar)) if scalar.any() else size
+    if start == size or vectorised[start:].any():
+        raise RuntimeError(
+            f"torch's {dtype} add(alpha=) does not split into vectorised blocks "
+            f"and a scalar tail at {size} elements"
+        )
+    return start
+
+
+def measure_torch_cpu_block(trials: int = 64) -> int | None:
+    """The block size of this process's torch CPU loop for 16-bit tensors.
+
+    torch runs a 16-bit elementwise op in vectorised blocks and the last
+    elements in a scalar loop, and the two round ``add(other, alpha=)``
+    differently. This runs that op on random data and finds where the scalar
+    loop starts: 32 on x86 with AVX2 or AVX-512, ``None`` when torch runs no
+    vectorised loop (``ATEN_CPU_CAPABILITY=default``). Pass the result to
+    :func:`funcopt.precision.set_torch_cpu_block` so bfloat16/float16 steps
+    round as that torch does. Raises ``RuntimeError`` if the rounding does not
+    split into power-of-two blocks and a tail, the same for bfloat16 and
+    float16.
+    """
+    torch = _torch()
+    blocks = set()
+    for dtype in (torch.bfloat16, torch.float16):
+        # 1023 elements: a power-of-two block leaves a tail of block - 1
+        start = _scalar_loop_start(1023, trials, dtype)
+        block = None if start is None else 1024 - start
+        expected = None if block is None else 1000 - 1000 % block
+        if _scalar_loop_start(1000, trials, dtype) != expected:
+            raise RuntimeError(
+                f"torch's {dtype} CPU loop: blocks of {block} at 1023 "
+                "elements, not at 1000"
+            )
+        blocks.add(block)
+    if len(blocks) != 1:
+        raise RuntimeError(f"torch's 16-bit CPU loops disagree: blocks {blocks}")
+    return blocks.pop()
+
+
 __all__ = [
     "SCHEDULER_GROUP_KEYS",
     "load_scheduler_state_dict",
     "load_state_dict",
+    "measure_torch_cpu_block",
     "module_state_dict_to_params",
     "param_names",
     "params_to_module_state_dict",

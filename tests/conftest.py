@@ -1,5 +1,8 @@
 """Shared test setup.
 
+The torch CPU loop that 16-bit parity mirrors is measured once per session
+(:func:`torch_cpu_loop`).
+
 x64 stays off, as users run JAX; float64 tests enter ``jax.enable_x64(True)``
 through the ``x64`` fixture. Strict dtype promotion turns any accidental
 float64 promotion of a float32 parameter into an error.
@@ -8,7 +11,18 @@ float64 promotion of a float32 parameter into an error.
 import jax
 import pytest
 
+import funcopt as fo
+from funcopt.torch_interop import measure_torch_cpu_block
+
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_cpu_loop():
+    """16-bit steps round as the torch on this machine: its CPU loop's block
+    (32 on x86 AVX2/AVX-512, none under ATEN_CPU_CAPABILITY=default) is
+    measured, not assumed, before any step is traced."""
+    fo.precision.set_torch_cpu_block(measure_torch_cpu_block())
 
 
 @pytest.fixture

@@ -5,6 +5,8 @@ import pathlib
 import subprocess
 import sys
 
+from tests._subprocess import HANG_GUARD_S
+
 ROOT = pathlib.Path(__file__).parent.parent
 
 
@@ -15,7 +17,7 @@ def test_bench_step_writes_json_markdown_and_summary(tmp_path):
             cwd=ROOT,
             capture_output=True,
             text=True,
-            timeout=300,
+            timeout=HANG_GUARD_S,
         )
         assert out.returncode == 0, out.stderr[-4000:]
         return out.stdout

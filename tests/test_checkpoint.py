@@ -21,6 +21,7 @@ import pytest
 
 import funcopt as fo
 from funcopt import checkpoint
+from tests._subprocess import HANG_GUARD_S
 
 N, M = 4, 3
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,7 +111,7 @@ def _worker(mode, folder):
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": ROOT},
         capture_output=True,
-        timeout=300,
+        timeout=HANG_GUARD_S,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-3000:]
     assert b"not killed" not in proc.stdout

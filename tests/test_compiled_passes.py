@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import pytest
 
 import funcopt as fo
+from tests._subprocess import HANG_GUARD_S
 
 N = 1 << 16
 
@@ -111,7 +112,7 @@ def test_multi_output_fusion_updates_buffers_together():
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_GUARD_S,
     )
     assert out.returncode == 0, out.stderr[-4000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])

@@ -5,16 +5,23 @@ import re
 import subprocess
 import sys
 
+from tests._subprocess import HANG_GUARD_S
+
 ROOT = pathlib.Path(__file__).parent.parent
 
 
 def test_two_processes_match_single_process():
     out = subprocess.run(
-        [sys.executable, "examples/multihost_data_parallel.py", "--timeout", "120"],
+        [
+            sys.executable,
+            "examples/multihost_data_parallel.py",
+            "--timeout",
+            str(HANG_GUARD_S // 3),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=HANG_GUARD_S,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     # both workers ran, each seeing 2 local of 4 global devices

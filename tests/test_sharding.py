@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 import funcopt as fo
 from funcopt import sharding as fs
+from tests._subprocess import HANG_GUARD_S
 from tests.parity.cases import OPT_CASES
 
 # the 8-device subprocess runs once per worker that needs it: keep this
@@ -46,7 +47,7 @@ def report():
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_GUARD_S,
     )
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout.strip().splitlines()[-1])

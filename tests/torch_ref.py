@@ -7,6 +7,7 @@ in that order (the interop convention). A ``None`` gradient leaf is torch's
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
@@ -18,7 +19,12 @@ import ml_dtypes
 import numpy as np
 import torch
 
+import funcopt as fo
 from funcopt._tree import is_trainable
+from tests.parity.noise_floor import NUDGED_RUNS, nudge
+
+# the one tolerance rule of the parity tests, re-exported for them
+from tests.parity.noise_floor import assert_close as assert_close
 
 TORCH_DTYPE = {np.float32: torch.float32, np.float64: torch.float64}
 
@@ -100,12 +106,24 @@ def make_params_for(case: OptCase, rng, dtype):
     return (case.tree or make_params)(rng, dtype)
 
 
+@contextlib.contextmanager
+def torch_cpu_block(block: int | None):
+    """Mirror a torch CPU loop of ``block``-element blocks inside the block."""
+    old = fo.precision.torch_cpu_block()
+    fo.precision.set_torch_cpu_block(block)
+    try:
+        yield
+    finally:
+        fo.precision.set_torch_cpu_block(old)
+
+
 def make_params_16bit(rng: np.random.Generator, dtype) -> dict:
     """A tree for 16-bit runs: leaves sized for both of torch's CPU loops.
 
-    torch's CPU kernels run 16-bit tensors in blocks of 32 elements and the
-    rest in a scalar loop that rounds some ops differently: "k" has one block
-    and an 18-element tail, "w" one block and no tail, "s" only a tail.
+    torch's CPU kernels run 16-bit tensors in blocks of 32 elements (x86 AVX2
+    and AVX-512; measured per session, see ``tests/conftest.py``) and the rest
+    in a scalar loop that rounds some ops differently: "k" has one block and
+    an 18-element tail, "w" one block and no tail, "s" only a tail.
     """
     return {
         "frozen": np.arange(2, dtype=np.int32),
@@ -197,6 +215,17 @@ def run_torch(case: OptCase, kwargs, params, grads_seq):
     return [from_torch(p) for p in tparams], [opt.state[p] for p in tparams]
 
 
+def run_torch_nudged(case: OptCase, kwargs, params, grads_seq) -> list:
+    """:func:`run_torch` ``NUDGED_RUNS`` times, params and gradients moved by
+    one ulp: the runs that measure each quantity's noise floor."""
+    runs = []
+    for seed in range(NUDGED_RUNS):
+        rng = np.random.default_rng(1000 + seed)
+        grads = [nudge(g, rng) for g in grads_seq]
+        runs.append(run_torch(case, kwargs, nudge(params, rng), grads))
+    return runs
+
+
 def run_funcopt(case: OptCase, kwargs, params, grads_seq, jit: bool):
     opt = case.factory(**kwargs)
     params = jax.tree.map(jnp.asarray, params)
@@ -266,9 +295,3 @@ def assert_same_bits(actual, expected, what):
             f"{what}: {int(differ.sum())} of {differ.size} elements differ, first "
             f"at {tuple(int(j) for j in i)}: {actual[i]!r} != torch {expected[i]!r}"
         )
-
-
-def assert_close(actual, expected, rtol, atol, what):
-    np.testing.assert_allclose(
-        np.asarray(actual), np.asarray(expected), rtol=rtol, atol=atol, err_msg=what
-    )

@@ -23,7 +23,7 @@ import pytest
 import funcopt.flat as ff
 from tests.parity import test_optim
 from tests.parity.cases import OPT_CASES, OPT_PARAMS_16BIT
-from tests.torch_ref import make_params
+from tests.torch_ref import make_params, torch_cpu_block
 
 
 def _elementwise(case) -> bool:
@@ -144,9 +144,19 @@ def test_per_leaf_only_optimizers_refuse_flat(case):
         opt.init(layout.pack(params))
 
 
-def test_scalar_loop_mask_marks_each_leafs_tail():
-    """Leaves over several rows: the mask is torch's scalar tail of each leaf."""
+@pytest.mark.parametrize("block,tail_of_70", [(32, 6), (16, 6), (None, 70)])
+def test_scalar_loop_mask_marks_each_leafs_tail(block, tail_of_70):
+    """Leaves over several rows: the mask is torch's scalar tail of each leaf,
+    for torch's x86 loop (blocks of 32) and others (16; None: scalar only)."""
     from funcopt import _math, _multi_tensor
+
+    with torch_cpu_block(block):
+        _check_scalar_loop_mask(_math, _multi_tensor)
+        assert _math.scalar_loop_elements(70) == tail_of_70
+        assert _math.scalar_loop_elements(5) == 5
+
+
+def _check_scalar_loop_mask(_math, _multi_tensor):
 
     sizes = [70, 5, 64, 33, 0]
     rows = [max(1, -(-s // 16)) for s in sizes]
@@ -167,8 +177,6 @@ def test_scalar_loop_mask_marks_each_leafs_tail():
         own = mask[r0 * 16 : r0 * 16 + size]
         tail = size - _math.scalar_loop_elements(size)
         np.testing.assert_array_equal(own, np.arange(size) >= tail)
-    assert _math.scalar_loop_elements(70) == 6
-    assert _math.scalar_loop_elements(5) == 5
 
 
 def test_width_choice():

@@ -156,6 +156,12 @@ def worker_cmd(
 def launch(args) -> int:
     """Two processes (2 devices each), then 1 process × 4 and 1 × 1; compare."""
     import tempfile
+    import time
+
+    deadline = time.monotonic() + args.timeout  # one limit for the whole launch
+
+    def remaining() -> float:
+        return max(1.0, deadline - time.monotonic())
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
@@ -170,7 +176,7 @@ def launch(args) -> int:
             for i in range(2)
         ]
         try:
-            codes = [p.wait(timeout=args.timeout) for p in procs]
+            codes = [p.wait(timeout=remaining()) for p in procs]
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -183,7 +189,7 @@ def launch(args) -> int:
                 worker_cmd(tmp / f"single{n}.npz", n, args.timeout),
                 env=env,
                 check=True,
-                timeout=args.timeout,
+                timeout=remaining(),
             )
         multi = dict(np.load(tmp / "multi.npz"))
         single4 = dict(np.load(tmp / "single4.npz"))
@@ -217,7 +223,7 @@ def main() -> int:
         "--timeout",
         type=float,
         default=600,
-        help="seconds before a hung worker (or its connection) is given up",
+        help="seconds before a hung launch (workers, their connection) is given up",
     )
     args = ap.parse_args()
     if args.worker:

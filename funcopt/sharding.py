@@ -41,19 +41,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Literal
-from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.tree_util import PyTreeDef
 
 from . import _multi_tensor
 from ._core import OptState
 from ._tree import PyTree
 from .optim.lbfgs import LBFGSState
+
+if TYPE_CHECKING:  # annotations only: older jax releases may not export it
+    from jax.sharding import AbstractMesh
 
 __all__ = [
     "bytes_per_device",

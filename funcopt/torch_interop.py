@@ -1007,13 +1007,14 @@ def _loop_rounding(size: int, trials: int, dtype) -> tuple[np.ndarray, np.ndarra
 
 
 def _scalar_loop_start(size: int, trials: int, dtype) -> int | None:
-    """Where torch's scalar loop starts in a ``size``-element 16-bit op
-    (``None``: no element ever rounded as the vectorised loop does)."""
+    """Where torch's scalar loop starts in a ``size``-element 16-bit op:
+    ``size`` if it never ran, ``None`` if no element ever rounded as the
+    vectorised loop does (there is none)."""
     vectorised, scalar = _loop_rounding(size, trials, dtype)
     if not vectorised.any():
         return None
     start = int(np.argmax(scalar)) if scalar.any() else size
-    if start == size or vectorised[start:].any():
+    if vectorised[start:].any():
         raise RuntimeError(
             f"torch's {dtype} add(alpha=) does not split into vectorised blocks "
             f"and a scalar tail at {size} elements"
@@ -1021,7 +1022,7 @@ def _scalar_loop_start(size: int, trials: int, dtype) -> int | None:
     return start
 
 
-def measure_torch_cpu_block(trials: int = 64) -> int | None:
+def measure_torch_cpu_block(trials: int = 256) -> int | None:
     """The block size of this process's torch CPU loop for 16-bit tensors.
 
     torch runs a 16-bit elementwise op in vectorised blocks and the last
@@ -1031,20 +1032,21 @@ def measure_torch_cpu_block(trials: int = 64) -> int | None:
     vectorised loop (``ATEN_CPU_CAPABILITY=default``). Pass the result to
     :func:`funcopt.precision.set_torch_cpu_block` so bfloat16/float16 steps
     round as that torch does. Raises ``RuntimeError`` if the rounding does not
-    split into power-of-two blocks and a tail, the same for bfloat16 and
-    float16.
+    split into power-of-two blocks (up to 4096) and a tail, the same for
+    bfloat16 and float16.
     """
     torch = _torch()
     blocks = set()
     for dtype in (torch.bfloat16, torch.float16):
-        # 1023 elements: a power-of-two block leaves a tail of block - 1
-        start = _scalar_loop_start(1023, trials, dtype)
-        block = None if start is None else 1024 - start
-        expected = None if block is None else 1000 - 1000 % block
-        if _scalar_loop_start(1000, trials, dtype) != expected:
+        # 4095 elements: a power-of-two block leaves a tail of block - 1; an
+        # odd second size checks the block found
+        start = _scalar_loop_start(4095, trials, dtype)
+        block = None if start is None else 4096 - start
+        expected = None if block is None else 999 - 999 % block
+        if _scalar_loop_start(999, trials, dtype) != expected:
             raise RuntimeError(
-                f"torch's {dtype} CPU loop: blocks of {block} at 1023 "
-                "elements, not at 1000"
+                f"torch's {dtype} CPU loop: blocks of {block} at 4095 elements, "
+                "not at 999"
             )
         blocks.add(block)
     if len(blocks) != 1:

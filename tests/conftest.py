@@ -1,7 +1,7 @@
 """Shared test setup.
 
-The torch CPU loop that 16-bit parity mirrors is measured once per session
-(:func:`torch_cpu_loop`).
+The torch CPU loop that 16-bit parity mirrors is measured once per worker,
+by the tests that need it (:func:`torch_cpu_loop`).
 
 x64 stays off, as users run JAX; float64 tests enter ``jax.enable_x64(True)``
 through the ``x64`` fixture. Strict dtype promotion turns any accidental
@@ -17,11 +17,12 @@ from funcopt.torch_interop import measure_torch_cpu_block
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def torch_cpu_loop():
-    """16-bit steps round as the torch on this machine: its CPU loop's block
-    (32 on x86 AVX2/AVX-512, none under ATEN_CPU_CAPABILITY=default) is
-    measured, not assumed, before any step is traced."""
+    """For tests that compare 16-bit steps with torch: round as the torch on
+    this machine. Its CPU loop's block (32 on x86 AVX2/AVX-512, none under
+    ATEN_CPU_CAPABILITY=default) is measured, not assumed, once per worker;
+    if it cannot be measured, only the tests that use this fixture error."""
     fo.precision.set_torch_cpu_block(measure_torch_cpu_block())
 
 

@@ -8,7 +8,8 @@ import torch
 
 import funcopt as fo
 from tests.parity.cases import OPT_CASES as ALL_CASES
-from tests.torch_ref import assert_close, run_funcopt, run_torch
+from tests.parity.noise_floor import assert_close
+from tests.torch_ref import run_funcopt, run_torch
 
 # the torch.optim rows (rows for other libraries are another wave's work)
 OPT_CASES = [c for c in ALL_CASES if c.torch_cls.__module__.startswith("torch.optim")]

@@ -82,7 +82,7 @@ def _torch_run(case, kwargs, params, grads, dtype, after_step=None):
 
 
 @pytest.mark.parametrize("case", OPT_CASES, ids=lambda c: c.name)
-def test_bf16_params_match_torch(case):
+def test_bf16_params_match_torch(case, torch_cpu_loop):
     kwargs = case.combos()[-1]
     params, grads = _setup(case, 0)
     bf = [jax.tree.map(lambda x: _to(x, jnp.bfloat16), t) for t in [params, *grads]]
@@ -205,8 +205,8 @@ def test_set_torch_cpu_block_rejects_bad_values(block):
 def test_16bit_parity_follows_a_torch_without_vectorised_loop():
     """torch built for no vector ISA (``ATEN_CPU_CAPABILITY=default``) runs
     every 16-bit element through its scalar loop: the session measures that
-    (conftest) and the bit-exact 16-bit rows follow it. With the x86 block of
-    32 assumed instead, 9 of the 14 rows fail there."""
+    (conftest's ``torch_cpu_loop``) and the bit-exact 16-bit rows follow it;
+    with the x86 block of 32 assumed instead, SGD and Adam fail there."""
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "JAX_PLATFORMS": "cpu"}
     code = (
         "import funcopt.torch_interop as fti; "

@@ -21,10 +21,7 @@ import torch
 
 import funcopt as fo
 from funcopt._tree import is_trainable
-from tests.parity.noise_floor import NUDGED_RUNS, nudge
-
-# the one tolerance rule of the parity tests, re-exported for them
-from tests.parity.noise_floor import assert_close as assert_close
+from tests.parity.noise_floor import nudge, nudged_rngs
 
 TORCH_DTYPE = {np.float32: torch.float32, np.float64: torch.float64}
 
@@ -107,7 +104,7 @@ def make_params_for(case: OptCase, rng, dtype):
 
 
 @contextlib.contextmanager
-def torch_cpu_block(block: int | None):
+def using_torch_cpu_block(block: int | None):
     """Mirror a torch CPU loop of ``block``-element blocks inside the block."""
     old = fo.precision.torch_cpu_block()
     fo.precision.set_torch_cpu_block(block)
@@ -216,11 +213,10 @@ def run_torch(case: OptCase, kwargs, params, grads_seq):
 
 
 def run_torch_nudged(case: OptCase, kwargs, params, grads_seq) -> list:
-    """:func:`run_torch` ``NUDGED_RUNS`` times, params and gradients moved by
-    one ulp: the runs that measure each quantity's noise floor."""
+    """:func:`run_torch` once per :func:`nudged_rngs`, params and gradients
+    moved by one ulp: the runs that measure each quantity's noise floor."""
     runs = []
-    for seed in range(NUDGED_RUNS):
-        rng = np.random.default_rng(1000 + seed)
+    for rng in nudged_rngs():
         grads = [nudge(g, rng) for g in grads_seq]
         runs.append(run_torch(case, kwargs, nudge(params, rng), grads))
     return runs

@@ -269,13 +269,13 @@ def _real_dtype(leaf) -> Any:
 
 
 def _flat_layout(leaves) -> _Flat:
-    index = [i for i, p in enumerate(leaves) if is_trainable(p)]
-    like = [leaves[i] for i in index]
+    positions = [i for i, p in enumerate(leaves) if is_trainable(p)]
+    like = [leaves[i] for i in positions]
     dtypes = [_real_dtype(p) for p in like]
     # torch.cat promotes to the widest dtype
     dtype = max(dtypes, key=lambda d: jnp.finfo(d).bits) if dtypes else widest_float()
     size = sum(2 * np.size(p) if jnp.iscomplexobj(p) else np.size(p) for p in like)
-    return _Flat(index, like, jnp.dtype(dtype), int(size))
+    return _Flat(positions, like, jnp.dtype(dtype), int(size))
 
 
 def _flatten(layout: _Flat, pieces) -> jax.Array:

@@ -17,8 +17,8 @@ import torch
 
 import funcopt as fo
 from funcopt import contrib
+from tests.parity.noise_floor import assert_close
 from tests.torch_ref import (
-    assert_close,
     make_grads,
     make_params,
     torch_params,

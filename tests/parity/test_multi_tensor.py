@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 
 import funcopt.flat as ff
+from funcopt import _math, _multi_tensor
 from tests.parity import test_optim
 from tests.parity.cases import OPT_CASES, OPT_PARAMS_16BIT
-from tests.torch_ref import make_params, torch_cpu_block
+from tests.torch_ref import make_params, using_torch_cpu_block
 
 
 def _elementwise(case) -> bool:
@@ -95,7 +96,7 @@ def test_packed_tree_float32_parity(case, kwargs, monkeypatch):
 
 
 @pytest.mark.parametrize("case,kwargs", FLAT_16BIT_PARAMS)
-def test_flat_16bit_parity_is_bit_exact(case, kwargs, x64, monkeypatch):
+def test_flat_16bit_parity_is_bit_exact(case, kwargs, x64, monkeypatch, torch_cpu_loop):
     def run_flat(case, kwargs, params, grads_seq):
         return _run_flat(case, kwargs, params, grads_seq, True)
 
@@ -148,16 +149,13 @@ def test_per_leaf_only_optimizers_refuse_flat(case):
 def test_scalar_loop_mask_marks_each_leafs_tail(block, tail_of_70):
     """Leaves over several rows: the mask is torch's scalar tail of each leaf,
     for torch's x86 loop (blocks of 32) and others (16; None: scalar only)."""
-    from funcopt import _math, _multi_tensor
-
-    with torch_cpu_block(block):
-        _check_scalar_loop_mask(_math, _multi_tensor)
+    with using_torch_cpu_block(block):
+        _check_scalar_loop_mask()
         assert _math.scalar_loop_elements(70) == tail_of_70
         assert _math.scalar_loop_elements(5) == 5
 
 
-def _check_scalar_loop_mask(_math, _multi_tensor):
-
+def _check_scalar_loop_mask():
     sizes = [70, 5, 64, 33, 0]
     rows = [max(1, -(-s // 16)) for s in sizes]
     first = np.concatenate([[0], np.cumsum(rows)[:-1]]).tolist()

@@ -10,8 +10,8 @@ from tests.parity.cases import (
     OPT_PARAMS_EAGER,
     OPT_PARAMS_F32,
 )
+from tests.parity.noise_floor import assert_close
 from tests.torch_ref import (
-    assert_close,
     assert_same_bits,
     from_torch,
     make_grads,
@@ -129,5 +129,5 @@ def _compare_bits(case, kwargs, seed=0):
 # on CPU: the single-tensor loop), with torch's float64 scalar math (x64); see
 # funcopt/_math.py for the per-op rounding
 @pytest.mark.parametrize("case,kwargs", OPT_PARAMS_16BIT)
-def test_16bit_parity_is_bit_exact(case, kwargs, x64):
+def test_16bit_parity_is_bit_exact(case, kwargs, x64, torch_cpu_loop):
     _compare_bits(case, kwargs)

@@ -21,7 +21,8 @@ import torch
 import funcopt as fo
 from funcopt._tree import is_trainable
 from tests.parity.cases import OPT_CASES
-from tests.torch_ref import assert_close, make_grads, make_params, make_params_for
+from tests.parity.noise_floor import assert_close
+from tests.torch_ref import make_grads, make_params, make_params_for
 
 SET_LR_AT = 12
 

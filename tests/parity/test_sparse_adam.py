@@ -16,7 +16,7 @@ from jax.experimental import sparse as jsparse
 
 import funcopt as fo
 from funcopt.optim.sparse_adam import sparse_adam
-from tests.torch_ref import assert_close
+from tests.parity.noise_floor import assert_close
 
 V, D = 12, 4  # embedding table; rows >= V - 3 are never looked up
 NSE = 10  # fixed BCOO size under jit: padded with out-of-range indices

@@ -33,7 +33,7 @@ import optax
 from jax.experimental import sparse as jsparse
 from jax.tree_util import PyTreeDef
 
-from . import _groups, _multi_tensor, _tree, _validate
+from . import _compile, _groups, _math, _multi_tensor, _tree, _validate
 from ._math import widest_float
 from ._tree import PyTree, flatten_grads, is_trainable, leaf_paths
 
@@ -103,6 +103,10 @@ class _Definition:
     elementwise: bool = False
     # (shape, dtype, group name) -> {slot: (shape, dtype)}, see _check_slots
     slot_specs: dict = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    # (group name, torch CPU block) -> the jitted one-leaf step, see _leaf_step
+    leaf_steps: dict = dataclasses.field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
@@ -503,6 +507,14 @@ def _apply(definition, params, grads, state, has_grad):
         packed = _multi_tensor.apply_tree(
             definition, leaves, grad_leaves, group_of, slot_leaves, state, options, mask
         )
+    # each leaf reads its step count and its group's hyperparameters at
+    # runtime indices, so that same-shaped leaves share one compiled kernel
+    n_index = max(len(leaves), len(names)) if leaves else 0
+    index = _compile.runtime_ints(range(n_index), state.step)
+    # the counts after this step, read by the rules: a new buffer, so the
+    # (donated) old counts are not read after they are overwritten
+    stepped = state.step + 1
+    group_hparams: dict[int, dict[str, jax.Array]] = {}
     for i, (p, g, group) in enumerate(zip(leaves, grad_leaves, group_of)):
         if i in packed:
             new_p, new_own, inc = packed[i]
@@ -515,19 +527,14 @@ def _apply(definition, params, grads, state, has_grad):
             new_leaves.append(p)
             increments.append(False)
             continue
-        step = state.step[i] + 1
-        hparams = {k: v[group] for k, v in state.hparams.items()}
+        if group not in group_hparams:
+            group_hparams[group] = {
+                k: _compile.take(v, index[group]) for k, v in state.hparams.items()
+            }
         own = {k: v[i] for k, v in slot_leaves.items() if v[i] is not None}
-        new_p, new_own = definition.rule(
-            _as_real(p),
-            _as_real(g),
-            {k: _as_real(v) for k, v in own.items()},
-            step.astype(widest_float()),
-            hparams,
-            options[group],
+        new_p, new_own = _leaf_step(definition, names[group], options[group])(
+            p, g, own, _compile.take(stepped, index[i]), group_hparams[group]
         )
-        new_p = _as_complex(new_p, p)
-        new_own = {k: _as_complex(v, own[k]) for k, v in new_own.items()}
         if mask is not None:
             new_p = jnp.where(mask[i], new_p, p)
             new_own = {k: jnp.where(mask[i], v, own[k]) for k, v in new_own.items()}
@@ -536,13 +543,46 @@ def _apply(definition, params, grads, state, has_grad):
             new_slots[k][i] = v
         increments.append(True if mask is None else mask[i])
 
-    new_step = state.step + jnp.asarray(increments, dtype=bool).astype(jnp.int32)
+    new_step = jnp.where(jnp.asarray(increments, dtype=bool), stepped, state.step)
     new_state = OptState(
         new_step,
         state.hparams,
         {k: treedef.unflatten(v) for k, v in new_slots.items()},
     )
     return treedef.unflatten(new_leaves), new_state
+
+
+def _leaf_step(definition: _Definition, group: str, options: dict[str, Any]):
+    """The rule on one leaf, ``(p, g, slots, step, hparams) -> (p, slots)``
+    with ``step`` the count after this step, as one jitted function.
+
+    Leaves of one shape, dtype and group share its trace: tracing the rule
+    once instead of once per leaf is most of what a many-leaf step costs in
+    Python, and its lowering is emitted once as a function that every such
+    leaf calls (XLA inlines the calls; the arithmetic is the same ops).
+    Outside ``jit`` a leaf's update runs as one compiled kernel instead of
+    op by op. The cache key holds everything the rule reads at trace time
+    beyond its arguments: the group's options and the torch CPU loop that
+    16-bit rules mirror.
+    """
+    key = (group, _math.torch_cpu_block())
+    fn = definition.leaf_steps.get(key)
+    if fn is None:
+
+        def leaf_step(p, g, own, step, hparams):
+            new_p, new_own = definition.rule(
+                _as_real(p),
+                _as_real(g),
+                {k: _as_real(v) for k, v in own.items()},
+                step.astype(widest_float()),
+                hparams,
+                options,
+            )
+            new_own = {k: _as_complex(v, own[k]) for k, v in new_own.items()}
+            return _as_complex(new_p, p), new_own
+
+        fn = definition.leaf_steps[key] = jax.jit(leaf_step)
+    return fn
 
 
 def _update(definition, grads, state, params, has_grad):

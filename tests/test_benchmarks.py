@@ -34,3 +34,25 @@ def test_bench_step_writes_json_markdown_and_summary(tmp_path):
     assert "| sgd | 1 leaf, 1M |" in markdown
     summary = run("--summarize", str(tmp_path / "bench_step.json"))
     assert "| 1 leaf, 1M |" in summary and summary.strip() in markdown
+
+
+def test_compile_time_writes_json_and_markdown(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "benchmarks/compile_time.py", "--leaves", "3",
+         "--all-leaves", "2", "--only", "sgd", "asgd", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-4000:]
+    rows = json.loads((tmp_path / "compile_time.json").read_text())["rows"]
+    assert [(r["optimizer"], r["leaves"]) for r in rows] == [
+        ("adam", 3),
+        ("sgd", 2),
+        ("asgd", 2),
+    ]
+    assert rows[0]["optax"]["total_s"] > 0 and rows[0]["funcopt"]["total_s"] > 0
+    assert "optax" not in rows[2]  # optax has no ASGD
+    markdown = (tmp_path / "compile_time.md").read_text()
+    assert "| adam | 3 |" in markdown and "| asgd | 2 | - |" in markdown

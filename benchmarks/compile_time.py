@@ -8,10 +8,12 @@ a jitted step costs); "lowered lines" is the StableHLO text JAX hands to XLA,
 "compiled instr." the instructions of XLA's optimized module.
 
     .venv/bin/python benchmarks/compile_time.py [--leaves 10 100 300 1000]
-        [--all-leaves 100] [--only sgd adam ...] [--x64] [--out DIR]
+        [--all-leaves 100] [--only sgd adam ...] [--x64] [--out DIR] [--models]
 
 Writes ``benchmarks/results/compile_time.{json,md}``: Adam at every leaf
-count, then every optimizer at ``--all-leaves`` leaves.
+count, then every optimizer at ``--all-leaves`` leaves; with ``--models``,
+a nanoGPT-shaped param tree: its jitted step's compile, its first un-jitted
+step, and the compile of ``jax.grad`` through 20 unrolled Adam steps.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import funcopt as fo
@@ -87,6 +90,104 @@ def row(name: str, n_leaves: int) -> dict:
     return out
 
 
+def gpt_params(d=64, vocab=512, ctx=64, layers=2) -> dict:
+    """A nanoGPT-shaped param tree: 28 leaves (lm_head tied to wte)."""
+    rng = np.random.default_rng(0)
+
+    def normal(*shape):
+        return jnp.asarray(rng.normal(size=shape).astype(np.float32) * 0.02)
+
+    def norm():
+        return {"w": jnp.ones(d), "b": jnp.zeros(d)}
+
+    def linear(n_in, n_out):
+        return {"w": normal(n_in, n_out), "b": jnp.zeros(n_out)}
+
+    params = {"wte": normal(vocab, d), "wpe": normal(ctx, d), "ln_f": norm()}
+    for layer in range(layers):
+        params[f"h{layer}"] = {
+            "ln1": norm(),
+            "attn": linear(d, 3 * d),
+            "proj": linear(d, d),
+            "ln2": norm(),
+            "fc": linear(d, 4 * d),
+            "fc2": linear(4 * d, d),
+        }
+    return params
+
+
+def model_rows() -> list[dict]:
+    """The issue-15 cases on a GPT param tree, seconds, funcopt and optax."""
+    params = gpt_params()
+    grads = jax.tree.map(lambda p: p * 0.01, params)
+
+    def no_decay(p):
+        return jax.tree.map(lambda x: "no_decay" if x.ndim < 2 else "default", p)
+
+    opt = fo.adamw(
+        lr=3e-4,
+        weight_decay=0.1,
+        param_groups=fo.param_groups(no_decay, {"no_decay": {"weight_decay": 0.0}}),
+    )
+    tx = optax.adamw(
+        3e-4, weight_decay=0.1, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)
+    )
+    rows = [
+        {
+            "case": "GPT (28 leaves, AdamW, 2 groups): jit(step) compile",
+            "optax": measure(optax_step(tx), params, grads, tx.init(params))["total_s"],
+            "funcopt": measure(opt.step, params, grads, opt.init(params))["total_s"],
+        }
+    ]
+
+    def first_eager_step(step, init):
+        t0 = time.perf_counter()
+        jax.block_until_ready(step(params, grads, init(params)))
+        return time.perf_counter() - t0
+
+    rows.append(
+        {
+            "case": "GPT: first un-jitted step",
+            "optax": first_eager_step(optax_step(tx), tx.init),
+            "funcopt": first_eager_step(opt.step, opt.init),
+        }
+    )
+    target = jax.tree.map(lambda p: p * 0.5, params)
+
+    def loss(p):
+        pairs = zip(jax.tree.leaves(p), jax.tree.leaves(target))
+        return sum(jnp.sum((a - b) ** 2) for a, b in pairs)
+
+    def funcopt_unrolled(lr):
+        o = fo.adam(lr=1e-3)
+        p, s = params, fo.set_lr(o.init(params), lr)
+        for _ in range(20):
+            p, s = o.step(p, jax.grad(loss)(p), s)
+        return loss(p)
+
+    def optax_unrolled(lr):
+        t = optax.adam(lr)
+        p, s = params, t.init(params)
+        for _ in range(20):
+            u, s = t.update(jax.grad(loss)(p), s, p)
+            p = optax.apply_updates(p, u)
+        return loss(p)
+
+    def grad_compile(f):
+        t0 = time.perf_counter()
+        jax.jit(jax.grad(f)).lower(1e-3).compile()
+        return time.perf_counter() - t0
+
+    rows.append(
+        {
+            "case": "GPT: jax.grad through 20 unrolled Adam steps, compile",
+            "optax": grad_compile(optax_unrolled),
+            "funcopt": grad_compile(funcopt_unrolled),
+        }
+    )
+    return rows
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"# Compile time of `jax.jit(opt.step)` (default path), {meta['machine']}",
@@ -112,6 +213,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"{o['lowered_lines']} / {f['lowered_lines']} | "
             f"{o['compiled_instructions']} / {f['compiled_instructions']} |"
         )
+    if meta.get("models"):
+        lines += ["", "| model case | optax s | funcopt s | ratio |"]
+        lines.append("|---|---|---|---|")
+        for r in meta["models"]:
+            o, f = r["optax"], r["funcopt"]
+            lines.append(f"| {r['case']} | {o:.2f} | {f:.2f} | {f / o:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -122,6 +229,9 @@ def main():
     parser.add_argument("--x64", action="store_true")
     parser.add_argument("--only", nargs="*", help="optimizers of the all-leaves rows")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    parser.add_argument(
+        "--models", action="store_true", help="also the GPT cases (~2 minutes)"
+    )
     args = parser.parse_args()
     jax.config.update("jax_enable_x64", args.x64)
     from bench_step import machine
@@ -136,6 +246,9 @@ def main():
         rows.append(row(name, args.all_leaves))
         print(json.dumps(rows[-1]), flush=True)
     meta = {"machine": machine(), "jax": jax.__version__, "x64": args.x64}
+    if args.models:
+        meta["models"] = model_rows()
+        print(json.dumps(meta["models"]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "compile_time.json").write_text(
         json.dumps({"meta": meta, "rows": rows}, indent=1)

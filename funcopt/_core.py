@@ -14,6 +14,9 @@ the loop body of ``_single_tensor_<name>``::
   scalars (or small vectors, e.g. ``betas``);
 * ``options``: the group's static options (``maximize``, ``amsgrad``, ...).
 
+The rule must be pure: it is traced once per (shape, dtype, group) and that
+trace is called for every such leaf (:func:`_leaf_step`).
+
 :func:`make_optimizer` turns such a rule into an :class:`Optimizer`: an
 ``optax.GradientTransformationExtraArgs`` with one more method, ``step``, whose
 state (:class:`OptState`) is arrays only: per-parameter step counts, per-group

@@ -13,8 +13,10 @@ indices XLA cannot fold to constants compile in 0.17 s (one kernel, reused).
 :func:`runtime_ints` makes such indices: the integers a step needs, returned
 by a ``lax.cond`` whose predicate is always false but which XLA cannot
 evaluate at compile time, so they stay runtime values (one conditional per
-step, a few microseconds). The values are exact whichever way XLA treats
-them; the trick only decides how much code it generates.
+step, a few microseconds). Only where lowered for CPU: a GPU backend may
+synchronise with the host to branch, so elsewhere they are constants, as
+before. The values are exact whichever way XLA treats them; the trick only
+decides how much code it generates.
 """
 
 from __future__ import annotations
@@ -34,29 +36,27 @@ def runtime_ints(values: Sequence[int], anchor: jax.Array) -> list[jax.Array]:
     every value (NaN included) but unknown to XLA, so the outputs of the
     ``cond`` that returns ``values`` on its false branch are runtime values.
     Outside ``jit`` they are plain device scalars (one eager executable per
-    shape instead of one per index).
+    shape instead of one per index); lowered for a backend other than CPU,
+    constants.
     """
     consts = [np.int32(v) for v in values]
     if not consts:
         return []
     if not isinstance(anchor, jax.core.Tracer):
         return [jnp.asarray(c) for c in consts]
-    first = jnp.ravel(anchor)[0]
-    never = jnp.minimum(first, jnp.zeros((), first.dtype)) > 0
-    return list(
-        jax.lax.cond(
-            never,
-            lambda: tuple(jnp.zeros((), jnp.int32) for _ in consts),
-            lambda: tuple(jnp.asarray(c) for c in consts),
-        )
-    )
+
+    def constants():
+        return tuple(jnp.asarray(c) for c in consts)
+
+    def opaque():
+        first = jnp.ravel(anchor)[0]
+        never = jnp.minimum(first, jnp.zeros((), first.dtype)) > 0
+        zeros = tuple(jnp.zeros((), jnp.int32) for _ in consts)
+        return jax.lax.cond(never, lambda: zeros, constants)
+
+    return list(jax.lax.platform_dependent(cpu=opaque, default=constants))
 
 
 def take(vector: jax.Array, index: jax.Array) -> jax.Array:
     """``vector[index]`` along the first axis at a runtime ``index``."""
     return jax.lax.dynamic_index_in_dim(vector, index, keepdims=False)
-
-
-def piece(flat: jax.Array, start: jax.Array, size: int) -> jax.Array:
-    """``flat[start:start + size]`` of a 1-D array at a runtime ``start``."""
-    return jax.lax.dynamic_slice_in_dim(flat, start, size)

@@ -14,8 +14,9 @@ the loop body of ``_single_tensor_<name>``::
   scalars (or small vectors, e.g. ``betas``);
 * ``options``: the group's static options (``maximize``, ``amsgrad``, ...).
 
-The rule must be pure: it is traced once per (shape, dtype, group) and that
-trace is called for every such leaf (:func:`_leaf_step`).
+The rule must be pure: on the per-leaf path it is traced once per (shape,
+dtype, options) and that trace is called for every such leaf
+(:func:`_leaf_step`).
 
 :func:`make_optimizer` turns such a rule into an :class:`Optimizer`: an
 ``optax.GradientTransformationExtraArgs`` with one more method, ``step``, whose
@@ -108,7 +109,7 @@ class _Definition:
     slot_specs: dict = dataclasses.field(
         default_factory=dict, init=False, repr=False, compare=False
     )
-    # (group name, torch CPU block) -> the jitted one-leaf step, see _leaf_step
+    # one-leaf steps of groups whose options are not hashable, see _leaf_step
     leaf_steps: dict = dataclasses.field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -514,8 +515,7 @@ def _apply(definition, params, grads, state, has_grad):
     # runtime indices, so that same-shaped leaves share one compiled kernel
     n_index = max(len(leaves), len(names)) if leaves else 0
     index = _compile.runtime_ints(range(n_index), state.step)
-    # the counts after this step, read by the rules: a new buffer, so the
-    # (donated) old counts are not read after they are overwritten
+    # the counts after this step, read by the rules
     stepped = state.step + 1
     group_hparams: dict[int, dict[str, jax.Array]] = {}
     for i, (p, g, group) in enumerate(zip(leaves, grad_leaves, group_of)):
@@ -555,6 +555,11 @@ def _apply(definition, params, grads, state, has_grad):
     return treedef.unflatten(new_leaves), new_state
 
 
+# (rule, options, torch CPU block) -> the jitted one-leaf step: shared by every
+# optimizer built with that rule and those options (see _leaf_step)
+_LEAF_STEPS: dict = {}
+
+
 def _leaf_step(definition: _Definition, group: str, options: dict[str, Any]):
     """The rule on one leaf, ``(p, g, slots, step, hparams) -> (p, slots)``
     with ``step`` the count after this step, as one jitted function.
@@ -565,11 +570,19 @@ def _leaf_step(definition: _Definition, group: str, options: dict[str, Any]):
     leaf calls (XLA inlines the calls; the arithmetic is the same ops).
     Outside ``jit`` a leaf's update runs as one compiled kernel instead of
     op by op. The cache key holds everything the rule reads at trace time
-    beyond its arguments: the group's options and the torch CPU loop that
-    16-bit rules mirror.
+    beyond its arguments (jit's own key adds x64, dtype promotion and matmul
+    precision): the rule, the group's options and the torch CPU loop that
+    16-bit rules mirror. A new optimizer with the same rule and options
+    reuses it; options that are not hashable are cached per optimizer.
     """
-    key = (group, _math.torch_cpu_block())
-    fn = definition.leaf_steps.get(key)
+    block = _math.torch_cpu_block()
+    cache: dict = _LEAF_STEPS
+    key: tuple = (definition.rule, tuple(sorted(options.items())), block)
+    try:
+        hash(key)
+    except TypeError:
+        cache, key = definition.leaf_steps, (group, block)
+    fn = cache.get(key)
     if fn is None:
 
         def leaf_step(p, g, own, step, hparams):
@@ -584,7 +597,7 @@ def _leaf_step(definition: _Definition, group: str, options: dict[str, Any]):
             new_own = {k: _as_complex(v, own[k]) for k, v in new_own.items()}
             return _as_complex(new_p, p), new_own
 
-        fn = definition.leaf_steps[key] = jax.jit(leaf_step)
+        fn = cache[key] = jax.jit(leaf_step)
     return fn
 
 

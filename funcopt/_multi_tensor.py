@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _compile, _groups, _math
+from . import _groups, _math
 from ._math import widest_float
 from ._tree import is_trainable
 
@@ -68,16 +68,18 @@ def set_policy(value: str) -> None:
     per-leaf path. :class:`funcopt.flat.FlatParams` always take the
     multi-tensor path. Read at trace time.
 
-    Packing a tree per step costs a concatenate and a split per buffer. The
-    split used to compile one kernel per piece (measured: 470 s for Adam on
-    2,000 leaves); it now slices at runtime offsets and compiles one kernel
-    per piece size (:mod:`funcopt._compile`). Still, measured for Adam on
-    1,000 float32 leaves of 1,000 (this 2-core CPU, jax 0.10.2): compile
-    11.8 s packed vs 16.2 s per leaf (optax 5.0 s), but a step of 21.0 ms
-    packed vs 12.1 ms per leaf (optax 10.0 ms): XLA recomputes the rule
-    inside every piece's slice and the copies in and out double the memory
-    traffic, so ``"auto"`` does not pack yet. For many leaves, keep them
-    packed with :mod:`funcopt.flat`, which compiles in 0.2 s.
+    Packing a tree per step costs a concatenate and a split per buffer, and
+    XLA CPU compiles one kernel per piece of the split (measured: 470 s for
+    Adam on 2,000 leaves). Slicing at runtime offsets
+    (:func:`funcopt._compile.runtime_ints`) compiles one kernel per piece
+    size instead, but measured for Adam on 1,000 float32 leaves of 1,000
+    (this 2-core CPU, jax 0.10.2) it still loses: compile 11.8 s packed vs
+    16.2 s per leaf (optax 5.0 s), a step of 21.0 ms packed vs 12.1 ms per
+    leaf (optax 10.0 ms), since XLA recomputes the rule inside every piece's
+    slice and the copies in and out double the memory traffic; and under
+    ``vmap`` runtime offsets turn slices into gathers. So the split stays
+    static and ``"auto"`` does not pack. For many leaves, keep them packed
+    with :mod:`funcopt.flat`, which compiles in 0.2 s.
     """
     if value not in ("auto", "always", "never"):
         raise ValueError(f"policy must be 'auto', 'always' or 'never', got {value!r}")
@@ -193,19 +195,18 @@ class Bucket:
         return flat.reshape(self.n_rows, self.width)
 
     def split(self, buffer: jax.Array, shapes: Sequence[tuple[int, ...]]) -> list:
-        """``[n_rows, width]`` -> real leaves of ``shapes``.
-
-        Each leaf is a ``dynamic_slice`` at a runtime offset
-        (:func:`funcopt._compile.runtime_ints`): leaves of one size share one
-        compiled kernel instead of one per offset.
-        """
+        """``[n_rows, width]`` -> real leaves of ``shapes`` (one ``split``)."""
         flat = buffer.reshape(-1)
-        starts = [first * self.width for first in self.first_row]
-        offsets = _compile.runtime_ints(starts, flat)
-        return [
-            _compile.piece(flat, start, size).reshape(shape)
-            for start, size, shape in zip(offsets, self.sizes, shapes)
-        ]
+        cuts: list[int] = []
+        keep: list[int] = []
+        pos = 0
+        for size, rows in zip(self.sizes, self.rows):
+            keep.append(len(cuts))
+            cuts.append(pos + size)
+            pos += rows * self.width
+            cuts.append(pos)
+        pieces = jnp.split(flat, cuts[:-1]) if len(cuts) > 1 else [flat]
+        return [pieces[k].reshape(s) for k, s in zip(keep, shapes)]
 
     def scalar_loop_mask(self) -> jax.Array:
         """``bool[n_rows, width]``: the elements torch's CPU loop over their

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from bench_step import machine, optax_train_step
 
 import funcopt as fo
 
@@ -69,14 +70,6 @@ def measure(step, params, grads, state) -> dict:
     }
 
 
-def optax_step(tx):
-    def step(params, grads, state):
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    return step
-
-
 def row(name: str, n_leaves: int) -> dict:
     make_opt, make_tx = OPTIMIZERS[name]
     params = tree(n_leaves)
@@ -84,7 +77,7 @@ def row(name: str, n_leaves: int) -> dict:
     out = {"optimizer": name, "leaves": n_leaves}
     if make_tx is not None:
         tx = make_tx()
-        out["optax"] = measure(optax_step(tx), params, grads, tx.init(params))
+        out["optax"] = measure(optax_train_step(tx), params, grads, tx.init(params))
     opt = make_opt()
     out["funcopt"] = measure(opt.step, params, grads, opt.init(params))
     return out
@@ -142,12 +135,14 @@ def model_rows() -> list[dict]:
     rows = [
         {
             "case": "GPT (28 leaves, AdamW, 2 groups): first un-jitted step",
-            "optax": first_eager_step(optax_step(tx), tx.init),
+            "optax": first_eager_step(optax_train_step(tx), tx.init),
             "funcopt": first_eager_step(opt.step, opt.init),
         },
         {
             "case": "GPT: jit(step) compile",
-            "optax": measure(optax_step(tx), params, grads, tx.init(params))["total_s"],
+            "optax": measure(optax_train_step(tx), params, grads, tx.init(params))[
+                "total_s"
+            ],
             "funcopt": measure(opt.step, params, grads, opt.init(params))["total_s"],
         },
     ]
@@ -233,8 +228,6 @@ def main():
     )
     args = parser.parse_args()
     jax.config.update("jax_enable_x64", args.x64)
-    from bench_step import machine
-
     rows = []
     for n in args.leaves:
         rows.append(row("adam", n))

@@ -40,13 +40,12 @@ def runtime_ints(values: Sequence[int], anchor: jax.Array) -> list[jax.Array]:
     constants.
     """
     consts = [np.int32(v) for v in values]
-    if not consts:
-        return []
-    if not isinstance(anchor, jax.core.Tracer):
-        return [jnp.asarray(c) for c in consts]
 
     def constants():
         return tuple(jnp.asarray(c) for c in consts)
+
+    if not consts or not isinstance(anchor, jax.core.Tracer):
+        return list(constants())
 
     def opaque():
         first = jnp.ravel(anchor)[0]

@@ -1,9 +1,9 @@
 """funcopt: torch.optim, bit-faithful, as pure jit-able optax transforms.
 
-Every ``torch.optim.X`` is ``funcopt.x`` (snake_case), with torch's arguments
-and defaults. An optimizer is an ``optax.GradientTransformationExtraArgs``
-with one more method, ``step(params, grads, state) -> (params, state)``,
-torch's ``optimizer.step()`` as a pure function.
+Every `torch.optim.X` is `funcopt.x` (snake_case), with torch's arguments
+and defaults. An optimizer is an `optax.GradientTransformationExtraArgs`
+with one more method, `step(params, grads, state) -> (params, state)`,
+torch's `optimizer.step()` as a pure function.
 """
 
 from . import contrib as contrib
@@ -56,8 +56,9 @@ _LAZY_SUBMODULES = ("checkpoint", "compare", "torch_interop")
 
 
 def __getattr__(name: str):
-    """``fo.torch_interop``, ``fo.checkpoint``, ``fo.compare``: imported on first
-    use, so ``import funcopt`` imports neither torch nor orbax."""
+    """`fo.torch_interop`, `fo.checkpoint`, `fo.compare`: imported on first
+    use, so `import funcopt` imports neither torch nor orbax.
+    """
     if name in _LAZY_SUBMODULES:
         import importlib
 

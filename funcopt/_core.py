@@ -1,27 +1,29 @@
 """The core protocol: one per-array update rule, lifted to any pytree.
 
 An update rule is written once, for one parameter array, the way torch writes
-the loop body of ``_single_tensor_<name>``::
+the loop body of `_single_tensor_<name>`:
 
-    def rule(param, grad, slots, step, hparams, options) -> (param, slots)
+```python
+def rule(param, grad, slots, step, hparams, options) -> (param, slots)
+```
 
-* ``param``, ``grad``: arrays of one dtype (complex leaves arrive as real views
-  ``[..., 2]``, as torch's ``view_as_real``);
-* ``slots``: this parameter's state buffers, ``{"exp_avg": ..., ...}``;
-* ``step``: this parameter's step count *after* the increment, in the widest
-  enabled float (torch's ``float(state["step"])``);
-* ``hparams``: this parameter's group's numeric hyperparameters, widest float
-  scalars (or small vectors, e.g. ``betas``);
-* ``options``: the group's static options (``maximize``, ``amsgrad``, ...).
+* `param`, `grad`: arrays of one dtype (complex leaves arrive as real views
+  `[..., 2]`, as torch's `view_as_real`);
+* `slots`: this parameter's state buffers, `{"exp_avg": ..., ...}`;
+* `step`: this parameter's step count *after* the increment, in the widest
+  enabled float (torch's `float(state["step"])`);
+* `hparams`: this parameter's group's numeric hyperparameters, widest float
+  scalars (or small vectors, e.g. `betas`);
+* `options`: the group's static options (`maximize`, `amsgrad`, ...).
 
 The rule must be pure: on the per-leaf path it is traced once per (shape,
 dtype, options) and that trace is called for every such leaf
-(:func:`_leaf_step`).
+(`_leaf_step`).
 
-:func:`make_optimizer` turns such a rule into an :class:`Optimizer`: an
-``optax.GradientTransformationExtraArgs`` with one more method, ``step``, whose
-state (:class:`OptState`) is arrays only: per-parameter step counts, per-group
-hyperparameters and per-parameter buffers.
+[`make_optimizer`][funcopt.make_optimizer] turns such a rule into an
+[`Optimizer`][funcopt.Optimizer]: an `optax.GradientTransformationExtraArgs` with one
+more method, `step`, whose state ([`OptState`][funcopt.OptState]) is arrays only:
+per-parameter step counts, per-group hyperparameters and per-parameter buffers.
 """
 
 from __future__ import annotations
@@ -52,13 +54,13 @@ class OptState(NamedTuple):
     """State of a funcopt optimizer: arrays only, so it jits, shards and saves.
 
     Attributes:
-      step: ``int32[n_leaves]``, each parameter's own step count (torch's
-        ``state[p]["step"]``); 0 for leaves that never had a gradient.
-      hparams: ``{name: array[n_groups, ...]}``, every numeric hyperparameter
+      step: `int32[n_leaves]`, each parameter's own step count (torch's
+        `state[p]["step"]`); 0 for leaves that never had a gradient.
+      hparams: `{name: array[n_groups, ...]}`, every numeric hyperparameter
         of every parameter group, in the widest enabled float.
-      slots: ``{name: pytree}``, per-parameter buffers named as in torch's
-        ``optimizer.state[p]`` (``exp_avg``, ``momentum_buffer``, ...), each a
-        pytree with the structure of the params and ``None`` where a leaf has
+      slots: `{name: pytree}`, per-parameter buffers named as in torch's
+        `optimizer.state[p]` (`exp_avg`, `momentum_buffer`, ...), each a
+        pytree with the structure of the params and `None` where a leaf has
         no such buffer.
     """
 
@@ -68,23 +70,23 @@ class OptState(NamedTuple):
 
 
 class Optimizer(optax.GradientTransformationExtraArgs):
-    """An optax transform with torch's ``optimizer.step()`` as a pure function.
+    """An optax transform with torch's `optimizer.step()` as a pure function.
 
-    ``opt.init(params)`` and ``opt.update(grads, state, params)`` follow the
-    optax protocol (``update`` returns ``new_params - params``).
-    ``opt.step(params, grads, state)`` returns ``(new_params, new_state)``
-    exactly as torch's parameters and state after ``optimizer.step()`` with
-    ``p.grad = grads``; prefer it to ``update`` + ``optax.apply_updates``,
+    `opt.init(params)` and `opt.update(grads, state, params)` follow the
+    optax protocol (`update` returns `new_params - params`).
+    `opt.step(params, grads, state)` returns `(new_params, new_state)`
+    exactly as torch's parameters and state after `optimizer.step()` with
+    `p.grad = grads`; prefer it to `update` + `optax.apply_updates`,
     whose extra subtraction and addition can round by one ulp.
     """
 
     def step(self, params, grads, state, *, has_grad=None):
-        """torch's ``optimizer.step()``: ``(new_params, new_state)``.
+        """torch's `optimizer.step()`: `(new_params, new_state)`.
 
-        A ``None`` leaf of ``grads`` leaves that parameter and its state
-        untouched. ``has_grad`` (a pytree of booleans shaped like the params)
+        A `None` leaf of `grads` leaves that parameter and its state
+        untouched. `has_grad` (a pytree of booleans shaped like the params)
         does the same with traced flags, for a structure that never changes
-        under ``jit`` (see :class:`funcopt.TrainState`).
+        under `jit` (see [`funcopt.TrainState`][funcopt.TrainState]).
         """
         return self._step_fn(params, grads, state, has_grad)
 
@@ -136,35 +138,35 @@ def make_optimizer(
     complex_error: ComplexError | None = None,
     elementwise: bool = False,
 ) -> Optimizer:
-    """Lift a per-array update ``rule`` to a pytree :class:`Optimizer`.
+    """Lift a per-array update `rule` to a pytree [`Optimizer`][funcopt.Optimizer].
 
     Args:
-      name: the torch class this optimizer mirrors (``"Adam"``).
-      rule: ``rule(param, grad, slots, step, hparams, options)`` (module doc).
-      init_slots: ``init_slots(param, group) -> {slot: array}``, the buffers
-        of one parameter (``group`` is its group's values, as Python objects).
+      name: the torch class this optimizer mirrors (`"Adam"`).
+      rule: `rule(param, grad, slots, step, hparams, options)` (module doc).
+      init_slots: `init_slots(param, group) -> {slot: array}`, the buffers
+        of one parameter (`group` is its group's values, as Python objects).
       hyperparams: numeric hyperparameters and their values (torch names);
         they live in the state as arrays, so changing them never recompiles.
       options: static per-group options (booleans, strings).
-      validate: ``validate(group)`` raises torch's error for a bad value; it
+      validate: `validate(group)` raises torch's error for a bad value; it
         runs on the defaults and on every group's overrides.
-      param_groups: from :func:`funcopt.param_groups`.
+      param_groups: from [`funcopt.param_groups`][funcopt.param_groups].
       supports_complex: complex leaves are updated as real views (torch's
-        ``view_as_real``); when False they raise, at ``init`` and ``step``,
-        ``complex_error(paths, torch_indices)`` (default: a ``TypeError``
+        `view_as_real`); when False they raise, at `init` and `step`,
+        `complex_error(paths, torch_indices)` (default: a `TypeError`
         naming the first complex leaf).
-      extra_defaults: torch-only arguments (``foreach``, ``fused``, ...) kept
-        for display and ``state_dict`` export; they do not affect the math.
+      extra_defaults: torch-only arguments (`foreach`, `fused`, ...) kept
+        for display and `state_dict` export; they do not affect the math.
       sparse_grads: the rule takes gradients given as
-        ``jax.experimental.sparse.BCOO`` (passed to it as they are, real
-        dtypes only); when False a BCOO gradient raises ``RuntimeError``.
-      complex_error: see ``supports_complex``; ``paths`` are the key paths of
-        the complex leaves, ``torch_indices`` torch's ``[group, index]``.
-      elementwise: every output element of ``rule`` depends only on the same
+        `jax.experimental.sparse.BCOO` (passed to it as they are, real
+        dtypes only); when False a BCOO gradient raises `RuntimeError`.
+      complex_error: see `supports_complex`; `paths` are the key paths of
+        the complex leaves, `torch_indices` torch's `[group, index]`.
+      elementwise: every output element of `rule` depends only on the same
         element of its inputs and on per-parameter scalars (which may arrive
-        as arrays broadcastable to the param: ``step`` shaped ``[rows, 1]``,
+        as arrays broadcastable to the param: `step` shaped `[rows, 1]`,
         0-dim buffers likewise). Such rules can run on many leaves packed
-        into one buffer (:mod:`funcopt.flat`, the multi-tensor path).
+        into one buffer ([`funcopt.flat`][funcopt.flat], the multi-tensor path).
     """
     options = dict(options or {})
     hyperparams = dict(hyperparams)
@@ -222,9 +224,9 @@ def _numeric_hyperparams(
 def _check_hyperparams(definition: _Definition) -> None:
     """Every hyperparameter is numeric and has one shape in every group.
 
-    Checked by ``init`` (torch accepts anything at construction and fails at
-    its first step), naming the argument: ``TypeError`` for a non-number,
-    ``ValueError`` for a group value of another shape.
+    Checked by `init` (torch accepts anything at construction and fails at
+    its first step), naming the argument: `TypeError` for a non-number,
+    `ValueError` for a group value of another shape.
     """
     name = definition.name
     for key, value in definition.hyperparams.items():
@@ -246,10 +248,11 @@ def _check_hyperparams(definition: _Definition) -> None:
 
 
 def build_optimizer(definition: _Definition, defaults: Mapping[str, Any]) -> Optimizer:
-    """The :class:`Optimizer` of a (validated) definition.
+    """The [`Optimizer`][funcopt.Optimizer] of a (validated) definition.
 
-    Wrappers that change a rule (e.g. :func:`funcopt.precision_policy`) use it
-    with ``dataclasses.replace(opt.definition, rule=...)``.
+    Wrappers that change a rule (e.g.
+    [`funcopt.precision_policy`][funcopt.precision_policy]) use it with
+    `dataclasses.replace(opt.definition, rule=...)`.
     """
     opt = Optimizer(
         lambda params: _init(definition, params),
@@ -369,8 +372,9 @@ def _check_state(
 
 
 def _slot_spec(definition: _Definition, leaf: Any, group: str) -> dict:
-    """``{slot: (shape, dtype)}`` that ``init`` makes for a leaf like ``leaf``
-    in ``group`` (traced once per shape, dtype and group, then cached)."""
+    """`{slot: (shape, dtype)}` that `init` makes for a leaf like `leaf`
+    in `group` (traced once per shape, dtype and group, then cached).
+    """
     key = (tuple(leaf.shape), np.dtype(leaf.dtype), group)
     spec = definition.slot_specs.get(key)
     if spec is None:
@@ -401,12 +405,12 @@ def _check_slots(
     group_of: list[int | None],
     state: OptState,
 ) -> dict[str, list]:
-    """The state's buffers, leaf by leaf, checked against what ``init`` makes.
+    """The state's buffers, leaf by leaf, checked against what `init` makes.
 
-    Raises ``ValueError`` naming the first leaf whose buffers differ in name,
+    Raises `ValueError` naming the first leaf whose buffers differ in name,
     shape or dtype: a state made by another optimizer, with other options,
-    or for another param tree (``TypeError`` for a buffer that is not an
-    array). Runs at trace time (free under ``jit``).
+    or for another param tree (`TypeError` for a buffer that is not an
+    array). Runs at trace time (free under `jit`).
     """
     treedef: PyTreeDef = jax.tree.structure(params)
     slot_leaves = {}
@@ -458,9 +462,9 @@ def _check_slots(
 
 
 def check_step(definition: _Definition, params: PyTree, grads: PyTree, state: Any):
-    """Every trace-time check of ``step(params, grads, state)``.
+    """Every trace-time check of `step(params, grads, state)`.
 
-    Returns ``(leaves, grad_leaves, names, group_of, slot_leaves)``.
+    Returns `(leaves, grad_leaves, names, group_of, slot_leaves)`.
     """
     _check_complex(definition, params)
     leaves, grad_leaves = flatten_grads(params, grads)
@@ -492,7 +496,7 @@ def _check_dense(definition: _Definition, params: PyTree, grad_leaves: list) -> 
 
 
 def _apply(definition, params, grads, state, has_grad):
-    """``(new_params, new_state)``: torch's ``optimizer.step()``."""
+    """`(new_params, new_state)`: torch's `optimizer.step()`."""
     if isinstance(params, _multi_tensor.FlatParams):
         return _multi_tensor.apply_flat(definition, params, grads, state, has_grad)
     leaves, grad_leaves, names, group_of, slot_leaves = check_step(
@@ -561,14 +565,14 @@ _LEAF_STEPS: dict = {}
 
 
 def _leaf_step(definition: _Definition, group: str, options: dict[str, Any]):
-    """The rule on one leaf, ``(p, g, slots, step, hparams) -> (p, slots)``
-    with ``step`` the count after this step, as one jitted function.
+    """The rule on one leaf, `(p, g, slots, step, hparams) -> (p, slots)`
+    with `step` the count after this step, as one jitted function.
 
     Leaves of one shape, dtype and group share its trace: tracing the rule
     once instead of once per leaf is most of what a many-leaf step costs in
     Python, and its lowering is emitted once as a function that every such
     leaf calls (XLA inlines the calls; the arithmetic is the same ops).
-    Outside ``jit`` a leaf's update runs as one compiled kernel instead of
+    Outside `jit` a leaf's update runs as one compiled kernel instead of
     op by op. The cache key holds everything the rule reads at trace time
     beyond its arguments (jit's own key adds x64, dtype promotion and matmul
     precision): the rule, the group's options and the torch CPU loop that
@@ -602,7 +606,7 @@ def _leaf_step(definition: _Definition, group: str, options: dict[str, Any]):
 
 
 def _update(definition, grads, state, params, has_grad):
-    """The optax protocol: ``(new_params - params, new_state)``."""
+    """The optax protocol: `(new_params - params, new_state)`."""
     if params is None:
         raise ValueError(
             f"funcopt.{definition.name.lower()}'s update() needs params: call "

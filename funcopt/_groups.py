@@ -1,10 +1,10 @@
-"""Parameter groups: torch's ``[{"params": ..., "lr": ...}, ...]`` for pytrees.
+"""Parameter groups: torch's `[{"params": ..., "lr": ...}, ...]` for pytrees.
 
 A group is a label per leaf plus per-label overrides of any hyperparameter.
-Leaves labelled ``"default"`` use the optimizer's own arguments. Group order is
-``"default"`` first (when any trainable leaf uses it, or when there are no
-other groups), then the overrides in dict order: the order of ``get_lr`` and
-of torch's ``optimizer.param_groups``.
+Leaves labelled `"default"` use the optimizer's own arguments. Group order is
+`"default"` first (when any trainable leaf uses it, or when there are no
+other groups), then the overrides in dict order: the order of `get_lr` and
+of torch's `optimizer.param_groups`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ DEFAULT = "default"
 class ParamGroups:
     """Which leaf belongs to which group, and each group's overrides.
 
-    Build it with :func:`param_groups`.
+    Build it with [`param_groups`][funcopt.param_groups].
     """
 
     labels: Callable[[PyTree], PyTree] | PyTree
@@ -35,7 +35,7 @@ class ParamGroups:
         return id(self)
 
     def leaf_labels(self, params: PyTree) -> list[str]:
-        """One group label per leaf of ``params``, in flattening order."""
+        """One group label per leaf of `params`, in flattening order."""
         labels = self.labels(params) if callable(self.labels) else self.labels
         treedef: PyTreeDef = jax.tree.structure(params)
         try:
@@ -63,22 +63,24 @@ def param_groups(
 
     Args:
       labels: a pytree of group names with the structure of the params, or a
-        function ``label_fn(params)`` returning one. (A callable is always
+        function `label_fn(params)` returning one. (A callable is always
         treated as a label function: wrap a callable pytree, such as an
-        equinox module, as ``lambda params: labels``.)
-      overrides: ``{group_name: {hyperparameter: value}}``. Any hyperparameter
+        equinox module, as `lambda params: labels`.)
+      overrides: `{group_name: {hyperparameter: value}}`. Any hyperparameter
         of the optimizer may differ per group.
 
-    Example::
+    For example:
 
-        def label_fn(params):
-            return jax.tree.map(lambda p: "no_decay" if p.ndim <= 1 else "default",
-                                params)
-        opt = fo.adamw(lr=1e-3, param_groups=fo.param_groups(
-            label_fn, {"no_decay": {"weight_decay": 0.0}}))
+    ```python
+    def label_fn(params):
+        return jax.tree.map(lambda p: "no_decay" if p.ndim <= 1 else "default",
+                            params)
+    opt = fo.adamw(lr=1e-3, param_groups=fo.param_groups(
+        label_fn, {"no_decay": {"weight_decay": 0.0}}))
+    ```
 
-    mirrors ``torch.optim.AdamW([{"params": decay}, {"params": no_decay,
-    "weight_decay": 0.0}], lr=1e-3)``.
+    mirrors `torch.optim.AdamW([{"params": decay}, {"params": no_decay,
+    "weight_decay": 0.0}], lr=1e-3)`.
     """
     if not isinstance(overrides, Mapping):
         raise TypeError(
@@ -97,7 +99,7 @@ def param_groups(
 def resolve(
     groups: ParamGroups | None, params: PyTree
 ) -> tuple[list[str], list[int | None]]:
-    """Return ``(group_names, group_of_leaf)``; non-trainable leaves map to None."""
+    """Return `(group_names, group_of_leaf)`; non-trainable leaves map to None."""
     leaves = jax.tree.leaves(params)
     if groups is None:
         return [DEFAULT], [0 if is_trainable(p) else None for p in leaves]

@@ -1,8 +1,8 @@
 """Reading and changing hyperparameters held in the state.
 
-Like ``[g["lr"] for g in optimizer.param_groups]`` and ``g["lr"] = x``. They
+Like `[g["lr"] for g in optimizer.param_groups]` and `g["lr"] = x`. They
 work on any pytree that contains funcopt optimizer states: the state itself,
-an ``optax.chain`` or ``optax.partition`` state, a :class:`~funcopt.TrainState`,
+an `optax.chain` or `optax.partition` state, a [`TrainState`][funcopt.TrainState],
 ...
 Values keep their array shape and dtype, so a jitted step never recompiles.
 """
@@ -24,7 +24,7 @@ def _is_opt_state(x: Any) -> bool:
 
 
 def _find_all(tree: Any) -> list:
-    """The funcopt optimizer states in ``tree``, in flattening order."""
+    """The funcopt optimizer states in `tree`, in flattening order."""
     found = [
         x for x in jax.tree.leaves(tree, is_leaf=_is_opt_state) if _is_opt_state(x)
     ]
@@ -43,22 +43,22 @@ def _hparam_arrays(states: list, name: str) -> list[jax.Array]:
 
 
 def get_hparam(state: Any, name: str) -> list[jax.Array]:
-    """One value of hyperparameter ``name`` per parameter group, in group order.
+    """One value of hyperparameter `name` per parameter group, in group order.
 
     Where the tree holds several funcopt optimizer states (e.g. an
-    ``optax.partition`` of Muon and AdamW), their groups are concatenated in
+    `optax.partition` of Muon and AdamW), their groups are concatenated in
     the tree's flattening order, like the groups of one torch optimizer.
     """
     return [v for arr in _hparam_arrays(_find_all(state), name) for v in arr]
 
 
 def set_hparam(state: Any, name: str, value: Any) -> Any:
-    """Return ``state`` with hyperparameter ``name`` set (a new state).
+    """Return `state` with hyperparameter `name` set (a new state).
 
-    ``value`` is one value for every group (a scalar, or a tuple such as
-    ``betas=(0.9, 0.99)``), or a Python ``list`` with one value per group (in
-    :func:`get_hparam` order). Works under ``jit``; the state's array shapes
-    and dtypes are kept.
+    `value` is one value for every group (a scalar, or a tuple such as
+    `betas=(0.9, 0.99)`), or a Python `list` with one value per group (in
+    [`get_hparam`][funcopt.get_hparam] order). Works under `jit`; the state's array
+    shapes and dtypes are kept.
     """
     current = _hparam_arrays(_find_all(state), name)
     n_groups = sum(arr.shape[0] for arr in current)
@@ -89,7 +89,7 @@ def set_hparam(state: Any, name: str, value: Any) -> Any:
 
 
 def _as_hparam(name: str, value: Any, current: jax.Array) -> jax.Array:
-    """``value`` (per-group list, or one value for all) shaped like ``current``."""
+    """`value` (per-group list, or one value for all) shaped like `current`."""
     value_shape = current.shape[1:]
     if isinstance(value, list):
         new = jnp.stack([jnp.asarray(v, current.dtype) for v in value])
@@ -106,10 +106,10 @@ def _as_hparam(name: str, value: Any, current: jax.Array) -> jax.Array:
 
 
 def get_lr(state: Any) -> list[jax.Array]:
-    """The learning rate of each parameter group (torch's ``get_last_lr()``)."""
+    """The learning rate of each parameter group (torch's `get_last_lr()`)."""
     return get_hparam(state, "lr")
 
 
 def set_lr(state: Any, lr: Any) -> Any:
-    """Return ``state`` with new learning rate(s): a scalar or a list per group."""
+    """Return `state` with new learning rate(s): a scalar or a list per group."""
     return set_hparam(state, "lr", lr)

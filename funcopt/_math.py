@@ -1,36 +1,36 @@
 """Numerics shared by the update rules, in torch's rounding.
 
-torch does its per-step scalar math (bias corrections, step sizes, ``1 - beta``)
+torch does its per-step scalar math (bias corrections, step sizes, `1 - beta`)
 in Python floats, i.e. float64, and casts the result to the tensor's dtype only
 where it meets a tensor. funcopt mirrors that: hyperparameters live in the
-state in the widest enabled float (float64 under ``jax_enable_x64``), scalar
-math stays there, and :func:`scalar` casts at the tensor boundary.
+state in the widest enabled float (float64 under `jax_enable_x64`), scalar
+math stays there, and `scalar` casts at the tensor boundary.
 
 **16-bit parameters** (bfloat16, float16). torch's CPU kernels compute every
 op in float32 "opmath" and round the result to the 16-bit dtype once per op.
-The helpers here mirror torch's ops one for one (:func:`mul`, :func:`div`,
-:func:`add_scalar`, :func:`add`, :func:`addcmul`, :func:`addcdiv`,
-:func:`lerp`, :func:`sqrt`, :func:`rsqrt`, :func:`reciprocal`, and
-:func:`tensor_op` for tensor-tensor ops): they read 16-bit operands with
-:func:`opmath`, take each Python-float scalar as torch's kernel for that op
+The helpers here mirror torch's ops one for one (`mul`, `div`,
+`add_scalar`, `add`, `addcmul`, `addcdiv`,
+`lerp`, `sqrt`, `rsqrt`, `reciprocal`, and
+`tensor_op` for tensor-tensor ops): they read 16-bit operands with
+`opmath`, take each Python-float scalar as torch's kernel for that op
 takes it, and round once at the end. Measured against torch 2.13 on CPU
 (AVX2 and AVX512 builds alike):
 
-* ``mul(s)``, ``div(s)`` (a true division), ``addcmul(value=)``,
-  ``addcdiv(value=)``, ``lerp(weight=)``, and a 0-dim float32 tensor
-  operand: the scalar as float32 (``float(s)``);
-* ``add(s)`` (a scalar addend, e.g. ``.add_(eps)``): the scalar rounded to
+* `mul(s)`, `div(s)` (a true division), `addcmul(value=)`,
+  `addcdiv(value=)`, `lerp(weight=)`, and a 0-dim float32 tensor
+  operand: the scalar as float32 (`float(s)`);
+* `add(s)` (a scalar addend, e.g. `.add_(eps)`): the scalar rounded to
   the tensor's dtype first;
-* ``add(other, alpha=s)``: ``alpha`` rounded to the tensor's dtype first;
-* ``addcmul`` and ``lerp`` fuse their multiply-add (one float32 rounding),
-  ``addcdiv`` computes ``x + (value*t1)/t2``;
-* ``add(other, alpha=)`` and ``rsqrt`` round differently in torch's
+* `add(other, alpha=s)`: `alpha` rounded to the tensor's dtype first;
+* `addcmul` and `lerp` fuse their multiply-add (one float32 rounding),
+  `addcdiv` computes `x + (value*t1)/t2`;
+* `add(other, alpha=)` and `rsqrt` round differently in torch's
   vectorised loop and in its scalar tail; both are mirrored, element by
-  element (:func:`add`). Where the vectorised loop ends depends on the build
+  element (`add`). Where the vectorised loop ends depends on the build
   torch ran: blocks of 32 elements on x86 with AVX2 or AVX-512, no vectorised
-  loop at all under ``ATEN_CPU_CAPABILITY=default``. funcopt follows
-  :func:`torch_cpu_block` (32 unless set);
-  ``funcopt.torch_interop.measure_torch_cpu_block()`` measures it.
+  loop at all under `ATEN_CPU_CAPABILITY=default`. funcopt follows
+  [`torch_cpu_block`][funcopt.precision.torch_cpu_block] (32 unless set);
+  `funcopt.torch_interop.measure_torch_cpu_block()` measures it.
 
 For float32 and float64 every helper is the expression funcopt always used:
 the dtype checks run at trace time, so those paths compile to the same
@@ -60,16 +60,17 @@ _torch_cpu: dict[str, int | None] = {"block": 32}
 def torch_cpu_block() -> int | None:
     """Elements per vectorised block of the torch CPU loop funcopt mirrors.
 
-    32 (the default) is torch on x86 with AVX2 or AVX-512; ``None`` is a
-    torch without a vectorised loop (``ATEN_CPU_CAPABILITY=default``), where
+    32 (the default) is torch on x86 with AVX2 or AVX-512; `None` is a
+    torch without a vectorised loop (`ATEN_CPU_CAPABILITY=default`), where
     every element takes the scalar loop. Only 16-bit parameters see it.
     """
     return _torch_cpu["block"]
 
 
 def set_torch_cpu_block(block: int | None) -> None:
-    """Mirror a torch CPU loop with ``block``-element vectorised blocks
-    (``None``: scalar loop only); see :func:`torch_cpu_block`.
+    """Mirror a torch CPU loop with `block`-element vectorised blocks
+    (`None`: scalar loop only); see
+    [`torch_cpu_block`][funcopt.precision.torch_cpu_block].
 
     Read when a step is traced: set it before the first step (a jitted step
     already compiled keeps the block it was traced with).
@@ -87,7 +88,7 @@ def widest_float() -> jnp.dtype:
 
 
 def is_reduced(x) -> bool:
-    """Whether ``x`` is bfloat16 or float16 (decided at trace time)."""
+    """Whether `x` is bfloat16 or float16 (decided at trace time)."""
     return jnp.dtype(x.dtype) in _REDUCED
 
 
@@ -95,10 +96,10 @@ def is_reduced(x) -> bool:
 def _upcast_opaque(h: jax.Array) -> jax.Array:
     """A 16-bit float array as float32, exactly, through integer ops.
 
-    ``h.astype(float32)`` lets the compilers drop the rounding that made
-    ``h`` (both measured on XLA CPU): the bf16 normalization pass hands a
-    bf16 op's float32 result straight to a ``convert`` to float32 (excess
-    precision), and LLVM narrows float16 ``fpext(fptrunc(a * b)) + c`` to
+    `h.astype(float32)` lets the compilers drop the rounding that made
+    `h` (both measured on XLA CPU): the bf16 normalization pass hands a
+    bf16 op's float32 result straight to a `convert` to float32 (excess
+    precision), and LLVM narrows float16 `fpext(fptrunc(a * b)) + c` to
     half ops and fuses them into one multiply-add. Moving the bits by hand
     keeps the rounding. For bfloat16 it is what a convert does anyway (a
     shift); the float16 version costs more and is only used where needed.
@@ -130,7 +131,7 @@ def _upcast_opaque_jvp(primals, tangents):
 def opmath(x: jax.Array) -> jax.Array:
     """torch's CPU "opmath" operand: 16-bit floats as float32, the rest as is.
 
-    A bfloat16 value is read through its bits (:func:`_upcast_opaque`), so
+    A bfloat16 value is read through its bits (`_upcast_opaque`), so
     that XLA cannot skip the rounding that produced it; float16 (which XLA
     CPU does not normalize) is converted.
     """
@@ -142,22 +143,22 @@ def opmath(x: jax.Array) -> jax.Array:
 
 
 def tensor_op(fn, *xs: jax.Array) -> jax.Array:
-    """One torch elementwise op on tensors of one dtype (``a * b``, ``a / b``).
+    """One torch elementwise op on tensors of one dtype (`a * b`, `a / b`).
 
-    ``fn`` runs on the opmath operands and the result is rounded once.
+    `fn` runs on the opmath operands and the result is rounded once.
     """
     return _round(fn(*(opmath(x) for x in xs)), xs[0])
 
 
 def _round(y: jax.Array, like: jax.Array) -> jax.Array:
-    """An opmath result rounded once to ``like``'s dtype (a no-op otherwise)."""
+    """An opmath result rounded once to `like`'s dtype (a no-op otherwise)."""
     return y.astype(like.dtype) if is_reduced(like) else y
 
 
 def scalar(x: jax.Array, like: jax.Array) -> jax.Array:
-    """Cast a widest-float scalar to ``like``'s dtype, as torch does for ``alpha=``.
+    """Cast a widest-float scalar to `like`'s dtype, as torch does for `alpha=`.
 
-    To a 16-bit dtype via float32, as c10's ``BFloat16(float)`` from a double.
+    To a 16-bit dtype via float32, as c10's `BFloat16(float)` from a double.
     """
     if is_reduced(like):
         return jnp.asarray(x).astype(jnp.float32).astype(like.dtype)
@@ -170,30 +171,30 @@ def _f32(x) -> jax.Array:
 
 
 def op_scalar(x, like: jax.Array) -> jax.Array:
-    """A Python-float scalar as torch's kernel for ``like`` takes it.
+    """A Python-float scalar as torch's kernel for `like` takes it.
 
-    float32 for a 16-bit tensor (its opmath type), ``like``'s dtype otherwise.
+    float32 for a 16-bit tensor (its opmath type), `like`'s dtype otherwise.
     """
     return _f32(x) if is_reduced(like) else scalar(x, like)
 
 
 def _in_dtype(x, like: jax.Array) -> jax.Array:
-    """A Python-float scalar rounded to ``like``'s 16-bit dtype, as float32."""
+    """A Python-float scalar rounded to `like`'s 16-bit dtype, as float32."""
     return _upcast_opaque(scalar(x, like))
 
 
 def mul(x: jax.Array, s) -> jax.Array:
-    """``x.mul(s)`` for a Python-float (or 0-dim float32 tensor) ``s``."""
+    """`x.mul(s)` for a Python-float (or 0-dim float32 tensor) `s`."""
     return _round(opmath(x) * op_scalar(s, x), x)
 
 
 def div(x: jax.Array, s) -> jax.Array:
-    """``x.div(s)`` for a Python-float ``s``."""
+    """`x.div(s)` for a Python-float `s`."""
     return _round(opmath(x) / op_scalar(s, x), x)
 
 
 def add_scalar(x: jax.Array, s) -> jax.Array:
-    """``x.add(s)`` for a Python-float ``s`` (e.g. ``.add_(eps)``).
+    """`x.add(s)` for a Python-float `s` (e.g. `.add_(eps)`).
 
     The scalar meets the tensor in the tensor's dtype: rounded to 16 bits
     first for a 16-bit tensor.
@@ -204,20 +205,20 @@ def add_scalar(x: jax.Array, s) -> jax.Array:
 
 
 def sqrt(x: jax.Array) -> jax.Array:
-    """``x.sqrt()``: in opmath, rounded once."""
+    """`x.sqrt()`: in opmath, rounded once."""
     return _round(jnp.sqrt(opmath(x)), x)
 
 
 def reciprocal(x: jax.Array) -> jax.Array:
-    """``x.reciprocal()`` (what ``python_float / tensor`` computes first)."""
+    """`x.reciprocal()` (what `python_float / tensor` computes first)."""
     return _round(1 / opmath(x), x)
 
 
 def lerp(start: jax.Array, end: jax.Array, weight: jax.Array) -> jax.Array:
-    """``torch.lerp(start, end, weight)`` with torch's two-branch rounding.
+    """`torch.lerp(start, end, weight)` with torch's two-branch rounding.
 
-    ``start + w*(end - start)`` for ``|w| < 0.5``, else
-    ``end - (end - start)*(1 - w)``; ``weight`` is cast to the tensors' dtype
+    `start + w*(end - start)` for `|w| < 0.5`, else
+    `end - (end - start)*(1 - w)`; `weight` is cast to the tensors' dtype
     first, as torch's CPU kernel does (float32 for 16-bit tensors, whose
     branches run in float32 and round once).
     """
@@ -228,16 +229,16 @@ def lerp(start: jax.Array, end: jax.Array, weight: jax.Array) -> jax.Array:
 
 
 def addcmul(x: jax.Array, t1: jax.Array, t2: jax.Array, value) -> jax.Array:
-    """``x.addcmul(t1, t2, value=value)``: ``x + value*t1*t2``."""
+    """`x.addcmul(t1, t2, value=value)`: `x + value*t1*t2`."""
     v = op_scalar(value, x)
     return _round(opmath(x) + v * opmath(t1) * opmath(t2), x)
 
 
 def addcdiv(x: jax.Array, t1: jax.Array, t2: jax.Array, value) -> jax.Array:
-    """``x.addcdiv(t1, t2, value=value)``: ``x + value*(t1/t2)``.
+    """`x.addcdiv(t1, t2, value=value)`: `x + value*(t1/t2)`.
 
-    For 16-bit tensors torch's kernel computes ``x + value*t1/t2`` left to
-    right in float32, i.e. ``(value*t1)/t2``.
+    For 16-bit tensors torch's kernel computes `x + value*t1/t2` left to
+    right in float32, i.e. `(value*t1)/t2`.
     """
     if not is_reduced(x):
         return x + scalar(value, x) * (t1 / t2)
@@ -256,10 +257,10 @@ def packed_leaves(
 ):
     """While a rule is traced on packed leaves: where each leaf's tail lies.
 
-    The multi-tensor path runs a rule on one buffer of ``shape`` holding
-    leaves of ``sizes`` elements; ``mask()`` is the (traced) boolean array of
-    ``shape`` that marks the last :func:`scalar_loop_elements` of every leaf.
-    Without this context :func:`add` takes each array as one leaf.
+    The multi-tensor path runs a rule on one buffer of `shape` holding
+    leaves of `sizes` elements; `mask()` is the (traced) boolean array of
+    `shape` that marks the last `scalar_loop_elements` of every leaf.
+    Without this context `add` takes each array as one leaf.
     """
     old = getattr(_layout, "packed", None)
     _layout.packed = (tuple(shape), tuple(sizes), mask)
@@ -286,14 +287,14 @@ def _scalar_loop(shape: tuple[int, ...]) -> bool | jax.Array:
 
 
 def add(x: jax.Array, other: jax.Array, alpha) -> jax.Array:
-    """``x.add(other, alpha=alpha)``: ``x + alpha*other``.
+    """`x.add(other, alpha=alpha)`: `x + alpha*other`.
 
-    For 16-bit tensors torch rounds ``alpha`` to the tensor's dtype, and its
+    For 16-bit tensors torch rounds `alpha` to the tensor's dtype, and its
     CPU loop rounds in two ways depending on where an element sits: the
-    vectorised blocks (:func:`torch_cpu_block` elements) round ``x + alpha*other``
-    once; the scalar loop over the remaining elements rounds ``alpha*other``
-    to 16 bits first. Both are mirrored, element by element: a leaf is one
-    contiguous loop, whose last :func:`scalar_loop_elements` run scalar
+    vectorised blocks ([`torch_cpu_block`][funcopt.precision.torch_cpu_block] elements)
+    round `x + alpha*other` once; the scalar loop over the remaining elements rounds
+    `alpha*other` to 16 bits first. Both are mirrored, element by element: a leaf is one
+    contiguous loop, whose last `scalar_loop_elements` run scalar
     (torch splits a leaf of over 32768 elements between its threads, each
     chunk with its own scalar tail; funcopt models one chunk, i.e. torch
     with one thread).
@@ -312,10 +313,10 @@ def add(x: jax.Array, other: jax.Array, alpha) -> jax.Array:
 
 
 def rsqrt(x: jax.Array) -> jax.Array:
-    """``x.rsqrt()``: ``1/sqrt(x)``.
+    """`x.rsqrt()`: `1/sqrt(x)`.
 
     For 16-bit tensors torch's vectorised loop rounds once; its scalar loop
-    (see :func:`add`) rounds the square root to 16 bits first.
+    (see `add`) rounds the square root to 16 bits first.
     """
     if not is_reduced(x):
         return 1 / jnp.sqrt(x)
@@ -327,8 +328,9 @@ def rsqrt(x: jax.Array) -> jax.Array:
 
 
 def _by_loop(vectorised, scalar_loop, x: jax.Array, *more: jax.Array) -> jax.Array:
-    """``vectorised`` or ``scalar_loop`` of ``(x, *more)`` per element, as
-    torch's CPU loop (the arrays all of ``x``'s shape)."""
+    """`vectorised` or `scalar_loop` of `(x, *more)` per element, as
+    torch's CPU loop (the arrays all of `x`'s shape).
+    """
     shape = jnp.shape(x)
     packed = getattr(_layout, "packed", None)
     if packed is not None:
@@ -350,10 +352,10 @@ def _by_loop(vectorised, scalar_loop, x: jax.Array, *more: jax.Array) -> jax.Arr
 
 
 def sqrt_nonnegative(x: jax.Array) -> jax.Array:
-    """``sqrt(x)`` for ``x`` that is >= 0 by construction (a sum of squares).
+    """`sqrt(x)` for `x` that is >= 0 by construction (a sum of squares).
 
-    The same value as ``jnp.sqrt`` (NaN stays NaN, ``sqrt(+-0) = +-0``), but a
-    zero gradient at 0 instead of ``inf * 0 = NaN``, so differentiating
+    The same value as `jnp.sqrt` (NaN stays NaN, `sqrt(+-0) = +-0`), but a
+    zero gradient at 0 instead of `inf * 0 = NaN`, so differentiating
     through a step (e.g. w.r.t. the learning rate) stays finite when some
     gradient entries are exactly zero.
     """

@@ -1,31 +1,31 @@
 """The multi-tensor execution path: many leaves, one fused kernel.
 
-An *elementwise* rule (``make_optimizer(..., elementwise=True)``: every
+An *elementwise* rule (`make_optimizer(..., elementwise=True)`: every
 output element depends only on the same element of the inputs, plus
 per-parameter scalars) gives the same numbers whether it runs on one leaf or
 on many leaves laid end to end. This module runs it on *buckets*: all leaves
 of one parameter group and one (real) dtype, packed into one 2-D buffer
-``[n_blocks, width]``. Each leaf owns whole rows (its tail row padded with
-zeros), so a per-parameter scalar (its step count, its ``has_grad`` flag, a
-0-dim state buffer such as NAdam's ``mu_product``) is one value per row,
-shaped ``[n_blocks, 1]``: it broadcasts against the buffer with no
-per-element index, and the rule's scalar math (``beta1 ** step``) runs once
+`[n_blocks, width]`. Each leaf owns whole rows (its tail row padded with
+zeros), so a per-parameter scalar (its step count, its `has_grad` flag, a
+0-dim state buffer such as NAdam's `mu_product`) is one value per row,
+shaped `[n_blocks, 1]`: it broadcasts against the buffer with no
+per-element index, and the rule's scalar math (`beta1 ** step`) runs once
 per row, vectorised over leaves, never in a Python loop of per-leaf ops.
 The group's hyperparameters are the bucket's plain scalars, exactly as in
 the per-leaf path, so the rule sees the same arguments, only wider.
 
-``width`` is picked per bucket to trade padding against rows (the cost model
-in :func:`choose_width`): 2,000 leaves of 1,000 elements become
-``[2000, 1000]``, one leaf of 10M becomes ``[125, 80000]``.
+`width` is picked per bucket to trade padding against rows (the cost model
+in [`choose_width`][funcopt.flat.choose_width]): 2,000 leaves of 1,000 elements become
+`[2000, 1000]`, one leaf of 10M becomes `[125, 80000]`.
 
 Two ways in:
 
-* :mod:`funcopt.flat`: params, grads and state *live* packed
-  (:class:`FlatParams`); the model reads views (``layout.unpack``) and the
-  optimizer step is one kernel per bucket with no packing per step;
-* a plain pytree through ``opt.step``/``TrainState``: leaves are packed,
+* [`funcopt.flat`][funcopt.flat]: params, grads and state *live* packed
+  ([`FlatParams`][funcopt.flat.FlatParams]); the model reads views (`layout.unpack`) and
+  the optimizer step is one kernel per bucket with no packing per step;
+* a plain pytree through `opt.step`/`TrainState`: leaves are packed,
   updated and split per step, used where that is faster than one kernel per
-  leaf (many small leaves; see :func:`set_policy`).
+  leaf (many small leaves; see [`set_policy`][funcopt.flat.set_policy]).
 """
 
 from __future__ import annotations
@@ -54,32 +54,32 @@ _policy = threading.local()
 
 
 def get_policy() -> str:
-    """``"auto"``, ``"always"`` or ``"never"`` (see :func:`set_policy`)."""
+    """`"auto"`, `"always"` or `"never"` (see `set_policy`)."""
     return getattr(_policy, "value", "auto")
 
 
 def set_policy(value: str) -> None:
-    """When ``opt.step`` on a plain pytree packs leaves into buckets.
+    """When `opt.step` on a plain pytree packs leaves into buckets.
 
-    ``"auto"`` (default): buckets of :data:`AUTO_MIN_LEAVES` to
-    :data:`AUTO_MAX_LEAVES` leaves averaging at most
-    :data:`AUTO_MAX_MEAN_SIZE` elements; ``"always"``: every bucket of an
-    elementwise optimizer (the parity tests run this); ``"never"``: the
-    per-leaf path. :class:`funcopt.flat.FlatParams` always take the
+    `"auto"` (default): buckets of `AUTO_MIN_LEAVES` to
+    `AUTO_MAX_LEAVES` leaves averaging at most
+    `AUTO_MAX_MEAN_SIZE` elements; `"always"`: every bucket of an
+    elementwise optimizer (the parity tests run this); `"never"`: the
+    per-leaf path. [`funcopt.flat.FlatParams`][funcopt.flat.FlatParams] always take the
     multi-tensor path. Read at trace time.
 
     Packing a tree per step costs a concatenate and a split per buffer, and
     XLA CPU compiles one kernel per piece of the split (measured: 470 s for
     Adam on 2,000 leaves). Slicing at runtime offsets
-    (:func:`funcopt._compile.runtime_ints`) compiles one kernel per piece
+    (`funcopt._compile.runtime_ints`) compiles one kernel per piece
     size instead, but measured for Adam on 1,000 float32 leaves of 1,000
     (this 2-core CPU, jax 0.10.2) it still loses: compile 11.8 s packed vs
     16.2 s per leaf (optax 5.0 s), a step of 21.0 ms packed vs 12.1 ms per
     leaf (optax 10.0 ms), since XLA recomputes the rule inside every piece's
     slice and the copies in and out double the memory traffic; and under
-    ``vmap`` runtime offsets turn slices into gathers. So the split stays
-    static and ``"auto"`` does not pack. For many leaves, keep them packed
-    with :mod:`funcopt.flat`, which compiles in 0.2 s.
+    `vmap` runtime offsets turn slices into gathers. So the split stays
+    static and `"auto"` does not pack. For many leaves, keep them packed
+    with [`funcopt.flat`][funcopt.flat], which compiles in 0.2 s.
     """
     if value not in ("auto", "always", "never"):
         raise ValueError(f"policy must be 'auto', 'always' or 'never', got {value!r}")
@@ -88,7 +88,7 @@ def set_policy(value: str) -> None:
 
 @contextlib.contextmanager
 def policy(value: str):
-    """``with policy("always"): ...`` sets :func:`set_policy` for a block."""
+    """`with policy("always"): ...` sets `set_policy` for a block."""
     old = get_policy()
     set_policy(value)
     try:
@@ -128,7 +128,7 @@ def _candidate_widths(sizes: np.ndarray) -> list[int]:
 
 
 def choose_width(sizes: Sequence[int]) -> int:
-    """Row width minimising ``padded elements + _ROW_COST * rows``."""
+    """Row width minimising `padded elements + _ROW_COST * rows`."""
     arr = np.asarray(sizes, dtype=np.int64)
     best, best_cost = 1, None
     for w in _candidate_widths(arr):
@@ -141,18 +141,18 @@ def choose_width(sizes: Sequence[int]) -> int:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Bucket:
-    """Leaves of one group and one real dtype, packed as ``[rows, width]``.
+    """Leaves of one group and one real dtype, packed as `[rows, width]`.
 
     Attributes:
       group: the parameter group index.
       dtype: the buffer's (real) dtype; complex leaves are stored as their
-        real views (``[..., 2]``, torch's ``view_as_real``).
+        real views (`[..., 2]`, torch's `view_as_real`).
       leaves: indices of the bucket's leaves among all leaves of the tree.
       sizes: each leaf's number of real elements.
       width: the row width.
-      first_row: each leaf's first row; ``rows[i]`` rows each (at least one,
+      first_row: each leaf's first row; `rows[i]` rows each (at least one,
         so a 0-size leaf still has its per-parameter scalars).
-      row_leaf: ``int32[n_rows]``, the local leaf index of every row.
+      row_leaf: `int32[n_rows]`, the local leaf index of every row.
     """
 
     group: int
@@ -173,18 +173,18 @@ class Bucket:
         return self.n_rows == len(self.leaves)
 
     def expand(self, per_leaf: jax.Array) -> jax.Array:
-        """``[n_leaves, ...]`` per-leaf values -> ``[n_rows, 1, ...]`` per row."""
+        """`[n_leaves, ...]` per-leaf values -> `[n_rows, 1, ...]` per row."""
         per_row = per_leaf if self.one_row_per_leaf else per_leaf[self.row_leaf]
         return jnp.expand_dims(per_row, 1)
 
     def first_of_rows(self, per_row: jax.Array) -> jax.Array:
-        """``[n_rows]`` -> ``[n_leaves]``: each leaf's value (its first row)."""
+        """`[n_rows]` -> `[n_leaves]`: each leaf's value (its first row)."""
         if self.one_row_per_leaf:
             return per_row
         return per_row[np.asarray(self.first_row, dtype=np.int32)]
 
     def pack(self, real_leaves: Sequence[jax.Array]) -> jax.Array:
-        """Real leaves (in bucket order) -> ``[n_rows, width]`` (zero padded)."""
+        """Real leaves (in bucket order) -> `[n_rows, width]` (zero padded)."""
         parts = []
         for leaf, size, rows in zip(real_leaves, self.sizes, self.rows):
             parts.append(jnp.ravel(leaf).astype(self.dtype))
@@ -195,7 +195,7 @@ class Bucket:
         return flat.reshape(self.n_rows, self.width)
 
     def split(self, buffer: jax.Array, shapes: Sequence[tuple[int, ...]]) -> list:
-        """``[n_rows, width]`` -> real leaves of ``shapes`` (one ``split``)."""
+        """`[n_rows, width]` -> real leaves of `shapes` (one `split`)."""
         flat = buffer.reshape(-1)
         cuts: list[int] = []
         keep: list[int] = []
@@ -209,8 +209,9 @@ class Bucket:
         return [pieces[k].reshape(s) for k, s in zip(keep, shapes)]
 
     def scalar_loop_mask(self) -> jax.Array:
-        """``bool[n_rows, width]``: the elements torch's CPU loop over their
-        own leaf runs in its scalar tail (:func:`funcopt._math.add`)."""
+        """`bool[n_rows, width]`: the elements torch's CPU loop over their
+        own leaf runs in its scalar tail (`funcopt._math.add`).
+        """
         start = np.empty(self.n_rows, np.int64)
         for first, rows, size in zip(self.first_row, self.rows, self.sizes):
             tail = size - _math.scalar_loop_elements(size)
@@ -220,7 +221,7 @@ class Bucket:
         return col >= jnp.asarray(start)[:, None]
 
     def pack_scalars(self, values: Sequence[jax.Array]) -> jax.Array:
-        """Per-leaf 0-dim slots -> ``[n_rows]`` (one value per row)."""
+        """Per-leaf 0-dim slots -> `[n_rows]` (one value per row)."""
         per_leaf = jnp.stack([jnp.asarray(v) for v in values])
         return per_leaf if self.one_row_per_leaf else per_leaf[self.row_leaf]
 
@@ -238,7 +239,7 @@ def real_dtype(leaf) -> np.dtype:
 def make_buckets(
     leaves: Sequence[Any], group_of: Sequence[int | None], select: Sequence[int]
 ) -> list[Bucket]:
-    """Buckets of the leaves ``select`` (indices), by (group, real dtype)."""
+    """Buckets of the leaves `select` (indices), by (group, real dtype)."""
     by_key: dict[tuple[int, str], list[int]] = {}
     for i in select:
         # the callers select only leaves that have a group
@@ -275,12 +276,12 @@ def run_bucket(definition, bucket, p, g, slots, steps, hparams, options, mask):
     """One rule call on packed buffers.
 
     Args:
-      p, g: ``[n_rows, width]``; slots: ``{name: [n_rows, width]}``, or
-      ``[n_rows]`` for a 0-dim (per-parameter scalar) buffer;
-      steps: ``int32[n_leaves]`` step counts *before* this step;
+      p, g: `[n_rows, width]`; slots: `{name: [n_rows, width]}`, or
+      `[n_rows]` for a 0-dim (per-parameter scalar) buffer;
+      steps: `int32[n_leaves]` step counts *before* this step;
       hparams: the group's hyperparameters (scalars, as per leaf);
-      mask: ``bool[n_leaves]`` (traced ``has_grad``) or None.
-    Returns ``(new_p, new_slots)``, masked rows unchanged.
+      mask: `bool[n_leaves]` (traced `has_grad`) or None.
+    Returns `(new_p, new_slots)`, masked rows unchanged.
     """
     step = bucket.expand(steps + 1).astype(widest_float())
     wide = {k: v[:, None] if v.ndim == 1 else v for k, v in slots.items()}
@@ -308,7 +309,7 @@ def _auto_selects(leaves: Sequence[Any], idx: Sequence[int]) -> bool:
 def apply_tree(
     definition, leaves, grad_leaves, group_of, slot_leaves, state, options, mask
 ):
-    """The tree-mode hook of ``_core._apply``: ``{leaf: (new_p, slots, inc)}``.
+    """The tree-mode hook of `_core._apply`: `{leaf: (new_p, slots, inc)}`.
 
     Packs the leaves of every bucket the policy selects, runs the rule once
     per bucket and splits the results back into leaves. Leaves it leaves out
@@ -370,7 +371,7 @@ def apply_tree(
 
 
 def _slot_kinds(slot_leaves, leaves, idx) -> dict[str, str] | None:
-    """``{slot: "array" | "scalar"}`` for a bucket, None if not uniform."""
+    """`{slot: "array" | "scalar"}` for a bucket, None if not uniform."""
     kinds = {}
     for k, per_leaf in slot_leaves.items():
         own = [per_leaf[i] for i in idx]
@@ -397,7 +398,7 @@ class Layout:
     """Where every leaf of a params tree lives in the packed buffers.
 
     Static (hashable by identity): build it once with
-    :func:`funcopt.flat.layout` and keep it; it is the ``FlatParams``'s
+    [`funcopt.flat.layout`][funcopt.flat.layout] and keep it; it is the `FlatParams`'s
     pytree metadata.
     """
 
@@ -417,7 +418,7 @@ class Layout:
         return len(self.shapes)
 
     def pack(self, params) -> FlatParams:
-        """A params tree -> :class:`FlatParams` (copies, once)."""
+        """A params tree -> [`FlatParams`][funcopt.flat.FlatParams] (copies, once)."""
         from ._core import _as_real
 
         leaves = self.treedef.flatten_up_to(params)
@@ -429,7 +430,7 @@ class Layout:
         return FlatParams(buffers, rest, self)
 
     def unpack(self, flat: FlatParams):
-        """:class:`FlatParams` -> the params tree: views (slices) under ``jit``."""
+        """`FlatParams` -> the params tree: views (slices) under `jit`."""
         leaves: list[Any] = [None] * self.n_leaves
         for b, buf in zip(self.buckets, flat.buffers):
             shapes = [real_shape_of(self.shapes[i], self.dtypes[i]) for i in b.leaves]
@@ -440,10 +441,10 @@ class Layout:
         return self.treedef.unflatten(leaves)
 
     def unpack_slots(self, flat: FlatParams):
-        """A state buffer tree (``state.slots[name]``) -> per-leaf tree.
+        """A state buffer tree (`state.slots[name]`) -> per-leaf tree.
 
-        0-dim state buffers (``[n_rows]`` in the flat state) become one
-        0-dim array per leaf; leaves without that buffer get ``None``.
+        0-dim state buffers (`[n_rows]` in the flat state) become one
+        0-dim array per leaf; leaves without that buffer get `None`.
         """
         leaves: list[Any] = [None] * self.n_leaves
         for b, buf in zip(self.buckets, flat.buffers):
@@ -460,7 +461,7 @@ class Layout:
         return self.treedef.unflatten(leaves)
 
     def unpack_state(self, state):
-        """A flat ``OptState`` -> the per-leaf ``OptState`` of the same step."""
+        """A flat `OptState` -> the per-leaf `OptState` of the same step."""
         from ._core import OptState
 
         return OptState(
@@ -482,10 +483,10 @@ def _to_complex(x, dtype):
 
 @jax.tree_util.register_pytree_node_class
 class FlatParams:
-    """Params (or grads, or a state buffer) packed by a :class:`Layout`.
+    """Params (or grads, or a state buffer) packed by a [`Layout`][funcopt.flat.Layout].
 
-    Pytree children: one ``[n_rows, width]`` buffer per bucket, then the
-    tree's non-trainable leaves (``rest``) as they are.
+    Pytree children: one `[n_rows, width]` buffer per bucket, then the
+    tree's non-trainable leaves (`rest`) as they are.
     """
 
     def __init__(self, buffers, rest, layout: Layout):
@@ -502,7 +503,7 @@ class FlatParams:
         return cls(buffers, rest, layout)
 
     def unpack(self):
-        """``self.layout.unpack(self)``: the params tree (views under jit)."""
+        """`self.layout.unpack(self)`: the params tree (views under jit)."""
         return self.layout.unpack(self)
 
     def __repr__(self) -> str:
@@ -547,7 +548,7 @@ def _check_layout(definition, flat: FlatParams) -> Layout:
 
 
 def init_flat(definition, flat: FlatParams):
-    """``opt.init(flat_params)``: the state, its buffers packed like params."""
+    """`opt.init(flat_params)`: the state, its buffers packed like params."""
     from ._core import OptState
 
     layout = _check_layout(definition, flat)
@@ -579,8 +580,8 @@ def init_flat(definition, flat: FlatParams):
 
 
 def _flat_masks(layout: Layout, flat: FlatParams, has_grad):
-    """Per-bucket ``bool[n_leaves_in_bucket]`` from ``has_grad``: a
-    ``FlatParams`` of flags (one per bucket) or a tree of the params'
+    """Per-bucket `bool[n_leaves_in_bucket]` from `has_grad`: a
+    `FlatParams` of flags (one per bucket) or a tree of the params'
     structure (one flag per leaf)."""
     if has_grad is None:
         return None
@@ -598,7 +599,7 @@ def _flat_masks(layout: Layout, flat: FlatParams, has_grad):
 
 
 def apply_flat(definition, flat: FlatParams, grads, state, has_grad):
-    """``opt.step(flat_params, flat_grads, state)``: one rule call per bucket."""
+    """`opt.step(flat_params, flat_grads, state)`: one rule call per bucket."""
     from ._core import OptState, _check_state
 
     layout = _check_layout(definition, flat)

@@ -1,7 +1,7 @@
 """Pytree plumbing: which leaves are trainable, and gradient-tree checks.
 
 A leaf is *trainable* when it is a floating-point (or complex) array: the JAX
-counterpart of a torch parameter with ``requires_grad=True``. Every other leaf
+counterpart of a torch parameter with `requires_grad=True`. Every other leaf
 (integer arrays, booleans, PRNG keys, Python scalars) is carried along untouched,
 never gets optimizer state and must have no gradient.
 """
@@ -20,7 +20,7 @@ PyTree = Any
 
 
 def is_trainable(leaf: Any) -> bool:
-    """True for floating-point and complex arrays (torch's ``requires_grad`` leaves)."""
+    """True for floating-point and complex arrays (torch's `requires_grad` leaves)."""
     dtype = getattr(leaf, "dtype", None)
     if dtype is None:
         return False
@@ -32,7 +32,7 @@ def _is_float0(x: Any) -> bool:
 
 
 def leaf_paths(tree: PyTree) -> list[str]:
-    """``jax.tree_util.keystr`` of every leaf, in flattening order."""
+    """`jax.tree_util.keystr` of every leaf, in flattening order."""
     return [
         jax.tree_util.keystr(path)
         for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -45,7 +45,7 @@ def _is_leaf_like(x: Any) -> bool:
 
 
 def describe_structure_mismatch(params: PyTree, other: PyTree, name: str) -> str:
-    """Which key paths ``other`` lacks or adds compared to ``params``."""
+    """Which key paths `other` lacks or adds compared to `params`."""
     param_paths = leaf_paths(params)
     other_paths = [
         jax.tree_util.keystr(path)
@@ -74,11 +74,11 @@ def _describe_structure_mismatch(params: PyTree, grads: PyTree) -> str:
 
 
 def flatten_grads(params: PyTree, grads: PyTree) -> tuple[list, list]:
-    """Flatten ``params`` and ``grads`` leaf by leaf and check that they match.
+    """Flatten `params` and `grads` leaf by leaf and check that they match.
 
-    Returns ``(param_leaves, grad_leaves)``; a grad leaf is ``None`` where the
-    parameter has no gradient (torch's ``p.grad is None``) or is not trainable.
-    Raises ``TypeError`` on a structure or dtype mismatch and ``ValueError`` on a
+    Returns `(param_leaves, grad_leaves)`; a grad leaf is `None` where the
+    parameter has no gradient (torch's `p.grad is None`) or is not trainable.
+    Raises `TypeError` on a structure or dtype mismatch and `ValueError` on a
     shape mismatch, naming the key path of the offending leaf.
     """
     treedef: PyTreeDef

@@ -1,8 +1,8 @@
 """Argument checks that raise torch's exceptions with torch's messages.
 
-Each helper mirrors one check of a torch optimizer's ``__init__``; the
+Each helper mirrors one check of a torch optimizer's `__init__`; the
 comparison is written the way torch writes it, because it decides how NaN is
-treated (``lr < 0`` lets NaN through, ``not 0 <= lr`` does not).
+treated (`lr < 0` lets NaN through, `not 0 <= lr` does not).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def traced_message(name: str, key: str) -> str:
 
 
 def check_not_traced(name: str, values: Mapping[str, Any]) -> None:
-    """``TypeError`` naming the first argument that is a JAX tracer."""
+    """`TypeError` naming the first argument that is a JAX tracer."""
     for key, value in values.items():
         if _is_traced(value):
             raise TypeError(traced_message(name, key))
@@ -50,13 +50,13 @@ def check_not_traced(name: str, values: Mapping[str, Any]) -> None:
 
 @contextlib.contextmanager
 def torch_semantics(name: str, values: Mapping[str, Any]) -> Iterator[None]:
-    """Run torch-style checks on ``values`` with torch's exception types.
+    """Run torch-style checks on `values` with torch's exception types.
 
-    torch's ``if not 0.0 <= x`` on a multi-element tensor raises
-    ``RuntimeError("Boolean value of Tensor with more than one value is
-    ambiguous")``, where numpy and JAX raise ``ValueError``; a JAX tracer
-    cannot be compared at all (``jax.errors.TracerBoolConversionError``):
-    it becomes a ``TypeError`` naming the argument.
+    torch's `if not 0.0 <= x` on a multi-element tensor raises
+    `RuntimeError("Boolean value of Tensor with more than one value is
+    ambiguous")`, where numpy and JAX raise `ValueError`; a JAX tracer
+    cannot be compared at all (`jax.errors.TracerBoolConversionError`):
+    it becomes a `TypeError` naming the argument.
     """
     check_not_traced(name, values)
     try:
@@ -68,8 +68,9 @@ def torch_semantics(name: str, values: Mapping[str, Any]) -> Iterator[None]:
 
 
 def torch_checks(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """Decorate ``validate(group)`` of optimizer ``name`` with
-    :func:`torch_semantics`."""
+    """Decorate `validate(group)` of optimizer `name` with
+    `torch_semantics`.
+    """
 
     def decorate(validate: Callable[..., None]) -> Callable[..., None]:
         @functools.wraps(validate)
@@ -94,7 +95,7 @@ def check_hyperparameter(name: str, key: str, value: Any) -> None:
     """A numeric hyperparameter: a real number, a real array, or a tuple of them.
 
     Hyperparameters live in the state as float arrays; anything else (a
-    string, ``None``, a complex number) raises ``TypeError`` here, when the
+    string, `None`, a complex number) raises `TypeError` here, when the
     optimizer is made, naming the argument (torch raises at its first step).
     """
     items = value if isinstance(value, tuple | list) else (value,)
@@ -139,8 +140,9 @@ TUPLE_HYPERPARAMETERS: dict[str, dict[str, int]] = {
 
 def check_hyperparameter_shape(name: str, key: str, value: Any) -> None:
     """A built-in optimizer's hyperparameter has torch's shape: a scalar, or a
-    tuple of the length torch unpacks (``TypeError`` for a scalar given for a
-    tuple or the other way round, ``ValueError`` for a wrong length)."""
+    tuple of the length torch unpacks (`TypeError` for a scalar given for a
+    tuple or the other way round, `ValueError` for a wrong length).
+    """
     if name not in TUPLE_HYPERPARAMETERS:
         return  # an optimizer made with funcopt.make_optimizer elsewhere
     length = TUPLE_HYPERPARAMETERS[name].get(key)
@@ -167,7 +169,7 @@ def canonical_hyperparameter(value: Any) -> Any:
 
 
 def check_param_groups(param_groups: Any) -> None:
-    """``param_groups`` must come from :func:`funcopt.param_groups`."""
+    """`param_groups` must come from [`funcopt.param_groups`][funcopt.param_groups]."""
     from ._groups import ParamGroups
 
     if param_groups is not None and not isinstance(param_groups, ParamGroups):
@@ -178,25 +180,25 @@ def check_param_groups(param_groups: Any) -> None:
 
 
 def check_scalar_lr(lr: Any) -> None:
-    """torch: ``Tensor lr must be 1-element``."""
+    """torch: `Tensor lr must be 1-element`."""
     if is_array(lr) and np.size(lr) != 1:
         raise ValueError("Tensor lr must be 1-element")
 
 
 def check_not_negative(value: Any, what: str) -> None:
-    """torch's ``if value < 0.0: raise ValueError(f"Invalid {what}: {value}")``."""
+    """torch's `if value < 0.0: raise ValueError(f"Invalid {what}: {value}")`."""
     if value < 0.0:
         raise ValueError(f"Invalid {what}: {value}")
 
 
 def check_at_least_zero(value: Any, what: str) -> None:
-    """torch's ``if not 0.0 <= value: raise ValueError(...)`` (rejects NaN)."""
+    """torch's `if not 0.0 <= value: raise ValueError(...)` (rejects NaN)."""
     if not 0.0 <= value:
         raise ValueError(f"Invalid {what}: {value}")
 
 
 def check_betas(betas: Any) -> None:
-    """``0 <= beta < 1`` for both betas, torch's message per index."""
+    """`0 <= beta < 1` for both betas, torch's message per index."""
     for i in (0, 1):
         if not 0.0 <= betas[i] < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {betas[i]}")
@@ -205,9 +207,10 @@ def check_betas(betas: Any) -> None:
 def check_betas_both_floats(
     betas: Any, foreach: Any = None, capturable: Any = False
 ) -> None:
-    """Adam/AdamW: ``betas must be either both floats or both Tensors``; a
-    tensor beta must have 1 element and is refused with ``foreach`` unless
-    ``capturable``."""
+    """Adam/AdamW: `betas must be either both floats or both Tensors`; a
+    tensor beta must have 1 element and is refused with `foreach` unless
+    `capturable`.
+    """
     both_float = isinstance(betas[0], float) and isinstance(betas[1], float)
     both_tensor = is_array(betas[0]) and is_array(betas[1])
     if not (both_float or both_tensor):
@@ -224,7 +227,7 @@ def check_betas_both_floats(
 
 
 def check_fused(group: Mapping[str, Any]) -> None:
-    """torch's ``fused`` combination checks (RuntimeError), which torch makes
+    """torch's `fused` combination checks (RuntimeError), which torch makes
     after the argument checks."""
     with torch_semantics("optimizer", group):
         if group.get("fused"):
@@ -235,7 +238,7 @@ def check_fused(group: Mapping[str, Any]) -> None:
 
 
 def check_positive(value: Any, what: str) -> None:
-    """torch's ``if not 0.0 < value: raise ValueError(...)`` (rejects 0 and NaN)."""
+    """torch's `if not 0.0 < value: raise ValueError(...)` (rejects 0 and NaN)."""
     if not 0.0 < value:
         raise ValueError(f"Invalid {what}: {value}")
 
@@ -243,7 +246,7 @@ def check_positive(value: Any, what: str) -> None:
 def check_adam_family(group: Mapping[str, Any]) -> None:
     """The checks Adam, AdamW, Adamax, NAdam and RAdam share, in torch's order.
 
-    ``lr``, ``eps``, ``betas``, ``weight_decay``; each optimizer adds its own
+    `lr`, `eps`, `betas`, `weight_decay`; each optimizer adds its own
     checks after these (Adam: both-floats betas; NAdam: momentum_decay).
     """
     check_scalar_lr(group["lr"])

@@ -1,37 +1,40 @@
-"""Checkpoints of optimizer, scheduler and :class:`~funcopt.TrainState` states.
+"""Checkpoints of optimizer, scheduler and [`TrainState`][funcopt.TrainState] states.
 
-Any pytree of arrays saves: an ``OptState``, a scheduler state, a
-``TrainState`` (its optimizer is static: it comes from ``like`` on restore),
-or a dict of them. Two formats, the same API::
+Any pytree of arrays saves: an `OptState`, a scheduler state, a
+`TrainState` (its optimizer is static: it comes from `like` on restore),
+or a dict of them. Two formats, the same API:
 
-    fo.checkpoint.save("ckpt.npz", {"train": ts, "sched": sched_state})
-    tree = fo.checkpoint.restore("ckpt.npz", like={"train": ts0, "sched": s0})
+```python
+fo.checkpoint.save("ckpt.npz", {"train": ts, "sched": sched_state})
+tree = fo.checkpoint.restore("ckpt.npz", like={"train": ts0, "sched": s0})
 
-    fo.checkpoint.save("ckpt_dir", tree, format="orbax")     # orbax-checkpoint
-    tree = fo.checkpoint.restore("ckpt_dir", like=..., format="orbax")
+fo.checkpoint.save("ckpt_dir", tree, format="orbax")     # orbax-checkpoint
+tree = fo.checkpoint.restore("ckpt_dir", like=..., format="orbax")
+```
 
-``like`` is a tree of the same structure (e.g. ``TrainState.create(params,
-opt)`` and ``sched.init(...)`` fresh); its key paths, shapes and dtypes are
-checked against the checkpoint, and a difference raises ``ValueError`` naming
+`like` is a tree of the same structure (e.g. `TrainState.create(params,
+opt)` and `sched.init(...)` fresh); its key paths, shapes and dtypes are
+checked against the checkpoint, and a difference raises `ValueError` naming
 the leaf. Restored values are bit-identical to the saved ones, so training
 resumed from a checkpoint continues exactly as the uninterrupted run.
 
-**The light format** (``format="npz"``, the default; numpy only) is one zip
-file: ``manifest.json`` (format version, the tree's structure as text, and per
-leaf its key path, dtype and shape) plus one ``.npy`` per leaf; ``unzip -p
-ckpt.npz manifest.json`` shows it and ``numpy.load`` reads it. It is written
+**The light format** (`format="npz"`, the default; numpy only) is one zip
+file: `manifest.json` (format version, the tree's structure as text, and per
+leaf its key path, dtype and shape) plus one `.npy` per leaf; `unzip -p
+ckpt.npz manifest.json` shows it and `numpy.load` reads it. It is written
 to a temporary file in the same folder, flushed and fsynced, then renamed
-over the target (``os.replace``, atomic on POSIX and Windows) and the folder
+over the target (`os.replace`, atomic on POSIX and Windows) and the folder
 fsynced: a process killed at any point leaves either the previous checkpoint
-or the new one, never a partial file (a leftover ``.tmp-*`` file is ignored
+or the new one, never a partial file (a leftover `.tmp-*` file is ignored
 and overwritten by nothing; delete it at leisure).
 
-**orbax** (``format="orbax"``, needs the ``checkpoint`` extra) writes orbax's
+**orbax** (`format="orbax"`, needs the `checkpoint` extra) writes orbax's
 standard PyTree checkpoint directory. orbax finalizes into a temporary
 directory itself; the swap over an existing checkpoint is: rename the old
-directory aside (``<path>.old-*``), rename the new one into place, delete the
-old one. If a process dies between the two renames, :func:`restore` finds the
-previous checkpoint under its aside name.
+directory aside (`<path>.old-*`), rename the new one into place, delete the
+old one. If a process dies between the two renames,
+[`restore`][funcopt.checkpoint.restore] finds the previous checkpoint under its aside
+name.
 """
 
 from __future__ import annotations
@@ -123,7 +126,7 @@ def _fsync_dir(path: str) -> None:
 
 
 def _npy_bytes(arr: np.ndarray) -> tuple[bytes, str | None]:
-    """``.npy`` bytes; dtypes numpy cannot describe (bfloat16, ...) are stored
+    """`.npy` bytes; dtypes numpy cannot describe (bfloat16, ...) are stored
     as raw unsigned ints of the same width (the manifest keeps the dtype)."""
     stored = None
     if np.dtype(arr.dtype.str) != arr.dtype:  # not a plain numpy dtype
@@ -135,7 +138,7 @@ def _npy_bytes(arr: np.ndarray) -> tuple[bytes, str | None]:
 
 
 def save_npz(path: str | os.PathLike, tree: Any) -> None:
-    """Save ``tree`` to ``path`` (one file), atomically; see the module doc."""
+    """Save `tree` to `path` (one file), atomically; see the module doc."""
     path = os.fspath(path)
     paths, arrays, treedef = _flatten(tree)
     manifest: dict[str, Any] = {
@@ -183,7 +186,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
 
 
 def restore_npz(path: str | os.PathLike, like: Any) -> Any:
-    """Restore a tree saved by :func:`save_npz`, shaped like ``like``."""
+    """Restore a tree saved by `save_npz`, shaped like `like`."""
     path = os.fspath(path)
     with zipfile.ZipFile(path) as z:
         manifest = json.loads(z.read("manifest.json"))
@@ -223,7 +226,7 @@ def _as_dict(tree: Any) -> tuple[dict[str, Any], list[str], Any]:
 
 
 def save_orbax(path: str | os.PathLike, tree: Any) -> None:
-    """Save ``tree`` as an orbax PyTree checkpoint directory (module doc)."""
+    """Save `tree` as an orbax PyTree checkpoint directory (module doc)."""
     ocp = _orbax()
     path = os.path.abspath(os.fspath(path))
     flat, paths, treedef = _as_dict(tree)
@@ -271,7 +274,7 @@ def _find_orbax(path: str) -> str:
 
 
 def restore_orbax(path: str | os.PathLike, like: Any) -> Any:
-    """Restore a tree saved by :func:`save_orbax`, shaped like ``like``."""
+    """Restore a tree saved by `save_orbax`, shaped like `like`."""
     ocp = _orbax()
     path = _find_orbax(os.path.abspath(os.fspath(path)))
     with open(os.path.join(path, "manifest.json")) as f:
@@ -298,8 +301,9 @@ def restore_orbax(path: str | os.PathLike, like: Any) -> Any:
 
 
 def save(path: str | os.PathLike, tree: Any, *, format: str = "npz") -> None:
-    """Save a state tree: ``format="npz"`` (one file, numpy only) or
-    ``"orbax"`` (a directory); a crash mid-save keeps the previous one."""
+    """Save a state tree: `format="npz"` (one file, numpy only) or
+    `"orbax"` (a directory); a crash mid-save keeps the previous one.
+    """
     if format == "npz":
         return save_npz(path, tree)
     if format == "orbax":
@@ -308,7 +312,7 @@ def save(path: str | os.PathLike, tree: Any, *, format: str = "npz") -> None:
 
 
 def restore(path: str | os.PathLike, like: Any, *, format: str = "npz") -> Any:
-    """Restore a state tree shaped like ``like`` (module doc)."""
+    """Restore a state tree shaped like `like` (module doc)."""
     if format == "npz":
         return restore_npz(path, like)
     if format == "orbax":

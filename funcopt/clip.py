@@ -1,29 +1,31 @@
-r"""Gradient clipping, as ``torch.nn.utils.clip_grad_norm_`` and ``clip_grad_value_``.
+r"""Gradient clipping, as `torch.nn.utils.clip_grad_norm_` and `clip_grad_value_`.
 
 One piece of math, four ways in:
 
-* ``grads, total = clip_grad_norm(grads, max_norm, norm_type)``: torch's
-  ``total = clip_grad_norm_(params, max_norm, norm_type)``;
-* ``grads = clip_grad_value(grads, clip_value)``: torch's ``clip_grad_value_``;
-* ``optax.chain(clip_grad_norm_transform(max_norm), fo.adam())`` (and
-  :func:`clip_grad_value_transform`): the same before ``optimizer.step()``;
-* ``ts, total = ts.clip_grad_norm(max_norm)`` on a
-  :class:`~funcopt.TrainState`, which counts only defined gradients.
+* `grads, total = clip_grad_norm(grads, max_norm, norm_type)`: torch's
+  `total = clip_grad_norm_(params, max_norm, norm_type)`;
+* `grads = clip_grad_value(grads, clip_value)`: torch's `clip_grad_value_`;
+* `optax.chain(clip_grad_norm_transform(max_norm), fo.adam())` (and
+  [`clip_grad_value_transform`][funcopt.clip_grad_value_transform]): the same before
+  `optimizer.step()`;
+* `ts, total = ts.clip_grad_norm(max_norm)` on a
+  [`TrainState`][funcopt.TrainState], which counts only defined gradients.
 
 Torch's norm is the norm of the per-tensor norms,
 
-.. math::
-    N = \bigl\|\,(\|g_1\|_q, \dots, \|g_n\|_q)\,\bigr\|_q, \qquad
-    c = \min\Bigl(\frac{1}{N + 10^{-6}}\cdot m,\; 1\Bigr), \qquad
-    g_i \leftarrow c\, g_i ,
+$$
+N = \bigl\|\,(\|g_1\|_q, \dots, \|g_n\|_q)\,\bigr\|_q, \qquad
+c = \min\Bigl(\frac{1}{N + 10^{-6}}\cdot m,\; 1\Bigr), \qquad
+g_i \leftarrow c\, g_i ,
+$$
 
-with the coefficient applied *always* (also when :math:`c = 1`), so the
-clipped norm is :math:`mN/(N+10^{-6})`, slightly below :math:`m`; optax's
-``clip_by_global_norm`` has no :math:`10^{-6}` and skips the multiply when not
-clipping. Like torch (``Tensor.__rtruediv__`` is ``reciprocal() * other``), the
-coefficient is ``reciprocal(N + 1e-6) * max_norm``, in the dtype of :math:`N`.
-A ``None`` gradient leaf (torch's ``p.grad is None``) does not count and is
-returned as ``None``.
+with the coefficient applied *always* (also when $c = 1$), so the
+clipped norm is $mN/(N+10^{-6})$, slightly below $m$; optax's
+`clip_by_global_norm` has no $10^{-6}$ and skips the multiply when not
+clipping. Like torch (`Tensor.__rtruediv__` is `reciprocal() * other`), the
+coefficient is `reciprocal(N + 1e-6) * max_norm`, in the dtype of $N$.
+A `None` gradient leaf (torch's `p.grad is None`) does not count and is
+returned as `None`.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ __all__ = [
 
 
 def _promote(dtypes: Sequence[Any]) -> np.dtype:
-    """torch's ``stack`` type promotion of the per-tensor norms."""
+    """torch's `stack` type promotion of the per-tensor norms."""
     out = dtypes[0]
     with jax.numpy_dtype_promotion("standard"):
         for d in dtypes[1:]:
@@ -66,16 +68,17 @@ def _promote(dtypes: Sequence[Any]) -> np.dtype:
 
 
 def vector_norm(x: jax.Array, norm_type: float) -> jax.Array:
-    r"""``torch.linalg.vector_norm(x, norm_type)`` over all elements of ``x``.
+    r"""`torch.linalg.vector_norm(x, norm_type)` over all elements of `x`.
 
-    .. math::
-        \|x\|_q = \Bigl(\sum_i |x_i|^q\Bigr)^{1/q};\quad
-        \|x\|_\infty = \max_i |x_i|;\quad \|x\|_{-\infty} = \min_i |x_i|;\quad
-        \|x\|_0 = \#\{i : x_i \ne 0\}
+    $$
+    \|x\|_q = \Bigl(\sum_i |x_i|^q\Bigr)^{1/q};\quad
+    \|x\|_\infty = \max_i |x_i|;\quad \|x\|_{-\infty} = \min_i |x_i|;\quad
+    \|x\|_0 = \#\{i : x_i \ne 0\}
+    $$
 
-    in the real dtype of ``x`` (half-precision inputs accumulate in float32,
+    in the real dtype of `x` (half-precision inputs accumulate in float32,
     torch's opmath type, and are rounded back). As torch, the (-)inf norm of
-    an empty array raises ``RuntimeError``.
+    an empty array raises `RuntimeError`.
     """
     q = float(norm_type)
     out_dtype = jnp.abs(jnp.zeros((), x.dtype)).dtype
@@ -106,7 +109,7 @@ def _total_norm(
     """The norm of the per-leaf norms, with torch's order and dtype promotion.
 
     torch groups the tensors by dtype (in order of first appearance) before
-    computing the norms, so the stacked vector is in that order; ``mask``
+    computing the norms, so the stacked vector is in that order; `mask`
     (traced booleans, one per grad) drops undefined gradients by giving them
     the neutral value of the outer reduction.
     """
@@ -143,12 +146,12 @@ def _nonfinite_message(norm_type: float) -> str:
 
 
 def _check_finite(total: jax.Array, norm_type: float) -> None:
-    """Raise torch's ``RuntimeError`` when ``total`` is NaN or inf.
+    """Raise torch's `RuntimeError` when `total` is NaN or inf.
 
-    Eagerly this is a plain ``RuntimeError``. Under a transformation (``jit``,
-    ``vmap``, ...) the check is a ``jax.debug.callback`` that raises on the
-    host; JAX reports it as ``jax.errors.JaxRuntimeError`` (a subclass of
-    ``RuntimeError``) carrying torch's message, when the result is computed.
+    Eagerly this is a plain `RuntimeError`. Under a transformation (`jit`,
+    `vmap`, ...) the check is a `jax.debug.callback` that raises on the
+    host; JAX reports it as `jax.errors.JaxRuntimeError` (a subclass of
+    `RuntimeError`) carrying torch's message, when the result is computed.
     """
     message = _nonfinite_message(norm_type)
     if not isinstance(total, jax.core.Tracer):
@@ -164,7 +167,7 @@ def _check_finite(total: jax.Array, norm_type: float) -> None:
 
 
 def _float_arg(x: Any, what: str) -> float:
-    """torch's ``float(x)`` of a Python number or a 1-element tensor."""
+    """torch's `float(x)` of a Python number or a 1-element tensor."""
     if isinstance(x, jax.core.Tracer):
         raise TypeError(
             f"{what} must be a Python number: it selects the computation, so it "
@@ -198,13 +201,13 @@ def get_total_norm(
     *,
     has_grad: PyTree | None = None,
 ) -> jax.Array:
-    """``torch.nn.utils.get_total_norm``: the norm of the per-leaf norms.
+    """`torch.nn.utils.get_total_norm`: the norm of the per-leaf norms.
 
-    ``None`` leaves (and non-floating leaves) do not count; ``has_grad``, a
-    pytree of booleans shaped like ``grads``, drops leaves with traced flags
-    (as :class:`~funcopt.TrainState` marks undefined gradients). With no
-    gradient at all the result is ``0.0`` in float32, as torch's
-    ``tensor(0.)``. ``foreach`` is accepted and ignored.
+    `None` leaves (and non-floating leaves) do not count; `has_grad`, a
+    pytree of booleans shaped like `grads`, drops leaves with traced flags
+    (as [`TrainState`][funcopt.TrainState] marks undefined gradients). With no
+    gradient at all the result is `0.0` in float32, as torch's
+    `tensor(0.)`. `foreach` is accepted and ignored.
     """
     del foreach
     norm_type = _float_arg(norm_type, "norm_type")
@@ -223,13 +226,13 @@ def clip_grads_with_norm(
     *,
     has_grad: PyTree | None = None,
 ) -> PyTree:
-    """``torch.nn.utils.clip_grads_with_norm_``: scale by a precomputed norm.
+    """`torch.nn.utils.clip_grads_with_norm_`: scale by a precomputed norm.
 
-    The factor is ``min(max_norm/(total_norm + 1e-6), 1)``.
+    The factor is `min(max_norm/(total_norm + 1e-6), 1)`.
 
     Every gradient is multiplied by the clamped coefficient (cast to its
-    dtype, as torch's in-place ``mul_`` does), even when it is 1. Leaves that
-    are ``None`` or flagged undefined in ``has_grad`` are returned unchanged.
+    dtype, as torch's in-place `mul_` does), even when it is 1. Leaves that
+    are `None` or flagged undefined in `has_grad` are returned unchanged.
     """
     del foreach
     # torch's ``max_norm = float(max_norm)``, first; an array (traced too)
@@ -269,34 +272,35 @@ def clip_grad_norm(
     *,
     has_grad: PyTree | None = None,
 ) -> tuple[PyTree, jax.Array]:
-    r"""``torch.nn.utils.clip_grad_norm_`` as a pure function.
+    r"""`torch.nn.utils.clip_grad_norm_` as a pure function.
 
-    Returns ``(clipped_grads, total_norm)``, where ``total_norm`` is the norm
+    Returns `(clipped_grads, total_norm)`, where `total_norm` is the norm
     *before* clipping (what torch returns) and
 
-    .. math::
-        N = \bigl\|(\|g_1\|_q, \dots, \|g_n\|_q)\bigr\|_q,\qquad
-        g_i \leftarrow g_i \cdot \min\bigl(\tfrac{1}{N + 10^{-6}}\,m,\ 1\bigr).
+    $$
+    N = \bigl\|(\|g_1\|_q, \dots, \|g_n\|_q)\bigr\|_q,\qquad
+    g_i \leftarrow g_i \cdot \min\bigl(\tfrac{1}{N + 10^{-6}}\,m,\ 1\bigr).
+    $$
 
     Args:
-      grads: a pytree of gradients; ``None`` leaves are skipped (torch's
-        ``p.grad is None``) and do not count in the norm.
-      max_norm: :math:`m` (a number, or an array, e.g. a scheduled value).
-      norm_type: :math:`q`: any float, ``inf``/``"inf"``, ``0`` (count of
-        non-zero per-leaf norms) or negative, as ``torch.linalg.vector_norm``.
-      error_if_nonfinite: raise torch's ``RuntimeError`` if :math:`N` is NaN
-        or inf. Eagerly a ``RuntimeError``; under ``jit`` a
-        ``jax.debug.callback`` raises it on the host and JAX surfaces it as
-        ``jax.errors.JaxRuntimeError`` (a ``RuntimeError`` subclass) with
+      grads: a pytree of gradients; `None` leaves are skipped (torch's
+        `p.grad is None`) and do not count in the norm.
+      max_norm: $m$ (a number, or an array, e.g. a scheduled value).
+      norm_type: $q$: any float, `inf`/`"inf"`, `0` (count of
+        non-zero per-leaf norms) or negative, as `torch.linalg.vector_norm`.
+      error_if_nonfinite: raise torch's `RuntimeError` if $N$ is NaN
+        or inf. Eagerly a `RuntimeError`; under `jit` a
+        `jax.debug.callback` raises it on the host and JAX surfaces it as
+        `jax.errors.JaxRuntimeError` (a `RuntimeError` subclass) with
         torch's message (one host round trip per call).
       foreach: accepted and ignored (torch's kernel switch).
       has_grad: optional pytree of booleans (traced is fine): leaves whose
-        flag is False count as ``None`` and are returned unchanged.
+        flag is False count as `None` and are returned unchanged.
 
     The per-leaf norms are in each leaf's dtype and the total in their
     promoted dtype (mixed float32/float64 gives float64), ordered by dtype as
     torch groups them. Without the error flag, an infinite norm gives
-    :math:`c = 0` (so ``inf`` entries become NaN and the rest 0) and a NaN
+    $c = 0$ (so `inf` entries become NaN and the rest 0) and a NaN
     norm makes everything NaN, as in torch.
     """
     total = get_total_norm(
@@ -312,13 +316,13 @@ def clip_grad_value(
     *,
     has_grad: PyTree | None = None,
 ) -> PyTree:
-    r"""``torch.nn.utils.clip_grad_value_`` as a pure function.
+    r"""`torch.nn.utils.clip_grad_value_` as a pure function.
 
-    Each gradient is clamped to :math:`[-c, c]` with :math:`c` =
-    ``float(clip_value)`` (NaN propagates; with :math:`c < 0` every entry
-    becomes :math:`c`, as torch's clamp with ``min > max``). ``None`` leaves,
-    and leaves flagged False in ``has_grad``, are returned unchanged.
-    ``foreach`` is accepted and ignored. Same as ``optax.clip(clip_value)``.
+    Each gradient is clamped to $[-c, c]$ with $c$ =
+    `float(clip_value)` (NaN propagates; with $c < 0$ every entry
+    becomes $c$, as torch's clamp with `min > max`). `None` leaves,
+    and leaves flagged False in `has_grad`, are returned unchanged.
+    `foreach` is accepted and ignored. Same as `optax.clip(clip_value)`.
     """
     del foreach
     c = _float_arg(clip_value, "clip_value")
@@ -338,7 +342,7 @@ def clip_grad_value(
 
 
 class ClipGradNormState(NamedTuple):
-    """State of :func:`clip_grad_norm_transform`: the last pre-clip total norm."""
+    """State of `clip_grad_norm_transform`: the last pre-clip total norm."""
 
     total_norm: jax.Array
 
@@ -355,14 +359,14 @@ def clip_grad_norm_transform(
     norm_type: float = 2.0,
     error_if_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-    """:func:`clip_grad_norm` as an optax transform, for ``optax.chain``.
+    """`clip_grad_norm` as an optax transform, for `optax.chain`.
 
-    ``optax.chain(fo.clip_grad_norm_transform(1.0), fo.adam(lr))`` is torch's
-    ``clip_grad_norm_(params, 1.0); optimizer.step()``. It differs from
-    ``optax.clip_by_global_norm`` by torch's ``1e-6``, the always-applied
+    `optax.chain(fo.clip_grad_norm_transform(1.0), fo.adam(lr))` is torch's
+    `clip_grad_norm_(params, 1.0); optimizer.step()`. It differs from
+    `optax.clip_by_global_norm` by torch's `1e-6`, the always-applied
     coefficient and the norm of per-leaf norms. The state keeps the last
-    pre-clip norm (``state.total_norm``) for logging; ``None`` updates are
-    skipped, and a ``has_grad`` extra argument (as ``Optimizer.update``
+    pre-clip norm (`state.total_norm`) for logging; `None` updates are
+    skipped, and a `has_grad` extra argument (as `Optimizer.update`
     takes) drops flagged leaves.
     """
 
@@ -382,10 +386,10 @@ def clip_grad_norm_transform(
 def clip_grad_value_transform(
     clip_value: float,
 ) -> optax.GradientTransformationExtraArgs:
-    """:func:`clip_grad_value` as an optax transform, for ``optax.chain``.
+    """`clip_grad_value` as an optax transform, for `optax.chain`.
 
-    Same values as ``optax.clip(clip_value)``; also skips ``None`` updates and
-    honours a ``has_grad`` extra argument.
+    Same values as `optax.clip(clip_value)`; also skips `None` updates and
+    honours a `has_grad` extra argument.
     """
 
     def init_fn(params):

@@ -9,23 +9,23 @@
         rtol=1e-6, atol=1e-8)
     print(report.summary()); report.plot("divergence.png")
 
-Both sides start from the same weights: ``params`` defaults to the torch
-model's ``named_parameters()`` as nested dicts (see
-:func:`funcopt.torch_interop.module_state_dict_to_params`; torch layouts,
-e.g. ``nn.Linear`` weights ``(out, in)``). Each step runs ``zero_grad``,
-``loss.backward()``, ``optimizer.step()`` (and ``scheduler.step()``) in
-torch and ``value_and_grad`` + ``opt.step`` (and ``scheduler.step``) in
+Both sides start from the same weights: `params` defaults to the torch
+model's `named_parameters()` as nested dicts (see
+[`module_state_dict_to_params`][funcopt.torch_interop.module_state_dict_to_params];
+torch layouts, e.g. `nn.Linear` weights `(out, in)`). Each step runs `zero_grad`,
+`loss.backward()`, `optimizer.step()` (and `scheduler.step()`) in
+torch and `value_and_grad` + `opt.step` (and `scheduler.step`) in
 funcopt on the same batch (numpy arrays, converted for each side), then
 records the loss difference and, over every parameter, the max absolute and
-max relative difference. Step ``k`` (1-based) *diverges* when a parameter
-or the loss fails ``|ours - torch| <= atol + rtol * |torch|``;
-``report.first_divergence`` is the first such step (None if none).
+max relative difference. Step `k` (1-based) *diverges* when a parameter
+or the loss fails `|ours - torch| <= atol + rtol * |torch|`;
+`report.first_divergence` is the first such step (None if none).
 
-``opt`` may be any optax transform: a funcopt optimizer steps with its
-``step``, others with ``update`` + ``optax.apply_updates``.
+`opt` may be any optax transform: a funcopt optimizer steps with its
+`step`, others with `update` + `optax.apply_updates`.
 
-``python -m funcopt.compare`` runs a small built-in example (a torch MLP with
-RMSprop against ``fo.rmsprop`` and against ``optax.rmsprop``) and writes a PNG
+`python -m funcopt.compare` runs a small built-in example (a torch MLP with
+RMSprop against `fo.rmsprop` and against `optax.rmsprop`) and writes a PNG
 plot of the divergence (needs matplotlib).
 """
 
@@ -44,7 +44,7 @@ import optax
 
 @dataclasses.dataclass
 class StepDiff:
-    """The differences after one step (``step`` counts from 1)."""
+    """The differences after one step (`step` counts from 1)."""
 
     step: int
     loss_torch: float
@@ -147,11 +147,11 @@ def compare(
     atol: float = 1e-8,
     jit: bool = True,
 ) -> Report:
-    """Train both on ``batches``; return a :class:`Report` (module doc).
+    """Train both on `batches`; return a `Report` (module doc).
 
-    ``torch_loss_fn(model, batch)`` returns a scalar tensor,
-    ``loss_fn(params, batch)`` a scalar array; ``batch`` is any pytree of
-    numpy arrays. ``params`` (default: the model's parameters, by name) must
+    `torch_loss_fn(model, batch)` returns a scalar tensor,
+    `loss_fn(params, batch)` a scalar array; `batch` is any pytree of
+    numpy arrays. `params` (default: the model's parameters, by name) must
     have the model's parameters as leaves with the same dotted names.
     """
     from .torch_interop import module_state_dict_to_params, param_names
@@ -220,8 +220,9 @@ def _trainable_leaves(params, leaves_of):
 
 
 def switch_at(step: int, first: Any, second: Any) -> optax.GradientTransformation:
-    """``first``'s updates for steps ``1..step-1``, ``second``'s from ``step``
-    on (both see every gradient): an injected divergence starting at ``step``."""
+    """`first`'s updates for steps `1..step-1`, `second`'s from `step`
+    on (both see every gradient): an injected divergence starting at `step`.
+    """
 
     def init(params):
         return (first.init(params), second.init(params), jnp.zeros((), jnp.int32))

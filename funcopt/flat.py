@@ -3,37 +3,39 @@
 One buffer per (parameter group, dtype) instead of one array per leaf, so an
 elementwise optimizer's step is one fused kernel per bucket, with no packing
 per step; the model reads its leaves as views (slices, fused by XLA under
-``jit``). Per-parameter step counts, ``None``/``has_grad`` skipping and every
-number are those of the per-leaf path (the parity table runs both)::
+`jit`). Per-parameter step counts, `None`/`has_grad` skipping and every
+number are those of the per-leaf path (the parity table runs both):
 
-    import funcopt.flat
+```python
+import funcopt.flat
 
-    opt = fo.adamw(lr=1e-3)
-    layout = funcopt.flat.layout(params, opt)    # static; build once
-    fparams = layout.pack(params)                 # FlatParams: a pytree
-    state = opt.init(fparams)                     # state buffers packed too
+opt = fo.adamw(lr=1e-3)
+layout = funcopt.flat.layout(params, opt)    # static; build once
+fparams = layout.pack(params)                 # FlatParams: a pytree
+state = opt.init(fparams)                     # state buffers packed too
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def train_step(fparams, state, x, y):
-        grads = jax.grad(lambda fp: loss_fn(fp.unpack(), x, y))(fparams)
-        return opt.step(fparams, grads, state)    # grads are FlatParams
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def train_step(fparams, state, x, y):
+    grads = jax.grad(lambda fp: loss_fn(fp.unpack(), x, y))(fparams)
+    return opt.step(fparams, grads, state)    # grads are FlatParams
 
-    params = fparams.unpack()                     # the tree, when needed
-    torch_like_state = layout.unpack_state(state) # per-leaf buffers
+params = fparams.unpack()                     # the tree, when needed
+torch_like_state = layout.unpack_state(state) # per-leaf buffers
+```
 
-``grads`` of ``FlatParams`` are ``FlatParams`` of the same layout (the
+`grads` of `FlatParams` are `FlatParams` of the same layout (the
 gradient of the views lands packed). A tree with non-trainable leaves
-(integers) needs ``jax.grad(..., allow_int=True)``. torch's ``p.grad is
-None`` is ``opt.step(fparams, fgrads, state, has_grad=flags)`` with
-``flags`` a tree of booleans of the *params'* structure (one per leaf), or a
-``FlatParams`` of flags (one per bucket, as :class:`funcopt.TrainState`
-built on ``FlatParams`` passes it). Padding (a leaf's tail row) is zero in
-params and grads and is never read back by ``unpack``.
+(integers) needs `jax.grad(..., allow_int=True)`. torch's `p.grad is
+None` is `opt.step(fparams, fgrads, state, has_grad=flags)` with
+`flags` a tree of booleans of the *params'* structure (one per leaf), or a
+`FlatParams` of flags (one per bucket, as [`funcopt.TrainState`][funcopt.TrainState]
+built on `FlatParams` passes it). Padding (a leaf's tail row) is zero in
+params and grads and is never read back by `unpack`.
 
 Optimizers whose rule is not elementwise (Adafactor, Muon, SparseAdam,
-LBFGS) run per leaf only and refuse ``FlatParams``.
+LBFGS) run per leaf only and refuse `FlatParams`.
 
-On plain pytrees, ``opt.step`` can also pack per step (``set_policy``); by
+On plain pytrees, `opt.step` can also pack per step (`set_policy`); by
 default it does not, since XLA CPU compiles a per-step pack of many leaves
 slowly: the fast path for many leaves is this layout.
 """
@@ -71,11 +73,11 @@ __all__ = [
 
 
 def layout(params, opt) -> Layout:
-    """The packed layout of ``params`` for ``opt`` (its param groups decide
+    """The packed layout of `params` for `opt` (its param groups decide
     the buckets: one per group and dtype)."""
     return make_layout(params, opt.definition)
 
 
 def pack(params, opt) -> FlatParams:
-    """``layout(params, opt).pack(params)``."""
+    """`layout(params, opt).pack(params)`."""
     return layout(params, opt).pack(params)

@@ -3,21 +3,22 @@
 Without either, a funcopt optimizer does what torch does with bf16/fp16
 parameters: every state buffer has the parameter's dtype and the math runs in
 it. Both wrappers here are opt-in and work with every optimizer built on
-:func:`funcopt.make_optimizer` (:func:`master_weights` with any optimizer
-that has ``step``):
+[`funcopt.make_optimizer`][funcopt.make_optimizer]
+([`master_weights`][funcopt.master_weights] with any optimizer that has `step`):
 
-* :func:`precision_policy` stores chosen buffers in chosen dtypes (e.g.
-  ``exp_avg`` in bfloat16, ``exp_avg_sq`` in float32) and runs the update
-  rule in ``compute_dtype``;
-* :func:`master_weights` keeps a float32 copy of every lower-precision
-  parameter in the state, steps that copy, and returns it rounded to the
+* [`precision_policy`][funcopt.precision_policy] stores chosen buffers in chosen dtypes
+  (e.g. `exp_avg` in bfloat16, `exp_avg_sq` in float32) and runs the update
+  rule in `compute_dtype`;
+* [`master_weights`][funcopt.master_weights] keeps a float32 copy of every
+  lower-precision parameter in the state, steps that copy, and returns it rounded to the
   parameter's dtype.
 
 16-bit steps round as torch's CPU kernels, whose vectorised loop and scalar
-tail round some ops differently: :func:`torch_cpu_block` says which loop
+tail round some ops differently: [`torch_cpu_block`][funcopt.precision.torch_cpu_block]
+  says which loop
 funcopt mirrors (blocks of 32 elements, torch on x86 with AVX2 or AVX-512),
-:func:`set_torch_cpu_block` changes it, and
-``funcopt.torch_interop.measure_torch_cpu_block()`` measures it on the torch
+[`set_torch_cpu_block`][funcopt.precision.set_torch_cpu_block] changes it, and
+`funcopt.torch_interop.measure_torch_cpu_block()` measures it on the torch
 at hand.
 """
 
@@ -53,23 +54,23 @@ def precision_policy(
     slot_dtypes: Mapping[str, Any] | None = None,
     compute_dtype: Any = jnp.float32,
 ) -> Optimizer:
-    """``opt`` with each state buffer stored in a chosen dtype.
+    """`opt` with each state buffer stored in a chosen dtype.
 
     Args:
-      opt: an optimizer made by :func:`funcopt.make_optimizer` (every
-        ``funcopt.<name>`` except ``lbfgs``).
-      slot_dtypes: ``{buffer name: dtype}``, e.g.
-        ``{"exp_avg": jnp.bfloat16, "exp_avg_sq": jnp.float32}``; buffers
+      opt: an optimizer made by [`funcopt.make_optimizer`][funcopt.make_optimizer]
+        (every `funcopt.<name>` except `lbfgs`).
+      slot_dtypes: `{buffer name: dtype}`, e.g.
+        `{"exp_avg": jnp.bfloat16, "exp_avg_sq": jnp.float32}`; buffers
         not named keep torch's dtype (the parameter's). Names are checked at
-        ``init`` against the buffers the optimizer creates.
+        `init` against the buffers the optimizer creates.
       compute_dtype: the dtype the update rule runs in: parameters, gradients
         and buffers are cast to it before the rule and the results cast back
         (the parameter to its own dtype, each buffer to its stored dtype).
-        ``None`` runs the rule in the parameter's dtype.
+        `None` runs the rule in the parameter's dtype.
 
     The result is an ordinary funcopt optimizer (same state layout, jit-able,
-    ``get_lr``/``set_lr``, ``TrainState``). Real parameters only: a complex
-    parameter raises ``TypeError``.
+    `get_lr`/`set_lr`, `TrainState`). Real parameters only: a complex
+    parameter raises `TypeError`.
     """
     definition = getattr(opt, "definition", None)
     if definition is None:
@@ -145,11 +146,11 @@ def precision_policy(
 
 
 class MasterWeightsState(NamedTuple):
-    """State of :func:`master_weights`.
+    """State of [`master_weights`][funcopt.master_weights].
 
     Attributes:
-      master: the float32 (``dtype``) copy of every parameter of a lower
-        precision, ``None`` for the others (they are stepped as they are).
+      master: the float32 (`dtype`) copy of every parameter of a lower
+        precision, `None` for the others (they are stepped as they are).
       inner: the wrapped optimizer's state, made for the master copy (its
         buffers are float32 too).
     """
@@ -169,15 +170,15 @@ def _needs_master(leaf: Any, dtype) -> bool:
 def master_weights(opt: optax.GradientTransformation, dtype: Any = jnp.float32):
     """Step a float32 master copy of low-precision parameters (opt-in).
 
-    ``init(params)`` stores a ``dtype`` copy of every parameter of a lower
-    precision (bf16/fp16); ``step(params, grads, state)`` upcasts the
-    gradients, steps the master copy with ``opt`` (so its buffers are
-    ``dtype`` too) and returns it rounded to each parameter's dtype. The
+    `init(params)` stores a `dtype` copy of every parameter of a lower
+    precision (bf16/fp16); `step(params, grads, state)` upcasts the
+    gradients, steps the master copy with `opt` (so its buffers are
+    `dtype` too) and returns it rounded to each parameter's dtype. The
     master copy is the source of truth: a parameter changed outside the
-    optimizer is overwritten at the next step (re-``init`` after loading new
-    weights). Parameters already at least ``dtype`` are stepped directly.
-    Works under ``jit``, with ``TrainState``, ``get_lr``/``set_lr`` and
-    inside ``optax.chain`` (``update`` returns ``new_params - params`` in the
+    optimizer is overwritten at the next step (re-`init` after loading new
+    weights). Parameters already at least `dtype` are stepped directly.
+    Works under `jit`, with `TrainState`, `get_lr`/`set_lr` and
+    inside `optax.chain` (`update` returns `new_params - params` in the
     parameter's dtype).
     """
     if not isinstance(opt, optax.GradientTransformation):

@@ -3,13 +3,13 @@
 By default a funcopt optimizer does what torch does with a NaN or Inf
 gradient: it applies it (the parameters and the state become non-finite).
 Two opt-in wrappers change that, for any funcopt optimizer (and, through
-``update``, any optax transformation):
+`update`, any optax transformation):
 
-* :func:`skip_nonfinite` skips the whole step when any gradient is NaN/Inf,
-  like ``torch.amp.GradScaler`` skipping ``optimizer.step()``, and counts the
+* [`skip_nonfinite`][funcopt.skip_nonfinite] skips the whole step when any gradient is
+  NaN/Inf, like `torch.amp.GradScaler` skipping `optimizer.step()`, and counts the
   skipped steps in its state;
-* :func:`debug_nonfinite` reports, from inside ``jit``
-  (``jax.debug.callback``), the key path of the first gradient leaf (then
+* [`debug_nonfinite`][funcopt.debug_nonfinite] reports, from inside `jit`
+  (`jax.debug.callback`), the key path of the first gradient leaf (then
   parameter, then state buffer) that is NaN/Inf.
 """
 
@@ -28,15 +28,15 @@ from ._tree import PyTree, is_trainable
 
 
 class NonFiniteWarning(RuntimeWarning):
-    """Issued by :func:`debug_nonfinite` when a gradient or update is NaN/Inf."""
+    """Issued by `debug_nonfinite` when a gradient or update is NaN/Inf."""
 
 
 class SkipNonfiniteState(NamedTuple):
-    """State of :func:`skip_nonfinite`.
+    """State of [`skip_nonfinite`][funcopt.skip_nonfinite].
 
     Attributes:
       inner: the wrapped optimizer's state (left as it was on a skipped step).
-      skipped: ``int32`` scalar, how many steps were skipped so far.
+      skipped: `int32` scalar, how many steps were skipped so far.
     """
 
     inner: Any
@@ -77,14 +77,14 @@ def _inner_step(inner, params, grads, state, has_grad):
 
 
 class _Pair:
-    """A gradient and its ``has_grad`` flag, kept together as one leaf."""
+    """A gradient and its `has_grad` flag, kept together as one leaf."""
 
     def __init__(self, *values):
         self.values = values
 
 
 def all_finite(grads: PyTree, has_grad: PyTree | None = None) -> jax.Array:
-    """``bool`` scalar: every (defined) gradient is finite (``None`` is finite)."""
+    """`bool` scalar: every (defined) gradient is finite (`None` is finite)."""
     flat = jax.tree.leaves(
         jax.tree.map(
             lambda g, f=None: None if g is None else _Pair(g, f),
@@ -116,14 +116,14 @@ def _select(keep_new, new, old):
 def skip_nonfinite(opt: optax.GradientTransformation) -> Optimizer:
     """Skip the whole step when any gradient is NaN or Inf (opt-in).
 
-    Like ``torch.amp.GradScaler``'s ``scaler.step(optimizer)``: when any
+    Like `torch.amp.GradScaler`'s `scaler.step(optimizer)`: when any
     gradient leaf holds a NaN or Inf, the parameters and the wrapped state
     (step counts included) are returned unchanged and
-    ``state.skipped`` is incremented; otherwise the step is ``opt``'s. Works
-    under ``jit`` (the choice is a ``jnp.where``, no recompilation), with
-    :class:`funcopt.TrainState` (only gradients marked defined are checked)
-    and inside ``optax.chain`` (``update`` returns zero updates on a skipped
-    step). ``fo.get_lr``/``fo.set_lr`` see through the wrapper.
+    `state.skipped` is incremented; otherwise the step is `opt`'s. Works
+    under `jit` (the choice is a `jnp.where`, no recompilation), with
+    [`funcopt.TrainState`][funcopt.TrainState] (only gradients marked defined are
+    checked) and inside `optax.chain` (`update` returns zero updates on a skipped
+    step). `fo.get_lr`/`fo.set_lr` see through the wrapper.
     """
     _check_inner(opt, "skip_nonfinite")
 
@@ -155,7 +155,7 @@ def skip_nonfinite(opt: optax.GradientTransformation) -> Optimizer:
 
 
 def first_nonfinite(tree: PyTree, prefix: str = "") -> str | None:
-    """Key path of the first leaf of ``tree`` holding a NaN/Inf (eager only)."""
+    """Key path of the first leaf of `tree` holding a NaN/Inf (eager only)."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if is_trainable(leaf) and not bool(jnp.all(jnp.isfinite(leaf))):
             return prefix + jax.tree_util.keystr(path)
@@ -172,16 +172,16 @@ def debug_nonfinite(
 ) -> Optimizer:
     """Report the first NaN/Inf leaf at every step (a debug mode, opt-in).
 
-    The step itself is ``opt``'s, unchanged (combine with
-    :func:`skip_nonfinite` to also skip it). After computing it, the wrapper
-    checks, in this order, the gradients, the new parameters and the new
+    The step itself is `opt`'s, unchanged (combine with
+    [`skip_nonfinite`][funcopt.skip_nonfinite] to also skip it). After computing it, the
+    wrapper checks, in this order, the gradients, the new parameters and the new
     state buffers; for the first leaf holding a NaN or Inf it calls
-    ``report(message)``, where the message names the key path, e.g.
-    ``"non-finite gradient at grads['dense']['kernel'] (nan)"``. The
-    default ``report`` issues a :class:`NonFiniteWarning`. The check runs
-    under ``jit`` through ``jax.debug.callback`` (an ordered host callback,
+    `report(message)`, where the message names the key path, e.g.
+    `"non-finite gradient at grads['dense']['kernel'] (nan)"`. The
+    default `report` issues a `NonFiniteWarning`. The check runs
+    under `jit` through `jax.debug.callback` (an ordered host callback,
     so it costs a device-to-host transfer of one flag per leaf: a debug
-    tool, not for production loops); call ``jax.effects_barrier()`` to wait
+    tool, not for production loops); call `jax.effects_barrier()` to wait
     for the report of an asynchronous step.
     """
     _check_inner(opt, "debug_nonfinite")

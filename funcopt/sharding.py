@@ -1,40 +1,42 @@
 r"""Scaling out with JAX's own sharding: sharded and ZeRO-style optimizer state.
 
 funcopt adds no communication layer: the optimizer state is a pytree of
-arrays, so it is sharded with ``jax.sharding.NamedSharding`` like anything
+arrays, so it is sharded with `jax.sharding.NamedSharding` like anything
 else, and XLA's SPMD partitioner inserts the collectives. This module only
 computes *where* each state array should live.
 
-Plain sharding (the state follows the parameters)::
+Plain sharding (the state follows the parameters):
 
-    mesh = jax.make_mesh((4, 2), ("data", "model"),
-                         axis_types=(AxisType.Auto, AxisType.Auto))
-    params = jax.device_put(params, param_shardings)      # model-sharded
-    state = fo.sharding.init(opt, params)                 # slots like params
-    step = jax.jit(opt.step, out_shardings=(param_shardings,
-                   fo.sharding.state_shardings(opt, params)))
+```python
+mesh = jax.make_mesh((4, 2), ("data", "model"),
+                     axis_types=(AxisType.Auto, AxisType.Auto))
+params = jax.device_put(params, param_shardings)      # model-sharded
+state = fo.sharding.init(opt, params)                 # slots like params
+step = jax.jit(opt.step, out_shardings=(param_shardings,
+               fo.sharding.state_shardings(opt, params)))
+```
 
-``opt.init`` on sharded params already puts every buffer made with
-``zeros_like`` on its parameter's sharding; :func:`init` (``jax.jit(opt.init,
-out_shardings=state_shardings(...))``) also places the buffers whose shape
-differs from the parameter's (Adafactor's factored ``row_var``/``col_var``,
+`opt.init` on sharded params already puts every buffer made with
+`zeros_like` on its parameter's sharding; [`init`][funcopt.sharding.init]
+(`jax.jit(opt.init, out_shardings=state_shardings(...))`) also places the buffers whose
+shape differs from the parameter's (Adafactor's factored `row_var`/`col_var`,
 ASGD's and NAdam's 0-d scalars) and replicates the step counts and
-hyperparameters. Given abstract params (``jax.ShapeDtypeStruct`` with a
-``sharding``, e.g. from ``jax.eval_shape``) it creates the state directly
+hyperparameters. Given abstract params (`jax.ShapeDtypeStruct` with a
+`sharding`, e.g. from `jax.eval_shape`) it creates the state directly
 sharded, never materialised on one device.
 
-ZeRO-style sharding (``zero_axis="data"``): each buffer is further split
+ZeRO-style sharding (`zero_axis="data"`): each buffer is further split
 over the data-parallel axis of the mesh (the largest dimension that is free
 and divisible by that axis' size), while the parameters stay replicated over
-it (ZeRO-1). :func:`zero_step` constrains params and gradients to that layout
-before the per-array rule, so each device updates its slice only, and
+it (ZeRO-1). [`zero_step`][funcopt.sharding.zero_step] constrains params and gradients
+to that layout before the per-array rule, so each device updates its slice only, and
 constrains the new params back to their own sharding: XLA turns the first
 into a slice (or, for gradients that are still partial sums, a
 reduce-scatter: ZeRO-2) and the second into an all-gather.
 
-Everything here works across hosts unchanged (``jax.distributed``): the
-shardings are global, and :func:`bytes_per_device` counts only the shards
-addressable by this process.
+Everything here works across hosts unchanged (`jax.distributed`): the
+shardings are global, and [`bytes_per_device`][funcopt.sharding.bytes_per_device] counts
+only the shards addressable by this process.
 """
 
 from __future__ import annotations
@@ -74,15 +76,15 @@ AxisName = str | Sequence[str]
 
 
 def replicated(mesh: Mesh | AbstractMesh) -> NamedSharding:
-    """A ``NamedSharding`` that keeps a full copy on every device of ``mesh``."""
+    """A `NamedSharding` that keeps a full copy on every device of `mesh`."""
     return NamedSharding(mesh, PartitionSpec())
 
 
 def param_shardings(params: PyTree) -> PyTree:
-    """The ``.sharding`` of every leaf of ``params`` (arrays or ShapeDtypeStructs).
+    """The `.sharding` of every leaf of `params` (arrays or ShapeDtypeStructs).
 
     A leaf without one (a NumPy array, a ShapeDtypeStruct made without
-    ``sharding``) gives ``None``.
+    `sharding`) gives `None`.
     """
     return jax.tree.map(lambda x: getattr(x, "sharding", None), params)
 
@@ -95,7 +97,7 @@ def _find_mesh(shardings: PyTree) -> Mesh | AbstractMesh | None:
 
 
 def _spec(sharding: Any, ndim: int) -> list | None:
-    """``sharding``'s PartitionSpec as a list of length ``ndim`` (None: unknown)."""
+    """`sharding`'s PartitionSpec as a list of length `ndim` (None: unknown)."""
     if not isinstance(sharding, NamedSharding):
         return None
     spec = list(sharding.spec)
@@ -115,12 +117,12 @@ def _axis_size(mesh: Mesh | AbstractMesh, axes: Sequence[str]) -> int:
 def _add_axis(
     spec: list, shape: Sequence[int], mesh: Mesh | AbstractMesh, axis: AxisName
 ) -> list:
-    """``spec`` with the mesh axis (or axes) ``axis`` added to one dimension.
+    """`spec` with the mesh axis (or axes) `axis` added to one dimension.
 
     The largest dimension that is not sharded yet and that the axis' size
     divides; failing that, the largest already-sharded dimension that the
     combined size divides. A leaf with no such dimension is left as it is
-    (small leaves stay replicated over ``axis``).
+    (small leaves stay replicated over `axis`).
     """
     new = _axes(axis)
     if any(a in _axes(e) for e in spec for a in new):
@@ -158,9 +160,9 @@ def _like(
     mesh: Mesh | AbstractMesh,
     zero_axis: AxisName | None,
 ) -> Any:
-    """The sharding of a buffer of ``shape`` that belongs to a parameter.
+    """The sharding of a buffer of `shape` that belongs to a parameter.
 
-    Same shape: the parameter's sharding (plus ``zero_axis``). Same rank: the
+    Same shape: the parameter's sharding (plus `zero_axis`). Same rank: the
     parameter's spec with the dimensions whose size differs unsharded
     (Adafactor's factored moments). Otherwise (0-d scalars): replicated.
     """
@@ -184,10 +186,11 @@ def zero_shardings(
     mesh: Mesh | AbstractMesh | None = None,
     zero_axis: AxisName = "data",
 ) -> PyTree:
-    """Per-leaf shardings of ``params`` further split over ``zero_axis``.
+    """Per-leaf shardings of `params` further split over `zero_axis`.
 
-    The layout of the ZeRO-sharded buffers, and the one :func:`zero_step`
-    gives params and gradients while the optimizer rule runs.
+    The layout of the ZeRO-sharded buffers, and the one
+    [`zero_step`][funcopt.sharding.zero_step] gives params and gradients while the
+    optimizer rule runs.
     """
     if param_shardings_ is None:
         param_shardings_ = param_shardings(params)
@@ -217,25 +220,26 @@ def state_shardings(
     *,
     zero_axis: AxisName | None = None,
 ) -> PyTree:
-    """The sharding of every leaf of ``opt.init(params)``'s state.
+    """The sharding of every leaf of `opt.init(params)`'s state.
 
     Args:
       opt: a funcopt optimizer, or any optax transform whose state holds
-        funcopt states (``optax.chain(fo.clip_grad_norm_transform(1.0),
-        fo.adam())``); other state leaves are replicated.
-      params: the params, concrete or abstract (``jax.ShapeDtypeStruct``);
-        only shapes and dtypes are read (``opt.init`` runs under
-        ``jax.eval_shape``).
-      param_shardings_: one sharding per leaf of ``params``; by default the
-        leaves' own ``.sharding``.
-      mesh: by default the mesh of the first ``NamedSharding``.
+        funcopt states (`optax.chain(fo.clip_grad_norm_transform(1.0),
+        fo.adam())`); other state leaves are replicated.
+      params: the params, concrete or abstract (`jax.ShapeDtypeStruct`);
+        only shapes and dtypes are read (`opt.init` runs under
+        `jax.eval_shape`).
+      param_shardings_: one sharding per leaf of `params`; by default the
+        leaves' own `.sharding`.
+      mesh: by default the mesh of the first `NamedSharding`.
       zero_axis: a mesh axis name (or names): the per-parameter buffers are
-        additionally split over it (ZeRO-style), see :func:`zero_shardings`.
+        additionally split over it (ZeRO-style), see
+        [`zero_shardings`][funcopt.sharding.zero_shardings].
 
-    Per-parameter buffers follow their parameter (see ``zero_axis``); the step
+    Per-parameter buffers follow their parameter (see `zero_axis`); the step
     counts and hyperparameters are replicated. LBFGS's flat vectors (its
     direction, previous gradient and history) are replicated, or split over
-    ``zero_axis`` when its size divides their length.
+    `zero_axis` when its size divides their length.
     """
     if param_shardings_ is None:
         param_shardings_ = param_shardings(params)
@@ -288,12 +292,12 @@ def init(
     *,
     zero_axis: AxisName | None = None,
 ) -> PyTree:
-    """``opt.init(params)``, created directly with :func:`state_shardings`.
+    """`opt.init(params)`, created directly with `state_shardings`.
 
-    ``params`` may be abstract (``jax.ShapeDtypeStruct``): the state is then
+    `params` may be abstract (`jax.ShapeDtypeStruct`): the state is then
     built by one jitted computation whose outputs are born sharded. An
-    optimizer whose state copies parameter values (schedule-free's ``z``)
-    raises ``ValueError`` there: give it the (sharded) params themselves.
+    optimizer whose state copies parameter values (schedule-free's `z`)
+    raises `ValueError` there: give it the (sharded) params themselves.
     """
     shardings = state_shardings(
         opt, params, param_shardings_, mesh, zero_axis=zero_axis
@@ -322,7 +326,7 @@ def init(
 
 
 def _reads_values(opt: Any, params: PyTree) -> bool:
-    """Whether ``opt.init``'s output depends on the parameters' values."""
+    """Whether `opt.init`'s output depends on the parameters' values."""
     closed = jax.make_jaxpr(opt.init)(params)
     inputs = set(closed.jaxpr.invars)
     reads = [v for eqn in closed.jaxpr.eqns for v in eqn.invars]
@@ -331,10 +335,10 @@ def _reads_values(opt: Any, params: PyTree) -> bool:
 
 
 def constrain(tree: PyTree, shardings: PyTree) -> PyTree:
-    """``jax.lax.with_sharding_constraint`` leaf by leaf; ``None`` leaves pass.
+    """`jax.lax.with_sharding_constraint` leaf by leaf; `None` leaves pass.
 
-    ``shardings`` has the structure of the params; ``tree`` (gradients, say)
-    may have ``None`` where a leaf has no value.
+    `shardings` has the structure of the params; `tree` (gradients, say)
+    may have `None` where a leaf has no value.
     """
     treedef: PyTreeDef = jax.tree.structure(shardings, is_leaf=lambda s: s is None)
     flat = treedef.flatten_up_to(tree)
@@ -354,18 +358,18 @@ def zero_step(
     zero_axis: AxisName = "data",
     donate: bool = False,
 ) -> Callable:
-    """A jitted ``step(params, grads, state) -> (params, state)``, ZeRO-sharded.
+    """A jitted `step(params, grads, state) -> (params, state)`, ZeRO-sharded.
 
-    The state must be laid out by ``state_shardings(..., zero_axis=zero_axis)``
-    (e.g. made by ``init(..., zero_axis=zero_axis)``). Inside, params and
-    grads are constrained to :func:`zero_shardings` (a local slice, or a
-    reduce-scatter for partial gradients), the optimizer runs on the slices,
-    and the new params are constrained back to ``param_shardings_`` (an
-    all-gather over ``zero_axis``). ``donate`` donates params and state.
+    The state must be laid out by `state_shardings(..., zero_axis=zero_axis)`
+    (e.g. made by `init(..., zero_axis=zero_axis)`). Inside, params and
+    grads are constrained to [`zero_shardings`][funcopt.sharding.zero_shardings] (a
+    local slice, or a reduce-scatter for partial gradients), the optimizer runs on the
+    slices, and the new params are constrained back to `param_shardings_` (an
+    all-gather over `zero_axis`). `donate` donates params and state.
 
     Use the same pieces inside your own train step to fuse the backward pass:
-    ``grads = constrain(grads, zero_shardings(...))`` right after
-    ``jax.grad`` is ZeRO-2 (gradients never exist unsharded over the data
+    `grads = constrain(grads, zero_shardings(...))` right after
+    `jax.grad` is ZeRO-2 (gradients never exist unsharded over the data
     axis).
     """
     if param_shardings_ is None:
@@ -387,19 +391,20 @@ def zero_step(
 
 
 def per_leaf():
-    """A context: ``opt.step`` traced inside it updates leaf by leaf.
+    """A context: `opt.step` traced inside it updates leaf by leaf.
 
     By default an elementwise optimizer may pack many small leaves into one
-    buffer per step (the multi-tensor path, ``funcopt._multi_tensor``); on
+    buffer per step (the multi-tensor path, `funcopt._multi_tensor`); on
     sharded leaves that concatenation makes XLA move data between devices.
-    Trace sharded steps inside ``with fo.sharding.per_leaf():`` (as
-    :func:`zero_step` does) so that every leaf keeps its own sharding.
+    Trace sharded steps inside `with fo.sharding.per_leaf():` (as
+    [`zero_step`][funcopt.sharding.zero_step] does) so that every leaf keeps its own
+    sharding.
     """
     return _multi_tensor.policy("never")
 
 
 def bytes_per_device(tree: PyTree) -> dict[Any, int]:
-    """Bytes of ``tree``'s arrays held by each device this process addresses.
+    """Bytes of `tree`'s arrays held by each device this process addresses.
 
     Counted from the arrays' addressable shards, so a replicated array counts
     fully on every device and a sharded one only by its shard.

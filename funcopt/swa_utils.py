@@ -1,45 +1,46 @@
-r"""Weight averaging, mirroring ``torch.optim.swa_utils``.
+r"""Weight averaging, mirroring `torch.optim.swa_utils`.
 
 ================================================  =================================
 torch                                             funcopt
 ================================================  =================================
-``swa = AveragedModel(model, avg_fn=...)``        ``swa = averaged_model(params,
-                                                  buffers, avg_fn=...)``
-``swa.update_parameters(model)``                  ``swa = swa.update_parameters(
-                                                  params, buffers)``
-``swa.module.parameters()``, ``.buffers()``       ``swa.params``, ``swa.buffers``
-``swa.n_averaged``                                ``swa.n_averaged``
-``get_ema_multi_avg_fn(decay)`` and the others    the same names
-``update_bn(loader, model)``                      ``update_bn(loader, stats_fn,
-                                                  params)`` (see there)
-``SWALR``                                         ``swalr`` (funcopt.lr_scheduler's)
+`swa = AveragedModel(model, avg_fn=...)`        `swa = averaged_model(params,
+                                                  buffers, avg_fn=...)`
+`swa.update_parameters(model)`                  `swa = swa.update_parameters(
+                                                  params, buffers)`
+`swa.module.parameters()`, `.buffers()`       `swa.params`, `swa.buffers`
+`swa.n_averaged`                                `swa.n_averaged`
+`get_ema_multi_avg_fn(decay)` and the others    the same names
+`update_bn(loader, model)`                      `update_bn(loader, stats_fn,
+                                                  params)` (see there)
+`SWALR`                                         `swalr` (funcopt.lr_scheduler's)
 ================================================  =================================
 
-:class:`AveragedModel` is a pytree of arrays (the averaged ``params``, the
-``buffers`` and ``n_averaged``) whose averaging functions are static, so
-``jax.jit(lambda swa, p: swa.update_parameters(p))`` compiles once.
+[`AveragedModel`][funcopt.swa_utils.AveragedModel] is a pytree of arrays (the averaged
+`params`, the `buffers` and `n_averaged`) whose averaging functions are static, so
+`jax.jit(lambda swa, p: swa.update_parameters(p))` compiles once.
 
-``update_parameters`` follows torch:
+`update_parameters` follows torch:
 
-1. the first call (``n_averaged == 0``) *copies* the model's values;
-2. later calls average with ``multi_avg_fn`` (per dtype group, as torch groups
-   tensors by device and dtype), else ``avg_fn`` (per array), else the
-   default SWA running mean :math:`\bar w \leftarrow \bar w + (w - \bar w)/(n+1)`,
-   torch's CPU per-tensor path (on CUDA torch takes a ``foreach`` ``lerp``
-   whose weight is rounded to float32; that is :func:`get_swa_multi_avg_fn`);
-3. buffers: torch's ``use_buffers=True`` averages the model's buffers with the
-   parameters; with ``use_buffers=False`` they are copied from the model on
+1. the first call (`n_averaged == 0`) *copies* the model's values;
+2. later calls average with `multi_avg_fn` (per dtype group, as torch groups
+   tensors by device and dtype), else `avg_fn` (per array), else the
+   default SWA running mean $\bar w \leftarrow \bar w + (w - \bar w)/(n+1)$,
+   torch's CPU per-tensor path (on CUDA torch takes a `foreach` `lerp`
+   whose weight is rounded to float32; that is
+   [`get_swa_multi_avg_fn`][funcopt.swa_utils.get_swa_multi_avg_fn]);
+3. buffers: torch's `use_buffers=True` averages the model's buffers with the
+   parameters; with `use_buffers=False` they are copied from the model on
    every call. JAX keeps batch-norm statistics and other buffers outside the
-   parameters (flax's ``batch_stats`` collection, for instance), so they are
-   a second, optional pytree ``buffers`` with the same two behaviours;
-4. ``n_averaged += 1``.
+   parameters (flax's `batch_stats` collection, for instance), so they are
+   a second, optional pytree `buffers` with the same two behaviours;
+4. `n_averaged += 1`.
 
-Functional differences: a ``multi_avg_fn`` *returns* the list of new averaged
-arrays instead of updating them in place (``avg_fn`` already returns in
-torch); ``n_averaged`` is an ``int32`` scalar array (torch: a ``long`` 0-d
+Functional differences: a `multi_avg_fn` *returns* the list of new averaged
+arrays instead of updating them in place (`avg_fn` already returns in
+torch); `n_averaged` is an `int32` scalar array (torch: a `long` 0-d
 tensor) and is what both functions receive. Results are cast to each
-averaged array's dtype, as torch's ``copy_`` does (float to int truncates).
-Integer arrays (e.g. ``num_batches_tracked``) follow torch's integer branches,
+averaged array's dtype, as torch's `copy_` does (float to int truncates).
+Integer arrays (e.g. `num_batches_tracked`) follow torch's integer branches,
 which compute in float32, torch's default dtype.
 """
 
@@ -91,17 +92,18 @@ def _check_decay(decay: float) -> None:
 
 
 def get_ema_multi_avg_fn(decay: float = 0.999) -> MultiAvgFn:
-    r"""EMA over lists of arrays: ``torch.optim.swa_utils.get_ema_multi_avg_fn``.
+    r"""EMA over lists of arrays: `torch.optim.swa_utils.get_ema_multi_avg_fn`.
 
-    .. math::
-        W^{\text{EMA}}_{t+1} = \operatorname{lerp}(W^{\text{EMA}}_t,\, W_{t+1},\,
-            1-\text{decay})
+    $$
+    W^{\text{EMA}}_{t+1} = \operatorname{lerp}(W^{\text{EMA}}_t,\, W_{t+1},\,
+        1-\text{decay})
+    $$
 
-    with torch's two-branch ``lerp`` rounding for floating (and complex)
-    arrays; integer arrays take ``avg*decay + p*(1-decay)`` in float32. Raises
-    ``ValueError`` for ``decay`` outside [0, 1]. Because of the first-call copy
-    in :meth:`AveragedModel.update_parameters`, the EMA starts from the first
-    model values.
+    with torch's two-branch `lerp` rounding for floating (and complex)
+    arrays; integer arrays take `avg*decay + p*(1-decay)` in float32. Raises
+    `ValueError` for `decay` outside [0, 1]. Because of the first-call copy in
+    [`AveragedModel.update_parameters`][funcopt.swa_utils.AveragedModel.update_parameters],
+    the EMA starts from the first model values.
     """
     _check_decay(decay)
     weight = 1 - decay
@@ -119,13 +121,13 @@ def get_ema_multi_avg_fn(decay: float = 0.999) -> MultiAvgFn:
 
 
 def get_swa_multi_avg_fn() -> MultiAvgFn:
-    r"""SWA over lists of arrays: ``torch.optim.swa_utils.get_swa_multi_avg_fn``.
+    r"""SWA over lists of arrays: `torch.optim.swa_utils.get_swa_multi_avg_fn`.
 
-    For floating arrays ``lerp(avg, p, 1/(n+1))`` where, as in torch (``1 /
-    tensor`` is ``tensor.reciprocal()`` in float32, torch's default dtype),
-    the weight is the **float32** reciprocal of ``n + 1``: in float64 this
-    differs from :func:`get_swa_avg_fn` at the 1e-8 level. Integer arrays
-    raise, as torch's integer ``addcdiv`` does.
+    For floating arrays `lerp(avg, p, 1/(n+1))` where, as in torch (`1 /
+    tensor` is `tensor.reciprocal()` in float32, torch's default dtype),
+    the weight is the **float32** reciprocal of `n + 1`: in float64 this
+    differs from [`get_swa_avg_fn`][funcopt.swa_utils.get_swa_avg_fn] at the 1e-8 level.
+    Integer arrays raise, as torch's integer `addcdiv` does.
     """
 
     def swa_update(averaged_list, current_list, num_averaged):
@@ -148,15 +150,16 @@ def get_swa_multi_avg_fn() -> MultiAvgFn:
 
 
 def get_ema_avg_fn(decay: float = 0.999) -> AvgFn:
-    r"""EMA of one array: ``torch.optim.swa_utils.get_ema_avg_fn``.
+    r"""EMA of one array: `torch.optim.swa_utils.get_ema_avg_fn`.
 
-    .. math::
-        W^{\text{EMA}}_{t+1} = \text{decay}\cdot W^{\text{EMA}}_t
-            + (1-\text{decay})\cdot W_{t+1}
+    $$
+    W^{\text{EMA}}_{t+1} = \text{decay}\cdot W^{\text{EMA}}_t
+        + (1-\text{decay})\cdot W_{t+1}
+    $$
 
-    as written (a multiply-add, which rounds differently from the ``lerp`` of
-    :func:`get_ema_multi_avg_fn`). Raises ``ValueError`` for ``decay``
-    outside [0, 1].
+    as written (a multiply-add, which rounds differently from the `lerp` of
+    [`get_ema_multi_avg_fn`][funcopt.swa_utils.get_ema_multi_avg_fn]). Raises
+    `ValueError` for `decay` outside [0, 1].
     """
     _check_decay(decay)
 
@@ -168,12 +171,13 @@ def get_ema_avg_fn(decay: float = 0.999) -> AvgFn:
 
 
 def get_swa_avg_fn() -> AvgFn:
-    r"""SWA of one array: ``torch.optim.swa_utils.get_swa_avg_fn``.
+    r"""SWA of one array: `torch.optim.swa_utils.get_swa_avg_fn`.
 
-    .. math::
-        \bar W_{n+1} = \bar W_n + \frac{W - \bar W_n}{n + 1}
+    $$
+    \bar W_{n+1} = \bar W_n + \frac{W - \bar W_n}{n + 1}
+    $$
 
-    (``n + 1`` converted to the array's dtype; integer arrays divide in
+    (`n + 1` converted to the array's dtype; integer arrays divide in
     float32, torch's true division of integers).
     """
 
@@ -190,17 +194,17 @@ def get_swa_avg_fn() -> AvgFn:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class AveragedModel:
-    """Averaged parameters (and buffers): ``torch.optim.swa_utils.AveragedModel``.
+    """Averaged parameters (and buffers): `torch.optim.swa_utils.AveragedModel`.
 
-    Build it with :func:`averaged_model`. A pytree: ``params``, ``buffers``
-    and ``n_averaged`` are its leaves; the averaging functions and
-    ``use_buffers`` are static.
+    Build it with [`averaged_model`][funcopt.swa_utils.averaged_model]. A pytree:
+    `params`, `buffers` and `n_averaged` are its leaves; the averaging functions and
+    `use_buffers` are static.
 
     Attributes:
-      params: the averaged parameters (torch's ``swa.module.parameters()``).
-      buffers: the averaged (``use_buffers=True``) or copied buffers, or
-        ``None`` when the model has none.
-      n_averaged: ``int32`` scalar, how many models were averaged.
+      params: the averaged parameters (torch's `swa.module.parameters()`).
+      buffers: the averaged (`use_buffers=True`) or copied buffers, or
+        `None` when the model has none.
+      n_averaged: `int32` scalar, how many models were averaged.
     """
 
     params: PyTree
@@ -215,10 +219,10 @@ class AveragedModel:
     def update_parameters(
         self, params: PyTree, buffers: PyTree = None
     ) -> AveragedModel:
-        """``swa.update_parameters(model)``: a new :class:`AveragedModel`.
+        """`swa.update_parameters(model)`: a new `AveragedModel`.
 
-        ``params`` (and ``buffers``) must have the structure, shapes and
-        dtypes given to :func:`averaged_model`.
+        `params` (and `buffers`) must have the structure, shapes and
+        dtypes given to [`averaged_model`][funcopt.swa_utils.averaged_model].
         """
         params_flat, params_def = _flatten_like(self.params, params, "params")
         buffers_flat, buffers_def = _flatten_like(self.buffers, buffers, "buffers")
@@ -282,22 +286,22 @@ def averaged_model(
     multi_avg_fn: MultiAvgFn | None = None,
     use_buffers: bool = False,
 ) -> AveragedModel:
-    """``torch.optim.swa_utils.AveragedModel`` for a pytree of parameters.
+    """`torch.optim.swa_utils.AveragedModel` for a pytree of parameters.
 
     Args:
       params: the model's parameters (any pytree of arrays); the averaged
-        copy starts as them, with ``n_averaged = 0``.
+        copy starts as them, with `n_averaged = 0`.
       buffers: optional second pytree of model state that is not trained
-        (batch-norm running statistics, ...), torch's ``model.buffers()``.
-      device: if given, the copies are placed there (``jax.device_put``).
-      avg_fn: ``avg_fn(averaged, current, n_averaged) -> new``, per array.
-      multi_avg_fn: ``multi_avg_fn(averaged_list, current_list, n_averaged)
-        -> new_list``, per dtype group (torch updates the lists in place).
-      use_buffers: average ``buffers`` with the parameters (``True``) or copy
-        them from the model at every update (``False``, torch's default).
+        (batch-norm running statistics, ...), torch's `model.buffers()`.
+      device: if given, the copies are placed there (`jax.device_put`).
+      avg_fn: `avg_fn(averaged, current, n_averaged) -> new`, per array.
+      multi_avg_fn: `multi_avg_fn(averaged_list, current_list, n_averaged)
+        -> new_list`, per dtype group (torch updates the lists in place).
+      use_buffers: average `buffers` with the parameters (`True`) or copy
+        them from the model at every update (`False`, torch's default).
 
-    Giving both ``avg_fn`` and ``multi_avg_fn`` raises torch's
-    ``AssertionError``. Neither gives the SWA running mean.
+    Giving both `avg_fn` and `multi_avg_fn` raises torch's
+    `AssertionError`. Neither gives the SWA running mean.
     """
     if avg_fn is not None and multi_avg_fn is not None:
         raise AssertionError("Only one of avg_fn and multi_avg_fn should be provided")
@@ -348,26 +352,26 @@ def update_bn(
     stats_fn: Callable[[PyTree, jax.Array], PyTree],
     params: PyTree,
 ) -> tuple[PyTree, int]:
-    r"""The functional counterpart of ``torch.optim.swa_utils.update_bn``.
+    r"""The functional counterpart of `torch.optim.swa_utils.update_bn`.
 
     torch resets every BatchNorm's running statistics, switches them to a
-    cumulative average (``momentum=None``) and runs one pass of the model over
-    ``loader`` in train mode. A JAX model keeps those statistics outside its
+    cumulative average (`momentum=None`) and runs one pass of the model over
+    `loader` in train mode. A JAX model keeps those statistics outside its
     parameters and we cannot reach into its layers, so the caller supplies
 
-    ``stats_fn(params, x) -> stats``: the per-batch statistics each
+    `stats_fn(params, x) -> stats`: the per-batch statistics each
     normalisation layer feeds its running buffers in train mode (for torch's
     BatchNorm: the batch mean and the *unbiased* batch variance), as a pytree
     shaped like the running buffers.
 
-    Returns ``(running_stats, num_batches)``: the statistics after torch's
-    recursion with :math:`f_k = 1/k` (``running = f*batch + (1-f)*running``,
+    Returns `(running_stats, num_batches)`: the statistics after torch's
+    recursion with $f_k = 1/k$ (`running = f*batch + (1-f)*running`,
     from the reset values, which the first batch replaces), i.e. what the
-    model's ``running_mean``/``running_var`` buffers would hold, and torch's
-    ``num_batches_tracked``. As in torch a ``list``/``tuple`` batch uses its
+    model's `running_mean`/`running_var` buffers would hold, and torch's
+    `num_batches_tracked`. As in torch a `list`/`tuple` batch uses its
     first element. Put the result in your model's buffers (e.g. flax's
-    ``batch_stats``) or pass it as ``buffers`` to the averaged model. With an
-    empty loader it returns ``(None, 0)`` (torch leaves the reset values).
+    `batch_stats`) or pass it as `buffers` to the averaged model. With an
+    empty loader it returns `(None, 0)` (torch leaves the reset values).
     """
     running = None
     count = 0

@@ -1,68 +1,72 @@
-"""PyTorch interop: ``optimizer.state_dict()``, scheduler states and module weights.
+"""PyTorch interop: `optimizer.state_dict()`, scheduler states and module weights.
 
-Needs the ``torch`` extra; torch is imported inside the functions only, so
-``import funcopt`` never imports it. Import this module explicitly::
+Needs the `torch` extra; torch is imported inside the functions only, so
+`import funcopt` never imports it. Import this module explicitly:
 
-    import funcopt.torch_interop as fti
+```python
+import funcopt.torch_interop as fti
 
-    sd = fti.state_dict(opt, state, params)          # -> torch_opt.load_state_dict(sd)
-    state = fti.load_state_dict(opt, params, torch_opt.state_dict())
-    ssd = fti.scheduler_state_dict(sched, sched_state, state)
-    sched_state = fti.load_scheduler_state_dict(sched, state, torch_sched.state_dict(),
-                                                torch_opt.state_dict())
+sd = fti.state_dict(opt, state, params)          # -> torch_opt.load_state_dict(sd)
+state = fti.load_state_dict(opt, params, torch_opt.state_dict())
+ssd = fti.scheduler_state_dict(sched, sched_state, state)
+sched_state = fti.load_scheduler_state_dict(sched, state, torch_sched.state_dict(),
+                                            torch_opt.state_dict())
+```
 
 **Parameter order (torch's integer ids).** Torch numbers parameters 0, 1, ...
-walking ``optimizer.param_groups`` in order and each group's ``params`` in
-order. funcopt's order is: groups in :func:`funcopt.get_lr` order (the
-``"default"`` group first, then the ``param_groups`` overrides in dict
+walking `optimizer.param_groups` in order and each group's `params` in
+order. funcopt's order is: groups in [`funcopt.get_lr`][funcopt.get_lr] order (the
+`"default"` group first, then the `param_groups` overrides in dict
 order); within a group, the *trainable* (floating-point) leaves of
-``jax.tree.leaves(params)`` in that order (dict keys sorted, as JAX flattens
-them). :func:`param_names` lists those leaves as dotted names, so the
-matching torch optimizer is ``torch.optim.X([model.get_parameter(n) for n in
-param_names(params)], ...)`` (one group) -- see :func:`torch_param_groups`.
+`jax.tree.leaves(params)` in that order (dict keys sorted, as JAX flattens
+them). [`param_names`][funcopt.torch_interop.param_names] lists those leaves as dotted
+names, so the matching torch optimizer is
+`torch.optim.X([model.get_parameter(n) for n in param_names(params)], ...)` (one group)
+-- see [`torch_param_groups`][funcopt.torch_interop.torch_param_groups].
 
 **State.** Exported entries follow torch's lazy creation: a parameter has an
-entry once it has had a gradient (``state.step > 0``); Adagrad's state is
-eager (every parameter, ``step = 0`` included); SGD keeps only
-``momentum_buffer``, and only in groups built with ``momentum != 0``.
-``step`` is a 0-dim tensor of torch's scalar dtype (float32, float64 under a
-float64 default dtype), a Python ``int`` for SparseAdam; SGD and Muon keep
-none. NAdam's ``mu_product`` and ASGD's ``eta``/``mu`` are 0-dim float32
+entry once it has had a gradient (`state.step > 0`); Adagrad's state is
+eager (every parameter, `step = 0` included); SGD keeps only
+`momentum_buffer`, and only in groups built with `momentum != 0`.
+`step` is a 0-dim tensor of torch's scalar dtype (float32, float64 under a
+float64 default dtype), a Python `int` for SparseAdam; SGD and Muon keep
+none. NAdam's `mu_product` and ASGD's `eta`/`mu` are 0-dim float32
 tensors; buffers have the parameter's dtype and shape (Adafactor's
-``row_var``/``col_var`` torch's keepdim shapes). Entries are listed in id
-order (torch lists them in creation order; ``load_state_dict`` does not care).
+`row_var`/`col_var` torch's keepdim shapes). Entries are listed in id
+order (torch lists them in creation order; `load_state_dict` does not care).
 
-**Hyperparameters.** Every key of torch's ``param_groups`` is written,
-``foreach``/``fused``/``capturable``/``differentiable`` included, with the
+**Hyperparameters.** Every key of torch's `param_groups` is written,
+`foreach`/`fused`/`capturable`/`differentiable` included, with the
 *current* values held in the state (so a scheduler's lr is exported). A
 value equal to the optimizer's Python argument after rounding to the state's
 dtype is written as that Python value (float32 states do not perturb
-``lr=0.1``). Scheduler-added keys (``initial_lr``, ``max_lr``, ``min_lr``,
-``max_momentum``, ``base_momentum``, ``swa_lr``) are added when
-``state_dict`` gets the scheduler and its state.
+`lr=0.1`). Scheduler-added keys (`initial_lr`, `max_lr`, `min_lr`,
+`max_momentum`, `base_momentum`, `swa_lr`) are added when
+`state_dict` gets the scheduler and its state.
 
 On import, numeric hyperparameters come from the torch groups, as torch's
-``load_state_dict`` takes them; static options (``maximize``, ``amsgrad``,
-``nesterov``, ``centered``, ``decoupled_weight_decay``, LBFGS's
-``max_iter``/``history_size``/...) select code paths in funcopt and must equal
-the funcopt optimizer's, else ``ValueError`` names the key and both values.
-Torch-only switches (``foreach``, ...) and scheduler keys are ignored.
+`load_state_dict` takes them; static options (`maximize`, `amsgrad`,
+`nesterov`, `centered`, `decoupled_weight_decay`, LBFGS's
+`max_iter`/`history_size`/...) select code paths in funcopt and must equal
+the funcopt optimizer's, else `ValueError` names the key and both values.
+Torch-only switches (`foreach`, ...) and scheduler keys are ignored.
 SGD and Muon keep no step count in torch; an imported parameter with state
-gets ``step = 1`` (funcopt only tests "has a buffer"), without state 0.
+gets `step = 1` (funcopt only tests "has a buffer"), without state 0.
 
-**Module weights.** :func:`module_state_dict_to_params` turns
-``model.state_dict()`` (or ``dict(model.named_parameters())``) into nested
-dicts split at the dots: ``"encoder.0.weight"`` becomes
-``params["encoder"]["0"]["weight"]`` (every key a string, list indices
-too). Arrays keep torch's layout: ``nn.Linear``'s ``weight`` is ``(out,
-in)``, so the JAX forward pass is ``x @ w.T + b``. Transposing to JAX's
-``(in, out)`` convention is the user's choice; keep torch's layout when
+**Module weights.**
+[`module_state_dict_to_params`][funcopt.torch_interop.module_state_dict_to_params] turns
+`model.state_dict()` (or `dict(model.named_parameters())`) into nested
+dicts split at the dots: `"encoder.0.weight"` becomes
+`params["encoder"]["0"]["weight"]` (every key a string, list indices
+too). Arrays keep torch's layout: `nn.Linear`'s `weight` is `(out,
+in)`, so the JAX forward pass is `x @ w.T + b`. Transposing to JAX's
+`(in, out)` convention is the user's choice; keep torch's layout when
 matching torch, since Muon's shape scale and Adafactor's row/column factors
-depend on it. :func:`params_to_module_state_dict` is the inverse (any pytree;
-its key path joined with dots). Buffers (``running_mean``,
-``num_batches_tracked``) come along with ``state_dict()``; float buffers are
-then trainable leaves for funcopt, so pass ``named_parameters()`` to build
-the tree an optimizer sees.
+depend on it.
+[`params_to_module_state_dict`][funcopt.torch_interop.params_to_module_state_dict] is
+the inverse (any pytree; its key path joined with dots). Buffers (`running_mean`,
+`num_batches_tracked`) come along with `state_dict()`; float buffers are then trainable
+leaves for funcopt, so pass `named_parameters()` to build the tree an optimizer sees.
 """
 
 from __future__ import annotations
@@ -112,7 +116,7 @@ def _torch():
 
 
 def _scalar_dtype():
-    """torch's ``_get_scalar_dtype()``: the dtype of ``state["step"]``."""
+    """torch's `_get_scalar_dtype()`: the dtype of `state["step"]`."""
     torch = _torch()
     if torch.get_default_dtype() == torch.float64:
         return torch.float64
@@ -143,7 +147,7 @@ def _key_name(k: Any) -> str:
 
 
 def param_names(params: Any) -> list[str]:
-    """Dotted names of the trainable leaves of ``params``, in funcopt's (and
+    """Dotted names of the trainable leaves of `params`, in funcopt's (and
     the exported state dict's) parameter order within one group."""
     out = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
@@ -153,9 +157,9 @@ def param_names(params: Any) -> list[str]:
 
 
 def torch_param_groups(opt: Any, params: Any, module: Any) -> list[dict[str, Any]]:
-    """torch ``param_groups`` for ``module`` that match funcopt's ids:
-    ``[{"params": [module.get_parameter(name), ...]}, ...]`` in group order,
-    with each group's overrides (so ``torch.optim.X(groups, **defaults)``
+    """torch `param_groups` for `module` that match funcopt's ids:
+    `[{"params": [module.get_parameter(name), ...]}, ...]` in group order,
+    with each group's overrides (so `torch.optim.X(groups, **defaults)`
     builds the equivalent torch optimizer)."""
     names = param_names(params)
     layout = _layout(opt, params)
@@ -172,7 +176,7 @@ def torch_param_groups(opt: Any, params: Any, module: Any) -> list[dict[str, Any
 
 
 class _Layout:
-    """Groups and torch ids of the trainable leaves of ``params``."""
+    """Groups and torch ids of the trainable leaves of `params`."""
 
     def __init__(self, definition_groups, params):
         self.leaves, self.treedef = jax.tree.flatten(params)
@@ -197,8 +201,9 @@ def _layout(opt, params) -> _Layout:
 
 
 def _py_value(value: np.ndarray, config: Any) -> Any:
-    """A hyperparameter from the state as a Python value (``config`` when it
-    rounds to the same value: keeps ``0.1`` exact in float32 states)."""
+    """A hyperparameter from the state as a Python value (`config` when it
+    rounds to the same value: keeps `0.1` exact in float32 states).
+    """
     value = np.asarray(value)
     if config is not None:
         try:
@@ -357,20 +362,20 @@ def state_dict(
     sched: Any = None,
     sched_state: Any = None,
 ) -> dict[str, Any]:
-    """``torch_optimizer.state_dict()`` of the equivalent torch optimizer.
+    """`torch_optimizer.state_dict()` of the equivalent torch optimizer.
 
     Args:
-      opt: the funcopt optimizer (``fo.adam(...)``, ``fo.lbfgs(...)``, ...).
-      state: its state (``OptState`` / ``LBFGSState``).
+      opt: the funcopt optimizer (`fo.adam(...)`, `fo.lbfgs(...)`, ...).
+      state: its state (`OptState` / `LBFGSState`).
       params: the parameters the state belongs to (for the ids and groups).
-      sched: optionally a funcopt scheduler (with ``sched_state``): the keys
-        torch's schedulers add to ``param_groups`` (``initial_lr``, ...) are
-        written too, so a torch scheduler can resume with ``last_epoch >= 0``
-        or through its own ``load_state_dict``.
-      sched_state: the state of ``sched``.
+      sched: optionally a funcopt scheduler (with `sched_state`): the keys
+        torch's schedulers add to `param_groups` (`initial_lr`, ...) are
+        written too, so a torch scheduler can resume with `last_epoch >= 0`
+        or through its own `load_state_dict`.
+      sched_state: the state of `sched`.
 
-    Returns ``{"state": {id: {...}}, "param_groups": [...]}`` with torch
-    tensors, accepted by ``torch_optimizer.load_state_dict`` (module doc).
+    Returns `{"state": {id: {...}}, "param_groups": [...]}` with torch
+    tensors, accepted by `torch_optimizer.load_state_dict` (module doc).
     """
     if opt.name == "LBFGS":
         out = _lbfgs_state_dict(opt, state, params)
@@ -437,14 +442,14 @@ def _state_dict(opt, state, params):
 
 
 def load_state_dict(opt: Any, params: Any, torch_state_dict: Mapping) -> Any:
-    """A funcopt state from ``torch_optimizer.state_dict()``.
+    """A funcopt state from `torch_optimizer.state_dict()`.
 
-    The torch optimizer must be the equivalent of ``opt`` on ``params``: the
+    The torch optimizer must be the equivalent of `opt` on `params`: the
     same class, the same number of groups with the same sizes (module doc
-    for the order), the same static options. Hyperparameters (``lr``, ...)
-    come from the state dict, as torch's ``load_state_dict`` takes them.
+    for the order), the same static options. Hyperparameters (`lr`, ...)
+    come from the state dict, as torch's `load_state_dict` takes them.
     Buffers are cast to the parameter's dtype (torch does the same) and must
-    have its shape. Raises ``ValueError`` naming what differs.
+    have its shape. Raises `ValueError` naming what differs.
     """
     sd = torch_state_dict
     if not isinstance(sd, Mapping) or "param_groups" not in sd or "state" not in sd:
@@ -693,17 +698,17 @@ def _floats(x: Any) -> list[float]:
 
 
 def scheduler_state_dict(sched: Any, sched_state: Any, state: Any) -> dict[str, Any]:
-    """``torch_scheduler.state_dict()`` of the equivalent torch scheduler.
+    """`torch_scheduler.state_dict()` of the equivalent torch scheduler.
 
-    ``state`` is the optimizer state the scheduler drives (its lrs are
-    ``_last_lr``). The dict holds torch's step counters (``last_epoch``,
-    ``_step_count``), ``base_lrs``, the scheduler's own state (``T_cur``,
-    ``best``, ...) and its configuration keys; the per-group keys torch keeps
-    in ``param_groups`` (``initial_lr``, OneCycleLR's ``max_lr``, ...) go into
-    the optimizer's dict: pass ``sched=, sched_state=`` to :func:`state_dict`.
-    Composite schedulers nest their children under ``_schedulers``; a child's
-    ``_last_lr`` is written as the current lrs (torch's is the lr that child
-    last computed; it is only reported, never used).
+    `state` is the optimizer state the scheduler drives (its lrs are
+    `_last_lr`). The dict holds torch's step counters (`last_epoch`,
+    `_step_count`), `base_lrs`, the scheduler's own state (`T_cur`,
+    `best`, ...) and its configuration keys; the per-group keys torch keeps
+    in `param_groups` (`initial_lr`, OneCycleLR's `max_lr`, ...) go into
+    the optimizer's dict: pass `sched=, sched_state=` to
+    [`state_dict`][funcopt.torch_interop.state_dict]. Composite schedulers nest their
+    children under `_schedulers`; a child's `_last_lr` is written as the current lrs
+    (torch's is the lr that child last computed; it is only reported, never used).
     """
     from ._hparams import get_hparam
 
@@ -804,14 +809,14 @@ def load_scheduler_state_dict(
     torch_scheduler_state_dict: Mapping,
     torch_optimizer_state_dict: Mapping | None = None,
 ) -> Any:
-    """A funcopt ``sched_state`` from ``torch_scheduler.state_dict()``.
+    """A funcopt `sched_state` from `torch_scheduler.state_dict()`.
 
-    ``state`` is the funcopt optimizer state (already loaded with
-    :func:`load_state_dict`); ``sched`` must be built with the torch
-    scheduler's arguments (configuration keys present in the dict are
-    compared; a difference raises ``ValueError``). OneCycleLR and SWALR keep
-    per-group values in torch's ``param_groups``: pass
-    ``torch_optimizer.state_dict()`` as ``torch_optimizer_state_dict``.
+    `state` is the funcopt optimizer state (already loaded with
+    [`load_state_dict`][funcopt.torch_interop.load_state_dict]); `sched` must be built
+    with the torch scheduler's arguments (configuration keys present in the dict are
+    compared; a difference raises `ValueError`). OneCycleLR and SWALR keep
+    per-group values in torch's `param_groups`: pass
+    `torch_optimizer.state_dict()` as `torch_optimizer_state_dict`.
     """
     _, template = sched.init(state)
     groups = None
@@ -948,11 +953,11 @@ def _sched_import(sched, t, sd, groups):
 
 
 def module_state_dict_to_params(module_state_dict: Mapping) -> dict[str, Any]:
-    """``model.state_dict()`` (name -> tensor) as nested dicts of JAX arrays.
+    """`model.state_dict()` (name -> tensor) as nested dicts of JAX arrays.
 
-    ``"encoder.0.weight"`` becomes ``params["encoder"]["0"]["weight"]``;
-    layouts and dtypes are kept (float64 needs ``jax_enable_x64``; without it
-    JAX stores float32). See the module doc for ``nn.Linear``'s ``(out, in)``.
+    `"encoder.0.weight"` becomes `params["encoder"]["0"]["weight"]`;
+    layouts and dtypes are kept (float64 needs `jax_enable_x64`; without it
+    JAX stores float32). See the module doc for `nn.Linear`'s `(out, in)`.
     """
     out: dict[str, Any] = {}
     for name, value in module_state_dict.items():
@@ -972,10 +977,11 @@ def module_state_dict_to_params(module_state_dict: Mapping) -> dict[str, Any]:
 
 
 def params_to_module_state_dict(params: Any) -> collections.OrderedDict:
-    """A pytree of arrays as ``{dotted name: torch.Tensor}`` for
-    ``model.load_state_dict`` (the inverse of
-    :func:`module_state_dict_to_params`; any pytree, its key path joined
-    with dots)."""
+    """A pytree of arrays as `{dotted name: torch.Tensor}` for
+    `model.load_state_dict` (the inverse of
+    [`module_state_dict_to_params`][funcopt.torch_interop.module_state_dict_to_params];
+    any pytree, its key path joined with dots).
+    """
     out = collections.OrderedDict()
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         out[".".join(_key_name(k) for k in path)] = _to_tensor(leaf)
@@ -983,9 +989,10 @@ def params_to_module_state_dict(params: Any) -> collections.OrderedDict:
 
 
 def _loop_rounding(size: int, trials: int, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Per element of a ``size``-element 16-bit ``x.add(o, alpha=a)``: did it
+    """Per element of a `size`-element 16-bit `x.add(o, alpha=a)`: did it
     ever round as torch's vectorised loop alone, and as its scalar loop alone
-    (``alpha*o`` rounded to 16 bits first)?"""
+    (`alpha*o` rounded to 16 bits first)?
+    """
     torch = _torch()
     rng = np.random.default_rng(0)
     alpha = 0.1234567
@@ -1007,8 +1014,8 @@ def _loop_rounding(size: int, trials: int, dtype) -> tuple[np.ndarray, np.ndarra
 
 
 def _scalar_loop_start(size: int, trials: int, dtype) -> int | None:
-    """Where torch's scalar loop starts in a ``size``-element 16-bit op:
-    ``size`` if it never ran, ``None`` if no element ever rounded as the
+    """Where torch's scalar loop starts in a `size`-element 16-bit op:
+    `size` if it never ran, `None` if no element ever rounded as the
     vectorised loop does (there is none)."""
     vectorised, scalar = _loop_rounding(size, trials, dtype)
     if not vectorised.any():
@@ -1026,14 +1033,14 @@ def measure_torch_cpu_block(trials: int = 256) -> int | None:
     """The block size of this process's torch CPU loop for 16-bit tensors.
 
     torch runs a 16-bit elementwise op in vectorised blocks and the last
-    elements in a scalar loop, and the two round ``add(other, alpha=)``
+    elements in a scalar loop, and the two round `add(other, alpha=)`
     differently. This runs that op on random data and finds where the scalar
-    loop starts: 32 on x86 with AVX2 or AVX-512, ``None`` when torch runs no
-    vectorised loop (``ATEN_CPU_CAPABILITY=default``). Pass the result to
-    :func:`funcopt.precision.set_torch_cpu_block` so bfloat16/float16 steps
-    round as that torch does. Raises ``RuntimeError`` if the rounding does not
-    split into power-of-two blocks (up to 4096) and a tail, the same for
-    bfloat16 and float16.
+    loop starts: 32 on x86 with AVX2 or AVX-512, `None` when torch runs no
+    vectorised loop (`ATEN_CPU_CAPABILITY=default`). Pass the result to
+    [`funcopt.precision.set_torch_cpu_block`][funcopt.precision.set_torch_cpu_block] so
+    bfloat16/float16 steps round as that torch does. Raises `RuntimeError` if the
+    rounding does not split into power-of-two blocks (up to 4096) and a tail, the same
+    for bfloat16 and float16.
     """
     torch = _torch()
     blocks = set()

@@ -1,4 +1,4 @@
-"""``TrainState``: torch's ``backward`` / ``step`` / ``zero_grad`` as a pure pytree."""
+"""`TrainState`: torch's `backward` / `step` / `zero_grad` as a pure pytree."""
 
 from __future__ import annotations
 
@@ -23,27 +23,27 @@ class TrainState:
     ============================  ==================================================
     torch                         funcopt
     ============================  ==================================================
-    ``loss.backward()``           ``ts, loss = ts.backward(loss_fn, *args)``
-    ``optimizer.step()``          ``ts = ts.step()``
-    ``optimizer.zero_grad()``     ``ts = ts.zero_grad()`` (``set_to_none=True``)
-    ``clip_grad_norm_(ps, m)``    ``ts, total = ts.clip_grad_norm(m)``
-    ``clip_grad_value_(ps, c)``   ``ts = ts.clip_grad_value(c)``
+    `loss.backward()`           `ts, loss = ts.backward(loss_fn, *args)`
+    `optimizer.step()`          `ts = ts.step()`
+    `optimizer.zero_grad()`     `ts = ts.zero_grad()` (`set_to_none=True`)
+    `clip_grad_norm_(ps, m)`    `ts, total = ts.clip_grad_norm(m)`
+    `clip_grad_value_(ps, c)`   `ts = ts.clip_grad_value(c)`
     ============================  ==================================================
 
-    ``backward`` *adds* the new gradient to ``grads``, so two calls without a
-    ``zero_grad`` accumulate, exactly as in torch. A parameter whose gradient
-    is "None" (never computed, or cleared with ``set_to_none=True``) is
-    skipped by ``step`` with its state, as torch skips ``p.grad is None``;
-    ``step`` before any ``backward`` is a no-op, and a stale gradient is
-    reused. "None" is a per-leaf boolean (``grad_defined``) next to a zero
+    `backward` *adds* the new gradient to `grads`, so two calls without a
+    `zero_grad` accumulate, exactly as in torch. A parameter whose gradient
+    is "None" (never computed, or cleared with `set_to_none=True`) is
+    skipped by `step` with its state, as torch skips `p.grad is None`;
+    `step` before any `backward` is a no-op, and a stale gradient is
+    reused. "None" is a per-leaf boolean (`grad_defined`) next to a zero
     array, so the pytree structure never changes and a whole train step is
-    one ``jax.jit``.
+    one `jax.jit`.
 
     Attributes:
       params: the parameters (any pytree).
-      grads: accumulated gradients, zeros where undefined; ``None`` for
+      grads: accumulated gradients, zeros where undefined; `None` for
         leaves that are not trainable (not floating point).
-      grad_defined: one boolean per leaf, torch's ``p.grad is not None``.
+      grad_defined: one boolean per leaf, torch's `p.grad is not None`.
       opt_state: the optimizer's state.
       opt: the optimizer (static).
     """
@@ -56,7 +56,7 @@ class TrainState:
 
     @classmethod
     def create(cls, params: PyTree, opt: Optimizer) -> TrainState:
-        """A fresh state: no gradients yet (torch's ``p.grad is None``)."""
+        """A fresh state: no gradients yet (torch's `p.grad is None`)."""
         return cls(
             params=params,
             grads=_zero_grads(params),
@@ -68,12 +68,12 @@ class TrainState:
     def backward(
         self, loss_fn: Callable[..., jax.Array], *args: Any, **kwargs: Any
     ) -> tuple[TrainState, jax.Array]:
-        """``loss = loss_fn(params, *args, **kwargs); loss.backward()``.
+        """`loss = loss_fn(params, *args, **kwargs); loss.backward()`.
 
-        Returns ``(new_state, loss)``; the gradient of every trainable leaf
-        the loss depends on is added to ``grads`` and marked defined. Leaves
+        Returns `(new_state, loss)`; the gradient of every trainable leaf
+        the loss depends on is added to `grads` and marked defined. Leaves
         the loss does not use keep their gradient, as in torch (where they
-        stay ``None``; ``jax.grad`` alone would report zeros).
+        stay `None`; `jax.grad` alone would report zeros).
         """
         treedef: PyTreeDef
         leaves, treedef = jax.tree.flatten(self.params)
@@ -102,7 +102,7 @@ class TrainState:
         return new_state, loss
 
     def step(self) -> TrainState:
-        """``optimizer.step()`` with the accumulated gradients."""
+        """`optimizer.step()` with the accumulated gradients."""
         params, opt_state = self.opt.step(
             self.params, self.grads, self.opt_state, has_grad=self.grad_defined
         )
@@ -115,12 +115,12 @@ class TrainState:
         error_if_nonfinite: bool = False,
         foreach: bool | None = None,
     ) -> tuple[TrainState, jax.Array]:
-        """``total = clip_grad_norm_(params, max_norm, norm_type)`` on ``grads``.
+        """`total = clip_grad_norm_(params, max_norm, norm_type)` on `grads`.
 
-        Returns ``(new_state, total_norm)``. Only defined gradients count in
-        the norm and are scaled, as torch skips ``p.grad is None``. The total
+        Returns `(new_state, total_norm)`. Only defined gradients count in
+        the norm and are scaled, as torch skips `p.grad is None`. The total
         is in the promoted dtype of all trainable leaves (torch promotes only
-        over the defined ones). See :func:`funcopt.clip_grad_norm`.
+        over the defined ones). See [`funcopt.clip_grad_norm`][funcopt.clip_grad_norm].
         """
         grads, total = _clip.clip_grad_norm(
             self.grads,
@@ -135,18 +135,18 @@ class TrainState:
     def clip_grad_value(
         self, clip_value: float, foreach: bool | None = None
     ) -> TrainState:
-        """``clip_grad_value_(params, clip_value)`` on the defined ``grads``."""
+        """`clip_grad_value_(params, clip_value)` on the defined `grads`."""
         grads = _clip.clip_grad_value(
             self.grads, clip_value, foreach, has_grad=self.grad_defined
         )
         return dataclasses.replace(self, grads=grads)
 
     def zero_grad(self, set_to_none: bool = True) -> TrainState:
-        """``optimizer.zero_grad(set_to_none)``.
+        """`optimizer.zero_grad(set_to_none)`.
 
-        ``set_to_none=True`` (torch's default) makes every gradient undefined,
-        so the next ``step`` skips parameters that get no new gradient;
-        ``set_to_none=False`` keeps them defined as zeros, so weight decay and
+        `set_to_none=True` (torch's default) makes every gradient undefined,
+        so the next `step` skips parameters that get no new gradient;
+        `set_to_none=False` keeps them defined as zeros, so weight decay and
         momentum still act on them.
         """
         defined = self.grad_defined
@@ -158,12 +158,12 @@ class TrainState:
 
 
 def _inputs_reaching_output(fn: Callable, args: list) -> list[bool]:
-    """Which of ``fn``'s inputs the output depends on (torch's autograd graph).
+    """Which of `fn`'s inputs the output depends on (torch's autograd graph).
 
-    torch leaves ``p.grad`` as None for a parameter the loss never used;
-    ``jax.grad`` returns zeros for it. Dead-code elimination of the traced
+    torch leaves `p.grad` as None for a parameter the loss never used;
+    `jax.grad` returns zeros for it. Dead-code elimination of the traced
     loss tells them apart. It follows data flow, so an input used only
-    through ``stop_gradient`` counts as used (torch's ``detach`` would give
+    through `stop_gradient` counts as used (torch's `detach` would give
     None). If JAX's internal DCE is unavailable, every input counts as used.
     """
     try:

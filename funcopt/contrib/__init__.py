@@ -1,19 +1,22 @@
 """Optimizers from the torch ecosystem, exact against their reference packages.
 
-Each is written with :func:`funcopt.make_optimizer` and mirrors one class of a
-PyPI package (pinned in ``constraints.txt``, tested by the parity table):
+Each is written with [`funcopt.make_optimizer`][funcopt.make_optimizer] and mirrors one
+class of a PyPI package (pinned in `constraints.txt`, tested by the parity table):
 
-* :func:`adamw_schedule_free`, :func:`sgd_schedule_free`:
-  ``schedulefree.AdamWScheduleFree`` / ``SGDScheduleFree``, with
-  :func:`schedulefree_eval_params` / :func:`schedulefree_train_params` for
-  torch's ``optimizer.eval()`` / ``train()``;
-* :func:`lion`: ``lion_pytorch.Lion``;
-* :func:`prodigy`: ``prodigyopt.Prodigy``;
-* :func:`lamb`, :func:`adan`: ``pytorch_optimizer.Lamb`` / ``Adan``.
+* [`adamw_schedule_free`][funcopt.contrib.adamw_schedule_free],
+  [`sgd_schedule_free`][funcopt.contrib.sgd_schedule_free]:
+  `schedulefree.AdamWScheduleFree` / `SGDScheduleFree`, with
+  [`schedulefree_eval_params`][funcopt.contrib.schedulefree_eval_params] /
+  [`schedulefree_train_params`][funcopt.contrib.schedulefree_train_params] for torch's
+  `optimizer.eval()` / `train()`;
+* [`lion`][funcopt.contrib.lion.lion]: `lion_pytorch.Lion`;
+* [`prodigy`][funcopt.contrib.prodigy.prodigy]: `prodigyopt.Prodigy`;
+* [`lamb`][funcopt.contrib.lamb.lamb], [`adan`][funcopt.contrib.adan.adan]:
+  `pytorch_optimizer.Lamb` / `Adan`.
 
 Group-level scalars and cross-parameter reductions (schedule-free's weight
-sums, Prodigy's ``d``, global gradient norms) use
-:func:`funcopt.contrib._grouped.with_group_state`.
+sums, Prodigy's `d`, global gradient norms) use
+`funcopt.contrib._grouped.with_group_state`.
 """
 
 from .adan import adan as adan

@@ -1,32 +1,33 @@
-"""Group-level state and cross-leaf reductions on top of :func:`make_optimizer`.
+"""Group-level state and cross-leaf reductions on top of `make_optimizer`.
 
-Several ecosystem optimizers keep scalars in torch's ``param_groups`` that
-change every step (schedule-free's ``k``/``weight_sum``/``lr_max``, LAMB's and
-Adan's group ``step``, Prodigy's ``d``), and some reduce over *all* parameters
-before updating any (Prodigy's ``d`` estimate, a global gradient norm). The
+Several ecosystem optimizers keep scalars in torch's `param_groups` that
+change every step (schedule-free's `k`/`weight_sum`/`lr_max`, LAMB's and
+Adan's group `step`, Prodigy's `d`), and some reduce over *all* parameters
+before updating any (Prodigy's `d` estimate, a global gradient norm). The
 per-array rule protocol cannot write group values or see other leaves, so
-:func:`with_group_state` wraps an optimizer built by ``make_optimizer`` in
-two extra, pure steps around its ``step``:
+`with_group_state` wraps an optimizer built by `make_optimizer` in
+two extra, pure steps around its `step`:
 
-1. ``leaf_stats(param, grad, slots, step, hparams, options) -> {name: scalar}``
+1. `leaf_stats(param, grad, slots, step, hparams, options) -> {name: scalar}`
    (optional) runs on every parameter that has a gradient, *before* any
    update, with the rule's arguments: torch's first pass.
-2. ``prepare(hparams, stats) -> GroupStep`` runs once: ``hparams`` are the
-   state's ``{name: array[n_groups, ...]}``; ``stats`` is a list, in torch's
-   parameter order, of ``(group, active, {name: scalar})`` (``active`` a
-   bool, traced under ``has_grad``). It returns the hyperparameters the rule
+2. `prepare(hparams, stats) -> GroupStep` runs once: `hparams` are the
+   state's `{name: array[n_groups, ...]}`; `stats` is a list, in torch's
+   parameter order, of `(group, active, {name: scalar})` (`active` a
+   bool, traced under `has_grad`). It returns the hyperparameters the rule
    sees this step and those stored in the new state (both with the
    optimizer's hyperparameter names), optionally a scalar every gradient is
-   multiplied by first (a global-norm clip, torch's ``grad.mul_(scale)``) and
-   a traced ``skip`` flag (torch returned early: the per-parameter step
+   multiplied by first (a global-norm clip, torch's `grad.mul_(scale)`) and
+   a traced `skip` flag (torch returned early: the per-parameter step
    counts stay; the rule must leave what torch leaves).
 
-The group scalars live in ``OptState.hparams`` next to ``lr``, exactly where
-torch keeps them (``get_hparam(state, "k")`` is ``[g["k"] for g in
-param_groups]``). The result is an ordinary :class:`funcopt.Optimizer` (init,
-update, step, jit, groups, ``get_lr``/``set_lr``, schedulers); it has no
-``definition``, so rule rewriters such as :func:`funcopt.precision_policy`,
-which would drop the group step, refuse it.
+The group scalars live in `OptState.hparams` next to `lr`, exactly where
+torch keeps them (`get_hparam(state, "k")` is `[g["k"] for g in
+param_groups]`). The result is an ordinary
+[`funcopt.Optimizer`][funcopt.Optimizer] (init, update, step, jit, groups,
+`get_lr`/`set_lr`, schedulers); it has no `definition`, so rule rewriters
+such as [`funcopt.precision_policy`][funcopt.precision_policy], which would
+drop the group step, refuse it.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from .._tree import flatten_grads, is_trainable
 
 
 class GroupStep(NamedTuple):
-    """What ``prepare`` returns (see the module doc)."""
+    """What `prepare` returns (see the module doc)."""
 
     rule_hparams: dict[str, jax.Array]
     stored_hparams: dict[str, jax.Array]
@@ -82,7 +83,7 @@ def with_group_state(
     prepare: Prepare,
     leaf_stats: Callable[..., dict[str, jax.Array]] | None = None,
 ) -> Optimizer:
-    """``inner`` with a per-step group update (and reduction) before its rule."""
+    """`inner` with a per-step group update (and reduction) before its rule."""
 
     def step_fn(params, grads, state, has_grad):
         # the inner step's trace-time checks, before the group step reads state
@@ -141,7 +142,7 @@ def with_group_state(
 
 
 def sequential_sum(terms: list[jax.Array], dtype) -> jax.Array:
-    """``total = 0.0; for t in terms: total += t``: Python's order and rounding."""
+    """`total = 0.0; for t in terms: total += t`: Python's order and rounding."""
     total = jnp.zeros((), dtype)
     for t in terms:
         total = total + t.astype(dtype)
@@ -149,12 +150,12 @@ def sequential_sum(terms: list[jax.Array], dtype) -> jax.Array:
 
 
 def global_grad_scale(stats, max_grad_norm: float, eps: float) -> jax.Array:
-    """pytorch-optimizer's ``get_global_gradient_norm`` clip factor.
+    """pytorch-optimizer's `get_global_gradient_norm` clip factor.
 
-    ``clamp(max_grad_norm / (sqrt(sum(float32(norm(g))**2)) + eps), max=1)``,
-    in float32 as the reference computes it (``stats`` carry ``"norm"``, the
-    norm of each gradient in its own dtype); ``1.0`` when ``max_grad_norm``
-    is 0. The division is torch's ``__rtruediv__``: a reciprocal, then a
+    `clamp(max_grad_norm / (sqrt(sum(float32(norm(g))**2)) + eps), max=1)`,
+    in float32 as the reference computes it (`stats` carry `"norm"`, the
+    norm of each gradient in its own dtype); `1.0` when `max_grad_norm`
+    is 0. The division is torch's `__rtruediv__`: a reciprocal, then a
     product.
     """
     f32 = jnp.float32

@@ -6,7 +6,7 @@ from typing import Any
 
 
 class NegativeLRError(Exception):
-    """pytorch-optimizer's ``NegativeLRError`` (used when it is not installed)."""
+    """pytorch-optimizer's `NegativeLRError` (used when it is not installed)."""
 
     def __init__(self, lr: float, lr_type: str = ""):
         self.note = lr_type if lr_type else "learning rate"

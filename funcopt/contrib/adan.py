@@ -1,4 +1,4 @@
-"""Adan, mirroring ``pytorch_optimizer.Adan`` (pytorch-optimizer 4.1.0)."""
+"""Adan, mirroring `pytorch_optimizer.Adan` (pytorch-optimizer 4.1.0)."""
 
 from __future__ import annotations
 
@@ -92,32 +92,35 @@ def adan(
     *,
     param_groups: ParamGroups | None = None,
 ) -> Optimizer:
-    r"""Adan (adaptive Nesterov momentum), as ``pytorch_optimizer.Adan``.
+    r"""Adan (adaptive Nesterov momentum), as `pytorch_optimizer.Adan`.
 
-    With :math:`c` the global clip factor (1 unless ``max_grad_norm`` > 0),
-    :math:`g_k \leftarrow \pm c\,g_k`, :math:`t` the group's step and
-    :math:`\Delta_k = g_k - g_{k-1}` (0 on a parameter's first step):
+    With $c$ the global clip factor (1 unless `max_grad_norm` > 0),
+    $g_k \leftarrow \pm c\,g_k$, $t$ the group's step and
+    $\Delta_k = g_k - g_{k-1}$ (0 on a parameter's first step):
 
-    .. math::
-        m_k &= \operatorname{lerp}(m_{k-1}, g_k, 1-\beta_1) \\
-        d_k &= \operatorname{lerp}(d_{k-1}, \Delta_k, 1-\beta_2) \\
-        n_k &= \beta_3 n_{k-1} + (1-\beta_3)(g_k + \beta_2\Delta_k)^2 \\
-        \rho_k &= \sqrt{n_k}/\sqrt{1-\beta_3^t} + \epsilon \\
-        \theta_k &= \Big(\theta_{k-1}(1-\gamma\lambda)^{[\text{decouple}]}
-            - \frac{\gamma}{1-\beta_1^t}\frac{m_k}{\rho_k}
-            - \frac{\gamma\beta_2}{1-\beta_2^t}\frac{d_k}{\rho_k}\Big)
-            \big/ (1+\gamma\lambda)^{[\text{not decouple}]}
+    $$
+    \begin{aligned}
+    m_k &= \operatorname{lerp}(m_{k-1}, g_k, 1-\beta_1) \\
+    d_k &= \operatorname{lerp}(d_{k-1}, \Delta_k, 1-\beta_2) \\
+    n_k &= \beta_3 n_{k-1} + (1-\beta_3)(g_k + \beta_2\Delta_k)^2 \\
+    \rho_k &= \sqrt{n_k}/\sqrt{1-\beta_3^t} + \epsilon \\
+    \theta_k &= \Big(\theta_{k-1}(1-\gamma\lambda)^{[\text{decouple}]}
+        - \frac{\gamma}{1-\beta_1^t}\frac{m_k}{\rho_k}
+        - \frac{\gamma\beta_2}{1-\beta_2^t}\frac{d_k}{\rho_k}\Big)
+        \big/ (1+\gamma\lambda)^{[\text{not decouple}]}
+    \end{aligned}
+    $$
 
     The clip factor is pytorch-optimizer's
-    ``clamp(max_grad_norm / (||g||_2 + eps), max=1)`` over every gradient of
-    every group, in float32 as the reference computes it. ``maximize``,
-    ``max_grad_norm`` and the clip's ``eps`` are optimizer-wide in the
-    reference (its ``self.`` attributes and ``defaults``), so they cannot
-    differ per param group here. ``foreach`` is accepted and ignored (both
-    reference paths round alike). The reference's ``**kwargs`` extras
-    (``use_gc``, ``adanorm``) are not supported. Complex parameters are not
-    supported. State: ``exp_avg``, ``exp_avg_sq``, ``exp_avg_diff``,
-    ``previous_grad``; the group's ``step`` is a hyperparameter.
+    `clamp(max_grad_norm / (||g||_2 + eps), max=1)` over every gradient of
+    every group, in float32 as the reference computes it. `maximize`,
+    `max_grad_norm` and the clip's `eps` are optimizer-wide in the
+    reference (its `self.` attributes and `defaults`), so they cannot
+    differ per param group here. `foreach` is accepted and ignored (both
+    reference paths round alike). The reference's `**kwargs` extras
+    (`use_gc`, `adanorm`) are not supported. Complex parameters are not
+    supported. State: `exp_avg`, `exp_avg_sq`, `exp_avg_diff`,
+    `previous_grad`; the group's `step` is a hyperparameter.
     """
     _validate_adan(dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=1.0))
     validate_non_negative(max_grad_norm, "max_grad_norm")

@@ -1,4 +1,4 @@
-"""LAMB, mirroring ``pytorch_optimizer.Lamb`` (pytorch-optimizer 4.1.0)."""
+"""LAMB, mirroring `pytorch_optimizer.Lamb` (pytorch-optimizer 4.1.0)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _lamb_slots(param, group):
 
 
 def _step_size(hparams, options, n_sma_threshold, degenerated_to_sgd):
-    """``get_rectify_step_size`` then ``apply_adam_debias``: Python floats."""
+    """`get_rectify_step_size` then `apply_adam_debias`: Python floats."""
     beta1, beta2, t, lr = (
         hparams["betas"][0],
         hparams["betas"][1],
@@ -161,37 +161,40 @@ def lamb(
     *,
     param_groups: ParamGroups | None = None,
 ) -> Optimizer:
-    r"""LAMB (layer-wise adaptive moments), as ``pytorch_optimizer.Lamb``.
+    r"""LAMB (layer-wise adaptive moments), as `pytorch_optimizer.Lamb`.
 
-    With :math:`t` the group's step, :math:`g_k` the gradient (times the
-    global ``pre_norm`` factor, negated with ``maximize``) and
-    :math:`\beta_3 = 1-\beta_1` (1 without ``grad_averaging``):
+    With $t$ the group's step, $g_k$ the gradient (times the
+    global `pre_norm` factor, negated with `maximize`) and
+    $\beta_3 = 1-\beta_1$ (1 without `grad_averaging`):
 
-    .. math::
-        m_k &= \beta_1 m_{k-1} + \beta_3 g_k, \quad
-        v_k = \beta_2 v_{k-1} + (1-\beta_2) g_k^2 \\
-        \theta &\leftarrow \theta(1 - \lambda\gamma)
-            \text{ (decoupled; } 1-\lambda \text{ with fixed\_decay)} \\
-        u_k &= m_k/(\sqrt{v_k}+\epsilon) \;(+\lambda\theta \text{ coupled}) \\
-        r_k &= \frac{\min(\|\theta\|, 10)}{\|u_k\| + \epsilon}
-            \text{ (1 if a norm is 0, or with adam=True)} \\
-        \theta_k &= \theta - \frac{\gamma}{1-\beta_1^t}\, r_k u_k
+    $$
+    \begin{aligned}
+    m_k &= \beta_1 m_{k-1} + \beta_3 g_k, \quad
+    v_k = \beta_2 v_{k-1} + (1-\beta_2) g_k^2 \\
+    \theta &\leftarrow \theta(1 - \lambda\gamma)
+        \text{ (decoupled; } 1-\lambda \text{ with fixed\_decay)} \\
+    u_k &= m_k/(\sqrt{v_k}+\epsilon) \;(+\lambda\theta \text{ coupled}) \\
+    r_k &= \frac{\min(\|\theta\|, 10)}{\|u_k\| + \epsilon}
+        \text{ (1 if a norm is 0, or with adam=True)} \\
+    \theta_k &= \theta - \frac{\gamma}{1-\beta_1^t}\, r_k u_k
+    \end{aligned}
+    $$
 
-    With ``rectify`` the step size takes RAdam's rectification and, above
-    ``n_sma_threshold``, :math:`u_k = \theta - s\,m_k/(\sqrt{v_k}+\epsilon)`
-    (the reference's rectified update includes :math:`\theta` in the trust
-    ratio's norm), below it :math:`\theta - s\,m_k` with
-    ``degenerated_to_sgd`` or no step. As in the reference the step size is
-    divided by :math:`1-\beta_1^t` (``adam_debias`` off). ``foreach``
+    With `rectify` the step size takes RAdam's rectification and, above
+    `n_sma_threshold`, $u_k = \theta - s\,m_k/(\sqrt{v_k}+\epsilon)$
+    (the reference's rectified update includes $\theta$ in the trust
+    ratio's norm), below it $\theta - s\,m_k$ with
+    `degenerated_to_sgd` or no step. As in the reference the step size is
+    divided by $1-\beta_1^t$ (`adam_debias` off). `foreach`
     chooses the reference's rounding: its default batched path (unless
-    ``rectify`` or ``foreach=False``) multiplies by a reciprocal. ``maximize``,
-    ``pre_norm``, ``degenerated_to_sgd``, ``n_sma_threshold`` and the
-    ``pre_norm`` clip's ``max_grad_norm``/``eps`` are optimizer-wide in the
+    `rectify` or `foreach=False`) multiplies by a reciprocal. `maximize`,
+    `pre_norm`, `degenerated_to_sgd`, `n_sma_threshold` and the
+    `pre_norm` clip's `max_grad_norm`/`eps` are optimizer-wide in the
     reference, so they cannot differ per param group. The reference's
-    ``**kwargs`` extras (``adanorm``, ``adam_debias``) are not supported;
-    complex parameters are not supported. State: ``exp_avg``, ``exp_avg_sq``
-    and the last ``weight_norm``, ``adam_norm``, ``trust_ratio``; the group's
-    ``step`` is a hyperparameter.
+    `**kwargs` extras (`adanorm`, `adam_debias`) are not supported;
+    complex parameters are not supported. State: `exp_avg`, `exp_avg_sq`
+    and the last `weight_norm`, `adam_norm`, `trust_ratio`; the group's
+    `step` is a hyperparameter.
     """
     _validate_lamb(
         dict(

@@ -1,4 +1,4 @@
-"""Lion, mirroring ``lion_pytorch.Lion`` (lion-pytorch 0.2.5)."""
+"""Lion, mirroring `lion_pytorch.Lion` (lion-pytorch 0.2.5)."""
 
 from __future__ import annotations
 
@@ -52,22 +52,25 @@ def lion(
     *,
     param_groups: ParamGroups | None = None,
 ) -> Optimizer:
-    r"""Lion (evolved sign momentum), as ``lion_pytorch.Lion``.
+    r"""Lion (evolved sign momentum), as `lion_pytorch.Lion`.
 
-    .. math::
-        \theta_{t-1} &\leftarrow \theta_{t-1}(1 - \gamma\lambda') \\
-        c_t &= \operatorname{sign}(\beta_1 m_{t-1} + (1-\beta_1) g_t) \\
-        \theta_t &= \theta_{t-1} - \gamma c_t \\
-        m_t &= \beta_2 m_{t-1} + (1-\beta_2) g_t
+    $$
+    \begin{aligned}
+    \theta_{t-1} &\leftarrow \theta_{t-1}(1 - \gamma\lambda') \\
+    c_t &= \operatorname{sign}(\beta_1 m_{t-1} + (1-\beta_1) g_t) \\
+    \theta_t &= \theta_{t-1} - \gamma c_t \\
+    m_t &= \beta_2 m_{t-1} + (1-\beta_2) g_t
+    \end{aligned}
+    $$
 
-    with :math:`\gamma` = ``lr``, :math:`\lambda' = \lambda` = ``weight_decay``,
-    or :math:`\lambda/\gamma_0` with ``decoupled_weight_decay`` where
-    :math:`\gamma_0` is the ``lr`` given here (lion-pytorch's ``_init_lr``,
-    shared by every group). ``decoupled_weight_decay`` is optimizer-wide in
+    with $\gamma$ = `lr`, $\lambda' = \lambda$ = `weight_decay`,
+    or $\lambda/\gamma_0$ with `decoupled_weight_decay` where
+    $\gamma_0$ is the `lr` given here (lion-pytorch's `_init_lr`,
+    shared by every group). `decoupled_weight_decay` is optimizer-wide in
     lion-pytorch, so it cannot differ per param group here either;
-    ``use_triton`` is accepted and ignored. Bad arguments raise
-    ``AssertionError`` as lion-pytorch's asserts do. Complex parameters are
-    not supported. State: ``exp_avg``.
+    `use_triton` is accepted and ignored. Bad arguments raise
+    `AssertionError` as lion-pytorch's asserts do. Complex parameters are
+    not supported. State: `exp_avg`.
     """
     return make_optimizer(
         name="Lion",

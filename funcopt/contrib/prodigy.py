@@ -1,32 +1,32 @@
-"""Prodigy, mirroring ``prodigyopt.Prodigy`` (prodigyopt 1.1.2).
+r"""Prodigy, mirroring `prodigyopt.Prodigy` (prodigyopt 1.1.2).
 
-Prodigy is Adam whose step size ``d`` is estimated from *all* parameters
+Prodigy is Adam whose step size `d` is estimated from *all* parameters
 before any is updated, so it is written on
-:func:`funcopt.contrib._grouped.with_group_state`: a first pass
-(``leaf_stats``) takes each parameter's dot product
-:math:`\\langle g, p_0 - p\\rangle` and hands its sliced gradient and ``s``
-buffer to ``prepare``, which sums the numerator and denominator in torch's
-parameter order, updates ``d``/``d_max``/``d_numerator``/``k`` (the
+`funcopt.contrib._grouped.with_group_state`: a first pass
+(`leaf_stats`) takes each parameter's dot product
+$\langle g, p_0 - p\rangle$ and hands its sliced gradient and `s`
+buffer to `prepare`, which sums the numerator and denominator in torch's
+parameter order, updates `d`/`d_max`/`d_numerator`/`k` (the
 reference's group scalars, here hyperparameters in the state) and decides the
 reference's early return; then the per-parameter rule updates the moments and
 the parameter.
 
 Group-0 values
 --------------
-The reference reads ``betas``, ``beta3``, ``k``, ``d``, ``d_max``,
-``d_numerator``, ``d_coef`` and ``growth_rate`` from its *first* param group
-only, the learning rate as the max over groups, and ``d0`` of the *last* group
-in the ``d == d0`` test; ``eps``, ``weight_decay``, ``d0`` (in ``d/d0``),
-``safeguard_warmup`` and ``slice_p`` are per group. funcopt reads the same.
-``use_bias_correction`` and ``decouple`` are read from group 0 only, so they
+The reference reads `betas`, `beta3`, `k`, `d`, `d_max`,
+`d_numerator`, `d_coef` and `growth_rate` from its *first* param group
+only, the learning rate as the max over groups, and `d0` of the *last* group
+in the `d == d0` test; `eps`, `weight_decay`, `d0` (in `d/d0`),
+`safeguard_warmup` and `slice_p` are per group. funcopt reads the same.
+`use_bias_correction` and `decouple` are read from group 0 only, so they
 are optimizer-wide here (not per-group overrides).
 
 The rule's view of the hyperparameters
 ---------------------------------------
 The inner rule sees this step's values under the state's names (the state's
-hyperparameter set is fixed): ``betas``/``beta3``/``d`` are group 0's (``beta3``
-resolved from ``sqrt(beta2)`` when unset), ``d_hat`` carries the *updated*
-``d``, ``d_numerator`` carries ``dlr`` and ``k`` the early-return flag. What is
+hyperparameter set is fixed): `betas`/`beta3`/`d` are group 0's (`beta3`
+resolved from `sqrt(beta2)` when unset), `d_hat` carries the *updated*
+`d`, `d_numerator` carries `dlr` and `k` the early-return flag. What is
 stored in the state afterwards is exactly what torch stores in every group.
 """
 
@@ -48,8 +48,8 @@ from ._grouped import GroupStep, with_group_state
 
 @_validate.torch_checks("Prodigy")
 def _validate_prodigy(group: Mapping[str, Any]) -> None:
-    """``Prodigy.__init__``'s checks, in its order (constructor arguments only:
-    torch does not check param-group overrides, and a group ``lr`` of 0 is
+    """`Prodigy.__init__`'s checks, in its order (constructor arguments only:
+    torch does not check param-group overrides, and a group `lr` of 0 is
     how the reference freezes a group)."""
     d0, lr, eps, betas = group["d0"], group["lr"], group["eps"], group["betas"]
     if not 0.0 < d0:
@@ -76,7 +76,7 @@ def _check_slice_p(slice_p: Any, where: str) -> None:
 
 
 def _sliced(x: jax.Array, slice_p: int) -> jax.Array:
-    """``x.flatten()[::slice_p]``."""
+    """`x.flatten()[::slice_p]`."""
     return x.reshape(-1)[::slice_p]
 
 
@@ -90,7 +90,7 @@ def _prodigy_slots(param, group, *, exp_avg):
 
 
 def _coupled(param, grad, hparams, decouple):
-    """``grad.add_(p, alpha=decay)`` when ``decay != 0 and not decouple``."""
+    """`grad.add_(p, alpha=decay)` when `decay != 0 and not decouple`."""
     if decouple:
         return grad
     decay = hparams["weight_decay"]
@@ -111,12 +111,12 @@ def _leaf_stats(param, grad, slots, step, hparams, options, *, decouple):
 
 
 def _s_update(s, sliced_grad, alpha, beta3):
-    """``s.mul_(beta3).add_(sliced_grad, alpha=alpha)``."""
+    """`s.mul_(beta3).add_(sliced_grad, alpha=alpha)`."""
     return add(s * scalar(beta3, s), sliced_grad, alpha)
 
 
 def _prepare(hparams, stats, *, use_bias_correction):
-    """torch's scalar code of ``step``: Python floats (the widest float)."""
+    """torch's scalar code of `step`: Python floats (the widest float)."""
     f = widest_float()
     n = hparams["lr"].shape[0]
     beta1, beta2 = hparams["betas"][0, 0], hparams["betas"][0, 1]
@@ -182,10 +182,10 @@ def _prepare(hparams, stats, *, use_bias_correction):
 
 
 def _check_group_lrs(lrs: jax.Array) -> None:
-    """torch's ``RuntimeError`` for group lrs other than ``max(lr)`` and 0.
+    """torch's `RuntimeError` for group lrs other than `max(lr)` and 0.
 
-    Checked when the lrs are concrete (an eager ``step``); under ``jit`` they
-    are traced and cannot raise, see :func:`prodigy`.
+    Checked when the lrs are concrete (an eager `step`); under `jit` they
+    are traced and cannot raise, see [`prodigy`][funcopt.contrib.prodigy.prodigy].
     """
     if isinstance(lrs, jax.core.Tracer):
         return
@@ -256,54 +256,57 @@ def prodigy(
     *,
     param_groups: ParamGroups | None = None,
 ) -> Optimizer:
-    r"""Prodigy (Adam with a learned step size ``d``), as ``prodigyopt.Prodigy``.
+    r"""Prodigy (Adam with a learned step size `d`), as `prodigyopt.Prodigy`.
 
-    With :math:`\gamma` the largest group ``lr``, :math:`k` the step (from 0),
-    :math:`\beta_3` = ``beta3`` (default :math:`\sqrt{\beta_2}`),
-    :math:`\hat\gamma_k = d_k\gamma`
-    (:math:`\times\sqrt{1-\beta_2^{k+1}}/(1-\beta_1^{k+1})` with
-    ``use_bias_correction``), :math:`g` the gradient (:math:`+\lambda\theta`
-    unless ``decouple``) and :math:`\tilde x` = ``x.flatten()[::slice_p]``:
+    With $\gamma$ the largest group `lr`, $k$ the step (from 0),
+    $\beta_3$ = `beta3` (default $\sqrt{\beta_2}$),
+    $\hat\gamma_k = d_k\gamma$
+    ($\times\sqrt{1-\beta_2^{k+1}}/(1-\beta_1^{k+1})$ with
+    `use_bias_correction`), $g$ the gradient ($+\lambda\theta$
+    unless `decouple`) and $\tilde x$ = `x.flatten()[::slice_p]`:
 
-    .. math::
-        r_k &= \beta_3 r_{k-1} + \textstyle\sum_p \frac{d_k}{d_0}\hat\gamma_k
-               \langle \tilde g, \tilde\theta_0 - \tilde\theta\rangle \\
-        s &\leftarrow \beta_3 s + \frac{d_k}{d_0}\,
-             (d_k \text{ if safeguard\_warmup else } \hat\gamma_k)\,\tilde g \\
-        m &\leftarrow \beta_1 m + d_k(1-\beta_1) g, \quad
-        v \leftarrow \beta_2 v + d_k^2(1-\beta_2) g^2 \\
-        \hat d &= c\, r_k / \textstyle\sum_p \|s\|_1, \quad
-        d_{\max} \leftarrow \max(d_{\max}, \hat d) \\
-        d_{k+1} &= \min(d_{\max},\, \rho\, d'_k), \quad
-        d'_k = \max(d_k, \hat d) \text{ while } d_k = d_0 \text{ else } d_k \\
-        \theta &\leftarrow \theta(1 - \lambda\hat\gamma_k) \text{ (decouple)};
-        \quad \theta \leftarrow \theta - \hat\gamma_k\,
-        m / (\sqrt{v} + d_{k+1}\epsilon)
+    $$
+    \begin{aligned}
+    r_k &= \beta_3 r_{k-1} + \textstyle\sum_p \frac{d_k}{d_0}\hat\gamma_k
+           \langle \tilde g, \tilde\theta_0 - \tilde\theta\rangle \\
+    s &\leftarrow \beta_3 s + \frac{d_k}{d_0}\,
+         (d_k \text{ if safeguard\_warmup else } \hat\gamma_k)\,\tilde g \\
+    m &\leftarrow \beta_1 m + d_k(1-\beta_1) g, \quad
+    v \leftarrow \beta_2 v + d_k^2(1-\beta_2) g^2 \\
+    \hat d &= c\, r_k / \textstyle\sum_p \|s\|_1, \quad
+    d_{\max} \leftarrow \max(d_{\max}, \hat d) \\
+    d_{k+1} &= \min(d_{\max},\, \rho\, d'_k), \quad
+    d'_k = \max(d_k, \hat d) \text{ while } d_k = d_0 \text{ else } d_k \\
+    \theta &\leftarrow \theta(1 - \lambda\hat\gamma_k) \text{ (decouple)};
+    \quad \theta \leftarrow \theta - \hat\gamma_k\,
+    m / (\sqrt{v} + d_{k+1}\epsilon)
+    \end{aligned}
+    $$
 
-    (:math:`c` = ``d_coef``, :math:`\rho` = ``growth_rate``; with
-    :math:`\beta_1 = 0` the last step uses :math:`d_{k+1} g` for :math:`m`).
-    When :math:`\sum_p\|s\|_1 = 0` the reference returns early: moments and
-    ``s`` keep their update, parameters, step counts and group scalars do
-    not; so does funcopt. A group with ``lr`` 0 skips its moments and ``s``
+    ($c$ = `d_coef`, $\rho$ = `growth_rate`; with
+    $\beta_1 = 0$ the last step uses $d_{k+1} g$ for $m$).
+    When $\sum_p\|s\|_1 = 0$ the reference returns early: moments and
+    `s` keep their update, parameters, step counts and group scalars do
+    not; so does funcopt. A group with `lr` 0 skips its moments and `s`
     but still takes the parameter step, as in the reference; other lrs that
-    differ from the largest raise torch's ``RuntimeError`` in an eager
-    ``step`` and, under ``jit`` (traced lrs cannot raise), are not checked:
+    differ from the largest raise torch's `RuntimeError` in an eager
+    `step` and, under `jit` (traced lrs cannot raise), are not checked:
     keep group lrs equal or 0.
 
-    The group scalars ``d``, ``d_max``, ``d_numerator``, ``d_denom``,
-    ``d_hat`` and ``k`` are hyperparameters in the state
-    (``fo.get_hparam(state, "d")``), as in torch's ``param_groups``
-    (``d_denom``/``d_hat`` exist from the start here, 0 and ``d0``);
-    ``beta3=None`` is stored as NaN. See the module doc for which values are
-    read from the first group only. ``fsdp_in_use=True`` is refused: under
+    The group scalars `d`, `d_max`, `d_numerator`, `d_denom`,
+    `d_hat` and `k` are hyperparameters in the state
+    (`fo.get_hparam(state, "d")`), as in torch's `param_groups`
+    (`d_denom`/`d_hat` exist from the start here, 0 and `d0`);
+    `beta3=None` is stored as NaN. See the module doc for which values are
+    read from the first group only. `fsdp_in_use=True` is refused: under
     JAX the sums already span a sharded array, so there is nothing to
     all-reduce (leave it False with sharded params); the reference's
-    ``fsdp_in_use`` also disables the early return, which is not mirrored.
-    ``slice_p`` is supported (per group). Complex parameters are not
-    supported. State: ``s``, ``p0`` (always the sliced copy; torch stores a
-    0-d zero for an all-zero parameter, the same numbers), ``exp_avg`` (when
-    any group's :math:`\beta_1 > 0` at construction; the reference creates it
-    from group 0's) and ``exp_avg_sq``.
+    `fsdp_in_use` also disables the early return, which is not mirrored.
+    `slice_p` is supported (per group). Complex parameters are not
+    supported. State: `s`, `p0` (always the sliced copy; torch stores a
+    0-d zero for an all-zero parameter, the same numbers), `exp_avg` (when
+    any group's $\beta_1 > 0$ at construction; the reference creates it
+    from group 0's) and `exp_avg_sq`.
     """
     _validate_prodigy(
         dict(

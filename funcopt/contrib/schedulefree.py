@@ -1,35 +1,37 @@
-"""Schedule-free AdamW and SGD, mirroring ``schedulefree.AdamWScheduleFree`` and
-``schedulefree.SGDScheduleFree`` (schedulefree 1.4.1, the non-reference classes).
+"""Schedule-free AdamW and SGD, mirroring `schedulefree.AdamWScheduleFree` and
+`schedulefree.SGDScheduleFree` (schedulefree 1.4.1, the non-reference classes).
 
 Train and eval parameters
 -------------------------
-Schedule-free optimizes a sequence ``z`` and trains at ``y``, an interpolation
-of ``z`` and the average ``x``; the model should be *evaluated* at ``x``.
-torch switches in place: ``optimizer.eval()`` moves ``p`` from ``y`` to ``x``
-(``p.lerp_(z, 1 - 1/beta)``), ``optimizer.train()`` back
-(``p.lerp_(z, 1 - beta)``). funcopt keeps the training parameters ``y`` as
-*the* parameters (``step`` takes and returns them) and gives the switch as
-two pure functions, also methods of the optimizer::
+Schedule-free optimizes a sequence `z` and trains at `y`, an interpolation
+of `z` and the average `x`; the model should be *evaluated* at `x`.
+torch switches in place: `optimizer.eval()` moves `p` from `y` to `x`
+(`p.lerp_(z, 1 - 1/beta)`), `optimizer.train()` back
+(`p.lerp_(z, 1 - beta)`). funcopt keeps the training parameters `y` as
+*the* parameters (`step` takes and returns them) and gives the switch as
+two pure functions, also methods of the optimizer:
 
-    x = opt.eval_params(params, state)      # torch: optimizer.eval()
-    y = opt.train_params(x, state)          # torch: optimizer.train()
+```python
+x = opt.eval_params(params, state)      # torch: optimizer.eval()
+y = opt.train_params(x, state)          # torch: optimizer.train()
+```
 
-Both are exact mirrors of torch's ``lerp_``: evaluating at
-``opt.eval_params(params, state)`` while training on ``params`` gives torch's
+Both are exact mirrors of torch's `lerp_`: evaluating at
+`opt.eval_params(params, state)` while training on `params` gives torch's
 eval-mode parameters bit for bit, and a loop that switches back and forth
-(``params = opt.train_params(opt.eval_params(params, state), state)``)
+(`params = opt.train_params(opt.eval_params(params, state), state)`)
 reproduces torch's round trip, rounding included. Leaves that never had a
-gradient (no ``z`` in torch) are returned unchanged. There is no mode flag:
-``step`` always expects train-mode parameters (torch raises if not in train
+gradient (no `z` in torch) are returned unchanged. There is no mode flag:
+`step` always expects train-mode parameters (torch raises if not in train
 mode; here it is the caller's contract).
 
 Group scalars
 -------------
-torch keeps ``k``, ``weight_sum``, ``lr_max`` and ``scheduled_lr`` in each
+torch keeps `k`, `weight_sum`, `lr_max` and `scheduled_lr` in each
 param group and updates them every step (even for a group without
 gradients); here they are hyperparameters in the state
-(``fo.get_hparam(state, "weight_sum")``), advanced by a group step before the
-per-array rule (:mod:`funcopt.contrib._grouped`).
+(`fo.get_hparam(state, "weight_sum")`), advanced by a group step before the
+per-array rule (`funcopt.contrib._grouped`).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ _GROUP_SCALARS = {"k": 0, "weight_sum": 0.0, "lr_max": -1.0, "scheduled_lr": 0.0
 
 
 def _advance(hparams: dict[str, jax.Array], stats) -> GroupStep:
-    """torch's per-group scalar code at the top of ``step`` (Python floats)."""
+    """torch's per-group scalar code at the top of `step` (Python floats)."""
     k, warmup = hparams["k"], hparams["warmup_steps"]
     sched = jnp.where(k < warmup, (k + 1) / jnp.where(warmup == 0, 1, warmup), 1.0)
     lr = hparams["lr"] * sched
@@ -73,7 +75,7 @@ def _weight(k, lr_max, hparams):
 
 
 def _ckp1(hparams):
-    """``weight / weight_sum`` (0 on ZeroDivisionError), after the group step."""
+    """`weight / weight_sum` (0 on ZeroDivisionError), after the group step."""
     weight = _weight(hparams["k"], hparams["lr_max"], hparams)
     weight_sum = hparams["weight_sum"]
     safe = jnp.where(weight_sum == 0, 1, weight_sum)
@@ -89,7 +91,7 @@ def _adamw_slots(param, group):
 
 
 def _interpolate_then_step(y, z, grad, lr, beta, ckp1):
-    """``y.lerp_(z, ckp1); y.add_(grad, lr*(beta*(1-ckp1)-1)); z.sub_(grad, lr)``."""
+    """`y.lerp_(z, ckp1); y.add_(grad, lr*(beta*(1-ckp1)-1)); z.sub_(grad, lr)`."""
     y = lerp(y, z, ckp1)
     y = add(y, grad, lr * (beta * (1 - ckp1) - 1))
     z = add(z, grad, -lr)
@@ -165,12 +167,12 @@ def _attach_switch(opt: Optimizer, beta_of_group) -> Optimizer:
 
 
 def schedulefree_eval_params(opt: Optimizer, params, state):
-    """torch's ``optimizer.eval()``: the parameters ``x`` to evaluate at."""
+    """torch's `optimizer.eval()`: the parameters `x` to evaluate at."""
     return opt.eval_params(params, state)
 
 
 def schedulefree_train_params(opt: Optimizer, params, state):
-    """torch's ``optimizer.train()``: back from eval-mode to train-mode params."""
+    """torch's `optimizer.train()`: back from eval-mode to train-mode params."""
     return opt.train_params(params, state)
 
 
@@ -186,28 +188,31 @@ def adamw_schedule_free(
     *,
     param_groups: ParamGroups | None = None,
 ) -> Optimizer:
-    r"""Schedule-free AdamW, as ``schedulefree.AdamWScheduleFree``.
+    r"""Schedule-free AdamW, as `schedulefree.AdamWScheduleFree`.
 
-    With :math:`k` the group's step (from 1), :math:`\gamma_k` = ``lr`` times
-    the linear warmup :math:`\min(1, k/\text{warmup\_steps})`,
-    :math:`\gamma_{\max}` its running max and
-    :math:`w_k = k^r\gamma_{\max}^{p}` (:math:`p` = ``weight_lr_power``):
+    With $k$ the group's step (from 1), $\gamma_k$ = `lr` times
+    the linear warmup $\min(1, k/\text{warmup\_steps})$,
+    $\gamma_{\max}$ its running max and
+    $w_k = k^r\gamma_{\max}^{p}$ ($p$ = `weight_lr_power`):
 
-    .. math::
-        c_k &= w_k / \textstyle\sum_{i\le k} w_i \\
-        v_k &= \beta_2 v_{k-1} + (1-\beta_2) g_k^2 \\
-        \hat g_k &= g_k / (\sqrt{v_k/(1-\beta_2^k)} + \epsilon)
-                    + \lambda y_{k-1} \\
-        y_k &= \operatorname{lerp}(y_{k-1}, z_{k-1}, c_k)
-               + \gamma_k(\beta_1(1-c_k) - 1)\,\hat g_k \\
-        z_k &= z_{k-1} - \gamma_k \hat g_k
+    $$
+    \begin{aligned}
+    c_k &= w_k / \textstyle\sum_{i\le k} w_i \\
+    v_k &= \beta_2 v_{k-1} + (1-\beta_2) g_k^2 \\
+    \hat g_k &= g_k / (\sqrt{v_k/(1-\beta_2^k)} + \epsilon)
+                + \lambda y_{k-1} \\
+    y_k &= \operatorname{lerp}(y_{k-1}, z_{k-1}, c_k)
+           + \gamma_k(\beta_1(1-c_k) - 1)\,\hat g_k \\
+    z_k &= z_{k-1} - \gamma_k \hat g_k
+    \end{aligned}
+    $$
 
-    The parameters are :math:`y`; evaluate at
-    ``opt.eval_params(params, state)`` (:math:`x`, torch's ``eval()``, see the
-    module doc). ``foreach`` is accepted and ignored (both torch paths round
+    The parameters are $y$; evaluate at
+    `opt.eval_params(params, state)` ($x$, torch's `eval()`, see the
+    module doc). `foreach` is accepted and ignored (both torch paths round
     alike). Like the reference there is no argument validation. Complex
-    parameters are not supported. State: ``z``, ``exp_avg_sq``; the group
-    scalars ``k``, ``weight_sum``, ``lr_max``, ``scheduled_lr`` are
+    parameters are not supported. State: `z`, `exp_avg_sq`; the group
+    scalars `k`, `weight_sum`, `lr_max`, `scheduled_lr` are
     hyperparameters.
     """
     inner = make_optimizer(
@@ -243,21 +248,24 @@ def sgd_schedule_free(
     *,
     param_groups: ParamGroups | None = None,
 ) -> Optimizer:
-    r"""Schedule-free SGD, as ``schedulefree.SGDScheduleFree``.
+    r"""Schedule-free SGD, as `schedulefree.SGDScheduleFree`.
 
-    With :math:`k`, :math:`\gamma_k`, :math:`c_k` as in
-    :func:`adamw_schedule_free` and :math:`\mu` = ``momentum``:
+    With $k$, $\gamma_k$, $c_k$ as in
+    [`adamw_schedule_free`][funcopt.contrib.adamw_schedule_free] and $\mu$ = `momentum`:
 
-    .. math::
-        \hat g_k &= g_k + \lambda y_{k-1} \\
-        y_k &= \operatorname{lerp}(y_{k-1}, z_{k-1}, c_k)
-               + \gamma_k(\mu(1-c_k) - 1)\,\hat g_k \\
-        z_k &= z_{k-1} - \gamma_k \hat g_k
+    $$
+    \begin{aligned}
+    \hat g_k &= g_k + \lambda y_{k-1} \\
+    y_k &= \operatorname{lerp}(y_{k-1}, z_{k-1}, c_k)
+           + \gamma_k(\mu(1-c_k) - 1)\,\hat g_k \\
+    z_k &= z_{k-1} - \gamma_k \hat g_k
+    \end{aligned}
+    $$
 
-    The parameters are :math:`y`; ``opt.eval_params(params, state)`` gives
-    torch's ``eval()`` parameters :math:`x` (``lerp(y, z, 1 - 1/\mu)``).
-    ``foreach`` is accepted and ignored. State: ``z``; group scalars as in
-    :func:`adamw_schedule_free`.
+    The parameters are $y$; `opt.eval_params(params, state)` gives
+    torch's `eval()` parameters $x$ (`lerp(y, z, 1 - 1/\mu)`).
+    `foreach` is accepted and ignored. State: `z`; group scalars as in
+    [`adamw_schedule_free`][funcopt.contrib.adamw_schedule_free].
     """
     inner = make_optimizer(
         name="SGDScheduleFree",

@@ -1,26 +1,30 @@
-"""Learning-rate schedulers, mirroring ``torch.optim.lr_scheduler``.
+"""Learning-rate schedulers, mirroring `torch.optim.lr_scheduler`.
 
-Every ``torch.optim.lr_scheduler.Y`` is ``funcopt.lr_scheduler.y`` (snake
-case), with torch's arguments minus ``optimizer``::
+Every `torch.optim.lr_scheduler.Y` is `funcopt.lr_scheduler.y` (snake
+case), with torch's arguments minus `optimizer`:
 
-    sched = fo.lr_scheduler.step_lr(step_size=30, gamma=0.1)
-    state, sched_state = sched.init(state)   # torch's constructor: epoch-0 lr
-    state, sched_state = sched.step(state, sched_state)   # scheduler.step()
-    fo.get_lr(state)                         # scheduler.get_last_lr()
+```python
+sched = fo.lr_scheduler.step_lr(step_size=30, gamma=0.1)
+state, sched_state = sched.init(state)   # torch's constructor: epoch-0 lr
+state, sched_state = sched.step(state, sched_state)   # scheduler.step()
+fo.get_lr(state)                         # scheduler.get_last_lr()
+```
 
-``state`` is any pytree holding one funcopt optimizer state; ``sched_state``
-is a ``NamedTuple`` of arrays, so ``jax.jit(sched.step)`` works. The lrs are
-torch's (recursive/chainable) sequence; see :mod:`funcopt.lr_scheduler._base`
-for the protocol and :func:`as_optax_schedule` for the optax adapter.
+`state` is any pytree holding one funcopt optimizer state; `sched_state`
+is a `NamedTuple` of arrays, so `jax.jit(sched.step)` works. The lrs are
+torch's (recursive/chainable) sequence; see `funcopt.lr_scheduler._base`
+for the protocol and [`as_optax_schedule`][funcopt.lr_scheduler.as_optax_schedule] for
+the optax adapter.
 
 Deviations from torch, all documented on the factories: torch's deprecation
 and order warnings are not emitted; per-group list arguments are checked at
-``init`` (where the groups are known); errors raised by torch inside
-``step`` (OneCycleLR past ``total_steps``) raise eagerly but become NaN
-lrs under ``jit``; two schedulers share ``initial_lr`` only through
-:func:`chained_scheduler`/:func:`sequential_lr` or ``init(initial_lr=...)``;
-``cycle_momentum`` on an SGD group built with ``momentum=0`` raises at
-``init``.
+`init` (where the groups are known); errors raised by torch inside
+`step` (OneCycleLR past `total_steps`) raise eagerly but become NaN
+lrs under `jit`; two schedulers share `initial_lr` only through
+[`chained_scheduler`][funcopt.lr_scheduler.chained_scheduler] /
+[`sequential_lr`][funcopt.lr_scheduler.sequential_lr] or `init(initial_lr=...)`;
+`cycle_momentum` on an SGD group built with `momentum=0` raises at
+`init`.
 """
 
 from ._base import Scheduler as Scheduler

@@ -1,25 +1,27 @@
-"""The scheduler protocol: torch's ``LRScheduler`` as pure, jit-able functions.
+"""The scheduler protocol: torch's `LRScheduler` as pure, jit-able functions.
 
 A scheduler is static configuration (torch's constructor arguments) plus two
-methods::
+methods:
 
-    state, sched_state = sched.init(state)                 # the constructor
-    state, sched_state = sched.step(state, sched_state)    # scheduler.step()
+```python
+state, sched_state = sched.init(state)                 # the constructor
+state, sched_state = sched.step(state, sched_state)    # scheduler.step()
+```
 
-``state`` is any pytree holding one funcopt :class:`~funcopt.OptState` (an
-optimizer state, an ``optax.chain`` state, a :class:`~funcopt.TrainState`);
-the learning rates (and, for the cycling schedulers, ``momentum`` or
-``betas[0]``) are read and written with :func:`funcopt.get_hparam` /
-:func:`funcopt.set_hparam`. ``sched_state`` is a ``NamedTuple`` of arrays
-only (torch's ``last_epoch``, ``_step_count``, ``base_lrs`` = each group's
-``initial_lr``, plus what a scheduler needs), so ``step`` runs under
-``jax.jit``: every decision on a traced value is a ``jnp.where``.
+`state` is any pytree holding one funcopt [`OptState`][funcopt.OptState] (an
+optimizer state, an `optax.chain` state, a [`TrainState`][funcopt.TrainState]);
+the learning rates (and, for the cycling schedulers, `momentum` or
+`betas[0]`) are read and written with [`funcopt.get_hparam`][funcopt.get_hparam] /
+[`funcopt.set_hparam`][funcopt.set_hparam]. `sched_state` is a `NamedTuple` of arrays
+only (torch's `last_epoch`, `_step_count`, `base_lrs` = each group's
+`initial_lr`, plus what a scheduler needs), so `step` runs under
+`jax.jit`: every decision on a traced value is a `jnp.where`.
 
-The lr math is torch's *recursive* (chainable) ``get_lr``, evaluated on the
+The lr math is torch's *recursive* (chainable) `get_lr`, evaluated on the
 current lr in the state, because that is what torch computes and what
-:func:`~funcopt.lr_scheduler.chained_scheduler` composes through; the closed
-form (``_get_closed_form_lr``) is used exactly where torch uses it: ``step``
-with an ``epoch`` and :func:`~funcopt.lr_scheduler.sequential_lr` milestones.
+[`chained_scheduler`][funcopt.lr_scheduler.chained_scheduler] composes through; the
+closed form (`_get_closed_form_lr`) is used exactly where torch uses it: `step`
+with an `epoch` and [`sequential_lr`][funcopt.lr_scheduler.sequential_lr] milestones.
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ _INITIAL_LR_MISSING = (
 
 
 class SchedulerState(NamedTuple):
-    """State of an ``LRScheduler``: torch's ``last_epoch``, ``_step_count``
-    and ``base_lrs`` (one per parameter group)."""
+    """State of an `LRScheduler`: torch's `last_epoch`, `_step_count`
+    and `base_lrs` (one per parameter group).
+    """
 
     last_epoch: jax.Array
     step_count: jax.Array
@@ -62,31 +65,31 @@ class SchedulerState(NamedTuple):
 
 
 def current_lr(state: Any) -> jax.Array:
-    """``[g["lr"] for g in param_groups]`` as one array ``[n_groups]``."""
+    """`[g["lr"] for g in param_groups]` as one array `[n_groups]`."""
     return jnp.stack(get_hparam(state, "lr"))
 
 
 def write_lr(state: Any, lrs: jax.Array) -> Any:
-    """Every group's lr set at once (``_update_param_group_val``)."""
+    """Every group's lr set at once (`_update_param_group_val`)."""
     return set_hparam(state, "lr", jnp.asarray(lrs))
 
 
 def const(x: Any, like: jax.Array) -> jax.Array:
-    """A Python number (or per-group list) as an array of ``like``'s dtype."""
+    """A Python number (or per-group list) as an array of `like`'s dtype."""
     return jnp.asarray(np.asarray(x, dtype=np.float64), dtype=like.dtype)
 
 
 def as_float(x: jax.Array, like: jax.Array) -> jax.Array:
-    """An integer array as ``like``'s float dtype (exact for epoch counts)."""
+    """An integer array as `like`'s float dtype (exact for epoch counts)."""
     return jnp.asarray(x).astype(like.dtype)
 
 
 def div(a: Any, b: Any) -> jax.Array:
-    """``a / b`` correctly rounded, as Python's float division, also under jit.
+    """`a / b` correctly rounded, as Python's float division, also under jit.
 
     XLA rewrites a division by a constant, or by a broadcast scalar, into a
     multiplication by the reciprocal, which is off by an ulp for most
-    divisors (e.g. ``31.0 / 31`` becomes ``1 - 2**-53``). Hiding the full-shape
+    divisors (e.g. `31.0 / 31` becomes `1 - 2**-53`). Hiding the full-shape
     divisor behind an optimization barrier keeps a true division.
     """
     a, b = jnp.asarray(a), jnp.asarray(b)
@@ -101,7 +104,7 @@ def int32(x: Any) -> jax.Array:
 
 
 def format_param(name: str, n_groups: int, param: Any) -> list[Any]:
-    """torch's ``_format_param``: a scalar for every group, or a list per group."""
+    """torch's `_format_param`: a scalar for every group, or a list per group."""
     if isinstance(param, (list, tuple)):
         if len(param) != n_groups:
             raise ValueError(
@@ -113,7 +116,7 @@ def format_param(name: str, n_groups: int, param: Any) -> list[Any]:
 
 
 def pick(param: Any, group: int) -> Any:
-    """Group ``group``'s value of a scalar-or-per-group-list argument."""
+    """Group `group`'s value of a scalar-or-per-group-list argument."""
     return param[group] if isinstance(param, (list, tuple)) else param
 
 
@@ -136,14 +139,14 @@ def check_arguments(
     reals: dict[str, Any] | None = None,
     group_reals: dict[str, Any] | None = None,
 ) -> None:
-    """``TypeError`` naming an argument of the wrong type.
+    """`TypeError` naming an argument of the wrong type.
 
     torch takes these as they come and fails (or computes with them) in
-    ``step``; funcopt turns them into arrays, so it checks them when the
-    scheduler is made, after torch's own checks. ``ints``: integers (not bools);
-    ``reals``: real numbers (or 0-d real arrays); ``group_reals``: a real
+    `step`; funcopt turns them into arrays, so it checks them when the
+    scheduler is made, after torch's own checks. `ints`: integers (not bools);
+    `reals`: real numbers (or 0-d real arrays); `group_reals`: a real
     number or a list/tuple of them, one per parameter group. A traced value
-    is refused: schedulers are configuration, made outside ``jit``.
+    is refused: schedulers are configuration, made outside `jit`.
     """
     for key, value in (ints or {}).items():
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -161,9 +164,9 @@ def check_arguments(
 
 
 def raise_errors(templates: Sequence[str], errors: Errors) -> None:
-    """Raise torch's ``ValueError`` for a flagged error, when not traced.
+    """Raise torch's `ValueError` for a flagged error, when not traced.
 
-    Under ``jit`` the flag cannot be inspected; the scheduler that flags it
+    Under `jit` the flag cannot be inspected; the scheduler that flags it
     writes NaN learning rates instead (documented where it applies).
     """
     for template, (flag, value) in zip(templates, errors, strict=True):
@@ -172,7 +175,7 @@ def raise_errors(templates: Sequence[str], errors: Errors) -> None:
 
 
 def select(pred: jax.Array, a: Any, b: Any) -> Any:
-    """``a`` where ``pred`` else ``b``, leaf by leaf."""
+    """`a` where `pred` else `b`, leaf by leaf."""
     return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
 
@@ -202,17 +205,18 @@ def restore_hparams(state: Any, values: dict[str, jax.Array]) -> Any:
 
 
 class Scheduler:
-    """Base of every funcopt scheduler (torch's ``LRScheduler``).
+    """Base of every funcopt scheduler (torch's `LRScheduler`).
 
-    Subclasses set ``name`` (the torch class) and implement :meth:`get_lr`
-    (torch's recursive ``get_lr``) and, where torch has one,
-    :meth:`closed_form` (``_get_closed_form_lr``).
+    Subclasses set `name` (the torch class) and implement
+    [`get_lr`][funcopt.lr_scheduler.Scheduler.get_lr] (torch's recursive `get_lr`) and,
+    where torch has one, [`closed_form`][funcopt.lr_scheduler.Scheduler.closed_form]
+    (`_get_closed_form_lr`).
 
     The private methods mirror torch's internals one to one, so that the
-    composite schedulers can call them as torch does: ``_construct``
-    (``__init__``), ``_initial_step``, ``_step`` (``step``), ``_update_lr``
-    and ``_undo`` (``SequentialLR.recursive_undo``). Each returns a tuple of
-    error flags aligned with ``error_templates``.
+    composite schedulers can call them as torch does: `_construct`
+    (`__init__`), `_initial_step`, `_step` (`step`), `_update_lr`
+    and `_undo` (`SequentialLR.recursive_undo`). Each returns a tuple of
+    error flags aligned with `error_templates`.
     """
 
     name = "LRScheduler"
@@ -228,14 +232,14 @@ class Scheduler:
     # ---- public API -------------------------------------------------------
 
     def init(self, state: Any, *, initial_lr: Any = None) -> tuple[Any, Any]:
-        """Torch's constructor: ``(state, sched_state)``; ``state``'s lr is
+        """Torch's constructor: `(state, sched_state)`; `state`'s lr is
         already the epoch-0 value.
 
-        ``initial_lr`` (one value per group) plays the role of the groups'
-        ``initial_lr`` key that an earlier scheduler on the same optimizer
-        set; torch's ``setdefault`` then keeps it as ``base_lrs`` (pass
-        ``earlier_sched_state.base_lrs``). It is required with
-        ``last_epoch >= 0``, as in torch. Composite schedulers thread it
+        `initial_lr` (one value per group) plays the role of the groups'
+        `initial_lr` key that an earlier scheduler on the same optimizer
+        set; torch's `setdefault` then keeps it as `base_lrs` (pass
+        `earlier_sched_state.base_lrs`). It is required with
+        `last_epoch >= 0`, as in torch. Composite schedulers thread it
         through their children themselves.
         """
         keys = {}
@@ -247,11 +251,11 @@ class Scheduler:
         return state, sched_state
 
     def step(self, state: Any, sched_state: Any, epoch: Any = None):
-        """Torch's ``scheduler.step(epoch=None)``: ``(state, sched_state)``.
+        """Torch's `scheduler.step(epoch=None)`: `(state, sched_state)`.
 
-        With ``epoch`` (torch's deprecated form, no warning here), torch's
+        With `epoch` (torch's deprecated form, no warning here), torch's
         closed form at that epoch is used where it has one. Works under
-        ``jax.jit``; ``epoch`` may be traced.
+        `jax.jit`; `epoch` may be traced.
         """
         state, sched_state, errors = self._step(state, sched_state, epoch)
         raise_errors(self.error_templates, errors)
@@ -260,28 +264,29 @@ class Scheduler:
     # ---- what subclasses implement ---------------------------------------
 
     def get_lr(self, state, s, initial: bool):
-        """Torch's ``get_lr`` at ``s.last_epoch``: ``(state, lrs, errors)``.
+        """Torch's `get_lr` at `s.last_epoch`: `(state, lrs, errors)`.
 
-        ``initial`` is torch's ``_is_initial`` (static). ``state`` is returned
+        `initial` is torch's `_is_initial` (static). `state` is returned
         because the cycling schedulers also write momentum.
         """
         raise NotImplementedError
 
     def closed_form(self, s, lr: jax.Array) -> jax.Array:
-        """Torch's ``_get_closed_form_lr`` at ``s.last_epoch``."""
+        """Torch's `_get_closed_form_lr` at `s.last_epoch`."""
         raise NotImplementedError
 
     def _prepare(self, state: Any, n_groups: int, keys: dict) -> tuple[Any, Any]:
-        """What torch's constructor does before ``LRScheduler.__init__``
-        (Cyclic/OneCycle set lr, momentum): ``(state, extra)``. ``keys`` holds
-        the per-group values torch keeps in ``param_groups`` (``initial_lr``,
-        ``swa_lr``, ``max_lr``, ...), shared by every scheduler of the
+        """What torch's constructor does before `LRScheduler.__init__`
+        (Cyclic/OneCycle set lr, momentum): `(state, extra)`. `keys` holds
+        the per-group values torch keeps in `param_groups` (`initial_lr`,
+        `swa_lr`, `max_lr`, ...), shared by every scheduler of the
         optimizer; a scheduler that sets one writes it there."""
         return state, None
 
     def _bind(self, s, keys: dict):
-        """Re-read the group keys this scheduler's ``get_lr`` reads from
-        ``param_groups`` (a later scheduler may have overwritten them)."""
+        """Re-read the group keys this scheduler's `get_lr` reads from
+        `param_groups` (a later scheduler may have overwritten them).
+        """
         return s
 
     def _make_state(self, last_epoch, step_count, base_lrs, extra):
@@ -296,7 +301,7 @@ class Scheduler:
         )
 
     def _construct(self, state, keys):
-        """``LRScheduler.__init__``: ``(state, s, keys, errors)``."""
+        """`LRScheduler.__init__`: `(state, s, keys, errors)`."""
         keys = dict(keys)
         n_groups = current_lr(state).shape[0]
         state, extra = self._prepare(state, n_groups, keys)
@@ -340,8 +345,9 @@ class Scheduler:
     # ---- optax ------------------------------------------------------------
 
     def optax_lr(self, count: jax.Array, base_lr: jax.Array | None, group: int):
-        """The lr of ``group`` at epoch ``count`` in closed form, given torch's
-        ``base_lr`` (the group's ``initial_lr``); see :func:`as_optax_schedule`."""
+        """The lr of `group` at epoch `count` in closed form, given torch's
+        `base_lr` (the group's `initial_lr`); see `as_optax_schedule`.
+        """
         if not self.has_closed_form:
             raise TypeError(
                 f"{self.name} has no closed form; it cannot be an optax schedule"
@@ -355,19 +361,19 @@ class Scheduler:
 def as_optax_schedule(
     sched: Scheduler, base_lr: float | None = None, group: int = 0
 ) -> Callable[[Any], jax.Array]:
-    """An optax schedule ``count -> lr``: torch's closed form at
-    ``last_epoch = count``, for one parameter group.
+    """An optax schedule `count -> lr`: torch's closed form at
+    `last_epoch = count`, for one parameter group.
 
-    ``count`` is optax's number of prior updates, i.e. torch's ``last_epoch``
-    when ``scheduler.step()`` follows every ``optimizer.step()``. ``base_lr``
-    is the optimizer's lr (torch's ``initial_lr``); CyclicLR and OneCycleLR
-    define their own lrs and ignore it (``group`` picks the entry of a
-    per-group ``max_lr``/``base_lr`` list). Schedulers whose lr depends on
+    `count` is optax's number of prior updates, i.e. torch's `last_epoch`
+    when `scheduler.step()` follows every `optimizer.step()`. `base_lr`
+    is the optimizer's lr (torch's `initial_lr`); CyclicLR and OneCycleLR
+    define their own lrs and ignore it (`group` picks the entry of a
+    per-group `max_lr`/`base_lr` list). Schedulers whose lr depends on
     the history (MultiplicativeLR, ReduceLROnPlateau, SWALR, the composites)
-    have no closed form and raise ``TypeError``. The values are torch's
+    have no closed form and raise `TypeError`. The values are torch's
     closed form, so they differ from the stepped (recursive) torch sequence
     by rounding only (~1e-15 relative in float64). They are evaluated in the
-    widest enabled float (float32 without ``jax_enable_x64``).
+    widest enabled float (float32 without `jax_enable_x64`).
     """
     if not isinstance(sched, Scheduler):
         raise TypeError(f"expected a funcopt scheduler, got {type(sched).__name__}")

@@ -26,7 +26,7 @@ class ChainedState(NamedTuple):
 
 
 class SequentialState(NamedTuple):
-    """SequentialLR's own ``last_epoch`` and one state per scheduler."""
+    """SequentialLR's own `last_epoch` and one state per scheduler."""
 
     last_epoch: jax.Array
     schedulers: tuple
@@ -117,12 +117,12 @@ class ChainedScheduler(_Composite):
 
 
 def chained_scheduler(schedulers: Sequence[Scheduler]) -> Scheduler:
-    """``torch.optim.lr_scheduler.ChainedScheduler``: every scheduler's
-    ``step`` in order, each on the lr the previous one left.
+    """`torch.optim.lr_scheduler.ChainedScheduler`: every scheduler's
+    `step` in order, each on the lr the previous one left.
 
-    The schedulers are passed uninitialized; ``init`` constructs them in
+    The schedulers are passed uninitialized; `init` constructs them in
     order on the same state (each doing torch's initial step, sharing the
-    first one's ``initial_lr`` as torch's ``setdefault`` does). Recursive
+    first one's `initial_lr` as torch's `setdefault` does). Recursive
     schedulers compose multiplicatively; closed-form ones (LambdaLR,
     CyclicLR, OneCycleLR, CosineAnnealingWarmRestarts) overwrite the lr.
     """
@@ -192,17 +192,17 @@ class SequentialLR(_Composite):
 def sequential_lr(
     schedulers: Sequence[Scheduler], milestones: Sequence[int], last_epoch: int = -1
 ) -> Scheduler:
-    """``torch.optim.lr_scheduler.SequentialLR``: ``schedulers[i]`` runs from
-    ``milestones[i-1]`` on.
+    """`torch.optim.lr_scheduler.SequentialLR`: `schedulers[i]` runs from
+    `milestones[i-1]` on.
 
-    ``init`` constructs the (uninitialized) schedulers in order, as torch's
+    `init` constructs the (uninitialized) schedulers in order, as torch's
     user code does, then does what torch's constructor does: resets the lr to
-    ``initial_lr``, decrements every scheduler's ``last_epoch`` and re-runs
+    `initial_lr`, decrements every scheduler's `last_epoch` and re-runs
     the initial step of the scheduler active at epoch 0. At a milestone the
-    next scheduler restarts at epoch 0 with its closed form (``get_lr`` for
-    those without one). Under ``jit`` every scheduler's step is computed and
+    next scheduler restarts at epoch 0 with its closed form (`get_lr` for
+    those without one). Under `jit` every scheduler's step is computed and
     the active one selected. A composite at index > 0 is rejected (torch
-    raises ``NotImplementedError`` when it is reached).
+    raises `NotImplementedError` when it is reached).
     """
     schedulers = list(schedulers)
     if len(schedulers) < 1:

@@ -30,7 +30,7 @@ from ._base import (
 
 
 def _momentum_kind(state: Any) -> str:
-    """``"betas"`` (Adam-like: cycles ``betas[0]``) or ``"momentum"``."""
+    """`"betas"` (Adam-like: cycles `betas[0]`) or `"momentum"`."""
     for name in ("betas", "momentum"):
         try:
             get_hparam(state, name)
@@ -43,7 +43,7 @@ def _momentum_kind(state: Any) -> str:
 
 
 def _check_momentum_buffers(state: Any, kind: str) -> None:
-    """funcopt's documented limit: a group built with ``momentum=0`` has no
+    """funcopt's documented limit: a group built with `momentum=0` has no
     momentum buffer, which torch would create lazily once cycling turns
     momentum on."""
     if kind != "momentum":
@@ -70,8 +70,9 @@ def _write_momentum(state: Any, kind: str, momentum: jax.Array) -> Any:
 def _setup_momentum(
     state, keys, n_groups, cycle, base_momentum, max_momentum, last_epoch
 ):
-    """torch's constructor code for ``cycle_momentum``: ``(state, base, max)``;
-    the groups start at ``max_momentum``."""
+    """torch's constructor code for `cycle_momentum`: `(state, base, max)`;
+    the groups start at `max_momentum`.
+    """
     if not cycle:
         return state, [0.0] * n_groups, [0.0] * n_groups
     kind = _momentum_kind(state)
@@ -92,7 +93,7 @@ def _setup_momentum(
 
 
 class CyclicState(NamedTuple):
-    """:class:`SchedulerState` plus per-group ``max_lrs`` and momentum bounds."""
+    """`SchedulerState` plus per-group `max_lrs` and momentum bounds."""
 
     last_epoch: jax.Array
     step_count: jax.Array
@@ -212,27 +213,30 @@ def cyclic_lr(
     max_momentum: float | list[float] = 0.9,
     last_epoch: int = -1,
 ) -> Scheduler:
-    r"""``torch.optim.lr_scheduler.CyclicLR``: at step :math:`e`, with
-    :math:`S` = up + down and :math:`r` = up/:math:`S`,
+    r"""`torch.optim.lr_scheduler.CyclicLR`: at step $e$, with
+    $S$ = up + down and $r$ = up/$S$,
 
-    .. math::
-        c &= \lfloor 1 + e/S \rfloor,\quad x = 1 + e/S - c,\quad
-        f = \begin{cases} x/r & x \le r \\ (x-1)/(r-1) & \text{else}\end{cases} \\
-        \eta &= b + (M - b)\,f\,s(\cdot),\qquad
-        \mu = M_\mu - (M_\mu - b_\mu)\,f\,s(\cdot)
+    $$
+    \begin{aligned}
+    c &= \lfloor 1 + e/S \rfloor,\quad x = 1 + e/S - c,\quad
+    f = \begin{cases} x/r & x \le r \\ (x-1)/(r-1) & \text{else}\end{cases} \\
+    \eta &= b + (M - b)\,f\,s(\cdot),\qquad
+    \mu = M_\mu - (M_\mu - b_\mu)\,f\,s(\cdot)
+    \end{aligned}
+    $$
 
-    with :math:`s` = 1 (triangular), :math:`2^{1-c}` (triangular2),
-    :math:`\gamma^e` (exp_range) or ``scale_fn`` of the cycle or the
-    iteration (``scale_mode``; the built-in modes force theirs, as torch).
-    ``scale_fn`` receives a float scalar array and must be jnp-traceable.
+    with $s$ = 1 (triangular), $2^{1-c}$ (triangular2),
+    $\gamma^e$ (exp_range) or `scale_fn` of the cycle or the
+    iteration (`scale_mode`; the built-in modes force theirs, as torch).
+    `scale_fn` receives a float scalar array and must be jnp-traceable.
 
-    ``init`` sets every group's lr to ``base_lr`` (so torch's
-    ``initial_lr = base_lr``). With ``cycle_momentum`` the momentum
-    (SGD-like ``momentum``, or ``betas[0]`` for Adam-like states) is cycled
-    and starts at ``max_momentum``. Per-group lists are checked at ``init``
+    `init` sets every group's lr to `base_lr` (so torch's
+    `initial_lr = base_lr`). With `cycle_momentum` the momentum
+    (SGD-like `momentum`, or `betas[0]` for Adam-like states) is cycled
+    and starts at `max_momentum`. Per-group lists are checked at `init`
     (where the groups are known) with torch's message. Deviation: a group
-    built with ``momentum=0`` has no momentum buffer in funcopt, so
-    ``cycle_momentum=True`` raises ``ValueError`` at ``init`` for it, where
+    built with `momentum=0` has no momentum buffer in funcopt, so
+    `cycle_momentum=True` raises `ValueError` at `init` for it, where
     torch silently switches momentum on.
     """
     sched = CyclicLR(
@@ -273,8 +277,9 @@ def cyclic_lr(
 
 
 class OneCycleState(NamedTuple):
-    """:class:`SchedulerState` plus each group's ``initial_lr``, ``max_lr``,
-    ``min_lr`` and momentum bounds (torch's group keys)."""
+    """`SchedulerState` plus each group's `initial_lr`, `max_lr`,
+    `min_lr` and momentum bounds (torch's group keys).
+    """
 
     last_epoch: jax.Array
     step_count: jax.Array
@@ -449,23 +454,25 @@ def one_cycle_lr(
     three_phase: bool = False,
     last_epoch: int = -1,
 ) -> Scheduler:
-    r"""``torch.optim.lr_scheduler.OneCycleLR`` (1cycle policy).
+    r"""`torch.optim.lr_scheduler.OneCycleLR` (1cycle policy).
 
-    Each group's ``initial_lr = max_lr/div_factor`` (overwriting any earlier
-    ``initial_lr``, as torch) and ``min_lr = initial_lr/final_div_factor``.
-    Phases end at steps :math:`pT - 1` and :math:`T - 1` (three-phase:
-    :math:`pT - 1`, :math:`2pT - 2`, :math:`T - 1`); within a phase the value
+    Each group's `initial_lr = max_lr/div_factor` (overwriting any earlier
+    `initial_lr`, as torch) and `min_lr = initial_lr/final_div_factor`.
+    Phases end at steps $pT - 1$ and $T - 1$ (three-phase:
+    $pT - 1$, $2pT - 2$, $T - 1$); within a phase the value
     goes from start to end by
 
-    .. math::
-        \text{cos: } e + \tfrac{s - e}{2}(\cos(\pi p) + 1) \qquad
-        \text{linear: } (e - s)p + s,\quad p = \tfrac{k - k_0}{k_1 - k_0}.
+    $$
+    \text{cos: } e + \tfrac{s - e}{2}(\cos(\pi p) + 1) \qquad
+    \text{linear: } (e - s)p + s,\quad p = \tfrac{k - k_0}{k_1 - k_0}.
+    $$
 
-    Momentum (``momentum`` or ``betas[0]``) moves inversely, from
-    ``max_momentum``. Like torch, step :math:`k = T` extrapolates past the
-    last phase and step :math:`T+1` raises ``ValueError`` ("Tried to step
-    ..."); under ``jit`` it cannot raise and sets the lr (and momentum) to
-    NaN instead. Same ``momentum=0`` deviation as :func:`cyclic_lr`.
+    Momentum (`momentum` or `betas[0]`) moves inversely, from
+    `max_momentum`. Like torch, step $k = T$ extrapolates past the
+    last phase and step $T+1$ raises `ValueError` ("Tried to step
+    ..."); under `jit` it cannot raise and sets the lr (and momentum) to
+    NaN instead. Same `momentum=0` deviation as
+    [`cyclic_lr`][funcopt.lr_scheduler.cyclic_lr].
     """
     sched = OneCycleLR(
         max_lr=max_lr,
@@ -501,7 +508,7 @@ def one_cycle_lr(
 
 
 class SWALRState(NamedTuple):
-    """:class:`SchedulerState` plus each group's ``swa_lr``."""
+    """`SchedulerState` plus each group's `swa_lr`."""
 
     last_epoch: jax.Array
     step_count: jax.Array
@@ -564,18 +571,19 @@ def swalr(
     anneal_strategy: str = "cos",
     last_epoch: int = -1,
 ) -> Scheduler:
-    r"""``torch.optim.swa_utils.SWALR``: anneals every group's lr to
-    ``swa_lr`` over ``anneal_epochs`` steps and keeps it there. Torch's
-    recursion, driven by ``_step_count`` :math:`k` (0 after ``init``):
+    r"""`torch.optim.swa_utils.SWALR`: anneals every group's lr to
+    `swa_lr` over `anneal_epochs` steps and keeps it there. Torch's
+    recursion, driven by `_step_count` $k$ (0 after `init`):
 
-    .. math::
-        \eta_{\text{prev}} = \frac{\eta - \alpha_{k-1} s}{1 - \alpha_{k-1}},\quad
-        \eta_k = s\,\alpha_k + \eta_{\text{prev}}(1 - \alpha_k),\quad
-        \alpha_k = f(\operatorname{clip}(k/\max(1, A), 0, 1)),
+    $$
+    \eta_{\text{prev}} = \frac{\eta - \alpha_{k-1} s}{1 - \alpha_{k-1}},\quad
+    \eta_k = s\,\alpha_k + \eta_{\text{prev}}(1 - \alpha_k),\quad
+    \alpha_k = f(\operatorname{clip}(k/\max(1, A), 0, 1)),
+    $$
 
-    :math:`f(t) = (1 - \cos\pi t)/2` (cos) or :math:`t` (linear); in effect
-    :math:`\eta_k = s\,\alpha_k + \eta_0(1 - \alpha_k)`. A ``swa_lr`` list of
-    the wrong length raises torch's ``ValueError`` at ``init``.
+    $f(t) = (1 - \cos\pi t)/2$ (cos) or $t$ (linear); in effect
+    $\eta_k = s\,\alpha_k + \eta_0(1 - \alpha_k)$. A `swa_lr` list of
+    the wrong length raises torch's `ValueError` at `init`.
     """
     sched = SWALR(swa_lr, anneal_epochs, anneal_strategy, last_epoch)
     check_arguments(

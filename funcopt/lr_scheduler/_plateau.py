@@ -1,4 +1,4 @@
-"""ReduceLROnPlateau, mirroring ``torch.optim.lr_scheduler.ReduceLROnPlateau``."""
+"""ReduceLROnPlateau, mirroring `torch.optim.lr_scheduler.ReduceLROnPlateau`."""
 
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ from ._base import (
 
 
 class PlateauState(NamedTuple):
-    """torch's ``last_epoch``, ``best``, ``num_bad_epochs``,
-    ``cooldown_counter`` and ``min_lrs`` (one per group)."""
+    """torch's `last_epoch`, `best`, `num_bad_epochs`,
+    `cooldown_counter` and `min_lrs` (one per group).
+    """
 
     last_epoch: jax.Array
     best: jax.Array
@@ -49,7 +50,7 @@ class ReduceLROnPlateau(Scheduler):
         self.mode_worse = math.inf if mode == "min" else -math.inf
 
     def init(self, state, *, initial_lr=None):
-        """No initial step, no ``initial_lr``, ``last_epoch = 0`` (torch)."""
+        """No initial step, no `initial_lr`, `last_epoch = 0` (torch)."""
         lr = current_lr(state)
         n = lr.shape[0]
         if isinstance(self.min_lr, (list, tuple)):
@@ -81,7 +82,7 @@ class ReduceLROnPlateau(Scheduler):
     def step(  # type: ignore[override]
         self, state, sched_state, metrics: Any = None, epoch: Any = None
     ):
-        """torch's ``step(metrics, epoch=None)``; jit-able (``metrics`` may be
+        """torch's `step(metrics, epoch=None)`; jit-able (`metrics` may be
         a traced scalar)."""
         if metrics is None:
             raise TypeError(
@@ -128,23 +129,23 @@ def reduce_lr_on_plateau(
     min_lr: list[float] | float = 0,
     eps: float = 1e-8,
 ) -> Scheduler:
-    r"""``torch.optim.lr_scheduler.ReduceLROnPlateau``.
+    r"""`torch.optim.lr_scheduler.ReduceLROnPlateau`.
 
-    ``init`` takes no step (torch: no ``initial_lr``, ``last_epoch = 0``).
-    ``step(state, sched_state, metrics=m)``: ``m`` is better than ``best``
+    `init` takes no step (torch: no `initial_lr`, `last_epoch = 0`).
+    `step(state, sched_state, metrics=m)`: `m` is better than `best`
     when, strictly,
 
-    * min/rel: :math:`m < \text{best}(1 - \text{threshold})`;
-      min/abs: :math:`m < \text{best} - \text{threshold}`;
-    * max/rel: :math:`m > \text{best}(1 + \text{threshold})`;
-      max/abs: :math:`m > \text{best} + \text{threshold}`
+    * min/rel: $m < \text{best}(1 - \text{threshold})$;
+      min/abs: $m < \text{best} - \text{threshold}$;
+    * max/rel: $m > \text{best}(1 + \text{threshold})$;
+      max/abs: $m > \text{best} + \text{threshold}$
 
-    (NaN is never better). On the ``patience + 1``-th consecutive bad epoch
-    each group's lr becomes :math:`\max(\eta\,\text{factor}, \text{min\_lr})`
-    if that lowers it by more than ``eps``; then ``cooldown`` epochs are not
-    counted as bad. ``min_lr`` is a scalar or one value per group (checked at
-    ``init``). Deviation: a NaN lr is handled by ``jnp.maximum`` (NaN), where
-    Python's ``max`` depends on the argument order.
+    (NaN is never better). On the `patience + 1`-th consecutive bad epoch
+    each group's lr becomes $\max(\eta\,\text{factor}, \text{min\_lr})$
+    if that lowers it by more than `eps`; then `cooldown` epochs are not
+    counted as bad. `min_lr` is a scalar or one value per group (checked at
+    `init`). Deviation: a NaN lr is handled by `jnp.maximum` (NaN), where
+    Python's `max` depends on the argument order.
     """
     sched = ReduceLROnPlateau(
         mode, factor, patience, threshold, threshold_mode, cooldown, min_lr, eps

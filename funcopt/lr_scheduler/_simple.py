@@ -1,7 +1,7 @@
-"""The epoch-driven schedulers: torch's LambdaLR ... CosineAnnealingWarmRestarts.
+r"""The epoch-driven schedulers: torch's LambdaLR ... CosineAnnealingWarmRestarts.
 
-Notation in the docstrings: :math:`e` = ``last_epoch`` after the increment,
-:math:`b` = the group's ``base_lr`` (torch's ``initial_lr``), :math:`\\eta` =
+Notation in the docstrings: $e$ = `last_epoch` after the increment,
+$b$ = the group's `base_lr` (torch's `initial_lr`), $\eta$ =
 the group's current lr (the recursive forms read it from the state).
 """
 
@@ -86,14 +86,14 @@ class MultiplicativeLR(LambdaLR):
 
 
 def lambda_lr(lr_lambda: LrLambda | list[LrLambda], last_epoch: int = -1) -> Scheduler:
-    r"""``torch.optim.lr_scheduler.LambdaLR``: :math:`\eta_e = b\,\lambda(e)`.
+    r"""`torch.optim.lr_scheduler.LambdaLR`: $\eta_e = b\,\lambda(e)$.
 
-    ``lr_lambda`` is one function of the epoch, or a list with one per
+    `lr_lambda` is one function of the epoch, or a list with one per
     parameter group. It receives the epoch as a scalar array of the widest
     float dtype (integer-valued) and must be jnp-traceable to run under
-    ``jit`` (``0.95 ** epoch``, ``epoch // 30``, ``jnp.minimum(1.0, epoch /
-    10)``; no Python ``if`` on it). A wrong list length raises torch's
-    ``ValueError`` at ``init`` (where the groups are known).
+    `jit` (`0.95 ** epoch`, `epoch // 30`, `jnp.minimum(1.0, epoch /
+    10)`; no Python `if` on it). A wrong list length raises torch's
+    `ValueError` at `init` (where the groups are known).
     """
     sched = LambdaLR(lr_lambda, last_epoch)
     check_arguments("LambdaLR", ints={"last_epoch": last_epoch})
@@ -103,12 +103,12 @@ def lambda_lr(lr_lambda: LrLambda | list[LrLambda], last_epoch: int = -1) -> Sch
 def multiplicative_lr(
     lr_lambda: LrLambda | list[LrLambda], last_epoch: int = -1
 ) -> Scheduler:
-    r"""``torch.optim.lr_scheduler.MultiplicativeLR``: recursive
-    :math:`\eta_e = \eta_{e-1}\,\lambda(e)` for :math:`e \ge 1`.
+    r"""`torch.optim.lr_scheduler.MultiplicativeLR`: recursive
+    $\eta_e = \eta_{e-1}\,\lambda(e)$ for $e \ge 1$.
 
-    ``lr_lambda`` as in :func:`lambda_lr` (jnp-traceable for ``jit``). It has
-    no closed form, so ``step(epoch=...)`` multiplies the current lr by
-    :math:`\lambda(\text{epoch})`, as torch does.
+    `lr_lambda` as in [`lambda_lr`][funcopt.lr_scheduler.lambda_lr] (jnp-traceable for
+    `jit`). It has no closed form, so `step(epoch=...)` multiplies the current lr by
+    $\lambda(\text{epoch})$, as torch does.
     """
     sched = MultiplicativeLR(lr_lambda, last_epoch)
     check_arguments("MultiplicativeLR", ints={"last_epoch": last_epoch})
@@ -134,9 +134,10 @@ class StepLR(Scheduler):
 
 
 def step_lr(step_size: int, gamma: float = 0.1, last_epoch: int = -1) -> Scheduler:
-    r"""``torch.optim.lr_scheduler.StepLR``: :math:`\eta_e = \gamma\,\eta_{e-1}`
-    when :math:`e > 0` and ``e % step_size == 0``; closed form
-    :math:`b\,\gamma^{\lfloor e / \text{step\_size} \rfloor}`."""
+    r"""`torch.optim.lr_scheduler.StepLR`: $\eta_e = \gamma\,\eta_{e-1}$
+    when $e > 0$ and `e % step_size == 0`; closed form
+    $b\,\gamma^{\lfloor e / \text{step\_size} \rfloor}$.
+    """
     check_arguments(
         "StepLR",
         ints={"step_size": step_size, "last_epoch": last_epoch},
@@ -178,10 +179,11 @@ class MultiStepLR(Scheduler):
 def multi_step_lr(
     milestones: Iterable[int], gamma: float = 0.1, last_epoch: int = -1
 ) -> Scheduler:
-    r"""``torch.optim.lr_scheduler.MultiStepLR``: :math:`\eta_e =
-    \gamma^{c(e)}\eta_{e-1}` where :math:`c(e)` counts ``e`` in
-    ``milestones`` (duplicates compound, order does not matter); closed form
-    :math:`b\,\gamma^{\#\{m \le e\}}`."""
+    r"""`torch.optim.lr_scheduler.MultiStepLR`: $\eta_e =
+    \gamma^{c(e)}\eta_{e-1}$ where $c(e)$ counts `e` in
+    `milestones` (duplicates compound, order does not matter); closed form
+    $b\,\gamma^{\#\{m \le e\}}$.
+    """
     milestones = list(milestones) if isinstance(milestones, Iterable) else milestones
     check_arguments(
         "MultiStepLR",
@@ -230,12 +232,12 @@ class ConstantLR(Scheduler):
 def constant_lr(
     factor: float = 1.0 / 3, total_iters: int = 5, last_epoch: int = -1
 ) -> Scheduler:
-    r"""``torch.optim.lr_scheduler.ConstantLR``: the lr is multiplied by
-    ``factor`` at :math:`e = 0` and by ``1/factor`` at :math:`e =`
-    ``total_iters``; closed form :math:`b\,(f + [e \ge T](1 - f))`.
+    r"""`torch.optim.lr_scheduler.ConstantLR`: the lr is multiplied by
+    `factor` at $e = 0$ and by `1/factor` at $e =$
+    `total_iters`; closed form $b\,(f + [e \ge T](1 - f))$.
 
-    Deviation: with ``factor=0`` torch raises ``ZeroDivisionError`` at
-    :math:`e = T`; funcopt multiplies by ``inf`` (NaN for a zero lr).
+    Deviation: with `factor=0` torch raises `ZeroDivisionError` at
+    $e = T$; funcopt multiplies by `inf` (NaN for a zero lr).
     """
     sched = ConstantLR(factor, total_iters, last_epoch)
     check_arguments(
@@ -290,13 +292,15 @@ def linear_lr(
     total_iters: int = 5,
     last_epoch: int = -1,
 ) -> Scheduler:
-    r"""``torch.optim.lr_scheduler.LinearLR``: :math:`\eta_0 = s\,\eta`, then
-    recursively, for :math:`1 \le e \le T`,
+    r"""`torch.optim.lr_scheduler.LinearLR`: $\eta_0 = s\,\eta$, then
+    recursively, for $1 \le e \le T$,
 
-    .. math::
-        \eta_e = \eta_{e-1}\Bigl(1 + \frac{f - s}{T s + (e - 1)(f - s)}\Bigr);
+    $$
+    \eta_e = \eta_{e-1}\Bigl(1 + \frac{f - s}{T s + (e - 1)(f - s)}\Bigr);
+    $$
 
-    closed form :math:`b\,(s + (f - s)\min(T, e)/T)`."""
+    closed form $b\,(s + (f - s)\min(T, e)/T)$.
+    """
     sched = LinearLR(start_factor, end_factor, total_iters, last_epoch)
     check_arguments(
         "LinearLR",
@@ -323,8 +327,9 @@ class ExponentialLR(Scheduler):
 
 
 def exponential_lr(gamma: float, last_epoch: int = -1) -> Scheduler:
-    r"""``torch.optim.lr_scheduler.ExponentialLR``: :math:`\eta_e =
-    \gamma\,\eta_{e-1}`; closed form :math:`b\,\gamma^e`."""
+    r"""`torch.optim.lr_scheduler.ExponentialLR`: $\eta_e =
+    \gamma\,\eta_{e-1}$; closed form $b\,\gamma^e$.
+    """
     check_arguments(
         "ExponentialLR", ints={"last_epoch": last_epoch}, reals={"gamma": gamma}
     )
@@ -359,12 +364,14 @@ class PolynomialLR(Scheduler):
 def polynomial_lr(
     total_iters: int = 5, power: float = 1.0, last_epoch: int = -1
 ) -> Scheduler:
-    r"""``torch.optim.lr_scheduler.PolynomialLR``: for :math:`1 \le e \le T`,
+    r"""`torch.optim.lr_scheduler.PolynomialLR`: for $1 \le e \le T$,
 
-    .. math::
-        \eta_e = \eta_{e-1}\Bigl(\frac{1 - e/T}{1 - (e-1)/T}\Bigr)^p,
+    $$
+    \eta_e = \eta_{e-1}\Bigl(\frac{1 - e/T}{1 - (e-1)/T}\Bigr)^p,
+    $$
 
-    unchanged after :math:`T`; closed form :math:`b\,(1 - \min(T, e)/T)^p`."""
+    unchanged after $T$; closed form $b\,(1 - \min(T, e)/T)^p$.
+    """
     check_arguments(
         "PolynomialLR",
         ints={"total_iters": total_iters, "last_epoch": last_epoch},
@@ -417,16 +424,18 @@ class CosineAnnealingLR(Scheduler):
 def cosine_annealing_lr(
     T_max: int, eta_min: float = 0.0, last_epoch: int = -1
 ) -> Scheduler:
-    r"""``torch.optim.lr_scheduler.CosineAnnealingLR``, torch's recursion
+    r"""`torch.optim.lr_scheduler.CosineAnnealingLR`, torch's recursion
 
-    .. math::
-        \eta_e = \eta_{\min} + (\eta_{e-1} - \eta_{\min})
-        \frac{1 + \cos(\pi e / T)}{1 + \cos(\pi (e-1) / T)},
+    $$
+    \eta_e = \eta_{\min} + (\eta_{e-1} - \eta_{\min})
+    \frac{1 + \cos(\pi e / T)}{1 + \cos(\pi (e-1) / T)},
+    $$
 
-    with torch's special step :math:`\eta_{e-1} + (b - \eta_{\min})(1 -
-    \cos(\pi/T))/2` when ``(e - 1 - T) % (2T) == 0``. Like torch it is not
-    clamped at ``T_max`` (period :math:`2T`). Closed form
-    :math:`\eta_{\min} + (b - \eta_{\min})(1 + \cos(\pi e/T))/2`."""
+    with torch's special step $\eta_{e-1} + (b - \eta_{\min})(1 -
+    \cos(\pi/T))/2$ when `(e - 1 - T) % (2T) == 0`. Like torch it is not
+    clamped at `T_max` (period $2T$). Closed form
+    $\eta_{\min} + (b - \eta_{\min})(1 + \cos(\pi e/T))/2$.
+    """
     check_arguments(
         "CosineAnnealingLR",
         ints={"T_max": T_max, "last_epoch": last_epoch},
@@ -441,7 +450,7 @@ def cosine_annealing_lr(
 
 
 class WarmRestartsState(NamedTuple):
-    """:class:`SchedulerState` plus torch's ``T_cur`` and ``T_i`` (floats)."""
+    """`SchedulerState` plus torch's `T_cur` and `T_i` (floats)."""
 
     last_epoch: jax.Array
     step_count: jax.Array
@@ -501,8 +510,9 @@ class CosineAnnealingWarmRestarts(Scheduler):
         return T_cur, T_i, math.floor(epoch)
 
     def _epoch_traced(self, epoch, like):
-        """The same branch on a traced epoch (``jnp.log`` may round the cycle
-        index differently from ``math.log`` at exact cycle boundaries)."""
+        """The same branch on a traced epoch (`jnp.log` may round the cycle
+        index differently from `math.log` at exact cycle boundaries).
+        """
         epoch = jnp.asarray(epoch).astype(like.dtype)
         T_0, T_mult = const(self.T_0, like), self.T_mult
         if T_mult == 1:
@@ -519,7 +529,7 @@ class CosineAnnealingWarmRestarts(Scheduler):
         return T_cur, T_i, jnp.floor(epoch).astype(jnp.int32)
 
     def _step(self, state, s, epoch=None, initial=False):
-        """torch's overridden ``step``; it does not count ``_step_count``."""
+        """torch's overridden `step`; it does not count `_step_count`."""
         like = s.base_lrs
         if epoch is None:
             # first (initial) step: last_epoch < 0 takes the explicit epoch=0
@@ -566,18 +576,19 @@ class CosineAnnealingWarmRestarts(Scheduler):
 def cosine_annealing_warm_restarts(
     T_0: int, T_mult: int = 1, eta_min: float = 0.0, last_epoch: int = -1
 ) -> Scheduler:
-    r"""``torch.optim.lr_scheduler.CosineAnnealingWarmRestarts`` (SGDR):
+    r"""`torch.optim.lr_scheduler.CosineAnnealingWarmRestarts` (SGDR):
 
-    .. math::
-        \eta = \eta_{\min} + (b - \eta_{\min})\frac{1 + \cos(\pi T_{cur}/T_i)}{2},
+    $$
+    \eta = \eta_{\min} + (b - \eta_{\min})\frac{1 + \cos(\pi T_{cur}/T_i)}{2},
+    $$
 
-    with :math:`T_{cur}` counting epochs since the last restart and
-    :math:`T_i` multiplied by ``T_mult`` at each restart. ``step(state,
-    sched_state, epoch=x)`` takes fractional epochs (torch's explicit form;
-    a negative Python epoch raises torch's ``ValueError``). A Python-number
+    with $T_{cur}$ counting epochs since the last restart and
+    $T_i$ multiplied by `T_mult` at each restart. `step(state,
+    sched_state, epoch=x)` takes fractional epochs (torch's explicit form;
+    a negative Python epoch raises torch's `ValueError`). A Python-number
     epoch is resolved in Python floats exactly as torch; a traced (jnp) epoch
-    uses ``jnp.log``, which can place an exact cycle boundary one cycle
-    earlier than ``math.log`` does (and is not checked for being negative).
+    uses `jnp.log`, which can place an exact cycle boundary one cycle
+    earlier than `math.log` does (and is not checked for being negative).
     """
     sched = CosineAnnealingWarmRestarts(T_0, T_mult, eta_min, last_epoch)
     check_arguments(

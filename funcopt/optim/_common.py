@@ -12,22 +12,22 @@ from .._math import add, addcmul, lerp, mul
 
 
 def apply_maximize(grad: jax.Array, options: Mapping[str, Any]) -> jax.Array:
-    """``grad if not maximize else -grad``."""
+    """`grad if not maximize else -grad`."""
     return -grad if options["maximize"] else grad
 
 
 def coupled_gradient(param, grad, hparams, options) -> jax.Array:
-    """torch's gradient after ``maximize`` and coupled ``weight_decay``."""
+    """torch's gradient after `maximize` and coupled `weight_decay`."""
     grad = apply_maximize(grad, options)
     return coupled_weight_decay(grad, param, hparams["weight_decay"])
 
 
 def weight_decayed(param, grad, hparams, options) -> tuple[jax.Array, jax.Array]:
-    """torch's ``(param, grad)`` after ``maximize`` and weight decay.
+    """torch's `(param, grad)` after `maximize` and weight decay.
 
-    Decoupled (``options["decoupled_weight_decay"]``, AdamW's):
-    ``param.mul_(1 - lr * weight_decay)``; coupled (Adam's default):
-    ``grad = grad.add(param, alpha=weight_decay)`` when ``weight_decay != 0``.
+    Decoupled (`options["decoupled_weight_decay"]`, AdamW's):
+    `param.mul_(1 - lr * weight_decay)`; coupled (Adam's default):
+    `grad = grad.add(param, alpha=weight_decay)` when `weight_decay != 0`.
     """
     grad = apply_maximize(grad, options)
     weight_decay = hparams["weight_decay"]
@@ -37,16 +37,17 @@ def weight_decayed(param, grad, hparams, options) -> tuple[jax.Array, jax.Array]
 
 
 def adam_moments(param, grad, slots, hparams, options):
-    r"""The Adam family's ``(param, {"exp_avg": m, "exp_avg_sq": v})``.
+    r"""The Adam family's `(param, {"exp_avg": m, "exp_avg_sq": v})`.
 
-    .. math::
-        m_t = \operatorname{lerp}(m_{t-1}, g_t, 1-\beta_1), \qquad
-        v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2
+    $$
+    m_t = \operatorname{lerp}(m_{t-1}, g_t, 1-\beta_1), \qquad
+    v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2
+    $$
 
-    with :math:`g_t` the gradient after ``maximize`` and weight decay, and
-    ``param`` after decoupled weight decay (:func:`weight_decayed`; Adam,
-    AdamW, NAdam and RAdam). Each moment computes :math:`g_t` itself
-    (:func:`in_own_pass`).
+    with $g_t$ the gradient after `maximize` and weight decay, and
+    `param` after decoupled weight decay (`weight_decayed`; Adam,
+    AdamW, NAdam and RAdam). Each moment computes $g_t$ itself
+    (`in_own_pass`).
     """
     beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
     _, decayed_grad = weight_decayed(param, grad, hparams, options)
@@ -57,9 +58,9 @@ def adam_moments(param, grad, slots, hparams, options):
 
 
 def write_buffers_first(new_buffers, *inputs):
-    """``(new_buffers, *inputs)``, for a param's pass that reads the new buffers.
+    """`(new_buffers, *inputs)`, for a param's pass that reads the new buffers.
 
-    Speed only, on CPU (see :func:`recompute_after`). XLA's CPU backend does
+    Speed only, on CPU (see `recompute_after`). XLA's CPU backend does
     not fuse loops with several outputs by default: a rule that updates k
     buffers runs as k + 1 passes over memory. Left to itself it shares the
     cheap per-element terms between them, e.g. the weight-decayed gradient,
@@ -67,7 +68,7 @@ def write_buffers_first(new_buffers, *inputs):
     buffer's update into the param's pass too, reading a donated buffer
     after another pass overwrote it (so it copies it first). A rule that
     passes its new buffers and the arrays it reads afterwards (typically
-    ``param, grad``) through here, and computes the param's update from what
+    `param, grad`) through here, and computes the param's update from what
     comes out, gets passes ordered by data (buffers first, written in place;
     the param's pass reads them) and recomputes those terms in the param's
     pass.
@@ -76,13 +77,13 @@ def write_buffers_first(new_buffers, *inputs):
 
 
 def in_own_pass(fn, param, grad, *rest):
-    """``fn(param, grad, *rest)``, kept apart from any other computation of it.
+    """`fn(param, grad, *rest)`, kept apart from any other computation of it.
 
     For a per-element term (e.g. the weight-decayed gradient) that two
     buffers' updates read: each update then computes its own copy inside
     its own pass. XLA's default CPU fusion duplicates such a term anyway;
-    with its multi-output fusion on (``XLA_FLAGS=--xla_backend_extra_options=
-    xla_cpu_use_multi_output_fusion``) it does not, and would otherwise
+    with its multi-output fusion on (`XLA_FLAGS=--xla_backend_extra_options=
+    xla_cpu_use_multi_output_fusion`) it does not, and would otherwise
     share it through a full-size temporary instead of updating both
     buffers in one pass.
     """
@@ -91,10 +92,10 @@ def in_own_pass(fn, param, grad, *rest):
 
 
 def recompute_after(*values):
-    """``values`` through an optimization barrier, where lowered for CPU.
+    """`values` through an optimization barrier, where lowered for CPU.
 
     XLA's CPU pipeline removes the barrier before fusion (its
-    ``cse_barrier_expander`` pass); until then, common-subexpression
+    `cse_barrier_expander` pass); until then, common-subexpression
     elimination cannot merge what is computed from its outputs with what
     was computed from its inputs. A rule uses it to compute a per-element
     term once in each pass that needs it, rather than once in a full-size
@@ -115,17 +116,17 @@ def recompute_after(*values):
 def coupled_weight_decay(
     grad: jax.Array, param: jax.Array, weight_decay: jax.Array
 ) -> jax.Array:
-    """torch's ``if weight_decay != 0: grad = grad.add(param, alpha=weight_decay)``."""
+    """torch's `if weight_decay != 0: grad = grad.add(param, alpha=weight_decay)`."""
     return jnp.where(weight_decay != 0, add(grad, param, weight_decay), grad)
 
 
 def decoupled_weight_decay(
     param: jax.Array, lr: jax.Array, weight_decay: jax.Array
 ) -> jax.Array:
-    """torch's ``param.mul_(1 - lr * weight_decay)`` (an exact no-op when wd == 0)."""
+    """torch's `param.mul_(1 - lr * weight_decay)` (an exact no-op when wd == 0)."""
     return mul(param, 1 - lr * weight_decay)
 
 
 def ema_of_square(avg: jax.Array, grad: jax.Array, beta: jax.Array) -> jax.Array:
-    """torch's ``avg.mul_(beta).addcmul_(grad, grad, value=1 - beta)``."""
+    """torch's `avg.mul_(beta).addcmul_(grad, grad, value=1 - beta)`."""
     return addcmul(mul(avg, beta), grad, grad, 1 - beta)

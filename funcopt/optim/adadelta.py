@@ -1,4 +1,4 @@
-"""Adadelta, mirroring ``torch.optim.Adadelta``."""
+"""Adadelta, mirroring `torch.optim.Adadelta`."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def _adadelta_rule(param, grad, slots, step, hparams, options):
 
 
 def _adadelta_delta(param, grad, square_avg, acc_delta, hparams, options):
-    """torch's ``delta = acc_delta.add(eps).sqrt_().div_(std).mul_(grad)``."""
+    """torch's `delta = acc_delta.add(eps).sqrt_().div_(std).mul_(grad)`."""
     eps = hparams["eps"]
     grad = coupled_gradient(param, grad, hparams, options)
     std = sqrt(add_scalar(square_avg, eps))
@@ -75,22 +75,25 @@ def adadelta(
     differentiable: bool = False,
     param_groups: ParamGroups | None = None,
 ) -> Optimizer:
-    r"""Adadelta, as ``torch.optim.Adadelta``.
+    r"""Adadelta, as `torch.optim.Adadelta`.
 
-    .. math::
-        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\theta_{t-1} \\
-        v_t &= \rho v_{t-1} + (1-\rho) g_t^2 \\
-        \delta_t &= \frac{\sqrt{u_{t-1} + \epsilon}}{\sqrt{v_t + \epsilon}}\, g_t \\
-        u_t &= \rho u_{t-1} + (1-\rho)\delta_t^2 \\
-        \theta_t &= \theta_{t-1} - \gamma\delta_t
+    $$
+    \begin{aligned}
+    g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\theta_{t-1} \\
+    v_t &= \rho v_{t-1} + (1-\rho) g_t^2 \\
+    \delta_t &= \frac{\sqrt{u_{t-1} + \epsilon}}{\sqrt{v_t + \epsilon}}\, g_t \\
+    u_t &= \rho u_{t-1} + (1-\rho)\delta_t^2 \\
+    \theta_t &= \theta_{t-1} - \gamma\delta_t
+    \end{aligned}
+    $$
 
-    with :math:`\gamma` = ``lr``, :math:`\lambda` = ``weight_decay``
-    (coupled). ``rho`` may be 1. (optax's ``adadelta`` with its default
-    ``learning_rate=None`` ascends; this one descends, as torch does.)
+    with $\gamma$ = `lr`, $\lambda$ = `weight_decay`
+    (coupled). `rho` may be 1. (optax's `adadelta` with its default
+    `learning_rate=None` ascends; this one descends, as torch does.)
 
-    ``foreach``, ``capturable`` and ``differentiable`` are accepted and
-    ignored. State: ``square_avg`` (:math:`v`), ``acc_delta`` (:math:`u`); the
-    step count is ``state.step``.
+    `foreach`, `capturable` and `differentiable` are accepted and
+    ignored. State: `square_avg` ($v$), `acc_delta` ($u$); the
+    step count is `state.step`.
     """
     return make_optimizer(
         name="Adadelta",

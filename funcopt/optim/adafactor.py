@@ -1,4 +1,4 @@
-"""Adafactor, mirroring ``torch.optim.Adafactor``."""
+"""Adafactor, mirroring `torch.optim.Adafactor`."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _validate_adafactor(group: Mapping[str, Any]) -> None:
 
 
 def _encode_eps(eps: Any) -> tuple[Any, Any]:
-    """``eps1=None`` (finfo(param dtype).eps) is stored in the state as NaN."""
+    """`eps1=None` (finfo(param dtype).eps) is stored in the state as NaN."""
     return (math.nan if eps[0] is None else eps[0], eps[1])
 
 
@@ -50,7 +50,7 @@ def _adafactor_slots(param, group):
 
 
 def _norm(x, **kwargs):
-    """``torch.norm``: the 2-norm, in ``x``'s dtype (float32 sums for 16 bits)."""
+    """`torch.norm`: the 2-norm, in `x`'s dtype (float32 sums for 16 bits)."""
     return tensor_op(lambda y: jnp.sqrt(jnp.sum(y * y, **kwargs)), x)
 
 
@@ -113,43 +113,46 @@ def adafactor(
     maximize: bool = False,
     param_groups: ParamGroups | None = None,
 ) -> Optimizer:
-    r"""Adafactor, as ``torch.optim.Adafactor`` (torch's variant, not optax's).
+    r"""Adafactor, as `torch.optim.Adafactor` (torch's variant, not optax's).
 
-    .. math::
-        G_t &= \pm\nabla_\theta f_t(\theta_{t-1}) \\
-        \hat\beta_t &= t^{\tau} \quad (= 1 - \beta_{2,t}) \\
-        \rho_t &= \min(\gamma, 1/\sqrt t) \\
-        \alpha_t &= \max(\epsilon_2, \operatorname{RMS}(\theta_{t-1}))\,\rho_t \\
-        \theta_{t-1} &\leftarrow \theta_{t-1}(1 - \gamma\lambda) \\
-        R_t &= \operatorname{lerp}(R_{t-1}, \operatorname{mean}_{-1}(G_t^2),
-               \hat\beta_t), \quad
-        C_t = \operatorname{lerp}(C_{t-1}, \operatorname{mean}_{-2}(G_t^2),
-               \hat\beta_t) \\
-        V_t &= \frac{R_t C_t}{\max(\operatorname{mean}_{-2}(R_t), \epsilon_1)}
-               \quad\text{(}\ge\text{2-D; else }
-               V_t = \operatorname{lerp}(V_{t-1}, G_t^2, \hat\beta_t)\text{)} \\
-        U_t &= G_t / \sqrt{\max(V_t, \epsilon_1^2)} \\
-        \theta_t &= \theta_{t-1} - \frac{\alpha_t}
-               {\max(1, \operatorname{RMS}(U_t)/d)}\, U_t
+    $$
+    \begin{aligned}
+    G_t &= \pm\nabla_\theta f_t(\theta_{t-1}) \\
+    \hat\beta_t &= t^{\tau} \quad (= 1 - \beta_{2,t}) \\
+    \rho_t &= \min(\gamma, 1/\sqrt t) \\
+    \alpha_t &= \max(\epsilon_2, \operatorname{RMS}(\theta_{t-1}))\,\rho_t \\
+    \theta_{t-1} &\leftarrow \theta_{t-1}(1 - \gamma\lambda) \\
+    R_t &= \operatorname{lerp}(R_{t-1}, \operatorname{mean}_{-1}(G_t^2),
+           \hat\beta_t), \quad
+    C_t = \operatorname{lerp}(C_{t-1}, \operatorname{mean}_{-2}(G_t^2),
+           \hat\beta_t) \\
+    V_t &= \frac{R_t C_t}{\max(\operatorname{mean}_{-2}(R_t), \epsilon_1)}
+           \quad\text{(}\ge\text{2-D; else }
+           V_t = \operatorname{lerp}(V_{t-1}, G_t^2, \hat\beta_t)\text{)} \\
+    U_t &= G_t / \sqrt{\max(V_t, \epsilon_1^2)} \\
+    \theta_t &= \theta_{t-1} - \frac{\alpha_t}
+           {\max(1, \operatorname{RMS}(U_t)/d)}\, U_t
+    \end{aligned}
+    $$
 
-    with :math:`\gamma` = ``lr``, :math:`\tau` = ``beta2_decay``,
-    :math:`(\epsilon_1, \epsilon_2)` = ``eps``, :math:`\lambda` =
-    ``weight_decay``; ``t`` is each parameter's own step count. ``lr`` only
-    caps the relative step :math:`\rho_t` and scales the decoupled weight
+    with $\gamma$ = `lr`, $\tau$ = `beta2_decay`,
+    $(\epsilon_1, \epsilon_2)$ = `eps`, $\lambda$ =
+    `weight_decay`; `t` is each parameter's own step count. `lr` only
+    caps the relative step $\rho_t$ and scales the decoupled weight
     decay. Leaves with two or more dimensions keep factored second moments
-    over their last two dimensions, with torch's shapes: ``row_var``
-    (``shape[:-1] + (1,)``) and ``col_var`` (``shape[:-2] + (1, shape[-1])``);
-    0-D and 1-D leaves keep a full ``variance``. There is no first moment.
+    over their last two dimensions, with torch's shapes: `row_var`
+    (`shape[:-1] + (1,)`) and `col_var` (`shape[:-2] + (1, shape[-1])`);
+    0-D and 1-D leaves keep a full `variance`. There is no first moment.
 
-    ``eps[0] = None`` means ``jnp.finfo(param.dtype).eps``, resolved per
+    `eps[0] = None` means `jnp.finfo(param.dtype).eps`, resolved per
     parameter (torch resolves it on the first parameter with a gradient of
     each group, so a group mixing float32 and float64 parameters uses that
     parameter's dtype for all of them). In the state it is stored as NaN:
-    ``fo.get_hparam(state, "eps")`` shows NaN for None, and
-    ``fo.set_hparam(state, "eps", (float("nan"), 1e-3))`` sets it back.
+    `fo.get_hparam(state, "eps")` shows NaN for None, and
+    `fo.set_hparam(state, "eps", (float("nan"), 1e-3))` sets it back.
 
-    ``foreach`` is accepted and ignored. Complex parameters raise
-    torch's ``RuntimeError`` at ``init`` and ``step`` (torch: at ``step``).
+    `foreach` is accepted and ignored. Complex parameters raise
+    torch's `RuntimeError` at `init` and `step` (torch: at `step`).
     """
     group = dict(
         lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay

@@ -1,4 +1,4 @@
-"""Adagrad, mirroring ``torch.optim.Adagrad``."""
+"""Adagrad, mirroring `torch.optim.Adagrad`."""
 
 from __future__ import annotations
 
@@ -62,27 +62,30 @@ def adagrad(
     fused: bool | None = None,
     param_groups: ParamGroups | None = None,
 ) -> Optimizer:
-    r"""Adagrad, as ``torch.optim.Adagrad`` (dense gradients).
+    r"""Adagrad, as `torch.optim.Adagrad` (dense gradients).
 
-    .. math::
-        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\theta_{t-1} \\
-        \tilde\gamma_t &= \frac{\gamma}{1 + (t-1)\eta} \\
-        S_t &= S_{t-1} + g_t^2, \quad S_0 = s_0 \\
-        \theta_t &= \theta_{t-1} - \tilde\gamma_t\, \frac{g_t}{\sqrt{S_t} + \epsilon}
+    $$
+    \begin{aligned}
+    g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\theta_{t-1} \\
+    \tilde\gamma_t &= \frac{\gamma}{1 + (t-1)\eta} \\
+    S_t &= S_{t-1} + g_t^2, \quad S_0 = s_0 \\
+    \theta_t &= \theta_{t-1} - \tilde\gamma_t\, \frac{g_t}{\sqrt{S_t} + \epsilon}
+    \end{aligned}
+    $$
 
-    with :math:`\gamma` = ``lr``, :math:`\eta` = ``lr_decay``,
-    :math:`\lambda` = ``weight_decay`` (coupled), :math:`s_0` =
-    ``initial_accumulator_value``. ``eps`` is outside the square root (optax's
-    ``adagrad`` puts it inside and starts from 0.1). ``t`` is each parameter's
+    with $\gamma$ = `lr`, $\eta$ = `lr_decay`,
+    $\lambda$ = `weight_decay` (coupled), $s_0$ =
+    `initial_accumulator_value`. `eps` is outside the square root (optax's
+    `adagrad` puts it inside and starts from 0.1). `t` is each parameter's
     own step count.
 
-    Like torch, the state exists from ``init`` for every parameter, and
-    :math:`s_0` is the constructor's value for every group: a group's own
-    ``initial_accumulator_value`` is ignored.
+    Like torch, the state exists from `init` for every parameter, and
+    $s_0$ is the constructor's value for every group: a group's own
+    `initial_accumulator_value` is ignored.
 
-    ``foreach``, ``fused`` and ``differentiable`` are accepted and ignored
-    (``fused`` combined with the others raises as in torch). State: ``sum``;
-    the step count is ``state.step``.
+    `foreach`, `fused` and `differentiable` are accepted and ignored
+    (`fused` combined with the others raises as in torch). State: `sum`;
+    the step count is `state.step`.
     """
     opt = make_optimizer(
         name="Adagrad",

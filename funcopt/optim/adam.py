@@ -1,4 +1,4 @@
-"""Adam and AdamW, mirroring ``torch.optim.Adam`` and ``torch.optim.AdamW``."""
+"""Adam and AdamW, mirroring `torch.optim.Adam` and `torch.optim.AdamW`."""
 
 from __future__ import annotations
 
@@ -68,28 +68,31 @@ def adam(
     decoupled_weight_decay: bool = False,
     param_groups: ParamGroups | None = None,
 ) -> Optimizer:
-    r"""Adam, as ``torch.optim.Adam``.
+    r"""Adam, as `torch.optim.Adam`.
 
-    .. math::
-        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) \;(+\lambda\theta_{t-1}
-               \text{ if coupled}) \\
-        \theta_{t-1} &\leftarrow \theta_{t-1}(1 - \gamma\lambda)
-               \text{ if decoupled\_weight\_decay} \\
-        m_t &= \operatorname{lerp}(m_{t-1}, g_t, 1-\beta_1) \\
-        v_t &= \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
-        \hat v_t &= \max(\hat v_{t-1}, v_t) \text{ if amsgrad else } v_t \\
-        \theta_t &= \theta_{t-1} - \frac{\gamma}{1-\beta_1^t}\,
-               \frac{m_t}{\sqrt{\hat v_t}/\sqrt{1-\beta_2^t} + \epsilon}
+    $$
+    \begin{aligned}
+    g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) \;(+\lambda\theta_{t-1}
+           \text{ if coupled}) \\
+    \theta_{t-1} &\leftarrow \theta_{t-1}(1 - \gamma\lambda)
+           \text{ if decoupled\_weight\_decay} \\
+    m_t &= \operatorname{lerp}(m_{t-1}, g_t, 1-\beta_1) \\
+    v_t &= \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+    \hat v_t &= \max(\hat v_{t-1}, v_t) \text{ if amsgrad else } v_t \\
+    \theta_t &= \theta_{t-1} - \frac{\gamma}{1-\beta_1^t}\,
+           \frac{m_t}{\sqrt{\hat v_t}/\sqrt{1-\beta_2^t} + \epsilon}
+    \end{aligned}
+    $$
 
-    with :math:`\gamma` = ``lr``, :math:`\lambda` = ``weight_decay``. Note
-    where ``eps`` sits: after the bias-corrected square root, as in torch
-    (optax's ``eps_root`` has no torch counterpart). ``t`` is each parameter's
-    own step count. AMSGrad takes the max of the raw :math:`v_t` (optax's
-    ``amsgrad`` takes it of the bias-corrected one).
+    with $\gamma$ = `lr`, $\lambda$ = `weight_decay`. Note
+    where `eps` sits: after the bias-corrected square root, as in torch
+    (optax's `eps_root` has no torch counterpart). `t` is each parameter's
+    own step count. AMSGrad takes the max of the raw $v_t$ (optax's
+    `amsgrad` takes it of the bias-corrected one).
 
-    ``foreach``, ``fused``, ``capturable`` and ``differentiable`` are accepted
-    and ignored. State: ``exp_avg``, ``exp_avg_sq`` and, with ``amsgrad``,
-    ``max_exp_avg_sq``; the step count is ``state.step``.
+    `foreach`, `fused`, `capturable` and `differentiable` are accepted
+    and ignored. State: `exp_avg`, `exp_avg_sq` and, with `amsgrad`,
+    `max_exp_avg_sq`; the step count is `state.step`.
     """
     opt = _adam_family(
         "Adam",
@@ -128,14 +131,15 @@ def adamw(
     fused: bool | None = None,
     param_groups: ParamGroups | None = None,
 ) -> Optimizer:
-    r"""AdamW, as ``torch.optim.AdamW``: :func:`adam` with decoupled weight decay.
+    r"""AdamW, as `torch.optim.AdamW`: `adam` with decoupled weight decay.
 
-    .. math::
-        \theta_{t-1} \leftarrow \theta_{t-1}(1 - \gamma\lambda)
+    $$
+    \theta_{t-1} \leftarrow \theta_{t-1}(1 - \gamma\lambda)
+    $$
 
-    is applied before the moment updates, with the group's current ``lr``
-    :math:`\gamma`; the rest is :func:`adam`. The default ``weight_decay`` is
-    torch's ``1e-2`` (optax's ``adamw`` defaults to ``1e-4``).
+    is applied before the moment updates, with the group's current `lr`
+    $\gamma$; the rest is [`adam`][funcopt.adam]. The default `weight_decay` is
+    torch's `1e-2` (optax's `adamw` defaults to `1e-4`).
     """
     opt = _adam_family(
         "AdamW",

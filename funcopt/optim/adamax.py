@@ -1,4 +1,4 @@
-"""Adamax, mirroring ``torch.optim.Adamax``."""
+"""Adamax, mirroring `torch.optim.Adamax`."""
 
 from __future__ import annotations
 
@@ -42,20 +42,23 @@ def adamax(
     capturable: bool = False,
     param_groups: ParamGroups | None = None,
 ) -> Optimizer:
-    r"""Adamax (Adam with the infinity norm), as ``torch.optim.Adamax``.
+    r"""Adamax (Adam with the infinity norm), as `torch.optim.Adamax`.
 
-    .. math::
-        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\theta_{t-1} \\
-        m_t &= \operatorname{lerp}(m_{t-1}, g_t, 1-\beta_1) \\
-        u_t &= \max(\beta_2 u_{t-1},\, |g_t| + \epsilon) \\
-        \theta_t &= \theta_{t-1} - \frac{\gamma}{1-\beta_1^t}\,\frac{m_t}{u_t}
+    $$
+    \begin{aligned}
+    g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\theta_{t-1} \\
+    m_t &= \operatorname{lerp}(m_{t-1}, g_t, 1-\beta_1) \\
+    u_t &= \max(\beta_2 u_{t-1},\, |g_t| + \epsilon) \\
+    \theta_t &= \theta_{t-1} - \frac{\gamma}{1-\beta_1^t}\,\frac{m_t}{u_t}
+    \end{aligned}
+    $$
 
-    with :math:`\gamma` = ``lr``, :math:`\lambda` = ``weight_decay`` (coupled,
-    added to the gradient); :math:`-\nabla` when ``maximize``. ``eps`` sits
-    inside the max, as in torch. ``t`` is each parameter's own step count.
+    with $\gamma$ = `lr`, $\lambda$ = `weight_decay` (coupled,
+    added to the gradient); $-\nabla$ when `maximize`. `eps` sits
+    inside the max, as in torch. `t` is each parameter's own step count.
 
-    ``foreach``, ``capturable`` and ``differentiable`` are accepted and
-    ignored. State: ``exp_avg``, ``exp_inf``; the step count is ``state.step``.
+    `foreach`, `capturable` and `differentiable` are accepted and
+    ignored. State: `exp_avg`, `exp_inf`; the step count is `state.step`.
     """
     return make_optimizer(
         name="Adamax",

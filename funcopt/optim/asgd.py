@@ -1,4 +1,4 @@
-"""ASGD, mirroring ``torch.optim.ASGD``."""
+"""ASGD, mirroring `torch.optim.ASGD`."""
 
 from __future__ import annotations
 
@@ -64,27 +64,30 @@ def asgd(
     *,
     param_groups: ParamGroups | None = None,
 ) -> Optimizer:
-    r"""Averaged SGD, as ``torch.optim.ASGD``.
+    r"""Averaged SGD, as `torch.optim.ASGD`.
 
-    .. math::
-        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda'\theta_{t-1} \\
-        \theta_t &= \theta_{t-1}(1 - \lambda\eta_{t-1}) - \eta_{t-1} g_t \\
-        \bar\theta_t &= \bar\theta_{t-1} + \mu_{t-1}(\theta_t - \bar\theta_{t-1})
-            \text{ if } \mu_{t-1} \ne 1 \text{ else } \theta_t \\
-        \eta_t &= \operatorname{f32}\!\left(\frac{\gamma}
-                  {(1 + \lambda\gamma t)^{\alpha}}\right), \quad
-        \mu_t = \operatorname{f32}\!\left(\frac{1}{\max(1, t - t_0)}\right)
+    $$
+    \begin{aligned}
+    g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda'\theta_{t-1} \\
+    \theta_t &= \theta_{t-1}(1 - \lambda\eta_{t-1}) - \eta_{t-1} g_t \\
+    \bar\theta_t &= \bar\theta_{t-1} + \mu_{t-1}(\theta_t - \bar\theta_{t-1})
+        \text{ if } \mu_{t-1} \ne 1 \text{ else } \theta_t \\
+    \eta_t &= \operatorname{f32}\!\left(\frac{\gamma}
+              {(1 + \lambda\gamma t)^{\alpha}}\right), \quad
+    \mu_t = \operatorname{f32}\!\left(\frac{1}{\max(1, t - t_0)}\right)
+    \end{aligned}
+    $$
 
-    with :math:`\gamma` = ``lr``, :math:`\lambda` = ``lambd``,
-    :math:`\lambda'` = ``weight_decay`` (coupled), :math:`\eta_0 = \gamma`,
-    :math:`\mu_0 = 1`. ``eta`` and ``mu`` are float32 scalars in torch and are
-    rounded to float32 here too. The averaged iterate :math:`\bar\theta`
-    (``ax``) is state only; the parameters are never replaced by it. This is
+    with $\gamma$ = `lr`, $\lambda$ = `lambd`,
+    $\lambda'$ = `weight_decay` (coupled), $\eta_0 = \gamma$,
+    $\mu_0 = 1$. `eta` and `mu` are float32 scalars in torch and are
+    rounded to float32 here too. The averaged iterate $\bar\theta$
+    (`ax`) is state only; the parameters are never replaced by it. This is
     torch's single-tensor algebra (its foreach path differs by rounding).
 
-    ``foreach``, ``differentiable`` and ``capturable`` are accepted and
-    ignored. State: ``eta``, ``mu`` (float32 scalars) and ``ax``; the step
-    count is ``state.step``.
+    `foreach`, `differentiable` and `capturable` are accepted and
+    ignored. State: `eta`, `mu` (float32 scalars) and `ax`; the step
+    count is `state.step`.
     """
     return make_optimizer(
         name="ASGD",

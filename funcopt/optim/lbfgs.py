@@ -1,17 +1,17 @@
-"""L-BFGS, mirroring ``torch.optim.LBFGS``, as one pure, jit-able function.
+"""L-BFGS, mirroring `torch.optim.LBFGS`, as one pure, jit-able function.
 
-torch's ``LBFGS.step(closure)`` runs a whole inner optimisation (up to
-``max_iter`` iterations, each with one or more closure calls). Here that is
-``opt.step(params, state, value_and_grad_fn)``, in which every loop of torch's
-code is a ``jax.lax`` loop, so a whole step is one ``jax.jit``:
+torch's `LBFGS.step(closure)` runs a whole inner optimisation (up to
+`max_iter` iterations, each with one or more closure calls). Here that is
+`opt.step(params, state, value_and_grad_fn)`, in which every loop of torch's
+code is a `jax.lax` loop, so a whole step is one `jax.jit`:
 
-* the outer iteration loop and all of its break conditions: ``while_loop``;
-* the two-loop recursion over the history: ``fori_loop`` over the valid
-  entries of fixed-size ring buffers (``old_dirs``/``old_stps``/``ro``);
+* the outer iteration loop and all of its break conditions: `while_loop`;
+* the two-loop recursion over the history: `fori_loop` over the valid
+  entries of fixed-size ring buffers (`old_dirs`/`old_stps`/`ro`);
 * the strong-Wolfe line search (bracketing, then zoom, with torch's
-  ``_cubic_interpolate``): one ``while_loop`` with one closure call per pass.
+  `_cubic_interpolate`): one `while_loop` with one closure call per pass.
 
-``value_and_grad_fn(params) -> (loss, grads)`` is traced twice: once for the
+`value_and_grad_fn(params) -> (loss, grads)` is traced twice: once for the
 first evaluation of the step and once inside the loop (the fixed step, or
 the line search).
 """
@@ -41,30 +41,30 @@ ValueAndGradFn = Callable[[PyTree], tuple[Any, PyTree]]
 
 
 class LBFGSState(NamedTuple):
-    """torch's ``optimizer.state[params[0]]`` for LBFGS, as fixed-shape arrays.
+    """torch's `optimizer.state[params[0]]` for LBFGS, as fixed-shape arrays.
 
-    ``n`` is the length of the flat vector: the trainable leaves of
-    ``jax.tree.leaves(params)`` concatenated in order (complex leaves as real
+    `n` is the length of the flat vector: the trainable leaves of
+    `jax.tree.leaves(params)` concatenated in order (complex leaves as real
     pairs, 2·numel). Vectors have the widest real dtype of those leaves;
-    ``t`` and ``prev_loss`` (Python floats in torch) the widest enabled float.
+    `t` and `prev_loss` (Python floats in torch) the widest enabled float.
 
     Attributes:
-      func_evals: ``int32[]``, closure calls over all ``step`` calls.
-      n_iter: ``int32[]``, iterations over all ``step`` calls.
-      d: ``[n]``, the last search direction.
-      t: ``[]``, the last step length.
-      prev_flat_grad: ``[n]``, the gradient at the start of the last iteration.
-      prev_loss: ``[]``, the loss at the start of the last iteration.
-      H_diag: ``[]``, the scale of the initial inverse Hessian (1 at first).
-      old_dirs: ``[history_size, n]``, ring buffer of the ``y`` vectors.
-      old_stps: ``[history_size, n]``, ring buffer of the ``s`` vectors.
-      ro: ``[history_size]``, ring buffer of ``1/(y·s)``.
-      history_count: ``int32[]``, how many ring entries are valid (torch's
-        ``len(old_dirs)``).
-      history_start: ``int32[]``, the row of the oldest entry: torch's list
-        index ``i`` is row ``(history_start + i) % history_size``.
-      hparams: ``{"lr", "tolerance_grad", "tolerance_change": float[1]}`` (one
-        group), so ``fo.get_lr``/``fo.set_lr`` work without recompiling.
+      func_evals: `int32[]`, closure calls over all `step` calls.
+      n_iter: `int32[]`, iterations over all `step` calls.
+      d: `[n]`, the last search direction.
+      t: `[]`, the last step length.
+      prev_flat_grad: `[n]`, the gradient at the start of the last iteration.
+      prev_loss: `[]`, the loss at the start of the last iteration.
+      H_diag: `[]`, the scale of the initial inverse Hessian (1 at first).
+      old_dirs: `[history_size, n]`, ring buffer of the `y` vectors.
+      old_stps: `[history_size, n]`, ring buffer of the `s` vectors.
+      ro: `[history_size]`, ring buffer of `1/(y·s)`.
+      history_count: `int32[]`, how many ring entries are valid (torch's
+        `len(old_dirs)`).
+      history_start: `int32[]`, the row of the oldest entry: torch's list
+        index `i` is row `(history_start + i) % history_size`.
+      hparams: `{"lr", "tolerance_grad", "tolerance_change": float[1]}` (one
+        group), so `fo.get_lr`/`fo.set_lr` work without recompiling.
     """
 
     func_evals: jax.Array
@@ -83,23 +83,23 @@ class LBFGSState(NamedTuple):
 
 
 class LBFGS(optax.GradientTransformationExtraArgs):
-    """``funcopt.lbfgs(...)``: ``init``, ``step`` (torch's) and optax's ``update``.
+    """`funcopt.lbfgs(...)`: `init`, `step` (torch's) and optax's `update`.
 
-    ``step(params, state, value_and_grad_fn) -> (params, state, loss)`` is
-    torch's ``loss = optimizer.step(closure)``: ``value_and_grad_fn(params)``
-    returns ``(loss, grads)`` (``grads`` shaped like ``params``; a ``None``
-    leaf counts as zeros, as in torch) and ``loss`` is the *first* loss of the
-    call, as torch returns ``orig_loss``.
+    `step(params, state, value_and_grad_fn) -> (params, state, loss)` is
+    torch's `loss = optimizer.step(closure)`: `value_and_grad_fn(params)`
+    returns `(loss, grads)` (`grads` shaped like `params`; a `None`
+    leaf counts as zeros, as in torch) and `loss` is the *first* loss of the
+    call, as torch returns `orig_loss`.
 
-    ``update(grads, state, params, *, value_fn, value=None)`` follows
-    ``optax.lbfgs``'s contract: ``grads`` (and ``value``, else
-    ``value_fn(params)``) is the first evaluation, and ``value_fn`` (a scalar
-    loss function, differentiated with ``jax.value_and_grad``) is called for
-    the others. It returns ``(new_params - params, new_state)``.
+    `update(grads, state, params, *, value_fn, value=None)` follows
+    `optax.lbfgs`'s contract: `grads` (and `value`, else
+    `value_fn(params)`) is the first evaluation, and `value_fn` (a scalar
+    loss function, differentiated with `jax.value_and_grad`) is called for
+    the others. It returns `(new_params - params, new_state)`.
     """
 
     def step(self, params, state, value_and_grad_fn):
-        """torch's ``optimizer.step(closure)``: ``(new_params, new_state, loss)``."""
+        """torch's `optimizer.step(closure)`: `(new_params, new_state, loss)`."""
         return self._step_fn(params, state, value_and_grad_fn)
 
     def __repr__(self) -> str:
@@ -118,54 +118,57 @@ def lbfgs(
     *,
     param_groups: _groups.ParamGroups | None = None,
 ) -> LBFGS:
-    r"""L-BFGS, as ``torch.optim.LBFGS``: ``step(params, state, value_and_grad_fn)``.
+    r"""L-BFGS, as `torch.optim.LBFGS`: `step(params, state, value_and_grad_fn)`.
 
-    Each ``step`` runs up to ``max_iter`` iterations. With :math:`g_k` the
-    flat gradient and the history :math:`(s_i, y_i, \rho_i = 1/y_i^\top s_i)`
-    (oldest first, at most ``history_size`` pairs):
+    Each `step` runs up to `max_iter` iterations. With $g_k$ the
+    flat gradient and the history $(s_i, y_i, \rho_i = 1/y_i^\top s_i)$
+    (oldest first, at most `history_size` pairs):
 
-    .. math::
-        y &= g_k - g_{k-1},\quad s = t_{k-1} d_{k-1}; \quad
-             \text{if } y^\top s > 10^{-10}:\ \text{append } (s, y),\
-             H_0 = \frac{y^\top s}{y^\top y} \\
-        d_k &= -H_k g_k \quad\text{(two-loop recursion, }H_k^0 = H_0 I) \\
-        t_k &= \begin{cases} \min(1, 1/\lVert g_1\rVert_1)\,\gamma &
-                \text{first iteration ever}\\ \gamma & \text{otherwise}
-               \end{cases} \\
-        \theta &\leftarrow \theta + t_k d_k
-               \quad(t_k \text{ from strong Wolfe if requested})
+    $$
+    \begin{aligned}
+    y &= g_k - g_{k-1},\quad s = t_{k-1} d_{k-1}; \quad
+         \text{if } y^\top s > 10^{-10}:\ \text{append } (s, y),\
+         H_0 = \frac{y^\top s}{y^\top y} \\
+    d_k &= -H_k g_k \quad\text{(two-loop recursion, }H_k^0 = H_0 I) \\
+    t_k &= \begin{cases} \min(1, 1/\lVert g_1\rVert_1)\,\gamma &
+            \text{first iteration ever}\\ \gamma & \text{otherwise}
+           \end{cases} \\
+    \theta &\leftarrow \theta + t_k d_k
+           \quad(t_k \text{ from strong Wolfe if requested})
+    \end{aligned}
+    $$
 
-    with :math:`\gamma` = ``lr``. torch's quirks, all kept:
+    with $\gamma$ = `lr`. torch's quirks, all kept:
 
-    * the first iteration *ever* (``state.n_iter`` is cumulative over calls)
-      uses ``d = -g`` and the L1-scaled step above;
-    * pairs with ``y·s <= 1e-10`` (absolute) are not stored; once
-      ``history_size`` pairs are stored the oldest is dropped;
+    * the first iteration *ever* (`state.n_iter` is cumulative over calls)
+      uses `d = -g` and the L1-scaled step above;
+    * pairs with `y·s <= 1e-10` (absolute) are not stored; once
+      `history_size` pairs are stored the oldest is dropped;
     * without a line search the last iteration moves but does not
-      re-evaluate (``func_evals`` counts the calls that happened);
-    * a step stops when ``max|g| <= tolerance_grad`` (right after the first
-      evaluation it returns without touching ``n_iter``), when
-      ``g·d > -tolerance_change``, after ``max_iter`` iterations or
-      ``max_eval`` closure calls (default ``max_iter*5//4``), when
-      ``max|t d| <= tolerance_change`` or ``|loss - prev_loss| <
-      tolerance_change``;
-    * ``line_search_fn="strong_wolfe"`` is torch's ``_strong_wolfe`` with
-      ``c1=1e-4``, ``c2=0.9``, ``max_ls = max_eval - evaluations so far`` and
-      always ``tolerance_change=1e-9`` (torch does not pass the group's).
+      re-evaluate (`func_evals` counts the calls that happened);
+    * a step stops when `max|g| <= tolerance_grad` (right after the first
+      evaluation it returns without touching `n_iter`), when
+      `g·d > -tolerance_change`, after `max_iter` iterations or
+      `max_eval` closure calls (default `max_iter*5//4`), when
+      `max|t d| <= tolerance_change` or `|loss - prev_loss| <
+      tolerance_change`;
+    * `line_search_fn="strong_wolfe"` is torch's `_strong_wolfe` with
+      `c1=1e-4`, `c2=0.9`, `max_ls = max_eval - evaluations so far` and
+      always `tolerance_change=1e-9` (torch does not pass the group's).
 
-    Errors: ``lr`` as torch (``ValueError``); more than one parameter group
-    raises torch's ``ValueError`` here when the overrides alone imply it, else
-    in ``init``; a ``line_search_fn`` other than ``None``/``"strong_wolfe"``
-    raises torch's ``RuntimeError("only 'strong_wolfe' is supported")`` here,
-    at construction (torch raises it in the first ``step`` that reaches the
-    line search). ``history_size < 1`` raises ``ValueError`` here (torch
-    fails with ``IndexError`` at its first curvature update).
+    Errors: `lr` as torch (`ValueError`); more than one parameter group
+    raises torch's `ValueError` here when the overrides alone imply it, else
+    in `init`; a `line_search_fn` other than `None`/`"strong_wolfe"`
+    raises torch's `RuntimeError("only 'strong_wolfe' is supported")` here,
+    at construction (torch raises it in the first `step` that reaches the
+    line search). `history_size < 1` raises `ValueError` here (torch
+    fails with `IndexError` at its first curvature update).
 
     Numerics: vector math and the dot products are in the flat vector's dtype;
-    losses, ``t`` and the line search's scalars in the widest enabled float
+    losses, `t` and the line search's scalars in the widest enabled float
     (torch's Python floats). In float64 this is torch's arithmetic up to the
-    summation order of dot products. ``update`` needs ``value_fn`` (see
-    :class:`LBFGS`).
+    summation order of dot products. `update` needs `value_fn` (see
+    [`LBFGS`][funcopt.optim.lbfgs.LBFGS]).
     """
     with _validate.torch_semantics("LBFGS", {"lr": lr}):
         _validate.check_scalar_lr(lr)
@@ -279,7 +282,7 @@ def _flat_layout(leaves) -> _Flat:
 
 
 def _flatten(layout: _Flat, pieces) -> jax.Array:
-    """torch's ``_gather_flat_grad``: ``None`` pieces are zeros."""
+    """torch's `_gather_flat_grad`: `None` pieces are zeros."""
     parts = []
     for p, x in zip(layout.like, pieces):
         if x is None:
@@ -291,7 +294,7 @@ def _flatten(layout: _Flat, pieces) -> jax.Array:
 
 
 def _add_grad(layout: _Flat, xs, t, d) -> list:
-    """torch's ``_add_grad(t, d)``: ``p.add_(d[slice].view_as(p), alpha=t)``."""
+    """torch's `_add_grad(t, d)`: `p.add_(d[slice].view_as(p), alpha=t)`."""
     out, offset = [], 0
     step = t.astype(layout.dtype)
     for p in xs:
@@ -309,7 +312,7 @@ def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _max_abs(x: jax.Array) -> jax.Array:
-    """``x.abs().max()`` (NaN propagates; 0 for an empty vector)."""
+    """`x.abs().max()` (NaN propagates; 0 for an empty vector)."""
     if x.size == 0:
         return jnp.zeros((), x.dtype)
     return jnp.max(jnp.abs(x))
@@ -381,7 +384,7 @@ class _History(NamedTuple):
 
 
 def _push(hist: _History, y, s, rho, accept) -> _History:
-    """torch's drop-the-oldest-if-full, then ``append``, when ``accept``."""
+    """torch's drop-the-oldest-if-full, then `append`, when `accept`."""
     size = hist.old_dirs.shape[0]
     full = hist.n_valid == size
     row = jnp.where(full, hist.start, (hist.start + hist.n_valid) % size)
@@ -399,7 +402,7 @@ def _push(hist: _History, y, s, rho, accept) -> _History:
 
 
 def _two_loop(hist: _History, flat_grad, H_diag) -> jax.Array:
-    """torch's collapsed two-loop recursion: ``d = -H g``, newest entry first."""
+    """torch's collapsed two-loop recursion: `d = -H g`, newest entry first."""
     size = hist.old_dirs.shape[0]
 
     def row(i):
@@ -431,25 +434,26 @@ def _two_loop(hist: _History, flat_grad, H_diag) -> jax.Array:
 
 
 def _py_min(a, b):
-    """Python's ``min(a, b)``: ``b if b < a else a``."""
+    """Python's `min(a, b)`: `b if b < a else a`."""
     return jnp.where(b < a, b, a)
 
 
 def _py_max(a, b):
-    """Python's ``max(a, b)``: ``b if b > a else a``."""
+    """Python's `max(a, b)`: `b if b > a else a`."""
     return jnp.where(b > a, b, a)
 
 
 def _cubic_interpolate(x1, f1, g1, x2, f2, g2, bounds=None):
-    """torch's ``_cubic_interpolate``: the minimiser of the cubic through two points.
+    r"""torch's `_cubic_interpolate`: the minimiser of the cubic through two points.
 
-    .. math::
-        d_1 = g_1 + g_2 - 3\\frac{f_1 - f_2}{x_1 - x_2},\\quad
-        d_2 = \\sqrt{d_1^2 - g_1 g_2},\\quad
-        x = x_2 - (x_2 - x_1)\\frac{g_2 + d_2 - d_1}{g_2 - g_1 + 2 d_2}
+    $$
+    d_1 = g_1 + g_2 - 3\frac{f_1 - f_2}{x_1 - x_2},\quad
+    d_2 = \sqrt{d_1^2 - g_1 g_2},\quad
+    x = x_2 - (x_2 - x_1)\frac{g_2 + d_2 - d_1}{g_2 - g_1 + 2 d_2}
+    $$
 
-    (the points swapped when ``x1 > x2``), clamped to ``bounds`` (default: the
-    two points); the midpoint of the bounds when :math:`d_1^2 < g_1 g_2`.
+    (the points swapped when `x1 > x2`), clamped to `bounds` (default: the
+    two points); the midpoint of the bounds when $d_1^2 < g_1 g_2$.
     """
     if bounds is not None:
         xmin_bound, xmax_bound = bounds
@@ -488,14 +492,14 @@ class _Search(NamedTuple):
 def _strong_wolfe(
     obj_func, t, d, f, g, gtd, max_ls, c1=1e-4, c2=0.9, tolerance_change=1e-9
 ):
-    """torch's ``_strong_wolfe`` as one ``while_loop``: ``(f, g, t, evals)``.
+    """torch's `_strong_wolfe` as one `while_loop`: `(f, g, t, evals)`.
 
-    Each pass evaluates ``obj_func`` once. While bracketing (phase 0) it then
+    Each pass evaluates `obj_func` once. While bracketing (phase 0) it then
     checks torch's three bracket conditions or extrapolates with a cubic in
-    ``[t + 0.01 (t - t_prev), 10 t]``; once a bracket is found it zooms (phase
-    1): the next point is the cubic's minimiser in the bracket, moved ``0.1``
+    `[t + 0.01 (t - t_prev), 10 t]`; once a bracket is found it zooms (phase
+    1): the next point is the cubic's minimiser in the bracket, moved `0.1`
     of the bracket away from an end on insufficient progress. Scalars are in
-    ``t``'s dtype, vectors in ``g``'s.
+    `t`'s dtype, vectors in `g`'s.
     """
     sdt = t.dtype
     gtd = gtd.astype(sdt)
@@ -678,7 +682,7 @@ def _step(defaults, param_groups, params, state, value_and_grad_fn, first=None):
         return treedef.unflatten(new)
 
     def evaluate(xs):
-        """``float(closure())`` and ``_gather_flat_grad()``."""
+        """`float(closure())` and `_gather_flat_grad()`."""
         p = rebuild(xs)
         loss, grads = value_and_grad_fn(p)
         return _to_scalar(loss, sdt), _flat_grads(layout, p, grads)
@@ -844,7 +848,7 @@ def _step(defaults, param_groups, params, state, value_and_grad_fn, first=None):
 
 
 def _to_scalar(loss, dtype) -> jax.Array:
-    """torch's ``float(loss)``."""
+    """torch's `float(loss)`."""
     loss = jnp.asarray(loss)
     if loss.size != 1:
         raise ValueError(
@@ -859,7 +863,7 @@ def _flat_grads(layout: _Flat, params, grads) -> jax.Array:
 
 
 def _update(defaults, param_groups, updates, state, params=None, **extra):
-    """optax's ``update``, with ``optax.lbfgs``'s ``value``/``value_fn`` extra args."""
+    """optax's `update`, with `optax.lbfgs`'s `value`/`value_fn` extra args."""
     value_fn = extra.get("value_fn")
     if value_fn is None:
         raise NotImplementedError(

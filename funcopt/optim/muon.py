@@ -1,4 +1,4 @@
-"""Muon, mirroring ``torch.optim.Muon``."""
+"""Muon, mirroring `torch.optim.Muon`."""
 
 from __future__ import annotations
 
@@ -73,11 +73,11 @@ def _bf16_matmul(x, y):
 
 
 def _zeropower_via_newtonschulz(grad, coefficients, ns_steps, eps):
-    """torch's ``_zeropower_via_newtonschulz``: bf16, every op rounded once.
+    """torch's `_zeropower_via_newtonschulz`: bf16, every op rounded once.
 
-    Returns the result and ``grad.bfloat16()`` divided by its norm (shaped as
-    ``grad``), which torch writes in place into ``grad`` when it already is
-    bfloat16 (``.bfloat16()`` then returns the tensor itself).
+    Returns the result and `grad.bfloat16()` divided by its norm (shaped as
+    `grad`), which torch writes in place into `grad` when it already is
+    bfloat16 (`.bfloat16()` then returns the tensor itself).
     """
     f32, bf16 = jnp.float32, jnp.bfloat16
     a, b, c = (coefficients[i].astype(f32) for i in range(3))
@@ -99,7 +99,7 @@ def _zeropower_via_newtonschulz(grad, coefficients, ns_steps, eps):
 
 
 def _adjust_ratio(adjust_lr_fn: str | None, shape) -> float:
-    """torch's ``_adjust_lr`` factor (Python floats, as torch computes it)."""
+    """torch's `_adjust_lr` factor (Python floats, as torch computes it)."""
     rows, cols = shape[:2]
     if adjust_lr_fn is None or adjust_lr_fn == "original":
         return math.sqrt(max(1, rows / cols))
@@ -151,39 +151,42 @@ def muon(
     *,
     param_groups: ParamGroups | None = None,
 ) -> Optimizer:
-    r"""Muon, as ``torch.optim.Muon``: momentum orthogonalized by Newton–Schulz.
+    r"""Muon, as `torch.optim.Muon`: momentum orthogonalized by Newton–Schulz.
 
-    .. math::
-        B_t &= \operatorname{lerp}(B_{t-1}, g_t, 1-\mu) \\
-        \tilde B_t &= \operatorname{lerp}(g_t, B_t, \mu)
-               \text{ if nesterov else } B_t \\
-        O_t &= \operatorname{NS}^{(a,b,c)}_k(\tilde B_t; \varepsilon) \\
-        \theta_t &= \theta_{t-1}(1 - \gamma\lambda) - \gamma s\, O_t
+    $$
+    \begin{aligned}
+    B_t &= \operatorname{lerp}(B_{t-1}, g_t, 1-\mu) \\
+    \tilde B_t &= \operatorname{lerp}(g_t, B_t, \mu)
+           \text{ if nesterov else } B_t \\
+    O_t &= \operatorname{NS}^{(a,b,c)}_k(\tilde B_t; \varepsilon) \\
+    \theta_t &= \theta_{t-1}(1 - \gamma\lambda) - \gamma s\, O_t
+    \end{aligned}
+    $$
 
-    with :math:`\gamma` = ``lr``, :math:`\lambda` = ``weight_decay``,
-    :math:`\mu` = ``momentum``, :math:`(a,b,c)` = ``ns_coefficients``,
-    :math:`k` = ``ns_steps``, :math:`\varepsilon` = ``eps``. The buffer is an
-    EMA (torch's docstring's :math:`\mu B + g` is not what it computes).
-    :math:`\operatorname{NS}` runs in bfloat16 on :math:`X` = the matrix
+    with $\gamma$ = `lr`, $\lambda$ = `weight_decay`,
+    $\mu$ = `momentum`, $(a,b,c)$ = `ns_coefficients`,
+    $k$ = `ns_steps`, $\varepsilon$ = `eps`. The buffer is an
+    EMA (torch's docstring's $\mu B + g$ is not what it computes).
+    $\operatorname{NS}$ runs in bfloat16 on $X$ = the matrix
     (transposed when it has more rows than columns) divided by
-    :math:`\max(\lVert X\rVert_F, \varepsilon)`, then ``ns_steps`` times
-    :math:`A = XX^\top`, :math:`M = bA + cA^2`, :math:`X = aX + MX`; each
+    $\max(\lVert X\rVert_F, \varepsilon)$, then `ns_steps` times
+    $A = XX^\top$, $M = bA + cA^2$, $X = aX + MX$; each
     matmul accumulates in float32 and rounds once to bfloat16, as torch's CPU
-    kernels. For a ``(rows, cols)`` parameter the shape scale :math:`s` is
-    :math:`\sqrt{\max(1, rows/cols)}` (``adjust_lr_fn`` None or
-    ``"original"``) or :math:`0.2\sqrt{\max(rows, cols)}`
-    (``"match_rms_adamw"``); weight decay uses the unadjusted ``lr``.
+    kernels. For a `(rows, cols)` parameter the shape scale $s$ is
+    $\sqrt{\max(1, rows/cols)}$ (`adjust_lr_fn` None or
+    `"original"`) or $0.2\sqrt{\max(rows, cols)}$
+    (`"match_rms_adamw"`); weight decay uses the unadjusted `lr`.
 
-    Every parameter must be 2-D: ``init`` raises torch's ``ValueError``
-    otherwise (torch raises it at construction). Torch checks ``ns_steps <
-    100`` and the number of coefficients at the first step; funcopt raises
-    the same ``ValueError`` when the optimizer is made. Complex parameters
-    raise torch's ``RuntimeError`` (at ``init`` and ``step``; torch: at ``step``).
+    Every parameter must be 2-D: `init` raises torch's `ValueError`
+    otherwise (torch raises it at construction). Torch checks `ns_steps <
+    100` and the number of coefficients at the first step; funcopt raises
+    the same `ValueError` when the optimizer is made. Complex parameters
+    raise torch's `RuntimeError` (at `init` and `step`; torch: at `step`).
 
-    State: ``momentum_buffer`` per parameter; torch keeps no step count (the
-    core's ``state.step`` still counts). For a bfloat16 parameter without
-    ``nesterov`` the stored buffer is :math:`B_t` divided by its norm, as in
-    torch, whose Newton-Schulz normalizes ``B_t.bfloat16()`` in place (the
+    State: `momentum_buffer` per parameter; torch keeps no step count (the
+    core's `state.step` still counts). For a bfloat16 parameter without
+    `nesterov` the stored buffer is $B_t$ divided by its norm, as in
+    torch, whose Newton-Schulz normalizes `B_t.bfloat16()` in place (the
     buffer itself when it already is bfloat16).
     """
     opt = make_optimizer(

@@ -1,4 +1,4 @@
-"""NAdam, mirroring ``torch.optim.NAdam``."""
+"""NAdam, mirroring `torch.optim.NAdam`."""
 
 from __future__ import annotations
 
@@ -68,30 +68,33 @@ def nadam(
     differentiable: bool = False,
     param_groups: ParamGroups | None = None,
 ) -> Optimizer:
-    r"""NAdam (Adam with Nesterov momentum), as ``torch.optim.NAdam``.
+    r"""NAdam (Adam with Nesterov momentum), as `torch.optim.NAdam`.
 
-    .. math::
-        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) \;(+\lambda\theta_{t-1}
-               \text{ if coupled}) \\
-        \theta_{t-1} &\leftarrow \theta_{t-1}(1 - \gamma\lambda)
-               \text{ if decoupled\_weight\_decay} \\
-        \mu_t &= \beta_1\bigl(1 - \tfrac12\, 0.96^{t\psi}\bigr), \quad
-        \Pi_t = \operatorname{f32}(\Pi_{t-1}\mu_t) \\
-        m_t &= \operatorname{lerp}(m_{t-1}, g_t, 1-\beta_1), \quad
-        v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
-        d_t &= \sqrt{v_t / (1-\beta_2^t)} + \epsilon \\
-        \theta_t &= \theta_{t-1} - \frac{\gamma(1-\mu_t)}{1-\Pi_t}\frac{g_t}{d_t}
-                   - \frac{\gamma\mu_{t+1}}{1-\Pi_t\mu_{t+1}}\frac{m_t}{d_t}
+    $$
+    \begin{aligned}
+    g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) \;(+\lambda\theta_{t-1}
+           \text{ if coupled}) \\
+    \theta_{t-1} &\leftarrow \theta_{t-1}(1 - \gamma\lambda)
+           \text{ if decoupled\_weight\_decay} \\
+    \mu_t &= \beta_1\bigl(1 - \tfrac12\, 0.96^{t\psi}\bigr), \quad
+    \Pi_t = \operatorname{f32}(\Pi_{t-1}\mu_t) \\
+    m_t &= \operatorname{lerp}(m_{t-1}, g_t, 1-\beta_1), \quad
+    v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+    d_t &= \sqrt{v_t / (1-\beta_2^t)} + \epsilon \\
+    \theta_t &= \theta_{t-1} - \frac{\gamma(1-\mu_t)}{1-\Pi_t}\frac{g_t}{d_t}
+               - \frac{\gamma\mu_{t+1}}{1-\Pi_t\mu_{t+1}}\frac{m_t}{d_t}
+    \end{aligned}
+    $$
 
-    with :math:`\gamma` = ``lr``, :math:`\lambda` = ``weight_decay``,
-    :math:`\psi` = ``momentum_decay``. The two terms are two separate
-    ``addcdiv`` steps, as in torch. :math:`\Pi` (``mu_product``) is a float32
+    with $\gamma$ = `lr`, $\lambda$ = `weight_decay`,
+    $\psi$ = `momentum_decay`. The two terms are two separate
+    `addcdiv` steps, as in torch. $\Pi$ (`mu_product`) is a float32
     scalar in torch and is rounded to float32 at every step here too.
-    ``t`` is each parameter's own step count.
+    `t` is each parameter's own step count.
 
-    ``foreach``, ``capturable`` and ``differentiable`` are accepted and
-    ignored. State: ``mu_product`` (a float32 scalar), ``exp_avg``,
-    ``exp_avg_sq``; the step count is ``state.step``.
+    `foreach`, `capturable` and `differentiable` are accepted and
+    ignored. State: `mu_product` (a float32 scalar), `exp_avg`,
+    `exp_avg_sq`; the step count is `state.step`.
     """
     return make_optimizer(
         name="NAdam",

@@ -1,4 +1,4 @@
-"""RAdam, mirroring ``torch.optim.RAdam``."""
+"""RAdam, mirroring `torch.optim.RAdam`."""
 
 from __future__ import annotations
 
@@ -61,34 +61,37 @@ def radam(
     differentiable: bool = False,
     param_groups: ParamGroups | None = None,
 ) -> Optimizer:
-    r"""RAdam (rectified Adam), as ``torch.optim.RAdam``.
+    r"""RAdam (rectified Adam), as `torch.optim.RAdam`.
 
-    .. math::
-        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) \;(+\lambda\theta_{t-1}
-               \text{ if coupled}) \\
-        \theta_{t-1} &\leftarrow \theta_{t-1}(1 - \gamma\lambda)
-               \text{ if decoupled\_weight\_decay} \\
-        m_t &= \operatorname{lerp}(m_{t-1}, g_t, 1-\beta_1), \quad
-        v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2, \quad
-        \hat m_t = m_t / (1-\beta_1^t) \\
-        \rho_\infty &= \frac{2}{1-\beta_2} - 1, \quad
-        \rho_t = \rho_\infty - \frac{2t\beta_2^t}{1-\beta_2^t} \\
-        \theta_t &= \begin{cases}
-            \theta_{t-1} - \gamma\hat m_t\,
-            \frac{\sqrt{1-\beta_2^t}}{\sqrt{v_t}+\epsilon}\, r_t & \rho_t > 5 \\
-            \theta_{t-1} - \gamma\hat m_t & \text{otherwise}
-        \end{cases} \\
-        r_t &= \sqrt{\frac{(\rho_t-4)(\rho_t-2)\rho_\infty}
-                          {(\rho_\infty-4)(\rho_\infty-2)\rho_t}}
+    $$
+    \begin{aligned}
+    g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) \;(+\lambda\theta_{t-1}
+           \text{ if coupled}) \\
+    \theta_{t-1} &\leftarrow \theta_{t-1}(1 - \gamma\lambda)
+           \text{ if decoupled\_weight\_decay} \\
+    m_t &= \operatorname{lerp}(m_{t-1}, g_t, 1-\beta_1), \quad
+    v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2, \quad
+    \hat m_t = m_t / (1-\beta_1^t) \\
+    \rho_\infty &= \frac{2}{1-\beta_2} - 1, \quad
+    \rho_t = \rho_\infty - \frac{2t\beta_2^t}{1-\beta_2^t} \\
+    \theta_t &= \begin{cases}
+        \theta_{t-1} - \gamma\hat m_t\,
+        \frac{\sqrt{1-\beta_2^t}}{\sqrt{v_t}+\epsilon}\, r_t & \rho_t > 5 \\
+        \theta_{t-1} - \gamma\hat m_t & \text{otherwise}
+    \end{cases} \\
+    r_t &= \sqrt{\frac{(\rho_t-4)(\rho_t-2)\rho_\infty}
+                      {(\rho_\infty-4)(\rho_\infty-2)\rho_t}}
+    \end{aligned}
+    $$
 
-    with :math:`\gamma` = ``lr``, :math:`\lambda` = ``weight_decay``. The
-    threshold is strict, as in torch (optax uses ``>=``), and ``eps`` is added
-    to the uncorrected :math:`\sqrt{v_t}`. With the default :math:`\beta_2`
-    the first five steps are un-adapted. ``t`` is each parameter's own count.
+    with $\gamma$ = `lr`, $\lambda$ = `weight_decay`. The
+    threshold is strict, as in torch (optax uses `>=`), and `eps` is added
+    to the uncorrected $\sqrt{v_t}$. With the default $\beta_2$
+    the first five steps are un-adapted. `t` is each parameter's own count.
 
-    ``foreach``, ``capturable`` and ``differentiable`` are accepted and
-    ignored. State: ``exp_avg``, ``exp_avg_sq``; the step count is
-    ``state.step``.
+    `foreach`, `capturable` and `differentiable` are accepted and
+    ignored. State: `exp_avg`, `exp_avg_sq`; the step count is
+    `state.step`.
     """
     return make_optimizer(
         name="RAdam",

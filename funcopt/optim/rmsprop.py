@@ -1,4 +1,4 @@
-"""RMSprop, mirroring ``torch.optim.RMSprop``."""
+"""RMSprop, mirroring `torch.optim.RMSprop`."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def _rmsprop_slots(param, group):
 
 
 def _rmsprop_denominator(averages, hparams):
-    """``sqrt(square_avg [- grad_avg**2]) + eps``, in torch's op order."""
+    """`sqrt(square_avg [- grad_avg**2]) + eps`, in torch's op order."""
     square_avg = averages["square_avg"]
     if "grad_avg" in averages:
         grad_avg = averages["grad_avg"]
@@ -85,27 +85,30 @@ def rmsprop(
     *,
     param_groups: ParamGroups | None = None,
 ) -> Optimizer:
-    r"""RMSprop, as ``torch.optim.RMSprop``.
+    r"""RMSprop, as `torch.optim.RMSprop`.
 
-    .. math::
-        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\theta_{t-1} \\
-        v_t &= \alpha v_{t-1} + (1-\alpha) g_t^2 \\
-        \bar g_t &= \operatorname{lerp}(\bar g_{t-1}, g_t, 1-\alpha)
-                    \text{ (centered)} \\
-        a_t &= \sqrt{v_t - \bar g_t^2} + \epsilon \text{ (centered) else }
-               \sqrt{v_t} + \epsilon \\
-        b_t &= \mu b_{t-1} + g_t / a_t, \quad
-        \theta_t = \theta_{t-1} - \gamma b_t \text{ (momentum > 0)} \\
-        \theta_t &= \theta_{t-1} - \gamma\, g_t / a_t \text{ (otherwise)}
+    $$
+    \begin{aligned}
+    g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\theta_{t-1} \\
+    v_t &= \alpha v_{t-1} + (1-\alpha) g_t^2 \\
+    \bar g_t &= \operatorname{lerp}(\bar g_{t-1}, g_t, 1-\alpha)
+                \text{ (centered)} \\
+    a_t &= \sqrt{v_t - \bar g_t^2} + \epsilon \text{ (centered) else }
+           \sqrt{v_t} + \epsilon \\
+    b_t &= \mu b_{t-1} + g_t / a_t, \quad
+    \theta_t = \theta_{t-1} - \gamma b_t \text{ (momentum > 0)} \\
+    \theta_t &= \theta_{t-1} - \gamma\, g_t / a_t \text{ (otherwise)}
+    \end{aligned}
+    $$
 
-    with :math:`\gamma` = ``lr``, :math:`\mu` = ``momentum``,
-    :math:`\lambda` = ``weight_decay`` (coupled). ``eps`` is outside the
+    with $\gamma$ = `lr`, $\mu$ = `momentum`,
+    $\lambda$ = `weight_decay` (coupled). `eps` is outside the
     square root and there is no bias correction, as in torch (optax's
-    ``rmsprop`` defaults differ on both). ``alpha`` has no upper bound.
+    `rmsprop` defaults differ on both). `alpha` has no upper bound.
 
-    ``capturable``, ``foreach`` and ``differentiable`` are accepted and
-    ignored. State: ``square_avg``; ``momentum_buffer`` only for groups with
-    ``momentum > 0`` and ``grad_avg`` only for ``centered`` groups, decided
+    `capturable`, `foreach` and `differentiable` are accepted and
+    ignored. State: `square_avg`; `momentum_buffer` only for groups with
+    `momentum > 0` and `grad_avg` only for `centered` groups, decided
     at init as torch decides it when it creates the state.
     """
     return make_optimizer(

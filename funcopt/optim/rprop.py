@@ -1,4 +1,4 @@
-"""Rprop, mirroring ``torch.optim.Rprop``."""
+"""Rprop, mirroring `torch.optim.Rprop`."""
 
 from __future__ import annotations
 
@@ -62,27 +62,30 @@ def rprop(
     differentiable: bool = False,
     param_groups: ParamGroups | None = None,
 ) -> Optimizer:
-    r"""Rprop (resilient backpropagation), as ``torch.optim.Rprop``.
+    r"""Rprop (resilient backpropagation), as `torch.optim.Rprop`.
 
-    .. math::
-        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}), \quad
-        s = \operatorname{sign}(g_t\, g'_{t-1}) \\
-        f_t &= \eta_+ \text{ where } s > 0,\; \eta_- \text{ where } s < 0,\;
-               1 \text{ where } s = 0 \\
-        \Delta_t &= \operatorname{clamp}(\Delta_{t-1} f_t,\,
-                    \Delta_{\min}, \Delta_{\max}), \quad \Delta_0 = \gamma \\
-        g'_t &= 0 \text{ where } f_t = \eta_- \text{ else } g_t \\
-        \theta_t &= \theta_{t-1} - \operatorname{sign}(g'_t)\,\Delta_t
+    $$
+    \begin{aligned}
+    g_t &= \pm\nabla_\theta f_t(\theta_{t-1}), \quad
+    s = \operatorname{sign}(g_t\, g'_{t-1}) \\
+    f_t &= \eta_+ \text{ where } s > 0,\; \eta_- \text{ where } s < 0,\;
+           1 \text{ where } s = 0 \\
+    \Delta_t &= \operatorname{clamp}(\Delta_{t-1} f_t,\,
+                \Delta_{\min}, \Delta_{\max}), \quad \Delta_0 = \gamma \\
+    g'_t &= 0 \text{ where } f_t = \eta_- \text{ else } g_t \\
+    \theta_t &= \theta_{t-1} - \operatorname{sign}(g'_t)\,\Delta_t
+    \end{aligned}
+    $$
 
-    with :math:`(\eta_-, \eta_+)` = ``etas``,
-    :math:`(\Delta_{\min}, \Delta_{\max})` = ``step_sizes``. ``lr``
-    (:math:`\gamma`) only seeds the step sizes, at each parameter's first step;
+    with $(\eta_-, \eta_+)$ = `etas`,
+    $(\Delta_{\min}, \Delta_{\max})$ = `step_sizes`. `lr`
+    ($\gamma$) only seeds the step sizes, at each parameter's first step;
     changing it later has no effect, as in torch. The clamp acts every step.
-    (``optax.rprop`` is a different, stale-by-one-step algorithm.)
+    (`optax.rprop` is a different, stale-by-one-step algorithm.)
 
-    ``capturable``, ``foreach`` and ``differentiable`` are accepted and
-    ignored. State: ``prev`` (:math:`g'`), ``step_size`` (:math:`\Delta`); the
-    step count is ``state.step``.
+    `capturable`, `foreach` and `differentiable` are accepted and
+    ignored. State: `prev` ($g'$), `step_size` ($\Delta$); the
+    step count is `state.step`.
     """
     return make_optimizer(
         name="Rprop",

@@ -1,4 +1,4 @@
-"""SGD, mirroring ``torch.optim.SGD``."""
+"""SGD, mirroring `torch.optim.SGD`."""
 
 from __future__ import annotations
 
@@ -64,27 +64,30 @@ def sgd(
     fused: bool | None = None,
     param_groups: ParamGroups | None = None,
 ) -> Optimizer:
-    r"""Stochastic gradient descent with momentum, as ``torch.optim.SGD``.
+    r"""Stochastic gradient descent with momentum, as `torch.optim.SGD`.
 
-    .. math::
-        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\theta_{t-1} \\
-        b_t &= \begin{cases} g_t & t = 1 \\
-               \mu b_{t-1} + (1-\tau) g_t & t > 1 \end{cases} \\
-        d_t &= g_t + \mu b_t \text{ (nesterov) else } b_t \\
-        \theta_t &= \theta_{t-1} - \gamma d_t
+    $$
+    \begin{aligned}
+    g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\theta_{t-1} \\
+    b_t &= \begin{cases} g_t & t = 1 \\
+           \mu b_{t-1} + (1-\tau) g_t & t > 1 \end{cases} \\
+    d_t &= g_t + \mu b_t \text{ (nesterov) else } b_t \\
+    \theta_t &= \theta_{t-1} - \gamma d_t
+    \end{aligned}
+    $$
 
-    with :math:`\gamma` = ``lr``, :math:`\mu` = ``momentum``, :math:`\tau` =
-    ``dampening``, :math:`\lambda` = ``weight_decay`` (coupled, added to the
-    gradient); :math:`-\nabla` when ``maximize``. Without momentum
-    :math:`d_t = g_t`. The first momentum step copies the gradient: dampening
+    with $\gamma$ = `lr`, $\mu$ = `momentum`, $\tau$ =
+    `dampening`, $\lambda$ = `weight_decay` (coupled, added to the
+    gradient); $-\nabla$ when `maximize`. Without momentum
+    $d_t = g_t$. The first momentum step copies the gradient: dampening
     acts from the second step on.
 
-    ``foreach``, ``fused`` and ``differentiable`` are torch execution switches,
-    accepted and ignored (``fused`` combined with the others raises as in
-    torch). ``param_groups`` comes from :func:`funcopt.param_groups`.
+    `foreach`, `fused` and `differentiable` are torch execution switches,
+    accepted and ignored (`fused` combined with the others raises as in
+    torch). `param_groups` comes from [`funcopt.param_groups`][funcopt.param_groups].
 
-    State: ``momentum_buffer`` per parameter, only for groups whose
-    ``momentum != 0``.
+    State: `momentum_buffer` per parameter, only for groups whose
+    `momentum != 0`.
     """
     opt = make_optimizer(
         name="SGD",

@@ -1,4 +1,4 @@
-"""SparseAdam, mirroring ``torch.optim.SparseAdam``."""
+"""SparseAdam, mirroring `torch.optim.SparseAdam`."""
 
 from __future__ import annotations
 
@@ -73,41 +73,44 @@ def sparse_adam(
     *,
     param_groups: ParamGroups | None = None,
 ) -> Optimizer:
-    r"""SparseAdam, as ``torch.optim.SparseAdam``: Adam at the gradient's indices.
+    r"""SparseAdam, as `torch.optim.SparseAdam`: Adam at the gradient's indices.
 
-    Gradients must be ``jax.experimental.sparse.BCOO`` arrays with the
-    parameter's shape and dtype (torch's sparse ``p.grad``); a dense gradient
-    raises torch's ``RuntimeError``. The gradient is coalesced first
-    (duplicate indices summed, ``BCOO.sum_duplicates``), then, at its
-    indices :math:`I` only:
+    Gradients must be `jax.experimental.sparse.BCOO` arrays with the
+    parameter's shape and dtype (torch's sparse `p.grad`); a dense gradient
+    raises torch's `RuntimeError`. The gradient is coalesced first
+    (duplicate indices summed, `BCOO.sum_duplicates`), then, at its
+    indices $I$ only:
 
-    .. math::
-        m_I &\leftarrow m_I + (g_I - m_I)(1-\beta_1) \\
-        v_I &\leftarrow v_I + (g_I^2 - v_I)(1-\beta_2) \\
-        \theta_I &\leftarrow \theta_I - \frac{\gamma\sqrt{1-\beta_2^t}}
-               {1-\beta_1^t}\,\frac{m_I}{\sqrt{v_I} + \epsilon}
+    $$
+    \begin{aligned}
+    m_I &\leftarrow m_I + (g_I - m_I)(1-\beta_1) \\
+    v_I &\leftarrow v_I + (g_I^2 - v_I)(1-\beta_2) \\
+    \theta_I &\leftarrow \theta_I - \frac{\gamma\sqrt{1-\beta_2^t}}
+           {1-\beta_1^t}\,\frac{m_I}{\sqrt{v_I} + \epsilon}
+    \end{aligned}
+    $$
 
-    with :math:`\gamma` = ``lr``, :math:`g = -\nabla` when ``maximize``.
-    Untouched entries keep their stale moments, but ``t``, the parameter's
+    with $\gamma$ = `lr`, $g = -\nabla$ when `maximize`.
+    Untouched entries keep their stale moments, but `t`, the parameter's
     own step count, counts every step at which it has a gradient, even an
     empty one. Every stored index counts, also one whose value is zero
     (torch never looks at the values).
 
-    An ``nn.Embedding(sparse=True)`` gradient, rows ``ids`` of a ``(V, D)``
-    table with values ``rows`` of shape ``(n, D)``, is the hybrid BCOO
-    ``BCOO((rows, ids[:, None]), shape=(V, D))`` (``n_dense=1``). A dense
-    gradient ``g`` with an explicit index set is
-    ``BCOO((g[ids], ids[:, None]), shape=g.shape)`` for row indices, or
-    ``BCOO((g[tuple(idx.T)], idx), shape=g.shape)`` for element indices
-    ``idx`` of shape ``(n, g.ndim)``. (``BCOO.fromdense(g)`` keeps only the
-    nonzero entries, which is torch's ``g.to_sparse()``.) Batched BCOO is
-    converted with ``bcoo_update_layout(n_batch=0)``; ``nse`` is static, so
-    a fixed ``nse`` (padded with out-of-range indices, as BCOO pads) keeps
+    An `nn.Embedding(sparse=True)` gradient, rows `ids` of a `(V, D)`
+    table with values `rows` of shape `(n, D)`, is the hybrid BCOO
+    `BCOO((rows, ids[:, None]), shape=(V, D))` (`n_dense=1`). A dense
+    gradient `g` with an explicit index set is
+    `BCOO((g[ids], ids[:, None]), shape=g.shape)` for row indices, or
+    `BCOO((g[tuple(idx.T)], idx), shape=g.shape)` for element indices
+    `idx` of shape `(n, g.ndim)`. (`BCOO.fromdense(g)` keeps only the
+    nonzero entries, which is torch's `g.to_sparse()`.) Batched BCOO is
+    converted with `bcoo_update_layout(n_batch=0)`; `nse` is static, so
+    a fixed `nse` (padded with out-of-range indices, as BCOO pads) keeps
     a jitted step from recompiling.
 
-    State: ``exp_avg``, ``exp_avg_sq`` (dense); the step count is
-    ``state.step``. Complex parameters raise
-    torch's ``ValueError`` (at ``init``; torch: at construction).
+    State: `exp_avg`, `exp_avg_sq` (dense); the step count is
+    `state.step`. Complex parameters raise
+    torch's `ValueError` (at `init`; torch: at construction).
     """
     return make_optimizer(
         name="SparseAdam",

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: venv demo test lint docs bench clean
+.PHONY: venv demo test lint docs docs-check bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,12 +22,17 @@ test: venv
 	$(PY) -m pytest -n 2 --dist loadgroup -q
 
 lint: venv
-	$(VENV)/bin/ruff check funcopt tests examples benchmarks
-	$(VENV)/bin/ruff format --check funcopt tests examples benchmarks
+	$(VENV)/bin/ruff check funcopt tests examples benchmarks docs/check_site.py
+	$(VENV)/bin/ruff format --check funcopt tests examples benchmarks docs/check_site.py
 	$(VENV)/bin/mypy
 
 docs: venv
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir out/site
+
+# every page in headless Chromium, no network: formulas typeset, no reST or
+# unresolved references left (needs chromium: apt-get install chromium)
+docs-check: docs
+	$(PY) docs/check_site.py out/site
 
 bench: venv
 	$(PY) benchmarks/bench_step.py

@@ -75,6 +75,6 @@ def test_docstring_math_is_well_formed():
         display = [ln for ln in text.splitlines() if ln.strip() == "$$"]
         if len(display) % 2:
             bad.append(f"{where}: unclosed $$ block")
-        if "$" in text and "\\" in literal and not literal.lstrip("uU")[:1] in "rR":
+        if "$" in text and "\\" in literal and literal.lstrip("uU")[:1] not in "rR":
             bad.append(f"{where}: TeX in a docstring that is not a raw string")
     assert not bad, "\n".join(bad)

@@ -138,8 +138,8 @@ def adamw(
     $$
 
     is applied before the moment updates, with the group's current `lr`
-    $\gamma$; the rest is [`adam`][funcopt.adam]. The default `weight_decay` is
-    torch's `1e-2` (optax's `adamw` defaults to `1e-4`).
+    $\gamma$; the rest is [`adam`][funcopt.optim.adam.adam]. The default
+    `weight_decay` is torch's `1e-2` (optax's `adamw` defaults to `1e-4`).
     """
     opt = _adam_family(
         "AdamW",

@@ -15,14 +15,21 @@ sched_state = fti.load_scheduler_state_dict(sched, state, torch_sched.state_dict
 
 **Parameter order (torch's integer ids).** Torch numbers parameters 0, 1, ...
 walking `optimizer.param_groups` in order and each group's `params` in
-order. funcopt's order is: groups in [`funcopt.get_lr`][funcopt.get_lr] order (the
-`"default"` group first, then the `param_groups` overrides in dict
-order); within a group, the *trainable* (floating-point) leaves of
-`jax.tree.leaves(params)` in that order (dict keys sorted, as JAX flattens
-them). [`param_names`][funcopt.torch_interop.param_names] lists those leaves as dotted
-names, so the matching torch optimizer is
-`torch.optim.X([model.get_parameter(n) for n in param_names(params)], ...)` (one group)
--- see [`torch_param_groups`][funcopt.torch_interop.torch_param_groups].
+the order it got them: for `torch.optim.X(model.parameters())`, the
+module's registration order. funcopt's order is: groups in
+[`funcopt.get_lr`][funcopt.get_lr] order (the `"default"` group first, then
+the `param_groups` overrides in dict order); within a group, the
+*trainable* (floating-point) leaves in `jax.tree.leaves(params)` order.
+[`module_state_dict_to_params`][funcopt.torch_interop.module_state_dict_to_params]
+builds params whose leaves are in torch's registration order (nested
+`OrderedDict`s), so the two agree; a plain `dict` built by hand flattens in
+sorted key order, and then `names=` (torch's order as the tree's dotted leaf
+names) on export and import says which leaf is which id. Exports write each
+group's `param_names`; imports match by them when present. A torch optimizer
+with several groups corresponds to funcopt groups of the same members.
+[`param_names`][funcopt.torch_interop.param_names] lists the leaves as dotted
+names; [`torch_param_groups`][funcopt.torch_interop.torch_param_groups]
+builds the matching torch groups from a module.
 
 **State.** Exported entries follow torch's lazy creation: a parameter has an
 entry once it has had a gradient (`state.step > 0`); Adagrad's state is
@@ -176,28 +183,75 @@ def torch_param_groups(opt: Any, params: Any, module: Any) -> list[dict[str, Any
 
 
 class _Layout:
-    """Groups and torch ids of the trainable leaves of `params`."""
+    """Groups and torch ids of the trainable leaves of `params`.
 
-    def __init__(self, definition_groups, params):
+    Torch numbers parameters walking its groups in order, each group's
+    params in the order they were given. `order` (dotted leaf names, e.g.
+    `[n for n, _ in model.named_parameters()]`) sets that order within each
+    funcopt group; by default it is the leaves' flattening order.
+    """
+
+    def __init__(self, definition_groups, params, order=None, source="names"):
+        paths_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
         self.leaves, self.treedef = jax.tree.flatten(params)
         self.names, self.group_of = _groups.resolve(definition_groups, params)
         self.trainable = [i for i, p in enumerate(self.leaves) if is_trainable(p)]
+        self.leaf_names = [".".join(_key_name(k) for k in p) for p, _ in paths_leaves]
         self.members = [
             [i for i in self.trainable if self.group_of[i] == g]
             for g in range(len(self.names))
         ]
+        if order is not None:
+            trainable = [self.leaf_names[i] for i in self.trainable]
+            rank = _order_rank(order, trainable, source)
+            self.members = [
+                sorted(m, key=lambda i: rank[self.leaf_names[i]]) for m in self.members
+            ]
         self.id_of = {}
         for group in self.members:
             for i in group:
                 self.id_of[i] = len(self.id_of)
-        self.paths = [
-            jax.tree_util.keystr(p)
-            for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
-        ]
+        self.paths = [jax.tree_util.keystr(p) for p, _ in paths_leaves]
+
+    def group_names(self, g: int) -> list[str]:
+        """Dotted names of group `g`'s parameters, in torch id order."""
+        return [self.leaf_names[i] for i in self.members[g]]
+
+    def order_hint(self) -> str:
+        ids = [self.leaf_names[i] for m in self.members for i in m]
+        return (
+            f"funcopt numbered the parameters {_short(ids)}; torch numbers them in "
+            "the order its optimizer got them (model.parameters(): registration "
+            "order). Build params with module_state_dict_to_params(dict("
+            "model.named_parameters())), whose leaves are in that order, or pass "
+            "names=[n for n, _ in model.named_parameters()]"
+        )
 
 
-def _layout(opt, params) -> _Layout:
-    return _Layout(opt.param_groups, params)
+def _short(names: list[str], keep: int = 8) -> str:
+    shown = ", ".join(names[:keep])
+    return f"[{shown}{', ...' if len(names) > keep else ''}]"
+
+
+def _order_rank(order: Any, trainable_names: list[str], source: str) -> dict[str, int]:
+    """`{name: position}` of `order`, which must list every trainable leaf once."""
+    order = [str(n) for n in order]
+    counts = collections.Counter(order)
+    seen = set(counts)
+    repeated = sorted(n for n, c in counts.items() if c > 1)
+    missing = sorted(set(trainable_names) - seen)
+    unknown = sorted(seen - set(trainable_names))
+    if repeated or missing or unknown:
+        raise ValueError(
+            f"{source} must list every trainable leaf of params once, by its "
+            f"dotted name: missing {missing}, not in params {unknown}, repeated "
+            f"{repeated}; params' trainable leaves are {_short(trainable_names)}"
+        )
+    return {n: r for r, n in enumerate(order)}
+
+
+def _layout(opt, params, order=None, source="names") -> _Layout:
+    return _Layout(opt.param_groups, params, order, source)
 
 
 def _py_value(value: np.ndarray, config: Any) -> Any:
@@ -304,6 +358,33 @@ def _check_group_sizes(layout: _Layout, groups: list) -> None:
             )
 
 
+def _torch_order(groups: list, names: Any) -> tuple[Any, str]:
+    """The parameter order to match ids by, and where it came from: the
+    state dict's `param_names` when every group has them (they must agree
+    with `names`), else `names`."""
+    if groups and all("param_names" in g for g in groups):
+        saved = [str(n) for g in groups for n in g["param_names"]]
+        if names is not None and [str(n) for n in names] != saved:
+            raise ValueError(
+                "names differs from the param_names of the torch state dict: "
+                f"{_short([str(n) for n in names])} vs {_short(saved)}"
+            )
+        return saved, "the param_names of the torch state dict"
+    return names, "names"
+
+
+def _check_group_names(layout: _Layout, groups: list) -> None:
+    for g, group in enumerate(groups):
+        if "param_names" not in group:
+            continue
+        theirs, ours = list(map(str, group["param_names"])), layout.group_names(g)
+        if sorted(theirs) != sorted(ours):
+            raise ValueError(
+                f"param_groups[{g}] holds {_short(theirs)} in the torch state "
+                f"dict and {_short(ours)} in funcopt's group {layout.names[g]!r}"
+            )
+
+
 def _state_entry(states: Mapping, pid: Any) -> Any:
     if pid in states:
         return states[pid]
@@ -361,6 +442,7 @@ def state_dict(
     *,
     sched: Any = None,
     sched_state: Any = None,
+    names: Any = None,
 ) -> dict[str, Any]:
     """`torch_optimizer.state_dict()` of the equivalent torch optimizer.
 
@@ -373,14 +455,21 @@ def state_dict(
         written too, so a torch scheduler can resume with `last_epoch >= 0`
         or through its own `load_state_dict`.
       sched_state: the state of `sched`.
+      names: torch's parameter order as dotted leaf names, e.g.
+        `[n for n, _ in model.named_parameters()]`, when the leaves of
+        `params` are in another order (a tree built by hand: JAX flattens
+        dicts in sorted key order). Not needed for params from
+        [`module_state_dict_to_params`][funcopt.torch_interop.module_state_dict_to_params].
 
     Returns `{"state": {id: {...}}, "param_groups": [...]}` with torch
-    tensors, accepted by `torch_optimizer.load_state_dict` (module doc).
+    tensors, accepted by `torch_optimizer.load_state_dict` (module doc); each
+    group lists its parameters' dotted names under `"param_names"`, as
+    torch writes them for an optimizer built from `named_parameters()`.
     """
     if opt.name == "LBFGS":
-        out = _lbfgs_state_dict(opt, state, params)
+        out = _lbfgs_state_dict(opt, state, params, names)
     else:
-        out = _state_dict(opt, state, params)
+        out = _state_dict(opt, state, params, names)
     if sched is not None:
         for key, values in _scheduler_group_keys(sched, sched_state).items():
             for g, group in enumerate(out["param_groups"]):
@@ -388,10 +477,10 @@ def state_dict(
     return out
 
 
-def _state_dict(opt, state, params):
+def _state_dict(opt, state, params, names):
     torch = _torch()
     definition = opt.definition
-    layout = _layout(opt, params)
+    layout = _layout(opt, params, names)
     if set(state.hparams) != set(definition.hyperparams):
         raise ValueError(
             f"this state was made by another optimizer: it holds hyperparameters "
@@ -412,6 +501,7 @@ def _state_dict(opt, state, params):
         if opt.name == "Adafactor":
             group["eps"] = _decode_adafactor_eps(tuple(group["eps"]))
         group["params"] = [layout.id_of[i] for i in layout.members[g]]
+        group["param_names"] = layout.group_names(g)
         param_groups.append(group)
 
     steps = np.asarray(state.step)
@@ -441,15 +531,24 @@ def _state_dict(opt, state, params):
 # --------------------------------------------------------------------------
 
 
-def load_state_dict(opt: Any, params: Any, torch_state_dict: Mapping) -> Any:
+def load_state_dict(
+    opt: Any, params: Any, torch_state_dict: Mapping, *, names: Any = None
+) -> Any:
     """A funcopt state from `torch_optimizer.state_dict()`.
 
     The torch optimizer must be the equivalent of `opt` on `params`: the
-    same class, the same number of groups with the same sizes (module doc
-    for the order), the same static options. Hyperparameters (`lr`, ...)
-    come from the state dict, as torch's `load_state_dict` takes them.
-    Buffers are cast to the parameter's dtype (torch does the same) and must
-    have its shape. Raises `ValueError` naming what differs.
+    same class, the same number of groups with the same sizes, the same
+    static options. Hyperparameters (`lr`, ...) come from the state dict, as
+    torch's `load_state_dict` takes them. Buffers are cast to the
+    parameter's dtype (torch does the same) and must have its shape.
+
+    Parameters are matched by name when the state dict has torch's
+    `param_names` (an optimizer built from `model.named_parameters()`, or
+    one that loaded a funcopt export); otherwise by id, in the order
+    `names` gives (`[n for n, _ in model.named_parameters()]` for an
+    optimizer built from `model.parameters()`), by default the leaves'
+    flattening order (module doc). Raises `ValueError` naming what differs,
+    and both orders when shapes show that they differ.
     """
     sd = torch_state_dict
     if not isinstance(sd, Mapping) or "param_groups" not in sd or "state" not in sd:
@@ -458,12 +557,14 @@ def load_state_dict(opt: Any, params: Any, torch_state_dict: Mapping) -> Any:
             f"'param_groups', got {type(sd).__name__}"
         )
     if opt.name == "LBFGS":
-        return _lbfgs_load(opt, params, sd)
+        return _lbfgs_load(opt, params, sd, names)
     definition = opt.definition
     groups = list(sd["param_groups"])
     _check_groups(opt.name, set(opt.defaults), groups)
-    layout = _layout(opt, params)
+    order, source = _torch_order(groups, names)
+    layout = _layout(opt, params, order, source)
     _check_group_sizes(layout, groups)
+    _check_group_names(layout, groups)
     state0 = opt.init(params)
 
     hparams = {}
@@ -512,7 +613,8 @@ def load_state_dict(opt: Any, params: Any, torch_state_dict: Mapping) -> Any:
             if tuple(value.shape) != tuple(ref.shape):
                 raise ValueError(
                     f"{where}: {k!r} has shape {tuple(value.shape)} in the torch "
-                    f"state dict, funcopt expects {tuple(ref.shape)}"
+                    f"state dict, funcopt expects {tuple(ref.shape)}. "
+                    + layout.order_hint()
                 )
             slots[k][i] = jnp.asarray(value.astype(ref.dtype))
     return state0._replace(
@@ -527,15 +629,17 @@ def load_state_dict(opt: Any, params: Any, torch_state_dict: Mapping) -> Any:
 # --------------------------------------------------------------------------
 
 
-def _lbfgs_state_dict(opt, state, params):
+def _lbfgs_state_dict(opt, state, params, names):
     torch = _torch()
     layout = _Layout(opt.param_groups, params)
+    _check_lbfgs_order(layout, names)
     group = dict(opt.defaults)
     if opt.param_groups is not None:
         group.update(opt.param_groups.overrides.get(layout.names[0], {}))
     for k, v in state.hparams.items():
         group[k] = _py_value(np.asarray(v[0]), group[k])
     group["params"] = list(range(len(layout.trainable)))
+    group["param_names"] = layout.group_names(0)
     out_state = {}
     func_evals, n_iter = int(state.func_evals), int(state.n_iter)
     if func_evals > 0 and layout.trainable:
@@ -561,11 +665,25 @@ def _lbfgs_state_dict(opt, state, params):
     return {"state": out_state, "param_groups": [group]}
 
 
-def _lbfgs_load(opt, params, sd):
+def _check_lbfgs_order(layout: _Layout, order: Any) -> None:
+    """LBFGS's state is flat vectors laid out in parameter order: another
+    torch order would need them permuted, which is not done."""
+    ours = layout.group_names(0) if layout.members else []
+    if order is not None and [str(n) for n in order] != ours:
+        raise ValueError(
+            "LBFGS keeps flat vectors in parameter order, so the torch order must "
+            f"be the leaves' flattening order {_short(ours)}; got "
+            f"{_short([str(n) for n in order])}. Build params in torch's order "
+            "(module_state_dict_to_params(dict(model.named_parameters())))"
+        )
+
+
+def _lbfgs_load(opt, params, sd, names):
     groups = list(sd["param_groups"])
     _check_groups("LBFGS", set(opt.defaults), groups)
     layout = _Layout(opt.param_groups, params)
     _check_group_sizes(layout, groups)
+    _check_lbfgs_order(layout, _torch_order(groups, names)[0])
     state0 = opt.init(params)
     group = groups[0]
     ours = dict(opt.defaults)
@@ -952,20 +1070,30 @@ def _sched_import(sched, t, sd, groups):
 # --------------------------------------------------------------------------
 
 
-def module_state_dict_to_params(module_state_dict: Mapping) -> dict[str, Any]:
-    """`model.state_dict()` (name -> tensor) as nested dicts of JAX arrays.
+def module_state_dict_to_params(
+    module_state_dict: Mapping,
+) -> collections.OrderedDict[str, Any]:
+    """`model.state_dict()` (name -> tensor) as nested dicts of JAX arrays,
+    in torch's order.
 
     `"encoder.0.weight"` becomes `params["encoder"]["0"]["weight"]`;
     layouts and dtypes are kept (float64 needs `jax_enable_x64`; without it
     JAX stores float32). See the module doc for `nn.Linear`'s `(out, in)`.
+
+    The dicts are `collections.OrderedDict`s in the order of
+    `module_state_dict`, which JAX flattens in that order (a plain `dict`
+    flattens in sorted key order): for `dict(model.named_parameters())`,
+    `jax.tree.leaves(params)` and [`param_names`][funcopt.torch_interop.param_names]
+    follow torch's registration order, so funcopt's parameter ids are those
+    of `torch.optim.X(model.parameters())`.
     """
-    out: dict[str, Any] = {}
+    out: collections.OrderedDict[str, Any] = collections.OrderedDict()
     for name, value in module_state_dict.items():
         parts = str(name).split(".")
         node = out
         for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
+            child = node.setdefault(part, collections.OrderedDict())
+            if not isinstance(child, collections.OrderedDict):
                 raise ValueError(
                     f"{name!r}: {part!r} is both a tensor and a module prefix"
                 )

@@ -73,9 +73,18 @@ def _assert_value(what, ours, theirs, dtypes):
 
 
 def assert_state_dicts_equal(name, ours, theirs, dtypes=True):
-    """Same groups (every key, every value), same state entries and tensors."""
+    """Same groups (every key, every value), same state entries and tensors.
+
+    funcopt's export names its parameters (`param_names`, as torch writes
+    for an optimizer built from `named_parameters()`); a torch optimizer
+    built from bare tensors has none, so that key is compared only when
+    both have it (its values are checked by the registration-order tests).
+    """
     assert len(ours["param_groups"]) == len(theirs["param_groups"])
     for g, (a, b) in enumerate(zip(ours["param_groups"], theirs["param_groups"])):
+        if "param_names" not in b and "param_names" in a:
+            assert len(a["param_names"]) == len(a["params"]), name
+            a = {k: v for k, v in a.items() if k != "param_names"}
         assert set(a) == set(b), f"group {g}: {sorted(set(a) ^ set(b))}"
         for k in b:
             _assert_value(f"{name}: group {g} {k}", a[k], b[k], dtypes)
@@ -525,10 +534,11 @@ def test_scheduler_round_trip(name, kind, x64):
             expected_lr,
         )
         _record(f"{name}/{kind} funcopt->torch: momentum", _momenta(topt), expected_m)
-        # the exported group keys are torch's, scheduler keys included
-        assert [set(g) for g in topt.state_dict()["param_groups"]] == [
-            set(g) for g in full_opt.state_dict()["param_groups"]
-        ]
+        # the exported group keys are torch's, scheduler keys included (and
+        # the parameter names funcopt writes, which torch keeps on loading)
+        assert [
+            set(g) - {"param_names"} for g in topt.state_dict()["param_groups"]
+        ] == [set(g) for g in full_opt.state_dict()["param_groups"]]
 
 
 def test_reduce_lr_on_plateau_round_trip(x64):
@@ -689,9 +699,135 @@ def test_module_state_dict_round_trip(x64):
     names = fti.param_names(
         fti.module_state_dict_to_params(dict(model.named_parameters()))
     )
-    assert names == sorted(n for n, _ in model.named_parameters())
+    assert names == [n for n, _ in model.named_parameters()]  # registration order
     with pytest.raises(ValueError, match="both a tensor and a module prefix"):
         fti.module_state_dict_to_params({"a": torch.zeros(1), "a.b": torch.zeros(1)})
+
+
+# --------------------------------------------------------------------------
+# torch's parameter order: optimizers built from model.parameters()
+# --------------------------------------------------------------------------
+
+
+def _unsorted_module():
+    """Registration order != sorted order: `conv` before `bn` before `fc`,
+    `weight` before `bias`; BatchNorm's weight and bias share a shape."""
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.conv = torch.nn.Conv1d(2, 3, 2)
+    model.bn = torch.nn.BatchNorm1d(3)
+    model.fc = torch.nn.Linear(3, 2)
+    return model.double()
+
+
+def _grads_for(params, seed):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
+
+
+def _torch_step(model, opt, grads, names):
+    flat = dict(zip(names, jax.tree.leaves(grads)))
+    for n, p in model.named_parameters():
+        p.grad = torch.tensor(np.asarray(flat[n]))
+    opt.step()
+
+
+def _assert_params_equal(model, params):
+    ours = dict(zip(fti.param_names(params), jax.tree.leaves(params)))
+    for n, p in model.named_parameters():
+        _record(f"order:{n}", ours[n], p.detach().numpy())
+
+
+def test_registration_order_round_trips_with_model_parameters(x64):
+    """funcopt's export loads into `torch.optim.Adam(model.parameters())` and
+    continues exactly; that optimizer's state dict loads back into funcopt
+    and continues exactly, with no reordering by hand."""
+    model = _unsorted_module()
+    names = [n for n, _ in model.named_parameters()]
+    params = fti.module_state_dict_to_params(dict(model.named_parameters()))
+    assert fti.param_names(params) == names
+    assert names != sorted(names)
+    opt = fo.adam(lr=0.1, amsgrad=True)
+    state = opt.init(params)
+    torch_opt = torch.optim.Adam(model.parameters(), lr=0.1, amsgrad=True)
+    for k in range(2):
+        grads = _grads_for(params, k)
+        params, state = opt.step(params, grads, state)
+        _torch_step(model, torch_opt, grads, names)
+    _assert_params_equal(model, params)
+
+    # funcopt -> a torch optimizer built as real scripts build it
+    model2 = _unsorted_module()
+    model2.load_state_dict(fti.params_to_module_state_dict(params), strict=False)
+    resumed = torch.optim.Adam(model2.parameters(), lr=0.1, amsgrad=True)
+    resumed.load_state_dict(fti.state_dict(opt, state, params))
+    assert resumed.state_dict()["param_groups"][0]["param_names"] == names
+    # torch -> funcopt
+    state_back = fti.load_state_dict(opt, params, torch_opt.state_dict())
+    grads = _grads_for(params, 7)
+    params_a, _ = opt.step(params, grads, state_back)
+    _torch_step(model, torch_opt, grads, names)
+    _torch_step(model2, resumed, grads, names)
+    _assert_params_equal(model, params_a)
+    _assert_params_equal(model2, params_a)
+
+
+def test_plain_dict_params_take_torchs_order_from_names(x64):
+    """A tree built by hand flattens in sorted key order: without `names`
+    the shapes show the orders differ and the error names both; with
+    `names` (or torch's saved `param_names`) the ids map by name."""
+    model = _unsorted_module()
+    names = [n for n, _ in model.named_parameters()]
+    params = {
+        m: {k: jnp.asarray(v.detach().numpy()) for k, v in mod.named_parameters()}
+        for m, mod in model.named_children()
+    }
+    opt = fo.adam(lr=0.1)
+    torch_opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    _torch_step(model, torch_opt, _grads_for(params, 0), fti.param_names(params))
+    sd = torch_opt.state_dict()
+    with pytest.raises(ValueError, match=r"funcopt numbered the parameters \[bn"):
+        fti.load_state_dict(opt, params, sd)
+    state = fti.load_state_dict(opt, params, sd, names=names)
+    exported = fti.state_dict(opt, state, params, names=names)
+    assert exported["param_groups"][0]["param_names"] == names
+    for pid, entry in sd["state"].items():
+        for key, value in entry.items():
+            torch.testing.assert_close(
+                exported["state"][pid][key], value, rtol=0, atol=0
+            )
+    # torch's names in the state dict match without `names`
+    named_opt = torch.optim.Adam(model.named_parameters(), lr=0.1)
+    named_opt.load_state_dict(sd)
+    by_name = fti.load_state_dict(opt, params, named_opt.state_dict())
+    for slot in ("exp_avg", "exp_avg_sq"):
+        for a, b in zip(
+            jax.tree.leaves(by_name.slots[slot]), jax.tree.leaves(state.slots[slot])
+        ):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_parameter_names_that_differ_are_refused(x64):
+    model = _unsorted_module()
+    params = fti.module_state_dict_to_params(dict(model.named_parameters()))
+    opt = fo.adam(lr=0.1)
+    sd = fti.state_dict(opt, opt.init(params), params)
+    sd["param_groups"][0]["param_names"][0] = "encoder.weight"
+    with pytest.raises(
+        ValueError, match="the param_names of the torch state dict must"
+    ):
+        fti.load_state_dict(opt, params, sd)
+    with pytest.raises(ValueError, match=r"missing \[.*'fc.bias'"):
+        fti.state_dict(opt, opt.init(params), params, names=["conv.weight"])
+    with pytest.raises(ValueError, match="repeated"):
+        fti.state_dict(
+            opt, opt.init(params), params, names=[*fti.param_names(params), "fc.bias"]
+        )
+    lbfgs = fo.lbfgs()
+    with pytest.raises(ValueError, match="LBFGS keeps flat vectors in parameter order"):
+        fti.state_dict(
+            lbfgs, lbfgs.init(params), params, names=sorted(fti.param_names(params))
+        )
 
 
 def test_import_funcopt_does_not_import_torch():

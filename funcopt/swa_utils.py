@@ -1,19 +1,14 @@
 r"""Weight averaging, mirroring `torch.optim.swa_utils`.
 
-================================================  =================================
-torch                                             funcopt
-================================================  =================================
-`swa = AveragedModel(model, avg_fn=...)`        `swa = averaged_model(params,
-                                                  buffers, avg_fn=...)`
-`swa.update_parameters(model)`                  `swa = swa.update_parameters(
-                                                  params, buffers)`
-`swa.module.parameters()`, `.buffers()`       `swa.params`, `swa.buffers`
-`swa.n_averaged`                                `swa.n_averaged`
-`get_ema_multi_avg_fn(decay)` and the others    the same names
-`update_bn(loader, model)`                      `update_bn(loader, stats_fn,
-                                                  params)` (see there)
-`SWALR`                                         `swalr` (funcopt.lr_scheduler's)
-================================================  =================================
+| torch | funcopt |
+|---|---|
+| `swa = AveragedModel(model, avg_fn=...)` | `averaged_model(params, buffers, ...)` |
+| `swa.update_parameters(model)` | `swa = swa.update_parameters(params, buffers)` |
+| `swa.module.parameters()`, `.buffers()` | `swa.params`, `swa.buffers` |
+| `swa.n_averaged` | `swa.n_averaged` |
+| `get_ema_multi_avg_fn(decay)` and the others | the same names |
+| `update_bn(loader, model)` | `update_bn(loader, stats_fn, params)` (see there) |
+| `SWALR` | `swalr` (funcopt.lr_scheduler's) |
 
 [`AveragedModel`][funcopt.swa_utils.AveragedModel] is a pytree of arrays (the averaged
 `params`, the `buffers` and `n_averaged`) whose averaging functions are static, so

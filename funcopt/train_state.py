@@ -20,15 +20,13 @@ from ._tree import PyTree, is_trainable
 class TrainState:
     """Parameters, accumulated gradients and optimizer state, as in a torch loop.
 
-    ============================  ==================================================
-    torch                         funcopt
-    ============================  ==================================================
-    `loss.backward()`           `ts, loss = ts.backward(loss_fn, *args)`
-    `optimizer.step()`          `ts = ts.step()`
-    `optimizer.zero_grad()`     `ts = ts.zero_grad()` (`set_to_none=True`)
-    `clip_grad_norm_(ps, m)`    `ts, total = ts.clip_grad_norm(m)`
-    `clip_grad_value_(ps, c)`   `ts = ts.clip_grad_value(c)`
-    ============================  ==================================================
+    | torch | funcopt |
+    |---|---|
+    | `loss.backward()` | `ts, loss = ts.backward(loss_fn, *args)` |
+    | `optimizer.step()` | `ts = ts.step()` |
+    | `optimizer.zero_grad()` | `ts = ts.zero_grad()` (`set_to_none=True`) |
+    | `clip_grad_norm_(ps, m)` | `ts, total = ts.clip_grad_norm(m)` |
+    | `clip_grad_value_(ps, c)` | `ts = ts.clip_grad_value(c)` |
 
     `backward` *adds* the new gradient to `grads`, so two calls without a
     `zero_grad` accumulate, exactly as in torch. A parameter whose gradient

@@ -32,7 +32,8 @@ PACKAGE = pathlib.Path(__file__).parent.parent / "funcopt"
 REST_MARKUP = re.compile(
     r":(math|func|class|meth|data|mod|attr|obj|exc|ref|doc):`"  # roles
     r"|^\s*\.\. [a-z-]+::"  # directives
-    r"|[^:\s]::\s*$",  # literal-block markers
+    r"|[^:\s]::\s*$"  # literal-block markers
+    r"|^\s*={3,}(\s+={3,})+\s*$",  # simple-table borders
     re.M,
 )
 

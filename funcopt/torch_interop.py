@@ -79,6 +79,7 @@ leaves for funcopt, so pass `named_parameters()` to build the tree an optimizer 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import inspect
 import math
 from collections.abc import Mapping
@@ -358,6 +359,20 @@ def _check_group_sizes(layout: _Layout, groups: list) -> None:
             )
 
 
+def _unwrap_train_state(state: Any, params: Any) -> tuple[Any, Any]:
+    """`(optimizer state, params)` from a state or a TrainState."""
+    from .train_state import TrainState
+
+    if isinstance(state, TrainState):
+        return state.opt_state, state.params if params is None else params
+    if params is None:
+        raise TypeError(
+            "state_dict needs params (the tree the state belongs to) unless "
+            "state is a TrainState"
+        )
+    return state, params
+
+
 def _torch_order(groups: list, names: Any) -> tuple[Any, str]:
     """The parameter order to match ids by, and where it came from: the
     state dict's `param_names` when every group has them (they must agree
@@ -438,7 +453,7 @@ def _scheduler_group_keys(sched: Any, s: Any) -> dict[str, np.ndarray]:
 def state_dict(
     opt: Any,
     state: Any,
-    params: Any,
+    params: Any = None,
     *,
     sched: Any = None,
     sched_state: Any = None,
@@ -448,7 +463,9 @@ def state_dict(
 
     Args:
       opt: the funcopt optimizer (`fo.adam(...)`, `fo.lbfgs(...)`, ...).
-      state: its state (`OptState` / `LBFGSState`).
+      state: its state (`OptState` / `LBFGSState`), or a
+        [`TrainState`][funcopt.TrainState] (its `opt_state`, and its
+        `params` when `params` is not given).
       params: the parameters the state belongs to (for the ids and groups).
       sched: optionally a funcopt scheduler (with `sched_state`): the keys
         torch's schedulers add to `param_groups` (`initial_lr`, ...) are
@@ -466,6 +483,7 @@ def state_dict(
     group lists its parameters' dotted names under `"param_names"`, as
     torch writes them for an optimizer built from `named_parameters()`.
     """
+    state, params = _unwrap_train_state(state, params)
     if opt.name == "LBFGS":
         out = _lbfgs_state_dict(opt, state, params, names)
     else:
@@ -549,7 +567,15 @@ def load_state_dict(
     optimizer built from `model.parameters()`), by default the leaves'
     flattening order (module doc). Raises `ValueError` naming what differs,
     and both orders when shapes show that they differ.
+
+    `params` may be a [`TrainState`][funcopt.TrainState]: the result is then
+    that TrainState with the loaded `opt_state`, ready to resume.
     """
+    from .train_state import TrainState
+
+    if isinstance(params, TrainState):
+        loaded = load_state_dict(opt, params.params, torch_state_dict, names=names)
+        return dataclasses.replace(params, opt_state=loaded)
     sd = torch_state_dict
     if not isinstance(sd, Mapping) or "param_groups" not in sd or "state" not in sd:
         raise TypeError(

@@ -830,6 +830,28 @@ def test_parameter_names_that_differ_are_refused(x64):
         )
 
 
+def test_train_state_exports_and_resumes(x64):
+    """`state_dict(opt, train_state)` and `load_state_dict(opt, train_state,
+    sd)` take a TrainState (its params and opt_state) and give one back."""
+    model = _unsorted_module()
+    names = [n for n, _ in model.named_parameters()]
+    params = fti.module_state_dict_to_params(dict(model.named_parameters()))
+    opt = fo.adam(lr=0.1)
+    ts = fo.TrainState.create(params, opt)
+    ts, _ = ts.backward(lambda p: sum(jnp.sum(x**2) for x in jax.tree.leaves(p)))
+    ts = ts.step()
+    torch_opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    _torch_step(model, torch_opt, jax.tree.map(lambda p: 2 * p, params), names)
+    sd = fti.state_dict(opt, ts)
+    assert_state_dicts_equal("TrainState export", sd, torch_opt.state_dict())
+    resumed = fti.load_state_dict(opt, fo.TrainState.create(params, opt), sd)
+    assert isinstance(resumed, fo.TrainState)
+    for a, b in zip(jax.tree.leaves(resumed.opt_state), jax.tree.leaves(ts.opt_state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(TypeError, match="needs params"):
+        fti.state_dict(opt, ts.opt_state)
+
+
 def test_import_funcopt_does_not_import_torch():
     code = (
         "import sys, funcopt\n"

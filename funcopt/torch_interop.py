@@ -1112,9 +1112,21 @@ def module_state_dict_to_params(
     `jax.tree.leaves(params)` and [`param_names`][funcopt.torch_interop.param_names]
     follow torch's registration order, so funcopt's parameter ids are those
     of `torch.optim.X(model.parameters())`.
+
+    **Tied weights.** Entries that are the same tensor (nanoGPT's
+    `lm_head.weight` is `transformer.wte.weight`; `model.state_dict()` lists
+    both names, `named_parameters()` only the first) become ONE leaf, under
+    the first name: gradients through both uses add up in it, as they do in
+    torch's shared parameter. [`tied_names`][funcopt.torch_interop.tied_names]
+    lists the dropped aliases; pass them to
+    [`params_to_module_state_dict`][funcopt.torch_interop.params_to_module_state_dict]
+    to write every name back for `model.load_state_dict`.
     """
+    aliases = tied_names(module_state_dict)
     out: collections.OrderedDict[str, Any] = collections.OrderedDict()
     for name, value in module_state_dict.items():
+        if name in aliases:
+            continue
         parts = str(name).split(".")
         node = out
         for part in parts[:-1]:
@@ -1130,16 +1142,62 @@ def module_state_dict_to_params(
     return out
 
 
-def params_to_module_state_dict(params: Any) -> collections.OrderedDict:
+def params_to_module_state_dict(
+    params: Any, tied: Mapping[str, str] | None = None
+) -> collections.OrderedDict:
     """A pytree of arrays as `{dotted name: torch.Tensor}` for
     `model.load_state_dict` (the inverse of
     [`module_state_dict_to_params`][funcopt.torch_interop.module_state_dict_to_params];
     any pytree, its key path joined with dots).
+
+    `tied` (`{alias: name}`, from [`tied_names`][funcopt.torch_interop.tied_names])
+    adds each tied alias as the same tensor as its name, so a module with
+    tied weights loads with `strict=True`.
     """
     out = collections.OrderedDict()
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         out[".".join(_key_name(k) for k in path)] = _to_tensor(leaf)
+    for alias, name in (tied or {}).items():
+        if name not in out:
+            raise ValueError(f"tied alias {alias!r}: params has no leaf {name!r}")
+        out[alias] = out[name]
     return out
+
+
+def tied_names(module_state_dict: Mapping) -> dict[str, str]:
+    """`{alias: first name}` for the entries of `model.state_dict()` that are
+    the same tensor as an earlier entry (tied weights: the same storage,
+    offset, shape, strides and dtype), e.g.
+    `{"lm_head.weight": "transformer.wte.weight"}` for nanoGPT."""
+    first: dict[Any, str] = {}
+    aliases = {}
+    for name, value in module_state_dict.items():
+        key = _tensor_identity(value)
+        if key is None:
+            continue
+        if key in first:
+            aliases[str(name)] = first[key]
+        else:
+            first[key] = str(name)
+    return aliases
+
+
+def _tensor_identity(value: Any) -> Any:
+    """What makes two torch tensors the same tensor; None for other arrays
+    and for tensors without elements (which share no data)."""
+    if type(value).__module__.split(".")[0] != "torch" or not hasattr(
+        value, "untyped_storage"
+    ):
+        return None
+    if value.numel() == 0:
+        return None
+    return (
+        value.untyped_storage().data_ptr(),
+        value.storage_offset(),
+        tuple(value.shape),
+        tuple(value.stride()),
+        value.dtype,
+    )
 
 
 def _loop_rounding(size: int, trials: int, dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -1225,5 +1283,6 @@ __all__ = [
     "params_to_module_state_dict",
     "scheduler_state_dict",
     "state_dict",
+    "tied_names",
     "torch_param_groups",
 ]

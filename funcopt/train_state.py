@@ -64,14 +64,37 @@ class TrainState:
         )
 
     def backward(
-        self, loss_fn: Callable[..., jax.Array], *args: Any, **kwargs: Any
-    ) -> tuple[TrainState, jax.Array]:
+        self,
+        loss_fn: Callable[..., Any],
+        *args: Any,
+        has_aux: bool = False,
+        **kwargs: Any,
+    ) -> tuple[TrainState, Any]:
         """`loss = loss_fn(params, *args, **kwargs); loss.backward()`.
 
         Returns `(new_state, loss)`; the gradient of every trainable leaf
         the loss depends on is added to `grads` and marked defined. Leaves
         the loss does not use keep their gradient, as in torch (where they
         stay `None`; `jax.grad` alone would report zeros).
+
+        `has_aux=True` (as in `jax.value_and_grad`): `loss_fn` returns
+        `(loss, aux)` and `backward` returns `(new_state, (loss, aux))`.
+        This is how a model with state runs: torch's forward updates
+        BatchNorm's running statistics in place; here the loss function
+        takes the buffers as an argument and returns the updated ones as
+        `aux`, which the training loop threads to the next call:
+
+        ```python
+        def loss_fn(params, buffers, x, y):
+            out, new_buffers = model_apply(params, buffers, x, train=True)
+            return jnp.mean((out - y) ** 2), new_buffers
+
+        ts, (loss, buffers) = ts.backward(loss_fn, buffers, x, y, has_aux=True)
+        ts = ts.step()
+        ```
+
+        Buffers are not parameters (torch's `named_buffers`): keep them out
+        of `ts.params`, whose floating-point leaves the optimizer trains.
         """
         treedef: PyTreeDef
         leaves, treedef = jax.tree.flatten(self.params)
@@ -83,9 +106,13 @@ class TrainState:
                 full[i] = leaf
             return loss_fn(treedef.unflatten(full), *args, **kwargs)
 
+        def loss_only(train_leaves):
+            out = loss_of_trainable(train_leaves)
+            return out[0] if has_aux else out
+
         primals = [leaves[i] for i in trainable]
-        loss, new = jax.value_and_grad(loss_of_trainable)(primals)
-        reached = _inputs_reaching_output(loss_of_trainable, primals)
+        result, new = jax.value_and_grad(loss_of_trainable, has_aux=has_aux)(primals)
+        reached = _inputs_reaching_output(loss_only, primals)
         grads = treedef.flatten_up_to(self.grads)
         defined = treedef.flatten_up_to(self.grad_defined)
         for i, g, used in zip(trainable, new, reached):
@@ -97,7 +124,7 @@ class TrainState:
             grads=treedef.unflatten(grads),
             grad_defined=treedef.unflatten(defined),
         )
-        return new_state, loss
+        return new_state, result
 
     def step(self) -> TrainState:
         """`optimizer.step()` with the accumulated gradients."""

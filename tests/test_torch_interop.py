@@ -869,3 +869,55 @@ def teardown_module():
         print("\nworst relative differences:")
         for k, v in sorted(WORST.items()):
             print(f"  {k}: {v:.2e}")
+
+
+# --------------------------------------------------------------------------
+# tied weights
+# --------------------------------------------------------------------------
+
+
+def _tied_model():
+    """nanoGPT's weight tying: the output head is the token embedding."""
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.wte = torch.nn.Embedding(7, 4)
+    model.ln = torch.nn.LayerNorm(4)
+    model.lm_head = torch.nn.Linear(4, 7, bias=False)
+    model.lm_head.weight = model.wte.weight
+    return model.double()
+
+
+def test_tied_weights_become_one_leaf(x64):
+    model = _tied_model()
+    sd = model.state_dict()
+    assert fti.tied_names(sd) == {"lm_head.weight": "wte.weight"}
+    params = fti.module_state_dict_to_params(sd)
+    assert fti.param_names(params) == [n for n, _ in model.named_parameters()]
+    assert "lm_head" not in params
+
+    def loss_fn(p, tokens):
+        h = p["wte"]["weight"][tokens]
+        h = (h - h.mean(-1, keepdims=True)) / jnp.sqrt(h.var(-1, keepdims=True) + 1e-5)
+        h = h * p["ln"]["weight"] + p["ln"]["bias"]
+        logits = h @ p["wte"]["weight"].T  # the tied head
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(tokens)), tokens])
+
+    opt = fo.adamw(lr=0.1)
+    state = opt.init(params)
+    torch_opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    tokens = np.array([1, 3, 5, 3])
+    for _ in range(3):
+        params, state = opt.step(params, jax.grad(loss_fn)(params, tokens), state)
+        torch_opt.zero_grad()
+        logits = model.lm_head(model.ln(model.wte(torch.tensor(tokens))))
+        torch.nn.functional.cross_entropy(logits, torch.tensor(tokens)).backward()
+        torch_opt.step()
+    _assert_params_equal(model, params)
+    # both names written back: a strict load into a fresh tied model
+    back = fti.params_to_module_state_dict(params, tied=fti.tied_names(sd))
+    fresh = _tied_model()
+    fresh.load_state_dict(back)
+    assert fresh.lm_head.weight is fresh.wte.weight
+    torch.testing.assert_close(fresh.lm_head.weight, model.lm_head.weight)
+    with pytest.raises(ValueError, match="params has no leaf 'head.weight'"):
+        fti.params_to_module_state_dict(params, tied={"x.weight": "head.weight"})

@@ -176,3 +176,80 @@ def test_non_trainable_leaves_are_carried():
     assert ts.grads["count"] is None
     np.testing.assert_array_equal(ts.params["count"], params["count"])
     assert not np.allclose(ts.params["w"], params["w"])
+
+
+# --------------------------------------------------------------------------
+# a model with state: BatchNorm's running statistics through has_aux
+# --------------------------------------------------------------------------
+
+
+def _bn_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2)
+    ).double()
+
+
+def _bn_loss(params, buffers, x, y, momentum=0.1, eps=1e-5):
+    """The torch model's training-mode forward (BatchNorm1d) and MSE loss;
+    returns the loss and the running statistics torch's forward writes."""
+    h = x @ params["0"]["weight"].T + params["0"]["bias"]
+    mean, var = jnp.mean(h, 0), jnp.var(h, 0)
+    n = h.shape[0]
+    bn = params["1"]
+    h = (h - mean) / jnp.sqrt(var + eps) * bn["weight"] + bn["bias"]
+    out = h @ params["2"]["weight"].T + params["2"]["bias"]
+    stats = buffers["1"]
+    new = {
+        "running_mean": (1 - momentum) * stats["running_mean"] + momentum * mean,
+        "running_var": (1 - momentum) * stats["running_var"]
+        + momentum * var * n / (n - 1),
+        "num_batches_tracked": stats["num_batches_tracked"] + 1,
+    }
+    return jnp.mean((out - y) ** 2), {"1": new}
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_backward_has_aux_threads_batchnorm_buffers(jit, x64):
+    """`backward(..., has_aux=True)`: a BatchNorm model trained as torch
+    trains it (forward updates the running statistics); params and buffers
+    equal torch's after every step."""
+    import funcopt.torch_interop as fti
+
+    model = _bn_model()
+    params = fti.module_state_dict_to_params(dict(model.named_parameters()))
+    buffers = fti.module_state_dict_to_params(dict(model.named_buffers()))
+    buffers = {"1": dict(buffers["1"])}
+    # SGD: the first Linear's bias feeds BatchNorm, so its gradient is zero up
+    # to rounding noise, which Adam's normalisation would amplify to ~1e-9
+    opt = fo.sgd(lr=0.05, momentum=0.9)
+    torch_opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    def train_step(ts, buffers, x, y):
+        ts = ts.zero_grad()
+        ts, (loss, buffers) = ts.backward(_bn_loss, buffers, x, y, has_aux=True)
+        return ts.step(), buffers, loss
+
+    step = jax.jit(train_step) if jit else train_step
+    ts = fo.TrainState.create(params, opt)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        x, y = rng.normal(size=(6, 3)), rng.normal(size=(6, 2))
+        ts, buffers, loss = step(ts, buffers, jnp.asarray(x), jnp.asarray(y))
+        torch_opt.zero_grad()
+        tloss = torch.nn.functional.mse_loss(model(torch.tensor(x)), torch.tensor(y))
+        tloss.backward()
+        torch_opt.step()
+        np.testing.assert_allclose(float(loss), float(tloss.detach()), rtol=1e-12)
+        ours = fti.params_to_module_state_dict(ts.params)
+        for n, p in model.named_parameters():
+            np.testing.assert_allclose(ours[n].numpy(), p.detach().numpy(), rtol=1e-10)
+        ours_buffers = fti.params_to_module_state_dict(buffers)
+        for n, b in model.named_buffers():
+            np.testing.assert_allclose(ours_buffers[n].numpy(), b.numpy(), rtol=1e-12)
+
+
+def test_backward_without_has_aux_rejects_a_tuple_loss():
+    ts = fo.TrainState.create({"w": jnp.ones(2)}, fo.sgd(lr=0.1))
+    with pytest.raises(TypeError):
+        ts.backward(lambda p: (jnp.sum(p["w"]), None))

@@ -54,3 +54,12 @@ def test_muon_adamw_example_trains(tmp_path):
     losses = [float(v) for v in re.findall(r"loss (\S+)  lr", out)]
     assert losses[-1] < losses[0]
     assert plot.stat().st_size > 0
+
+
+def test_port_torch_model_hands_over_exactly():
+    """Registration order, BatchNorm statistics, tied head: funcopt's run
+    handed to a torch optimizer built from `model.parameters()` continues
+    equal to the uninterrupted torch run."""
+    out = _run("port_torch_model.py", "--steps", "8")
+    diffs = [float(v) for v in re.findall(r"hand-over: (\S+)", out)]
+    assert len(diffs) == 2 and max(diffs) < 1e-10, out

@@ -34,11 +34,20 @@ def _sparse_adam_rule(param, grad, slots, step, hparams, options):
     beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
     if grad.n_batch:
         grad = jsparse.bcoo_update_layout(grad, n_batch=0)
-    # torch's coalesce(): unique, sorted indices, duplicates summed; the
-    # padding entries (index == shape) are dropped by the scatters below
-    grad = grad.sum_duplicates(nse=grad.nse)
-    index = tuple(grad.indices[:, k] for k in range(grad.n_sparse))
-    values = -grad.data if options["maximize"] else grad.data
+    if grad.n_sparse == 0:
+        # no sparse dimension (a 0-d parameter's gradient): every entry sits
+        # at the one index, which coalescing sums into one value
+        if grad.nse == 0:
+            return param, dict(slots)
+        index: tuple = ()
+        data = jnp.sum(grad.data, axis=0)
+    else:
+        # torch's coalesce(): unique, sorted indices, duplicates summed; the
+        # padding entries (index == shape) are dropped by the scatters below
+        grad = grad.sum_duplicates(nse=grad.nse)
+        index = tuple(grad.indices[:, k] for k in range(grad.n_sparse))
+        data = grad.data
+    values = -data if options["maximize"] else data
     exp_avg, exp_avg_sq = slots["exp_avg"], slots["exp_avg_sq"]
     old_exp_avg = exp_avg.at[index].get(mode="fill", fill_value=0)
     old_exp_avg_sq = exp_avg_sq.at[index].get(mode="fill", fill_value=0)
@@ -65,6 +74,7 @@ def _complex_error(paths, indices):
     )
 
 
+@_validate.optimizer_factory
 def sparse_adam(
     lr: float = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),

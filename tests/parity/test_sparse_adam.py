@@ -31,6 +31,7 @@ def _params(rng, dtype):
         "emb": rng.normal(size=(V, D)).astype(dtype),
         "frozen": np.arange(2, dtype=np.int32),
         "mat": rng.normal(size=(3, 5)).astype(dtype),
+        "scalar": np.asarray(rng.normal(), dtype),  # 0-d: no sparse dimension
     }
 
 
@@ -92,6 +93,22 @@ def _gradients(rng, params, dtype, pad):
             if pad:
                 idx, values = _pad(idx, values, (3, 5), 8)
             grads["mat"] = jsparse.BCOO((values, idx), shape=(3, 5))
+        # the 0-d parameter: entries all at the one index (summed), no gradient
+        # at some steps, an empty one at others (eager only: nse is static)
+        if t % 3 == 0:
+            torch_grads["scalar"], grads["scalar"] = None, None
+        else:
+            n = 2 if pad or t % 6 != 2 else 0
+            values = rng.normal(size=(n,)).astype(dtype)
+            torch_grads["scalar"] = torch.sparse_coo_tensor(
+                torch.zeros((0, n), dtype=torch.long),
+                torch.tensor(values),
+                (),
+                check_invariants=True,
+            )
+            grads["scalar"] = jsparse.BCOO(
+                (values, np.zeros((n, 0), np.int32)), shape=()
+            )
         seq.append((torch_grads, grads))
     return seq
 
@@ -105,7 +122,7 @@ def _compare(dtype, jit, maximize, rtol, atol, seed=0):
     seq = _gradients(rng, params, dtype, pad=jit)[: None if jit else 3]
     kwargs = dict(lr=0.05, betas=(0.8, 0.95), eps=1e-6, maximize=maximize)
 
-    names = ["bias", "emb", "mat"]  # jax.tree.leaves order, trainable only
+    names = ["bias", "emb", "mat", "scalar"]  # jax.tree.leaves order, trainable
     tparams = {k: torch.tensor(params[k], requires_grad=True) for k in names}
     topt = torch.optim.SparseAdam([tparams[k] for k in names], **kwargs)
     for torch_grads, _ in seq:
@@ -120,7 +137,9 @@ def _compare(dtype, jit, maximize, rtol, atol, seed=0):
     for _, grads in seq:
         ours, state = step(ours, grads, state)
 
-    steps = dict(zip(["bias", "emb", "frozen", "mat"], np.asarray(state.step)))
+    steps = dict(
+        zip(["bias", "emb", "frozen", "mat", "scalar"], np.asarray(state.step))
+    )
     for k in names:
         assert ours[k].dtype == dtype
         assert_close(ours[k], tparams[k].detach().numpy(), rtol, atol, k)

@@ -6,11 +6,13 @@ with one more method, `step(params, grads, state) -> (params, state)`,
 torch's `optimizer.step()` as a pure function.
 """
 
+from . import amp as amp
 from . import contrib as contrib
 from . import flat as flat
 from . import lr_scheduler as lr_scheduler
 from . import sharding as sharding
 from . import swa_utils as swa_utils
+from ._add_group import add_param_group as add_param_group
 from ._core import Optimizer as Optimizer
 from ._core import OptState as OptState
 from ._core import make_optimizer as make_optimizer
@@ -71,12 +73,14 @@ __all__ = [
     "Optimizer",
     "ParamGroups",
     "TrainState",
+    "add_param_group",
     "adadelta",
     "adafactor",
     "adagrad",
     "adam",
     "adamax",
     "adamw",
+    "amp",
     "asgd",
     "clip_grad_norm",
     "clip_grad_norm_transform",

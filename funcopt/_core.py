@@ -41,7 +41,7 @@ from jax.tree_util import PyTreeDef
 
 from . import _compile, _groups, _math, _multi_tensor, _tree, _validate
 from ._math import widest_float
-from ._tree import PyTree, flatten_grads, is_trainable, leaf_paths
+from ._tree import PyTree, check_params, flatten_grads, is_trainable, leaf_paths
 
 Rule = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 SlotsInit = Callable[[jax.Array, Mapping[str, Any]], dict[str, jax.Array]]
@@ -78,6 +78,14 @@ class Optimizer(optax.GradientTransformationExtraArgs):
     exactly as torch's parameters and state after `optimizer.step()` with
     `p.grad = grads`; prefer it to `update` + `optax.apply_updates`,
     whose extra subtraction and addition can round by one ulp.
+
+    `params` is any pytree: its floating-point leaves are trained, Python
+    floats included (as the arrays of the default float dtype that `jit`
+    and optax make of them, and returned as such); other leaves are carried
+    along. torch tensors, modules and iterators such as `model.parameters()`
+    raise `TypeError` naming the conversion. Hyperparameters live in the
+    state: change them with [`funcopt.set_hparam`][funcopt.set_hparam] (not
+    with `optax.inject_hyperparams`, which is refused).
     """
 
     def step(self, params, grads, state, *, has_grad=None):
@@ -107,6 +115,8 @@ class _Definition:
     sparse_grads: bool = False
     complex_error: ComplexError | None = None
     elementwise: bool = False
+    # make_optimizer's `validate`, kept for groups added later (add_param_group)
+    validate: Callable[[Mapping[str, Any]], None] | None = None
     # (shape, dtype, group name) -> {slot: (shape, dtype)}, see _check_slots
     slot_specs: dict = dataclasses.field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -201,6 +211,7 @@ def make_optimizer(
         sparse_grads,
         complex_error,
         elementwise,
+        validate,
     )
     return build_optimizer(definition, defaults)
 
@@ -306,6 +317,7 @@ def _init(definition: _Definition, params: PyTree) -> OptState:
     _check_hyperparams(definition)
     if isinstance(params, _multi_tensor.FlatParams):
         return _multi_tensor.init_flat(definition, params)
+    params = check_params(params)
     _check_complex(definition, params)
     treedef: PyTreeDef
     leaves, treedef = jax.tree.flatten(params)
@@ -362,13 +374,8 @@ def _check_state(
             f"this state was made for a param tree with {np.shape(state.step)[0]} "
             f"leaves; params have {n_leaves}{detail}"
         )
-    shapes = [np.shape(v) for v in state.hparams.values()]
-    n_state_groups = shapes[0][0] if shapes and shapes[0] else 0
-    if state.hparams and n_state_groups != n_groups:
-        raise ValueError(
-            f"this state has {n_state_groups} parameter groups; params resolve "
-            f"to {n_groups}"
-        )
+    expected = {k: (n_groups, *np.shape(v)) for k, v in definition.hyperparams.items()}
+    _validate.check_state_hparams(definition.name, state.hparams, expected)
 
 
 def _slot_spec(definition: _Definition, leaf: Any, group: str) -> dict:
@@ -466,6 +473,7 @@ def check_step(definition: _Definition, params: PyTree, grads: PyTree, state: An
 
     Returns `(leaves, grad_leaves, names, group_of, slot_leaves)`.
     """
+    params = check_params(params)
     _check_complex(definition, params)
     leaves, grad_leaves = flatten_grads(params, grads)
     if not definition.sparse_grads:

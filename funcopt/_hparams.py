@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._core import OptState
+from ._math import widest_float
 from .optim.lbfgs import LBFGSState
 
 
@@ -58,7 +59,12 @@ def set_hparam(state: Any, name: str, value: Any) -> Any:
     `value` is one value for every group (a scalar, or a tuple such as
     `betas=(0.9, 0.99)`), or a Python `list` with one value per group (in
     [`get_hparam`][funcopt.get_hparam] order). Works under `jit`; the state's array
-    shapes and dtypes are kept.
+    shapes and dtypes are kept (the widest enabled float, as `init` makes
+    them), so a jitted step never recompiles.
+
+    Setting the array directly (`optax.tree_utils.tree_set(state, lr=0.05)`)
+    replaces one value per group by a scalar: the next step raises, naming
+    the hyperparameter and this function.
     """
     current = _hparam_arrays(_find_all(state), name)
     n_groups = sum(arr.shape[0] for arr in current)
@@ -89,12 +95,14 @@ def set_hparam(state: Any, name: str, value: Any) -> Any:
 
 
 def _as_hparam(name: str, value: Any, current: jax.Array) -> jax.Array:
-    """`value` (per-group list, or one value for all) shaped like `current`."""
+    """`value` (per-group list, or one value for all) shaped like `current`,
+    in the widest enabled float (the dtype `init` gives hyperparameters)."""
     value_shape = current.shape[1:]
+    dtype = widest_float()
     if isinstance(value, list):
-        new = jnp.stack([jnp.asarray(v, current.dtype) for v in value])
+        new = jnp.stack([jnp.asarray(v, dtype) for v in value])
     else:
-        new = jnp.asarray(value, current.dtype)
+        new = jnp.asarray(value, dtype)
     if new.shape != current.shape:
         if new.shape != value_shape:
             raise ValueError(

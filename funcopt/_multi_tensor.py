@@ -43,7 +43,7 @@ import numpy as np
 
 from . import _groups, _math
 from ._math import widest_float
-from ._tree import is_trainable
+from ._tree import check_params, is_trainable
 
 # a row's scalar math (pow, sqrt, ... in the widest float) costs about this
 # many elements of streaming work: the cost model of choose_width
@@ -421,7 +421,7 @@ class Layout:
         """A params tree -> [`FlatParams`][funcopt.flat.FlatParams] (copies, once)."""
         from ._core import _as_real
 
-        leaves = self.treedef.flatten_up_to(params)
+        leaves = self.treedef.flatten_up_to(check_params(params))
         buffers = tuple(
             b.pack([_as_real(jnp.asarray(leaves[i])) for i in b.leaves])
             for b in self.buckets
@@ -512,6 +512,7 @@ class FlatParams:
 
 
 def make_layout(params, definition) -> Layout:
+    params = check_params(params)
     leaves, treedef = jax.tree.flatten(params)
     names, group_of = _groups.resolve(definition.groups, params)
     trainable = [i for i, p in enumerate(leaves) if is_trainable(p)]

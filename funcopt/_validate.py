@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import numbers
+import sys
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import jax
 import numpy as np
+
+from ._math import widest_float
+from ._tree import torch_kind
 
 
 def is_array(x: Any) -> bool:
@@ -254,3 +259,191 @@ def check_adam_family(group: Mapping[str, Any]) -> None:
     check_at_least_zero(group["eps"], "epsilon value")
     check_betas(group["betas"])
     check_at_least_zero(group["weight_decay"], "weight_decay value")
+
+
+# --------------------------------------------------------------------------
+# hyperparameters held in a state
+# --------------------------------------------------------------------------
+
+
+def _is_array_like(x: Any) -> bool:
+    return isinstance(x, bool | int | float | complex) or hasattr(x, "shape")
+
+
+def _describe(value: Any) -> str:
+    """A hyperparameter value for a message: its value when it is known."""
+    if isinstance(value, tuple | list) and _is_traced(value):
+        return f"a {type(value).__name__} of {len(value)} traced values"
+    if isinstance(value, bool | int | float | complex):
+        return f"{value!r} (a Python {type(value).__name__})"
+    if isinstance(value, jax.core.Tracer):
+        return f"a traced {value.dtype}{list(value.shape)} array"
+    if isinstance(value, jax.Array | np.ndarray | np.generic):
+        shown = f" {np.asarray(value).tolist()}" if np.size(value) <= 4 else ""
+        article = "an" if str(value.dtype)[0] in "aeiou" else "a"
+        return f"{article} {value.dtype}{list(np.shape(value))} array{shown}"
+    return f"{value!r} (a {type(value).__name__})"
+
+
+def _example(value: Any) -> str:
+    """`value` as it would be written in a `fo.set_hparam` call."""
+    if isinstance(value, bool | int | float):
+        return repr(value)
+    if isinstance(value, tuple) and all(isinstance(v, int | float) for v in value):
+        return repr(value)
+    if isinstance(value, jax.Array | np.ndarray | np.generic) and not isinstance(
+        value, jax.core.Tracer
+    ):
+        if np.size(value) == 1:
+            return repr(np.asarray(value).reshape(()).item())
+    return "value"
+
+
+def check_state_hparams(
+    name: str, hparams: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]]
+) -> None:
+    """Every hyperparameter in a state is an array of the shape and dtype that
+    `init` made: `expected[key]` is `(n_groups, *shape of one value)`, the
+    dtype the widest enabled float.
+
+    Runs at trace time (free under `jit`), so a state changed by hand
+    (`optax.tree_utils.tree_set(state, lr=0.05)` puts a scalar where one
+    value per parameter group belongs) raises the same error eagerly and
+    under `jit`, naming the hyperparameter, what it is, what it must be and
+    `fo.set_hparam`, which keeps shapes and dtypes: `ValueError` for a
+    shape (a Python number counts as a 0-d array, as under `jit`),
+    `TypeError` for a dtype or a value that is no array (a tuple, `None`).
+    A state whose every hyperparameter has
+    another number of groups is a state for another grouping of the params.
+    """
+    if not isinstance(hparams, Mapping) or set(hparams) != set(expected):
+        held = sorted(hparams) if isinstance(hparams, Mapping) else None
+        raise ValueError(
+            f"this state was made by another optimizer: it holds hyperparameters "
+            f"{held}, {name} has {sorted(expected)}"
+        )
+    # a Python number is a 0-d array under jit: its shape is checked, as there
+    shapes = {
+        k: tuple(np.shape(v)) if _is_array_like(v) else None for k, v in hparams.items()
+    }
+    n_groups = {shape[0] for shape in expected.values()}
+    leading = {shape[0] if shape else None for shape in shapes.values()}
+    tails = {k: None if s is None else s[1:] for k, s in shapes.items()}
+    if (
+        len(leading) == 1
+        and None not in leading
+        and leading != n_groups
+        and all(tails[k] == expected[k][1:] for k in expected)
+    ):
+        raise ValueError(
+            f"this state has {leading.pop()} parameter groups; params resolve "
+            f"to {n_groups.pop()}"
+        )
+    dtype = widest_float()
+    for key, shape in expected.items():
+        value = hparams[key]
+        dtype_ok = getattr(value, "dtype", None) == dtype
+        if shapes[key] == shape and dtype_ok:
+            continue
+        per_group = (
+            "one value per parameter group"
+            if len(shape) == 1
+            else f"one value of shape {shape[1:]} per parameter group"
+        )
+        lr_too = " (or fo.set_lr)" if key == "lr" else ""
+        message = (
+            f"{name} state: hyperparameter {key!r} is {_describe(value)}, but this "
+            f"state needs a {dtype}{list(shape)} array, {per_group}: set it with "
+            f"fo.set_hparam(state, {key!r}, {_example(value)}){lr_too}, which keeps "
+            "that shape and dtype"
+        )
+        if shapes[key] is None:  # a tuple, None, a string: no array at all
+            raise TypeError(message)
+        if shapes[key] != shape:
+            raise ValueError(message)
+        raise TypeError(message)
+
+
+# --------------------------------------------------------------------------
+# the optimizer factories: torch's constructor habits
+# --------------------------------------------------------------------------
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+# other libraries' names for torch's arguments: {their name: torch's name}
+_TORCH_NAMES = {"learning_rate": "lr", "b1": "betas", "b2": "betas"}
+
+INJECT_HYPERPARAMS = (
+    "optax.inject_hyperparams(fo.{factory}) would silently ignore changed "
+    "hyperparameters, because funcopt keeps them in its own state: build "
+    "opt = fo.{factory}(...) directly and change them with fo.set_lr(state, lr) "
+    "or fo.set_hparam(state, name, value) (schedules: fo.lr_scheduler)"
+)
+
+
+def _called_by_inject_hyperparams(frame: Any) -> bool:
+    """Whether `frame` or a frame below it runs optax's `inject_hyperparams`
+    (its `init` and `update` call the factory it wraps: a funcopt factory, or
+    a function that builds one, e.g. `lambda lr: optax.chain(clip,
+    fo.adam(lr=lr))`)."""
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith("optax.") and module.rsplit(".", 1)[-1] == "_inject":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _looks_like_params(x: Any) -> bool:
+    """What torch users pass first (`torch.optim.Adam(model.parameters())`):
+    a pytree of params, a list of groups, an iterator, a torch model or
+    parameter; never a learning rate."""
+    if isinstance(x, Mapping | list | tuple | set | Iterator):
+        return True
+    kind = torch_kind(x)
+    return kind == "torch.nn.Module" or kind == "torch.nn.Parameter"
+
+
+def optimizer_factory(factory: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Decorate a funcopt optimizer factory (`fo.adam`, ...) so that the
+    mistakes torch and optax users make first raise one clear `TypeError`.
+
+    * `fo.adam(params)` / `fo.adam(params, lr=1e-3)` (torch's constructor
+      takes the parameters first): funcopt optimizers are built from
+      hyperparameters alone and `opt.init(params)` makes the state;
+    * `fo.adam(learning_rate=1e-3)` (optax's names): torch's (`lr=`);
+    * `optax.inject_hyperparams(fo.adam)` (or of a function that builds a
+      funcopt optimizer): funcopt's hyperparameters live in its state, so
+      the optimizer optax rebuilds with a new value would be ignored; the
+      error, at `init` and `update` (eagerly and under `jit`), points to
+      `fo.set_lr` / `fo.set_hparam`.
+
+    The signature and docstring are the factory's (`functools.wraps`).
+    """
+    signature = inspect.signature(factory)
+    name = factory.__name__
+    first = next(iter(signature.parameters), None)
+
+    @functools.wraps(factory)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if _called_by_inject_hyperparams(sys._getframe(1)):
+            raise TypeError(INJECT_HYPERPARAMS.format(factory=name))
+        if args and _looks_like_params(args[0]):
+            raise TypeError(
+                f"fo.{name}() got a {type(args[0]).__name__} as its first argument "
+                f"({first}): funcopt optimizers do not take the parameters, so "
+                f"build opt = fo.{name}({first}=...) and make the state with "
+                "opt.init(params)"
+            )
+        for key in kwargs:
+            torch_name = _TORCH_NAMES.get(key)
+            if key not in signature.parameters and torch_name in signature.parameters:
+                raise TypeError(
+                    f"fo.{name}() got {key}={kwargs[key]!r}, optax's name: funcopt "
+                    f"keeps torch's argument names, so pass {torch_name}="
+                    + (f"{kwargs[key]!r}" if torch_name != "betas" else "(b1, b2)")
+                )
+        return factory(*args, **kwargs)
+
+    return wrapper

@@ -40,7 +40,7 @@ import numpy as np
 import optax
 from jax.tree_util import PyTreeDef
 
-from ._tree import PyTree, is_trainable
+from ._tree import PyTree, as_array, is_trainable
 
 __all__ = [
     "ClipGradNormState",
@@ -185,6 +185,7 @@ def _float_arg(x: Any, what: str) -> float:
 def _flat(grads: PyTree, has_grad: PyTree | None):
     treedef: PyTreeDef
     leaves, treedef = jax.tree.flatten(grads, is_leaf=lambda x: x is None)
+    leaves = [as_array(g) for g in leaves]  # Python floats: arrays, as under jit
     idx = [i for i, g in enumerate(leaves) if g is not None and is_trainable(g)]
     mask = None
     if has_grad is not None:
@@ -348,7 +349,7 @@ class ClipGradNormState(NamedTuple):
 
 
 def _norm_dtype(tree: PyTree) -> Any:
-    leaves = [g for g in jax.tree.leaves(tree) if is_trainable(g)]
+    leaves = [as_array(g) for g in jax.tree.leaves(tree) if is_trainable(g)]
     if not leaves:
         return jnp.float32
     return _promote([jnp.abs(jnp.zeros((), g.dtype)).dtype for g in leaves])

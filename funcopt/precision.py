@@ -35,7 +35,7 @@ import optax
 from ._core import Optimizer, build_optimizer
 from ._math import set_torch_cpu_block as set_torch_cpu_block
 from ._math import torch_cpu_block as torch_cpu_block
-from ._tree import PyTree, is_trainable
+from ._tree import PyTree, check_params, is_trainable
 from .reliability import _check_state, _inner_step, _wrapper
 
 
@@ -197,6 +197,7 @@ def master_weights(opt: optax.GradientTransformation, dtype: Any = jnp.float32):
         )
 
     def init(params):
+        params = check_params(params)
         master = jax.tree.map(
             lambda p: p.astype(dtype) if _needs_master(p, dtype) else None, params
         )
@@ -204,6 +205,7 @@ def master_weights(opt: optax.GradientTransformation, dtype: Any = jnp.float32):
 
     def step_fn(params, grads, state, has_grad):
         _check_state(state, MasterWeightsState, "master_weights")
+        params = check_params(params)
         try:
             master = full_master(params, state.master)
         except (ValueError, TypeError) as e:

@@ -9,6 +9,8 @@ r"""Weight averaging, mirroring `torch.optim.swa_utils`.
 | `get_ema_multi_avg_fn(decay)` and the others | the same names |
 | `update_bn(loader, model)` | `update_bn(loader, stats_fn, params)` (see there) |
 | `SWALR` | `swalr` (funcopt.lr_scheduler's) |
+| `swa.state_dict()` | `fti.averaged_model_state_dict(swa)` (see below) |
+| `swa.load_state_dict(sd)` | `swa = fti.load_averaged_model_state_dict(swa, sd)` |
 
 [`AveragedModel`][funcopt.swa_utils.AveragedModel] is a pytree of arrays (the averaged
 `params`, the `buffers` and `n_averaged`) whose averaging functions are static, so
@@ -29,6 +31,15 @@ r"""Weight averaging, mirroring `torch.optim.swa_utils`.
    parameters (flax's `batch_stats` collection, for instance), so they are
    a second, optional pytree `buffers` with the same two behaviours;
 4. `n_averaged += 1`.
+
+State dicts: `fti` is `funcopt.torch_interop`;
+[`averaged_model_state_dict`][funcopt.torch_interop.averaged_model_state_dict]
+writes torch's keys (`n_averaged`, `module.<name>` for every parameter and
+buffer), which `torch.optim.swa_utils.AveragedModel(model).load_state_dict`
+accepts, and
+[`load_averaged_model_state_dict`][funcopt.torch_interop.load_averaged_model_state_dict]
+reads torch's into an `AveragedModel` built like the torch one (the averaging
+functions and `use_buffers` are not in the dict, in either library).
 
 Functional differences: a `multi_avg_fn` *returns* the list of new averaged
 arrays instead of updating them in place (`avg_fn` already returns in

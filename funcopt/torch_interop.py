@@ -1273,8 +1273,94 @@ def measure_torch_cpu_block(trials: int = 256) -> int | None:
     return blocks.pop()
 
 
+# --------------------------------------------------------------------------
+# torch.amp.GradScaler state dicts
+# --------------------------------------------------------------------------
+
+
+def grad_scaler_state_dict(scaler: Any, state: Any) -> dict[str, Any]:
+    """`torch_scaler.state_dict()` of a
+    [`funcopt.amp.GradScaler`][funcopt.amp.GradScaler].
+
+    `{"scale": float, "growth_factor": ..., "backoff_factor": ...,
+    "growth_interval": int, "_growth_tracker": int}` from the scaler's
+    arguments and its [`GradScalerState`][funcopt.amp.GradScalerState], which
+    `torch.amp.GradScaler(...).load_state_dict` accepts; `{}` for a disabled
+    scaler, as torch writes. Does not need torch.
+    """
+    from .amp import GradScaler, _check_state
+
+    if not isinstance(scaler, GradScaler):
+        raise TypeError(
+            f"grad_scaler_state_dict expects a funcopt.amp.GradScaler, got "
+            f"{type(scaler).__name__}"
+        )
+    _check_state(state)
+    if not scaler.enabled:
+        return {}
+    return {
+        "scale": float(np.asarray(state.scale, np.float32)),
+        "growth_factor": scaler.growth_factor,
+        "backoff_factor": scaler.backoff_factor,
+        "growth_interval": scaler.growth_interval,
+        "_growth_tracker": int(np.asarray(state.growth_tracker)),
+    }
+
+
+def load_grad_scaler_state_dict(scaler: Any, state_dict: Mapping[str, Any]) -> Any:
+    """`torch_scaler.load_state_dict(sd)` for a
+    [`funcopt.amp.GradScaler`][funcopt.amp.GradScaler].
+
+    Returns `(scaler, state)`: like torch's `load_state_dict`, the dict's
+    `growth_factor`, `backoff_factor` and `growth_interval` replace the
+    scaler's (they are static configuration here, so the scaler returned is a
+    new one when they differ; like torch, they are not validated again), and
+    `scale` (rounded to float32) and `_growth_tracker` (int32) make the state.
+    A disabled scaler ignores the dict (torch's no-op) and returns
+    `(scaler, scaler.init())`. Does not need torch.
+
+    Raises:
+      RuntimeError: an empty dict for an enabled scaler (torch's "The source
+        state dict is empty, possibly because it was saved from a disabled
+        instance of GradScaler."), or a value that overflows float32/int32.
+      KeyError: a missing key, as in torch.
+    """
+    from .amp import GradScaler, GradScalerState, _float32_fill
+
+    if not isinstance(scaler, GradScaler):
+        raise TypeError(
+            f"load_grad_scaler_state_dict expects a funcopt.amp.GradScaler, got "
+            f"{type(scaler).__name__}"
+        )
+    if not scaler.enabled:
+        return scaler, scaler.init()
+    if len(state_dict) == 0:
+        raise RuntimeError(
+            "The source state dict is empty, possibly because it was saved "
+            "from a disabled instance of GradScaler."
+        )
+    scale = _float32_fill(state_dict["scale"])
+    tracker = int(state_dict["_growth_tracker"])
+    if not -(2**31) <= tracker < 2**31:
+        raise RuntimeError("value cannot be converted to type int without overflow")
+    new = object.__new__(GradScaler)  # torch does not validate loaded values
+    for field in dataclasses.fields(GradScaler):
+        object.__setattr__(new, field.name, getattr(scaler, field.name))
+    object.__setattr__(new, "init_scale", state_dict["scale"])
+    for key in ("growth_factor", "backoff_factor", "growth_interval"):
+        object.__setattr__(new, key, state_dict[key])
+    return new, GradScalerState(
+        scale=jnp.asarray(scale, jnp.float32),
+        growth_tracker=jnp.asarray(tracker, jnp.int32),
+    )
+
+
 __all__ = [
     "SCHEDULER_GROUP_KEYS",
+    "averaged_model_state_dict",
+    "grad_scaler_state_dict",
+    "load_averaged_model_state_dict",
+    "load_grad_scaler_state_dict",
     "load_scheduler_state_dict",
     "load_state_dict",
     "measure_torch_cpu_block",
@@ -1286,3 +1372,198 @@ __all__ = [
     "tied_names",
     "torch_param_groups",
 ]
+
+
+# --------------------------------------------------------------------------
+# torch.optim.swa_utils.AveragedModel state dicts
+# --------------------------------------------------------------------------
+
+_SWA_PREFIX = "module."
+
+
+def _swa_leaf_names(tree: Any, names: Any, what: str) -> list[str]:
+    """The dotted names of every leaf of `tree` (given, or its key paths)."""
+    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    if names is None:
+        return [".".join(_key_name(k) for k in path) for path in paths]
+    names = [str(n) for n in names]
+    if len(names) != len(paths):
+        raise ValueError(
+            f"{what}: {len(names)} names for the {len(paths)} leaves of the "
+            "averaged model's tree"
+        )
+    return names
+
+
+def _swa_names(swa: Any, param_names: Any, buffer_names: Any, fn: str):
+    from .swa_utils import AveragedModel
+
+    if not isinstance(swa, AveragedModel):
+        raise TypeError(
+            f"{fn} expects a funcopt.swa_utils.AveragedModel, got {type(swa).__name__}"
+        )
+    p = _swa_leaf_names(swa.params, param_names, "param_names")
+    b = _swa_leaf_names(swa.buffers, buffer_names, "buffer_names")
+    counts = collections.Counter(p + b)
+    dup = sorted(n for n, c in counts.items() if c > 1)
+    if dup:
+        raise ValueError(f"{fn}: names used twice in params and buffers: {dup}")
+    return p, b
+
+
+def averaged_model_state_dict(
+    swa: Any,
+    *,
+    param_names: Any = None,
+    buffer_names: Any = None,
+    tied: Mapping[str, str] | None = None,
+) -> collections.OrderedDict[str, Any]:
+    """`torch_swa.state_dict()` of a funcopt
+    [`AveragedModel`][funcopt.swa_utils.AveragedModel], for
+    `torch.optim.swa_utils.AveragedModel(model).load_state_dict`.
+
+    torch's `AveragedModel` is a module holding a deep copy of the model as
+    `module` and one buffer, so its state dict is `n_averaged` (a 0-dim
+    `int64` tensor) and `module.<name>` for every parameter and (persistent)
+    buffer of the model, whatever `use_buffers` is: with `use_buffers=True`
+    the buffers are averaged, with `False` they are the model's at the last
+    update; either way they are `swa.buffers`. The averaging functions and
+    `use_buffers` are not saved (as in torch): the torch `AveragedModel` that
+    loads the dict must be built with the same ones for the averages to go on
+    the same.
+
+    The names are the leaves' key paths joined with dots, so trees built by
+    [`module_state_dict_to_params`][funcopt.torch_interop.module_state_dict_to_params]
+    from `named_parameters()` and `named_buffers()` give the model's names;
+    for other trees (lists in `parameters()` order, say) pass `param_names`
+    and `buffer_names`: the dotted name of each leaf of `swa.params` and
+    `swa.buffers`, in `jax.tree.leaves` order. `tied` (`{alias: name}` from
+    [`tied_names`][funcopt.torch_interop.tied_names] of the model's
+    `state_dict()`, without the `module.` prefix) writes tied weights under
+    each alias too, as torch's state dict lists them.
+
+    Keys come in the order `n_averaged`, parameters, buffers, aliases (torch
+    lists a module's parameters and buffers module by module;
+    `load_state_dict` matches by key). Values are tensors of the arrays'
+    dtypes (float64 needs `jax_enable_x64`).
+    """
+    torch = _torch()
+    p_names, b_names = _swa_names(
+        swa, param_names, buffer_names, "averaged_model_state_dict"
+    )
+    out: collections.OrderedDict[str, Any] = collections.OrderedDict()
+    out["n_averaged"] = torch.tensor(int(np.asarray(swa.n_averaged)), dtype=torch.long)
+    leaves = jax.tree.leaves(swa.params) + jax.tree.leaves(swa.buffers)
+    for name, leaf in zip(p_names + b_names, leaves):
+        out[_SWA_PREFIX + name] = _to_tensor(leaf)
+    for alias, name in (tied or {}).items():
+        if _SWA_PREFIX + name not in out:
+            raise ValueError(
+                f"tied alias {alias!r}: the averaged model has no {name!r}"
+            )
+        out[_SWA_PREFIX + alias] = out[_SWA_PREFIX + name]
+    return out
+
+
+def load_averaged_model_state_dict(
+    swa: Any,
+    state_dict: Mapping[str, Any],
+    *,
+    param_names: Any = None,
+    buffer_names: Any = None,
+    strict: bool = True,
+) -> Any:
+    """`swa.load_state_dict(torch_swa.state_dict())` for a funcopt
+    [`AveragedModel`][funcopt.swa_utils.AveragedModel]: a new one with the
+    dict's values.
+
+    `swa` gives everything the dict does not hold: the trees' structure,
+    dtypes and devices, the averaging functions and `use_buffers` (build it
+    with [`averaged_model`][funcopt.swa_utils.averaged_model] as the torch
+    `AveragedModel` was built). Each leaf named `name` (see
+    [`averaged_model_state_dict`][funcopt.torch_interop.averaged_model_state_dict]
+    for the names, `param_names` and `buffer_names`) takes `module.<name>`,
+    cast to the leaf's dtype as torch's `copy_` does; `n_averaged` takes
+    `n_averaged`. Entries that are tied aliases of another entry (the same
+    tensor, see [`tied_names`][funcopt.torch_interop.tied_names]) are not
+    expected to have a leaf of their own.
+
+    ```python
+    params = fti.module_state_dict_to_params(dict(model.named_parameters()))
+    buffers = fti.module_state_dict_to_params(dict(model.named_buffers()))
+    ema = fo.swa_utils.averaged_model(
+        params, buffers, multi_avg_fn=fo.swa_utils.get_ema_multi_avg_fn(0.999))
+    ema = fti.load_averaged_model_state_dict(ema, torch_ema.state_dict())
+    ```
+
+    Raises `ValueError` for a shape mismatch and, with `strict` (torch's
+    default), for keys the averaged model lacks or does not have (torch's
+    "Missing key(s)" / "Unexpected key(s)"). With `strict=False` those are
+    ignored and missing leaves keep `swa`'s values. The dict holds every
+    buffer of the module, so an averaged model built without `buffers`
+    loads it only with `strict=False`.
+    """
+    p_names, b_names = _swa_names(
+        swa, param_names, buffer_names, "load_averaged_model_state_dict"
+    )
+    aliases = tied_names(state_dict)
+    used = {"n_averaged"}
+    missing: list[str] = []
+    mismatched: list[str] = []
+
+    def fill(tree: Any, names: list[str]) -> Any:
+        leaves, treedef = jax.tree.flatten(tree)
+        new = []
+        for name, leaf in zip(names, leaves):
+            key = _SWA_PREFIX + name
+            if key not in state_dict:
+                missing.append(key)
+                new.append(leaf)
+                continue
+            used.add(key)
+            value = _to_numpy(state_dict[key])
+            if value.shape != leaf.shape:
+                mismatched.append(
+                    f"{key}: shape {tuple(value.shape)} in the state dict, "
+                    f"{tuple(leaf.shape)} in the averaged model"
+                )
+                new.append(leaf)
+                continue
+            array = jnp.asarray(value.astype(leaf.dtype))
+            if isinstance(leaf, jax.Array):
+                array = jax.device_put(array, leaf.sharding)
+            new.append(array)
+        return jax.tree.unflatten(treedef, new)
+
+    params = fill(swa.params, p_names)
+    buffers = fill(swa.buffers, b_names)
+    n_averaged = swa.n_averaged
+    if "n_averaged" in state_dict:
+        n_averaged = jnp.asarray(
+            int(_to_numpy(state_dict["n_averaged"])), jnp.asarray(n_averaged).dtype
+        )
+    else:
+        missing.insert(0, "n_averaged")
+    unexpected = [
+        str(k)
+        for k in state_dict
+        if k not in used and not (k in aliases and aliases[k] in used)
+    ]
+    errors = []
+    if mismatched:
+        errors.append("size mismatch: " + "; ".join(mismatched))
+    if strict and missing:
+        errors.append(f"missing key(s): {missing}")
+    if strict and unexpected:
+        hint = ""
+        if swa.buffers is None and any(k.startswith(_SWA_PREFIX) for k in unexpected):
+            hint = (
+                " (torch's state dict holds every buffer of the module: pass the "
+                "model's buffers to averaged_model, or strict=False)"
+            )
+        errors.append(f"unexpected key(s): {unexpected}{hint}")
+    if errors:
+        raise ValueError("load_averaged_model_state_dict: " + "; ".join(errors))
+    return dataclasses.replace(
+        swa, params=params, buffers=buffers, n_averaged=n_averaged
+    )

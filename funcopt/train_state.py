@@ -12,7 +12,7 @@ from jax.tree_util import PyTreeDef
 
 from . import clip as _clip
 from ._core import Optimizer
-from ._tree import PyTree, is_trainable
+from ._tree import PyTree, check_params, is_trainable
 
 
 @jax.tree_util.register_dataclass
@@ -54,7 +54,12 @@ class TrainState:
 
     @classmethod
     def create(cls, params: PyTree, opt: Optimizer) -> TrainState:
-        """A fresh state: no gradients yet (torch's `p.grad is None`)."""
+        """A fresh state: no gradients yet (torch's `p.grad is None`).
+
+        Python float leaves of `params` become arrays, as the optimizer
+        returns them (see [`funcopt.Optimizer`][funcopt.Optimizer]).
+        """
+        params = check_params(params)
         return cls(
             params=params,
             grads=_zero_grads(params),

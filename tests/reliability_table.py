@@ -65,6 +65,33 @@ def _lbfgs(state=None, fn=None):
     return lambda: opt.step(P, opt.init(P) if state is None else state, fn)
 
 
+def _inject(jit=False):
+    import optax
+
+    init = optax.inject_hyperparams(fo.adam)(lr=1e-2).init
+    return (jax.jit(init) if jit else init)(SPARSE)  # (float leaves: optax's dtype)
+
+
+def _tree_set(jit=False, **values):
+    import optax
+
+    opt = fo.adam()
+    state = optax.tree_utils.tree_set(opt.init(P), **values)
+    return (jax.jit(opt.step) if jit else opt.step)(P, _g(), state)
+
+
+def _torch(tree):
+    import torch
+
+    return jax.tree.map(lambda x: torch.tensor(np.asarray(x)), tree)
+
+
+def _model():
+    import torch
+
+    return torch.nn.Linear(3, 2)
+
+
 def _groups(values):
     return fo.param_groups({"dense": {"kernel": "g", "bias": "g"}, "n": "g"}, values)
 
@@ -333,6 +360,126 @@ ROWS = [
         _step(_g(), fo.master_weights(fo.adam()), fo.adam().init(P)),
         TypeError,
         r"master_weights expects the state made by its init\(\)",
+    ),
+    (
+        "optax.inject_hyperparams(fo.adam): its init",
+        _inject,
+        TypeError,
+        r"optax\.inject_hyperparams\(fo\.adam\) would silently ignore changed "
+        r"hyperparameters, because funcopt keeps them in its own state: build "
+        r"opt = fo\.adam\(\.\.\.\) directly and change them with "
+        r"fo\.set_lr\(state, lr\) or fo\.set_hparam\(state, name, value\)",
+    ),
+    (
+        "optax.inject_hyperparams(fo.adam): its init, under jit",
+        lambda: _inject(jit=True),
+        TypeError,
+        r"optax\.inject_hyperparams\(fo\.adam\) would silently ignore changed ",
+    ),
+    (
+        "optax.tree_utils.tree_set(state, lr=0.05)",
+        lambda: _tree_set(lr=0.05),
+        ValueError,
+        r"Adam state: hyperparameter 'lr' is 0\.05 \(a Python float\), but this "
+        r"state needs a float32\[1\] array, one value per parameter group: set it "
+        r"with fo\.set_hparam\(state, 'lr', 0\.05\) \(or fo\.set_lr\), which "
+        r"keeps that shape and dtype",
+    ),
+    (
+        "optax.tree_utils.tree_set(state, lr=0.05), under jit",
+        lambda: _tree_set(jit=True, lr=0.05),
+        ValueError,
+        r"Adam state: hyperparameter 'lr' is a traced float32\[\] array, but this "
+        r"state needs a float32\[1\] array",
+    ),
+    (
+        "optax.tree_utils.tree_set(state, eps=1e-6)",
+        lambda: _tree_set(eps=1e-6),
+        ValueError,
+        r"Adam state: hyperparameter 'eps' is 1e-06 \(a Python float\), but this "
+        r"state needs a float32\[1\] array",
+    ),
+    (
+        "optax.tree_utils.tree_set(state, betas=(0.8, 0.9))",
+        lambda: _tree_set(betas=(0.8, 0.9)),
+        TypeError,
+        r"Adam state: hyperparameter 'betas' is \(0\.8, 0\.9\) \(a tuple\), but "
+        r"this state needs a float32\[1, 2\] array, one value of shape \(2,\) per "
+        r"parameter group: set it with fo\.set_hparam\(state, 'betas', "
+        r"\(0\.8, 0\.9\)\)",
+    ),
+    (
+        "an integer array as a hyperparameter in the state",
+        lambda: _tree_set(lr=jnp.ones(1, jnp.int32)),
+        TypeError,
+        r"Adam state: hyperparameter 'lr' is an int32\[1\] array \[1\], but this "
+        r"state needs a float32\[1\] array",
+    ),
+    (
+        "torch tensors as params",
+        lambda: fo.adam().init(_torch(P)),
+        TypeError,
+        r"params\['dense'\]\['bias'\] is a torch\.Tensor, which funcopt cannot "
+        r"step: pass JAX arrays, fo\.torch_interop\.module_state_dict_to_params"
+        r"\(dict\(model\.named_parameters\(\)\)\) for a model or "
+        r"jnp\.asarray\(t\.detach\(\)\.cpu\(\)\.numpy\(\)\) for one tensor",
+    ),
+    (
+        "torch tensors as grads",
+        _step(_torch(_g())),
+        TypeError,
+        r"grads\['dense'\]\['bias'\] is a torch\.Tensor: funcopt takes JAX "
+        r"gradients, so compute them with jax\.grad \(or convert one with "
+        r"jnp\.asarray\(t\.detach\(\)\.cpu\(\)\.numpy\(\)\)\)",
+    ),
+    (
+        "opt.init(model.parameters())",
+        lambda: fo.adam().init(_model().parameters()),
+        TypeError,
+        r"params is a generator \(an iterator, such as model\.parameters\(\)\), "
+        r"which funcopt cannot step: pass a pytree of JAX arrays, e\.g\. "
+        r"fo\.torch_interop\.module_state_dict_to_params",
+    ),
+    (
+        "opt.init(list(model.parameters()))",
+        lambda: fo.adam().init(list(_model().parameters())),
+        TypeError,
+        r"params\[0\] is a torch\.nn\.Parameter, which funcopt cannot step",
+    ),
+    (
+        "opt.init(model)",
+        lambda: fo.adam().init(_model()),
+        TypeError,
+        r"params is a torch\.nn\.Module, which funcopt cannot step: pass its "
+        r"parameters as JAX arrays, fo\.torch_interop\.module_state_dict_to_params",
+    ),
+    (
+        "fo.adam(params) (torch's constructor)",
+        lambda: fo.adam(P),
+        TypeError,
+        r"fo\.adam\(\) got a dict as its first argument \(lr\): funcopt optimizers "
+        r"do not take the parameters, so build opt = fo\.adam\(lr=\.\.\.\) and "
+        r"make the state with opt\.init\(params\)",
+    ),
+    (
+        "fo.adam(params, lr=1e-3)",
+        lambda: fo.adam(P, lr=1e-3),
+        TypeError,
+        r"fo\.adam\(\) got a dict as its first argument \(lr\): funcopt optimizers "
+        r"do not take the parameters",
+    ),
+    (
+        "fo.adam(model.parameters())",
+        lambda: fo.adam(_model().parameters()),
+        TypeError,
+        r"fo\.adam\(\) got a generator as its first argument \(lr\)",
+    ),
+    (
+        "fo.adam(learning_rate=1e-3) (optax's name)",
+        lambda: fo.adam(learning_rate=1e-3),
+        TypeError,
+        r"fo\.adam\(\) got learning_rate=0\.001, optax's name: funcopt keeps "
+        r"torch's argument names, so pass lr=0\.001",
     ),
     (
         "set_lr with too many values",

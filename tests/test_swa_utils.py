@@ -273,3 +273,211 @@ def test_swalr_reexport():
     from funcopt.lr_scheduler import swalr
 
     assert swa_utils.swalr is swalr
+
+
+# --------------------------------------------------------------------------
+# AveragedModel.state_dict() both ways (funcopt.torch_interop)
+# --------------------------------------------------------------------------
+
+KINDS = {
+    "swa": (lambda: {}, lambda: {}),
+    "ema": (
+        lambda: {"multi_avg_fn": swa_utils.get_ema_multi_avg_fn(0.8)},
+        lambda: {"multi_avg_fn": torch.optim.swa_utils.get_ema_multi_avg_fn(0.8)},
+    ),
+}
+
+
+def named_trees(model):
+    """params and buffers as nested OrderedDicts named like the model's."""
+    from funcopt import torch_interop as fti
+
+    return (
+        fti.module_state_dict_to_params(dict(model.named_parameters())),
+        fti.module_state_dict_to_params(dict(model.named_buffers())),
+    )
+
+
+def assert_same(torch_swa, ours, rtol=1e-12, atol=1e-14):
+    from funcopt import torch_interop as fti
+
+    theirs = torch_swa.state_dict()
+    exported = fti.averaged_model_state_dict(ours)
+    assert set(exported) == set(theirs) and next(iter(exported)) == "n_averaged"
+    for key, value in theirs.items():
+        got = exported[key]
+        assert got.dtype == value.dtype and got.shape == value.shape, key
+        if value.is_floating_point():
+            np.testing.assert_allclose(got, value, rtol=rtol, atol=atol, err_msg=key)
+        else:
+            assert torch.equal(got, value), key
+
+
+def side_by_side(torch_swa, ours, model, rng, updates, jit=True):
+    update = lambda s, p, b: s.update_parameters(p, b)  # noqa: E731
+    update = jax.jit(update) if jit else update
+    for _ in range(updates):
+        train_a_bit(model, rng, np.float64)
+        torch_swa.update_parameters(model)
+        ours = update(ours, *named_trees(model))
+    return ours
+
+
+@pytest.mark.parametrize("use_buffers", [False, True], ids=["params", "buffers"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_averaged_model_state_dict_round_trips(kind, use_buffers, x64):
+    """Side by side with torch; export -> a fresh torch AveragedModel loads it
+    and goes on; torch's dict -> import into a fresh funcopt one and go on."""
+    from funcopt import torch_interop as fti
+
+    ours_kw, torch_kw = KINDS[kind]
+    rng = np.random.default_rng(0)
+    model = make_model(np.float64)
+    torch_swa = torch.optim.swa_utils.AveragedModel(
+        model, use_buffers=use_buffers, **torch_kw()
+    )
+    ours = swa_utils.averaged_model(
+        *named_trees(model), use_buffers=use_buffers, **ours_kw()
+    )
+    ours = side_by_side(torch_swa, ours, model, rng, 3)
+    assert_same(torch_swa, ours)
+    assert int(torch_swa.n_averaged) == 3
+
+    # funcopt -> torch: a torch AveragedModel of another model loads the
+    # export (strict) and continues as torch_swa does
+    other = make_model(np.float64, seed=1)
+    loaded = torch.optim.swa_utils.AveragedModel(
+        other, use_buffers=use_buffers, **torch_kw()
+    )
+    exported = fti.averaged_model_state_dict(ours)
+    loaded.load_state_dict(exported)
+    # torch -> funcopt: a fresh averaged model of the other model takes torch's
+    like = swa_utils.averaged_model(
+        *named_trees(other), use_buffers=use_buffers, **ours_kw()
+    )
+    imported = fti.load_averaged_model_state_dict(like, torch_swa.state_dict())
+    assert int(imported.n_averaged) == 3 and imported.n_averaged.dtype == jnp.int32
+    assert_same(torch_swa, imported, rtol=0, atol=0)  # exact copies
+
+    update = jax.jit(lambda s, p, b: s.update_parameters(p, b))
+    for _ in range(3):
+        train_a_bit(model, rng, np.float64)
+        torch_swa.update_parameters(model)
+        loaded.update_parameters(model)
+        ours = update(ours, *named_trees(model))
+        imported = update(imported, *named_trees(model))
+    for swa in (ours, imported):
+        assert_same(torch_swa, swa)
+        assert_same(loaded, swa)
+    # the three more updates moved the averages: the continuations are compared,
+    # not copies of the exported state
+    after = fti.averaged_model_state_dict(ours)
+    assert not np.allclose(after["module.0.weight"], exported["module.0.weight"])
+    assert int(after["n_averaged"]) == 6
+
+
+def test_averaged_model_state_dict_before_any_update(x64):
+    """n_averaged = 0: torch's first update copies; so does the imported one."""
+    from funcopt import torch_interop as fti
+
+    rng = np.random.default_rng(1)
+    model = make_model(np.float64)
+    torch_swa = torch.optim.swa_utils.AveragedModel(model)
+    like = swa_utils.averaged_model(*named_trees(make_model(np.float64, seed=3)))
+    ours = fti.load_averaged_model_state_dict(like, torch_swa.state_dict())
+    assert int(ours.n_averaged) == 0
+    ours = side_by_side(torch_swa, ours, model, rng, 2)
+    assert_same(torch_swa, ours)
+
+
+def test_averaged_model_state_dict_names_for_lists(x64):
+    """Trees that are lists (parameters()/buffers() order) take explicit names."""
+    from funcopt import torch_interop as fti
+
+    rng = np.random.default_rng(2)
+    model = make_model(np.float64)
+    torch_swa = torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.8)
+    )
+    params, buffers = as_trees(model)
+    ours = swa_utils.averaged_model(
+        params, buffers, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(0.8)
+    )
+    names = {
+        "param_names": [n for n, _ in model.named_parameters()],
+        "buffer_names": [n for n, _ in model.named_buffers()],
+    }
+    for _ in range(2):
+        train_a_bit(model, rng, np.float64)
+        torch_swa.update_parameters(model)
+        ours = ours.update_parameters(*as_trees(model))
+    sd = fti.averaged_model_state_dict(ours, **names)
+    assert set(sd) == set(torch_swa.state_dict())
+    back = fti.load_averaged_model_state_dict(ours, torch_swa.state_dict(), **names)
+    for a, e in zip(back.params, torch_swa.module.parameters()):
+        np.testing.assert_array_equal(a, e.detach().numpy())
+    with pytest.raises(ValueError, match="2 names for the 6 leaves"):
+        fti.averaged_model_state_dict(ours, param_names=["a", "b"])
+
+
+def test_load_averaged_model_state_dict_errors(x64):
+    from funcopt import torch_interop as fti
+
+    model = make_model(np.float64)
+    sd = torch.optim.swa_utils.AveragedModel(model).state_dict()
+    params, buffers = named_trees(model)
+    # built without buffers: torch's dict has them
+    with pytest.raises(
+        ValueError, match="unexpected key.*module.1.running_mean.*buffers"
+    ):
+        fti.load_averaged_model_state_dict(swa_utils.averaged_model(params), sd)
+    loaded = fti.load_averaged_model_state_dict(
+        swa_utils.averaged_model(params), sd, strict=False
+    )
+    assert loaded.buffers is None
+    # a key missing, and a shape that does not fit
+    like = swa_utils.averaged_model(params, buffers)
+    partial = {k: v for k, v in sd.items() if k != "module.2.bias"}
+    with pytest.raises(ValueError, match=r"missing key\(s\): \['module.2.bias'\]"):
+        fti.load_averaged_model_state_dict(like, partial)
+    bad = dict(sd, **{"module.2.bias": torch.zeros(5, dtype=torch.float64)})
+    with pytest.raises(ValueError, match=r"module.2.bias: shape \(5,\)"):
+        fti.load_averaged_model_state_dict(like, bad, strict=False)
+    with pytest.raises(TypeError, match="AveragedModel"):
+        fti.averaged_model_state_dict(params)
+    # a tree whose names collide between params and buffers
+    with pytest.raises(ValueError, match="used twice"):
+        fti.averaged_model_state_dict(
+            swa_utils.averaged_model({"a": jnp.ones(1)}, {"a": jnp.ones(1)})
+        )
+
+
+def test_averaged_model_state_dict_tied_weights(x64):
+    """A head tied to the embedding: one leaf, both names in torch's dict."""
+    from funcopt import torch_interop as fti
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(5, 3), torch.nn.Linear(3, 5, bias=False)
+    )
+    model[1].weight = model[0].weight
+    model = model.double()
+    torch_swa = torch.optim.swa_utils.AveragedModel(model)
+    tied = fti.tied_names(model.state_dict())
+    assert tied == {"1.weight": "0.weight"}
+    params = fti.module_state_dict_to_params(dict(model.named_parameters()))
+    ours = swa_utils.averaged_model(params)
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)
+    torch_swa.update_parameters(model)
+    torch_swa.update_parameters(model)
+    params = fti.module_state_dict_to_params(dict(model.named_parameters()))
+    ours = ours.update_parameters(params).update_parameters(params)
+    sd = fti.averaged_model_state_dict(ours, tied=tied)
+    assert set(sd) == set(torch_swa.state_dict())
+    fresh = torch.optim.swa_utils.AveragedModel(model)
+    fresh.load_state_dict(sd)  # strict
+    back = fti.load_averaged_model_state_dict(ours, torch_swa.state_dict())
+    np.testing.assert_array_equal(
+        back.params["0"]["weight"], torch_swa.module[0].weight.detach().numpy()
+    )

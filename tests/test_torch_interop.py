@@ -218,7 +218,7 @@ def test_sparse_adam_round_trip(x64):
     raw = sparse_case._params(rng, np.float64)
     seq = sparse_case._gradients(rng, raw, np.float64, pad=True)[: 2 * K]
     params = jax.tree.map(jnp.asarray, raw)
-    names = ["bias", "emb", "mat"]
+    names = ["bias", "emb", "mat", "scalar"]
     kwargs = dict(lr=0.05, betas=(0.8, 0.95), eps=1e-6)
     opt = fo.sparse_adam(**kwargs)
 

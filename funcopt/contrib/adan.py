@@ -80,6 +80,7 @@ def _prepare(hparams, stats, *, max_grad_norm, eps):
     return GroupStep(new, new, global_grad_scale(stats, max_grad_norm, eps))
 
 
+@_validate.optimizer_factory
 def adan(
     lr: float = 1e-3,
     betas: tuple[float, float, float] = (0.98, 0.92, 0.99),

@@ -142,6 +142,7 @@ def _prepare(hparams, stats, *, pre_norm, max_grad_norm, eps):
     return GroupStep(new, new, scale)
 
 
+@_validate.optimizer_factory
 def lamb(
     lr: float = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),

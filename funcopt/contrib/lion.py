@@ -43,6 +43,7 @@ def _lion_rule(param, grad, slots, step, hparams, options, *, init_lr, decoupled
     return param, {"exp_avg": exp_avg}
 
 
+@_validate.optimizer_factory
 def lion(
     lr: float = 1e-4,
     betas: tuple[float, float] = (0.9, 0.99),

@@ -239,6 +239,7 @@ def _prodigy_rule(param, grad, slots, step, hparams, options, *, decouple):
     return jnp.where(skip, param, new_p), new_slots
 
 
+@_validate.optimizer_factory
 def prodigy(
     lr: float = 1.0,
     betas: tuple[float, float] = (0.9, 0.999),

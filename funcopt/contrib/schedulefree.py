@@ -176,6 +176,7 @@ def schedulefree_train_params(opt: Optimizer, params, state):
     return opt.train_params(params, state)
 
 
+@_validate.optimizer_factory
 def adamw_schedule_free(
     lr: float = 0.0025,
     betas: tuple[float, float] = (0.9, 0.999),
@@ -237,6 +238,7 @@ def adamw_schedule_free(
     return _attach_switch(opt, lambda hparams, g: hparams["betas"][g, 0])
 
 
+@_validate.optimizer_factory
 def sgd_schedule_free(
     lr: float = 1.0,
     momentum: float = 0.9,

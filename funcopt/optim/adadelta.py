@@ -63,6 +63,7 @@ def _adadelta_delta(param, grad, square_avg, acc_delta, hparams, options):
     return tensor_op(jnp.multiply, tensor_op(jnp.divide, delta, std), grad)
 
 
+@_validate.optimizer_factory
 def adadelta(
     lr: float = 1.0,
     rho: float = 0.9,

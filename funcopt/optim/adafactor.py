@@ -102,6 +102,7 @@ def _complex_error(paths, indices):
     return RuntimeError("Adafactor does not support complex parameters")
 
 
+@_validate.optimizer_factory
 def adafactor(
     lr: float = 1e-2,
     beta2_decay: float = -0.8,

@@ -49,6 +49,7 @@ def _adagrad_rule(param, grad, slots, step, hparams, options):
     return addcdiv(param, d_p, std, -clr), {"sum": state_sum}
 
 
+@_validate.optimizer_factory
 def adagrad(
     lr: float = 1e-2,
     lr_decay: float = 0,

@@ -53,6 +53,7 @@ def _adam_rule(param, grad, slots, step, hparams, options):
     return addcdiv(param, exp_avg, denom, -step_size), new_slots
 
 
+@_validate.optimizer_factory
 def adam(
     lr: float = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),
@@ -117,6 +118,7 @@ def adam(
     return opt
 
 
+@_validate.optimizer_factory
 def adamw(
     lr: float = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),

@@ -30,6 +30,7 @@ def _adamax_rule(param, grad, slots, step, hparams, options):
     return new_param, {"exp_avg": exp_avg, "exp_inf": exp_inf}
 
 
+@_validate.optimizer_factory
 def adamax(
     lr: float = 2e-3,
     betas: tuple[float, float] = (0.9, 0.999),

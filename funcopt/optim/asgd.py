@@ -51,6 +51,7 @@ def _asgd_rule(param, grad, slots, step, hparams, options):
     return param, {"eta": new_eta, "mu": new_mu, "ax": ax}
 
 
+@_validate.optimizer_factory
 def asgd(
     lr: float = 1e-2,
     lambd: float = 1e-4,

@@ -30,7 +30,7 @@ import optax
 from .. import _groups, _validate
 from .._core import _as_complex, _as_real
 from .._math import widest_float
-from .._tree import PyTree, flatten_grads, is_trainable
+from .._tree import PyTree, check_params, flatten_grads, is_trainable
 
 _NO_GROUPS = "LBFGS doesn't support per-parameter options (parameter groups)"
 _ONLY_STRONG_WOLFE = "only 'strong_wolfe' is supported"
@@ -107,6 +107,7 @@ class LBFGS(optax.GradientTransformationExtraArgs):
         return f"funcopt.lbfgs({args})"
 
 
+@_validate.optimizer_factory
 def lbfgs(
     lr: float = 1,
     max_iter: int = 20,
@@ -324,6 +325,7 @@ def _max_abs(x: jax.Array) -> jax.Array:
 
 
 def _init(defaults, param_groups, params) -> LBFGSState:
+    params = check_params(params)
     group = _group(defaults, param_groups, params)
     layout = _flat_layout(jax.tree.leaves(params))
     n, h = layout.size, int(group["history_size"])
@@ -359,6 +361,9 @@ def _check_state(state, layout: _Flat, group) -> None:
             f"this LBFGS state holds a history of shape {tuple(state.old_dirs.shape)}"
             f"; params and history_size need {expected}"
         )
+    _validate.check_state_hparams(
+        "LBFGS", state.hparams, {k: (1,) for k in _HYPERPARAMS}
+    )
     for name in ("d", "prev_flat_grad", "old_dirs", "old_stps", "ro", "H_diag"):
         x = getattr(state, name)
         dtype = getattr(x, "dtype", None)
@@ -659,6 +664,7 @@ class _Loop(NamedTuple):
 
 
 def _step(defaults, param_groups, params, state, value_and_grad_fn, first=None):
+    params = check_params(params)
     group = _group(defaults, param_groups, params)
     leaves, treedef = jax.tree.flatten(params)
     layout = _flat_layout(leaves)
@@ -876,6 +882,7 @@ def _update(defaults, param_groups, updates, state, params=None, **extra):
             "funcopt.lbfgs's update() needs params: call "
             "update(grads, state, params, value_fn=loss_fn)"
         )
+    params = check_params(params)
     value = extra.get("value")
     if value is None:
         value = value_fn(params)

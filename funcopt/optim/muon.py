@@ -139,6 +139,7 @@ def _complex_error(paths, indices):
     return RuntimeError("Muon does not support complex parameters")
 
 
+@_validate.optimizer_factory
 def muon(
     lr: float = 1e-3,
     weight_decay: float = 0.1,

@@ -54,6 +54,7 @@ def _nadam_rule(param, grad, slots, step, hparams, options):
     return param, {"mu_product": mu_product, **moments}
 
 
+@_validate.optimizer_factory
 def nadam(
     lr: float = 2e-3,
     betas: tuple[float, float] = (0.9, 0.999),

@@ -48,6 +48,7 @@ def _radam_rule(param, grad, slots, step, hparams, options):
     return new_param, moments
 
 
+@_validate.optimizer_factory
 def radam(
     lr: float = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),

@@ -71,6 +71,7 @@ def _rmsprop_rule(param, grad, slots, step, hparams, options):
     return new_param, {**new_slots, "momentum_buffer": buf}
 
 
+@_validate.optimizer_factory
 def rmsprop(
     lr: float = 1e-2,
     alpha: float = 0.99,

@@ -51,6 +51,7 @@ def _rprop_rule(param, grad, slots, step, hparams, options):
     return new_param, {"prev": grad, "step_size": step_size}
 
 
+@_validate.optimizer_factory
 def rprop(
     lr: float = 1e-2,
     etas: tuple[float, float] = (0.5, 1.2),

@@ -51,6 +51,7 @@ def _sgd_rule(param, grad, slots, step, hparams, options):
     return add(param, d_p, -lr), {"momentum_buffer": buf}
 
 
+@_validate.optimizer_factory
 def sgd(
     lr: float = 1e-3,
     momentum: float = 0,

@@ -498,9 +498,17 @@ def _check_dense(definition: _Definition, params: PyTree, grad_leaves: list) -> 
     for i, g in enumerate(grad_leaves):
         if isinstance(g, jsparse.BCOO):
             raise RuntimeError(
-                f"params{leaf_paths(params)[i]}: {definition.name} does not "
-                "support sparse gradients"
+                f"params{leaf_paths(params)[i]}: {_sparse_message(definition.name)}"
             )
+
+
+def _sparse_message(name: str) -> str:
+    """torch's message for a sparse gradient; AdamW shares Adam's."""
+    if name in ("Adam", "AdamW"):
+        return (
+            "Adam does not support sparse gradients, please consider SparseAdam instead"
+        )
+    return f"{name} does not support sparse gradients"
 
 
 def _apply(definition, params, grads, state, has_grad):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import PyTreeDef
 
-from . import _core, _groups, _validate
+from . import _core, _groups
 from ._tree import PyTree, is_trainable
 from .optim.lbfgs import _NO_GROUPS, LBFGS
 
@@ -129,7 +129,14 @@ def add_param_group(
         new_treedef.unflatten([name] * len(new_leaves)),
     )
     group = {k: v for k, v in overrides.items()}
-    _check_overrides(definition, name, group)
+    _core.check_group_overrides(
+        definition.name,
+        definition.hyperparams,
+        definition.options,
+        definition.validate,
+        name,
+        group,
+    )
     groups = _groups.param_groups(labels, {**overrides_before, name: group})
     _, new_groups = _core._numeric_hyperparams(dict(definition.hyperparams), groups)
     new_definition = dataclasses.replace(definition, groups=new_groups)
@@ -155,25 +162,6 @@ def _check_name(name: Any, existing: Mapping[str, Any]) -> None:
             f"(groups: {groups}; 'default' is the optimizer's own). torch's "
             "add_param_group always appends a new group: give it a new name"
         )
-
-
-def _check_overrides(
-    definition: _core._Definition, name: str, values: dict[str, Any]
-) -> None:
-    """The checks `make_optimizer` runs on a group's overrides."""
-    known = {*definition.hyperparams, *definition.options}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(
-            f"param group {name!r}: {definition.name} has no hyperparameter "
-            f"{unknown[0]!r}; known: {sorted(known)}"
-        )
-    _validate.check_not_traced(f"{definition.name} param group {name!r}", values)
-    if definition.validate is not None:
-        with _validate.torch_semantics(definition.name, values):
-            definition.validate(
-                {**definition.hyperparams, **definition.options, **values}
-            )
 
 
 def _merge(old: Any, new: Any) -> Any:

@@ -186,18 +186,8 @@ def make_optimizer(
         with _validate.torch_semantics(name, hyperparams):
             validate({**hyperparams, **options})
     if param_groups is not None:
-        known = {*hyperparams, *options}
         for group, values in param_groups.overrides.items():
-            unknown = sorted(set(values) - known)
-            if unknown:
-                raise ValueError(
-                    f"param group {group!r}: {name} has no hyperparameter "
-                    f"{unknown[0]!r}; known: {sorted(known)}"
-                )
-            _validate.check_not_traced(f"{name} param group {group!r}", values)
-            if validate is not None:
-                with _validate.torch_semantics(name, values):
-                    validate({**hyperparams, **options, **values})
+            check_group_overrides(name, hyperparams, options, validate, group, values)
     defaults = {**hyperparams, **options, **dict(extra_defaults or {})}
     hyperparams, param_groups = _numeric_hyperparams(hyperparams, param_groups)
     definition = _Definition(
@@ -256,6 +246,29 @@ def _check_hyperparams(definition: _Definition) -> None:
                     f"{where}: {key} has shape {shape}; {name}'s {key} has "
                     f"shape {expected}"
                 )
+
+
+def check_group_overrides(
+    name: str,
+    hyperparams: Mapping[str, Any],
+    options: Mapping[str, Any],
+    validate: Callable[[Mapping[str, Any]], None] | None,
+    group: str,
+    values: Mapping[str, Any],
+) -> None:
+    """The constructor's checks of one group's overrides: known names, no
+    tracers, and `validate` (torch's checks) on the group's full values."""
+    known = {*hyperparams, *options}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"param group {group!r}: {name} has no hyperparameter "
+            f"{unknown[0]!r}; known: {sorted(known)}"
+        )
+    _validate.check_not_traced(f"{name} param group {group!r}", values)
+    if validate is not None:
+        with _validate.torch_semantics(name, values):
+            validate({**hyperparams, **options, **values})
 
 
 def build_optimizer(definition: _Definition, defaults: Mapping[str, Any]) -> Optimizer:

@@ -48,6 +48,12 @@ SlotsInit = Callable[[jax.Array, Mapping[str, Any]], dict[str, jax.Array]]
 # complex_error(paths, torch_indices) -> the exception to raise; torch_indices
 # are torch's ``[group index, index within the group]`` of each complex leaf
 ComplexError = Callable[[list[str], list[list[int]]], Exception]
+# check_params(params, torch_index) raises torch's error for parameters the
+# optimizer refuses; torch_index(i) is torch's ``[group, index]`` of leaf i
+ParamsCheck = Callable[[PyTree, Callable[[int], list[int]]], None]
+# sparse_check(group) raises torch's error for a sparse gradient in a group
+# with these values (e.g. Adagrad's weight_decay)
+SparseCheck = Callable[[Mapping[str, Any]], None]
 
 
 class OptState(NamedTuple):
@@ -117,6 +123,8 @@ class _Definition:
     elementwise: bool = False
     # make_optimizer's `validate`, kept for groups added later (add_param_group)
     validate: Callable[[Mapping[str, Any]], None] | None = None
+    check_params: ParamsCheck | None = None
+    sparse_check: SparseCheck | None = None
     # (shape, dtype, group name) -> {slot: (shape, dtype)}, see _check_slots
     slot_specs: dict = dataclasses.field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -147,6 +155,8 @@ def make_optimizer(
     sparse_grads: bool = False,
     complex_error: ComplexError | None = None,
     elementwise: bool = False,
+    check_params: ParamsCheck | None = None,
+    sparse_check: SparseCheck | None = None,
 ) -> Optimizer:
     """Lift a per-array update `rule` to a pytree [`Optimizer`][funcopt.Optimizer].
 
@@ -177,6 +187,16 @@ def make_optimizer(
         as arrays broadcastable to the param: `step` shaped `[rows, 1]`,
         0-dim buffers likewise). Such rules can run on many leaves packed
         into one buffer ([`funcopt.flat`][funcopt.flat], the multi-tensor path).
+      check_params: `check_params(params, torch_index)`, run by `init` and
+        `step` before any other check of the leaves, raises torch's error
+        for parameters the optimizer refuses (SparseAdam's sparse ones);
+        `torch_index(i)` is torch's `[group, index]` of leaf `i` (in
+        flattening order).
+      sparse_check: with `sparse_grads`, `sparse_check(group)` raises
+        torch's error for a BCOO gradient in a group with these values
+        (e.g. Adagrad's `weight_decay != 0`), the message prefixed with the
+        leaf's path. Numeric values are the state's where they are concrete,
+        the constructor's under `jit`.
     """
     options = dict(options or {})
     hyperparams = dict(hyperparams)
@@ -202,6 +222,8 @@ def make_optimizer(
         complex_error,
         elementwise,
         validate,
+        check_params,
+        sparse_check,
     )
     return build_optimizer(definition, defaults)
 
@@ -299,6 +321,25 @@ def build_optimizer(definition: _Definition, defaults: Mapping[str, Any]) -> Opt
 # --------------------------------------------------------------------------
 
 
+def _torch_index(definition: _Definition, params: PyTree) -> Callable[[int], list[int]]:
+    """`torch_index(i)`: torch's `[group index, index within the group]` of
+    trainable leaf `i` (torch numbers each group's params in order)."""
+    _, group_of = _groups.resolve(definition.groups, params)
+    seen: dict[int, int] = {}
+    index = {}
+    for i, g in enumerate(group_of):
+        if g is not None:
+            index[i] = [g, seen.get(g, 0)]
+            seen[g] = seen.get(g, 0) + 1
+    return index.__getitem__
+
+
+def _check_params_hook(definition: _Definition, params: PyTree) -> None:
+    if definition.check_params is not None:
+        # torch's indices are needed only for the error: resolved on demand
+        definition.check_params(params, lambda i: _torch_index(definition, params)(i))
+
+
 def _check_complex(definition: _Definition, params: PyTree) -> None:
     if definition.supports_complex:
         return
@@ -315,15 +356,8 @@ def _check_complex(definition: _Definition, params: PyTree) -> None:
         raise TypeError(
             f"params{paths[0]}: {definition.name} does not support complex parameters"
         )
-    # torch's [group index, index within the group] of each complex leaf
-    names, group_of = _groups.resolve(definition.groups, params)
-    seen = [0] * len(names)
-    index = {}
-    for i, g in enumerate(group_of):
-        if g is not None:
-            index[i] = [g, seen[g]]
-            seen[g] += 1
-    raise definition.complex_error(paths, [index[i] for i in bad])
+    torch_index = _torch_index(definition, params)
+    raise definition.complex_error(paths, [torch_index(i) for i in bad])
 
 
 def _init(definition: _Definition, params: PyTree) -> OptState:
@@ -331,6 +365,7 @@ def _init(definition: _Definition, params: PyTree) -> OptState:
     if isinstance(params, _multi_tensor.FlatParams):
         return _multi_tensor.init_flat(definition, params)
     params = check_params(params)
+    _check_params_hook(definition, params)
     _check_complex(definition, params)
     treedef: PyTreeDef
     leaves, treedef = jax.tree.flatten(params)
@@ -487,12 +522,14 @@ def check_step(definition: _Definition, params: PyTree, grads: PyTree, state: An
     Returns `(leaves, grad_leaves, names, group_of, slot_leaves)`.
     """
     params = check_params(params)
+    _check_params_hook(definition, params)
     _check_complex(definition, params)
     leaves, grad_leaves = flatten_grads(params, grads)
     if not definition.sparse_grads:
         _check_dense(definition, params, grad_leaves)
     names, group_of = _groups.resolve(definition.groups, params)
     _check_state(definition, state, len(leaves), len(names), params)
+    _check_sparse(definition, params, grad_leaves, names, group_of, state)
     slot_leaves = _check_slots(definition, params, leaves, names, group_of, state)
     return leaves, grad_leaves, names, group_of, slot_leaves
 
@@ -513,6 +550,30 @@ def _check_dense(definition: _Definition, params: PyTree, grad_leaves: list) -> 
             raise RuntimeError(
                 f"params{leaf_paths(params)[i]}: {_sparse_message(definition.name)}"
             )
+
+
+def _check_sparse(
+    definition: _Definition,
+    params: PyTree,
+    grad_leaves: list,
+    names: list[str],
+    group_of: list[int | None],
+    state: OptState,
+) -> None:
+    """`definition.sparse_check` on the group of every BCOO gradient."""
+    if definition.sparse_check is None:
+        return
+    for i, (g, group) in enumerate(zip(grad_leaves, group_of)):
+        if not isinstance(g, jsparse.BCOO) or group is None:
+            continue
+        values = definition.group_values(names[group])
+        for k, v in state.hparams.items():
+            if not isinstance(v, jax.core.Tracer):
+                values[k] = np.asarray(v[group])
+        try:
+            definition.sparse_check(values)
+        except Exception as e:
+            raise type(e)(f"params{leaf_paths(params)[i]}: {e}") from None
 
 
 def _sparse_message(name: str) -> str:
@@ -541,8 +602,10 @@ def _apply(definition, params, grads, state, has_grad):
     # many leaves packed into one kernel per (group, dtype) where it pays
     packed = {}
     if definition.elementwise:
+        # sparse (BCOO) gradients take the per-leaf path
+        dense_grads = [None if isinstance(g, jsparse.BCOO) else g for g in grad_leaves]
         packed = _multi_tensor.apply_tree(
-            definition, leaves, grad_leaves, group_of, slot_leaves, state, options, mask
+            definition, leaves, dense_grads, group_of, slot_leaves, state, options, mask
         )
     # each leaf reads its step count and its group's hyperparameters at
     # runtime indices, so that same-shaped leaves share one compiled kernel

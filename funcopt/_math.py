@@ -1,4 +1,4 @@
-"""Numerics shared by the update rules, in torch's rounding.
+r"""Numerics shared by the update rules, in torch's rounding.
 
 torch does its per-step scalar math (bias corrections, step sizes, `1 - beta`)
 in Python floats, i.e. float64, and casts the result to the tensor's dtype only
@@ -32,9 +32,25 @@ takes it, and round once at the end. Measured against torch 2.13 on CPU
   [`torch_cpu_block`][funcopt.precision.torch_cpu_block] (32 unless set);
   `funcopt.torch_interop.measure_torch_cpu_block()` measures it.
 
-For float32 and float64 every helper is the expression funcopt always used:
-the dtype checks run at trace time, so those paths compile to the same
-program as before.
+**float32 parameters with x64 enabled.** torch's float32 CPU kernels round
+every op once in float32, and those that multiply and add (`add(alpha=)`,
+`addcmul`, `lerp`) use a fused multiply-add, in the vectorised loop and in its
+scalar tail alike (x86 AVX2/AVX-512 builds; `ATEN_CPU_CAPABILITY=default`,
+i.e. [`torch_cpu_block`][funcopt.precision.torch_cpu_block] `None`, rounds the
+product first). XLA's CPU backend lets LLVM contract any multiply feeding an
+add into an FMA, which rounds some of torch's ops once too few. So with x64
+each helper computes a float32 op in float64 on operands read through their
+bits (`_wide32`, which no compiler can take for a float32 value and narrow
+back), and rounds once to float32: $+, -, \times, \div, \sqrt{}$ of float32
+values rounded through float64 are correctly rounded (53 >= 2*24 + 2), and a
+multiply-add is rounded to odd in float64 first (`_fma32`). The results are
+torch's bits whatever XLA fuses, so eager and jitted steps agree too.
+Without x64 the float32 helpers are the plain float32 expressions (XLA's
+contraction decides; see `benchmarks/results/float32_bits.md`).
+
+For float64 (and float32 without x64) every helper is the expression funcopt
+always used: the dtype checks run at trace time, so those paths compile to the
+same program as before.
 """
 
 from __future__ import annotations
@@ -62,7 +78,8 @@ def torch_cpu_block() -> int | None:
 
     32 (the default) is torch on x86 with AVX2 or AVX-512; `None` is a
     torch without a vectorised loop (`ATEN_CPU_CAPABILITY=default`), where
-    every element takes the scalar loop. Only 16-bit parameters see it.
+    every element takes the scalar loop. 16-bit parameters see it, and
+    float32 ones with x64 (`None`: torch rounds a product before adding it).
     """
     return _torch_cpu["block"]
 
@@ -90,6 +107,87 @@ def widest_float() -> jnp.dtype:
 def is_reduced(x) -> bool:
     """Whether `x` is bfloat16 or float16 (decided at trace time)."""
     return jnp.dtype(x.dtype) in _REDUCED
+
+
+def _exact32(x) -> bool:
+    """Whether `x` is float32 and x64 is on: torch's float32 ops mirrored
+    one by one through float64 (decided at trace time)."""
+    return jnp.dtype(x.dtype) == jnp.float32 and widest_float() == jnp.float64
+
+
+@jax.custom_jvp
+def _wide32(x: jax.Array) -> jax.Array:
+    """A float32 array as float64, exactly, through integer ops.
+
+    A `convert` would let LLVM narrow float64 arithmetic on it back to float32
+    ops (exact for one op, but then free to fuse a product into the next add);
+    built from the bits, the value is opaque to it.
+    """
+    u64 = jnp.uint64
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32).astype(u64)
+    sign = (bits >> u64(31)) << u64(63)
+    exp = (bits >> u64(23)) & u64(0xFF)
+    mant = bits & u64(0x7FFFFF)
+    # normal, inf and NaN: rebias the exponent (127 -> 1023), widen the mantissa
+    wide_exp = jnp.where(exp == u64(0xFF), u64(0x7FF), exp + u64(896))
+    normal = jax.lax.bitcast_convert_type(
+        sign | (wide_exp << u64(52)) | (mant << u64(29)), jnp.float64
+    )
+    # zero and subnormal: mant * 2**-149, exact
+    tiny = mant.astype(jnp.float64) * jnp.float64(2.0**-149)
+    tiny = jnp.where(sign != u64(0), -tiny, tiny)
+    return jnp.where(exp == u64(0), tiny, normal)
+
+
+@_wide32.defjvp
+def _wide32_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return _wide32(x), t.astype(jnp.float64)
+
+
+def _narrow32(y: jax.Array) -> jax.Array:
+    """A float32 op's float64 result rounded once, read back as float64."""
+    return _wide32(y.astype(jnp.float32))
+
+
+@jax.custom_jvp
+def _fma32_exact(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
+    """`fmaf(a, b, c)` of float32 values held in float64: one rounding.
+
+    `a*b` is exact in float64; the sum is rounded to odd (round to nearest,
+    then to the odd neighbour where inexact, from the error of the sum), so
+    that rounding it to float32 is the correctly rounded fused result.
+    """
+    p = a * b
+    s = p + c
+    # the rounding error of s = p + c, exactly (Knuth's TwoSum)
+    pp = s - c
+    cc = s - pp
+    err = (p - pp) + (c - cc)
+    bits = jax.lax.bitcast_convert_type(s, jnp.int64)
+    inexact = (err != 0) & ((bits & 1) == 0) & jnp.isfinite(s)
+    # one ulp towards the exact value
+    toward = jnp.where((err > 0) == (s > 0), jnp.int64(1), jnp.int64(-1))
+    odd = jax.lax.bitcast_convert_type(
+        jnp.where(inexact, bits + toward, bits), jnp.float64
+    )
+    return odd.astype(jnp.float32)
+
+
+@_fma32_exact.defjvp
+def _fma32_exact_jvp(primals, tangents):
+    (a, b, c), (ta, tb, tc) = primals, tangents
+    out = _fma32_exact(a, b, c)
+    return out, (ta * b + a * tb + tc).astype(jnp.float32)
+
+
+def _fma32(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
+    """torch's float32 `a*b + c` (float64 operands holding float32 values),
+    as float32: fused, or with the product rounded first where torch's CPU
+    loop has no vectorised path."""
+    if torch_cpu_block() is None:
+        return (_narrow32(a * b) + c).astype(jnp.float32)
+    return _fma32_exact(a, b, c)
 
 
 @jax.custom_jvp
@@ -135,6 +233,8 @@ def opmath(x: jax.Array) -> jax.Array:
     that XLA cannot skip the rounding that produced it; float16 (which XLA
     CPU does not normalize) is converted.
     """
+    if _exact32(x):
+        return _wide32(x)
     if not is_reduced(x):
         return x
     if x.dtype == jnp.bfloat16:
@@ -145,14 +245,23 @@ def opmath(x: jax.Array) -> jax.Array:
 def tensor_op(fn, *xs: jax.Array) -> jax.Array:
     """One torch elementwise op on tensors of one dtype (`a * b`, `a / b`).
 
-    `fn` runs on the opmath operands and the result is rounded once.
+    `fn` runs on the opmath operands and the result is rounded once. A
+    reduction (`fn` changes the shape) of float32 tensors runs in float32, as
+    funcopt always ran it (torch's float32 reductions accumulate in their own
+    order).
     """
+    if _exact32(xs[0]):
+        shape = jnp.broadcast_shapes(*(jnp.shape(x) for x in xs))
+        wide = fn(*(opmath(x) for x in xs))
+        if jnp.shape(wide) != shape:
+            return fn(*xs)
+        return _round(wide, xs[0])
     return _round(fn(*(opmath(x) for x in xs)), xs[0])
 
 
 def _round(y: jax.Array, like: jax.Array) -> jax.Array:
     """An opmath result rounded once to `like`'s dtype (a no-op otherwise)."""
-    return y.astype(like.dtype) if is_reduced(like) else y
+    return y.astype(like.dtype) if is_reduced(like) or _exact32(like) else y
 
 
 def scalar(x: jax.Array, like: jax.Array) -> jax.Array:
@@ -173,8 +282,11 @@ def _f32(x) -> jax.Array:
 def op_scalar(x, like: jax.Array) -> jax.Array:
     """A Python-float scalar as torch's kernel for `like` takes it.
 
-    float32 for a 16-bit tensor (its opmath type), `like`'s dtype otherwise.
+    float32 for a 16-bit tensor (its opmath type), `like`'s dtype otherwise
+    (for float32 with x64: the float32 value, in float64, the helpers' opmath).
     """
+    if _exact32(like):
+        return _f32(x).astype(jnp.float64)
     return _f32(x) if is_reduced(like) else scalar(x, like)
 
 
@@ -199,6 +311,8 @@ def add_scalar(x: jax.Array, s) -> jax.Array:
     The scalar meets the tensor in the tensor's dtype: rounded to 16 bits
     first for a 16-bit tensor.
     """
+    if _exact32(x):
+        return _round(opmath(x) + op_scalar(s, x), x)
     if not is_reduced(x):
         return x + scalar(s, x)
     return _round(opmath(x) + _in_dtype(s, x), x)
@@ -224,6 +338,12 @@ def lerp(start: jax.Array, end: jax.Array, weight: jax.Array) -> jax.Array:
     """
     w = op_scalar(weight, start)
     s, e = opmath(start), opmath(end)
+    if _exact32(start):
+        # float32 ops: the difference and `1 - w` rounded, each branch fused
+        diff = _narrow32(e - s)
+        small = _fma32(w, diff, s)
+        large = _fma32(-diff, _narrow32(1 - w), e)
+        return _round(jnp.where(jnp.abs(w) < 0.5, small, large), start)
     diff = e - s
     return _round(jnp.where(jnp.abs(w) < 0.5, s + w * diff, e - diff * (1 - w)), start)
 
@@ -231,6 +351,9 @@ def lerp(start: jax.Array, end: jax.Array, weight: jax.Array) -> jax.Array:
 def addcmul(x: jax.Array, t1: jax.Array, t2: jax.Array, value) -> jax.Array:
     """`x.addcmul(t1, t2, value=value)`: `x + value*t1*t2`."""
     v = op_scalar(value, x)
+    if _exact32(x):
+        # float32: `value*t1` rounded, then fused into `x + (value*t1)*t2`
+        return _round(_fma32(_narrow32(v * opmath(t1)), opmath(t2), opmath(x)), x)
     return _round(opmath(x) + v * opmath(t1) * opmath(t2), x)
 
 
@@ -238,8 +361,13 @@ def addcdiv(x: jax.Array, t1: jax.Array, t2: jax.Array, value) -> jax.Array:
     """`x.addcdiv(t1, t2, value=value)`: `x + value*(t1/t2)`.
 
     For 16-bit tensors torch's kernel computes `x + value*t1/t2` left to
-    right in float32, i.e. `(value*t1)/t2`.
+    right in float32, i.e. `(value*t1)/t2`; for float32 tensors too, each op
+    rounded (no multiply-add: the last op is a sum with a quotient).
     """
+    if _exact32(x):
+        v = op_scalar(value, x)
+        quotient = _narrow32(_narrow32(v * opmath(t1)) / opmath(t2))
+        return _round(opmath(x) + quotient, x)
     if not is_reduced(x):
         return x + scalar(value, x) * (t1 / t2)
     return _round(opmath(x) + _f32(value) * opmath(t1) / opmath(t2), x)
@@ -299,6 +427,9 @@ def add(x: jax.Array, other: jax.Array, alpha) -> jax.Array:
     chunk with its own scalar tail; funcopt models one chunk, i.e. torch
     with one thread).
     """
+    if _exact32(x):
+        other = jnp.broadcast_to(other, jnp.shape(x))
+        return _round(_fma32(op_scalar(alpha, x), opmath(other), opmath(x)), x)
     if not is_reduced(x):
         return x + scalar(alpha, x) * other
     a = _in_dtype(alpha, x)
@@ -318,6 +449,9 @@ def rsqrt(x: jax.Array) -> jax.Array:
     For 16-bit tensors torch's vectorised loop rounds once; its scalar loop
     (see `add`) rounds the square root to 16 bits first.
     """
+    if _exact32(x):
+        # float32: the square root rounded, then the quotient
+        return _round(1 / _narrow32(jnp.sqrt(opmath(x))), x)
     if not is_reduced(x):
         return 1 / jnp.sqrt(x)
     return _by_loop(

@@ -243,6 +243,22 @@ ROWS = [
         r"Complex params at indices \[\[0, 0\]\]: SparseAdam does not support complex",
     ),
     (
+        "sparse (BCOO) params, SparseAdam",
+        lambda: fo.sparse_adam().init({"w": jsparse.BCOO.fromdense(jnp.eye(2))}),
+        ValueError,
+        r"Sparse params at indices \[\[0, 0\]\]: SparseAdam requires dense parameter",
+    ),
+    (
+        "sparse grads with weight_decay, Adagrad",
+        _step(
+            {"w": jsparse.BCOO.fromdense(jnp.ones((4, 3)))},
+            fo.adagrad(weight_decay=0.1),
+            params={"w": jnp.ones((4, 3))},
+        ),
+        RuntimeError,
+        r"params\['w'\]: weight_decay option is not compatible with sparse gradients",
+    ),
+    (
         "lr as a string",
         lambda: fo.adam(lr="0.1"),
         TypeError,

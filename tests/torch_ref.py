@@ -42,15 +42,21 @@ class ErrorCase:
 
     def funcopt_kwargs(self) -> dict[str, Any]:
         """``kwargs`` with every torch tensor as the numpy array funcopt takes."""
+        return funcopt_kwargs(self.kwargs)
 
-        def convert(x):
-            if isinstance(x, torch.Tensor):
-                return x.numpy()
-            if isinstance(x, tuple):
-                return tuple(convert(v) for v in x)
-            return x
 
-        return {k: convert(v) for k, v in self.kwargs.items()}
+def funcopt_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with every torch tensor (a tensor ``lr``) as the numpy array
+    of its dtype that funcopt takes."""
+
+    def convert(x):
+        if isinstance(x, torch.Tensor):
+            return x.numpy()
+        if isinstance(x, tuple):
+            return tuple(convert(v) for v in x)
+        return x
+
+    return {k: convert(v) for k, v in kwargs.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +205,9 @@ def torch_params(params) -> list[torch.Tensor]:
 def run_torch(case: OptCase, kwargs, params, grads_seq):
     """Run torch; return (trainable leaves as numpy, per-leaf state dicts)."""
     tparams = torch_params(params)
+    if kwargs.get("differentiable"):
+        # its step runs with autograd on: in-place ops need non-leaf params
+        tparams = [p.detach() for p in tparams]
     opt = case.torch_cls(tparams, **kwargs)
     treedef = jax.tree.structure(params)
     for grads in grads_seq:
@@ -223,7 +232,7 @@ def run_torch_nudged(case: OptCase, kwargs, params, grads_seq) -> list:
 
 
 def run_funcopt(case: OptCase, kwargs, params, grads_seq, jit: bool):
-    opt = case.factory(**kwargs)
+    opt = case.factory(**funcopt_kwargs(kwargs))
     params = jax.tree.map(jnp.asarray, params)
     state = opt.init(params)
     step = jax.jit(opt.step) if jit else opt.step
@@ -239,7 +248,7 @@ def run_funcopt_flagged(case: OptCase, kwargs, params, grads_seq):
     The same semantics (torch's ``p.grad = None``), compiled once instead of
     once per ``None`` pattern. Non-trainable leaves keep their ``None``.
     """
-    opt = case.factory(**kwargs)
+    opt = case.factory(**funcopt_kwargs(kwargs))
     params = jax.tree.map(jnp.asarray, params)
     leaves, treedef = jax.tree.flatten(params)
     state = opt.init(params)

@@ -92,8 +92,11 @@ def adadelta(
     (coupled). `rho` may be 1. (optax's `adadelta` with its default
     `learning_rate=None` ascends; this one descends, as torch does.)
 
-    `foreach`, `capturable` and `differentiable` are accepted and
-    ignored. State: `square_avg` ($v$), `acc_delta` ($u$); the
+    `foreach`, `capturable` and `differentiable` are accepted; the
+    result is torch's default CPU path, which is also what torch's
+    `foreach=True`, `differentiable=True` and a float32 tensor `lr` give,
+    bit for bit (`benchmarks/results/flag_paths.md`).
+    State: `square_avg` ($v$), `acc_delta` ($u$); the
     step count is `state.step`.
     """
     return make_optimizer(

@@ -152,7 +152,9 @@ def adafactor(
     `fo.get_hparam(state, "eps")` shows NaN for None, and
     `fo.set_hparam(state, "eps", (float("nan"), 1e-3))` sets it back.
 
-    `foreach` is accepted and ignored. Complex parameters raise
+    `foreach` is accepted; the result is torch's default CPU path
+    (torch's `foreach=True` and a tensor `lr` round differently, see
+    `benchmarks/results/flag_paths.md`; not reproduced). Complex parameters raise
     torch's `RuntimeError` at `init` and `step` (torch: at `step`).
     """
     group = dict(

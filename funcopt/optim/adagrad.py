@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
+from jax.experimental import sparse as jsparse
 
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
-from .._math import add_scalar, addcdiv, addcmul, sqrt
-from ._common import coupled_gradient, write_buffers_first
+from .._math import add_scalar, addcdiv, addcmul, div, scalar, sqrt
+from . import _sparse
+from ._common import (
+    apply_maximize,
+    coupled_gradient,
+    tensor_dtype,
+    write_buffers_first,
+)
 
 
 def _validate_adagrad(group: Mapping[str, Any]) -> None:
@@ -37,11 +45,43 @@ def _adagrad_slots(initial_accumulator_value):
     return init
 
 
-def _adagrad_rule(param, grad, slots, step, hparams, options):
-    lr, lr_decay = hparams["lr"], hparams["lr_decay"]
+def _check_sparse_adagrad(group: Mapping[str, Any], fused: bool | None) -> None:
+    """torch's errors for a sparse gradient."""
+    if fused:
+        raise RuntimeError("`fused` does not support sparse grad or complex param")
+    if group["weight_decay"] != 0:
+        raise RuntimeError(
+            "weight_decay option is not compatible with sparse gradients"
+        )
+
+
+def _clr(hparams, step, lr_dtype):
+    """`lr / (1 + (step - 1) * lr_decay)`: Python-float scalar math on
+    `float(step)`, or with a tensor `lr` (`lr_dtype`) a tensor op in its dtype."""
+    decay = 1 + (step - 1) * hparams["lr_decay"]
+    if lr_dtype is None:
+        return hparams["lr"] / decay
+    return div(hparams["lr"].astype(lr_dtype), decay)
+
+
+def _adagrad_sparse_rule(param, grad, slots, step, hparams, options, lr_dtype):
+    """torch's step with a sparse gradient, at its coalesced indices only
+    (`weight_decay` is 0, see `_check_sparse_adagrad`)."""
+    grad = _sparse.coalesce(grad)
+    values = apply_maximize(grad.data, options)
+    state_sum = _sparse.scatter_add(slots["sum"], grad, values * values)
+    std = add_scalar(sqrt(_sparse.gather(state_sum, grad)), hparams["eps"])
+    update = scalar(-_clr(hparams, step, lr_dtype), param) * (values / std)
+    return _sparse.scatter_add(param, grad, update), {"sum": state_sum}
+
+
+def _adagrad_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
+    if isinstance(grad, jsparse.BCOO):
+        return _adagrad_sparse_rule(
+            param, grad, slots, step, hparams, options, lr_dtype
+        )
     d_p = coupled_gradient(param, grad, hparams, options)
-    # torch: Python-float scalar math on float(step)
-    clr = lr / (1 + (step - 1) * lr_decay)
+    clr = _clr(hparams, step, lr_dtype)
     state_sum = addcmul(slots["sum"], d_p, d_p, 1.0)
     state_sum, param, grad = write_buffers_first(state_sum, param, grad)
     d_p = coupled_gradient(param, grad, hparams, options)
@@ -63,7 +103,7 @@ def adagrad(
     fused: bool | None = None,
     param_groups: ParamGroups | None = None,
 ) -> Optimizer:
-    r"""Adagrad, as `torch.optim.Adagrad` (dense gradients).
+    r"""Adagrad, as `torch.optim.Adagrad`.
 
     $$
     \begin{aligned}
@@ -84,14 +124,36 @@ def adagrad(
     $s_0$ is the constructor's value for every group: a group's own
     `initial_accumulator_value` is ignored.
 
+    A sparse gradient (`jax.experimental.sparse.BCOO`, torch's sparse
+    `p.grad`) is coalesced (repeated indices summed) and, at its indices
+    $I$ only,
+
+    $$
+    S_I \leftarrow S_I + g_I^2, \qquad
+    \theta_I \leftarrow \theta_I - \tilde\gamma_t\, \frac{g_I}{\sqrt{S_I} + \epsilon}
+    $$
+
+    (torch's `state_sum.sparse_mask(grad)`); every stored index counts,
+    also one whose value is zero. As in torch, $\lambda \ne 0$ raises
+    `RuntimeError: weight_decay option is not compatible with sparse
+    gradients`, and `fused` raises too. See
+    [`funcopt.sparse_adam`][funcopt.sparse_adam] for building a BCOO gradient.
+
     `foreach`, `fused` and `differentiable` are accepted and ignored
-    (`fused` combined with the others raises as in torch). State: `sum`;
-    the step count is `state.step`.
+    (`fused` combined with the others raises as in torch; torch's
+    `foreach=True` and `differentiable=True` give its default path's bits,
+    `benchmarks/results/flag_paths.md`). A tensor `lr` (an array, e.g.
+    `np.float32(0.01)`) keeps its dtype: $\tilde\gamma_t$ is a tensor op
+    in it, as in torch. State: `sum`; the step count is `state.step`.
     """
+    lr_dtype = tensor_dtype(lr)
     opt = make_optimizer(
         name="Adagrad",
         elementwise=True,
-        rule=_adagrad_rule,
+        # one rule per lr type (the constructor's; groups follow it)
+        rule=_adagrad_rule
+        if lr_dtype is None
+        else functools.partial(_adagrad_rule, lr_dtype=lr_dtype),
         init_slots=_adagrad_slots(initial_accumulator_value),
         hyperparams={
             "lr": lr,
@@ -103,6 +165,8 @@ def adagrad(
         options={"maximize": maximize},
         validate=_validate_adagrad,
         param_groups=param_groups,
+        sparse_grads=True,
+        sparse_check=functools.partial(_check_sparse_adagrad, fused=fused),
         extra_defaults={
             "foreach": foreach,
             "differentiable": differentiable,

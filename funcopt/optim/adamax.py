@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
-from .._math import add_scalar, addcdiv, lerp, mul
-from ._common import coupled_gradient, in_own_pass
+from .._math import add_scalar, addcdiv, div, lerp, mul
+from ._common import coupled_gradient, in_own_pass, tensor_dtype
 
 
 def _adamax_slots(param, group):
     return {"exp_avg": jnp.zeros_like(param), "exp_inf": jnp.zeros_like(param)}
 
 
-def _adamax_rule(param, grad, slots, step, hparams, options):
+def _adamax_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
     lr, eps = hparams["lr"], hparams["eps"]
     beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
     exp_avg = lerp(
@@ -25,7 +27,10 @@ def _adamax_rule(param, grad, slots, step, hparams, options):
     # torch.maximum(exp_inf.mul_(beta2), grad.abs().add_(eps)): eps inside the max
     exp_inf = jnp.maximum(mul(slots["exp_inf"], beta2), add_scalar(jnp.abs(grad), eps))
     # torch: Python-float scalar math on float(step)
-    clr = lr / (1 - beta1**step)
+    if lr_dtype is None:
+        clr = lr / (1 - beta1**step)
+    else:  # a tensor lr: `lr / bias_correction`, a tensor op in its dtype
+        clr = div(lr.astype(lr_dtype), 1 - beta1**step)
     new_param = addcdiv(param, exp_avg, exp_inf, -clr)
     return new_param, {"exp_avg": exp_avg, "exp_inf": exp_inf}
 
@@ -58,13 +63,22 @@ def adamax(
     added to the gradient); $-\nabla$ when `maximize`. `eps` sits
     inside the max, as in torch. `t` is each parameter's own step count.
 
-    `foreach`, `capturable` and `differentiable` are accepted and
-    ignored. State: `exp_avg`, `exp_inf`; the step count is `state.step`.
+    `foreach`, `capturable` and `differentiable` are accepted; the
+    result is torch's default CPU path, which is also what torch's
+    `foreach=True` and `differentiable=True` give, bit for bit
+    (`benchmarks/results/flag_paths.md`). A tensor `lr` (an array, e.g.
+    `np.float32(2e-3)`) keeps its dtype: `lr / (1 - beta1**t)` is a
+    tensor op in it, as in torch.
+    State: `exp_avg`, `exp_inf`; the step count is `state.step`.
     """
+    lr_dtype = tensor_dtype(lr)
     return make_optimizer(
         name="Adamax",
         elementwise=True,
-        rule=_adamax_rule,
+        # one rule per lr type (the constructor's; groups follow it)
+        rule=_adamax_rule
+        if lr_dtype is None
+        else functools.partial(_adamax_rule, lr_dtype=lr_dtype),
         init_slots=_adamax_slots,
         hyperparams={
             "lr": lr,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,8 +11,8 @@ import jax.numpy as jnp
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
-from .._math import add, mul, tensor_op, widest_float
-from ._common import coupled_gradient
+from .._math import add, add_scalar, mul, tensor_op, widest_float
+from ._common import coupled_gradient, powf, tensor_dtype
 
 
 def _validate_asgd(group: Mapping[str, Any]) -> None:
@@ -29,7 +30,7 @@ def _asgd_slots(param, group):
     }
 
 
-def _asgd_rule(param, grad, slots, step, hparams, options):
+def _asgd_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
     lr, lambd = hparams["lr"], hparams["lambd"]
     alpha, t0 = hparams["alpha"], hparams["t0"]
     grad = coupled_gradient(param, grad, hparams, options)
@@ -45,10 +46,24 @@ def _asgd_rule(param, grad, slots, step, hparams, options):
     averaged = tensor_op(jnp.add, ax, mul(tensor_op(jnp.subtract, param, ax), mu))
     ax = jnp.where(mu != 1, averaged, param)
     # the next step's eta and mu, Python floats stored as float32
-    new_eta = (lr / ((1 + lambd * lr * step) ** alpha)).astype(jnp.float32)
+    if lr_dtype is None:
+        new_eta = (lr / ((1 + lambd * lr * step) ** alpha)).astype(jnp.float32)
+    else:
+        new_eta = _tensor_lr_eta(lr.astype(lr_dtype), lambd, alpha, step)
     excess = step - t0
     new_mu = (1 / jnp.where(excess > 1, excess, 1.0)).astype(jnp.float32)
     return param, {"eta": new_eta, "mu": new_mu, "ax": ax}
+
+
+def _tensor_lr_eta(lr, lambd, alpha, step):
+    """`lr / ((1 + lambd * lr * step) ** alpha)` for a tensor `lr`: tensor
+    ops in lr's dtype (float32: `**` is `powf`), stored as float32."""
+    base = add_scalar(mul(mul(lr, lambd), step), 1.0)
+    if base.dtype == jnp.float32:
+        power = powf(base, alpha)
+    else:
+        power = base ** alpha.astype(base.dtype)
+    return tensor_op(jnp.divide, lr, power).astype(jnp.float32)
 
 
 @_validate.optimizer_factory
@@ -86,14 +101,24 @@ def asgd(
     (`ax`) is state only; the parameters are never replaced by it. This is
     torch's single-tensor algebra (its foreach path differs by rounding).
 
-    `foreach`, `differentiable` and `capturable` are accepted and
-    ignored. State: `eta`, `mu` (float32 scalars) and `ax`; the step
+    `foreach`, `differentiable` and `capturable` are accepted; the
+    result is torch's default CPU path, which is also what torch's
+    `differentiable=True` gives, bit for bit
+    (`benchmarks/results/flag_paths.md`; torch's `foreach` path rounds
+    differently and is not reproduced). A tensor `lr` (an array, e.g.
+    `np.float32(0.01)`) keeps its dtype: $\eta_t$ is computed in tensor
+    ops in it, as in torch.
+    State: `eta`, `mu` (float32 scalars) and `ax`; the step
     count is `state.step`.
     """
+    lr_dtype = tensor_dtype(lr)
     return make_optimizer(
         name="ASGD",
         elementwise=True,
-        rule=_asgd_rule,
+        # one rule per lr type (the constructor's; groups follow it)
+        rule=_asgd_rule
+        if lr_dtype is None
+        else functools.partial(_asgd_rule, lr_dtype=lr_dtype),
         init_slots=_asgd_slots,
         hyperparams={
             "lr": lr,

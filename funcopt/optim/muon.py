@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -11,8 +12,8 @@ import jax.numpy as jnp
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
-from .._math import add, is_reduced, lerp, op_scalar, opmath
-from ._common import decoupled_weight_decay
+from .._math import add, is_reduced, lerp, mul, op_scalar, opmath
+from ._common import decoupled_weight_decay, tensor_dtype
 
 # torch.optim._muon's defaults
 EPS = 1e-7
@@ -108,7 +109,7 @@ def _adjust_ratio(adjust_lr_fn: str | None, shape) -> float:
     return 1.0
 
 
-def _muon_rule(param, grad, slots, step, hparams, options):
+def _muon_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
     if grad.ndim != 2:
         raise ValueError("Param gradient must be a 2D matrix")
     lr, momentum = hparams["lr"], hparams["momentum"]
@@ -122,7 +123,14 @@ def _muon_rule(param, grad, slots, step, hparams, options):
         # ``buf.bfloat16()`` returns it, and Newton-Schulz's in-place
         # ``div_`` by its norm leaves the stored buffer normalized
         buf = normalized
-    adjusted_lr = lr * _adjust_ratio(options["adjust_lr_fn"], param.shape)
+    ratio = _adjust_ratio(options["adjust_lr_fn"], param.shape)
+    if lr_dtype is None:
+        adjusted_lr = lr * ratio
+    else:
+        # a tensor lr: `lr * ratio` is a tensor op in lr's dtype (and so is
+        # `1 - lr * weight_decay` below)
+        lr = lr.astype(lr_dtype)
+        adjusted_lr = mul(lr, ratio)
     # decoupled, with the unadjusted lr, after Newton-Schulz
     param = decoupled_weight_decay(param, lr, hparams["weight_decay"])
     if is_reduced(param) and update.dtype != param.dtype:
@@ -132,6 +140,16 @@ def _muon_rule(param, grad, slots, step, hparams, options):
     else:
         param = add(param, update.astype(param.dtype), -adjusted_lr)
     return param, {"momentum_buffer": buf}
+
+
+@functools.cache
+def _rule(lr_dtype: str | None):
+    """The rule for an `lr` of `lr_dtype` (None: a Python float), one per
+    dtype so that optimizers share its compiled steps. A float64 `lr` is
+    torch's Python-float math."""
+    if lr_dtype in (None, "float64"):
+        return _muon_rule
+    return functools.partial(_muon_rule, lr_dtype=lr_dtype)
 
 
 def _complex_error(paths, indices):
@@ -184,6 +202,12 @@ def muon(
     the same `ValueError` when the optimizer is made. Complex parameters
     raise torch's `RuntimeError` (at `init` and `step`; torch: at `step`).
 
+    An array `lr` (torch: `lr=torch.tensor(...)`, float32 by default) is
+    torch's tensor arithmetic: $1 - \gamma\lambda$ and $\gamma s$ are
+    tensor ops in the array's dtype, each rounded; a Python float `lr` is
+    torch's Python-float math (float64 with x64 enabled). The factory's `lr`
+    decides it for every parameter group.
+
     State: `momentum_buffer` per parameter; torch keeps no step count (the
     core's `state.step` still counts). For a bfloat16 parameter without
     `nesterov` the stored buffer is $B_t$ divided by its norm, as in
@@ -192,7 +216,8 @@ def muon(
     """
     opt = make_optimizer(
         name="Muon",
-        rule=_muon_rule,
+        # the constructor's lr decides for every group
+        rule=_rule(tensor_dtype(lr)),
         init_slots=_muon_slots,
         hyperparams={
             "lr": lr,

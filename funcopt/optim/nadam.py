@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,8 +11,18 @@ import jax.numpy as jnp
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
-from .._math import add_scalar, addcdiv, div, sqrt, widest_float
-from ._common import adam_moments, weight_decayed, write_buffers_first
+from .._math import (
+    add_scalar,
+    addcdiv,
+    div,
+    mul,
+    opmath,
+    reciprocal,
+    sqrt,
+    tensor_op,
+    widest_float,
+)
+from ._common import adam_moments, tensor_dtype, weight_decayed, write_buffers_first
 
 
 def _validate_nadam(group: Mapping[str, Any]) -> None:
@@ -28,7 +39,10 @@ def _nadam_slots(param, group):
     }
 
 
-def _nadam_rule(param, grad, slots, step, hparams, options):
+def _nadam_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
+    if lr_dtype is not None:
+        # a tensor lr: torch's scalar math with it runs in its dtype
+        hparams = {**hparams, "lr": hparams["lr"].astype(lr_dtype)}
     lr, eps = hparams["lr"], hparams["eps"]
     beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
     momentum_decay = hparams["momentum_decay"]
@@ -44,14 +58,54 @@ def _nadam_rule(param, grad, slots, step, hparams, options):
     moments, param, grad = write_buffers_first(moments, param, grad)
     param, grad = weight_decayed(param, grad, hparams, options)
     denom = add_scalar(sqrt(div(moments["exp_avg_sq"], bias_correction2)), eps)
+    if options["differentiable"]:
+        grad_scale, exp_avg_scale = _tensor_coefficients(
+            mu_product, mu, mu_next, lr, lr_dtype is not None
+        )
+        param = addcdiv(param, mul(grad, grad_scale), denom, 1)
+        param = addcdiv(param, mul(moments["exp_avg"], exp_avg_scale), denom, 1)
+        return param, {"mu_product": mu_product, **moments}
     # _get_value(mu_product): the float32 value read back as a Python float
     mu_product_value = mu_product.astype(widest_float())
     mu_product_next = mu_product_value * mu_next
-    param = addcdiv(param, grad, denom, -lr * (1.0 - mu) / (1.0 - mu_product_value))
-    param = addcdiv(
-        param, moments["exp_avg"], denom, (-lr * mu_next) / (1.0 - mu_product_next)
-    )
+    if lr_dtype is not None:  # `-lr * c / d`: tensor ops in lr's dtype
+        # mu_product read through its bits (`opmath`): XLA would otherwise
+        # fuse its float32 product into `1 - mu_product` (one rounding)
+        exact_value = opmath(mu_product).astype(widest_float())
+        grad_value = div(mul(-lr, 1.0 - mu), 1.0 - exact_value)
+        exp_avg_value = div(mul(-lr, mu_next), 1.0 - exact_value * mu_next)
+    else:
+        grad_value = -lr * (1.0 - mu) / (1.0 - mu_product_value)
+        exp_avg_value = (-lr * mu_next) / (1.0 - mu_product_next)
+    param = addcdiv(param, grad, denom, grad_value)
+    param = addcdiv(param, moments["exp_avg"], denom, exp_avg_value)
     return param, {"mu_product": mu_product, **moments}
+
+
+def _tensor_coefficients(mu_product, mu, mu_next, lr, tensor_lr):
+    """torch's `differentiable` path: `mu_product` stays a 0-d float32 tensor.
+
+    The coefficients of `grad` and `exp_avg`,
+    `-lr * (1 - mu) / (1 - mu_product)` and
+    `-lr * mu_next / (1 - mu_product * mu_next)`, are float32 tensor ops
+    (`python_float / tensor` is `tensor.reciprocal() * python_float`; with a
+    tensor `lr`, `tensor / tensor`); torch multiplies the two terms by them
+    before its two `addcdiv_(term, denom)`.
+    """
+    # torch's float32 ops one by one, each rounded (`1.0 - t` as `-t + 1.0`):
+    # the helpers keep XLA from fusing `1 - a*b` into one rounding
+    mu_product_next = mul(mu_product, mu_next)
+    one_minus = add_scalar(-mu_product, 1.0)
+    one_minus_next = add_scalar(-mu_product_next, 1.0)
+    if tensor_lr:
+        return (
+            tensor_op(jnp.divide, mul(-lr, 1.0 - mu), one_minus),
+            tensor_op(jnp.divide, mul(-lr, mu_next), one_minus_next),
+        )
+    return (
+        mul(reciprocal(one_minus), -lr * (1.0 - mu)),
+        mul(reciprocal(one_minus_next), -lr * mu_next),
+    )
 
 
 @_validate.optimizer_factory
@@ -93,14 +147,26 @@ def nadam(
     scalar in torch and is rounded to float32 at every step here too.
     `t` is each parameter's own step count.
 
-    `foreach`, `capturable` and `differentiable` are accepted and
-    ignored. State: `mu_product` (a float32 scalar), `exp_avg`,
-    `exp_avg_sq`; the step count is `state.step`.
+    `differentiable=True` mirrors torch's tensor path: $\Pi$ stays a
+    float32 scalar in the update, whose two coefficients
+    $-\gamma(1-\mu_t)/(1-\Pi_t)$ and $-\gamma\mu_{t+1}/(1-\Pi_t\mu_{t+1})$
+    are float32 (each op rounded) and multiply $g_t$ and $m_t$ before the
+    two `addcdiv` steps. A tensor `lr` (an array, e.g. `np.float32(2e-3)`)
+    keeps its dtype: both coefficients are tensor ops in it, as in torch.
+    `foreach` and `capturable` are accepted and
+    ignored (torch refuses `capturable=True` for CPU params; its
+    `foreach` path rounds differently, see
+    `benchmarks/results/flag_paths.md`). State: `mu_product` (a float32
+    scalar), `exp_avg`, `exp_avg_sq`; the step count is `state.step`.
     """
+    lr_dtype = tensor_dtype(lr)
     return make_optimizer(
         name="NAdam",
         elementwise=True,
-        rule=_nadam_rule,
+        # one rule per lr type (the constructor's; groups follow it)
+        rule=_nadam_rule
+        if lr_dtype is None
+        else functools.partial(_nadam_rule, lr_dtype=lr_dtype),
         init_slots=_nadam_slots,
         hyperparams={
             "lr": lr,
@@ -112,12 +178,9 @@ def nadam(
         options={
             "decoupled_weight_decay": decoupled_weight_decay,
             "maximize": maximize,
+            "differentiable": differentiable,
         },
         validate=_validate_nadam,
         param_groups=param_groups,
-        extra_defaults={
-            "foreach": foreach,
-            "capturable": capturable,
-            "differentiable": differentiable,
-        },
+        extra_defaults={"foreach": foreach, "capturable": capturable},
     )

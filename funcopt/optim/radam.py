@@ -90,8 +90,12 @@ def radam(
     to the uncorrected $\sqrt{v_t}$. With the default $\beta_2$
     the first five steps are un-adapted. `t` is each parameter's own count.
 
-    `foreach`, `capturable` and `differentiable` are accepted and
-    ignored. State: `exp_avg`, `exp_avg_sq`; the step count is
+    `foreach`, `capturable` and `differentiable` are accepted; the
+    result is torch's default CPU path, which is also what torch's
+    `differentiable=True` and a float32 tensor `lr` give, bit for bit
+    (`benchmarks/results/flag_paths.md`; its `foreach` path rounds
+    differently, and `capturable=True` raises for CPU params).
+    State: `exp_avg`, `exp_avg_sq`; the step count is
     `state.step`.
     """
     return make_optimizer(

@@ -107,8 +107,11 @@ def rmsprop(
     square root and there is no bias correction, as in torch (optax's
     `rmsprop` defaults differ on both). `alpha` has no upper bound.
 
-    `capturable`, `foreach` and `differentiable` are accepted and
-    ignored. State: `square_avg`; `momentum_buffer` only for groups with
+    `capturable`, `foreach` and `differentiable` are accepted; the
+    result is torch's default CPU path, which is also what torch's
+    `foreach=True`, `differentiable=True` and a float32 tensor `lr` give,
+    bit for bit (`benchmarks/results/flag_paths.md`).
+    State: `square_avg`; `momentum_buffer` only for groups with
     `momentum > 0` and `grad_avg` only for `centered` groups, decided
     at init as torch decides it when it creates the state.
     """

@@ -84,8 +84,11 @@ def rprop(
     changing it later has no effect, as in torch. The clamp acts every step.
     (`optax.rprop` is a different, stale-by-one-step algorithm.)
 
-    `capturable`, `foreach` and `differentiable` are accepted and
-    ignored. State: `prev` ($g'$), `step_size` ($\Delta$); the
+    `capturable`, `foreach` and `differentiable` are accepted; the
+    result is torch's default CPU path, which is also what torch's
+    `foreach=True`, `differentiable=True` and a float32 tensor `lr` give,
+    bit for bit (`benchmarks/results/flag_paths.md`).
+    State: `prev` ($g'$), `step_size` ($\Delta$); the
     step count is `state.step`.
     """
     return make_optimizer(

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
+from jax.experimental import sparse as jsparse
 
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
-from .._math import add, mul
-from ._common import coupled_gradient, write_buffers_first
+from .._math import add, mul, scalar
+from . import _sparse
+from ._common import apply_maximize, coupled_gradient, write_buffers_first
 
 
 def _validate_sgd(group: Mapping[str, Any]) -> None:
@@ -30,7 +33,34 @@ def _sgd_slots(param, group):
     return {}
 
 
+def _check_sparse_sgd(group: Mapping[str, Any], fused: bool | None) -> None:
+    """torch's errors for a sparse gradient: `_fused_sgd` refuses it, and
+    `grad.add(param, alpha=weight_decay)` is `add(sparse, dense)`."""
+    if fused:
+        raise RuntimeError("`_fused_sgd` does not support sparse gradients")
+    if group["weight_decay"] != 0:
+        raise RuntimeError(
+            "add(sparse, dense) is not supported. Use add(dense, sparse) instead."
+        )
+
+
+def _sgd_sparse_rule(param, grad, slots, step, hparams, options):
+    """torch's single-tensor step with a sparse gradient (`weight_decay` is
+    0, see `_check_sparse_sgd`). Without momentum `param.add_(grad,
+    alpha=-lr)` adds the entries in turn; with momentum torch's buffer is a
+    sparse tensor, held here as the dense array of the same values."""
+    if "momentum_buffer" in slots:
+        return _sgd_rule(
+            param, _sparse.todense(grad, param), slots, step, hparams, options
+        )
+    grad = _sparse.entries(grad)
+    values = apply_maximize(grad.data, options)
+    return _sparse.scatter_add(param, grad, scalar(-hparams["lr"], param) * values), {}
+
+
 def _sgd_rule(param, grad, slots, step, hparams, options):
+    if isinstance(grad, jsparse.BCOO):
+        return _sgd_sparse_rule(param, grad, slots, step, hparams, options)
     lr, momentum = hparams["lr"], hparams["momentum"]
     if "momentum_buffer" not in slots:
         return add(param, coupled_gradient(param, grad, hparams, options), -lr), {}
@@ -87,6 +117,18 @@ def sgd(
     accepted and ignored (`fused` combined with the others raises as in
     torch). `param_groups` comes from [`funcopt.param_groups`][funcopt.param_groups].
 
+    Sparse gradients (`jax.experimental.sparse.BCOO`, torch's sparse
+    `p.grad`, e.g. from `nn.Embedding(sparse=True)`) are taken as torch's
+    `SGD` takes them: without momentum $\theta \leftarrow \theta - \gamma g$
+    adds the gradient's entries one by one (repeated indices too); with
+    momentum $b_t$ is torch's sparse buffer held as a dense array (the same
+    values). As in torch, $\lambda \ne 0$ raises torch's `RuntimeError`
+    (`add(sparse, dense)`), and so does `fused`. torch refuses two more
+    mixes that depend on the state's history, which funcopt accepts: a
+    dense gradient after sparse ones with momentum, and a sparse gradient
+    after dense ones with `nesterov`. See [`funcopt.sparse_adam`][funcopt.sparse_adam]
+    for building a BCOO gradient.
+
     State: `momentum_buffer` per parameter, only for groups whose
     `momentum != 0`.
     """
@@ -104,6 +146,8 @@ def sgd(
         options={"nesterov": nesterov, "maximize": maximize},
         validate=_validate_sgd,
         param_groups=param_groups,
+        sparse_grads=True,
+        sparse_check=functools.partial(_check_sparse_sgd, fused=fused),
         extra_defaults={
             "foreach": foreach,
             "differentiable": differentiable,

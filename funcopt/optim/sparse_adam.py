@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import sparse as jsparse
 
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
 from .._math import scalar
+from .._tree import is_trainable
+from . import _sparse
 
 
 def _validate_sparse_adam(group: Mapping[str, Any]) -> None:
@@ -25,45 +30,83 @@ def _sparse_adam_slots(param, group):
     return {"exp_avg": jnp.zeros_like(param), "exp_avg_sq": jnp.zeros_like(param)}
 
 
-def _sparse_adam_rule(param, grad, slots, step, hparams, options):
+def _sparse_adam_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
     if not isinstance(grad, jsparse.BCOO):
         raise RuntimeError(
             "SparseAdam does not support dense gradients, please consider Adam instead"
         )
     lr, eps = hparams["lr"], hparams["eps"]
     beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
-    if grad.n_batch:
-        grad = jsparse.bcoo_update_layout(grad, n_batch=0)
-    if grad.n_sparse == 0:
-        # no sparse dimension (a 0-d parameter's gradient): every entry sits
-        # at the one index, which coalescing sums into one value
-        if grad.nse == 0:
-            return param, dict(slots)
-        index: tuple = ()
-        data = jnp.sum(grad.data, axis=0)
-    else:
-        # torch's coalesce(): unique, sorted indices, duplicates summed; the
-        # padding entries (index == shape) are dropped by the scatters below
-        grad = grad.sum_duplicates(nse=grad.nse)
-        index = tuple(grad.indices[:, k] for k in range(grad.n_sparse))
-        data = grad.data
-    values = -data if options["maximize"] else data
+    # torch's coalesce(); the padding entries are dropped by the scatters
+    grad = _sparse.coalesce(grad)
+    values = -grad.data if options["maximize"] else grad.data
     exp_avg, exp_avg_sq = slots["exp_avg"], slots["exp_avg_sq"]
-    old_exp_avg = exp_avg.at[index].get(mode="fill", fill_value=0)
-    old_exp_avg_sq = exp_avg_sq.at[index].get(mode="fill", fill_value=0)
+    old_exp_avg = _sparse.gather(exp_avg, grad)
+    old_exp_avg_sq = _sparse.gather(exp_avg_sq, grad)
     # torch: old += (new - old) * (1 - beta), at the gradient's indices only
     exp_avg_update = (values - old_exp_avg) * scalar(1 - beta1, param)
     exp_avg_sq_update = (values * values - old_exp_avg_sq) * scalar(1 - beta2, param)
-    exp_avg = exp_avg.at[index].add(exp_avg_update, mode="drop")
-    exp_avg_sq = exp_avg_sq.at[index].add(exp_avg_sq_update, mode="drop")
+    exp_avg = _sparse.scatter_add(exp_avg, grad, exp_avg_update)
+    exp_avg_sq = _sparse.scatter_add(exp_avg_sq, grad, exp_avg_sq_update)
     numer = exp_avg_update + old_exp_avg
     denom = jnp.sqrt(exp_avg_sq_update + old_exp_avg_sq) + scalar(eps, param)
-    # torch: Python-float scalar math on the int step
-    step_size = lr * jnp.sqrt(1 - beta2**step) / (1 - beta1**step)
-    param = param.at[index].add(
-        scalar(-step_size, param) * (numer / denom), mode="drop"
-    )
-    return param, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    step_size = _step_size(lr, 1 - beta1**step, 1 - beta2**step, lr_dtype)
+    update = scalar(-step_size, param) * (numer / denom)
+    return _sparse.scatter_add(param, grad, update), {
+        "exp_avg": exp_avg,
+        "exp_avg_sq": exp_avg_sq,
+    }
+
+
+def _step_size(lr, bias_correction1, bias_correction2, lr_dtype):
+    """torch's `lr * math.sqrt(bias_correction2) / bias_correction1`.
+
+    With a Python-float `lr` this is float64 math on the int step. With a
+    tensor `lr` of a narrower float dtype (`lr_dtype`) each op is a tensor
+    op: the Python float operand is converted to float32 (the op math of
+    32- and 16-bit floats), the op runs in float32 and its result is
+    rounded to `lr_dtype`.
+    """
+    if lr_dtype is None:
+        return lr * jnp.sqrt(bias_correction2) / bias_correction1
+    f32 = jnp.float32
+    step_size = jnp.asarray(lr).astype(lr_dtype).astype(f32)
+    step_size = (step_size * jnp.sqrt(bias_correction2).astype(f32)).astype(lr_dtype)
+    return (step_size.astype(f32) / bias_correction1.astype(f32)).astype(lr_dtype)
+
+
+@functools.cache
+def _rule(lr_dtype):
+    """The rule for `lr` of `lr_dtype` (None: a Python float or float64),
+    one per dtype so that optimizers share its compiled steps."""
+    if lr_dtype is None:
+        return _sparse_adam_rule
+    return functools.partial(_sparse_adam_rule, lr_dtype=lr_dtype)
+
+
+def _lr_dtype(lr) -> np.dtype | None:
+    """The dtype torch's scalar math on a tensor `lr` runs in, if not float64."""
+    if not _validate.is_array(lr) or not jnp.issubdtype(lr.dtype, jnp.floating):
+        return None
+    dtype = np.dtype(lr.dtype)
+    return None if dtype == np.float64 else dtype
+
+
+def _check_dense_params(params, torch_index):
+    # torch raises this at construction; funcopt at init() and step()
+    flat = jax.tree_util.tree_flatten(
+        params, is_leaf=lambda x: isinstance(x, jsparse.BCOO)
+    )[0]
+    leaf, sparse = 0, []
+    for node in flat:
+        if isinstance(node, jsparse.BCOO) and is_trainable(node.data):
+            sparse.append(torch_index(leaf))  # the BCOO's data leaf
+        leaf += len(jax.tree.leaves(node))
+    if sparse:
+        raise ValueError(
+            f"Sparse params at indices {sparse}: SparseAdam requires dense parameter "
+            "tensors"
+        )
 
 
 def _complex_error(paths, indices):
@@ -118,13 +161,20 @@ def sparse_adam(
     a fixed `nse` (padded with out-of-range indices, as BCOO pads) keeps
     a jitted step from recompiling.
 
+    A tensor `lr` (an array) of a narrower float dtype than float64, e.g.
+    torch's `lr=torch.tensor(0.01)`, makes the step size
+    $\gamma\sqrt{1-\beta_2^t}/(1-\beta_1^t)$ float32 tensor math, each
+    operation rounded to `lr`'s dtype, as torch computes it; a Python float
+    `lr` keeps float64 math. The constructor's `lr` decides for every
+    group.
+
     State: `exp_avg`, `exp_avg_sq` (dense); the step count is
-    `state.step`. Complex parameters raise
-    torch's `ValueError` (at `init`; torch: at construction).
+    `state.step`. Sparse (BCOO) and complex parameters raise torch's
+    `ValueError` (at `init` and `step`; torch: at construction).
     """
     return make_optimizer(
         name="SparseAdam",
-        rule=_sparse_adam_rule,
+        rule=_rule(_lr_dtype(lr)),
         init_slots=_sparse_adam_slots,
         hyperparams={"lr": lr, "betas": betas, "eps": eps},
         options={"maximize": maximize},
@@ -132,5 +182,6 @@ def sparse_adam(
         param_groups=param_groups,
         supports_complex=False,
         complex_error=_complex_error,
+        check_params=_check_dense_params,
         sparse_grads=True,
     )

@@ -100,12 +100,58 @@ CORE_ERRORS = [
     ]
 ]
 
+# torch's flag paths that change numbers (benchmarks/results/flag_paths.md),
+# compared with torch run with the same flag; kept out of OPT_CASES (one row
+# per optimizer for the generic tests), added to the parity lists below
+FLAG_CASES = [
+    OptCase(
+        "adam-differentiable",
+        torch.optim.Adam,
+        fo.adam,
+        grid={
+            "weight_decay": [0.0, 0.1],
+            "amsgrad": [False, True],
+            "decoupled_weight_decay": [False, True],
+        },
+        fixed={"lr": 0.02, "betas": (0.8, 0.95), "eps": 1e-6, "differentiable": True},
+        valid=lambda kw: kw["weight_decay"] or not kw["decoupled_weight_decay"],
+    ),
+    OptCase(
+        "adamw-differentiable",
+        torch.optim.AdamW,
+        fo.adamw,
+        grid={"amsgrad": [False, True], "maximize": [False, True]},
+        fixed={"lr": 0.02, "weight_decay": 0.3, "differentiable": True},
+    ),
+    # a tensor lr (float32, torch's default dtype): torch's scalar math with
+    # it runs in float32, in the default and the differentiable path
+    OptCase(
+        "adam-tensor-lr",
+        torch.optim.Adam,
+        fo.adam,
+        grid={
+            "weight_decay": [0.0, 0.1],
+            "decoupled_weight_decay": [False, True],
+            "differentiable": [False, True],
+        },
+        fixed={"lr": torch.tensor(0.02), "betas": (0.8, 0.95), "eps": 1e-6},
+        valid=lambda kw: kw["weight_decay"] or not kw["decoupled_weight_decay"],
+    ),
+    OptCase(
+        "adamw-tensor-lr",
+        torch.optim.AdamW,
+        fo.adamw,
+        grid={"differentiable": [False, True]},
+        fixed={"lr": torch.tensor(0.02), "weight_decay": 0.3},
+    ),
+] + cases_adaptive.FLAG_CASES
+
 OPT_CASES = CORE_CASES + cases_adaptive.CASES + cases_misc.CASES + cases_ecosystem.CASES
 ERROR_CASES = (
     CORE_ERRORS + cases_adaptive.ERRORS + cases_misc.ERRORS + cases_ecosystem.ERRORS
 )
 
-OPT_PARAMS = [p for case in OPT_CASES for p in case.params()]
+OPT_PARAMS = [p for case in OPT_CASES + FLAG_CASES for p in case.params()]
 # Eager (no-jit) runs are slow; one combination per optimizer, all flags on.
 OPT_PARAMS_EAGER = [case.params()[-1] for case in OPT_CASES]
 # float64 runs prove the formula for every combination; float32 runs prove the
@@ -113,7 +159,7 @@ OPT_PARAMS_EAGER = [case.params()[-1] for case in OPT_CASES]
 # enough
 OPT_PARAMS_F32 = [
     p
-    for case in OPT_CASES
+    for case in OPT_CASES + FLAG_CASES
     for i, p in enumerate(case.params())
     if i % 2 == 0 or i == len(case.params()) - 1
 ]
@@ -146,7 +192,7 @@ def _params_16bit(case):
 
 OPT_PARAMS_16BIT = [
     p
-    for case in OPT_CASES
+    for case in OPT_CASES + FLAG_CASES
     if case.torch_cls.__module__.startswith("torch.optim")
     for p in _params_16bit(case)
 ]

@@ -116,6 +116,67 @@ CASES = [
     ),
 ]
 
+# torch's flag paths that change numbers (see cases.FLAG_CASES)
+FLAG_CASES = [
+    OptCase(
+        "nadam-differentiable",
+        torch.optim.NAdam,
+        nadam,
+        grid={
+            "weight_decay": [0.0, 0.1],
+            "decoupled_weight_decay": [False, True],
+            "maximize": [False, True],
+        },
+        fixed={
+            "lr": 0.02,
+            "betas": (0.8, 0.95),
+            "eps": 1e-6,
+            "momentum_decay": 0.3,
+            "differentiable": True,
+        },
+        valid=_decay_needs_wd,
+    ),
+    # a float32 tensor lr: torch's scalar math with it runs in float32
+    OptCase(
+        "nadam-tensor-lr",
+        torch.optim.NAdam,
+        nadam,
+        grid={
+            "weight_decay": [0.0, 0.1],
+            "decoupled_weight_decay": [False, True],
+            "differentiable": [False, True],
+        },
+        fixed={
+            "lr": torch.tensor(0.02),
+            "betas": (0.8, 0.95),
+            "eps": 1e-6,
+            "momentum_decay": 0.3,
+        },
+        valid=_decay_needs_wd,
+    ),
+    OptCase(
+        "adamax-tensor-lr",
+        torch.optim.Adamax,
+        adamax,
+        grid={"weight_decay": [0.0, 0.1], "maximize": [False, True]},
+        fixed={"lr": torch.tensor(0.02), "betas": (0.8, 0.95), "eps": 1e-6},
+    ),
+    OptCase(
+        "adagrad-tensor-lr",
+        torch.optim.Adagrad,
+        adagrad,
+        grid={"lr_decay": [0.0, 0.1], "maximize": [False, True]},
+        fixed={"lr": torch.tensor(0.1), "weight_decay": 0.1},
+    ),
+    OptCase(
+        "asgd-tensor-lr",
+        torch.optim.ASGD,
+        asgd,
+        grid={"lambd": [1e-4, 0.1], "weight_decay": [0.0, 0.1]},
+        fixed={"lr": torch.tensor(0.05), "alpha": 0.75, "t0": 5.0},
+    ),
+]
+
 _ADAM_LIKE_ERRORS = [
     {"lr": -1e-3},
     {"lr": float("nan")},

@@ -3,7 +3,9 @@
 import jax
 import numpy as np
 import pytest
+import torch
 
+from funcopt.optim.adam import adam
 from tests.parity.cases import (
     OPT_PARAMS,
     OPT_PARAMS_16BIT,
@@ -131,3 +133,27 @@ def _compare_bits(case, kwargs, seed=0):
 @pytest.mark.parametrize("case,kwargs", OPT_PARAMS_16BIT)
 def test_16bit_parity_is_bit_exact(case, kwargs, x64, torch_cpu_loop):
     _compare_bits(case, kwargs)
+
+
+def test_adam_capturable_is_the_differentiable_path(x64):
+    """torch refuses `capturable=True` for CPU params (outside torch.compile),
+    so it cannot be compared here; its branch is the one `differentiable`
+    takes (`if capturable or differentiable:` in torch's Adam), and funcopt's
+    `capturable=True` is that path: the same bits, unlike the default path."""
+    rng = np.random.default_rng(0)
+    params = {"w": rng.normal(size=(37,)).astype(np.float32)}
+    grads = [{"w": rng.normal(size=(37,)).astype(np.float32)} for _ in range(20)]
+    params_t = [torch.tensor(params["w"])]
+    with pytest.raises(AssertionError, match="capturable=True"):
+        opt_t = torch.optim.Adam(params_t, lr=0.5, capturable=True)
+        params_t[0].grad = torch.tensor(grads[0]["w"])
+        opt_t.step()
+    results = {}
+    for flags in ({}, {"capturable": True}, {"differentiable": True}):
+        opt = adam(lr=0.5, **flags)
+        p, state, step = params, opt.init(params), jax.jit(opt.step)
+        for g in grads:
+            p, state = step(p, g, state)
+        results[tuple(flags)] = np.asarray(p["w"])
+    assert_same_bits(results[("capturable",)], results[("differentiable",)], "w")
+    assert not np.array_equal(results[("capturable",)], results[()])

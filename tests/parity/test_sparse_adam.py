@@ -189,8 +189,7 @@ def test_dense_optimizers_reject_sparse_gradients():
         opt.step(params, {"w": grad}, opt.init(params))
 
 
-# torch supports sparse gradients in SGD and Adagrad; funcopt does not yet
-# (issue 16 item 3), so they are not rows here
+# SGD and Adagrad take sparse gradients (tests/parity/test_sparse_grads.py)
 DENSE_ONLY = {
     "Adam": fo.adam,
     "AdamW": fo.adamw,
@@ -235,3 +234,50 @@ def test_sparse_adam_optax_update_and_batched_layout(x64):
     np.testing.assert_allclose(params["emb"] + updates["emb"], new["emb"], rtol=1e-15)
     untouched = np.array([0, 2, 3, 5])
     np.testing.assert_array_equal(new["emb"][untouched], params["emb"][untouched])
+
+
+def test_sparse_params_raise_like_torch():
+    """A BCOO parameter: torch's ValueError (at construction; funcopt at
+    init and step), naming torch's [group, index] of each, before the
+    complex-parameter error."""
+    complex_param = torch.zeros(2, dtype=torch.complex64)
+    with pytest.raises(ValueError) as torch_error:
+        sparse = [torch.eye(3).to_sparse() for _ in range(2)]
+        torch.optim.SparseAdam([complex_param, *sparse])
+    opt = sparse_adam()
+    dense = {"a": jnp.zeros(2, jnp.complex64), "b": jnp.eye(3), "c": jnp.eye(3)}
+    params = {k: jsparse.BCOO.fromdense(v) if k != "a" else v for k, v in dense.items()}
+    with pytest.raises(ValueError) as init_error:
+        opt.init(params)
+    assert str(init_error.value) == str(torch_error.value)
+    grads = {"a": None, "b": None, "c": None}
+    with pytest.raises(ValueError) as step_error:
+        opt.step(params, grads, opt.init({**dense, "a": jnp.zeros(2)}))
+    assert str(step_error.value) == str(torch_error.value)
+
+
+def test_sparse_adam_tensor_lr_float64_parity(x64):
+    """A float32 tensor lr: torch's scalar math (`lr * sqrt(bias_correction2)
+    / bias_correction1`) runs in float32 tensor ops, which float64 params
+    then see (float64 math would differ by ~1e-8 relative)."""
+    rng = np.random.default_rng(2)
+    start = rng.normal(size=(V, D))
+    kwargs = dict(betas=(0.8, 0.95), eps=1e-6)
+    param = torch.tensor(start, requires_grad=True)
+    topt = torch.optim.SparseAdam([param], lr=torch.tensor(0.01), **kwargs)
+    opt = sparse_adam(lr=jnp.asarray(0.01, jnp.float32), **kwargs)
+    ours = {"emb": jnp.asarray(start)}
+    state = opt.init(ours)
+    step = jax.jit(opt.step)
+    for _ in range(12):
+        n = int(rng.integers(1, NSE + 1))
+        ids = rng.integers(0, V, size=n)
+        values = rng.normal(size=(n, D))
+        param.grad = torch.sparse_coo_tensor(
+            torch.tensor(ids[None]), torch.tensor(values), (V, D), check_invariants=True
+        )
+        topt.step()
+        indices, data = _pad(ids[:, None], values, (V, D), NSE)
+        grad = jsparse.BCOO((data, indices), shape=(V, D))
+        ours, state = step(ours, {"emb": grad}, state)
+    assert_close(ours["emb"], param.detach().numpy(), 1e-10, 1e-12, "emb")

@@ -1,0 +1,68 @@
+"""Sparse gradients: `jax.experimental.sparse.BCOO` as torch's sparse COO `p.grad`.
+
+A BCOO gradient of a parameter of shape `S` holds `nse` entries: `indices`
+`[nse, n_sparse]` into the first `n_sparse` dimensions of `S` and `data`
+`[nse, *S[n_sparse:]]` (torch's `_indices().T` and `_values()`). Entries
+whose index is out of range (BCOO's padding, index == shape) are dropped,
+so a fixed `nse` keeps a jitted step from recompiling. With
+`n_sparse == 0` (a 0-d parameter's gradient) every entry sits at the one
+index.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import sparse as jsparse
+
+
+def entries(grad: jsparse.BCOO) -> jsparse.BCOO:
+    """`grad` with unbatched indices (`n_batch == 0`), entries as given."""
+    if grad.n_batch:
+        grad = jsparse.bcoo_update_layout(grad, n_batch=0)
+    return grad
+
+
+def coalesce(grad: jsparse.BCOO) -> jsparse.BCOO:
+    """torch's `grad.coalesce()`: unique, sorted indices, duplicates summed.
+
+    Padding stays out of range; with `n_sparse == 0` the entries are summed
+    into one (none when there are none).
+    """
+    grad = entries(grad)
+    if grad.n_sparse:
+        return grad.sum_duplicates(nse=grad.nse)
+    if grad.nse == 0:
+        return grad
+    data = jnp.sum(grad.data, axis=0, keepdims=True)
+    return jsparse.BCOO((data, grad.indices[:1]), shape=grad.shape)
+
+
+def _rows(x: jax.Array, grad: jsparse.BCOO) -> tuple[jax.Array, tuple]:
+    """`x` and the index tuple of `grad`'s entries into it: with
+    `n_sparse == 0`, `x` gains a leading dimension of 1 that every entry
+    indexes."""
+    if grad.n_sparse == 0:
+        return x[None], (jnp.zeros(grad.nse, jnp.int32),)
+    return x, tuple(grad.indices[:, k] for k in range(grad.n_sparse))
+
+
+def gather(x: jax.Array, grad: jsparse.BCOO) -> jax.Array:
+    """torch's `x.sparse_mask(grad)._values()`: `x` at `grad`'s entries
+    (zero at padding), shaped like `grad.data`."""
+    rows, index = _rows(x, grad)
+    return rows.at[index].get(mode="fill", fill_value=0)
+
+
+def scatter_add(x: jax.Array, grad: jsparse.BCOO, values: jax.Array) -> jax.Array:
+    """torch's `x.add_(sparse(grad's indices, values))`: each entry added in
+    turn (duplicates one after the other, not summed first); padding
+    dropped."""
+    rows, index = _rows(x, grad)
+    out = rows.at[index].add(values, mode="drop")
+    return out[0] if grad.n_sparse == 0 else out
+
+
+def todense(grad: jsparse.BCOO, like: jax.Array) -> jax.Array:
+    """`grad` as a dense array of `like`'s dtype, duplicates added in turn."""
+    return scatter_add(jnp.zeros_like(like), grad, grad.data.astype(like.dtype))

@@ -1,0 +1,120 @@
+r"""Parity driven by torch's own optimizer test database (`optim_db`).
+
+Every CPU input torch's optimizer tests run
+(`torch.testing._internal.common_optimizers`, cliquey `differentiable`/`fused`
+variants and tensor learning rates included) against live torch, in float64
+($|\Delta| \le 10^{-12} + 10^{-10}\,|x_\text{torch}|$ for parameters, every
+state buffer and the step counts, after every step), float32 (the parity
+table's tolerance of the optimizer's row) and complex128 where torch's
+`OptimizerInfo.supports_complex` says so; and every error input that has a
+pytree meaning must raise torch's type with a message matching torch's
+regex. The rows and the three tables that say what each expects
+(`NOT_APPLICABLE`, `KNOWN_GAPS`, `PARAMS_LIST_ERRORS`) live in
+`tests/parity/optim_db_inputs.py`; the parity table (`tests/parity/cases.py`)
+stays the readable spec.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import pytest
+
+from tests.parity import optim_db_inputs as db
+
+
+def _row_param(row: db.DbRow):
+    marks = []
+    if reason := db.lookup(db.NOT_APPLICABLE, row.key):
+        marks.append(pytest.mark.skip(reason=f"not applicable: {reason}"))
+    elif reason := db.lookup(db.KNOWN_GAPS, row.key):
+        marks.append(pytest.mark.xfail(strict=True, reason=reason))
+    return pytest.param(row, id=row.id, marks=marks)
+
+
+ROWS = db.rows()
+ERROR_ROWS = db.error_rows()
+
+
+def _rows(dtype: str) -> list:
+    return [_row_param(r) for r in ROWS if r.dtype == dtype]
+
+
+def _assert_matches(row: db.DbRow) -> None:
+    run = db.compare_lbfgs if row.optimizer == "lbfgs" else db.compare
+    comparisons = run(row)
+    assert comparisons, "nothing compared"
+    bad = [c for c in comparisons if not c.ok]
+    if bad:
+        worst = max(bad, key=lambda c: c.max_rel)
+        raise AssertionError(
+            f"{len(bad)} of {len(comparisons)} quantities differ from torch; "
+            f"worst {worst.what}: max relative difference {worst.max_rel:.3g}\n"
+            + worst.error
+        )
+
+
+@pytest.mark.parametrize("row", _rows("float64"))
+def test_float64(row, x64):
+    _assert_matches(row)
+
+
+@pytest.mark.parametrize("row", _rows("complex128"))
+def test_complex128(row, x64):
+    _assert_matches(row)
+
+
+@pytest.mark.parametrize("row", _rows("float32"))
+def test_float32(row):
+    assert not jax.config.jax_enable_x64
+    _assert_matches(row)
+
+
+def test_every_optimizer_and_input_is_a_row():
+    """All 15 of optim_db's optimizers, every CPU input of each, in each dtype
+    (complex where torch supports it), none filtered out silently."""
+    assert set(db.INFOS) == set(db.FUNCOPT_NAME.values())
+    assert len(db.INFOS) == 15
+    for optimizer, info in db.INFOS.items():
+        descs = {desc for desc, _, _ in db._db_inputs(optimizer)}
+        dtypes = {"float64", "float32"} | (
+            {"complex128"} if info.supports_complex else set()
+        )
+        for dtype in dtypes:
+            got = {
+                r.desc for r in ROWS if r.optimizer == optimizer and r.dtype == dtype
+            }
+            assert got == descs, (optimizer, dtype)
+
+
+def test_tables_name_existing_rows():
+    """Every table entry matches at least one row (a stale one is an error)."""
+    keys = [r.key for r in ROWS] + [r.key for r in ERROR_ROWS]
+    for table in (db.NOT_APPLICABLE, db.KNOWN_GAPS):
+        for entry in table:
+            assert any(db.lookup({entry: ""}, k) is not None for k in keys), entry
+    descs = {r.desc for r in db.error_rows()}
+    assert set(db.PARAMS_LIST_ERRORS) <= descs
+
+
+def _error_param(row: db.ErrorRow):
+    marks = []
+    if reason := db.PARAMS_LIST_ERRORS.get(row.desc):
+        marks.append(pytest.mark.skip(reason=f"no pytree meaning: {reason}"))
+    elif reason := db.lookup(db.KNOWN_GAPS, row.key):
+        marks.append(pytest.mark.xfail(strict=True, reason=reason))
+    return pytest.param(row, id=row.id, marks=marks)
+
+
+@pytest.mark.parametrize("row", [_error_param(r) for r in ERROR_ROWS])
+def test_error_input(row):
+    """torch raises what optim_db says; funcopt raises the same type with a
+    message matching torch's regex (at construction, `init` or first step:
+    funcopt sees the params only there)."""
+    theirs = db.torch_error(row)
+    assert isinstance(theirs, row.error_type), f"torch: {theirs!r}"
+    assert re.search(row.error_regex, str(theirs)), str(theirs)
+    ours = db.funcopt_error(row)
+    assert type(ours) is type(theirs), f"funcopt: {ours!r}, torch: {theirs!r}"
+    assert re.search(row.error_regex, str(ours)), f"funcopt: {ours}"

@@ -1,0 +1,194 @@
+"""SGD and Adagrad with sparse (BCOO) gradients, against live torch.
+
+torch's single-tensor SGD and Adagrad take a sparse ``p.grad`` (as
+``nn.Embedding(sparse=True)`` makes): SGD adds it to the parameter
+(through a sparse momentum buffer with ``momentum``), Adagrad updates its
+sum and the parameter at the coalesced indices only. The gradients come
+from ``test_sparse_adam``'s sequence (torch's own ``F.embedding(...,
+sparse=True)`` backward, repeated ids, empty gradients, no gradient at some
+steps, a 0-d parameter), plus a leaf with dense gradients: every tree mixes
+sparse, dense and ``None`` gradients. The option combinations torch refuses
+raise torch's exception, compared with torch's own.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from jax.experimental import sparse as jsparse
+
+import funcopt as fo
+from tests.parity import test_sparse_adam as sparse_case
+from tests.parity.noise_floor import assert_close
+
+# every combination torch allows with sparse gradients (weight_decay != 0
+# and fused raise, see the error tests below)
+ROWS = {
+    "sgd": (torch.optim.SGD, fo.sgd, dict(lr=0.05)),
+    "sgd_max": (torch.optim.SGD, fo.sgd, dict(lr=0.05, maximize=True)),
+    "sgd_momentum": (
+        torch.optim.SGD,
+        fo.sgd,
+        dict(lr=0.05, momentum=0.9, dampening=0.3),
+    ),
+    "sgd_nesterov_max": (
+        torch.optim.SGD,
+        fo.sgd,
+        dict(lr=0.05, momentum=0.8, nesterov=True, maximize=True),
+    ),
+    "adagrad": (
+        torch.optim.Adagrad,
+        fo.adagrad,
+        dict(lr=0.05, lr_decay=0.1, initial_accumulator_value=0.2, eps=1e-3),
+    ),
+    "adagrad_max": (
+        torch.optim.Adagrad,
+        fo.adagrad,
+        dict(lr=0.05, lr_decay=0.01, maximize=True),
+    ),
+}
+# torch's state names and funcopt's, per optimizer
+SLOTS = {"SGD": ("momentum_buffer",), "Adagrad": ("sum",)}
+# measured (jit, every row, 3 seeds): at most 1.0e-7 beyond 1e-6 * abs(torch)
+# (the nesterov momentum buffer); torch adds an uncoalesced sparse gradient
+# with fused multiply-adds (axpy), a coalesced one without, XLA the reverse
+F32_RTOL, F32_ATOL = 1e-6, 5e-7
+# every kind of step: an empty "bias" gradient (t = 2), no gradient for
+# "emb" (t = 3), "mat" (t = 1, 5), "scalar" (t = 0, 3, 6), "dense" (t = 4);
+# each new pattern of None gradients compiles anew (5 patterns)
+JIT_STEPS = 8
+
+
+def _sequence(rng, params, dtype, pad):
+    """``test_sparse_adam``'s sparse gradients plus a dense-gradient leaf."""
+    seq = sparse_case._gradients(rng, params, dtype, pad)
+    for t, (torch_grads, grads) in enumerate(seq):
+        dense = None if t % 6 == 4 else rng.normal(size=(4,)).astype(dtype)
+        torch_grads["dense"] = None if dense is None else torch.tensor(dense)
+        grads["dense"] = dense
+    return seq
+
+
+def _compare(row, dtype, jit, rtol, atol, seed=0, steps=JIT_STEPS):
+    torch_cls, ours_fn, kwargs = ROWS[row]
+    rng = np.random.default_rng(seed)
+    params = sparse_case._params(rng, dtype)
+    params["dense"] = rng.normal(size=(4,)).astype(dtype)
+    # eager runs take unpadded BCOOs (a new nse, so new kernels, each step)
+    seq = _sequence(rng, params, dtype, pad=jit)[:steps]
+
+    names = ["bias", "dense", "emb", "mat", "scalar"]  # jax.tree.leaves order
+    tparams = {k: torch.tensor(params[k], requires_grad=True) for k in names}
+    topt = torch_cls([tparams[k] for k in names], **kwargs)
+    for torch_grads, _ in seq:
+        for k in names:
+            tparams[k].grad = torch_grads[k]
+        # Adagrad builds sparse tensors: opt in to torch's invariant checks
+        with torch.sparse.check_sparse_tensor_invariants():
+            topt.step()
+
+    opt = ours_fn(**kwargs)
+    ours = jax.tree.map(jnp.asarray, params)
+    state = opt.init(ours)
+    step = jax.jit(opt.step) if jit else opt.step
+    for _, grads in seq:
+        ours, state = step(ours, grads, state)
+
+    for k in names:
+        assert ours[k].dtype == dtype
+        assert_close(ours[k], tparams[k].detach().numpy(), rtol, atol, k)
+        tstate = topt.state[tparams[k]]
+        for slot in SLOTS[topt.__class__.__name__]:
+            if slot not in tstate:
+                assert slot not in state.slots, f"{k}: {slot}"
+                continue
+            # torch's momentum buffer of a sparse gradient is sparse
+            expected = tstate[slot]
+            expected = expected.to_dense() if expected.is_sparse else expected
+            assert_close(state.slots[slot][k], expected.numpy(), rtol, atol, k)
+    np.testing.assert_array_equal(ours["frozen"], params["frozen"])
+    # rows never looked up keep their values
+    np.testing.assert_array_equal(ours["emb"][-3:], params["emb"][-3:])
+
+
+@pytest.mark.parametrize("row", sorted(ROWS))
+def test_sparse_grads_float64_jit(row, x64):
+    _compare(row, np.float64, jit=True, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("row", ["adagrad_max", "sgd_nesterov_max"])
+def test_sparse_grads_float64_eager(row, x64):
+    # the first step, no gradient for "mat" (t=1), an empty one for "bias" (t=2)
+    _compare(row, np.float64, jit=False, rtol=1e-10, atol=1e-12, steps=3)
+
+
+@pytest.mark.parametrize("row", ["adagrad", "sgd_momentum", "sgd_max"])
+def test_sparse_grads_float32_jit(row):
+    assert not jax.config.jax_enable_x64
+    # the first step, no gradient for "mat" (t=1), an empty one for "bias"
+    # (t=2): each new pattern of None gradients compiles anew
+    _compare(row, np.float32, jit=True, rtol=F32_RTOL, atol=F32_ATOL, steps=3)
+
+
+# (torch class, funcopt factory, kwargs): combinations torch refuses
+ERRORS = {
+    "sgd_weight_decay": (torch.optim.SGD, fo.sgd, dict(weight_decay=0.1)),
+    "sgd_momentum_weight_decay": (
+        torch.optim.SGD,
+        fo.sgd,
+        dict(momentum=0.9, weight_decay=0.1, maximize=True),
+    ),
+    "sgd_fused": (torch.optim.SGD, fo.sgd, dict(fused=True)),
+    "adagrad_weight_decay": (
+        torch.optim.Adagrad,
+        fo.adagrad,
+        dict(weight_decay=0.1, maximize=True),
+    ),
+    "adagrad_fused": (torch.optim.Adagrad, fo.adagrad, dict(fused=True)),
+}
+
+
+def _torch_error(torch_cls, kwargs):
+    param = torch.zeros(3, 4, requires_grad=True)
+    param.grad = torch.sparse_coo_tensor(
+        torch.tensor([[1, 1]]), torch.ones(2, 4), (3, 4)
+    )
+    with pytest.raises(Exception) as error:
+        with torch.sparse.check_sparse_tensor_invariants():
+            torch_cls([param], lr=0.1, **kwargs).step()
+    return error.value
+
+
+def _tree():
+    params = {"a": jnp.zeros(2), "w": jnp.zeros((3, 4))}
+    grad = jsparse.BCOO((jnp.ones((2, 4)), jnp.array([[1], [1]])), shape=(3, 4))
+    return params, {"a": jnp.ones(2), "w": grad}
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("case", sorted(ERRORS))
+def test_refused_combinations_raise_torchs_error(case, jit):
+    torch_cls, ours_fn, kwargs = ERRORS[case]
+    expected = _torch_error(torch_cls, kwargs)
+    opt = ours_fn(lr=0.1, **kwargs)
+    params, grads = _tree()
+    step = jax.jit(opt.step) if jit else opt.step
+    with pytest.raises(Exception) as error:
+        step(params, grads, opt.init(params))
+    assert type(error.value) is type(expected)
+    assert str(error.value) == f"params['w']: {expected}"
+
+
+@pytest.mark.parametrize("case", ["sgd_weight_decay", "adagrad_weight_decay"])
+def test_weight_decay_set_in_the_state_raises(case):
+    """The check reads the state's weight_decay (torch's group value)."""
+    torch_cls, ours_fn, kwargs = ERRORS[case]
+    expected = _torch_error(torch_cls, kwargs)
+    opt = ours_fn(lr=0.1, **{**kwargs, "weight_decay": 0})
+    params, grads = _tree()
+    opt.step(params, grads, opt.init(params))  # weight_decay 0: accepted
+    state = fo.set_hparam(opt.init(params), "weight_decay", 0.1)
+    with pytest.raises(RuntimeError) as error:
+        opt.step(params, grads, state)
+    assert str(error.value) == f"params['w']: {expected}"

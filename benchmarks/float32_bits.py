@@ -34,18 +34,23 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+import funcopt as fo  # noqa: E402
 from funcopt._tree import is_trainable  # noqa: E402
 from tests.parity.cases import OPT_CASES  # noqa: E402
 from tests.torch_ref import slot_leaves, step_counts  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+# column group -> (x64, funcopt's bit-exact float32 mode)
+MODES = {"x64 exact": (True, True), "x64": (True, False), "no x64": (False, False)}
 # the "ulp@10" column: the largest difference over the first steps, before
 # differences compound
 EARLY = 10
 
 NOTES = [
-    "With x64 funcopt's float32 helpers round every torch op as torch's CPU "
-    "kernel does (`funcopt/_math.py`). The rows that still differ take a "
+    "*x64 exact*: x64 and `fo.precision.set_exact_float32(True)`: funcopt's "
+    "float32 helpers round every torch op as torch's CPU "
+    "kernel does (`funcopt/_math.py`); *x64*: the default float32 program "
+    "with float64 scalar math. The rows that still differ take a "
     "square root: torch's float32 `sqrt` on CPU is MKL's `vsSqrt` (`VML_HA`), "
     "about 0.6% of whose results are 1 ulp from the correctly rounded root "
     "(XLA's): Adam, AdamW, NAdam, RAdam, RMSprop, Adagrad, Adadelta, "
@@ -185,14 +190,18 @@ def measure(case, kwargs, steps: int, eager_steps: int, seed: int = 0) -> dict:
     ref = run_torch(case, kwargs, params, grads)
     keys = sorted({k for arrays in ref[0] for k in arrays})
     row = {}
-    for x64 in (True, False):
-        with jax.enable_x64(x64):
-            jitted = run_funcopt(case, kwargs, params, grads, keys, jit=True)
-            eager = run_funcopt(
-                case, kwargs, params, grads[:eager_steps], keys, jit=False
-            )
+    for mode, (x64, exact) in MODES.items():
+        fo.precision.set_exact_float32(exact)
+        try:
+            with jax.enable_x64(x64):
+                jitted = run_funcopt(case, kwargs, params, grads, keys, jit=True)
+                eager = run_funcopt(
+                    case, kwargs, params, grads[:eager_steps], keys, jit=False
+                )
+        finally:
+            fo.precision.set_exact_float32(False)
         first, early, worst = compare(jitted, ref, EARLY)
-        row[x64] = {
+        row[mode] = {
             "first": first,
             "early": early,
             "ulp": worst,
@@ -230,9 +239,12 @@ def main() -> None:
         f"{args.eager_steps} steps); *ulp@{EARLY}*: the largest difference over "
         f"the first {EARLY} steps.",
         "",
-        f"| optimizer | flags | x64: first | ulp@{EARLY} | ulp | eager == jit "
-        f"| no x64: first | ulp@{EARLY} | ulp | eager == jit |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| optimizer | flags | "
+        + " | ".join(
+            f"{mode}: first | ulp@{EARLY} | ulp | eager == jit" for mode in MODES
+        )
+        + " |",
+        "|---|---|" + "---|---|---|---|" * len(MODES),
     ]
     for case in OPT_CASES:
         if args.only and case.name not in args.only:
@@ -243,7 +255,8 @@ def main() -> None:
                 f"{k}={v}" for k, v in kwargs.items() if k not in case.fixed
             )
             row = measure(case, kwargs, args.steps, args.eager_steps)
-            line = f"| {case.name} | {flags} | {_fmt(row[True])} | {_fmt(row[False])} |"
+            cells = " | ".join(_fmt(row[mode]) for mode in MODES)
+            line = f"| {case.name} | {flags} | {cells} |"
             print(line, flush=True)
             lines.append(line)
     lines += ["", *NOTES, "", f"Runtime: {time.perf_counter() - start:.0f} s.", ""]

@@ -667,17 +667,18 @@ def _leaf_step(definition: _Definition, group: str, options: dict[str, Any]):
     Outside `jit` a leaf's update runs as one compiled kernel instead of
     op by op. The cache key holds everything the rule reads at trace time
     beyond its arguments (jit's own key adds x64, dtype promotion and matmul
-    precision): the rule, the group's options and the torch CPU loop that
-    16-bit rules mirror. A new optimizer with the same rule and options
-    reuses it; options that are not hashable are cached per optimizer.
+    precision): the rule, the group's options and `_math.trace_settings()`
+    (the torch CPU loop that 16-bit rules mirror, the bit-exact float32
+    mode). A new optimizer with the same rule and options reuses it;
+    options that are not hashable are cached per optimizer.
     """
-    block = _math.torch_cpu_block()
+    settings = _math.trace_settings()
     cache: dict = _LEAF_STEPS
-    key: tuple = (definition.rule, tuple(sorted(options.items())), block)
+    key: tuple = (definition.rule, tuple(sorted(options.items())), settings)
     try:
         hash(key)
     except TypeError:
-        cache, key = definition.leaf_steps, (group, block)
+        cache, key = definition.leaf_steps, (group, settings)
     fn = cache.get(key)
     if fn is None:
 

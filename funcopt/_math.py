@@ -32,7 +32,9 @@ takes it, and round once at the end. Measured against torch 2.13 on CPU
   [`torch_cpu_block`][funcopt.precision.torch_cpu_block] (32 unless set);
   `funcopt.torch_interop.measure_torch_cpu_block()` measures it.
 
-**float32 parameters with x64 enabled.** torch's float32 CPU kernels round
+**float32 parameters with x64 enabled, in the bit-exact mode**
+([`set_exact_float32`][funcopt.precision.set_exact_float32]; off by default
+for speed). torch's float32 CPU kernels round
 every op once in float32, and those that multiply and add (`add(alpha=)`,
 `addcmul`, `lerp`) use a fused multiply-add, in the vectorised loop and in its
 scalar tail alike (x86 AVX2/AVX-512 builds; `ATEN_CPU_CAPABILITY=default`,
@@ -45,8 +47,9 @@ back), and rounds once to float32: $+, -, \times, \div, \sqrt{}$ of float32
 values rounded through float64 are correctly rounded (53 >= 2*24 + 2), and a
 multiply-add is rounded to odd in float64 first (`_fma32`). The results are
 torch's bits whatever XLA fuses, so eager and jitted steps agree too.
-Without x64 the float32 helpers are the plain float32 expressions (XLA's
-contraction decides; see `benchmarks/results/float32_bits.md`).
+Without x64, or with the mode off (the default), the float32 helpers are the
+plain float32 expressions (XLA's contraction decides; see
+`benchmarks/results/float32_bits.md`).
 
 For float64 (and float32 without x64) every helper is the expression funcopt
 always used: the dtype checks run at trace time, so those paths compile to the
@@ -109,10 +112,56 @@ def is_reduced(x) -> bool:
     return jnp.dtype(x.dtype) in _REDUCED
 
 
+_exact_float32: dict[str, bool] = {"enabled": False}
+
+
+def exact_float32() -> bool:
+    """Whether float32 steps with x64 mirror torch's float32 ops bit for bit.
+
+    Off by default: the float32 step is then the plain float32 program
+    (torch's numbers within float32 rounding, as fast as optax's). On, each
+    float32 op runs in float64 on operands rebuilt from their bits and is
+    rounded as torch's CPU kernel rounds it (see the module docstring): the
+    elementwise optimizers without a square root (SGD, Adamax, ASGD, Rprop;
+    contrib Lion, schedule-free SGD) give torch's default CPU path's bits,
+    and eager and jitted steps agree, at 4-15x the step time (measured on
+    this project's 2-core x86 CI machine, 1 leaf of 1M and 100 leaves of
+    10k). Needs x64 (without it there is no wider float to round through).
+    """
+    return _exact_float32["enabled"]
+
+
+def set_exact_float32(enabled: bool) -> None:
+    """Turn the bit-exact float32 mode on or off; see
+    [`exact_float32`][funcopt.precision.exact_float32].
+
+    Read when a step is traced, like
+    [`set_torch_cpu_block`][funcopt.precision.set_torch_cpu_block]: set it
+    before the first step (a jitted step already compiled keeps its mode).
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    _exact_float32["enabled"] = enabled
+
+
+def trace_settings() -> tuple[int | None, bool]:
+    """Everything a rule reads at trace time from this module's settings
+    (part of the per-leaf kernel cache key)."""
+    return torch_cpu_block(), exact_float32()
+
+
 def _exact32(x) -> bool:
-    """Whether `x` is float32 and x64 is on: torch's float32 ops mirrored
-    one by one through float64 (decided at trace time)."""
-    return jnp.dtype(x.dtype) == jnp.float32 and widest_float() == jnp.float64
+    """Whether `x` is float32 with x64 on, and either 0-d or the bit-exact
+    float32 mode is set: torch's float32 ops mirrored one by one through
+    float64 (decided at trace time). 0-d float32 math is always mirrored:
+    it is torch's scalar math on 0-d tensors (a tensor `lr`, the float32
+    step of `differentiable=True`), costs nothing, and a rounding there moves
+    every element of the update."""
+    return (
+        jnp.dtype(x.dtype) == jnp.float32
+        and widest_float() == jnp.float64
+        and (_exact_float32["enabled"] or jnp.ndim(x) == 0)
+    )
 
 
 @jax.custom_jvp

@@ -20,6 +20,12 @@ funcopt mirrors (blocks of 32 elements, torch on x86 with AVX2 or AVX-512),
 [`set_torch_cpu_block`][funcopt.precision.set_torch_cpu_block] changes it, and
 `funcopt.torch_interop.measure_torch_cpu_block()` measures it on the torch
 at hand.
+
+float32 steps are the plain float32 program by default (torch's numbers within
+float32 rounding). With x64 enabled,
+[`set_exact_float32(True)`][funcopt.precision.set_exact_float32] mirrors torch's
+float32 kernels op by op instead: bit for bit torch's default CPU path for the
+optimizers without a square root, at several times the step time.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ import jax.numpy as jnp
 import optax
 
 from ._core import Optimizer, build_optimizer
+from ._math import exact_float32 as exact_float32
+from ._math import set_exact_float32 as set_exact_float32
 from ._math import set_torch_cpu_block as set_torch_cpu_block
 from ._math import torch_cpu_block as torch_cpu_block
 from ._tree import PyTree, check_params, is_trainable

@@ -27,6 +27,16 @@ def torch_cpu_loop():
 
 
 @pytest.fixture
+def exact_float32():
+    """funcopt's bit-exact float32 mode (off by default) inside the test."""
+    fo.precision.set_exact_float32(True)
+    try:
+        yield
+    finally:
+        fo.precision.set_exact_float32(False)
+
+
+@pytest.fixture
 def x64():
     with jax.enable_x64(True):
         yield

@@ -8,7 +8,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .._math import add, add_scalar, addcmul, lerp, mul, widest_float
+from .._math import (
+    add,
+    add_scalar,
+    addcmul,
+    lerp,
+    mul,
+    scalar,
+    tensor_op,
+    widest_float,
+)
 from .._validate import is_array
 
 
@@ -18,6 +27,24 @@ def tensor_dtype(value: Any) -> str | None:
     if is_array(value) and jnp.issubdtype(value.dtype, jnp.floating):
         return jnp.dtype(value.dtype).name
     return None
+
+
+def check_foreach_differentiable(group: Mapping[str, Any]) -> None:
+    """torch's `_multi_tensor_*` refusal of `differentiable=True`, with its
+    message: torch raises an `AssertionError` at its first step, funcopt a
+    `ValueError` when the optimizer is built (an argument error)."""
+    if group["foreach"] and group["differentiable"]:
+        raise ValueError("_foreach ops don't support autograd")
+
+
+def foreach_mul(x: jax.Array, s) -> jax.Array:
+    """`torch._foreach_mul_([x], s)` for a Python-float `s`.
+
+    Unlike `x.mul_(s)` (the scalar as float32), the in-place foreach
+    multiply rounds the scalar to a 16-bit tensor's dtype first (measured,
+    torch 2.13 CPU); for float32 and float64 the two agree.
+    """
+    return tensor_op(jnp.multiply, x, scalar(s, x))
 
 
 def powf(base, exponent) -> jax.Array:
@@ -58,7 +85,10 @@ def weight_decayed(param, grad, hparams, options) -> tuple[jax.Array, jax.Array]
     grad = apply_maximize(grad, options)
     weight_decay = hparams["weight_decay"]
     if options["decoupled_weight_decay"]:
-        return decoupled_weight_decay(param, hparams["lr"], weight_decay), grad
+        lr = hparams["lr"]
+        if options.get("foreach") and lr.dtype == weight_decay.dtype:
+            return foreach_mul(param, 1 - lr * weight_decay), grad
+        return decoupled_weight_decay(param, lr, weight_decay), grad
     return param, coupled_weight_decay(grad, param, weight_decay)
 
 
@@ -79,7 +109,9 @@ def adam_moments(param, grad, slots, hparams, options):
     _, decayed_grad = weight_decayed(param, grad, hparams, options)
     exp_avg = lerp(slots["exp_avg"], decayed_grad, 1 - beta1)
     param, decayed_grad = in_own_pass(weight_decayed, param, grad, hparams, options)
-    exp_avg_sq = ema_of_square(slots["exp_avg_sq"], decayed_grad, beta2)
+    exp_avg_sq = ema_of_square(
+        slots["exp_avg_sq"], decayed_grad, beta2, options.get("foreach", False)
+    )
     return param, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 
 
@@ -160,6 +192,10 @@ def decoupled_weight_decay(
     return mul(param, 1 - lr * weight_decay)
 
 
-def ema_of_square(avg: jax.Array, grad: jax.Array, beta: jax.Array) -> jax.Array:
-    """torch's `avg.mul_(beta).addcmul_(grad, grad, value=1 - beta)`."""
-    return addcmul(mul(avg, beta), grad, grad, 1 - beta)
+def ema_of_square(
+    avg: jax.Array, grad: jax.Array, beta: jax.Array, foreach: bool = False
+) -> jax.Array:
+    """torch's `avg.mul_(beta).addcmul_(grad, grad, value=1 - beta)`
+    (`foreach`: `_foreach_mul_`, then `_foreach_addcmul_`)."""
+    decayed = foreach_mul(avg, beta) if foreach else mul(avg, beta)
+    return addcmul(decayed, grad, grad, 1 - beta)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -11,8 +12,25 @@ import jax.numpy as jnp
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
-from .._math import add, div, lerp, rsqrt, scalar, tensor_op, widest_float
-from ._common import apply_maximize, decoupled_weight_decay
+from .._math import (
+    _upcast_opaque,
+    add,
+    div,
+    is_reduced,
+    lerp,
+    mul,
+    opmath,
+    rsqrt,
+    scalar,
+    tensor_op,
+    widest_float,
+)
+from ._common import (
+    apply_maximize,
+    decoupled_weight_decay,
+    foreach_mul,
+    tensor_dtype,
+)
 
 
 @_validate.torch_checks("Adafactor")
@@ -54,7 +72,10 @@ def _norm(x, **kwargs):
     return tensor_op(lambda y: jnp.sqrt(jnp.sum(y * y, **kwargs)), x)
 
 
-def _adafactor_rule(param, grad, slots, step, hparams, options):
+def _adafactor_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
+    if lr_dtype is not None:
+        # a tensor lr: torch's scalar math with it runs in its dtype
+        hparams = {**hparams, "lr": hparams["lr"].astype(lr_dtype)}
     lr, d, weight_decay = hparams["lr"], hparams["d"], hparams["weight_decay"]
     eps1, eps2 = hparams["eps"][0], hparams["eps"][1]
     # NaN encodes torch's eps1=None: finfo(param.dtype).eps
@@ -62,11 +83,13 @@ def _adafactor_rule(param, grad, slots, step, hparams, options):
     grad = apply_maximize(grad, options)
     # torch: Python-float scalar math on float(step)
     one_minus_beta2_t = step ** hparams["beta2_decay"]
-    rho_t = jnp.minimum(lr, 1 / step**0.5)
     param_rms = _norm(param).astype(widest_float()) / param.size**0.5
-    alpha = jnp.maximum(eps2, param_rms) * rho_t
+    alpha, tensor_alpha = _step_size(lr, step, jnp.maximum(eps2, param_rms))
     # decoupled, with lr, after alpha is read from the undecayed param
-    param = decoupled_weight_decay(param, lr, weight_decay)
+    if options["foreach"]:  # `_foreach_mul_(params, 1 - lr * weight_decay)`
+        param = foreach_mul(param, 1 - lr * weight_decay)
+    else:
+        param = decoupled_weight_decay(param, lr, weight_decay)
     new_slots = {}
     if grad.ndim > 1:
         # norm(...).square_().div_(size): three ops, each rounded
@@ -94,7 +117,40 @@ def _adafactor_rule(param, grad, slots, step, hparams, options):
     update = tensor_op(jnp.multiply, update, grad)
     update_rms = _norm(update).astype(widest_float()) / (update.size**0.5 * d)
     denom = jnp.maximum(1.0, update_rms)
-    return add(param, update, -alpha / denom), new_slots
+    scale = -alpha / denom
+    if tensor_alpha is not None:
+        # where alpha is a tensor, `-alpha / denom` is a tensor op, read by
+        # `add_` as a Python float
+        takes_lr, tensor_alpha = tensor_alpha
+        tensor_scale = div(-tensor_alpha, denom).astype(widest_float())
+        scale = jnp.where(takes_lr, tensor_scale, scale)
+    if options["foreach"]:
+        # `_foreach_mul_(updates, alphas)`, then `_foreach_add_(params, updates)`
+        update = foreach_mul(update, scale)
+        if is_reduced(update):
+            # the 16-bit product read through its bits: LLVM would otherwise
+            # fuse it into the sum (see `_math._upcast_opaque`)
+            total = opmath(param) + _upcast_opaque(update)
+            return total.astype(param.dtype), new_slots
+        return tensor_op(jnp.add, param, update), new_slots
+    return add(param, update, scale), new_slots
+
+
+def _step_size(lr, step, rms):
+    r"""$\alpha_t = \max(\epsilon_2, \operatorname{RMS}) \min(\gamma, 1/\sqrt t)$.
+
+    `(alpha, None)` for a Python-float `lr`. For a tensor `lr`, torch's
+    `min(lr, 1 / step**0.5)` is the Python float where it compares below
+    `lr` (in lr's dtype) and the tensor `lr` otherwise, whose `alpha` is a
+    tensor op in its dtype: `(alpha, (takes_lr, tensor_alpha))`.
+    """
+    inv_sqrt = 1 / step**0.5
+    if lr.dtype == widest_float():
+        return rms * jnp.minimum(lr, inv_sqrt), None
+    takes_lr = ~(inv_sqrt.astype(lr.dtype) < lr)
+    tensor_alpha = mul(lr, rms)
+    alpha = jnp.where(takes_lr, tensor_alpha.astype(inv_sqrt.dtype), rms * inv_sqrt)
+    return alpha, (takes_lr, tensor_alpha)
 
 
 def _complex_error(paths, indices):
@@ -152,9 +208,20 @@ def adafactor(
     `fo.get_hparam(state, "eps")` shows NaN for None, and
     `fo.set_hparam(state, "eps", (float("nan"), 1e-3))` sets it back.
 
-    `foreach` is accepted; the result is torch's default CPU path
-    (torch's `foreach=True` and a tensor `lr` round differently, see
-    `benchmarks/results/flag_paths.md`; not reproduced). Complex parameters raise
+    `foreach=True` mirrors torch's `_multi_tensor_adafactor`: the update is
+    scaled in place, $u \leftarrow \operatorname{round}(u \cdot (-\alpha_t/
+    \text{denom}))$, then added ($\theta + u$, two roundings instead of one
+    multiply-add), and `_foreach_mul_` rounds its scalar to a 16-bit
+    tensor's dtype first (the update's scale, the weight decay factor).
+    With `eps1=None`, torch's foreach path takes the finfo `eps` of the
+    first dtype it groups for every later dtype of the group; funcopt uses
+    each parameter's own (equal for a group of one dtype). A tensor `lr`
+    (an array, e.g. `np.float32(0.3)`) keeps its dtype, as in torch:
+    $\rho_t$ is `lr` until $1/\sqrt t$ compares below it (in its dtype),
+    and while it is, $\alpha_t$ and $-\alpha_t/\text{denom}$ are tensor
+    ops in lr's dtype, as is the decay factor $1 - \gamma\lambda$
+    always. `foreach=True` with a tensor `lr` is not reproduced (`lr` is
+    read as a Python float there). Complex parameters raise
     torch's `RuntimeError` at `init` and `step` (torch: at `step`).
     """
     group = dict(
@@ -177,16 +244,21 @@ def adafactor(
                 for name, values in param_groups.overrides.items()
             },
         )
+    # a tensor lr keeps its dtype (not with foreach, whose tensor-lr path is
+    # not reproduced)
+    lr_dtype = None if foreach else tensor_dtype(lr)
     opt = make_optimizer(
         name="Adafactor",
-        rule=_adafactor_rule,
+        rule=_adafactor_rule
+        if lr_dtype is None
+        else functools.partial(_adafactor_rule, lr_dtype=lr_dtype),
         init_slots=_adafactor_slots,
         hyperparams={**group, "eps": _encode_eps(eps)},
-        options={"maximize": maximize},
+        # foreach: torch's `_multi_tensor_adafactor` (None on CPU: single-tensor)
+        options={"maximize": maximize, "foreach": bool(foreach)},
         param_groups=param_groups,
         supports_complex=False,
         complex_error=_complex_error,
-        extra_defaults={"foreach": foreach},
     )
     opt.defaults = {**opt.defaults, "eps": eps}
     return opt

@@ -11,14 +11,30 @@ import jax.numpy as jnp
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
-from .._math import add, add_scalar, mul, tensor_op, widest_float
-from ._common import coupled_gradient, powf, tensor_dtype
+from .._math import (
+    add,
+    add_scalar,
+    addcmul,
+    is_reduced,
+    mul,
+    reciprocal,
+    tensor_op,
+    widest_float,
+)
+from ._common import (
+    apply_maximize,
+    check_foreach_differentiable,
+    coupled_gradient,
+    powf,
+    tensor_dtype,
+)
 
 
 def _validate_asgd(group: Mapping[str, Any]) -> None:
     _validate.check_scalar_lr(group["lr"])
     _validate.check_at_least_zero(group["lr"], "learning rate")
     _validate.check_at_least_zero(group["weight_decay"], "weight_decay value")
+    check_foreach_differentiable(group)
 
 
 def _asgd_slots(param, group):
@@ -31,6 +47,8 @@ def _asgd_slots(param, group):
 
 
 def _asgd_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
+    if options["foreach"]:
+        return _foreach_asgd_rule(param, grad, slots, step, hparams, options, lr_dtype)
     lr, lambd = hparams["lr"], hparams["lambd"]
     alpha, t0 = hparams["alpha"], hparams["t0"]
     grad = coupled_gradient(param, grad, hparams, options)
@@ -53,6 +71,53 @@ def _asgd_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
     excess = step - t0
     new_mu = (1 / jnp.where(excess > 1, excess, 1.0)).astype(jnp.float32)
     return param, {"eta": new_eta, "mu": new_mu, "ax": ax}
+
+
+def _foreach_asgd_rule(param, grad, slots, step, hparams, options, lr_dtype):
+    """torch's `_multi_tensor_asgd`: the decay folded into the gradient,
+    `ax` always averaged, the next `eta` in float32 tensor ops."""
+    lr, lambd = hparams["lr"], hparams["lambd"]
+    alpha, t0 = hparams["alpha"], hparams["t0"]
+    grad = apply_maximize(grad, options)
+    weight_decay = hparams["weight_decay"]
+    # `_foreach_add(grads, params, alpha=weight_decay)` if weight_decay != 0,
+    # then `_foreach_add_(..., params, alpha=lambd)`
+    decayed = jnp.where(weight_decay != 0, add(grad, param, weight_decay), grad)
+    direction = add(decayed, param, lambd)
+    eta = jnp.where(step == 1, lr.astype(jnp.float32), slots["eta"])
+    # `_foreach_addcmul_(params, direction, etas, value=-1)`: eta a 0-dim
+    # float32 tensor
+    param = _addcmul_scalar_tensor(param, direction, eta, -1.0)
+    ax = slots["ax"]
+    # `_foreach_addcmul_(axs, params - axs, mus)`, whatever mu is
+    diff = tensor_op(jnp.subtract, param, ax)
+    ax = _addcmul_scalar_tensor(ax, diff, slots["mu"], 1.0)
+    step32 = jnp.asarray(step).astype(jnp.float32)  # torch's float32 step
+    if lr_dtype is None:
+        # `lr / ((1 + lambd * lr * step) ** alpha)` with `step` a float32
+        # tensor: `(lambd * lr)` a Python float, then float32 tensor ops
+        power = powf(add_scalar(mul(step32, lambd * lr), 1.0), alpha)
+        new_eta = mul(reciprocal(power), lr)
+    else:
+        new_eta = _tensor_lr_eta(lr.astype(lr_dtype), lambd, alpha, step)
+    excess = step - t0
+    new_mu = (1 / jnp.where(excess > 1, excess, 1.0)).astype(jnp.float32)
+    return param, {"eta": new_eta, "mu": new_mu, "ax": ax}
+
+
+def _addcmul_scalar_tensor(x, t1, t2, value):
+    """`x.addcmul_(t1, t2, value=value)` with `t2` a 0-dim float32 tensor.
+
+    torch's type promotion: a 16-bit `x` with dimensions takes `t2`
+    rounded to its dtype; a 0-dim 16-bit `x` (two 0-dim operands) computes
+    in float32, rounded to its dtype on the write. Leaves packed into one
+    buffer (`funcopt.flat`, the multi-tensor policy) all count as having
+    dimensions.
+    """
+    if is_reduced(x) and jnp.ndim(x) == 0:
+        f32 = jnp.float32
+        return addcmul(x.astype(f32), t1.astype(f32), t2, value).astype(x.dtype)
+    return addcmul(x, t1, t2.astype(x.dtype), value)
 
 
 def _tensor_lr_eta(lr, lambd, alpha, step):
@@ -99,13 +164,20 @@ def asgd(
     $\mu_0 = 1$. `eta` and `mu` are float32 scalars in torch and are
     rounded to float32 here too. The averaged iterate $\bar\theta$
     (`ax`) is state only; the parameters are never replaced by it. This is
-    torch's single-tensor algebra (its foreach path differs by rounding).
+    torch's single-tensor algebra.
 
-    `foreach`, `differentiable` and `capturable` are accepted; the
-    result is torch's default CPU path, which is also what torch's
-    `differentiable=True` gives, bit for bit
-    (`benchmarks/results/flag_paths.md`; torch's `foreach` path rounds
-    differently and is not reproduced). A tensor `lr` (an array, e.g.
+    `foreach=True` mirrors torch's `_multi_tensor_asgd`:
+    $\theta_t = \theta_{t-1} - \eta_{t-1}\bigl(g_t + \lambda\theta_{t-1}\bigr)$
+    (one `addcmul` with $\eta$ a float32 scalar tensor),
+    $\bar\theta_t = \bar\theta_{t-1} + \mu_{t-1}(\theta_t - \bar\theta_{t-1})$
+    even where $\mu = 1$, and $\eta_t$ computed in float32 tensor ops on
+    the float32 step ($\gamma \cdot \operatorname{f32}(1 +
+    \operatorname{f32}(\lambda\gamma)\,t)^{-\alpha}$, `powf`); with
+    `differentiable=True` it raises a `ValueError` with torch's message
+    (torch: an `AssertionError` at its first step). `differentiable`
+    and `capturable` are otherwise accepted; the result is torch's default
+    CPU path, which is also what torch's `differentiable=True` gives, bit
+    for bit (`benchmarks/results/flag_paths.md`). A tensor `lr` (an array, e.g.
     `np.float32(0.01)`) keeps its dtype: $\eta_t$ is computed in tensor
     ops in it, as in torch.
     State: `eta`, `mu` (float32 scalars) and `ax`; the step
@@ -127,12 +199,13 @@ def asgd(
             "t0": t0,
             "weight_decay": weight_decay,
         },
-        options={"maximize": maximize},
+        options={
+            "maximize": maximize,
+            # torch's `_multi_tensor_asgd` (foreach=None on CPU: single-tensor)
+            "foreach": bool(foreach),
+            "differentiable": differentiable,
+        },
         validate=_validate_asgd,
         param_groups=param_groups,
-        extra_defaults={
-            "foreach": foreach,
-            "differentiable": differentiable,
-            "capturable": capturable,
-        },
+        extra_defaults={"capturable": capturable},
     )

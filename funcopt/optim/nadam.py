@@ -22,12 +22,19 @@ from .._math import (
     tensor_op,
     widest_float,
 )
-from ._common import adam_moments, tensor_dtype, weight_decayed, write_buffers_first
+from ._common import (
+    adam_moments,
+    check_foreach_differentiable,
+    tensor_dtype,
+    weight_decayed,
+    write_buffers_first,
+)
 
 
 def _validate_nadam(group: Mapping[str, Any]) -> None:
     _validate.check_adam_family(group)
     _validate.check_at_least_zero(group["momentum_decay"], "momentum_decay value")
+    check_foreach_differentiable(group)
 
 
 def _nadam_slots(param, group):
@@ -46,7 +53,6 @@ def _nadam_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
     lr, eps = hparams["lr"], hparams["eps"]
     beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
     momentum_decay = hparams["momentum_decay"]
-    bias_correction2 = 1 - beta2**step
     # the momentum cache mu_t and mu_{t+1}, Python-float math
     mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
     mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
@@ -57,7 +63,9 @@ def _nadam_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
     # gradient (no full-size temporary for it)
     moments, param, grad = write_buffers_first(moments, param, grad)
     param, grad = weight_decayed(param, grad, hparams, options)
-    denom = add_scalar(sqrt(div(moments["exp_avg_sq"], bias_correction2)), eps)
+    denom = add_scalar(
+        _bias_corrected_root(moments["exp_avg_sq"], step, beta2, options), eps
+    )
     if options["differentiable"]:
         grad_scale, exp_avg_scale = _tensor_coefficients(
             mu_product, mu, mu_next, lr, lr_dtype is not None
@@ -68,7 +76,13 @@ def _nadam_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
     # _get_value(mu_product): the float32 value read back as a Python float
     mu_product_value = mu_product.astype(widest_float())
     mu_product_next = mu_product_value * mu_next
-    if lr_dtype is not None:  # `-lr * c / d`: tensor ops in lr's dtype
+    if lr_dtype is not None and options["foreach"]:
+        # foreach: the step sizes read a tensor lr as a Python float
+        # (`_get_value(lr)`); its weight decay factor stays tensor math
+        lr = lr.astype(widest_float())
+        grad_value = -lr * (1.0 - mu) / (1.0 - mu_product_value)
+        exp_avg_value = (-lr * mu_next) / (1.0 - mu_product_next)
+    elif lr_dtype is not None:  # `-lr * c / d`: tensor ops in lr's dtype
         # mu_product read through its bits (`opmath`): XLA would otherwise
         # fuse its float32 product into `1 - mu_product` (one rounding)
         exact_value = opmath(mu_product).astype(widest_float())
@@ -80,6 +94,19 @@ def _nadam_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
     param = addcdiv(param, grad, denom, grad_value)
     param = addcdiv(param, moments["exp_avg"], denom, exp_avg_value)
     return param, {"mu_product": mu_product, **moments}
+
+
+def _bias_corrected_root(exp_avg_sq, step, beta2, options):
+    r"""$\sqrt{v_t / (1-\beta_2^t)}$ in torch's op order.
+
+    Single-tensor: `exp_avg_sq.div(bias_correction2).sqrt()`; foreach:
+    `_foreach_sqrt(exp_avg_sqs)` divided by the Python float
+    `(1 - beta2**step) ** 0.5`.
+    """
+    bias_correction2 = 1 - beta2**step
+    if options["foreach"]:
+        return div(sqrt(exp_avg_sq), bias_correction2**0.5)
+    return sqrt(div(exp_avg_sq, bias_correction2))
 
 
 def _tensor_coefficients(mu_product, mu, mu_next, lr, tensor_lr):
@@ -153,11 +180,16 @@ def nadam(
     are float32 (each op rounded) and multiply $g_t$ and $m_t$ before the
     two `addcdiv` steps. A tensor `lr` (an array, e.g. `np.float32(2e-3)`)
     keeps its dtype: both coefficients are tensor ops in it, as in torch.
-    `foreach` and `capturable` are accepted and
-    ignored (torch refuses `capturable=True` for CPU params; its
-    `foreach` path rounds differently, see
-    `benchmarks/results/flag_paths.md`). State: `mu_product` (a float32
-    scalar), `exp_avg`, `exp_avg_sq`; the step count is `state.step`.
+    `foreach=True` mirrors torch's `_multi_tensor_nadam`:
+    $d_t = \sqrt{v_t} / \sqrt{1-\beta_2^t} + \epsilon$ (the root of
+    the Python float), and `_foreach_mul_` rounds its scalar to a 16-bit
+    tensor's dtype first ($v_t$'s decay, decoupled weight decay); a tensor
+    `lr` then enters the step sizes as a Python float. It refuses
+    `differentiable=True` with a `ValueError` with torch's message (torch:
+    an `AssertionError` at its first step). `capturable` is accepted and
+    ignored (torch refuses `capturable=True` for CPU params). State:
+    `mu_product` (a float32 scalar), `exp_avg`, `exp_avg_sq`; the step
+    count is `state.step`.
     """
     lr_dtype = tensor_dtype(lr)
     return make_optimizer(
@@ -179,8 +211,10 @@ def nadam(
             "decoupled_weight_decay": decoupled_weight_decay,
             "maximize": maximize,
             "differentiable": differentiable,
+            # torch's `_multi_tensor_nadam` (foreach=None on CPU: single-tensor)
+            "foreach": bool(foreach),
         },
         validate=_validate_nadam,
         param_groups=param_groups,
-        extra_defaults={"foreach": foreach, "capturable": capturable},
+        extra_defaults={"capturable": capturable},
     )

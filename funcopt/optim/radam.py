@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import jax.numpy as jnp
 
 from .. import _validate
@@ -10,13 +13,19 @@ from .._groups import ParamGroups
 from .._math import (
     add,
     add_scalar,
+    addcmul,
     div,
     mul,
     reciprocal,
     sqrt,
     tensor_op,
 )
-from ._common import adam_moments
+from ._common import adam_moments, check_foreach_differentiable
+
+
+def _validate_radam(group: Mapping[str, Any]) -> None:
+    _validate.check_adam_family(group)
+    check_foreach_differentiable(group)
 
 
 def _radam_slots(param, group):
@@ -38,6 +47,8 @@ def _radam_rule(param, grad, slots, step, hparams, options):
     rect = (
         (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
     ) ** 0.5
+    if options["foreach"]:
+        return _foreach_update(param, moments, step, rho_t, rect, hparams), moments
     # (bias_correction2**0.5) / tensor is Tensor.__rtruediv__: reciprocal() * scalar
     adaptive_lr = mul(
         reciprocal(add_scalar(sqrt(exp_avg_sq), eps)), bias_correction2**0.5
@@ -46,6 +57,27 @@ def _radam_rule(param, grad, slots, step, hparams, options):
     adapted = mul(tensor_op(jnp.multiply, plain, adaptive_lr), rect)
     new_param = add(param, jnp.where(rho_t > 5.0, adapted, plain), -1.0)
     return new_param, moments
+
+
+def _foreach_update(param, moments, step, rho_t, rect, hparams):
+    r"""torch's `_multi_tensor_radam` update: one per-element factor.
+
+    `buffer = 1 / ((sqrt(v) + eps) / s) + u` with the Python floats
+    `s = -sqrt(1 - beta2^t) * lr * r / (1 - beta1^t)` (`r = 0` while
+    $\rho_t \le 5$, where `1 / (x / -0.0)` is `-0.0`) and
+    `u = -lr / (1 - beta1^t)` while $\rho_t \le 5$, else 0; then
+    `param.addcmul_(exp_avg, buffer)`.
+    """
+    lr, eps = hparams["lr"], hparams["eps"]
+    beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
+    rect = jnp.where(rho_t > 5, rect, 0.0)
+    unrectified = jnp.where(rect > 0, 0.0, 1.0)
+    bias_correction1 = 1 - beta1**step
+    unrect_step_size = (lr * unrectified / bias_correction1) * -1
+    scale = ((1 - beta2**step) ** 0.5) * (lr * rect / bias_correction1) * -1
+    buffer = div(add_scalar(sqrt(moments["exp_avg_sq"]), eps), scale)
+    buffer = add_scalar(reciprocal(buffer), unrect_step_size)
+    return addcmul(param, moments["exp_avg"], buffer, 1.0)
 
 
 @_validate.optimizer_factory
@@ -90,11 +122,20 @@ def radam(
     to the uncorrected $\sqrt{v_t}$. With the default $\beta_2$
     the first five steps are un-adapted. `t` is each parameter's own count.
 
-    `foreach`, `capturable` and `differentiable` are accepted; the
-    result is torch's default CPU path, which is also what torch's
-    `differentiable=True` and a float32 tensor `lr` give, bit for bit
-    (`benchmarks/results/flag_paths.md`; its `foreach` path rounds
-    differently, and `capturable=True` raises for CPU params).
+    `capturable` and `differentiable` are accepted; the result is torch's
+    default CPU path, which is also what torch's `differentiable=True` and
+    a float32 tensor `lr` give, bit for bit
+    (`benchmarks/results/flag_paths.md`; `capturable=True` raises for CPU
+    params). `foreach=True` mirrors torch's `_multi_tensor_radam`: one
+    factor $b_t = 1 / \bigl((\sqrt{v_t}+\epsilon) / s_t\bigr) + u_t$ with
+    the Python floats $s_t = -\gamma r_t\sqrt{1-\beta_2^t}/(1-\beta_1^t)$
+    ($r_t = 0$ while $\rho_t \le 5$) and $u_t = -\gamma/(1-\beta_1^t)$
+    while $\rho_t \le 5$, else 0, then $\theta_t = \theta_{t-1} + m_t b_t$
+    (and `_foreach_mul_` rounds its scalar to a 16-bit tensor's dtype
+    first); with `differentiable=True` it raises a `ValueError` with
+    torch's message (torch: an `AssertionError` at its first step).
+    `foreach=True` with a tensor `lr` (torch: float32 tensor step sizes)
+    is not reproduced: `lr` is read as a Python float.
     State: `exp_avg`, `exp_avg_sq`; the step count is
     `state.step`.
     """
@@ -112,12 +153,11 @@ def radam(
         options={
             "decoupled_weight_decay": decoupled_weight_decay,
             "maximize": maximize,
-        },
-        validate=_validate.check_adam_family,
-        param_groups=param_groups,
-        extra_defaults={
-            "foreach": foreach,
-            "capturable": capturable,
+            # torch's `_multi_tensor_radam` (foreach=None on CPU: single-tensor)
+            "foreach": bool(foreach),
             "differentiable": differentiable,
         },
+        validate=_validate_radam,
+        param_groups=param_groups,
+        extra_defaults={"capturable": capturable},
     )

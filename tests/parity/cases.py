@@ -103,48 +103,57 @@ CORE_ERRORS = [
 # torch's flag paths that change numbers (benchmarks/results/flag_paths.md),
 # compared with torch run with the same flag; kept out of OPT_CASES (one row
 # per optimizer for the generic tests), added to the parity lists below
-FLAG_CASES = [
-    OptCase(
-        "adam-differentiable",
-        torch.optim.Adam,
-        fo.adam,
-        grid={
-            "weight_decay": [0.0, 0.1],
-            "amsgrad": [False, True],
-            "decoupled_weight_decay": [False, True],
-        },
-        fixed={"lr": 0.02, "betas": (0.8, 0.95), "eps": 1e-6, "differentiable": True},
-        valid=lambda kw: kw["weight_decay"] or not kw["decoupled_weight_decay"],
-    ),
-    OptCase(
-        "adamw-differentiable",
-        torch.optim.AdamW,
-        fo.adamw,
-        grid={"amsgrad": [False, True], "maximize": [False, True]},
-        fixed={"lr": 0.02, "weight_decay": 0.3, "differentiable": True},
-    ),
-    # a tensor lr (float32, torch's default dtype): torch's scalar math with
-    # it runs in float32, in the default and the differentiable path
-    OptCase(
-        "adam-tensor-lr",
-        torch.optim.Adam,
-        fo.adam,
-        grid={
-            "weight_decay": [0.0, 0.1],
-            "decoupled_weight_decay": [False, True],
-            "differentiable": [False, True],
-        },
-        fixed={"lr": torch.tensor(0.02), "betas": (0.8, 0.95), "eps": 1e-6},
-        valid=lambda kw: kw["weight_decay"] or not kw["decoupled_weight_decay"],
-    ),
-    OptCase(
-        "adamw-tensor-lr",
-        torch.optim.AdamW,
-        fo.adamw,
-        grid={"differentiable": [False, True]},
-        fixed={"lr": torch.tensor(0.02), "weight_decay": 0.3},
-    ),
-] + cases_adaptive.FLAG_CASES
+FLAG_CASES = (
+    [
+        OptCase(
+            "adam-differentiable",
+            torch.optim.Adam,
+            fo.adam,
+            grid={
+                "weight_decay": [0.0, 0.1],
+                "amsgrad": [False, True],
+                "decoupled_weight_decay": [False, True],
+            },
+            fixed={
+                "lr": 0.02,
+                "betas": (0.8, 0.95),
+                "eps": 1e-6,
+                "differentiable": True,
+            },
+            valid=lambda kw: kw["weight_decay"] or not kw["decoupled_weight_decay"],
+        ),
+        OptCase(
+            "adamw-differentiable",
+            torch.optim.AdamW,
+            fo.adamw,
+            grid={"amsgrad": [False, True], "maximize": [False, True]},
+            fixed={"lr": 0.02, "weight_decay": 0.3, "differentiable": True},
+        ),
+        # a tensor lr (float32, torch's default dtype): torch's scalar math with
+        # it runs in float32, in the default and the differentiable path
+        OptCase(
+            "adam-tensor-lr",
+            torch.optim.Adam,
+            fo.adam,
+            grid={
+                "weight_decay": [0.0, 0.1],
+                "decoupled_weight_decay": [False, True],
+                "differentiable": [False, True],
+            },
+            fixed={"lr": torch.tensor(0.02), "betas": (0.8, 0.95), "eps": 1e-6},
+            valid=lambda kw: kw["weight_decay"] or not kw["decoupled_weight_decay"],
+        ),
+        OptCase(
+            "adamw-tensor-lr",
+            torch.optim.AdamW,
+            fo.adamw,
+            grid={"differentiable": [False, True]},
+            fixed={"lr": torch.tensor(0.02), "weight_decay": 0.3},
+        ),
+    ]
+    + cases_adaptive.FLAG_CASES
+    + cases_misc.FLAG_CASES
+)
 
 OPT_CASES = CORE_CASES + cases_adaptive.CASES + cases_misc.CASES + cases_ecosystem.CASES
 ERROR_CASES = (

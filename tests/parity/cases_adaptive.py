@@ -154,6 +154,52 @@ FLAG_CASES = [
         },
         valid=_decay_needs_wd,
     ),
+    # torch's `_multi_tensor_nadam`: sqrt(v) / sqrt(1 - beta2^t), and a
+    # tensor lr read as a Python float
+    OptCase(
+        "nadam-foreach",
+        torch.optim.NAdam,
+        nadam,
+        grid={
+            "weight_decay": [0.0, 0.1],
+            "decoupled_weight_decay": [False, True],
+            "lr": [0.02, torch.tensor(0.02)],
+        },
+        fixed={
+            "betas": (0.8, 0.95),
+            "eps": 1e-6,
+            "momentum_decay": 0.3,
+            "maximize": True,
+            "foreach": True,
+        },
+        valid=_decay_needs_wd,
+    ),
+    # torch's `_multi_tensor_asgd`: the decay folded into the gradient, ax
+    # always averaged, the next eta in float32 tensor ops on the step
+    OptCase(
+        "asgd-foreach",
+        torch.optim.ASGD,
+        asgd,
+        grid={
+            "weight_decay": [0.0, 0.1],
+            "maximize": [False, True],
+            "lr": [0.05, torch.tensor(0.05)],
+        },
+        fixed={"alpha": 0.75, "t0": 5.0, "lambd": 0.1, "foreach": True},
+    ),
+    # torch's `_multi_tensor_radam`: one factor 1 / ((sqrt(v) + eps) / s) + u
+    OptCase(
+        "radam-foreach",
+        torch.optim.RAdam,
+        radam,
+        grid={
+            "weight_decay": [0.0, 0.1],
+            "decoupled_weight_decay": [False, True],
+            "maximize": [False, True],
+        },
+        fixed={"lr": 0.02, "betas": (0.9, 0.99), "eps": 1e-6, "foreach": True},
+        valid=_decay_needs_wd,
+    ),
     OptCase(
         "adamax-tensor-lr",
         torch.optim.Adamax,

@@ -64,6 +64,34 @@ CASES = [
     ),
 ]
 
+# torch's flag paths that change numbers (see cases.FLAG_CASES)
+FLAG_CASES = [
+    # torch's `_multi_tensor_adafactor`: the update scaled in place
+    # (`_foreach_mul_`), then added; eps1 given (with eps1=None torch's
+    # foreach takes the first dtype group's finfo eps for every dtype)
+    OptCase(
+        "adafactor-foreach",
+        torch.optim.Adafactor,
+        adafactor,
+        grid={"weight_decay": [0.0, 0.1], "maximize": [False, True]},
+        fixed={"lr": 0.3, "eps": (1e-4, 1e-2), "beta2_decay": -0.5, "foreach": True},
+        f32_rtol=1e-5,
+        f32_atol=1e-6,
+    ),
+    # a float32 tensor lr: rho_t = min(lr, 1/sqrt(t)) is the tensor until
+    # 1/sqrt(t) < lr (t >= 12 here), and alpha, the decay factor and the
+    # step size are float32 tensor ops
+    OptCase(
+        "adafactor-tensor-lr",
+        torch.optim.Adafactor,
+        adafactor,
+        grid={"weight_decay": [0.0, 0.1], "maximize": [False, True]},
+        fixed={"lr": torch.tensor(0.3), "eps": (1e-4, 1e-2), "beta2_decay": -0.5},
+        f32_rtol=1e-5,
+        f32_atol=1e-6,
+    ),
+]
+
 ERRORS = (
     [
         ErrorCase("adafactor", torch.optim.Adafactor, adafactor, kw)

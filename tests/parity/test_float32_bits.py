@@ -1,4 +1,5 @@
-"""float32 bit for bit against torch's default CPU path, with x64 enabled.
+"""float32 bit for bit against torch's default CPU path, with x64 enabled and
+funcopt's bit-exact float32 mode (`fo.precision.set_exact_float32(True)`).
 
 torch rounds every float32 op once and fuses the multiply-adds of
 `add(alpha=)`, `addcmul` and `lerp` (x86 AVX2/AVX-512 builds); with x64
@@ -89,7 +90,7 @@ def _assert_torch_bits(case, kwargs, params, grads, new_params, state):
 
 
 @pytest.mark.parametrize("case,kwargs", _rows())
-def test_float32_is_bit_exact(case, kwargs, x64, torch_cpu_loop):
+def test_float32_is_bit_exact(case, kwargs, x64, torch_cpu_loop, exact_float32):
     """Jitted, `STEPS` steps with `None` gradients (as `has_grad`), and
     eagerly for the first steps: torch's bits at each."""
     assert jax.config.jax_enable_x64
@@ -104,7 +105,7 @@ def test_float32_is_bit_exact(case, kwargs, x64, torch_cpu_loop):
     _assert_torch_bits(case, kwargs, params, first, new_params, state)
 
 
-def test_fused_multiply_add_rounds_once(x64, torch_cpu_loop):
+def test_fused_multiply_add_rounds_once(x64, torch_cpu_loop, exact_float32):
     """`x.add(other, alpha=)` where rounding `alpha*other + x` to float64
     first lands on a float32 midpoint: the fused result, as torch's, is
     the correctly rounded one (round to odd in float64 keeps it)."""

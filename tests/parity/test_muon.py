@@ -40,7 +40,9 @@ def _torch_leaves_and_buffers(expected, torch_state):
 
 @pytest.mark.parametrize("adjust_lr_fn", [None, "match_rms_adamw"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_tensor_lr_is_torchs_float32_arithmetic(dtype, adjust_lr_fn, x64):
+def test_tensor_lr_is_torchs_float32_arithmetic(
+    dtype, adjust_lr_fn, x64, exact_float32
+):
     """`lr=torch.tensor(0.02)`: torch computes `1 - lr*weight_decay` and the
     adjusted lr as float32 tensor ops; funcopt does with a float32 array lr
     (float64: to 1e-10, as the float64 table; float32: bit for bit)."""

@@ -255,7 +255,7 @@ def adafactor(
         init_slots=_adafactor_slots,
         hyperparams={**group, "eps": _encode_eps(eps)},
         # foreach: torch's `_multi_tensor_adafactor` (None on CPU: single-tensor)
-        options={"maximize": maximize, "foreach": bool(foreach)},
+        options={"maximize": maximize, "foreach": foreach},
         param_groups=param_groups,
         supports_complex=False,
         complex_error=_complex_error,

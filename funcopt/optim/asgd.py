@@ -202,7 +202,7 @@ def asgd(
         options={
             "maximize": maximize,
             # torch's `_multi_tensor_asgd` (foreach=None on CPU: single-tensor)
-            "foreach": bool(foreach),
+            "foreach": foreach,
             "differentiable": differentiable,
         },
         validate=_validate_asgd,

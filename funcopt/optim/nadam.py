@@ -212,7 +212,7 @@ def nadam(
             "maximize": maximize,
             "differentiable": differentiable,
             # torch's `_multi_tensor_nadam` (foreach=None on CPU: single-tensor)
-            "foreach": bool(foreach),
+            "foreach": foreach,
         },
         validate=_validate_nadam,
         param_groups=param_groups,

@@ -154,7 +154,7 @@ def radam(
             "decoupled_weight_decay": decoupled_weight_decay,
             "maximize": maximize,
             # torch's `_multi_tensor_radam` (foreach=None on CPU: single-tensor)
-            "foreach": bool(foreach),
+            "foreach": foreach,
             "differentiable": differentiable,
         },
         validate=_validate_radam,

@@ -61,7 +61,13 @@ from torch.testing._internal.common_optimizers import (
 import funcopt as fo
 from tests.parity.cases import OPT_CASES
 from tests.parity.noise_floor import assert_close, nudge, nudged_rngs
-from tests.torch_ref import from_torch, slot_leaves, step_counts, to_torch
+from tests.torch_ref import (
+    from_torch,
+    funcopt_kwargs,
+    slot_leaves,
+    step_counts,
+    to_torch,
+)
 
 DEVICE = "cpu"
 STEPS = 5
@@ -107,21 +113,6 @@ def slug(desc: str) -> str:
     `"maximize-weight_decay-fused"`."""
     parts = re.split(r"\s*[&,]\s*", desc.strip().lower())
     return "-".join(re.sub(r"[^a-z0-9]+", "_", p).strip("_") for p in parts if p)
-
-
-def funcopt_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """torch kwargs as funcopt takes them: a tensor becomes the numpy array of
-    its dtype (`tests.torch_ref.ErrorCase.funcopt_kwargs`), tuples element-wise;
-    `foreach`/`fused`/`differentiable`/`capturable` pass through."""
-
-    def convert(x):
-        if isinstance(x, torch.Tensor):
-            return x.numpy()
-        if isinstance(x, tuple):
-            return tuple(convert(v) for v in x)
-        return x
-
-    return {k: convert(v) for k, v in kwargs.items()}
 
 
 # ---------------------------------------------------------------------------

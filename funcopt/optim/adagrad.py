@@ -137,7 +137,8 @@ def adagrad(
     also one whose value is zero. As in torch, $\lambda \ne 0$ raises
     `RuntimeError: weight_decay option is not compatible with sparse
     gradients`, and `fused` raises too. See
-    [`funcopt.sparse_adam`][funcopt.sparse_adam] for building a BCOO gradient.
+    [`funcopt.sparse_adam`][funcopt.optim.sparse_adam.sparse_adam] for
+    building a BCOO gradient.
 
     `foreach`, `fused` and `differentiable` are accepted and ignored
     (`fused` combined with the others raises as in torch; torch's

@@ -126,8 +126,9 @@ def sgd(
     (`add(sparse, dense)`), and so does `fused`. torch refuses two more
     mixes that depend on the state's history, which funcopt accepts: a
     dense gradient after sparse ones with momentum, and a sparse gradient
-    after dense ones with `nesterov`. See [`funcopt.sparse_adam`][funcopt.sparse_adam]
-    for building a BCOO gradient.
+    after dense ones with `nesterov`. See
+    [`funcopt.sparse_adam`][funcopt.optim.sparse_adam.sparse_adam] for
+    building a BCOO gradient.
 
     State: `momentum_buffer` per parameter, only for groups whose
     `momentum != 0`.

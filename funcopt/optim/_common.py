@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +28,21 @@ def tensor_dtype(value: Any) -> str | None:
     if is_array(value) and jnp.issubdtype(value.dtype, jnp.floating):
         return jnp.dtype(value.dtype).name
     return None
+
+
+@functools.cache
+def _with_lr_dtype(rule, lr_dtype: str):
+    return functools.partial(rule, lr_dtype=lr_dtype)
+
+
+def rule_for_narrow_lr(rule, lr: Any):
+    """`rule`, or `rule` with `lr_dtype=` the dtype of a tensor `lr` narrower
+    than float64 (a float64 tensor's scalar math is Python-float math). One
+    per (rule, dtype), so that optimizers share its compiled steps."""
+    lr_dtype = tensor_dtype(lr)
+    if lr_dtype in (None, "float64"):
+        return rule
+    return _with_lr_dtype(rule, lr_dtype)
 
 
 def check_foreach_differentiable(group: Mapping[str, Any]) -> None:

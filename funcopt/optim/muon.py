@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -13,7 +12,7 @@ from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
 from .._math import add, is_reduced, lerp, mul, op_scalar, opmath
-from ._common import decoupled_weight_decay, tensor_dtype
+from ._common import decoupled_weight_decay, rule_for_narrow_lr
 
 # torch.optim._muon's defaults
 EPS = 1e-7
@@ -142,16 +141,6 @@ def _muon_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
     return param, {"momentum_buffer": buf}
 
 
-@functools.cache
-def _rule(lr_dtype: str | None):
-    """The rule for an `lr` of `lr_dtype` (None: a Python float), one per
-    dtype so that optimizers share its compiled steps. A float64 `lr` is
-    torch's Python-float math."""
-    if lr_dtype in (None, "float64"):
-        return _muon_rule
-    return functools.partial(_muon_rule, lr_dtype=lr_dtype)
-
-
 def _complex_error(paths, indices):
     # torch raises this at step(); funcopt at init() and step()
     return RuntimeError("Muon does not support complex parameters")
@@ -217,7 +206,7 @@ def muon(
     opt = make_optimizer(
         name="Muon",
         # the constructor's lr decides for every group
-        rule=_rule(tensor_dtype(lr)),
+        rule=rule_for_narrow_lr(_muon_rule, lr),
         init_slots=_muon_slots,
         hyperparams={
             "lr": lr,

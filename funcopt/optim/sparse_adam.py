@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import sparse as jsparse
 
 from .. import _validate
@@ -17,6 +15,7 @@ from .._groups import ParamGroups
 from .._math import scalar
 from .._tree import is_trainable
 from . import _sparse
+from ._common import rule_for_narrow_lr
 
 
 def _validate_sparse_adam(group: Mapping[str, Any]) -> None:
@@ -73,23 +72,6 @@ def _step_size(lr, bias_correction1, bias_correction2, lr_dtype):
     step_size = jnp.asarray(lr).astype(lr_dtype).astype(f32)
     step_size = (step_size * jnp.sqrt(bias_correction2).astype(f32)).astype(lr_dtype)
     return (step_size.astype(f32) / bias_correction1.astype(f32)).astype(lr_dtype)
-
-
-@functools.cache
-def _rule(lr_dtype):
-    """The rule for `lr` of `lr_dtype` (None: a Python float or float64),
-    one per dtype so that optimizers share its compiled steps."""
-    if lr_dtype is None:
-        return _sparse_adam_rule
-    return functools.partial(_sparse_adam_rule, lr_dtype=lr_dtype)
-
-
-def _lr_dtype(lr) -> np.dtype | None:
-    """The dtype torch's scalar math on a tensor `lr` runs in, if not float64."""
-    if not _validate.is_array(lr) or not jnp.issubdtype(lr.dtype, jnp.floating):
-        return None
-    dtype = np.dtype(lr.dtype)
-    return None if dtype == np.float64 else dtype
 
 
 def _check_dense_params(params, torch_index):
@@ -174,7 +156,7 @@ def sparse_adam(
     """
     return make_optimizer(
         name="SparseAdam",
-        rule=_rule(_lr_dtype(lr)),
+        rule=rule_for_narrow_lr(_sparse_adam_rule, lr),
         init_slots=_sparse_adam_slots,
         hyperparams={"lr": lr, "betas": betas, "eps": eps},
         options={"maximize": maximize},

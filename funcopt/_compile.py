@@ -21,11 +21,17 @@ decides how much code it generates.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
+import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
+
+# runtime ints made by one conditional (see runtime_ints)
+_INTS_PER_CONDITIONAL = 256
 
 
 def runtime_ints(values: Sequence[int], anchor: jax.Array) -> list[jax.Array]:
@@ -50,12 +56,160 @@ def runtime_ints(values: Sequence[int], anchor: jax.Array) -> list[jax.Array]:
     def opaque():
         first = jnp.ravel(anchor)[0]
         never = jnp.minimum(first, jnp.zeros((), first.dtype)) > 0
-        zeros = tuple(jnp.zeros((), jnp.int32) for _ in consts)
-        return jax.lax.cond(never, lambda: zeros, constants)
+        ints: list = []
+        # one conditional per chunk: XLA's cost of a conditional grows faster
+        # than its number of outputs (3,000 in one: 11.9 s to compile, in
+        # chunks of 256: 4.9 s)
+        for start in range(0, len(consts), _INTS_PER_CONDITIONAL):
+            chunk = consts[start : start + _INTS_PER_CONDITIONAL]
+            zeros = tuple(jnp.zeros((), jnp.int32) for _ in chunk)
+            ints += jax.lax.cond(
+                never, lambda z=zeros: z, lambda c=chunk: tuple(map(jnp.asarray, c))
+            )
+        return tuple(ints)
 
     return list(jax.lax.platform_dependent(cpu=opaque, default=constants))
 
 
 def take(vector: jax.Array, index: jax.Array) -> jax.Array:
-    """`vector[index]` along the first axis at a runtime `index`."""
-    return jax.lax.dynamic_index_in_dim(vector, index, keepdims=False)
+    """`vector[index]` along the first axis at a runtime `index` (>= 0, so
+    no wrap-around arithmetic is emitted for it)."""
+    return jax.lax.dynamic_index_in_dim(
+        vector, index, keepdims=False, allow_negative_indices=False
+    )
+
+
+# A value the scalar part may compute and hand to the array part: at most this
+# many elements (a hyperparameter vector such as `betas`, never a leaf).
+_SCALAR_SIZE = 16
+
+
+class LeafProgram(NamedTuple):
+    """A one-leaf step cut into its scalar math and its array math.
+
+    `scalars(steps, hparams)` runs the step count's and hyperparameters'
+    arithmetic (bias corrections, step sizes, `1 - beta`, ...) once for all
+    leaves that share the program: `steps` holds their counts, and it
+    returns `(per_leaf, shared)`, the values that depend on the count (one
+    row per leaf) and those that do not. `arrays(per_leaf, row, shared, p,
+    g, own)` is the rest for the leaf whose counts are row `row`: the
+    passes over its elements.
+    """
+
+    scalars: Callable
+    arrays: Callable
+
+
+# (one-leaf step, argument structure and types) -> its LeafProgram
+_PROGRAMS: dict = {}
+# the printed scalar part -> its vectorised, jitted function
+_SCALARS: dict = {}
+
+
+def leaf_program(fn: Callable, p, g, own, step, hparams) -> LeafProgram:
+    """`fn(p, g, own, step, hparams) -> (p, own)` as a `LeafProgram`.
+
+    The split is made on `fn`'s jaxpr: an equation belongs to the scalar
+    part when it reads only the step count, the hyperparameters and other
+    scalar-part values, has no effects, and returns only small values; the
+    rest, in its original order, is the array part, which receives every
+    scalar-part value it reads. Evaluating the two parts binds the same
+    primitives in the same order as `fn`, so results are the same bits
+    (elementwise scalar ops give the same result on a vector of counts as on
+    one count) and both parts differentiate as `fn` does.
+
+    Why: per leaf, XLA compiles and runs what `fn` computes. Computed per
+    leaf, the scalar math is a few small kernels per leaf (each leaf has its
+    own step count, as torch's); vectorised over the leaves it is a few
+    kernels in all, and each leaf's program keeps only its passes over
+    memory.
+    """
+    args = (p, g, own, step, hparams)
+    flat, in_tree = jax.tree.flatten(args)
+    key = (fn, in_tree, tuple(_type(x) for x in flat))
+    program = _PROGRAMS.get(key)
+    if program is None:
+        program = _PROGRAMS[key] = _split(fn, args)
+    return program
+
+
+def _split(fn: Callable, args: tuple) -> LeafProgram:
+    # a jitted fn would trace to one call equation: split what it calls
+    fn = getattr(fn, "__wrapped__", fn)
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    jaxpr = closed.jaxpr
+    n_array = len(jax.tree.leaves(args[:3]))
+    step_var, hparam_vars = jaxpr.invars[n_array], jaxpr.invars[n_array + 1 :]
+    known = set(jaxpr.constvars)
+    scalar_vars = {step_var, *hparam_vars}
+    per_count = {step_var}  # scalar values that depend on the step count
+    scalar_eqns, array_eqns = [], []
+    for eqn in jaxpr.eqns:
+        reads = [v for v in eqn.invars if not isinstance(v, jcore.Literal)]
+        if (
+            not eqn.effects
+            and all(v in scalar_vars or v in known for v in reads)
+            and all(_is_small(v.aval) for v in eqn.outvars)
+        ):
+            scalar_eqns.append(eqn)
+            scalar_vars.update(eqn.outvars)
+            if any(v in per_count for v in reads):
+                per_count.update(eqn.outvars)
+        else:
+            array_eqns.append(eqn)
+    # scalar-part values the array part reads, in order of first use
+    handed: dict = {}
+    for atom in [v for e in array_eqns for v in e.invars] + list(jaxpr.outvars):
+        if not isinstance(atom, jcore.Literal) and atom in scalar_vars:
+            handed.setdefault(atom, None)
+    per_leaf = [v for v in handed if v in per_count]
+    shared = [v for v in handed if v not in per_count]
+
+    def part(name, invars, outvars, eqns, effects=frozenset()):
+        source = jaxpr.debug_info.func_src_info
+        info = jcore.DebugInfo(name, source, (name,) * len(invars), None)
+        body = jcore.Jaxpr(jaxpr.constvars, invars, outvars, eqns, effects, info)
+        return jcore.ClosedJaxpr(body, closed.consts)
+
+    scalar_jaxpr = part(
+        "scalars", [step_var, *hparam_vars], per_leaf + shared, scalar_eqns
+    )
+    array_jaxpr = part(
+        "arrays",
+        per_leaf + shared + jaxpr.invars[:n_array],
+        jaxpr.outvars,
+        array_eqns,
+        jaxpr.effects,
+    )
+    out_tree = jax.tree.structure(out_shape)
+    n_per_leaf = len(per_leaf)
+
+    def scalars(step, hparams):
+        values = jcore.jaxpr_as_fun(scalar_jaxpr)(step, *jax.tree.leaves(hparams))
+        return values[:n_per_leaf], values[n_per_leaf:]
+
+    def arrays(per_leaf_values, row, shared_values, p, g, own):
+        flat = jax.tree.leaves((p, g, own))
+        own_values = [take(v, row) for v in per_leaf_values]
+        outs = jcore.jaxpr_as_fun(array_jaxpr)(*own_values, *shared_values, *flat)
+        return jax.tree.unflatten(out_tree, outs)
+
+    # leaves of other shapes whose scalar math is the same program (the
+    # usual case) share one computation of it
+    text = None if closed.consts else str(scalar_jaxpr)
+    batched = _SCALARS.get(text)
+    if batched is None:
+        vmapped = jax.vmap(scalars, in_axes=(0, None), out_axes=(0, None))
+        batched = jax.jit(vmapped)
+        if text is not None:
+            _SCALARS[text] = batched
+    return LeafProgram(batched, jax.jit(arrays))
+
+
+def _type(x) -> tuple:
+    aval = x if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x)
+    return aval.shape, aval.dtype, aval.weak_type
+
+
+def _is_small(aval) -> bool:
+    return math.prod(getattr(aval, "shape", ())) <= _SCALAR_SIZE

@@ -18,7 +18,9 @@ def rule(param, grad, slots, step, hparams, options) -> (param, slots)
 
 The rule must be pure: on the per-leaf path it is traced once per (shape,
 dtype, options) and that trace is called for every such leaf
-(`_leaf_step`).
+(`_leaf_step`); the part of it that reads only the step count and the
+hyperparameters (bias corrections, step sizes) runs once for all those
+leaves, vectorised over their step counts (`_compile.leaf_program`).
 
 [`make_optimizer`][funcopt.make_optimizer] turns such a rule into an
 [`Optimizer`][funcopt.Optimizer]: an `optax.GradientTransformationExtraArgs` with one
@@ -614,6 +616,10 @@ def _apply(definition, params, grads, state, has_grad):
     # the counts after this step, read by the rules
     stepped = state.step + 1
     group_hparams: dict[int, dict[str, jax.Array]] = {}
+    # leaves on the per-leaf path, by group and scalar math: computed once,
+    # vectorised over their step counts
+    by_scalars: dict[tuple, list[tuple[int, _compile.LeafProgram]]] = {}
+    owns = {}
     for i, (p, g, group) in enumerate(zip(leaves, grad_leaves, group_of)):
         if i in packed:
             new_p, new_own, inc = packed[i]
@@ -622,25 +628,38 @@ def _apply(definition, params, grads, state, has_grad):
                 new_slots[k][i] = v
             increments.append(inc)
             continue
+        new_leaves.append(p)
         if g is None or group is None:
-            new_leaves.append(p)
             increments.append(False)
             continue
         if group not in group_hparams:
             group_hparams[group] = {
                 k: _compile.take(v, index[group]) for k, v in state.hparams.items()
             }
-        own = {k: v[i] for k, v in slot_leaves.items() if v[i] is not None}
-        new_p, new_own = _leaf_step(definition, names[group], options[group])(
-            p, g, own, _compile.take(stepped, index[i]), group_hparams[group]
-        )
-        if mask is not None:
-            new_p = jnp.where(mask[i], new_p, p)
-            new_own = {k: jnp.where(mask[i], v, own[k]) for k, v in new_own.items()}
-        new_leaves.append(new_p)
-        for k, v in new_own.items():
-            new_slots[k][i] = v
+        owns[i] = {k: v[i] for k, v in slot_leaves.items() if v[i] is not None}
+        fn = _leaf_step(definition, names[group], options[group])
+        if isinstance(g, jsparse.BCOO):
+            step = _compile.take(stepped, index[i])
+            new_leaves[i], new_own = fn(p, g, owns[i], step, group_hparams[group])
+            _store_leaf(i, new_leaves, new_own, owns[i], new_slots, p, mask)
+        else:
+            count = jax.ShapeDtypeStruct((), stepped.dtype)
+            program = _compile.leaf_program(
+                fn, p, g, owns[i], count, group_hparams[group]
+            )
+            by_scalars.setdefault((group, program.scalars), []).append((i, program))
         increments.append(True if mask is None else mask[i])
+    for (group, scalars), members in by_scalars.items():
+        order = [i for i, _ in members]
+        everyone = order == list(range(stepped.shape[0]))
+        steps = stepped if everyone else stepped[np.asarray(order)]
+        per_leaf, shared = scalars(steps, group_hparams[group])
+        for rank, (i, program) in enumerate(members):
+            p = leaves[i]
+            new_leaves[i], new_own = program.arrays(
+                per_leaf, index[rank], shared, p, grad_leaves[i], owns[i]
+            )
+            _store_leaf(i, new_leaves, new_own, owns[i], new_slots, p, mask)
 
     new_step = jnp.where(jnp.asarray(increments, dtype=bool), stepped, state.step)
     new_state = OptState(
@@ -649,6 +668,16 @@ def _apply(definition, params, grads, state, has_grad):
         {k: treedef.unflatten(v) for k, v in new_slots.items()},
     )
     return treedef.unflatten(new_leaves), new_state
+
+
+def _store_leaf(i, new_leaves, new_own, own, new_slots, p, mask) -> None:
+    """Leaf `i`'s step result into `new_leaves`/`new_slots`, kept only
+    where `mask` (`has_grad`) says the leaf has a gradient."""
+    if mask is not None:
+        new_leaves[i] = jnp.where(mask[i], new_leaves[i], p)
+        new_own = {k: jnp.where(mask[i], v, own[k]) for k, v in new_own.items()}
+    for k, v in new_own.items():
+        new_slots[k][i] = v
 
 
 # (rule, options, torch CPU block) -> the jitted one-leaf step: shared by every

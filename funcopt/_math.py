@@ -393,8 +393,12 @@ def lerp(start: jax.Array, end: jax.Array, weight: jax.Array) -> jax.Array:
         small = _fma32(w, diff, s)
         large = _fma32(-diff, _narrow32(1 - w), e)
         return _round(jnp.where(jnp.abs(w) < 0.5, small, large), start)
-    diff = e - s
-    return _round(jnp.where(jnp.abs(w) < 0.5, s + w * diff, e - diff * (1 - w)), start)
+    # `e - diff*(1 - w)` is `e + (-(1 - w))*diff` exactly: one select of the
+    # base and one of the scalar factor, so the per-element work is a
+    # multiply-add and the scalar part stays scalar
+    small = jnp.abs(w) < 0.5
+    factor = jnp.where(small, w, -(1 - w))
+    return _round(jnp.where(small, s, e) + factor * (e - s), start)
 
 
 def addcmul(x: jax.Array, t1: jax.Array, t2: jax.Array, value) -> jax.Array:
@@ -537,11 +541,25 @@ def _by_loop(vectorised, scalar_loop, x: jax.Array, *more: jax.Array) -> jax.Arr
 def sqrt_nonnegative(x: jax.Array) -> jax.Array:
     """`sqrt(x)` for `x` that is >= 0 by construction (a sum of squares).
 
-    The same value as `jnp.sqrt` (NaN stays NaN, `sqrt(+-0) = +-0`), but a
-    zero gradient at 0 instead of `inf * 0 = NaN`, so differentiating
+    The value is `jnp.sqrt`'s (NaN stays NaN, `sqrt(+-0) = +-0`), but the
+    derivative at 0 is 0 instead of `inf * 0 = NaN`, so differentiating
     through a step (e.g. w.r.t. the learning rate) stays finite when some
-    gradient entries are exactly zero.
+    gradient entries are exactly zero. The forward program is the square
+    root alone (the rule is only a derivative rule).
     """
-    y = opmath(x)
+    return _round(_sqrt_zero_safe(opmath(x)), x)
+
+
+@jax.custom_jvp
+def _sqrt_zero_safe(y: jax.Array) -> jax.Array:
+    return jnp.sqrt(y)
+
+
+@_sqrt_zero_safe.defjvp
+def _sqrt_zero_safe_jvp(primals, tangents):
+    (y,), (t,) = primals, tangents
+    root = _sqrt_zero_safe(y)
     positive = y > 0
-    return _round(jnp.where(positive, jnp.sqrt(jnp.where(positive, y, 1)), y * 0), x)
+    # jnp.sqrt's derivative, t * (0.5 / root), where root > 0; else 0
+    slope = jnp.where(positive, 0.5 / jnp.where(positive, root, 1), 0)
+    return root, t * slope.astype(t.dtype)

@@ -13,10 +13,17 @@ indices XLA cannot fold to constants compile in 0.17 s (one kernel, reused).
 `runtime_ints` makes such indices: the integers a step needs, returned
 by a `lax.cond` whose predicate is always false but which XLA cannot
 evaluate at compile time, so they stay runtime values (one conditional per
-step, a few microseconds). Only where lowered for CPU: a GPU backend may
-synchronise with the host to branch, so elsewhere they are constants, as
+256 of them, a few microseconds). Only where lowered for CPU: a GPU backend
+may synchronise with the host to branch, so elsewhere they are constants, as
 before. The values are exact whichever way XLA treats them; the trick only
 decides how much code it generates.
+
+`leaf_program` cuts a one-leaf step in two: its scalar math (what it
+computes from the step count and the hyperparameters alone: bias
+corrections, step sizes) runs once for all leaves, vectorised over their
+step counts, and each leaf's program keeps only its passes over memory.
+Adam on 100 leaves, measured: 131 to 89 compiled instructions per leaf and 5
+to 4 kernels per leaf (optax: 44 and 3).
 """
 
 from __future__ import annotations

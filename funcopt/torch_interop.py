@@ -89,7 +89,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _groups
+from . import _groups, _validate
 from ._tree import is_trainable
 
 # the keys schedulers add to torch's param_groups
@@ -275,6 +275,17 @@ def _py_value(value: np.ndarray, config: Any) -> Any:
     if value.ndim == 0:
         return float(value)
     return tuple(float(v) for v in value)
+
+
+def _as_tensors(value: Any, config: Any) -> Any:
+    """A hyperparameter as torch holds it: a tensor (of the config's dtype)
+    where the config gave an array (a tensor `lr` or `betas`), else `value`."""
+    if isinstance(config, (tuple, list)) and isinstance(value, (tuple, list)):
+        return tuple(_as_tensors(v, c) for v, c in zip(value, config))
+    if _validate.is_array(config):
+        config = np.asarray(config)
+        return _torch().tensor(np.asarray(value, config.dtype).reshape(config.shape))
+    return value
 
 
 def _decode_adafactor_eps(value: Any) -> Any:
@@ -515,7 +526,8 @@ def _state_dict(opt, state, params, names):
         group = {k: v for k, v in opt.defaults.items()}
         group.update({k: v for k, v in values.items() if k in definition.options})
         for k in definition.hyperparams:
-            group[k] = _py_value(np.asarray(state.hparams[k][g]), values[k])
+            value = _py_value(np.asarray(state.hparams[k][g]), values[k])
+            group[k] = _as_tensors(value, values[k])
         if opt.name == "Adafactor":
             group["eps"] = _decode_adafactor_eps(tuple(group["eps"]))
         group["params"] = [layout.id_of[i] for i in layout.members[g]]

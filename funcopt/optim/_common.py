@@ -80,6 +80,28 @@ def powf(base, exponent) -> jax.Array:
     return base**exponent
 
 
+def one_minus(x: jax.Array) -> jax.Array:
+    """torch's `1 - x` for a 0-d tensor `x`: a tensor op in its dtype."""
+    return add_scalar(-x, 1.0)
+
+
+def pow_scalar(base: jax.Array, exponent) -> jax.Array:
+    r"""torch's `base ** float(exponent)` for a 0-d float tensor `base`.
+
+    torch's CPU kernel special-cases the exponent: $x \cdot x$ for 2,
+    $(x \cdot x) \cdot x$ for 3 (each product rounded), otherwise C's
+    `pow` in float64 rounded to `base`'s dtype (measured, torch 2.13 CPU:
+    float32 and float64 bases, exponents 1 to 400).
+    """
+    square = tensor_op(jnp.multiply, base, base)
+    cube = tensor_op(jnp.multiply, square, base)
+    wide = widest_float()
+    general = (base.astype(wide) ** jnp.asarray(exponent).astype(wide)).astype(
+        base.dtype
+    )
+    return jnp.where(exponent == 3, cube, jnp.where(exponent == 2, square, general))
+
+
 def apply_maximize(grad: jax.Array, options: Mapping[str, Any]) -> jax.Array:
     """`grad if not maximize else -grad`."""
     return -grad if options["maximize"] else grad
@@ -108,7 +130,7 @@ def weight_decayed(param, grad, hparams, options) -> tuple[jax.Array, jax.Array]
     return param, coupled_weight_decay(grad, param, weight_decay)
 
 
-def adam_moments(param, grad, slots, hparams, options):
+def adam_moments(param, grad, slots, hparams, options, tensor_betas=False):
     r"""The Adam family's `(param, {"exp_avg": m, "exp_avg_sq": v})`.
 
     $$
@@ -120,13 +142,21 @@ def adam_moments(param, grad, slots, hparams, options):
     `param` after decoupled weight decay (`weight_decayed`; Adam,
     AdamW, NAdam and RAdam). Each moment computes $g_t$ itself
     (`in_own_pass`).
+
+    `tensor_betas` (torch.optim.Adam's Tensor `betas`, given in their dtype):
+    $1-\beta_1$ is a tensor op in the param's dtype (torch moves $\beta_1$
+    to it) and $1-\beta_2$ one in $\beta_2$'s dtype.
     """
     beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
+    if tensor_betas:
+        weight, value = one_minus(scalar(beta1, param)), one_minus(beta2)
+    else:
+        weight, value = 1 - beta1, None
     _, decayed_grad = weight_decayed(param, grad, hparams, options)
-    exp_avg = lerp(slots["exp_avg"], decayed_grad, 1 - beta1)
+    exp_avg = lerp(slots["exp_avg"], decayed_grad, weight)
     param, decayed_grad = in_own_pass(weight_decayed, param, grad, hparams, options)
     exp_avg_sq = ema_of_square(
-        slots["exp_avg_sq"], decayed_grad, beta2, options.get("foreach", False)
+        slots["exp_avg_sq"], decayed_grad, beta2, options.get("foreach", False), value
     )
     return param, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 
@@ -209,9 +239,14 @@ def decoupled_weight_decay(
 
 
 def ema_of_square(
-    avg: jax.Array, grad: jax.Array, beta: jax.Array, foreach: bool = False
+    avg: jax.Array,
+    grad: jax.Array,
+    beta: jax.Array,
+    foreach: bool = False,
+    value: jax.Array | None = None,
 ) -> jax.Array:
     """torch's `avg.mul_(beta).addcmul_(grad, grad, value=1 - beta)`
-    (`foreach`: `_foreach_mul_`, then `_foreach_addcmul_`)."""
+    (`foreach`: `_foreach_mul_`, then `_foreach_addcmul_`); `value`: `1 - beta`
+    where torch computes it otherwise (a tensor `beta`: `one_minus`)."""
     decayed = foreach_mul(avg, beta) if foreach else mul(avg, beta)
-    return addcmul(decayed, grad, grad, 1 - beta)
+    return addcmul(decayed, grad, grad, 1 - beta if value is None else value)

@@ -6,7 +6,9 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .. import _validate
 from .._core import Optimizer, make_optimizer
@@ -15,11 +17,12 @@ from .._math import (
     add_scalar,
     addcdiv,
     div,
+    mul,
     reciprocal,
     sqrt,
     sqrt_nonnegative,
 )
-from ._common import adam_moments, powf, tensor_dtype
+from ._common import adam_moments, one_minus, pow_scalar, powf, tensor_dtype
 
 
 def _validate_adam(group: Mapping[str, Any], foreach: Any = None) -> None:
@@ -39,29 +42,41 @@ def _adam_slots(param, group):
     return slots
 
 
-def _adam_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
+def _adam_rule(
+    param, grad, slots, step, hparams, options, lr_dtype=None, betas_dtype=None
+):
     if lr_dtype is not None:
         # a tensor lr: torch's scalar math with it runs in its dtype
         hparams = {**hparams, "lr": hparams["lr"].astype(lr_dtype)}
-    param, new_slots = adam_moments(param, grad, slots, hparams, options)
+    if betas_dtype is not None:
+        # tensor betas: so does the scalar math with them (float64 without
+        # x64: float32, as the state holds them)
+        betas = hparams["betas"].astype(jax.dtypes.canonicalize_dtype(betas_dtype))
+        hparams = {**hparams, "betas": betas}
+    tensor_betas = betas_dtype is not None
+    param, new_slots = adam_moments(param, grad, slots, hparams, options, tensor_betas)
     if options["amsgrad"]:
         # the max is over the raw second moment, bias-corrected afterwards
         second = jnp.maximum(slots["max_exp_avg_sq"], new_slots["exp_avg_sq"])
         new_slots["max_exp_avg_sq"] = second
     else:
         second = new_slots["exp_avg_sq"]
-    update = (
-        _tensor_scalar_update
-        if options["differentiable"] or options["capturable"]
-        else _float_scalar_update
-    )
+    if options["differentiable"] or options["capturable"]:
+        update = _tensor_scalar_update
+    elif tensor_betas:
+        update = _tensor_betas_update
+    else:
+        update = _float_scalar_update
+    tensor_lr = lr_dtype is not None
     param = update(
-        param, new_slots["exp_avg"], second, step, hparams, lr_dtype is not None
+        param, new_slots["exp_avg"], second, step, hparams, tensor_lr, tensor_betas
     )
     return param, new_slots
 
 
-def _float_scalar_update(param, exp_avg, second, step, hparams, tensor_lr):
+def _float_scalar_update(
+    param, exp_avg, second, step, hparams, tensor_lr, tensor_betas
+):
     """torch's default path: Python-float scalar math on `float(step)`."""
     lr, eps = hparams["lr"], hparams["eps"]
     beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
@@ -76,28 +91,57 @@ def _float_scalar_update(param, exp_avg, second, step, hparams, tensor_lr):
     return addcdiv(param, exp_avg, denom, -step_size)
 
 
-def _tensor_scalar_update(param, exp_avg, second, step, hparams, tensor_lr):
+def _tensor_betas_update(
+    param, exp_avg, second, step, hparams, tensor_lr, tensor_betas
+):
+    """torch's default path with tensor `betas`: the same formula, its scalar
+    math as 0-d tensor ops in the betas' dtype on `float(step)`
+    (`pow_scalar`), `lr / bias_correction1` as
+    `bias_correction1.reciprocal() * lr` for a Python-float `lr`."""
+    lr, eps = hparams["lr"], hparams["eps"]
+    beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
+    bias_correction1 = one_minus(pow_scalar(beta1, step))
+    bias_correction2 = one_minus(pow_scalar(beta2, step))
+    if tensor_lr:  # tensor / tensor, in the wider of the two dtypes
+        wide = np.promote_types(lr.dtype, beta1.dtype)
+        step_size = div(lr.astype(wide), bias_correction1.astype(wide))
+    else:
+        step_size = mul(reciprocal(bias_correction1), lr)
+    bias_correction2_sqrt = sqrt(bias_correction2)
+    denom = add_scalar(div(sqrt_nonnegative(second), bias_correction2_sqrt), eps)
+    return addcdiv(param, exp_avg, denom, -step_size)
+
+
+def _tensor_scalar_update(
+    param, exp_avg, second, step, hparams, tensor_lr, tensor_betas
+):
     """torch's `capturable or differentiable` path.
 
     The step is a 0-d tensor of torch's default dtype (float32), so every
-    scalar is a float32 tensor op, arranged as torch does:
+    scalar is a tensor op in float32 (or in float64 for float64 tensor
+    `betas`), arranged as torch does:
     `denom = (v.sqrt() / (bc2_sqrt * step_size_neg)).add_(eps / step_size_neg)`
     and `param.addcdiv_(exp_avg, denom)`; `python_float / tensor` is
     `tensor.reciprocal() * python_float`, a Python float meets a float32
     tensor as float32.
     """
-    f32 = jnp.float32
     lr, eps = hparams["lr"], hparams["eps"]
     beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
-    bias_correction1 = 1 - powf(beta1, step)
-    bias_correction2 = 1 - powf(beta2, step)
+    dtype = np.promote_types(beta1.dtype, jnp.float32) if tensor_betas else jnp.float32
+    if dtype == jnp.float32:
+        bias_correction1 = 1 - powf(beta1, step)
+        bias_correction2 = 1 - powf(beta2, step)
+    else:  # float64 tensor betas: C's `pow` of the float64 operands
+        bias_correction1 = one_minus(beta1 ** step.astype(dtype))
+        bias_correction2 = one_minus(beta2 ** step.astype(dtype))
     if tensor_lr:  # tensor / tensor, in the wider of the two dtypes
-        wide = jnp.promote_types(lr.dtype, f32)
+        wide = np.promote_types(lr.dtype, dtype)
         step_size = lr.astype(wide) / bias_correction1.astype(wide)
     else:
-        step_size = reciprocal(bias_correction1) * lr.astype(f32)
+        step_size = reciprocal(bias_correction1) * lr.astype(dtype)
     step_size_neg = -step_size
-    bias_correction2_sqrt = sqrt(bias_correction2)
+    # a float64 tensor lr widens the product (tensor * tensor)
+    bias_correction2_sqrt = sqrt(bias_correction2).astype(step_size_neg.dtype)
     denom = add_scalar(
         div(sqrt_nonnegative(second), bias_correction2_sqrt * step_size_neg),
         reciprocal(step_size_neg) * eps.astype(step_size_neg.dtype),
@@ -161,7 +205,14 @@ def adam(
     itself misrounds about one step in a few hundred to a few thousand).
     A tensor `lr` (an array given as `lr`, e.g. `np.float32(1e-3)`) keeps
     its dtype: $\gamma/(1-\beta_1^t)$ and AdamW's `1 - lr * weight_decay`
-    are tensor ops in it, as in torch. torch refuses `capturable=True`
+    are tensor ops in it, as in torch. Tensor `betas` (both arrays, e.g.
+    `(np.float32(0.9), np.float32(0.999))`; torch refuses a float and a
+    tensor) keep their dtype too, as in torch's single-tensor path: the
+    weight $1-\beta_1$ is a tensor op in the params' dtype, $1-\beta_2$,
+    $\beta^t$ (`x*x` and `x*x*x` for $t$ = 2, 3) and the bias corrections
+    are tensor ops in the betas' dtype, $\gamma/(1-\beta_1^t)$ is
+    `reciprocal` times $\gamma$, and with `differentiable=True` float64
+    betas move the scalar math to float64. torch refuses `capturable=True`
     for CPU params outside `torch.compile`; funcopt takes it as the same
     path as `differentiable` (torch's CUDA path). `foreach` and `fused`
     are accepted and ignored: the result is torch's default CPU path
@@ -235,15 +286,24 @@ def adamw(
     return opt
 
 
+@functools.cache
+def _rule_for(lr_dtype: str | None, betas_dtype: str | None):
+    """`_adam_rule` for a tensor `lr` and tensor `betas` of these dtypes (one
+    per pair, so that optimizers share its compiled steps)."""
+    if lr_dtype is None and betas_dtype is None:
+        return _adam_rule
+    return functools.partial(_adam_rule, lr_dtype=lr_dtype, betas_dtype=betas_dtype)
+
+
 def _adam_family(name, hyperparams, options, extra_defaults, param_groups):
-    lr_dtype = tensor_dtype(hyperparams["lr"])
     return make_optimizer(
         name=name,
         elementwise=True,
-        # one rule per lr type (the constructor's; groups follow it)
-        rule=_adam_rule
-        if lr_dtype is None
-        else functools.partial(_adam_rule, lr_dtype=lr_dtype),
+        # one rule per lr type and betas type (the constructor's; groups
+        # follow it)
+        rule=_rule_for(
+            tensor_dtype(hyperparams["lr"]), tensor_dtype(hyperparams["betas"][0])
+        ),
         init_slots=_adam_slots,
         hyperparams=hyperparams,
         options=options,

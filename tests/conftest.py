@@ -8,6 +8,9 @@ through the ``x64`` fixture. Strict dtype promotion turns any accidental
 float64 promotion of a float32 parameter into an error.
 """
 
+import os
+import sys
+
 import jax
 import pytest
 
@@ -15,6 +18,53 @@ import funcopt as fo
 from funcopt.torch_interop import measure_torch_cpu_block
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+
+def _run_dir(config):
+    """The run's base temp directory, common to its xdist workers (a new one
+    each run): where they share the 8-device report of
+    ``tests/test_sharding.py`` and compiled XLA programs."""
+    base = config._tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    """One XLA compilation cache per run, shared by its xdist workers.
+
+    Rows that trace to the same program (one optimizer and flags on other
+    hyperparameter values, which live in the state; the same program in both
+    workers) compile it once: a later compile loads the executable the first
+    one wrote, the same machine code, so no result changes. The cache starts
+    empty each run (the run's temp directory); its size limit turns on JAX's
+    file lock between the workers. Child processes do not use it.
+    """
+    cache = _run_dir(config) / "jax_compilation_cache"
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_compilation_cache_max_size", 1 << 34)
+
+
+def pytest_collection_finish(session):
+    """Start the 8-device subprocess of ``tests/test_sharding.py`` as soon as
+    a test that reads its report is selected: it runs (~80 s) while the
+    workers run other tests."""
+    if any(
+        item.path.name == "test_sharding.py" and "report" in item.fixturenames
+        for item in session.items
+    ):
+        from tests import test_sharding
+
+        test_sharding.start_sharded_checks(_run_dir(session.config))
+
+
+def pytest_sessionfinish(session):
+    """A process that started that subprocess publishes its report before
+    it exits, whether or not it ran a test that reads it."""
+    test_sharding = sys.modules.get("tests.test_sharding")
+    if test_sharding is not None and test_sharding._CHILD:
+        test_sharding.publish_sharded_checks(_run_dir(session.config))
 
 
 @pytest.fixture(scope="session")

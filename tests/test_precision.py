@@ -208,19 +208,20 @@ def test_16bit_parity_follows_a_torch_without_vectorised_loop():
     (conftest's ``torch_cpu_loop``) and the bit-exact 16-bit rows follow it;
     with the x86 block of 32 assumed instead, SGD and Adam fail there."""
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "JAX_PLATFORMS": "cpu"}
+    args = [
+        "-q", "-p", "no:cacheprovider", "tests/parity/test_optim.py",
+        "-k", "16bit and (adam- or sgd-)",
+    ]  # fmt: skip
+    # one child process: the check that its torch has no vectorised loop,
+    # then the rows (a second process would import torch and JAX again)
     code = (
-        "import funcopt.torch_interop as fti; "
-        "assert fti.measure_torch_cpu_block() is None"
+        "import sys, funcopt.torch_interop as fti; "
+        "assert fti.measure_torch_cpu_block() is None, 'block probe'; "
+        f"import pytest; sys.exit(pytest.main({args!r}))"
     )
-    probe = subprocess.run(
+    rows = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
     )  # fmt: skip
-    assert probe.returncode == 0, probe.stderr[-3000:]
-    rows = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "tests/parity/test_optim.py", "-k", "16bit and (adam- or sgd-)"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
-    )  # fmt: skip
-    assert rows.returncode == 0, rows.stdout[-3000:]
+    assert rows.returncode == 0, rows.stdout[-3000:] + rows.stderr[-3000:]
     assert re.search(r"\b[1-9]\d* passed", rows.stdout), rows.stdout[-3000:]

@@ -10,6 +10,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -25,10 +26,13 @@ from tests._subprocess import HANG_GUARD_S
 from tests.parity.cases import OPT_CASES
 
 # the 8-device subprocess (~80 s) runs once per session, whichever xdist worker
-# asks first: the others wait for its JSON (the fixture below). Grouping the
-# module onto one worker is not enough: pytest 9.2 ignores the node id suffix
-# through which pytest-xdist 3.8's ``--dist loadgroup`` groups tests
-# (measured: two workers each ran it, 77 s apiece)
+# collects the tests that read it first, and it starts at collection
+# (`start_sharded_checks`, called by tests/conftest.py), in the background:
+# the workers keep running other tests instead of both waiting ~80 s for it
+# at the first test that reads its report (measured: two workers each blocked
+# 97 s). Grouping the module onto one worker is not enough: pytest 9.2
+# ignores the node id suffix through which pytest-xdist 3.8's ``--dist
+# loadgroup`` groups tests (measured: two workers each ran it, 77 s apiece)
 pytestmark = pytest.mark.xdist_group("sharded_subprocess")
 ROOT = pathlib.Path(__file__).parent.parent
 # elementwise optimizers whose sharded steps are bit-identical to one device
@@ -38,35 +42,84 @@ ELEMENTWISE = {
     "sgd", "adam", "adamw", "adamax", "nadam", "radam", "rmsprop", "adagrad",
     "adadelta", "rprop", "asgd",
 }  # fmt: skip
+REPORT = "sharded_checks.json"
+# the child this process started: (Popen, its stdout and stderr files)
+_CHILD: dict[str, tuple] = {}
 
 
-def _run_sharded_checks() -> dict:
+def start_sharded_checks(shared: pathlib.Path) -> None:
+    """Start `tests/_sharded_checks.py` now, unless a worker of this run has:
+    its report is published in `shared` (the run's base temp directory, common
+    to all xdist workers) by :func:`_publish`."""
+    with FileLock(f"{shared / REPORT}.lock"):
+        started = shared / f"{REPORT}.started"
+        if started.exists():
+            return
+        started.touch()
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
-    out = subprocess.run(
+    out = open(shared / f"{REPORT}.stdout", "w+")  # noqa: SIM115 - kept open
+    err = open(shared / f"{REPORT}.stderr", "w+")  # noqa: SIM115
+    proc = subprocess.Popen(
         [sys.executable, "tests/_sharded_checks.py"],
         cwd=ROOT,
         env=env,
-        capture_output=True,
+        stdout=out,
+        stderr=err,
         text=True,
-        timeout=HANG_GUARD_S,
     )
-    assert out.returncode == 0, out.stderr[-4000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    _CHILD[str(shared)] = (proc, out, err)
+
+
+def _publish(shared: pathlib.Path) -> None:
+    """Wait for this process's child, if it started one; write its report (or
+    its failure) to `shared` for every worker."""
+    child = _CHILD.pop(str(shared), None)
+    if child is None:
+        return
+    proc, out, err = child
+    try:
+        proc.wait(timeout=HANG_GUARD_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    out.seek(0)
+    err.seek(0)
+    stdout, stderr = out.read(), err.read()
+    out.close()
+    err.close()
+    if proc.returncode == 0:
+        result = {"report": json.loads(stdout.strip().splitlines()[-1])}
+    else:
+        result = {"error": f"exit {proc.returncode}: {stderr[-4000:]}"}
+    tmp = shared / f"{REPORT}.tmp"
+    tmp.write_text(json.dumps(result))
+    tmp.replace(shared / REPORT)
+
+
+def publish_sharded_checks(shared: pathlib.Path) -> None:
+    """At session end: a worker that started the child publishes its report
+    even if none of its own tests read it (another worker's may)."""
+    _publish(shared)
 
 
 @pytest.fixture(scope="session")
 def report(tmp_path_factory, worker_id):
     """The subprocess's JSON report, computed once for all xdist workers
-    (pytest-xdist's documented pattern: a file lock in the run's shared
-    base temp directory)."""
-    if worker_id == "master":  # no xdist
-        return _run_sharded_checks()
-    shared = tmp_path_factory.getbasetemp().parent / "sharded_checks.json"
-    with FileLock(f"{shared}.lock"):
-        if not shared.is_file():
-            shared.write_text(json.dumps(_run_sharded_checks()))
-        return json.loads(shared.read_text())
+    (pytest-xdist's documented pattern: files in the run's shared base temp
+    directory, the start guarded by a file lock)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base if worker_id == "master" else base.parent
+    start_sharded_checks(shared)  # no-op where collection started it
+    _publish(shared)  # this process's own child, if any
+    path = shared / REPORT
+    for _ in range(HANG_GUARD_S * 10):
+        if path.is_file():
+            break
+        time.sleep(0.1)
+    result = json.loads(path.read_text())
+    assert "error" not in result, result.get("error")
+    return result["report"]
 
 
 def test_every_optimizer_is_checked(report):

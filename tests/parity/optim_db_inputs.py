@@ -43,6 +43,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fnmatch
+import inspect
 import re
 from collections.abc import Callable
 from typing import Any
@@ -172,6 +173,76 @@ def _modes(optimizer: str, desc: str, dtype: str) -> list[bool]:
     return [False, True] if default else [False]
 
 
+# arguments that only scale the arithmetic, whose one branch is torch's
+# `if weight_decay != 0` (`momentum`, `dampening`, ...): their values matter
+# to a code path as zero or non-zero. Any other number (ASGD's `t0`,
+# Adafactor's `d` and `beta2_decay`, Rprop's `etas` and `step_sizes`, Muon's
+# `ns_steps`) may choose a regime (averaging, clipping, clamping): exact.
+SCALING_ARGS = {
+    "lr", "eps", "betas", "weight_decay", "momentum", "dampening",
+    "momentum_decay", "lr_decay", "initial_accumulator_value", "rho",
+}  # fmt: skip
+
+
+def _value_class(value: Any, scaling: bool) -> Any:
+    """What of an argument's value can choose a code path: a flag (bool,
+    None, string) itself, a tensor its dtype and shape, a tuple (`betas`)
+    element by element, a number of a `SCALING_ARGS` argument as zero or
+    non-zero, any other number itself."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.dtype, tuple(value.shape))
+    if isinstance(value, tuple):
+        return tuple(_value_class(v, scaling) for v in value)
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if scaling and isinstance(value, (int, float)):
+        return "zero" if value == 0 else "nonzero"
+    return repr(value)
+
+
+def code_path(torch_cls: type, kwargs: dict[str, Any]) -> tuple:
+    """The code path a constructor call takes: every argument of
+    `torch_cls.__init__` (its default where not given) as `_value_class`;
+    `foreach=None` and `fused=None` (torch's default, on CPU its single-tensor
+    path) as False."""
+    params = inspect.signature(torch_cls.__init__).parameters
+    full = {
+        name: kwargs.get(name, p.default)
+        for name, p in params.items()
+        if name not in ("self", "params")
+    }
+    assert set(kwargs) <= set(full), (torch_cls, kwargs)
+    for flag in ("foreach", "fused"):
+        # None: torch's default, on CPU the single-tensor path, as False
+        if flag in full and full[flag] is None:
+            full[flag] = False
+    return tuple(
+        sorted((k, _value_class(v, k in SCALING_ARGS)) for k, v in full.items())
+    )
+
+
+def float32_table_row(optimizer: str, kwargs: dict[str, Any]) -> str | None:
+    """The id of the parity table's float32 row
+    (`tests/parity/test_optim.py::test_float32_parity`) that runs the same
+    optimizer on the same code path as the optim_db input, or None.
+
+    Such an input has no float32 row here: that row already proves the
+    formula in float32 at the same tolerance (`f32_tolerance`), on a larger
+    tree, 30 steps and `None` gradients; optim_db's own float32 run of it
+    would repeat the same compiled code on other numbers.
+    """
+    from tests.parity.cases import OPT_PARAMS_F32
+
+    path = code_path(INFOS[optimizer].optim_cls, kwargs)
+    for param in OPT_PARAMS_F32:
+        case, table_kwargs = param.values
+        if case.name.split("-")[0] != optimizer:
+            continue
+        if code_path(case.torch_cls, table_kwargs) == path:
+            return f"tests/parity/test_optim.py::test_float32_parity[{param.id}]"
+    return None
+
+
 def rows() -> list[DbRow]:
     out = []
     for optimizer in INFOS:
@@ -181,6 +252,9 @@ def rows() -> list[DbRow]:
         )
         for desc, kwargs, sparse in _db_inputs(optimizer):
             for dtype in dtypes:
+                if dtype == "float32" and not sparse:
+                    if float32_table_row(optimizer, kwargs) is not None:
+                        continue
                 for jit in _modes(optimizer, desc, dtype):
                     out.append(DbRow(optimizer, desc, kwargs, dtype, jit, sparse))
     ids = [r.id for r in out]

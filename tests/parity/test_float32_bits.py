@@ -157,25 +157,25 @@ def test_sqrt_optimizers_are_bit_exact_where_torchs_sqrt_is_correctly_rounded():
     (`MKL_ENABLE_INSTRUCTIONS=AVX2`, checked to round every root correctly),
     Adam, AdamW, RAdam, RMSprop, Adagrad and Adadelta are torch's bits too."""
     env = {**os.environ, "MKL_ENABLE_INSTRUCTIONS": "AVX2", SQRT_CHILD: "1"}
-    probe = (
-        "import numpy as np, torch; "
+    ids = " or ".join(f"[{name}-0]" for name in NEED_CORRECTLY_ROUNDED_SQRT)
+    args = [
+        "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__,
+        "-k", f"test_float32_is_bit_exact and ({ids})",
+    ]  # fmt: skip
+    # one child process: the check that its roots are correctly rounded,
+    # then the rows (a second process would import torch and JAX again)
+    code = (
+        "import sys, numpy as np, torch; "
         "x = np.random.default_rng(0).uniform(0, 10, 100000).astype(np.float32); "
         "exact = np.sqrt(x.astype(np.float64)).astype(np.float32); "
-        "assert (torch.tensor(x).sqrt().numpy() == exact).all()"
+        "assert (torch.tensor(x).sqrt().numpy() == exact).all(), 'sqrt probe'; "
+        f"import pytest; sys.exit(pytest.main({args!r}))"
     )
-    checked = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
-    )  # fmt: skip
-    assert checked.returncode == 0, checked.stderr[-3000:]
-    ids = " or ".join(f"[{name}-0]" for name in NEED_CORRECTLY_ROUNDED_SQRT)
     rows = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "-p", "no:xdist", __file__, "-k", f"test_float32_is_bit_exact and ({ids})"],
+        [sys.executable, "-c", code],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
     )  # fmt: skip
-    assert rows.returncode == 0, rows.stdout[-3000:]
+    output = rows.stdout[-3000:] + rows.stderr[-3000:]
+    assert rows.returncode == 0, output
     passed = re.search(r"\b(\d+) passed", rows.stdout)
-    assert passed and int(passed.group(1)) == len(NEED_CORRECTLY_ROUNDED_SQRT), (
-        rows.stdout[-3000:]
-    )
+    assert passed and int(passed.group(1)) == len(NEED_CORRECTLY_ROUNDED_SQRT), output

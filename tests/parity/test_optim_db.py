@@ -5,7 +5,10 @@ Every CPU input torch's optimizer tests run
 variants and tensor learning rates included) against live torch, in float64
 ($|\Delta| \le 10^{-12} + 10^{-10}\,|x_\text{torch}|$ for parameters, every
 state buffer and the step counts, after every step), float32 (the parity
-table's tolerance of the optimizer's row) and complex128 where torch's
+table's tolerance of the optimizer's row; an input whose code path a float32
+row of the parity table already runs, differing only in numbers that scale
+the arithmetic, is proven there: `optim_db_inputs.float32_table_row`) and
+complex128 where torch's
 `OptimizerInfo.supports_complex` says so; and every error input that has a
 pytree meaning must raise torch's type with a message matching torch's
 regex. The rows and the three tables that say what each expects
@@ -20,6 +23,7 @@ import re
 
 import jax
 import pytest
+import torch
 
 from tests.parity import optim_db_inputs as db
 
@@ -81,11 +85,47 @@ def test_every_optimizer_and_input_is_a_row():
         dtypes = {"float64", "float32"} | (
             {"complex128"} if info.supports_complex else set()
         )
+        # float32 inputs on a code path of the parity table's float32 rows
+        # are proven there (`db.float32_table_row`), and have no row here
+        in_table = {
+            desc
+            for desc, kwargs, sparse in db._db_inputs(optimizer)
+            if not sparse and db.float32_table_row(optimizer, kwargs)
+        }
         for dtype in dtypes:
             got = {
                 r.desc for r in ROWS if r.optimizer == optimizer and r.dtype == dtype
             }
+            if dtype == "float32":
+                assert not got & in_table, (optimizer, got & in_table)
+                got |= in_table
             assert got == descs, (optimizer, dtype)
+
+
+def test_float32_table_rows_run_the_same_code_path():
+    """An input left to the parity table names a float32 row of it that
+    exists and differs only in numbers that scale the arithmetic; a flag, a
+    tensor lr or a regime-choosing number (`t0`) keeps the input's own row."""
+    from tests.parity.cases import OPT_PARAMS_F32
+
+    table_ids = {
+        f"tests/parity/test_optim.py::test_float32_parity[{p.id}]"
+        for p in OPT_PARAMS_F32
+    }
+    adam = db.INFOS["adam"].optim_cls
+    covered = db.float32_table_row("adam", {"weight_decay": 0.5})
+    assert covered in table_ids
+    assert db.code_path(adam, {"foreach": None}) == db.code_path(
+        adam, {"foreach": False}
+    )
+    assert db.float32_table_row("adamax", {"differentiable": True}) is None
+    assert db.float32_table_row("sgd", {"lr": torch.tensor(0.01)}) is None
+    asgd = db.INFOS["asgd"].optim_cls
+    assert db.code_path(asgd, {"t0": 5.0}) != db.code_path(asgd, {"t0": 1e6})
+    for optimizer in db.INFOS:
+        for _, kwargs, sparse in db._db_inputs(optimizer):
+            row = None if sparse else db.float32_table_row(optimizer, kwargs)
+            assert row is None or row in table_ids, row
 
 
 def test_tables_name_existing_rows():

@@ -303,6 +303,12 @@ def main():
         default=2_000,
         help="skip optax above this many leaves (its compile grows superlinearly)",
     )
+    ap.add_argument(
+        "--tree-max-leaves",
+        type=int,
+        default=100,
+        help="time funcopt's default (tree) path up to this many leaves",
+    )
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument(
         "--summarize",
@@ -353,7 +359,7 @@ def main():
             samplers["funcopt_flat"] = sampler
             row.update(funcopt_flat_compile_s=ct, flat_padding=padded / n - 1)
             row.update(funcopt_tree_ms=None, funcopt_tree_compile_s=None)
-            if len(sizes) <= 100:  # the per-leaf path: one kernel per leaf
+            if len(sizes) <= args.tree_max_leaves:  # the per-leaf path
                 samplers["funcopt_tree"], ct = funcopt_tree(make_fo, params)
                 row["funcopt_tree_compile_s"] = ct
             big_optax = len(sizes) > args.optax_max_leaves
@@ -498,7 +504,8 @@ def markdown(meta, rows) -> str:
             if r["optimizer"] == rows[0]["optimizer"]
         )
         + " of elements per case); 'funcopt tree': opt.step on the params "
-        "tree (per leaf; — above 100 leaves). optax is skipped (—) where its "
+        "tree, the default path (— above --tree-max-leaves). optax is skipped "
+        "(—) where its "
         "compile takes minutes."
     )
     return "\n".join(lines) + "\n"

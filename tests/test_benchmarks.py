@@ -56,3 +56,24 @@ def test_compile_time_writes_json_and_markdown(tmp_path):
     assert "optax" not in rows[2]  # optax has no ASGD
     markdown = (tmp_path / "compile_time.md").read_text()
     assert "| adam | 3 |" in markdown and "| asgd | 2 | - |" in markdown
+
+
+def test_compile_curve_writes_json_table_and_plot(tmp_path):
+    """Every implementation's point runs (each in its own process) and lands
+    in the JSON, the table and the plot."""
+    out = subprocess.run(
+        [sys.executable, "benchmarks/compile_curve.py", "--leaves", "3",
+         "--limit-s", str(HANG_GUARD_S), "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S * 4,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-4000:]
+    rows = json.loads((tmp_path / "compile_curve.json").read_text())["rows"]
+    assert sorted((r["impl"], r["leaves"]) for r in rows) == sorted(
+        (impl, n) for impl in ("optax", "funcopt_default", "funcopt_flat") for n in (3,)
+    )
+    assert all(r["result"]["total_s"] > 0 for r in rows)
+    assert "| 3 |" in (tmp_path / "compile_curve.md").read_text()
+    assert (tmp_path / "compile_curve.png").stat().st_size > 0

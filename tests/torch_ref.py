@@ -286,6 +286,28 @@ def step_counts(state, params) -> list[int]:
     return [int(s) for s, p in zip(np.asarray(state.step), leaves) if is_trainable(p)]
 
 
+def check_against_torch(
+    case, kwargs, params, grads, new_params, state, same=None, same_buffers=None
+) -> None:
+    """funcopt's params, state buffers and step counts after `grads` against
+    torch's on the same inputs; `same(actual, expected, what)` compares params
+    and `same_buffers` buffers (both bit for bit unless given)."""
+    same = same or assert_same_bits
+    same_buffers = same_buffers or assert_same_bits
+    expected, torch_state = run_torch(case, kwargs, params, grads)
+    for i, (a, e) in enumerate(zip(trainable_leaves(new_params), expected)):
+        same(a, e, f"param {i}")
+    steps = step_counts(state, params)
+    for i, torch_leaf_state in enumerate(torch_state):
+        assert torch_leaf_state or steps[i] == 0, f"param {i} never had a gradient"
+        for key, value in torch_leaf_state.items():
+            if key == "step":
+                assert steps[i] == int(value), f"param {i}: step"
+                continue
+            ours = slot_leaves(state, params, key)[i]
+            same_buffers(ours, from_torch(value), f"param {i}: state {key}")
+
+
 def assert_same_bits(actual, expected, what):
     """Bit for bit (any NaN matches any NaN), dtype included."""
     actual, expected = np.asarray(actual), np.asarray(expected)

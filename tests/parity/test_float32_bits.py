@@ -37,14 +37,10 @@ from tests._subprocess import HANG_GUARD_S
 from tests.parity.cases import OPT_CASES
 from tests.torch_ref import (
     assert_same_bits,
-    from_torch,
+    check_against_torch,
     make_grads,
     run_funcopt,
     run_funcopt_flagged,
-    run_torch,
-    slot_leaves,
-    step_counts,
-    trainable_leaves,
 )
 
 # the rows that are exact (their all-flags combination), and SGD with nesterov
@@ -100,20 +96,6 @@ def _rows():
     return rows
 
 
-def _assert_torch_bits(case, kwargs, params, grads, new_params, state):
-    expected, torch_state = run_torch(case, kwargs, params, grads)
-    for i, (a, e) in enumerate(zip(trainable_leaves(new_params), expected)):
-        assert_same_bits(a, e, f"param {i}")
-    steps = step_counts(state, params)
-    for i, torch_leaf_state in enumerate(torch_state):
-        for key, value in torch_leaf_state.items():
-            if key == "step":
-                assert steps[i] == int(value), f"param {i}: step"
-                continue
-            ours = slot_leaves(state, params, key)[i]
-            assert_same_bits(ours, from_torch(value), f"param {i}: state {key}")
-
-
 @pytest.mark.parametrize("case,kwargs", _rows())
 def test_float32_is_bit_exact(case, kwargs, x64, torch_cpu_loop, exact_float32):
     """Jitted, `STEPS` steps with `None` gradients (as `has_grad`), and
@@ -123,11 +105,11 @@ def test_float32_is_bit_exact(case, kwargs, x64, torch_cpu_loop, exact_float32):
     params = odd_sized_params(rng, np.float32)
     grads = make_grads(rng, params, STEPS, True)
     new_params, state = run_funcopt_flagged(case, kwargs, params, grads)
-    _assert_torch_bits(case, kwargs, params, grads, new_params, state)
+    check_against_torch(case, kwargs, params, grads, new_params, state)
     # un-jitted, each leaf's rule runs as its own program: the same bits
     first = grads[:EAGER_STEPS]
     new_params, state = run_funcopt(case, kwargs, params, first, jit=False)
-    _assert_torch_bits(case, kwargs, params, first, new_params, state)
+    check_against_torch(case, kwargs, params, first, new_params, state)
 
 
 def test_fused_multiply_add_rounds_once(x64, torch_cpu_loop, exact_float32):

@@ -15,7 +15,7 @@ from tests.parity.cases import (
 from tests.parity.noise_floor import assert_close
 from tests.torch_ref import (
     assert_same_bits,
-    from_torch,
+    check_against_torch,
     make_grads,
     make_params_16bit_for,
     make_params_for,
@@ -112,19 +112,8 @@ def _compare_bits(case, kwargs, seed=0):
     rng = np.random.default_rng(seed)
     params = make_params_16bit_for(case, rng)
     grads = make_grads(rng, params, STEPS_16BIT, True)
-    expected, torch_state = run_torch(case, kwargs, params, grads)
     new_params, state = run_funcopt_flagged(case, kwargs, params, grads)
-    for i, (a, e) in enumerate(zip(trainable_leaves(new_params), expected)):
-        assert_same_bits(a, e, f"param {i}")
-    steps = step_counts(state, params)
-    for i, torch_leaf_state in enumerate(torch_state):
-        assert torch_leaf_state or steps[i] == 0, f"param {i} never had a gradient"
-        for key, value in torch_leaf_state.items():
-            if key == "step":
-                assert steps[i] == int(value), f"param {i}: step"
-                continue
-            ours = slot_leaves(state, params, key)[i]
-            assert_same_bits(ours, from_torch(value), f"param {i}: state {key}")
+    check_against_torch(case, kwargs, params, grads, new_params, state)
 
 
 # bfloat16 and float16 leaves (one tree) through torch's CPU path (foreach=None

@@ -30,16 +30,12 @@ from tests.parity.test_float32_bits import odd_sized_params
 from tests.torch_ref import (
     OptCase,
     assert_same_bits,
-    from_torch,
+    check_against_torch,
     funcopt_kwargs,
     make_grads,
     make_params,
     run_funcopt,
     run_funcopt_flagged,
-    run_torch,
-    slot_leaves,
-    step_counts,
-    trainable_leaves,
 )
 
 STEPS = 5
@@ -116,21 +112,6 @@ FLOAT32_ROWS = [(i, "betas32") for i in range(4)] + [(i, "betas64") for i in (0,
 FLOAT32_HERE = [(0, "betas64")]
 
 
-def _check(case, kwargs, params, grads, new_params, state, same, same_buffers):
-    """funcopt's params, buffers and step counts against torch's."""
-    expected, torch_state = run_torch(case, kwargs, params, grads)
-    for i, (a, e) in enumerate(zip(trainable_leaves(new_params), expected)):
-        same(a, e, f"param {i}")
-    steps = step_counts(state, params)
-    for i, torch_leaf_state in enumerate(torch_state):
-        for key, value in torch_leaf_state.items():
-            if key == "step":
-                assert steps[i] == int(value), f"param {i}: step"
-                continue
-            ours = slot_leaves(state, params, key)[i]
-            same_buffers(ours, from_torch(value), f"param {i}: state {key}")
-
-
 def _close(rtol, atol):
     def same(a, e, what):
         assert a.dtype == e.dtype, what
@@ -150,12 +131,12 @@ def test_float64_params(row, betas_dtype, x64):
     grads = make_grads(rng, params, STEPS, True)
     same = _close(1e-10, 1e-12)
     new_params, state = run_funcopt_flagged(case, kwargs, params, grads)
-    _check(case, kwargs, params, grads, new_params, state, same, same)
+    check_against_torch(case, kwargs, params, grads, new_params, state, same, same)
     if row is not ROWS[0] or betas_dtype != torch.float32:
         return
     first = grads[:EAGER_STEPS]
     new_params, state = run_funcopt(case, kwargs, params, first, jit=False)
-    _check(case, kwargs, params, first, new_params, state, same, same)
+    check_against_torch(case, kwargs, params, first, new_params, state, same, same)
 
 
 @pytest.mark.parametrize(
@@ -173,12 +154,12 @@ def test_float32_params(row, betas_dtype, x64, torch_cpu_loop, exact_float32):
     grads = make_grads(rng, params, STEPS, True)
     same = assert_same_bits if os.environ.get(SQRT_CHILD) else _close(1e-5, 1e-6)
     new_params, state = run_funcopt_flagged(case, kwargs, params, grads)
-    _check(case, kwargs, params, grads, new_params, state, same, assert_same_bits)
+    check_against_torch(case, kwargs, params, grads, new_params, state, same)
     if row is not ROWS[0] or betas_dtype != torch.float32:
         return
     first = grads[:EAGER_STEPS]
     new_params, state = run_funcopt(case, kwargs, params, first, jit=False)
-    _check(case, kwargs, params, first, new_params, state, same, assert_same_bits)
+    check_against_torch(case, kwargs, params, first, new_params, state, same)
 
 
 def test_float32_params_are_bit_exact_where_torchs_sqrt_is_correctly_rounded():

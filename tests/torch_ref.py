@@ -308,7 +308,7 @@ def check_against_torch(
             same_buffers(ours, from_torch(value), f"param {i}: state {key}")
 
 
-def assert_same_bits(actual, expected, what):
+def assert_same_bits(actual, expected, what, reference="torch"):
     """Bit for bit (any NaN matches any NaN), dtype included."""
     actual, expected = np.asarray(actual), np.asarray(expected)
     assert actual.dtype == expected.dtype, f"{what}: {actual.dtype} != {expected.dtype}"
@@ -320,5 +320,6 @@ def assert_same_bits(actual, expected, what):
         i = np.unravel_index(np.argmax(differ), differ.shape)
         raise AssertionError(
             f"{what}: {int(differ.sum())} of {differ.size} elements differ, first "
-            f"at {tuple(int(j) for j in i)}: {actual[i]!r} != torch {expected[i]!r}"
+            f"at {tuple(int(j) for j in i)}: {actual[i]!r} != {reference} "
+            f"{expected[i]!r}"
         )

@@ -40,9 +40,9 @@ import jax.numpy as jnp
 from jax.tree_util import PyTreeDef
 
 from .. import _groups
-from .._core import Optimizer, check_step
+from .._core import Optimizer, check_step, compiled_when_concrete, updates_of_step
 from .._math import widest_float
-from .._tree import flatten_grads, is_trainable
+from .._tree import flatten_grads
 
 
 class GroupStep(NamedTuple):
@@ -82,10 +82,15 @@ def with_group_state(
     inner: Optimizer,
     prepare: Prepare,
     leaf_stats: Callable[..., dict[str, jax.Array]] | None = None,
+    check_hparams: Callable[[dict[str, jax.Array]], None] | None = None,
 ) -> Optimizer:
-    """`inner` with a per-step group update (and reduction) before its rule."""
+    """`inner` with a per-step group update (and reduction) before its rule.
 
-    def step_fn(params, grads, state, has_grad):
+    `check_hparams(state.hparams)` raises torch's errors for hyperparameter
+    values; it runs on an un-jitted step (under `jit` the values are traced).
+    """
+
+    def traced_step(params, grads, state, has_grad):
         # the inner step's trace-time checks, before the group step reads state
         check_step(inner.definition, params, grads, state)
         stats = (
@@ -114,23 +119,15 @@ def with_group_state(
             hparams=group_step.stored_hparams, step=new_step
         )
 
+    def check(params, grads, state):
+        check_step(inner.definition, params, grads, state)
+        if check_hparams is not None:
+            check_hparams(dict(state.hparams))
+
+    step_fn = compiled_when_concrete(traced_step, check)
+
     def update(updates, state, params=None, *, has_grad=None, **extra_args):
-        if params is None:
-            raise ValueError(
-                f"funcopt.{inner.name.lower()}'s update() needs params: call "
-                "update(grads, state, params)"
-            )
-        new_params, new_state = step_fn(params, updates, state, has_grad)
-        return (
-            jax.tree.map(
-                lambda new, old: (
-                    new - old if is_trainable(old) else jnp.zeros_like(old)
-                ),
-                new_params,
-                params,
-            ),
-            new_state,
-        )
+        return updates_of_step(inner.name, step_fn, updates, state, params, has_grad)
 
     opt = Optimizer(inner.init, update)
     opt._step_fn = step_fn

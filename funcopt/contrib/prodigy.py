@@ -125,7 +125,6 @@ def _prepare(hparams, stats, *, use_bias_correction):
     k, d, d_max = hparams["k"][0], hparams["d"][0], hparams["d_max"][0]
     lrs = hparams["lr"]
     lr = jnp.max(lrs)
-    _check_group_lrs(lrs)
     if use_bias_correction:
         bias_correction = ((1 - beta2 ** (k + 1)) ** 0.5) / (1 - beta1 ** (k + 1))
         dlr = d * lr * bias_correction
@@ -184,11 +183,9 @@ def _prepare(hparams, stats, *, use_bias_correction):
 def _check_group_lrs(lrs: jax.Array) -> None:
     """torch's `RuntimeError` for group lrs other than `max(lr)` and 0.
 
-    Checked when the lrs are concrete (an eager `step`); under `jit` they
+    Checked on an eager `step` (the lrs are concrete there); under `jit` they
     are traced and cannot raise, see [`prodigy`][funcopt.contrib.prodigy.prodigy].
     """
-    if isinstance(lrs, jax.core.Tracer):
-        return
     values = [float(x) for x in jax.device_get(lrs)]
     top = max(values)
     if any(v not in [top, 0.0] for v in values):
@@ -376,6 +373,11 @@ def prodigy(
     )
     prepare = functools.partial(_prepare, use_bias_correction=use_bias_correction)
     stats = functools.partial(_leaf_stats, decouple=decouple)
-    opt = with_group_state(inner, prepare, leaf_stats=stats)
+    opt = with_group_state(
+        inner,
+        prepare,
+        leaf_stats=stats,
+        check_hparams=lambda hparams: _check_group_lrs(hparams["lr"]),
+    )
     opt.defaults["beta3"] = beta3  # the state holds NaN for None
     return opt

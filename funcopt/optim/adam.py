@@ -62,21 +62,17 @@ def _adam_rule(
     else:
         second = new_slots["exp_avg_sq"]
     if options["differentiable"] or options["capturable"]:
-        update = _tensor_scalar_update
+        update = functools.partial(_tensor_scalar_update, tensor_betas=tensor_betas)
     elif tensor_betas:
         update = _tensor_betas_update
     else:
         update = _float_scalar_update
     tensor_lr = lr_dtype is not None
-    param = update(
-        param, new_slots["exp_avg"], second, step, hparams, tensor_lr, tensor_betas
-    )
+    param = update(param, new_slots["exp_avg"], second, step, hparams, tensor_lr)
     return param, new_slots
 
 
-def _float_scalar_update(
-    param, exp_avg, second, step, hparams, tensor_lr, tensor_betas
-):
+def _float_scalar_update(param, exp_avg, second, step, hparams, tensor_lr):
     """torch's default path: Python-float scalar math on `float(step)`."""
     lr, eps = hparams["lr"], hparams["eps"]
     beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
@@ -91,9 +87,7 @@ def _float_scalar_update(
     return addcdiv(param, exp_avg, denom, -step_size)
 
 
-def _tensor_betas_update(
-    param, exp_avg, second, step, hparams, tensor_lr, tensor_betas
-):
+def _tensor_betas_update(param, exp_avg, second, step, hparams, tensor_lr):
     """torch's default path with tensor `betas`: the same formula, its scalar
     math as 0-d tensor ops in the betas' dtype on `float(step)`
     (`pow_scalar`), `lr / bias_correction1` as
@@ -113,7 +107,7 @@ def _tensor_betas_update(
 
 
 def _tensor_scalar_update(
-    param, exp_avg, second, step, hparams, tensor_lr, tensor_betas
+    param, exp_avg, second, step, hparams, tensor_lr, *, tensor_betas
 ):
     """torch's `capturable or differentiable` path.
 

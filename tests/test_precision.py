@@ -17,10 +17,6 @@
 """
 
 import os
-import pathlib
-import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -29,11 +25,10 @@ import pytest
 import torch
 
 import funcopt as fo
-from tests._subprocess import HANG_GUARD_S
+from tests._subprocess import run_pytest_child
 from tests.parity.cases import OPT_CASES as ALL_CASES
 from tests.torch_ref import make_grads, make_params_for
 
-ROOT = pathlib.Path(__file__).parent.parent
 # the torch.optim rows (rows for other libraries are another wave's work)
 OPT_CASES = [c for c in ALL_CASES if c.torch_cls.__module__.startswith("torch.optim")]
 
@@ -212,16 +207,9 @@ def test_16bit_parity_follows_a_torch_without_vectorised_loop():
         "-q", "-p", "no:cacheprovider", "tests/parity/test_optim.py",
         "-k", "16bit and (adam- or sgd-)",
     ]  # fmt: skip
-    # one child process: the check that its torch has no vectorised loop,
-    # then the rows (a second process would import torch and JAX again)
-    code = (
-        "import sys, funcopt.torch_interop as fti; "
-        "assert fti.measure_torch_cpu_block() is None, 'block probe'; "
-        f"import pytest; sys.exit(pytest.main({args!r}))"
+    # the check that the child's torch has no vectorised loop, then the rows
+    probe = (
+        "import funcopt.torch_interop as fti\n"
+        "assert fti.measure_torch_cpu_block() is None, 'block probe'"
     )
-    rows = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
-    )  # fmt: skip
-    assert rows.returncode == 0, rows.stdout[-3000:] + rows.stderr[-3000:]
-    assert re.search(r"\b[1-9]\d* passed", rows.stdout), rows.stdout[-3000:]
+    run_pytest_child(args, env, probe=probe)

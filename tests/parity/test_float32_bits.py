@@ -24,16 +24,12 @@ Newton-Schulz (a norm or matmul sum) differs.
 """
 
 import os
-import pathlib
-import re
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from tests._subprocess import HANG_GUARD_S
+from tests._subprocess import run_pytest_child
 from tests.parity.cases import OPT_CASES
 from tests.torch_ref import (
     assert_same_bits,
@@ -66,7 +62,16 @@ NEED_CORRECTLY_ROUNDED_SQRT = [
 ]
 # set in the child process that runs those rows with MKL's AVX2 path
 SQRT_CHILD = "FUNCOPT_TEST_CORRECTLY_ROUNDED_SQRT"
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+# a child process's environment for MKL's AVX2 path, and the probe that
+# checks (in that process, before its rows) that its float32 roots are
+# correctly rounded: else a row would fail without saying why
+CORRECTLY_ROUNDED_SQRT_ENV = {"MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+CORRECTLY_ROUNDED_SQRT_PROBE = """
+import numpy as np, torch
+x = np.random.default_rng(0).uniform(0, 10, 100000).astype(np.float32)
+exact = np.sqrt(x.astype(np.float64)).astype(np.float32)
+assert (torch.tensor(x).sqrt().numpy() == exact).all(), "sqrt probe"
+"""
 STEPS = 100
 EAGER_STEPS = 3
 
@@ -138,26 +143,11 @@ def test_sqrt_optimizers_are_bit_exact_where_torchs_sqrt_is_correctly_rounded():
     torch's `sqrt`: in a child process whose MKL takes its AVX2 path
     (`MKL_ENABLE_INSTRUCTIONS=AVX2`, checked to round every root correctly),
     Adam, AdamW, RAdam, RMSprop, Adagrad and Adadelta are torch's bits too."""
-    env = {**os.environ, "MKL_ENABLE_INSTRUCTIONS": "AVX2", SQRT_CHILD: "1"}
     ids = " or ".join(f"[{name}-0]" for name in NEED_CORRECTLY_ROUNDED_SQRT)
     args = [
         "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__,
         "-k", f"test_float32_is_bit_exact and ({ids})",
     ]  # fmt: skip
-    # one child process: the check that its roots are correctly rounded,
-    # then the rows (a second process would import torch and JAX again)
-    code = (
-        "import sys, numpy as np, torch; "
-        "x = np.random.default_rng(0).uniform(0, 10, 100000).astype(np.float32); "
-        "exact = np.sqrt(x.astype(np.float64)).astype(np.float32); "
-        "assert (torch.tensor(x).sqrt().numpy() == exact).all(), 'sqrt probe'; "
-        f"import pytest; sys.exit(pytest.main({args!r}))"
-    )
-    rows = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
-    )  # fmt: skip
-    output = rows.stdout[-3000:] + rows.stderr[-3000:]
-    assert rows.returncode == 0, output
-    passed = re.search(r"\b(\d+) passed", rows.stdout)
-    assert passed and int(passed.group(1)) == len(NEED_CORRECTLY_ROUNDED_SQRT), output
+    env = {**os.environ, **CORRECTLY_ROUNDED_SQRT_ENV, SQRT_CHILD: "1"}
+    passed = run_pytest_child(args, env, probe=CORRECTLY_ROUNDED_SQRT_PROBE)
+    assert passed == len(NEED_CORRECTLY_ROUNDED_SQRT)

@@ -15,18 +15,18 @@ child process whose MKL rounds float32 `sqrt` correctly (see
 """
 
 import os
-import pathlib
-import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 import funcopt as fo
-from tests._subprocess import HANG_GUARD_S
-from tests.parity.test_float32_bits import odd_sized_params
+from tests._subprocess import run_pytest_child
+from tests.parity.test_float32_bits import (
+    CORRECTLY_ROUNDED_SQRT_ENV,
+    CORRECTLY_ROUNDED_SQRT_PROBE,
+    odd_sized_params,
+)
 from tests.torch_ref import (
     OptCase,
     assert_same_bits,
@@ -42,7 +42,6 @@ STEPS = 5
 EAGER_STEPS = 2
 # set in the child process whose MKL rounds float32 `sqrt` correctly
 SQRT_CHILD = "FUNCOPT_TEST_TENSOR_BETAS_SQRT"
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 ADAM = OptCase("adam", torch.optim.Adam, fo.adam, grid={}, steps=STEPS)
 ADAMW = OptCase("adamw", torch.optim.AdamW, fo.adamw, grid={}, steps=STEPS)
@@ -164,16 +163,15 @@ def test_float32_params(row, betas_dtype, x64, torch_cpu_loop, exact_float32):
 
 def test_float32_params_are_bit_exact_where_torchs_sqrt_is_correctly_rounded():
     """`test_float32_params` in a child process whose MKL takes its AVX2 path
-    (`MKL_ENABLE_INSTRUCTIONS=AVX2`): params bit for bit too."""
-    env = {**os.environ, "MKL_ENABLE_INSTRUCTIONS": "AVX2", SQRT_CHILD: "1"}
-    rows = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "-p", "no:xdist", __file__, "-k", "test_float32_params and not bit_exact"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
-    )  # fmt: skip
-    assert rows.returncode == 0, rows.stdout[-3000:]
-    passed = re.search(r"\b(\d+) passed", rows.stdout)
-    assert passed and int(passed.group(1)) == len(FLOAT32_ROWS), rows.stdout[-3000:]
+    (`MKL_ENABLE_INSTRUCTIONS=AVX2`, checked to round every root correctly):
+    params bit for bit too."""
+    args = [
+        "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__,
+        "-k", "test_float32_params and not bit_exact",
+    ]  # fmt: skip
+    env = {**os.environ, **CORRECTLY_ROUNDED_SQRT_ENV, SQRT_CHILD: "1"}
+    passed = run_pytest_child(args, env, probe=CORRECTLY_ROUNDED_SQRT_PROBE)
+    assert passed == len(FLOAT32_ROWS)
 
 
 def test_state_dict_round_trip_keeps_tensor_betas(x64):

@@ -7,8 +7,8 @@ variants and tensor learning rates included) against live torch, in float64
 state buffer and the step counts, after every step), float32 (the parity
 table's tolerance of the optimizer's row; an input whose code path a float32
 row of the parity table already runs, differing only in numbers that scale
-the arithmetic, is proven there: `optim_db_inputs.float32_table_row`) and
-complex128 where torch's
+the arithmetic, is proven there: `optim_db_inputs.float32_table_row`; L-BFGS
+rows: `test_lbfgs.RTOL` and the noise floor) and complex128 where torch's
 `OptimizerInfo.supports_complex` says so; and every error input that has a
 pytree meaning must raise torch's type with a message matching torch's
 regex. The rows and the three tables that say what each expects

@@ -20,7 +20,10 @@ The rule must be pure: on the per-leaf path it is traced once per (shape,
 dtype, options) and that trace is called for every such leaf
 (`_leaf_step`); the part of it that reads only the step count and the
 hyperparameters (bias corrections, step sizes) runs once for all those
-leaves, vectorised over their step counts (`_compile.leaf_program`).
+leaves, vectorised over their step counts (`_compile.leaf_program`). Called
+outside `jit` (on concrete arrays), `step` and `update` compile that whole
+program once (`compiled_when_concrete`), so eager and jitted steps are the same
+program and the same bits.
 
 [`make_optimizer`][funcopt.make_optimizer] turns such a rule into an
 [`Optimizer`][funcopt.Optimizer]: an `optax.GradientTransformationExtraArgs` with one

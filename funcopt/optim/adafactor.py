@@ -73,8 +73,9 @@ def _norm(x, **kwargs):
 
 
 def _adafactor_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
-    if lr_dtype is not None:
-        # a tensor lr: torch's scalar math with it runs in its dtype
+    if lr_dtype not in (None, "float64"):
+        # a tensor lr: torch's scalar math with it runs in its dtype (a
+        # float64 one's is Python-float math)
         hparams = {**hparams, "lr": hparams["lr"].astype(lr_dtype)}
     lr, d, weight_decay = hparams["lr"], hparams["d"], hparams["weight_decay"]
     eps1, eps2 = hparams["eps"][0], hparams["eps"][1]
@@ -86,7 +87,8 @@ def _adafactor_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
     param_rms = _norm(param).astype(widest_float()) / param.size**0.5
     alpha, tensor_alpha = _step_size(lr, step, jnp.maximum(eps2, param_rms))
     # decoupled, with lr, after alpha is read from the undecayed param
-    if options["foreach"]:  # `_foreach_mul_(params, 1 - lr * weight_decay)`
+    if options["foreach"] and lr_dtype is None:
+        # `_foreach_mul_(params, 1 - lr * weight_decay)`, a Python float
         param = foreach_mul(param, 1 - lr * weight_decay)
     else:
         param = decoupled_weight_decay(param, lr, weight_decay)
@@ -126,7 +128,7 @@ def _adafactor_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
         scale = jnp.where(takes_lr, tensor_scale, scale)
     if options["foreach"]:
         # `_foreach_mul_(updates, alphas)`, then `_foreach_add_(params, updates)`
-        update = foreach_mul(update, scale)
+        update = _foreach_scale(update, scale, lr, step, lr_dtype)
         if is_reduced(update):
             # the 16-bit product read through its bits: LLVM would otherwise
             # fuse it into the sum (see `_math._upcast_opaque`)
@@ -134,6 +136,23 @@ def _adafactor_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
             return total.astype(param.dtype), new_slots
         return tensor_op(jnp.add, param, update), new_slots
     return add(param, update, scale), new_slots
+
+
+def _foreach_scale(update, scale, lr, step, lr_dtype):
+    r"""`_foreach_mul_(updates, alphas)`: a Python-float alpha is rounded
+    to a 16-bit update's dtype first (`foreach_mul`); a 0-d tensor alpha
+    (while $\rho_t$ is a tensor `lr`) is read as its value, as `mul` does."""
+    if lr_dtype is None:
+        return foreach_mul(update, scale)
+    return jnp.where(
+        _takes_lr(lr, 1 / step**0.5), mul(update, scale), foreach_mul(update, scale)
+    )
+
+
+def _takes_lr(lr, inv_sqrt):
+    r"""Whether torch's `min(lr, inv_sqrt)` ($1/\sqrt t$) is the tensor `lr`:
+    unless `inv_sqrt` compares below it, in lr's dtype."""
+    return ~(inv_sqrt.astype(lr.dtype) < lr)
 
 
 def _step_size(lr, step, rms):
@@ -147,7 +166,7 @@ def _step_size(lr, step, rms):
     inv_sqrt = 1 / step**0.5
     if lr.dtype == widest_float():
         return rms * jnp.minimum(lr, inv_sqrt), None
-    takes_lr = ~(inv_sqrt.astype(lr.dtype) < lr)
+    takes_lr = _takes_lr(lr, inv_sqrt)
     tensor_alpha = mul(lr, rms)
     alpha = jnp.where(takes_lr, tensor_alpha.astype(inv_sqrt.dtype), rms * inv_sqrt)
     return alpha, (takes_lr, tensor_alpha)
@@ -220,8 +239,13 @@ def adafactor(
     $\rho_t$ is `lr` until $1/\sqrt t$ compares below it (in its dtype),
     and while it is, $\alpha_t$ and $-\alpha_t/\text{denom}$ are tensor
     ops in lr's dtype, as is the decay factor $1 - \gamma\lambda$
-    always. `foreach=True` with a tensor `lr` is not reproduced (`lr` is
-    read as a Python float there). Complex parameters raise
+    always. With `foreach=True` as well, `_foreach_mul_` gets those 0-d
+    tensors (the decay factor, and $-\alpha_t/\text{denom}$ while
+    $\rho_t$ is `lr`; float32 or float64) and reads them as their values:
+    for a 16-bit tensor as float32, not rounded to its dtype first. There
+    torch raises a `TypeError` when one foreach group (one dtype, and 2-D
+    or more or not) mixes parameters whose $\rho_t$ is `lr` with others
+    (unequal step counts); funcopt steps each. Complex parameters raise
     torch's `RuntimeError` at `init` and `step` (torch: at `step`).
     """
     group = dict(
@@ -244,9 +268,8 @@ def adafactor(
                 for name, values in param_groups.overrides.items()
             },
         )
-    # a tensor lr keeps its dtype (not with foreach, whose tensor-lr path is
-    # not reproduced)
-    lr_dtype = None if foreach else tensor_dtype(lr)
+    # a tensor lr keeps its dtype
+    lr_dtype = tensor_dtype(lr)
     opt = make_optimizer(
         name="Adafactor",
         rule=_adafactor_rule

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,7 +21,12 @@ from .._math import (
     sqrt,
     tensor_op,
 )
-from ._common import adam_moments, check_foreach_differentiable
+from ._common import (
+    adam_moments,
+    check_foreach_differentiable,
+    decoupled_weight_decay,
+    tensor_dtype,
+)
 
 
 def _validate_radam(group: Mapping[str, Any]) -> None:
@@ -32,7 +38,9 @@ def _radam_slots(param, group):
     return {"exp_avg": jnp.zeros_like(param), "exp_avg_sq": jnp.zeros_like(param)}
 
 
-def _radam_rule(param, grad, slots, step, hparams, options):
+def _radam_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
+    if lr_dtype is not None:
+        param, hparams = _tensor_lr_decay(param, hparams, options, lr_dtype)
     lr, eps = hparams["lr"], hparams["eps"]
     beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
     param, moments = adam_moments(param, grad, slots, hparams, options)
@@ -48,7 +56,8 @@ def _radam_rule(param, grad, slots, step, hparams, options):
         (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
     ) ** 0.5
     if options["foreach"]:
-        return _foreach_update(param, moments, step, rho_t, rect, hparams), moments
+        update = _foreach_update(param, moments, step, rho_t, rect, hparams, lr_dtype)
+        return update, moments
     # (bias_correction2**0.5) / tensor is Tensor.__rtruediv__: reciprocal() * scalar
     adaptive_lr = mul(
         reciprocal(add_scalar(sqrt(exp_avg_sq), eps)), bias_correction2**0.5
@@ -59,7 +68,27 @@ def _radam_rule(param, grad, slots, step, hparams, options):
     return new_param, moments
 
 
-def _foreach_update(param, moments, step, rho_t, rect, hparams):
+def _tensor_lr_decay(param, hparams, options, lr_dtype):
+    r"""`(param, hparams)` for `foreach=True` with a tensor `lr`.
+
+    `lr` keeps its dtype (a float64 tensor's scalar math is Python-float
+    math), and the decoupled decay
+    $\theta \leftarrow \theta (1 - \gamma\lambda)$ is
+    `_foreach_mul_(params, 1 - lr * weight_decay)` with a 0-d tensor: a
+    tensor op in lr's dtype, read as its value by `mul` (not rounded to a
+    16-bit param's dtype first, unlike a Python float's). It is applied
+    here, and `weight_decay` is then 0 for `adam_moments`.
+    """
+    if lr_dtype != "float64":
+        hparams = {**hparams, "lr": hparams["lr"].astype(lr_dtype)}
+    if options["decoupled_weight_decay"]:
+        weight_decay = hparams["weight_decay"]
+        param = decoupled_weight_decay(param, hparams["lr"], weight_decay)
+        hparams = {**hparams, "weight_decay": jnp.zeros_like(weight_decay)}
+    return param, hparams
+
+
+def _foreach_update(param, moments, step, rho_t, rect, hparams, lr_dtype=None):
     r"""torch's `_multi_tensor_radam` update: one per-element factor.
 
     `buffer = 1 / ((sqrt(v) + eps) / s) + u` with the Python floats
@@ -67,14 +96,26 @@ def _foreach_update(param, moments, step, rho_t, rect, hparams):
     $\rho_t \le 5$, where `1 / (x / -0.0)` is `-0.0`) and
     `u = -lr / (1 - beta1^t)` while $\rho_t \le 5$, else 0; then
     `param.addcmul_(exp_avg, buffer)`.
+
+    With a tensor `lr` (`lr_dtype`), `s` and `u` are 0-d tensors in lr's
+    dtype, each product and quotient a tensor op, and `_foreach_div_`
+    reads `s` as its value. Adding `u` is exact either way: the buffer is
+    $\pm 0$ wherever $u \ne 0$ (where `s = -0.0`).
     """
     lr, eps = hparams["lr"], hparams["eps"]
     beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
     rect = jnp.where(rho_t > 5, rect, 0.0)
     unrectified = jnp.where(rect > 0, 0.0, 1.0)
     bias_correction1 = 1 - beta1**step
-    unrect_step_size = (lr * unrectified / bias_correction1) * -1
-    scale = ((1 - beta2**step) ** 0.5) * (lr * rect / bias_correction1) * -1
+    if lr_dtype is None:
+        unrect_step_size = (lr * unrectified / bias_correction1) * -1
+    else:
+        unrect_step_size = mul(div(mul(lr, unrectified), bias_correction1), -1.0)
+    root = (1 - beta2**step) ** 0.5
+    if lr_dtype is None:
+        scale = root * (lr * rect / bias_correction1) * -1
+    else:
+        scale = mul(mul(div(mul(lr, rect), bias_correction1), root), -1.0)
     buffer = div(add_scalar(sqrt(moments["exp_avg_sq"]), eps), scale)
     buffer = add_scalar(reciprocal(buffer), unrect_step_size)
     return addcmul(param, moments["exp_avg"], buffer, 1.0)
@@ -134,15 +175,23 @@ def radam(
     (and `_foreach_mul_` rounds its scalar to a 16-bit tensor's dtype
     first); with `differentiable=True` it raises a `ValueError` with
     torch's message (torch: an `AssertionError` at its first step).
-    `foreach=True` with a tensor `lr` (torch: float32 tensor step sizes)
-    is not reproduced: `lr` is read as a Python float.
+    With a tensor `lr` (an array, e.g. `np.float32(0.02)`), `foreach=True`
+    mirrors torch's 0-d tensor step sizes: $s_t$, $u_t$ and the decoupled
+    decay factor $1 - \gamma\lambda$ are tensor ops in lr's dtype (a
+    float64 one's are Python-float math), and `_foreach_div_` and
+    `_foreach_mul_` read them as their values (float32 for a 16-bit param,
+    not rounded to its dtype first).
     State: `exp_avg`, `exp_avg_sq`; the step count is
     `state.step`.
     """
+    lr_dtype = tensor_dtype(lr) if foreach else None
     return make_optimizer(
         name="RAdam",
         elementwise=True,
-        rule=_radam_rule,
+        # foreach: a float32 tensor lr's step sizes are tensor ops
+        rule=_radam_rule
+        if lr_dtype is None
+        else functools.partial(_radam_rule, lr_dtype=lr_dtype),
         init_slots=_radam_slots,
         hyperparams={
             "lr": lr,

@@ -186,6 +186,14 @@ _PICK_16BIT = {
     ),
     # eps1=None: finfo(param dtype).eps
     "adafactor": lambda kw: kw["eps"][0] is None and kw["weight_decay"] > 0,
+    # a float64 tensor lr too (the last row's is float32): a 0-d tensor's
+    # value meets 16-bit tensors unrounded, unlike a Python float's
+    "adafactor-foreach-tensor-lr": lambda kw: (
+        kw["lr"].dtype == torch.float64 and kw["weight_decay"] > 0
+    ),
+    "radam-foreach-tensor-lr": lambda kw: (
+        kw["lr"].dtype == torch.float64 and kw["decoupled_weight_decay"]
+    ),
     # without nesterov the update aliases the bf16 buffer (see muon.py)
     "muon": lambda kw: not kw["nesterov"] and kw["weight_decay"] > 0,
 }
@@ -196,7 +204,12 @@ def _params_16bit(case):
     if case.name not in _PICK_16BIT:
         return [params[-1]]
     pick = next(i for i, kw in enumerate(case.combos()) if _PICK_16BIT[case.name](kw))
-    return [params[pick], params[-1]] if case.name == "sgd" else [params[pick]]
+    both = case.name in (
+        "sgd",
+        "adafactor-foreach-tensor-lr",
+        "radam-foreach-tensor-lr",
+    )
+    return [params[pick], params[-1]] if both else [params[pick]]
 
 
 OPT_PARAMS_16BIT = [

@@ -200,6 +200,21 @@ FLAG_CASES = [
         fixed={"lr": 0.02, "betas": (0.9, 0.99), "eps": 1e-6, "foreach": True},
         valid=_decay_needs_wd,
     ),
+    # torch's `_multi_tensor_radam` with a 0-d tensor lr: its step sizes
+    # are tensor ops in lr's dtype
+    OptCase(
+        "radam-foreach-tensor-lr",
+        torch.optim.RAdam,
+        radam,
+        grid={
+            "weight_decay": [0.0, 0.1],
+            "decoupled_weight_decay": [False, True],
+            "maximize": [False, True],
+            "lr": [torch.tensor(0.02, dtype=torch.float64), torch.tensor(0.02)],
+        },
+        fixed={"betas": (0.9, 0.99), "eps": 1e-6, "foreach": True},
+        valid=_decay_needs_wd,
+    ),
     OptCase(
         "adamax-tensor-lr",
         torch.optim.Adamax,

@@ -26,6 +26,22 @@ def muon_params(rng: np.random.Generator, dtype) -> dict:
     }
 
 
+def one_per_group(rng: np.random.Generator, dtype) -> dict:
+    """One leaf per torch foreach group (dtype, and 2-D or more or not).
+
+    With a tensor `lr`, torch's `_multi_tensor_adafactor` raises a
+    `TypeError` where a group's step counts straddle `1/sqrt(t) < lr`
+    (`_foreach_mul_` gets a list of tensors and floats); one leaf per group
+    keeps the None-gradient pattern's unequal counts. "k" is one 16-bit CPU
+    block and a tail, "s" only a tail (see `make_params_16bit`).
+    """
+    return {
+        "frozen": np.arange(2, dtype=np.int32),
+        "k": rng.normal(size=(5, 10)).astype(dtype),
+        "s": np.asarray(rng.normal(), dtype=dtype),
+    }
+
+
 CASES = [
     # the default tree has 0-D, 1-D, 2-D and 3-D leaves
     OptCase(
@@ -87,6 +103,22 @@ FLAG_CASES = [
         adafactor,
         grid={"weight_decay": [0.0, 0.1], "maximize": [False, True]},
         fixed={"lr": torch.tensor(0.3), "eps": (1e-4, 1e-2), "beta2_decay": -0.5},
+        f32_rtol=1e-5,
+        f32_atol=1e-6,
+    ),
+    # both: torch's `_multi_tensor_adafactor` with a 0-d tensor lr (float32,
+    # and float64, whose scalar math is Python-float math)
+    OptCase(
+        "adafactor-foreach-tensor-lr",
+        torch.optim.Adafactor,
+        adafactor,
+        grid={
+            "weight_decay": [0.0, 0.1],
+            "maximize": [False, True],
+            "lr": [torch.tensor(0.3, dtype=torch.float64), torch.tensor(0.3)],
+        },
+        fixed={"eps": (1e-4, 1e-2), "beta2_decay": -0.5, "foreach": True},
+        tree=one_per_group,
         f32_rtol=1e-5,
         f32_atol=1e-6,
     ),

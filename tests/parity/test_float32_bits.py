@@ -111,7 +111,7 @@ def test_float32_is_bit_exact(case, kwargs, x64, torch_cpu_loop, exact_float32):
     grads = make_grads(rng, params, STEPS, True)
     new_params, state = run_funcopt_flagged(case, kwargs, params, grads)
     check_against_torch(case, kwargs, params, grads, new_params, state)
-    # un-jitted, each leaf's rule runs as its own program: the same bits
+    # un-jitted (the whole step compiled as one program): the same bits
     first = grads[:EAGER_STEPS]
     new_params, state = run_funcopt(case, kwargs, params, first, jit=False)
     check_against_torch(case, kwargs, params, first, new_params, state)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._hparams import get_hparam, set_hparam
+from .._math import divide_exactly
 
 # (flag, value): raise ``ValueError(template.format(value))`` when ``flag``
 Errors = tuple[tuple[jax.Array, jax.Array], ...]
@@ -94,9 +95,7 @@ def div(a: Any, b: Any) -> jax.Array:
     """
     a, b = jnp.asarray(a), jnp.asarray(b)
     dtype = jnp.result_type(a, b)
-    shape = jnp.broadcast_shapes(a.shape, b.shape)
-    b = jnp.broadcast_to(b.astype(dtype), shape)
-    return a.astype(dtype) / jax.lax.optimization_barrier(b)
+    return divide_exactly(a.astype(dtype), b.astype(dtype))
 
 
 def int32(x: Any) -> jax.Array:

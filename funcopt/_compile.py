@@ -23,7 +23,8 @@ computes from the step count and the hyperparameters alone: bias
 corrections, step sizes) runs once for all leaves, vectorised over their
 step counts, and each leaf's program keeps only its passes over memory.
 Adam on 100 leaves, measured: 131 to 89 compiled instructions per leaf and 5
-to 4 kernels per leaf (optax: 44 and 3).
+to 4 kernels per leaf (optax: 44 and 3); 84 and 3 since divisions by a
+per-leaf scalar divide (`_math.true_divide`).
 """
 
 from __future__ import annotations

@@ -16,6 +16,11 @@ from funcopt.optim.rmsprop import rmsprop
 from funcopt.optim.rprop import rprop
 from tests.torch_ref import ErrorCase, OptCase
 
+# the weight-decay grid of the Adam family (coupled and decoupled), with
+# and without `maximize`
+_DECAY = {"weight_decay": [0.0, 0.1], "decoupled_weight_decay": [False, True]}
+_DECAY_MAXIMIZE = {**_DECAY, "maximize": [False, True]}
+
 
 def _decay_needs_wd(kw):
     return kw["weight_decay"] or not kw["decoupled_weight_decay"]
@@ -47,11 +52,7 @@ CASES = [
         torch.optim.RAdam,
         radam,
         # beta2=0.99: rho_t <= 5 for the first steps, > 5 afterwards
-        grid={
-            "weight_decay": [0.0, 0.1],
-            "decoupled_weight_decay": [False, True],
-            "maximize": [False, True],
-        },
+        grid=dict(_DECAY_MAXIMIZE),
         fixed={"lr": 0.02, "betas": (0.9, 0.99), "eps": 1e-6},
         valid=_decay_needs_wd,
     ),
@@ -122,11 +123,7 @@ FLAG_CASES = [
         "nadam-differentiable",
         torch.optim.NAdam,
         nadam,
-        grid={
-            "weight_decay": [0.0, 0.1],
-            "decoupled_weight_decay": [False, True],
-            "maximize": [False, True],
-        },
+        grid=dict(_DECAY_MAXIMIZE),
         fixed={
             "lr": 0.02,
             "betas": (0.8, 0.95),
@@ -141,11 +138,7 @@ FLAG_CASES = [
         "nadam-tensor-lr",
         torch.optim.NAdam,
         nadam,
-        grid={
-            "weight_decay": [0.0, 0.1],
-            "decoupled_weight_decay": [False, True],
-            "differentiable": [False, True],
-        },
+        grid={**_DECAY, "differentiable": [False, True]},
         fixed={
             "lr": torch.tensor(0.02),
             "betas": (0.8, 0.95),
@@ -160,11 +153,7 @@ FLAG_CASES = [
         "nadam-foreach",
         torch.optim.NAdam,
         nadam,
-        grid={
-            "weight_decay": [0.0, 0.1],
-            "decoupled_weight_decay": [False, True],
-            "lr": [0.02, torch.tensor(0.02)],
-        },
+        grid={**_DECAY, "lr": [0.02, torch.tensor(0.02)]},
         fixed={
             "betas": (0.8, 0.95),
             "eps": 1e-6,
@@ -192,11 +181,7 @@ FLAG_CASES = [
         "radam-foreach",
         torch.optim.RAdam,
         radam,
-        grid={
-            "weight_decay": [0.0, 0.1],
-            "decoupled_weight_decay": [False, True],
-            "maximize": [False, True],
-        },
+        grid=dict(_DECAY_MAXIMIZE),
         fixed={"lr": 0.02, "betas": (0.9, 0.99), "eps": 1e-6, "foreach": True},
         valid=_decay_needs_wd,
     ),
@@ -207,9 +192,7 @@ FLAG_CASES = [
         torch.optim.RAdam,
         radam,
         grid={
-            "weight_decay": [0.0, 0.1],
-            "decoupled_weight_decay": [False, True],
-            "maximize": [False, True],
+            **_DECAY_MAXIMIZE,
             "lr": [torch.tensor(0.02, dtype=torch.float64), torch.tensor(0.02)],
         },
         fixed={"betas": (0.9, 0.99), "eps": 1e-6, "foreach": True},

@@ -752,8 +752,18 @@ def updates_of_step(name, step_fn, grads, state, params, has_grad):
 
 StepFn = Callable[[PyTree, PyTree, Any, Any], tuple[PyTree, Any]]
 
-# what `jit` takes as an argument without conversion errors
-_JIT_LEAVES = (jax.Array, np.ndarray, np.generic, bool, int, float, complex)
+
+def _jit_argument(x: Any) -> bool:
+    """Whether `x` is a concrete value `jit` takes as an argument: a JAX
+    array, a Python number, or a NumPy array or scalar of numbers or bools
+    (not of strings or objects)."""
+    if isinstance(x, jax.core.Tracer):
+        return False
+    if isinstance(x, jax.Array | bool | int | float | complex):
+        return True
+    return isinstance(x, np.ndarray | np.generic) and (
+        jnp.issubdtype(x.dtype, jnp.number) or jnp.issubdtype(x.dtype, jnp.bool_)
+    )
 
 
 def compiled_when_concrete(
@@ -785,10 +795,7 @@ def compiled_when_concrete(
 
     def step(params, grads, state, has_grad):
         args = (params, grads, state, has_grad)
-        if not all(
-            isinstance(x, _JIT_LEAVES) and not isinstance(x, jax.core.Tracer)
-            for x in jax.tree.leaves(args)
-        ):
+        if not all(_jit_argument(x) for x in jax.tree.leaves(args)):
             return step_fn(*args)
         check(params, grads, state)
         new_params, new_state = compiled(_math.trace_settings(), *args)

@@ -540,3 +540,15 @@ def test_other_unknown_arguments_are_pythons_error():
 def test_positional_lr_still_works():
     assert fo.sgd(0.5).defaults["lr"] == 0.5
     assert fo.adam(np.asarray(0.5)).defaults["lr"] == 0.5
+
+
+def test_string_leaves_are_carried_along_eagerly():
+    """A tree with string leaves (NumPy arrays and scalars of str, which
+    `jit` cannot take) steps un-jitted: the strings come back untouched."""
+    params = {"w": np.ones(3, np.float32), "names": np.array(["a", "b"])}
+    params["tag"] = np.str_("x")
+    grads = {"w": np.ones(3, np.float32), "names": None, "tag": None}
+    opt = fo.sgd(lr=0.5)
+    new, _ = opt.step(params, grads, opt.init(params))
+    assert new["names"] is params["names"] and new["tag"] is params["tag"]
+    np.testing.assert_array_equal(new["w"], np.full(3, 0.5, np.float32))

@@ -145,6 +145,41 @@ class _Definition:
             values.update(self.groups.overrides[name])
         return values
 
+    def group_options(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The `options` a rule gets for a group with these values: its
+        static options and, under `TENSOR_DTYPES`, the dtype of each
+        hyperparameter the group gives as a tensor (see `tensor_dtypes`)."""
+        options = {k: values[k] for k in self.options}
+        options[TENSOR_DTYPES] = tensor_dtypes({k: values[k] for k in self.hyperparams})
+        return options
+
+
+# the key of `options` that holds a group's tensor hyperparameter dtypes
+TENSOR_DTYPES = "tensor_dtypes"
+
+
+def tensor_dtype(value: Any) -> str | None:
+    """The dtype of a hyperparameter given as an array (torch: a tensor, whose
+    scalar math runs in its dtype); None for a Python float. A tuple (`betas`)
+    is a tensor when its first element is."""
+    if isinstance(value, tuple | list) and value:
+        value = value[0]
+    if _validate.is_array(value) and jnp.issubdtype(value.dtype, jnp.floating):
+        return jnp.dtype(value.dtype).name
+    return None
+
+
+def tensor_dtypes(hyperparams: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """`((name, dtype), ...)` of the hyperparameters given as tensors.
+
+    torch lets every param group hold its own `lr` (a Python float or a 0-d
+    tensor of any dtype), and a tensor's scalar math runs in its dtype: the
+    rule of each group follows its own values, so these dtypes are static
+    options of the group (hashable, part of the compiled steps' key).
+    """
+    found = ((k, tensor_dtype(v)) for k, v in sorted(hyperparams.items()))
+    return tuple((k, dtype) for k, dtype in found if dtype is not None)
+
 
 def make_optimizer(
     *,
@@ -603,7 +638,7 @@ def _apply(definition, params, grads, state, has_grad):
     )
     treedef = jax.tree.structure(params)
     values = [definition.group_values(n) for n in names]
-    options = [{k: v[k] for k in definition.options} for v in values]
+    options = [definition.group_options(v) for v in values]
     mask = None if has_grad is None else treedef.flatten_up_to(has_grad)
 
     new_leaves, increments = [], []

@@ -199,6 +199,25 @@ def _narrow32(y: jax.Array) -> jax.Array:
     return _wide32(y.astype(jnp.float32))
 
 
+def round_float32(y: jax.Array) -> jax.Array:
+    r"""A float64 `y` rounded once to float32 (to nearest, ties to even),
+    subnormal results included.
+
+    XLA's CPU backend flushes a float32 subnormal result to zero, in a
+    conversion too; torch's CPU kernels keep it. Below $2^{-126}$ the
+    float32 bits are built from the integer $|y| \cdot 2^{149}$ (rounded
+    to even, exact in float64), which runs on into the smallest normal
+    value. (`_narrow32` rounds through XLA's conversion, which flushes
+    them: exact wherever a result stays normal, as in every rule but
+    NAdam's `mu_product`.)
+    """
+    u32 = jnp.uint32
+    scaled = jnp.round(jnp.abs(y) * 2.0**149)
+    bits = scaled.astype(u32) | (jnp.signbit(y).astype(u32) << u32(31))
+    tiny = jax.lax.bitcast_convert_type(bits, jnp.float32)
+    return jnp.where(jnp.abs(y) < 2.0**-126, tiny, y.astype(jnp.float32))
+
+
 @jax.custom_jvp
 def _fma32_exact(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
     """`fmaf(a, b, c)` of float32 values held in float64: one rounding.
@@ -473,6 +492,13 @@ def packed_leaves(
         yield
     finally:
         _layout.packed = old
+
+
+def packed_layout() -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """While a rule is traced on packed leaves (`packed_leaves`): the buffer's
+    shape and the element counts of the leaves it packs; None otherwise."""
+    packed = getattr(_layout, "packed", None)
+    return None if packed is None else packed[:2]
 
 
 def _scalar_loop(shape: tuple[int, ...]) -> bool | jax.Array:

@@ -611,7 +611,7 @@ def apply_flat(definition, flat: FlatParams, grads, state, has_grad):
         )
     _check_state(definition, state, layout.n_leaves, len(layout.group_names))
     values = [definition.group_values(n) for n in layout.group_names]
-    options = [{k: v[k] for k in definition.options} for v in values]
+    options = [definition.group_options(v) for v in values]
     masks = _flat_masks(layout, flat, has_grad)
     new_buffers = []
     new_slots = {k: list(v.buffers) for k, v in state.slots.items()}

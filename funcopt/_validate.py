@@ -231,6 +231,17 @@ def check_betas_both_floats(
                 raise ValueError(f"Tensor betas[{i}] must be 1-element")
 
 
+def fused_requested(fused: Any) -> bool:
+    """Whether `fused` asks for torch's fused kernel, to pick the rule before
+    the checks run: a value without a truth value (a multi-element array)
+    counts as not fused here, and `check_fused` then raises torch's error
+    for it, after the argument checks, where torch raises it."""
+    try:
+        return bool(fused)
+    except (ValueError, TypeError):
+        return False
+
+
 def check_fused(group: Mapping[str, Any]) -> None:
     """torch's `fused` combination checks (RuntimeError), which torch makes
     after the argument checks."""

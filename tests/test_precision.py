@@ -26,8 +26,9 @@ import torch
 
 import funcopt as fo
 from tests._subprocess import run_pytest_child
+from tests.parity.cases import FLAG_CASES
 from tests.parity.cases import OPT_CASES as ALL_CASES
-from tests.torch_ref import make_grads, make_params_for
+from tests.torch_ref import funcopt_kwargs, make_grads, make_params_for
 
 # the torch.optim rows (rows for other libraries are another wave's work)
 OPT_CASES = [c for c in ALL_CASES if c.torch_cls.__module__.startswith("torch.optim")]
@@ -213,3 +214,28 @@ def test_16bit_parity_follows_a_torch_without_vectorised_loop():
         "assert fti.measure_torch_cpu_block() is None, 'block probe'"
     )
     run_pytest_child(args, env, probe=probe)
+
+
+def _dtypes(tree):
+    return jax.tree.map(jnp.result_type, tree)
+
+
+@pytest.mark.parametrize("case", ALL_CASES + FLAG_CASES, ids=lambda c: c.name)
+def test_float32_params_and_state_keep_their_dtypes_with_x64(case, x64):
+    """With x64 on (hyperparameters in float64, 0-d float32 scalar math read
+    in float64), a step on float32 params returns float32 params and a state
+    of the dtypes `init` made, on every parity row's first and all-flags
+    combination (traced only: `jax.eval_shape`). A float32 0-d operand mixed
+    into a float32 array's op used to widen it to float64 (ASGD, RAdam and
+    NAdam with `foreach=True`), an error under strict promotion and silent
+    float64 params under JAX's default one."""
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(jnp.asarray, make_params_for(case, rng, np.float32))
+    grads = jax.tree.map(jnp.asarray, make_grads(rng, params, 1, False)[0])
+    combos = case.combos()
+    for kwargs in {0: combos[0], len(combos) - 1: combos[-1]}.values():
+        opt = case.factory(**funcopt_kwargs(kwargs))
+        state = opt.init(params)
+        new_params, new_state = jax.eval_shape(opt.step, params, grads, state)
+        assert _dtypes(new_params) == _dtypes(params), kwargs
+        assert _dtypes(new_state) == _dtypes(state), kwargs

@@ -323,3 +323,26 @@ def assert_same_bits(actual, expected, what, reference="torch"):
             f"at {tuple(int(j) for j in i)}: {actual[i]!r} != {reference} "
             f"{expected[i]!r}"
         )
+
+
+def check_packed_against_torch(case: OptCase, kwargs, dtype, steps: int) -> None:
+    """`case` on leaves packed into the rows of one buffer (`funcopt.flat`),
+    jitted, against torch on the same leaves: odd-sized leaves (37, 65, 7,
+    50 and 1 elements), so that each has a tail in the packed rows."""
+    import funcopt.flat as ff
+
+    rng = np.random.default_rng(0)
+    shapes = {"a": (37,), "b": (5, 13), "c": (7,), "d": (50,), "e": ()}
+    params = {k: rng.normal(size=s).astype(dtype) for k, s in shapes.items()}
+    grads = [
+        {k: rng.normal(size=s).astype(dtype) for k, s in shapes.items()}
+        for _ in range(steps)
+    ]
+    opt = case.factory(**kwargs)
+    layout = ff.layout(params, opt)
+    flat, state = layout.pack(params), opt.init(layout.pack(params))
+    step = jax.jit(opt.step)
+    for g in grads:
+        flat, state = step(flat, layout.pack(g), state)
+    new_params, state = layout.unpack(flat), layout.unpack_state(state)
+    check_against_torch(case, kwargs, params, grads, new_params, state)

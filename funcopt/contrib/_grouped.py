@@ -63,7 +63,7 @@ def _leaf_stats(inner: Optimizer, leaf_stats, params, grads, state, has_grad):
     treedef: PyTreeDef = jax.tree.structure(params)
     names, group_of = _groups.resolve(definition.groups, params)
     values = [definition.group_values(n) for n in names]
-    options = [{k: v[k] for k in definition.options} for v in values]
+    options = [definition.group_options(v) for v in values]
     slot_leaves = {k: treedef.flatten_up_to(t) for k, t in state.slots.items()}
     mask = None if has_grad is None else treedef.flatten_up_to(has_grad)
     out = []

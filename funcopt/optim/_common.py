@@ -8,7 +8,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from .._core import TENSOR_DTYPES
 from .._math import (
     add,
     add_scalar,
@@ -19,30 +21,37 @@ from .._math import (
     tensor_op,
     widest_float,
 )
-from .._validate import is_array
 
 
-def tensor_dtype(value: Any) -> str | None:
-    """The dtype of a hyperparameter given as an array (torch: a tensor, whose
-    scalar math runs in its dtype); None for a Python float."""
-    if is_array(value) and jnp.issubdtype(value.dtype, jnp.floating):
-        return jnp.dtype(value.dtype).name
-    return None
+def group_rule(rule, *, narrow: bool = False, **hparam_of: str):
+    r"""`rule` with keyword arguments from each group's tensor hyperparameters.
+
+    `hparam_of` maps a keyword of `rule` to a hyperparameter, e.g.
+    `group_rule(_nadam_rule, lr_dtype="lr")`: a group whose `lr` is a tensor
+    (an array) gets `lr_dtype=` its dtype, a group whose `lr` is a Python
+    float gets no such keyword. Each group follows its own values, as in
+    torch, where every param group may hold its own `lr` (`Adam([{"params":
+    a}, {"params": b, "lr": torch.tensor(0.01, dtype=torch.float64)}],
+    lr=torch.tensor(0.02))`). `narrow`: a float64 tensor is passed as a
+    Python float (its scalar math is Python-float math). One per (rule,
+    arguments), so that optimizers share its compiled steps.
+    """
+    return _group_rule(rule, narrow, tuple(sorted(hparam_of.items())))
 
 
 @functools.cache
-def _with_lr_dtype(rule, lr_dtype: str):
-    return functools.partial(rule, lr_dtype=lr_dtype)
+def _group_rule(rule, narrow: bool, hparam_of: tuple[tuple[str, str], ...]):
+    @functools.wraps(rule)
+    def by_group(param, grad, slots, step, hparams, options):
+        dtypes = dict(options[TENSOR_DTYPES])
+        kwargs = {
+            arg: dtypes[name]
+            for arg, name in hparam_of
+            if name in dtypes and not (narrow and dtypes[name] == "float64")
+        }
+        return rule(param, grad, slots, step, hparams, options, **kwargs)
 
-
-def rule_for_narrow_lr(rule, lr: Any):
-    """`rule`, or `rule` with `lr_dtype=` the dtype of a tensor `lr` narrower
-    than float64 (a float64 tensor's scalar math is Python-float math). One
-    per (rule, dtype), so that optimizers share its compiled steps."""
-    lr_dtype = tensor_dtype(lr)
-    if lr_dtype in (None, "float64"):
-        return rule
-    return _with_lr_dtype(rule, lr_dtype)
+    return by_group
 
 
 def check_foreach_differentiable(group: Mapping[str, Any]) -> None:
@@ -58,9 +67,12 @@ def foreach_mul(x: jax.Array, s) -> jax.Array:
 
     Unlike `x.mul_(s)` (the scalar as float32), the in-place foreach
     multiply rounds the scalar to a 16-bit tensor's dtype first (measured,
-    torch 2.13 CPU); for float32 and float64 the two agree.
+    torch 2.13 CPU); for float32 and float64 the two agree. The scalar is
+    broadcast to `x`'s shape: `tensor_op` reads a 0-d float32 operand in
+    float64 (x64), which would widen a float32 `x` outside the bit-exact
+    float32 mode.
     """
-    return tensor_op(jnp.multiply, x, scalar(s, x))
+    return tensor_op(jnp.multiply, x, jnp.broadcast_to(scalar(s, x), jnp.shape(x)))
 
 
 def powf(base, exponent) -> jax.Array:
@@ -117,16 +129,16 @@ def weight_decayed(param, grad, hparams, options) -> tuple[jax.Array, jax.Array]
     """torch's `(param, grad)` after `maximize` and weight decay.
 
     Decoupled (`options["decoupled_weight_decay"]`, AdamW's):
-    `param.mul_(1 - lr * weight_decay)`; coupled (Adam's default):
-    `grad = grad.add(param, alpha=weight_decay)` when `weight_decay != 0`.
+    `param.mul_(1 - lr * weight_decay)` (`decoupled_weight_decay`, a
+    tensor `lr` or `weight_decay` kept in its dtype); coupled (Adam's default):
+    `grad = grad.add(param, alpha=weight_decay)` when `weight_decay != 0`
+    (a tensor `weight_decay` read as its value).
     """
     grad = apply_maximize(grad, options)
     weight_decay = hparams["weight_decay"]
     if options["decoupled_weight_decay"]:
         lr = hparams["lr"]
-        if options.get("foreach") and lr.dtype == weight_decay.dtype:
-            return foreach_mul(param, 1 - lr * weight_decay), grad
-        return decoupled_weight_decay(param, lr, weight_decay), grad
+        return decoupled_weight_decay(param, lr, weight_decay, options), grad
     return param, coupled_weight_decay(grad, param, weight_decay)
 
 
@@ -225,17 +237,39 @@ def coupled_weight_decay(
 
 
 def decoupled_weight_decay(
-    param: jax.Array, lr: jax.Array, weight_decay: jax.Array
+    param: jax.Array,
+    lr: jax.Array,
+    weight_decay: jax.Array,
+    options: Mapping[str, Any],
 ) -> jax.Array:
-    """torch's `param.mul_(1 - lr * weight_decay)` (an exact no-op when wd == 0).
+    r"""torch's `param.mul_(1 - lr * weight_decay)` (an exact no-op when wd == 0).
 
-    With a tensor `lr` (an array of another dtype than the widest float, as
-    the rules pass it) the factor is tensor math in lr's dtype, each op
-    rounded.
+    $1 - \gamma\lambda$ is Python-float math where `lr` and `weight_decay`
+    are Python floats, and otherwise tensor math in the dtype torch
+    promotes the tensors among them to (a Python float takes the tensor's
+    dtype: a float32 tensor `weight_decay` with a float `lr` is float32
+    math, with a float64 tensor `lr` float64 math), each op rounded.
+    `param.mul_` reads the factor as its value (float32 for a 16-bit
+    param). With `foreach`, `_foreach_mul_` rounds a Python-float factor
+    to a 16-bit param's dtype first (`foreach_mul`), not a tensor's.
     """
-    if lr.dtype != weight_decay.dtype:
-        return mul(param, add_scalar(-mul(lr, weight_decay), 1.0))
-    return mul(param, 1 - lr * weight_decay)
+    tensor_dtype = scalar_math_dtype(options, "lr", "weight_decay")
+    if tensor_dtype is None:
+        if options.get("foreach"):
+            return foreach_mul(param, 1 - lr * weight_decay)
+        return mul(param, 1 - lr * weight_decay)
+    dtype = jax.dtypes.canonicalize_dtype(tensor_dtype)
+    lr, weight_decay = lr.astype(dtype), weight_decay.astype(dtype)
+    return mul(param, add_scalar(-mul(lr, weight_decay), 1.0))
+
+
+def scalar_math_dtype(options: Mapping[str, Any], *names: str) -> str | None:
+    """The dtype of torch's scalar math on the group's hyperparameters
+    `names`: None (Python floats) where none is a tensor, otherwise the
+    promotion of the tensors' dtypes (a Python float is weak)."""
+    dtypes = dict(options.get(TENSOR_DTYPES, ()))
+    found = [dtypes[n] for n in names if n in dtypes]
+    return np.result_type(*found).name if found else None
 
 
 def ema_of_square(

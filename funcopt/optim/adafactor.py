@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -29,7 +28,7 @@ from ._common import (
     apply_maximize,
     decoupled_weight_decay,
     foreach_mul,
-    tensor_dtype,
+    group_rule,
 )
 
 
@@ -87,11 +86,7 @@ def _adafactor_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
     param_rms = _norm(param).astype(widest_float()) / param.size**0.5
     alpha, tensor_alpha = _step_size(lr, step, jnp.maximum(eps2, param_rms))
     # decoupled, with lr, after alpha is read from the undecayed param
-    if options["foreach"] and lr_dtype is None:
-        # `_foreach_mul_(params, 1 - lr * weight_decay)`, a Python float
-        param = foreach_mul(param, 1 - lr * weight_decay)
-    else:
-        param = decoupled_weight_decay(param, lr, weight_decay)
+    param = decoupled_weight_decay(param, lr, weight_decay, options)
     new_slots = {}
     if grad.ndim > 1:
         # norm(...).square_().div_(size): three ops, each rounded
@@ -269,12 +264,10 @@ def adafactor(
             },
         )
     # a tensor lr keeps its dtype
-    lr_dtype = tensor_dtype(lr)
     opt = make_optimizer(
         name="Adafactor",
-        rule=_adafactor_rule
-        if lr_dtype is None
-        else functools.partial(_adafactor_rule, lr_dtype=lr_dtype),
+        # each group's rule from its own lr (a float or a tensor)
+        rule=group_rule(_adafactor_rule, lr_dtype="lr"),
         init_slots=_adafactor_slots,
         hyperparams={**group, "eps": _encode_eps(eps)},
         # foreach: torch's `_multi_tensor_adafactor` (None on CPU: single-tensor)

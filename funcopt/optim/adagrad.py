@@ -6,20 +6,31 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from jax.experimental import sparse as jsparse
 
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
-from .._math import add_scalar, addcdiv, addcmul, div, scalar, sqrt
+from .._math import (
+    add_scalar,
+    addcdiv,
+    addcmul,
+    div,
+    is_reduced,
+    scalar,
+    sqrt,
+    widest_float,
+)
 from . import _sparse
 from ._common import (
     apply_maximize,
     coupled_gradient,
-    tensor_dtype,
+    group_rule,
     write_buffers_first,
 )
+from ._fused import FusedMath, by_fused_loop, check_fused_params, fused_scalar_tail
 
 
 def _validate_adagrad(group: Mapping[str, Any]) -> None:
@@ -73,6 +84,61 @@ def _adagrad_sparse_rule(param, grad, slots, step, hparams, options, lr_dtype):
     std = add_scalar(sqrt(_sparse.gather(state_sum, grad)), hparams["eps"])
     update = scalar(-_clr(hparams, step, lr_dtype), param) * (values / std)
     return _sparse.scatter_add(param, grad, update), {"sum": state_sum}
+
+
+def _fused_decay(step, lr_decay):
+    """The fused kernel's `1.0 + (step - 1.0) * lr_decay`, a C++ `double`
+    expression that GCC contracts into one multiply-add (measured).
+
+    With x64, `step - 1` (an integer below $2^{24}$, the float32 step) times
+    each half of `lr_decay` split at its bits is exact, whether or not XLA
+    contracts it; the three terms are summed with the first sum's error
+    (the correctly rounded result, but for ties in the last sum).
+    """
+    n = step - 1
+    if widest_float() != jnp.float64:
+        return 1 + n * lr_decay
+    u64 = jnp.uint64
+    bits = jax.lax.bitcast_convert_type(lr_decay, u64)
+    high = jax.lax.bitcast_convert_type(bits & ~u64((1 << 24) - 1), jnp.float64)
+    a, b = n * high, n * (lr_decay - high)
+    s = a + 1
+    # the rounding error of a + 1 (Knuth's TwoSum)
+    a_part = s - 1
+    err = (a - a_part) + (1 - (s - a_part))
+    return s + (b + err)
+
+
+def _adagrad_fused_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
+    """torch's fused CPU kernel (`adagrad_fused_step_impl`, `adagrad_math`):
+    one pass per element in the kernel's compute type; see `adagrad`'s
+    docstring."""
+    k = FusedMath(param)
+    lr = hparams["lr"]
+    if lr_dtype is not None:
+        # a tensor lr reaches the kernel as its value (`.item()`)
+        lr = lr.astype(lr_dtype).astype(lr.dtype)
+    clr = lr / _fused_decay(step, hparams["lr_decay"])
+    weight_decay = hparams["weight_decay"]
+    p, g = k.load(param), k.load(grad)
+    if options["maximize"]:
+        g = -g
+
+    def update(cast):
+        d_p = jnp.where(weight_decay != 0, k.fma(p, cast(weight_decay), g), g)
+        state_sum = k.fma(d_p, d_p, k.load(slots["sum"]))
+        std = k.add(k.sqrt(state_sum), cast(hparams["eps"]))
+        return k.sub(p, k.div(k.mul(cast(clr), d_p), std)), state_sum
+
+    # 16-bit params: the vectorised loop takes each scalar as `scalar_t(s)`,
+    # rounded to 16 bits; the scalar loop as float32 (`opmath_t(s)`)
+    tail = fused_scalar_tail(param) if is_reduced(param) else True
+    new_p, state_sum = by_fused_loop(
+        lambda: update(lambda s: k.load(scalar(s, param))),
+        lambda: update(k.scalar),
+        tail,
+    )
+    return k.store(new_p, param), {"sum": k.store(state_sum, slots["sum"])}
 
 
 def _adagrad_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
@@ -140,21 +206,47 @@ def adagrad(
     [`funcopt.sparse_adam`][funcopt.optim.sparse_adam.sparse_adam] for
     building a BCOO gradient.
 
-    `foreach`, `fused` and `differentiable` are accepted and ignored
-    (`fused` combined with the others raises as in torch; torch's
+    `foreach` and `differentiable` are accepted and ignored (torch's
     `foreach=True` and `differentiable=True` give its default path's bits,
     `benchmarks/results/flag_paths.md`). A tensor `lr` (an array, e.g.
     `np.float32(0.01)`) keeps its dtype: $\tilde\gamma_t$ is a tensor op
-    in it, as in torch. State: `sum`; the step count is `state.step`.
+    in it, as in torch.
+
+    `fused=True` is torch's fused CPU kernel (`torch._fused_adagrad_`,
+    `torch.optim.Adagrad(fused=True)`): $\tilde\gamma_t =
+    \gamma / \operatorname{fma}(t - 1, \eta, 1)$ in C++ `double` (a tensor
+    `lr` as its value), then one pass per element in the param's compute
+    type, each op rounded once ($\operatorname{fma}$ a fused multiply-add):
+
+    $$
+    g_t = \operatorname{fma}(\theta_{t-1}, \lambda, \pm\nabla_\theta f_t)
+    \;(\lambda \ne 0), \quad
+    S_t = \operatorname{fma}(g_t, g_t, S_{t-1}), \quad
+    \theta_t = \theta_{t-1} - \frac{\tilde\gamma_t\, g_t}{\sqrt{S_t} + \epsilon}
+    $$
+
+    with the hardware square root (correctly rounded, where torch's default
+    path takes MKL's `vsSqrt`, 1 ulp low on ~0.7% of float32 roots on
+    AVX-512): float32 bit-exact in funcopt's exact mode
+    ([`set_exact_float32`][funcopt.precision.set_exact_float32]) on any x86
+    CPU. 16-bit params compute in float32 and round only at each store
+    ($\theta_t$ from the unrounded $S_t$); the kernel's vectorised loop
+    rounds $\lambda$, $\epsilon$ and $\tilde\gamma_t$ to the param's dtype
+    first, its scalar tail (each leaf's last $n \bmod 16$ elements: 32-byte
+    vectors, measured in torch 2.13's AVX2 and AVX-512 dispatch alike)
+    takes them as float32; both are mirrored. Complex params raise torch's
+    `RuntimeError` (when the state is made, torch at its first step);
+    `fused` combined with `foreach` or `differentiable` raises as in torch.
+    State: `sum`; the step count is `state.step`.
     """
-    lr_dtype = tensor_dtype(lr)
     opt = make_optimizer(
         name="Adagrad",
         elementwise=True,
-        # one rule per lr type (the constructor's; groups follow it)
-        rule=_adagrad_rule
-        if lr_dtype is None
-        else functools.partial(_adagrad_rule, lr_dtype=lr_dtype),
+        # each group's rule from its own lr (a float or a tensor)
+        rule=group_rule(
+            _adagrad_fused_rule if _validate.fused_requested(fused) else _adagrad_rule,
+            lr_dtype="lr",
+        ),
         init_slots=_adagrad_slots(initial_accumulator_value),
         hyperparams={
             "lr": lr,
@@ -173,6 +265,10 @@ def adagrad(
             "differentiable": differentiable,
             "fused": fused,
         },
+        # torch refuses complex params for its fused kernel (at step)
+        check_params=check_fused_params("Adagrad")
+        if _validate.fused_requested(fused)
+        else None,
     )
     # torch checks ``fused`` after the argument checks
     _validate.check_fused(

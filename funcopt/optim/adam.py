@@ -22,7 +22,8 @@ from .._math import (
     sqrt,
     sqrt_nonnegative,
 )
-from ._common import adam_moments, one_minus, pow_scalar, powf, tensor_dtype
+from ._common import adam_moments, group_rule, one_minus, pow_scalar, powf
+from ._fused import FusedMath, by_fused_loop, check_fused_params, fused_scalar_tail
 
 
 def _validate_adam(group: Mapping[str, Any], foreach: Any = None) -> None:
@@ -143,6 +144,68 @@ def _tensor_scalar_update(
     return addcdiv(param, exp_avg, denom, 1)
 
 
+def _fused_adam_rule(
+    param, grad, slots, step, hparams, options, lr_dtype=None, betas_dtype=None
+):
+    """torch's fused CPU kernel (`adam_fused_step_impl`, `adam_math`): one
+    pass per element, in the order and rounding of its vectorised loop and,
+    where the bits are mirrored, of its scalar tail; see `adam`'s
+    docstring."""
+    k = FusedMath(param)
+    # a tensor lr or tensor betas reach the kernel as their values (`.item()`)
+    lr = _item(hparams["lr"], lr_dtype)
+    beta1 = _item(hparams["betas"][0], betas_dtype)
+    beta2 = _item(hparams["betas"][1], betas_dtype)
+    eps, weight_decay = hparams["eps"], hparams["weight_decay"]
+    # the kernel's prologue, in double (`step` is the float32 state step)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = jnp.sqrt(1 - beta2**step)
+    step_size = lr / bias_correction1
+    p, g = k.load(param), k.load(grad)
+    if options["maximize"]:
+        g = -g
+    decay = options["decoupled_weight_decay"]
+    if not decay:
+        # `grad += param * weight_decay`, contracted; skipped for 0
+        g = jnp.where(weight_decay != 0, k.fma(p, k.scalar(weight_decay), g), g)
+    else:
+        p = k.mul(p, k.scalar(1 - lr * weight_decay))
+    # exp_avg.lerp_(grad, 1 - beta1): blendv, then one fmadd
+    weight = k.scalar(1 - beta1)
+    small = jnp.abs(weight) < 0.5
+    coeff = jnp.where(small, weight, k.sub(weight, k.scalar(1.0)))
+    m = k.load(slots["exp_avg"])
+    m = k.fma(coeff, k.sub(g, m), jnp.where(small, m, g))
+    # `v * beta2 + (1 - beta2) * g * g`: the vectorised loop fuses the second
+    # product into the sum, the scalar tail the first
+    v, b2 = k.load(slots["exp_avg_sq"]), k.scalar(beta2)
+    weighted = k.mul(k.scalar(1 - beta2), g)
+    (v,) = by_fused_loop(
+        lambda: (k.fma(weighted, g, k.mul(v, b2)),),
+        lambda: (k.fma(v, b2, k.mul(weighted, g)),),
+        k.exact and fused_scalar_tail(param),
+    )
+    new_slots = {
+        "exp_avg": k.store(m, slots["exp_avg"]),
+        "exp_avg_sq": k.store(v, slots["exp_avg_sq"]),
+    }
+    if options["amsgrad"]:
+        # the stored maximum is rounded; the kernel divides by the unrounded one
+        v = jnp.maximum(k.load(slots["max_exp_avg_sq"]), v)
+        new_slots["max_exp_avg_sq"] = k.store(v, slots["max_exp_avg_sq"])
+    denom = k.add(k.div(k.sqrt(v), k.scalar(bias_correction2_sqrt)), k.scalar(eps))
+    p = k.add(p, k.div(k.mul(k.scalar(-step_size), m), denom))
+    return k.store(p, param), new_slots
+
+
+def _item(value, dtype):
+    """A tensor hyperparameter's value as a Python float (`.item()`) holds it:
+    rounded to its dtype, in the widest float."""
+    if dtype is None:
+        return value
+    return value.astype(jax.dtypes.canonicalize_dtype(dtype)).astype(value.dtype)
+
+
 @_validate.optimizer_factory
 def adam(
     lr: float = 1e-3,
@@ -208,11 +271,51 @@ def adam(
     `reciprocal` times $\gamma$, and with `differentiable=True` float64
     betas move the scalar math to float64. torch refuses `capturable=True`
     for CPU params outside `torch.compile`; funcopt takes it as the same
-    path as `differentiable` (torch's CUDA path). `foreach` and `fused`
-    are accepted and ignored: the result is torch's default CPU path
-    (torch's fused kernel rounds differently). State: `exp_avg`,
-    `exp_avg_sq` and, with `amsgrad`, `max_exp_avg_sq`; the step count is
-    `state.step`.
+    path as `differentiable` (torch's CUDA path). `foreach` is accepted and
+    ignored: the result is torch's default CPU path.
+
+    `fused=True` mirrors torch's fused CPU kernel (`torch._fused_adam_`,
+    `_fused_adamw_`; `adam_math` in ATen's `FusedAdamKernel.cpp`, torch
+    2.13), which computes each element's whole step at once. Its scalars
+    are C++ doubles ($\beta^t$ is `std::pow` of the step as a float), cast
+    once to the compute type (float32 for 16-bit params):
+    $s_t = \gamma/(1-\beta_1^t)$, $c_t = \sqrt{1-\beta_2^t}$,
+    $w = 1-\beta_1$, and then, each operation rounded once,
+
+    $$
+    \begin{aligned}
+    g_t &\leftarrow \operatorname{fma}(\theta_{t-1}, \lambda, g_t)
+           \text{ if coupled}, \qquad
+    \theta_{t-1} \leftarrow \theta_{t-1} \cdot (1-\gamma\lambda)
+           \text{ if decoupled} \\
+    m_t &= \operatorname{fma}(w, g_t - m_{t-1}, m_{t-1}) \text{ if } w < 0.5
+           \text{ else } \operatorname{fma}(w - 1, g_t - m_{t-1}, g_t) \\
+    v_t &= \operatorname{fma}\bigl((1-\beta_2) g_t,\; g_t,\;
+           \beta_2 v_{t-1}\bigr) \\
+    \theta_t &= \theta_{t-1} + \frac{(-s_t)\, m_t}{\sqrt{\hat v_t}/c_t
+           + \epsilon}
+    \end{aligned}
+    $$
+
+    with the correctly rounded square root. For 16-bit params all of it runs
+    in float32 and only the stored buffers and param are rounded to 16 bits
+    ($\theta_t$ uses the unrounded $m_t$, $\hat v_t$). A tensor `lr` or
+    tensor `betas` enter as their values. The fma is the FMA that torch's
+    x86 AVX2/AVX-512 builds contract (`ATEN_CPU_CAPABILITY=default` has
+    none: with [`torch_cpu_block`][funcopt.precision.torch_cpu_block]
+    `None` the product is rounded first). The kernel's scalar tail, each
+    leaf's last `numel % 8` float32 elements (`% 16` for 16-bit params:
+    32-byte vectors on AVX2 and AVX-512 alike, whatever torch's thread
+    count), computes
+    $v_t = \operatorname{fma}(v_{t-1}, \beta_2, ((1-\beta_2) g_t)\, g_t)$
+    instead (1 ulp off the vectorised loop's $v_t$ in about 1 tail element
+    in 4 per step). With x64 and
+    [`set_exact_float32`][funcopt.precision.set_exact_float32] (16-bit
+    params: with x64) both loops are mirrored, element by element (also in
+    leaves packed by [`funcopt.flat`][funcopt.flat]): torch's bits.
+    Complex params raise torch's `RuntimeError`.
+    State: `exp_avg`, `exp_avg_sq` and, with `amsgrad`, `max_exp_avg_sq`;
+    the step count is `state.step`.
     """
     opt = _adam_family(
         "Adam",
@@ -280,28 +383,30 @@ def adamw(
     return opt
 
 
-@functools.cache
-def _rule_for(lr_dtype: str | None, betas_dtype: str | None):
-    """`_adam_rule` for a tensor `lr` and tensor `betas` of these dtypes (one
-    per pair, so that optimizers share its compiled steps)."""
-    if lr_dtype is None and betas_dtype is None:
-        return _adam_rule
-    return functools.partial(_adam_rule, lr_dtype=lr_dtype, betas_dtype=betas_dtype)
+def _rule_for(fused: bool = False):
+    """`_adam_rule` (`_fused_adam_rule` for `fused=True`), with each group's
+    tensor `lr` and tensor `betas` dtypes (one per rule, so that optimizers
+    share its compiled steps)."""
+    rule = _fused_adam_rule if fused else _adam_rule
+    return group_rule(rule, lr_dtype="lr", betas_dtype="betas")
 
 
 def _adam_family(name, hyperparams, options, extra_defaults, param_groups):
     return make_optimizer(
         name=name,
         elementwise=True,
-        # one rule per lr type and betas type (the constructor's; groups
-        # follow it)
-        rule=_rule_for(
-            tensor_dtype(hyperparams["lr"]), tensor_dtype(hyperparams["betas"][0])
-        ),
+        # each group's rule from its own lr and betas (floats or tensors)
+        rule=_rule_for(_validate.fused_requested(extra_defaults["fused"])),
         init_slots=_adam_slots,
         hyperparams=hyperparams,
         options=options,
         validate=functools.partial(_validate_adam, foreach=extra_defaults["foreach"]),
         param_groups=param_groups,
         extra_defaults=extra_defaults,
+        # torch refuses complex params for its fused kernels (at step)
+        check_params=(
+            check_fused_params(name)
+            if _validate.fused_requested(extra_defaults["fused"])
+            else None
+        ),
     )

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax.numpy as jnp
 
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
 from .._math import add_scalar, addcdiv, div, lerp, mul
-from ._common import coupled_gradient, in_own_pass, tensor_dtype
+from ._common import coupled_gradient, group_rule, in_own_pass
 
 
 def _adamax_slots(param, group):
@@ -71,14 +69,11 @@ def adamax(
     tensor op in it, as in torch.
     State: `exp_avg`, `exp_inf`; the step count is `state.step`.
     """
-    lr_dtype = tensor_dtype(lr)
     return make_optimizer(
         name="Adamax",
         elementwise=True,
-        # one rule per lr type (the constructor's; groups follow it)
-        rule=_adamax_rule
-        if lr_dtype is None
-        else functools.partial(_adamax_rule, lr_dtype=lr_dtype),
+        # each group's rule from its own lr (a float or a tensor)
+        rule=group_rule(_adamax_rule, lr_dtype="lr"),
         init_slots=_adamax_slots,
         hyperparams={
             "lr": lr,

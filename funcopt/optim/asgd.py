@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,8 +24,8 @@ from ._common import (
     apply_maximize,
     check_foreach_differentiable,
     coupled_gradient,
+    group_rule,
     powf,
-    tensor_dtype,
 )
 
 
@@ -112,12 +111,14 @@ def _addcmul_scalar_tensor(x, t1, t2, value):
     rounded to its dtype; a 0-dim 16-bit `x` (two 0-dim operands) computes
     in float32, rounded to its dtype on the write. Leaves packed into one
     buffer (`funcopt.flat`, the multi-tensor policy) all count as having
-    dimensions.
+    dimensions. `t2` is broadcast to `x`'s shape first: a 0-d float32
+    operand is read in float64 with x64 (see `funcopt._math.opmath`), which
+    would widen a float32 `x` outside the bit-exact float32 mode.
     """
     if is_reduced(x) and jnp.ndim(x) == 0:
         f32 = jnp.float32
         return addcmul(x.astype(f32), t1.astype(f32), t2, value).astype(x.dtype)
-    return addcmul(x, t1, t2.astype(x.dtype), value)
+    return addcmul(x, t1, jnp.broadcast_to(t2.astype(x.dtype), jnp.shape(x)), value)
 
 
 def _tensor_lr_eta(lr, lambd, alpha, step):
@@ -183,14 +184,11 @@ def asgd(
     State: `eta`, `mu` (float32 scalars) and `ax`; the step
     count is `state.step`.
     """
-    lr_dtype = tensor_dtype(lr)
     return make_optimizer(
         name="ASGD",
         elementwise=True,
-        # one rule per lr type (the constructor's; groups follow it)
-        rule=_asgd_rule
-        if lr_dtype is None
-        else functools.partial(_asgd_rule, lr_dtype=lr_dtype),
+        # each group's rule from its own lr (a float or a tensor)
+        rule=group_rule(_asgd_rule, lr_dtype="lr"),
         init_slots=_asgd_slots,
         hyperparams={
             "lr": lr,

@@ -12,7 +12,7 @@ from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
 from .._math import add, is_reduced, lerp, mul, op_scalar, opmath
-from ._common import decoupled_weight_decay, rule_for_narrow_lr
+from ._common import decoupled_weight_decay, group_rule
 
 # torch.optim._muon's defaults
 EPS = 1e-7
@@ -131,7 +131,7 @@ def _muon_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
         lr = lr.astype(lr_dtype)
         adjusted_lr = mul(lr, ratio)
     # decoupled, with the unadjusted lr, after Newton-Schulz
-    param = decoupled_weight_decay(param, lr, hparams["weight_decay"])
+    param = decoupled_weight_decay(param, lr, hparams["weight_decay"], options)
     if is_reduced(param) and update.dtype != param.dtype:
         # a float16 param plus the bfloat16 update: torch computes in float32
         new = opmath(param) + op_scalar(-adjusted_lr, param) * opmath(update)
@@ -205,8 +205,8 @@ def muon(
     """
     opt = make_optimizer(
         name="Muon",
-        # the constructor's lr decides for every group
-        rule=rule_for_narrow_lr(_muon_rule, lr),
+        # each group's rule from its own lr (a float64 tensor: a float)
+        rule=group_rule(_muon_rule, narrow=True, lr_dtype="lr"),
         init_slots=_muon_slots,
         hyperparams={
             "lr": lr,

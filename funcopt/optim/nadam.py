@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,12 +11,14 @@ from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
 from .._math import (
+    _wide32,
     add_scalar,
     addcdiv,
     div,
     mul,
     opmath,
     reciprocal,
+    round_float32,
     sqrt,
     tensor_op,
     widest_float,
@@ -25,7 +26,7 @@ from .._math import (
 from ._common import (
     adam_moments,
     check_foreach_differentiable,
-    tensor_dtype,
+    group_rule,
     weight_decayed,
     write_buffers_first,
 )
@@ -56,8 +57,7 @@ def _nadam_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
     # the momentum cache mu_t and mu_{t+1}, Python-float math
     mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
     mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
-    # mu_product *= mu: in place on the float32 0-dim tensor
-    mu_product = slots["mu_product"] * mu.astype(jnp.float32)
+    mu_product = _times_mu(slots["mu_product"], mu)
     _, moments = adam_moments(param, grad, slots, hparams, options)
     # the param's pass reads the new moments and recomputes the decayed
     # gradient (no full-size temporary for it)
@@ -94,6 +94,25 @@ def _nadam_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
     param = addcdiv(param, grad, denom, grad_value)
     param = addcdiv(param, moments["exp_avg"], denom, exp_avg_value)
     return param, {"mu_product": mu_product, **moments}
+
+
+def _times_mu(mu_product, mu):
+    r"""torch's `mu_product *= mu`, in place on the float32 0-dim tensor:
+    `mu` rounded to float32, the product rounded once.
+
+    $\Pi_t$ decays geometrically and reaches float32's subnormal range
+    (below $2^{-126}$; step 197 with `betas[0]=0.8`,
+    `momentum_decay=0.3`), where torch's CPU kernels keep subnormal
+    results and XLA's CPU backend flushes them to zero (in a multiply and
+    in a conversion alike). With x64 the product is exact in float64 and
+    rounded by `round_float32`, which keeps them; the stored value was
+    read back through its bits (`_wide32`). The update itself does not
+    move: $1 - \Pi_t$ is 1 either way.
+    """
+    mu32 = mu.astype(jnp.float32)
+    if widest_float() != jnp.float64:
+        return mu_product * mu32
+    return round_float32(_wide32(mu_product) * _wide32(mu32))
 
 
 def _bias_corrected_root(exp_avg_sq, step, beta2, options):
@@ -179,7 +198,11 @@ def nadam(
     $-\gamma(1-\mu_t)/(1-\Pi_t)$ and $-\gamma\mu_{t+1}/(1-\Pi_t\mu_{t+1})$
     are float32 (each op rounded) and multiply $g_t$ and $m_t$ before the
     two `addcdiv` steps. A tensor `lr` (an array, e.g. `np.float32(2e-3)`)
-    keeps its dtype: both coefficients are tensor ops in it, as in torch.
+    keeps its dtype: both coefficients are tensor ops in it, as in torch;
+    each param group follows its own `lr` (a float, or a tensor of its own
+    dtype). A tensor `weight_decay` keeps its dtype in the decoupled decay
+    $1 - \gamma\lambda$ (tensor math in the promoted dtype of the tensors
+    among `lr` and `weight_decay`); coupled decay reads its value.
     `foreach=True` mirrors torch's `_multi_tensor_nadam`:
     $d_t = \sqrt{v_t} / \sqrt{1-\beta_2^t} + \epsilon$ (the root of
     the Python float), and `_foreach_mul_` rounds its scalar to a 16-bit
@@ -191,14 +214,11 @@ def nadam(
     `mu_product` (a float32 scalar), `exp_avg`, `exp_avg_sq`; the step
     count is `state.step`.
     """
-    lr_dtype = tensor_dtype(lr)
     return make_optimizer(
         name="NAdam",
         elementwise=True,
-        # one rule per lr type (the constructor's; groups follow it)
-        rule=_nadam_rule
-        if lr_dtype is None
-        else functools.partial(_nadam_rule, lr_dtype=lr_dtype),
+        # each group's rule from its own lr (a float or a tensor)
+        rule=group_rule(_nadam_rule, lr_dtype="lr"),
         init_slots=_nadam_slots,
         hyperparams={
             "lr": lr,

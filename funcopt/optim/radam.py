@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +24,7 @@ from ._common import (
     adam_moments,
     check_foreach_differentiable,
     decoupled_weight_decay,
-    tensor_dtype,
+    group_rule,
 )
 
 
@@ -69,7 +68,8 @@ def _radam_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
 
 
 def _tensor_lr_decay(param, hparams, options, lr_dtype):
-    r"""`(param, hparams)` for `foreach=True` with a tensor `lr`.
+    r"""`(param, hparams)` for a tensor `lr` (the single-tensor path's
+    `param.mul_(1 - lr * weight_decay)` too).
 
     `lr` keeps its dtype (a float64 tensor's scalar math is Python-float
     math), and the decoupled decay
@@ -83,7 +83,7 @@ def _tensor_lr_decay(param, hparams, options, lr_dtype):
         hparams = {**hparams, "lr": hparams["lr"].astype(lr_dtype)}
     if options["decoupled_weight_decay"]:
         weight_decay = hparams["weight_decay"]
-        param = decoupled_weight_decay(param, hparams["lr"], weight_decay)
+        param = decoupled_weight_decay(param, hparams["lr"], weight_decay, options)
         hparams = {**hparams, "weight_decay": jnp.zeros_like(weight_decay)}
     return param, hparams
 
@@ -167,7 +167,9 @@ def radam(
     default CPU path, which is also what torch's `differentiable=True` and
     a float32 tensor `lr` give, bit for bit
     (`benchmarks/results/flag_paths.md`; `capturable=True` raises for CPU
-    params). `foreach=True` mirrors torch's `_multi_tensor_radam`: one
+    params), except that a tensor `lr` makes the decoupled decay factor
+    $1 - \gamma\lambda$ a tensor op in its dtype. `foreach=True` mirrors
+    torch's `_multi_tensor_radam`: one
     factor $b_t = 1 / \bigl((\sqrt{v_t}+\epsilon) / s_t\bigr) + u_t$ with
     the Python floats $s_t = -\gamma r_t\sqrt{1-\beta_2^t}/(1-\beta_1^t)$
     ($r_t = 0$ while $\rho_t \le 5$) and $u_t = -\gamma/(1-\beta_1^t)$
@@ -184,14 +186,11 @@ def radam(
     State: `exp_avg`, `exp_avg_sq`; the step count is
     `state.step`.
     """
-    lr_dtype = tensor_dtype(lr) if foreach else None
     return make_optimizer(
         name="RAdam",
         elementwise=True,
-        # foreach: a float32 tensor lr's step sizes are tensor ops
-        rule=_radam_rule
-        if lr_dtype is None
-        else functools.partial(_radam_rule, lr_dtype=lr_dtype),
+        # each group's rule from its own lr (a float or a tensor)
+        rule=group_rule(_radam_rule, lr_dtype="lr"),
         init_slots=_radam_slots,
         hyperparams={
             "lr": lr,

@@ -12,9 +12,10 @@ from jax.experimental import sparse as jsparse
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
-from .._math import add, mul, scalar
+from .._math import add, is_reduced, mul, scalar
 from . import _sparse
 from ._common import apply_maximize, coupled_gradient, write_buffers_first
+from ._fused import FusedMath, by_fused_loop, check_fused_params, fused_scalar_tail
 
 
 def _validate_sgd(group: Mapping[str, Any]) -> None:
@@ -56,6 +57,38 @@ def _sgd_sparse_rule(param, grad, slots, step, hparams, options):
     grad = _sparse.entries(grad)
     values = apply_maximize(grad.data, options)
     return _sparse.scatter_add(param, grad, scalar(-hparams["lr"], param) * values), {}
+
+
+def _sgd_fused_rule(param, grad, slots, step, hparams, options):
+    """torch's fused CPU kernel (`sgd_fused_step_impl`, `sgd_math`): one
+    pass per element in the kernel's compute type; see `sgd`'s docstring."""
+    k = FusedMath(param)
+    momentum, dampening = hparams["momentum"], hparams["dampening"]
+    weight_decay = hparams["weight_decay"]
+    p, g = k.load(param), k.load(grad)
+    if options["maximize"]:
+        g = -g
+    # `grad += param * weight_decay` (vec::fmadd, contracted in the tail)
+    g = jnp.where(weight_decay != 0, k.fma(p, k.scalar(weight_decay), g), g)
+    new_slots = {}
+    if "momentum_buffer" in slots:
+        old = slots["momentum_buffer"]
+        b, mu, damp = k.load(old), k.scalar(momentum), k.scalar(1 - dampening)
+        # 16-bit params: torch 2.13's vectorised loop is broken (it never
+        # stores the param); every element follows its scalar loop
+        where = True if is_reduced(param) else k.exact and fused_scalar_tail(param)
+        (buf,) = by_fused_loop(
+            lambda: (k.fma(damp, g, k.mul(b, mu)),),
+            lambda: (k.fma(b, mu, k.mul(g, damp)),),
+            where,
+        )
+        # the first step (torch: every buffer of the group still unset)
+        buf = jnp.where(step == 1, g, buf)
+        direction = k.fma(buf, mu, g) if options["nesterov"] else buf
+        # torch's kernel touches the buffer only while momentum != 0
+        g = jnp.where(momentum != 0, direction, g)
+        new_slots["momentum_buffer"] = jnp.where(momentum != 0, k.store(buf, old), old)
+    return k.store(k.fma(g, k.scalar(-hparams["lr"]), p), param), new_slots
 
 
 def _sgd_rule(param, grad, slots, step, hparams, options):
@@ -113,9 +146,47 @@ def sgd(
     $d_t = g_t$. The first momentum step copies the gradient: dampening
     acts from the second step on.
 
-    `foreach`, `fused` and `differentiable` are torch execution switches,
-    accepted and ignored (`fused` combined with the others raises as in
-    torch). `param_groups` comes from [`funcopt.param_groups`][funcopt.param_groups].
+    `foreach` and `differentiable` are torch execution switches, accepted
+    and ignored (torch's `foreach=True` and `differentiable=True` give its
+    default path's bits). `fused=True` is torch's fused CPU kernel
+    (`torch._fused_sgd_`, `torch.optim.SGD(fused=True)`): one pass per
+    element in the param's compute type (float32 for 16-bit params), each
+    op rounded once, $\operatorname{fma}$ a fused multiply-add:
+
+    $$
+    \begin{aligned}
+    g_t &= \operatorname{fma}(\theta_{t-1}, \lambda, \pm\nabla_\theta f_t)
+        \quad (\lambda \ne 0) \\
+    b_t &= \begin{cases} g_t & t = 1 \\
+           \operatorname{fma}(1-\tau, g_t, \mu b_{t-1}) & \text{vectorised loop} \\
+           \operatorname{fma}(\mu, b_{t-1}, (1-\tau) g_t) & \text{scalar tail}
+           \end{cases} \\
+    \theta_t &= \operatorname{fma}(-\gamma, d_t, \theta_{t-1}), \quad
+    d_t = \operatorname{fma}(\mu, b_t, g_t) \text{ (nesterov) else } b_t
+    \end{aligned}
+    $$
+
+    ($d_t = g_t$ and no buffer when $\mu = 0$). The vectorised loop gives
+    the default path's bits. The scalar tail is each leaf's last
+    $n \bmod w$ elements, $w$ = 8 (float32), 4 (float64) or 16 (16-bit): the
+    kernel's 32-byte vectors, in torch 2.13's AVX2 and AVX-512 dispatch
+    alike, over chunks of whole cache lines, so whatever torch's thread
+    count (measured). There the compiler contracts the momentum update the
+    other way: the buffer 1 ulp off the default path in some steps (float32:
+    32 ulp on the params after 1,000 steps, `benchmarks/results/flag_paths.md`).
+    funcopt mirrors the split in the bit-exact float32 mode
+    ([`set_exact_float32`][funcopt.precision.set_exact_float32]); 16-bit
+    params round only at each store (the update uses the unrounded
+    float32 $b_t$). torch 2.13's vectorised 16-bit loop never stores the
+    param and reads its buffer as float32 bits (pytorch/pytorch#191763, fixed
+    after 2.13): funcopt computes every 16-bit element as torch's scalar
+    loop does, torch's bits on leaves of fewer than 16 elements. torch
+    creates a group's buffers together and raises `TypeError` at a step
+    where one param's first gradient comes after the others'; funcopt takes
+    each param's first step as its own ($t = 1$). Complex params raise
+    torch's `RuntimeError` (when the state is made, torch at its first
+    step). `fused` combined with `foreach` or `differentiable` raises as in
+    torch. `param_groups` comes from [`funcopt.param_groups`][funcopt.param_groups].
 
     Sparse gradients (`jax.experimental.sparse.BCOO`, torch's sparse
     `p.grad`, e.g. from `nn.Embedding(sparse=True)`) are taken as torch's
@@ -136,7 +207,7 @@ def sgd(
     opt = make_optimizer(
         name="SGD",
         elementwise=True,
-        rule=_sgd_rule,
+        rule=_sgd_fused_rule if _validate.fused_requested(fused) else _sgd_rule,
         init_slots=_sgd_slots,
         hyperparams={
             "lr": lr,
@@ -154,6 +225,10 @@ def sgd(
             "differentiable": differentiable,
             "fused": fused,
         },
+        # torch refuses complex params for its fused kernel (at step)
+        check_params=check_fused_params("SGD")
+        if _validate.fused_requested(fused)
+        else None,
     )
     # torch checks ``fused`` after the argument checks
     _validate.check_fused(

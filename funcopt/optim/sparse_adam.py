@@ -15,7 +15,7 @@ from .._groups import ParamGroups
 from .._math import scalar
 from .._tree import is_trainable
 from . import _sparse
-from ._common import rule_for_narrow_lr
+from ._common import group_rule
 
 
 def _validate_sparse_adam(group: Mapping[str, Any]) -> None:
@@ -147,8 +147,7 @@ def sparse_adam(
     torch's `lr=torch.tensor(0.01)`, makes the step size
     $\gamma\sqrt{1-\beta_2^t}/(1-\beta_1^t)$ float32 tensor math, each
     operation rounded to `lr`'s dtype, as torch computes it; a Python float
-    `lr` keeps float64 math. The constructor's `lr` decides for every
-    group.
+    `lr` keeps float64 math. Each param group follows its own `lr`.
 
     State: `exp_avg`, `exp_avg_sq` (dense); the step count is
     `state.step`. Sparse (BCOO) and complex parameters raise torch's
@@ -156,7 +155,7 @@ def sparse_adam(
     """
     return make_optimizer(
         name="SparseAdam",
-        rule=rule_for_narrow_lr(_sparse_adam_rule, lr),
+        rule=group_rule(_sparse_adam_rule, narrow=True, lr_dtype="lr"),
         init_slots=_sparse_adam_slots,
         hyperparams={"lr": lr, "betas": betas, "eps": eps},
         options={"maximize": maximize},

@@ -6,11 +6,27 @@ and eager, ``None`` gradients, errors, signatures) runs over this table.
 Families live in ``cases_*.py`` beside this file.
 """
 
+import numpy as np
 import torch
 
 import funcopt as fo
 from tests.parity import cases_adaptive, cases_ecosystem, cases_misc
 from tests.torch_ref import ErrorCase, OptCase
+
+# Adam's flag grid (the default path's row and the fused kernel's)
+_ADAM_GRID = {
+    "weight_decay": [0.0, 0.1],
+    "amsgrad": [False, True],
+    "maximize": [False, True],
+    "decoupled_weight_decay": [False, True],
+}
+_ADAM_FIXED = {"lr": 0.02, "betas": (0.8, 0.95), "eps": 1e-6}
+
+
+def _adam_decay_valid(kw):
+    """Decoupled weight decay only with a weight decay to decouple."""
+    return kw["weight_decay"] or not kw["decoupled_weight_decay"]
+
 
 CORE_CASES = [
     OptCase(
@@ -33,14 +49,9 @@ CORE_CASES = [
         "adam",
         torch.optim.Adam,
         fo.adam,
-        grid={
-            "weight_decay": [0.0, 0.1],
-            "amsgrad": [False, True],
-            "maximize": [False, True],
-            "decoupled_weight_decay": [False, True],
-        },
-        fixed={"lr": 0.02, "betas": (0.8, 0.95), "eps": 1e-6},
-        valid=lambda kw: kw["weight_decay"] or not kw["decoupled_weight_decay"],
+        grid=_ADAM_GRID,
+        fixed=_ADAM_FIXED,
+        valid=_adam_decay_valid,
     ),
     OptCase(
         "adamw",
@@ -68,6 +79,10 @@ CORE_ERRORS = [
         # torch checks fused after the values
         {"lr": -0.1, "fused": True, "foreach": True},
         {"nesterov": True, "fused": True, "differentiable": True},
+        # a fused flag without a truth value: torch's RuntimeError, after
+        # the value checks
+        {"fused": torch.ones(3)},
+        {"lr": -0.1, "fused": torch.ones(3)},
         {"lr": torch.tensor([0.1, 0.2])},
         {"momentum": torch.tensor([0.9, 0.8])},
     ]
@@ -88,6 +103,7 @@ CORE_ERRORS = [
         {"fused": True, "differentiable": True},
         {"fused": True, "foreach": True},
         {"lr": -1e-3, "fused": True, "differentiable": True},
+        {"fused": torch.ones(3)},
         {"eps": float("nan")},
         {"weight_decay": float("nan")},
         {"betas": (float("nan"), 0.999)},
@@ -100,11 +116,34 @@ CORE_ERRORS = [
     ]
 ]
 
+
 # torch's flag paths that change numbers (benchmarks/results/flag_paths.md),
 # compared with torch run with the same flag; kept out of OPT_CASES (one row
 # per optimizer for the generic tests), added to the parity lists below
+def _one_leaf(rng, dtype) -> dict:
+    """One trainable leaf of 15 elements: torch's fused SGD refuses a group
+    where a param's first gradient comes after the others' (TypeError), which
+    the None-gradient pattern does to a second leaf. float32: one 8-element
+    vector and a 7-element scalar tail; float64 12 and 3; 16-bit: tail only
+    (torch 2.13's vectorised 16-bit loop never stores the param, see sgd.py)."""
+    return {
+        "frozen": np.arange(2, dtype=np.int32),
+        "w": rng.normal(size=(3, 5)).astype(dtype),
+    }
+
+
 FLAG_CASES = (
     [
+        # torch's fused CPU kernel (torch._fused_sgd_)
+        OptCase(
+            "sgd-fused",
+            torch.optim.SGD,
+            fo.sgd,
+            grid=CORE_CASES[0].grid,
+            fixed={"lr": 0.05, "fused": True},
+            valid=CORE_CASES[0].valid,
+            tree=_one_leaf,
+        ),
         OptCase(
             "adam-differentiable",
             torch.optim.Adam,
@@ -150,6 +189,29 @@ FLAG_CASES = (
             grid={"differentiable": [False, True]},
             fixed={"lr": torch.tensor(0.02), "weight_decay": 0.3},
         ),
+        # torch's fused CPU kernel (torch._fused_adam_, _fused_adamw_)
+        OptCase(
+            "adam-fused",
+            torch.optim.Adam,
+            fo.adam,
+            grid=_ADAM_GRID,
+            fixed={**_ADAM_FIXED, "fused": True},
+            valid=_adam_decay_valid,
+        ),
+        # betas[0] < 0.5: the kernel's lerp takes its other branch; a tensor lr
+        # reaches the kernel as its value
+        OptCase(
+            "adamw-fused",
+            torch.optim.AdamW,
+            fo.adamw,
+            grid={"amsgrad": [False, True], "lr": [0.02, torch.tensor(0.02)]},
+            fixed={
+                "betas": (0.3, 0.9),
+                "weight_decay": 0.3,
+                "maximize": True,
+                "fused": True,
+            },
+        ),
     ]
     + cases_adaptive.FLAG_CASES
     + cases_misc.FLAG_CASES
@@ -184,6 +246,9 @@ _PICK_16BIT = {
     "adam": lambda kw: (
         kw["weight_decay"] and kw["amsgrad"] and not kw["decoupled_weight_decay"]
     ),
+    "adam-fused": lambda kw: (
+        kw["weight_decay"] and kw["amsgrad"] and not kw["decoupled_weight_decay"]
+    ),
     # eps1=None: finfo(param dtype).eps
     "adafactor": lambda kw: kw["eps"][0] is None and kw["weight_decay"] > 0,
     # a float64 tensor lr too (the last row's is float32): a 0-d tensor's
@@ -200,6 +265,10 @@ _PICK_16BIT = {
 
 
 def _params_16bit(case):
+    if case.name == "sgd-fused":
+        # the harness's 16-bit tree has two leaves and a late first gradient,
+        # which torch's fused SGD refuses: test_fused_sgd_adagrad.py
+        return []
     params = case.params()
     if case.name not in _PICK_16BIT:
         return [params[-1]]

@@ -212,6 +212,20 @@ FLAG_CASES = [
         grid={"lr_decay": [0.0, 0.1], "maximize": [False, True]},
         fixed={"lr": torch.tensor(0.1), "weight_decay": 0.1},
     ),
+    # torch's fused CPU kernel (torch._fused_adagrad_): a tensor lr reaches it
+    # as its value
+    OptCase(
+        "adagrad-fused",
+        torch.optim.Adagrad,
+        adagrad,
+        grid={
+            "lr_decay": [0.0, 0.1],
+            "weight_decay": [0.0, 0.1],
+            "maximize": [False, True],
+            "lr": [0.1, torch.tensor(0.1)],
+        },
+        fixed={"initial_accumulator_value": 0.5, "eps": 1e-3, "fused": True},
+    ),
     OptCase(
         "asgd-tensor-lr",
         torch.optim.ASGD,
@@ -264,6 +278,8 @@ ERRORS = (
         ErrorCase("adagrad", torch.optim.Adagrad, adagrad, kw)
         for kw in [
             {"lr": -0.01},
+            {"fused": torch.ones(3)},
+            {"lr_decay": -0.1, "fused": torch.ones(3)},
             {"lr": float("nan")},
             {"lr_decay": -0.1},
             {"weight_decay": -0.1},

@@ -267,7 +267,9 @@ def rows() -> list[DbRow]:
 
 NOT_APPLICABLE = {
     ("adam", "*fused-complex128-*"): "torch's fused kernels take floating point "
-    "params only (RuntimeError at step): no complex fused run to compare",
+    "params only (RuntimeError at step): no complex fused run to compare; "
+    "funcopt raises the same error (tests/parity/test_fused_adam.py, "
+    "test_fused_sgd_adagrad.py)",
     ("adamw", "*fused-complex128-*"): "as Adam: fused kernels are real-only",
     ("adagrad", "*fused-complex128-*"): "as Adam: fused kernels are real-only",
     ("sgd", "*fused-complex128-*"): "as Adam: fused kernels are real-only",

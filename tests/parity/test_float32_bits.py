@@ -59,6 +59,7 @@ NEED_CORRECTLY_ROUNDED_SQRT = [
     "rmsprop",
     "adagrad",
     "adadelta",
+    "nadam",
 ]
 # set in the child process that runs those rows with MKL's AVX2 path
 SQRT_CHILD = "FUNCOPT_TEST_CORRECTLY_ROUNDED_SQRT"

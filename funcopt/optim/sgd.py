@@ -59,21 +59,28 @@ def _sgd_sparse_rule(param, grad, slots, step, hparams, options):
     return _sparse.scatter_add(param, grad, scalar(-hparams["lr"], param) * values), {}
 
 
+def _fused_gradient(k: FusedMath, param, grad, hparams, options):
+    """The fused kernel's `(param, grad)` in its compute type, after
+    `maximize` and `grad += param * weight_decay` (`vec::fmadd`, contracted
+    in the tail too)."""
+    p, g = k.load(param), k.load(grad)
+    if options["maximize"]:
+        g = -g
+    weight_decay = hparams["weight_decay"]
+    return p, jnp.where(weight_decay != 0, k.fma(p, k.scalar(weight_decay), g), g)
+
+
 def _sgd_fused_rule(param, grad, slots, step, hparams, options):
     """torch's fused CPU kernel (`sgd_fused_step_impl`, `sgd_math`): one
     pass per element in the kernel's compute type; see `sgd`'s docstring."""
     k = FusedMath(param)
-    momentum, dampening = hparams["momentum"], hparams["dampening"]
-    weight_decay = hparams["weight_decay"]
-    p, g = k.load(param), k.load(grad)
-    if options["maximize"]:
-        g = -g
-    # `grad += param * weight_decay` (vec::fmadd, contracted in the tail)
-    g = jnp.where(weight_decay != 0, k.fma(p, k.scalar(weight_decay), g), g)
+    momentum = hparams["momentum"]
+    p, g = _fused_gradient(k, param, grad, hparams, options)
     new_slots = {}
     if "momentum_buffer" in slots:
         old = slots["momentum_buffer"]
-        b, mu, damp = k.load(old), k.scalar(momentum), k.scalar(1 - dampening)
+        b, mu = k.load(old), k.scalar(momentum)
+        damp = k.scalar(1 - hparams["dampening"])
         # 16-bit params: torch 2.13's vectorised loop is broken (it never
         # stores the param); every element follows its scalar loop
         where = True if is_reduced(param) else k.exact and fused_scalar_tail(param)
@@ -84,10 +91,17 @@ def _sgd_fused_rule(param, grad, slots, step, hparams, options):
         )
         # the first step (torch: every buffer of the group still unset)
         buf = jnp.where(step == 1, g, buf)
-        direction = k.fma(buf, mu, g) if options["nesterov"] else buf
         # torch's kernel touches the buffer only while momentum != 0
+        stored = jnp.where(momentum != 0, k.store(buf, old), old)
+        if not (k.exact or is_reduced(param)):
+            # the stored buffer is `buf` itself: write it first, then the
+            # param's pass reads it (speed only, see `write_buffers_first`)
+            stored, param, grad = write_buffers_first(stored, param, grad)
+            p, g = _fused_gradient(k, param, grad, hparams, options)
+            buf = k.load(stored)
+        direction = k.fma(buf, mu, g) if options["nesterov"] else buf
         g = jnp.where(momentum != 0, direction, g)
-        new_slots["momentum_buffer"] = jnp.where(momentum != 0, k.store(buf, old), old)
+        new_slots["momentum_buffer"] = stored
     return k.store(k.fma(g, k.scalar(-hparams["lr"]), p), param), new_slots
 
 

@@ -36,8 +36,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import funcopt as fo  # noqa: E402
 from funcopt._tree import is_trainable  # noqa: E402
-from tests.parity.cases import OPT_CASES  # noqa: E402
-from tests.torch_ref import slot_leaves, step_counts  # noqa: E402
+from tests.parity.cases import FLAG_CASES, OPT_CASES  # noqa: E402
+
+# torch's fused CPU kernels, compared with torch run with `fused=True`
+FUSED_CASES = [case for case in FLAG_CASES if case.name.endswith("-fused")]
+from tests.torch_ref import funcopt_kwargs, slot_leaves, step_counts  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 # column group -> (x64, funcopt's bit-exact float32 mode)
@@ -63,10 +66,11 @@ NOTES = [
     "",
     "A difference near zero counts many ulp (the ulp shrinks with the value), "
     "so once the runs have drifted apart the max over 1,000 steps is large; "
-    "*ulp@10* is the size of the first differences. *eager == jit* NO: the "
-    "contrib rules do some float32 arithmetic outside the helpers (and Prodigy "
-    "sums over all leaves), which XLA contracts differently in a one-leaf "
-    "program and in the whole step.",
+    "*ulp@10* is the size of the first differences. *eager == jit*: an "
+    "un-jitted step runs the jitted step's program (`_core."
+    "compiled_when_concrete`), so a NO here would be a bug. The `-fused` rows "
+    "never differ in the exact mode: torch's fused kernels take the hardware "
+    "(correctly rounded) square root.",
 ]
 
 
@@ -119,7 +123,7 @@ def run_torch(case, kwargs, params, grads):
 
 def run_funcopt(case, kwargs, params, grads, keys, jit: bool):
     """As `run_torch`, for the ``keys`` torch has."""
-    opt = case.factory(**kwargs)
+    opt = case.factory(**funcopt_kwargs(kwargs))
     p = jax.tree.map(jnp.asarray, params)
     state = opt.init(p)
     step = jax.jit(opt.step) if jit else opt.step
@@ -229,6 +233,9 @@ def main() -> None:
     lines = [
         "# float32: funcopt against torch's default CPU path, bit for bit",
         "",
+        "The `-fused` rows run torch and funcopt with `fused=True` (torch's "
+        "fused CPU kernel).",
+        "",
         f"`python benchmarks/float32_bits.py` ({args.steps} steps, leaves of 37, "
         "65, 7 and 24 float32 elements, torch "
         f"{torch.__version__}, jax {jax.__version__}). *first*: the first step "
@@ -246,7 +253,7 @@ def main() -> None:
         + " |",
         "|---|---|" + "---|---|---|---|" * len(MODES),
     ]
-    for case in OPT_CASES:
+    for case in OPT_CASES + FUSED_CASES:
         if args.only and case.name not in args.only:
             continue
         combos = case.combos() if args.all_combos else case.combos()[-1:]

@@ -477,14 +477,15 @@ def scalar_loop_elements(size: int) -> int:
 
 @contextlib.contextmanager
 def packed_leaves(
-    shape: tuple[int, ...], sizes: Sequence[int], mask: Callable[[], jax.Array]
+    shape: tuple[int, ...], sizes: Sequence[int], mask: Callable[..., jax.Array]
 ):
     """While a rule is traced on packed leaves: where each leaf's tail lies.
 
     The multi-tensor path runs a rule on one buffer of `shape` holding
     leaves of `sizes` elements; `mask()` is the (traced) boolean array of
-    `shape` that marks the last `scalar_loop_elements` of every leaf.
-    Without this context `add` takes each array as one leaf.
+    `shape` that marks the last `scalar_loop_elements` of every leaf,
+    `mask(tail_elements)` the last `tail_elements(size)` (another loop's
+    tail). Without this context `add` takes each array as one leaf.
     """
     old = getattr(_layout, "packed", None)
     _layout.packed = (tuple(shape), tuple(sizes), mask)
@@ -494,11 +495,14 @@ def packed_leaves(
         _layout.packed = old
 
 
-def packed_layout() -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+def packed_layout() -> (
+    tuple[tuple[int, ...], tuple[int, ...], Callable[..., jax.Array]] | None
+):
     """While a rule is traced on packed leaves (`packed_leaves`): the buffer's
-    shape and the element counts of the leaves it packs; None otherwise."""
-    packed = getattr(_layout, "packed", None)
-    return None if packed is None else packed[:2]
+    shape, the element counts of the leaves it packs, and `mask`
+    (`mask(tail_elements)`: the last `tail_elements(size)` elements of each
+    leaf); None otherwise."""
+    return getattr(_layout, "packed", None)
 
 
 def _scalar_loop(shape: tuple[int, ...]) -> bool | jax.Array:

@@ -34,7 +34,7 @@ import contextlib
 import dataclasses
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import jax
@@ -208,13 +208,17 @@ class Bucket:
         pieces = jnp.split(flat, cuts[:-1]) if len(cuts) > 1 else [flat]
         return [pieces[k].reshape(s) for k, s in zip(keep, shapes)]
 
-    def scalar_loop_mask(self) -> jax.Array:
+    def scalar_loop_mask(
+        self, tail_elements: Callable[[int], int] = _math.scalar_loop_elements
+    ) -> jax.Array:
         """`bool[n_rows, width]`: the elements torch's CPU loop over their
-        own leaf runs in its scalar tail (`funcopt._math.add`).
+        own leaf runs in its scalar tail, the last `tail_elements(size)` of
+        each leaf (TensorIterator's loop by default, `funcopt._math.add`; a
+        fused kernel's, `funcopt.optim._fused`).
         """
         start = np.empty(self.n_rows, np.int64)
         for first, rows, size in zip(self.first_row, self.rows, self.sizes):
-            tail = size - _math.scalar_loop_elements(size)
+            tail = size - tail_elements(size)
             start[first : first + rows] = tail - np.arange(rows) * self.width
         start = np.clip(start, 0, self.width).astype(np.int32)
         col = jax.lax.broadcasted_iota(jnp.int32, (self.n_rows, self.width), 1)

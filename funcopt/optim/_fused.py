@@ -30,7 +30,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from .._math import (
     _f32,
@@ -156,27 +155,16 @@ def fused_scalar_tail(like: jax.Array) -> bool | jax.Array:
     width = _FUSED_VECTOR_BYTES // jnp.dtype(like.dtype).itemsize
     shape = tuple(jnp.shape(like))
     packed = packed_layout()
-    if packed is None or packed[0] != shape:
-        size = int(np.prod(shape))
-        tail = size % width
-        if tail in (0, size):
-            return tail == size
-        index = jax.lax.broadcasted_iota(jnp.int32, (size,), 0).reshape(shape)
-        return index >= size - tail
-    # packed: each leaf owns whole rows of `shape[1]` elements, in order
-    n_rows, row = shape
-    sizes = packed[1]
-    rows = [max(1, -(-n // row)) for n in sizes]
-    if sum(rows) != n_rows:
-        raise ValueError(
-            f"packed leaves of {sizes} elements do not fill {n_rows} rows of {row}"
-        )
-    start = np.concatenate(
-        [n - n % width - np.arange(r) * row for n, r in zip(sizes, rows)]
-    )
-    start = np.clip(start, 0, row).astype(np.int32)
-    col = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-    return col >= jnp.asarray(start)[:, None]
+    sizes = packed[1] if packed is not None and packed[0] == shape else [like.size]
+    tails = [size % width for size in sizes]
+    if not any(tails):
+        return False
+    if tails == list(sizes):
+        return True
+    if packed is not None and packed[0] == shape:
+        return packed[2](lambda size: size % width)
+    index = jax.lax.broadcasted_iota(jnp.int32, (like.size,), 0).reshape(shape)
+    return index >= like.size - tails[0]
 
 
 def by_fused_loop(body, tail, where: bool | jax.Array):
@@ -185,3 +173,12 @@ def by_fused_loop(body, tail, where: bool | jax.Array):
     if isinstance(where, bool):
         return tail() if where else body()
     return tuple(jnp.where(where, t, b) for t, b in zip(tail(), body()))
+
+
+def kernel_value(value: jax.Array, dtype: str | None) -> jax.Array:
+    """A hyperparameter as the kernel reads it: a tensor's (`dtype`, None
+    for a Python float) by its value (`.item()`, a C++ `double`), i.e.
+    rounded to its dtype, held in the widest float."""
+    if dtype is None:
+        return value
+    return value.astype(jax.dtypes.canonicalize_dtype(dtype)).astype(value.dtype)

@@ -30,7 +30,13 @@ from ._common import (
     group_rule,
     write_buffers_first,
 )
-from ._fused import FusedMath, by_fused_loop, check_fused_params, fused_scalar_tail
+from ._fused import (
+    FusedMath,
+    by_fused_loop,
+    check_fused_params,
+    fused_scalar_tail,
+    kernel_value,
+)
 
 
 def _validate_adagrad(group: Mapping[str, Any]) -> None:
@@ -114,10 +120,8 @@ def _adagrad_fused_rule(param, grad, slots, step, hparams, options, lr_dtype=Non
     one pass per element in the kernel's compute type; see `adagrad`'s
     docstring."""
     k = FusedMath(param)
-    lr = hparams["lr"]
-    if lr_dtype is not None:
-        # a tensor lr reaches the kernel as its value (`.item()`)
-        lr = lr.astype(lr_dtype).astype(lr.dtype)
+    # a tensor lr reaches the kernel as its value (`.item()`)
+    lr = kernel_value(hparams["lr"], lr_dtype)
     clr = lr / _fused_decay(step, hparams["lr_decay"])
     weight_decay = hparams["weight_decay"]
     p, g = k.load(param), k.load(grad)
@@ -239,12 +243,13 @@ def adagrad(
     `fused` combined with `foreach` or `differentiable` raises as in torch.
     State: `sum`; the step count is `state.step`.
     """
+    fused_kernel = _validate.fused_requested(fused)
     opt = make_optimizer(
         name="Adagrad",
         elementwise=True,
         # each group's rule from its own lr (a float or a tensor)
         rule=group_rule(
-            _adagrad_fused_rule if _validate.fused_requested(fused) else _adagrad_rule,
+            _adagrad_fused_rule if fused_kernel else _adagrad_rule,
             lr_dtype="lr",
         ),
         init_slots=_adagrad_slots(initial_accumulator_value),
@@ -266,9 +271,7 @@ def adagrad(
             "fused": fused,
         },
         # torch refuses complex params for its fused kernel (at step)
-        check_params=check_fused_params("Adagrad")
-        if _validate.fused_requested(fused)
-        else None,
+        check_params=check_fused_params("Adagrad") if fused_kernel else None,
     )
     # torch checks ``fused`` after the argument checks
     _validate.check_fused(

@@ -23,7 +23,13 @@ from .._math import (
     sqrt_nonnegative,
 )
 from ._common import adam_moments, group_rule, one_minus, pow_scalar, powf
-from ._fused import FusedMath, by_fused_loop, check_fused_params, fused_scalar_tail
+from ._fused import (
+    FusedMath,
+    by_fused_loop,
+    check_fused_params,
+    fused_scalar_tail,
+    kernel_value,
+)
 
 
 def _validate_adam(group: Mapping[str, Any], foreach: Any = None) -> None:
@@ -153,9 +159,9 @@ def _fused_adam_rule(
     docstring."""
     k = FusedMath(param)
     # a tensor lr or tensor betas reach the kernel as their values (`.item()`)
-    lr = _item(hparams["lr"], lr_dtype)
-    beta1 = _item(hparams["betas"][0], betas_dtype)
-    beta2 = _item(hparams["betas"][1], betas_dtype)
+    lr = kernel_value(hparams["lr"], lr_dtype)
+    beta1 = kernel_value(hparams["betas"][0], betas_dtype)
+    beta2 = kernel_value(hparams["betas"][1], betas_dtype)
     eps, weight_decay = hparams["eps"], hparams["weight_decay"]
     # the kernel's prologue, in double (`step` is the float32 state step)
     bias_correction1 = 1 - beta1**step
@@ -196,14 +202,6 @@ def _fused_adam_rule(
     denom = k.add(k.div(k.sqrt(v), k.scalar(bias_correction2_sqrt)), k.scalar(eps))
     p = k.add(p, k.div(k.mul(k.scalar(-step_size), m), denom))
     return k.store(p, param), new_slots
-
-
-def _item(value, dtype):
-    """A tensor hyperparameter's value as a Python float (`.item()`) holds it:
-    rounded to its dtype, in the widest float."""
-    if dtype is None:
-        return value
-    return value.astype(jax.dtypes.canonicalize_dtype(dtype)).astype(value.dtype)
 
 
 @_validate.optimizer_factory
@@ -392,11 +390,12 @@ def _rule_for(fused: bool = False):
 
 
 def _adam_family(name, hyperparams, options, extra_defaults, param_groups):
+    fused_kernel = _validate.fused_requested(extra_defaults["fused"])
     return make_optimizer(
         name=name,
         elementwise=True,
         # each group's rule from its own lr and betas (floats or tensors)
-        rule=_rule_for(_validate.fused_requested(extra_defaults["fused"])),
+        rule=_rule_for(fused_kernel),
         init_slots=_adam_slots,
         hyperparams=hyperparams,
         options=options,
@@ -404,9 +403,5 @@ def _adam_family(name, hyperparams, options, extra_defaults, param_groups):
         param_groups=param_groups,
         extra_defaults=extra_defaults,
         # torch refuses complex params for its fused kernels (at step)
-        check_params=(
-            check_fused_params(name)
-            if _validate.fused_requested(extra_defaults["fused"])
-            else None
-        ),
+        check_params=(check_fused_params(name) if fused_kernel else None),
     )

@@ -218,10 +218,11 @@ def sgd(
     State: `momentum_buffer` per parameter, only for groups whose
     `momentum != 0`.
     """
+    fused_kernel = _validate.fused_requested(fused)
     opt = make_optimizer(
         name="SGD",
         elementwise=True,
-        rule=_sgd_fused_rule if _validate.fused_requested(fused) else _sgd_rule,
+        rule=_sgd_fused_rule if fused_kernel else _sgd_rule,
         init_slots=_sgd_slots,
         hyperparams={
             "lr": lr,
@@ -240,9 +241,7 @@ def sgd(
             "fused": fused,
         },
         # torch refuses complex params for its fused kernel (at step)
-        check_params=check_fused_params("SGD")
-        if _validate.fused_requested(fused)
-        else None,
+        check_params=check_fused_params("SGD") if fused_kernel else None,
     )
     # torch checks ``fused`` after the argument checks
     _validate.check_fused(

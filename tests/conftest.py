@@ -13,11 +13,20 @@ import sys
 
 import jax
 import pytest
+import torch
 
 import funcopt as fo
 from funcopt.torch_interop import measure_torch_cpu_block
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+# One torch intra-op thread per test worker. The suite's tensors are far below
+# torch's 32,768-element parallel grain, so a second thread computes nothing,
+# but two xdist workers' OpenMP pools spinning beside XLA's oversubscribe the
+# cores (torch's Newton-Schulz on a 4x4 bf16 Muon matrix: 0.05 ms alone, ~18 ms
+# in the busy suite). No result depends on it: torch's fused kernels split whole
+# cache lines per thread and their scalar tail is each tensor's last elements.
+torch.set_num_threads(1)
 
 
 def _run_dir(config):

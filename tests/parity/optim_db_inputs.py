@@ -63,6 +63,7 @@ import funcopt as fo
 from tests.parity.cases import OPT_CASES
 from tests.parity.noise_floor import assert_close, nudge, nudged_rngs
 from tests.torch_ref import (
+    float32_scalar_roots,
     from_torch,
     funcopt_kwargs,
     slot_leaves,
@@ -433,7 +434,10 @@ def run_torch(row: DbRow, params: dict, grads_seq: list) -> list[Snapshot]:
         for p, g in zip(tparams, _torch_grads(row, flat, shapes)):
             p.grad = g
         # sparse steps: torch warns unless invariant checks are chosen
-        with torch.sparse.check_sparse_tensor_invariants(enable=row.sparse):
+        with (
+            torch.sparse.check_sparse_tensor_invariants(enable=row.sparse),
+            float32_scalar_roots(row.kwargs),
+        ):
             opt.step()
         state = [
             {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in s.items()}

@@ -9,13 +9,15 @@ every buffer and the step counts, at every step checked, on leaves sized for
 torch's vectorised blocks and scalar tails alike.
 
 Not exact, and why (``benchmarks/results/float32_bits.md`` has the numbers):
-every optimizer that takes a square root, where torch's MKL takes its AVX-512
-path (in a child process with ``MKL_ENABLE_INSTRUCTIONS=AVX2`` torch's roots
-are correctly rounded, and Adam, AdamW, RAdam, RMSprop, Adagrad and Adadelta
-are bit-exact too: the last test). torch's float32 (and float64)
-`sqrt` on CPU is MKL's `vsSqrt` (`VML_HA`), which is not correctly rounded:
-about 0.6% of its results are 1 ulp from the correctly rounded root (measured
-on uniform inputs, every size); XLA's is correctly rounded. That covers Adam,
+every optimizer that takes a square root, where torch's float32 root is not
+correctly rounded (in a child process whose torch roots are made correctly
+rounded, Adam, AdamW, RAdam, RMSprop, Adagrad, Adadelta and NAdam are
+bit-exact too: the last test). torch's float32 (and float64) `sqrt` on CPU is
+MKL's `vsSqrt` (`VML_HA`), not correctly rounded: on an Intel AVX-512 machine
+about 0.6% of its results are 1 ulp from the correctly rounded root (none with
+``MKL_ENABLE_INSTRUCTIONS=AVX2``), on an AMD EPYC (AVX2) about 16% (under any
+MKL setting; measured on uniform inputs); XLA's is correctly rounded. That
+covers Adam,
 AdamW, NAdam, RAdam, RMSprop, Adagrad, Adadelta, Adafactor (whose float32
 reductions also sum in another order) and the contrib Adan, LAMB, Prodigy and
 schedule-free AdamW. Muon (not elementwise) matches for the benchmark's first
@@ -49,9 +51,8 @@ EXACT = [
     "lion-decoupled",
     "schedulefree_sgd",
 ]
-# exact wherever torch's float32 `sqrt` is correctly rounded: MKL's AVX2 path
-# (and so on AVX2-only and most AMD machines); its AVX-512 path, which torch
-# takes on this project's Intel machines, rounds ~0.7% of roots 1 ulp low
+# exact wherever torch's float32 `sqrt` is correctly rounded, which is not
+# every machine's MKL (see `torch_ref.correctly_rounded_torch_sqrt`)
 NEED_CORRECTLY_ROUNDED_SQRT = [
     "adam",
     "adamw",
@@ -61,17 +62,21 @@ NEED_CORRECTLY_ROUNDED_SQRT = [
     "adadelta",
     "nadam",
 ]
-# set in the child process that runs those rows with MKL's AVX2 path
+# set in the child process that runs those rows with correctly rounded roots
 SQRT_CHILD = "FUNCOPT_TEST_CORRECTLY_ROUNDED_SQRT"
-# a child process's environment for MKL's AVX2 path, and the probe that
-# checks (in that process, before its rows) that its float32 roots are
-# correctly rounded: else a row would fail without saying why
-CORRECTLY_ROUNDED_SQRT_ENV = {"MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+# what such a child runs first: torch's float32 roots correctly rounded, and
+# the check (before its rows) that they are: else a row would fail without
+# saying why
 CORRECTLY_ROUNDED_SQRT_PROBE = """
+from tests.torch_ref import correctly_rounded_torch_sqrt
+rounded_sqrt = correctly_rounded_torch_sqrt()  # held: the whole process
+rounded_sqrt.__enter__()
 import numpy as np, torch
 x = np.random.default_rng(0).uniform(0, 10, 100000).astype(np.float32)
 exact = np.sqrt(x.astype(np.float64)).astype(np.float32)
 assert (torch.tensor(x).sqrt().numpy() == exact).all(), "sqrt probe"
+assert (torch.sqrt(torch.tensor(x)).numpy() == exact).all(), "sqrt probe"
+assert (torch._foreach_sqrt([torch.tensor(x)])[0].numpy() == exact).all(), "probe"
 """
 STEPS = 100
 EAGER_STEPS = 3
@@ -157,14 +162,15 @@ def test_division_by_a_scalar_is_a_division(divisor):
 
 def test_sqrt_optimizers_are_bit_exact_where_torchs_sqrt_is_correctly_rounded():
     """The optimizers that take a square root differ from torch only by
-    torch's `sqrt`: in a child process whose MKL takes its AVX2 path
-    (`MKL_ENABLE_INSTRUCTIONS=AVX2`, checked to round every root correctly),
-    Adam, AdamW, RAdam, RMSprop, Adagrad and Adadelta are torch's bits too."""
+    torch's `sqrt`: in a child process whose torch takes correctly rounded
+    float32 roots (`torch_ref.correctly_rounded_torch_sqrt`, checked by its
+    probe), Adam, AdamW, RAdam, RMSprop, Adagrad, Adadelta and NAdam are
+    torch's bits too."""
     ids = " or ".join(f"[{name}-0]" for name in NEED_CORRECTLY_ROUNDED_SQRT)
     args = [
         "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__,
         "-k", f"test_float32_is_bit_exact and ({ids})",
     ]  # fmt: skip
-    env = {**os.environ, **CORRECTLY_ROUNDED_SQRT_ENV, SQRT_CHILD: "1"}
+    env = {**os.environ, SQRT_CHILD: "1"}
     passed = run_pytest_child(args, env, probe=CORRECTLY_ROUNDED_SQRT_PROBE)
     assert passed == len(NEED_CORRECTLY_ROUNDED_SQRT)

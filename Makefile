@@ -11,6 +11,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	# torch first, pinned: a CPU wheel; an unpinned torch would pull a multi-GB CUDA build
 	$(PY) -m pip install -q -c constraints.txt torch
 	$(PY) -m pip install -q -c constraints.txt -e ".[test,examples,docs,lint]"
+	# the native fused CPU kernels (no compiler: the pure JAX path)
+	$(PY) -m funcopt._native.build
 	touch $@
 
 venv: $(VENV)/.installed
@@ -22,8 +24,8 @@ test: venv
 	$(PY) -m pytest -n 2 --dist loadgroup -q
 
 lint: venv
-	$(VENV)/bin/ruff check funcopt tests examples benchmarks docs/check_site.py
-	$(VENV)/bin/ruff format --check funcopt tests examples benchmarks docs/check_site.py
+	$(VENV)/bin/ruff check funcopt tests examples benchmarks docs/check_site.py hatch_build.py
+	$(VENV)/bin/ruff format --check funcopt tests examples benchmarks docs/check_site.py hatch_build.py
 	$(VENV)/bin/mypy
 
 docs: venv

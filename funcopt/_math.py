@@ -144,10 +144,13 @@ def set_exact_float32(enabled: bool) -> None:
     _exact_float32["enabled"] = enabled
 
 
-def trace_settings() -> tuple[int | None, bool]:
-    """Everything a rule reads at trace time from this module's settings
-    (part of the per-leaf kernel cache key)."""
-    return torch_cpu_block(), exact_float32()
+def trace_settings() -> tuple[int | None, bool, bool]:
+    """Everything a rule reads at trace time from funcopt's settings (part of
+    the per-leaf kernel cache key): this module's, and whether `fused=True`
+    rules run the native kernels (`funcopt.optim._fused_native`)."""
+    from .optim import _fused_native
+
+    return torch_cpu_block(), exact_float32(), _fused_native.use_native()
 
 
 def _exact32(x) -> bool:

@@ -23,7 +23,7 @@ from .._math import (
     sqrt,
     widest_float,
 )
-from . import _sparse
+from . import _fused_native, _sparse
 from ._common import (
     apply_maximize,
     coupled_gradient,
@@ -116,8 +116,20 @@ def _fused_decay(step, lr_decay):
 
 
 def _adagrad_fused_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
-    """torch's fused CPU kernel (`adagrad_fused_step_impl`, `adagrad_math`):
-    one pass per element in the kernel's compute type; see `adagrad`'s
+    """torch's fused CPU kernel: the native kernel where it applies
+    (`funcopt.optim._fused_native`), else `_adagrad_fused_jax`."""
+    if lr_dtype is None:
+        out = _fused_native.adagrad(
+            param, grad, slots, step, hparams, options, _adagrad_fused_jax
+        )
+        if out is not None:
+            return out
+    return _adagrad_fused_jax(param, grad, slots, step, hparams, options, lr_dtype)
+
+
+def _adagrad_fused_jax(param, grad, slots, step, hparams, options, lr_dtype=None):
+    """torch's fused CPU kernel (`adagrad_fused_step_impl`, `adagrad_math`) in
+    JAX: one pass per element in the kernel's compute type; see `adagrad`'s
     docstring."""
     k = FusedMath(param)
     # a tensor lr reaches the kernel as its value (`.item()`)
@@ -241,6 +253,11 @@ def adagrad(
     takes them as float32; both are mirrored. Complex params raise torch's
     `RuntimeError` (when the state is made, torch at its first step);
     `fused` combined with `foreach` or `differentiable` raises as in torch.
+    On one CPU device, float32 and float64 params take funcopt's native
+    kernel where it is built (`make venv`, or `pip install` with a C++
+    compiler; `funcopt/_native`): the same rounding, op by op, in C++ and in
+    place, torch's bits without x64 and the bit-exact mode too;
+    `FUNCOPT_NATIVE=0` selects the JAX path.
     State: `sum`; the step count is `state.step`.
     """
     fused_kernel = _validate.fused_requested(fused)

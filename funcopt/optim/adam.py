@@ -22,6 +22,7 @@ from .._math import (
     sqrt,
     sqrt_nonnegative,
 )
+from . import _fused_native
 from ._common import adam_moments, group_rule, one_minus, pow_scalar, powf
 from ._fused import (
     FusedMath,
@@ -153,7 +154,23 @@ def _tensor_scalar_update(
 def _fused_adam_rule(
     param, grad, slots, step, hparams, options, lr_dtype=None, betas_dtype=None
 ):
-    """torch's fused CPU kernel (`adam_fused_step_impl`, `adam_math`): one
+    """torch's fused CPU kernel: the native kernel where it applies
+    (`funcopt.optim._fused_native`), else `_fused_adam_jax`."""
+    if lr_dtype is None and betas_dtype is None:
+        out = _fused_native.adam(
+            param, grad, slots, step, hparams, options, _fused_adam_jax
+        )
+        if out is not None:
+            return out
+    return _fused_adam_jax(
+        param, grad, slots, step, hparams, options, lr_dtype, betas_dtype
+    )
+
+
+def _fused_adam_jax(
+    param, grad, slots, step, hparams, options, lr_dtype=None, betas_dtype=None
+):
+    """torch's fused CPU kernel (`adam_fused_step_impl`, `adam_math`) in JAX: one
     pass per element, in the order and rounding of its vectorised loop and,
     where the bits are mirrored, of its scalar tail; see `adam`'s
     docstring."""
@@ -312,6 +329,11 @@ def adam(
     params: with x64) both loops are mirrored, element by element (also in
     leaves packed by [`funcopt.flat`][funcopt.flat]): torch's bits.
     Complex params raise torch's `RuntimeError`.
+    On one CPU device, float32 and float64 params take funcopt's native
+    kernel where it is built (`make venv`, or `pip install` with a C++
+    compiler; `funcopt/_native`): the same rounding, op by op, in C++ and in
+    place, torch's bits without x64 and the bit-exact mode too;
+    `FUNCOPT_NATIVE=0` selects the JAX path.
     State: `exp_avg`, `exp_avg_sq` and, with `amsgrad`, `max_exp_avg_sq`;
     the step count is `state.step`.
     """

@@ -13,7 +13,7 @@ from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
 from .._math import add, is_reduced, mul, scalar
-from . import _sparse
+from . import _fused_native, _sparse
 from ._common import apply_maximize, coupled_gradient, write_buffers_first
 from ._fused import FusedMath, by_fused_loop, check_fused_params, fused_scalar_tail
 
@@ -71,7 +71,16 @@ def _fused_gradient(k: FusedMath, param, grad, hparams, options):
 
 
 def _sgd_fused_rule(param, grad, slots, step, hparams, options):
-    """torch's fused CPU kernel (`sgd_fused_step_impl`, `sgd_math`): one
+    """torch's fused CPU kernel: the native kernel where it applies
+    (`funcopt.optim._fused_native`), else `_sgd_fused_jax`."""
+    out = _fused_native.sgd(param, grad, slots, step, hparams, options, _sgd_fused_jax)
+    if out is not None:
+        return out
+    return _sgd_fused_jax(param, grad, slots, step, hparams, options)
+
+
+def _sgd_fused_jax(param, grad, slots, step, hparams, options):
+    """torch's fused CPU kernel (`sgd_fused_step_impl`, `sgd_math`) in JAX: one
     pass per element in the kernel's compute type; see `sgd`'s docstring."""
     k = FusedMath(param)
     momentum = hparams["momentum"]
@@ -200,7 +209,12 @@ def sgd(
     each param's first step as its own ($t = 1$). Complex params raise
     torch's `RuntimeError` (when the state is made, torch at its first
     step). `fused` combined with `foreach` or `differentiable` raises as in
-    torch. `param_groups` comes from [`funcopt.param_groups`][funcopt.param_groups].
+    torch. On one CPU device, float32 and float64 params take funcopt's native
+    kernel where it is built (`make venv`, or `pip install` with a C++
+    compiler; `funcopt/_native`): the same rounding, op by op, in C++ and in
+    place, torch's bits without x64 and the bit-exact mode too;
+    `FUNCOPT_NATIVE=0` selects the JAX path.
+    `param_groups` comes from [`funcopt.param_groups`][funcopt.param_groups].
 
     Sparse gradients (`jax.experimental.sparse.BCOO`, torch's sparse
     `p.grad`, e.g. from `nn.Embedding(sparse=True)`) are taken as torch's

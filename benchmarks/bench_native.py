@@ -1,0 +1,157 @@
+"""One step on one 10M-element float32 leaf: funcopt's native fused kernel
+vs its JAX `fused=True` path vs optax vs torch `fused=True`.
+
+Adam, AdamW, SGD with momentum and Adagrad; every JAX step `jax.jit` with
+params and state donated. One process, the four interleaved round by round
+(a busy machine slows all alike), each number the median over the rounds
+of the mean step time of `--steps` steps. Run:
+`python benchmarks/bench_native.py [--size N] [--rounds R] [--steps K]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+import torch
+
+import funcopt as fo
+from funcopt.optim import _fused_native
+
+OPTIMIZERS = {
+    "Adam": (
+        lambda: fo.adam(lr=1e-3, fused=True),
+        lambda: optax.adam(1e-3),
+        lambda p: torch.optim.Adam(p, lr=1e-3, fused=True),
+    ),
+    "AdamW": (
+        lambda: fo.adamw(lr=1e-3, fused=True),
+        lambda: optax.adamw(1e-3, weight_decay=1e-2),
+        lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True),
+    ),
+    "SGD momentum": (
+        lambda: fo.sgd(lr=1e-3, momentum=0.9, fused=True),
+        lambda: optax.sgd(1e-3, momentum=0.9),
+        lambda p: torch.optim.SGD(p, lr=1e-3, momentum=0.9, fused=True),
+    ),
+    "Adagrad": (
+        lambda: fo.adagrad(lr=1e-2, fused=True),
+        lambda: optax.adagrad(1e-2),
+        lambda p: torch.optim.Adagrad(p, lr=1e-2, fused=True),
+    ),
+}
+
+
+def funcopt_runner(make, size: int, native: bool):
+    """A `run(k)` doing k donated jitted steps (compiled with the native
+    switch as given: `jax.jit` does not retrace when it changes)."""
+    _fused_native.set_native(native)
+    try:
+        opt = make()
+        params = {"w": jnp.ones(size, jnp.float32)}
+        grads = {"w": jnp.full(size, 1e-3, jnp.float32)}
+        state = opt.init(params)
+        step = jax.jit(opt.step, donate_argnums=(0, 2))
+        step = step.lower(params, grads, state).compile()
+        hlo = step.as_text()
+        assert ("custom_call_target" in hlo) == native, "wrong path compiled"
+    finally:
+        _fused_native.set_native(True)
+    box = [params, state]
+
+    def run(k):
+        p, s = box
+        for _ in range(k):
+            p, s = step(p, grads, s)
+        jax.block_until_ready(p)
+        box[:] = [p, s]
+
+    return run
+
+
+def optax_runner(make, size: int):
+    tx = make()
+    params = jnp.ones(size, jnp.float32)
+    grads = jnp.full(size, 1e-3, jnp.float32)
+    state = tx.init(params)
+
+    def step(p, g, s):
+        updates, s = tx.update(g, s, p)
+        return optax.apply_updates(p, updates), s
+
+    step = jax.jit(step, donate_argnums=(0, 2))
+    box = [params, state]
+
+    def run(k):
+        p, s = box
+        for _ in range(k):
+            p, s = step(p, grads, s)
+        jax.block_until_ready(p)
+        box[:] = [p, s]
+
+    return run
+
+
+def torch_runner(make, size: int):
+    p = torch.ones(size, requires_grad=True)
+    p.grad = torch.full((size,), 1e-3)
+    opt = make([p])
+
+    def run(k):
+        for _ in range(k):
+            opt.step()
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=10_000_000)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    assert _fused_native.available(), (
+        "build the kernels: python -m funcopt._native.build"
+    )
+    print(
+        f"{args.size:,} float32 elements, median of {args.rounds} rounds of "
+        f"{args.steps} steps, ms per step (torch threads: {torch.get_num_threads()})"
+    )
+    header = (
+        "optimizer",
+        "native",
+        "JAX fused",
+        "optax",
+        "torch fused",
+        "native/torch",
+    )
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name, (make_fo, make_optax, make_torch) in OPTIMIZERS.items():
+        runners = {
+            "native": funcopt_runner(make_fo, args.size, True),
+            "jax": funcopt_runner(make_fo, args.size, False),
+            "optax": optax_runner(make_optax, args.size),
+            "torch": torch_runner(make_torch, args.size),
+        }
+        for run in runners.values():
+            run(2)  # warm up
+        times: dict[str, list[float]] = {k: [] for k in runners}
+        for _ in range(args.rounds):
+            for key, run in runners.items():
+                t = time.perf_counter()
+                run(args.steps)
+                times[key].append((time.perf_counter() - t) / args.steps * 1e3)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        cells = [f"{med[k]:.2f}" for k in ("native", "jax", "optax", "torch")]
+        ratio = f"{med['native'] / med['torch']:.2f}x"
+        print(f"| {name} | " + " | ".join(cells) + f" | {ratio} |")
+        del runners
+
+
+if __name__ == "__main__":
+    main()

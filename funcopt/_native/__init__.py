@@ -1,0 +1,44 @@
+"""The fused CPU optimizer kernels' shared library (`fused_cpu.cc`), if built.
+
+The library holds XLA FFI handlers and no Python code (no Python ABI): it is
+loaded with `ctypes` and each handler registered with
+`jax.ffi.register_ffi_target` for the CPU platform. `load()` returns the
+registered target names, or a string saying why there are none (no compiler
+at install time, a library that cannot be loaded); funcopt then runs its pure
+JAX path.
+Build it with `python -m funcopt._native.build` (`make venv` does).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import pathlib
+
+LIBRARY = pathlib.Path(__file__).resolve().parent / "_fused_cpu.so"
+
+# handler symbol -> FFI target name
+TARGETS = {
+    "FuncoptAdam": "funcopt_adam",
+    "FuncoptAdamAms": "funcopt_adam_amsgrad",
+    "FuncoptSgd": "funcopt_sgd",
+    "FuncoptSgdMomentum": "funcopt_sgd_momentum",
+    "FuncoptAdagrad": "funcopt_adagrad",
+}
+
+
+@functools.cache
+def load() -> tuple[str, ...] | str:
+    """The registered target names, or a string saying why there are none."""
+    if not LIBRARY.exists():
+        return f"{LIBRARY.name} not built"
+    try:
+        import jax
+
+        lib = ctypes.CDLL(str(LIBRARY))
+        for symbol, name in TARGETS.items():
+            capsule = jax.ffi.pycapsule(getattr(lib, symbol))
+            jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+    except Exception as e:  # a stale or foreign library: the JAX path
+        return f"{LIBRARY.name} failed to load: {e}"
+    return tuple(TARGETS.values())

@@ -1,0 +1,775 @@
+// torch's fused CPU optimizer kernels (ATen FusedAdamKernel.cpp,
+// FusedSGDKernel.cpp, FusedAdagradKernel.cpp, torch 2.13) as XLA FFI
+// handlers: one pass per element, in place (the results alias the inputs),
+// each op rounded as torch's kernel rounds it.
+//
+// * Scalar math (bias corrections, step sizes, `1 - lr * wd`, Adagrad's
+//   `clr`) in C++ double as ATen computes it. torch's AVX2/AVX-512 builds
+//   contract `1 - lr * wd` (AdamW) and `1 + (step - 1) * lr_decay` (Adagrad)
+//   into an FMA; its `default` build has no FMA: the `fma` attribute picks.
+// * The element loop: torch's vectorised body (32-byte vectors: 8 float32,
+//   4 float64 elements) and its scalar tail (the last `numel % width`
+//   elements of each leaf), each with its own FMA placement; `fma` false is
+//   torch's `default` build (every product rounded).
+// * This file is compiled with -ffp-contract=off: only explicit fmas fuse.
+// * Hyperparameters arrive as 0-d buffers (float64 with x64; without x64,
+//   float32, read back as the shortest decimal that rounds to them: the
+//   Python float the user wrote, for values of up to 7 significant digits).
+//
+// Attributes: `fma`, `maximize` (and Adam's `decoupled`, SGD's `nesterov`)
+// as bools, `sizes`/`spans` (int64 arrays, one entry per leaf packed into
+// the buffer: its element count and the elements it occupies; empty: one
+// leaf, the whole buffer). The step buffer holds one count, or one per leaf.
+// Large leaves are split over XLA's intra-op thread pool (`for_chunks`).
+
+#include <algorithm>
+#include <atomic>
+#include <charconv>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define FUNCOPT_X86 1
+#define FUNCOPT_INLINE inline __attribute__((always_inline))
+#else
+#define FUNCOPT_X86 0
+#define FUNCOPT_INLINE inline
+#endif
+
+// a * b + c: rounded once (FMA) or twice
+template <bool FMA, typename T>
+FUNCOPT_INLINE T madd(T a, T b, T c) {
+  if constexpr (FMA) {
+    return std::fma(a, b, c);
+  } else {
+    return a * b + c;
+  }
+}
+
+// a hyperparameter buffer's value as the C++ double torch's kernel reads
+double scalar_value(const ffi::AnyBuffer& b, int64_t index = 0) {
+  if (b.element_type() == ffi::DataType::F64) {
+    return b.typed_data<double>()[index];
+  }
+  float f = b.typed_data<float>()[index];
+  if (!std::isfinite(f) || f == 0.0f) return static_cast<double>(f);
+  // the shortest decimal that rounds to f, read as a double
+  char text[64];
+  auto res = std::to_chars(text, text + sizeof(text), f);
+  double d = static_cast<double>(f);
+  std::from_chars(text, res.ptr, d);
+  return d;
+}
+
+double step_value(const ffi::AnyBuffer& b, int64_t index) {
+  if (b.element_count() <= 1) index = 0;
+  if (b.element_type() == ffi::DataType::F64) {
+    return b.typed_data<double>()[index];
+  }
+  return static_cast<double>(b.typed_data<float>()[index]);
+}
+
+struct Segment {
+  int64_t offset, size;
+};
+
+ffi::Error segments(int64_t total, ffi::Span<const int64_t> sizes,
+                    ffi::Span<const int64_t> spans, std::vector<Segment>& out) {
+  if (sizes.size() == 0) {
+    out.push_back({0, total});
+    return ffi::Error::Success();
+  }
+  if (sizes.size() != spans.size()) {
+    return ffi::Error::InvalidArgument("sizes and spans differ in length");
+  }
+  int64_t offset = 0;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (sizes[i] > spans[i] || offset + spans[i] > total) {
+      return ffi::Error::InvalidArgument("segments exceed the buffer");
+    }
+    out.push_back({offset, sizes[i]});
+    offset += spans[i];
+  }
+  return ffi::Error::Success();
+}
+
+// f(begin, end) over [0, n) in chunks of whole 32-byte vectors (the last
+// chunk holds the scalar tail, so each element takes the loop it takes in
+// one call), shared with XLA's intra-op thread pool for large n. The
+// caller takes chunks too and returns once every chunk is done; a pool task
+// that starts late finds none left (no deadlock, whatever the pool does).
+constexpr int64_t kGrain = int64_t{1} << 16;
+
+template <typename T, typename F>
+void for_chunks(ffi::ThreadPool& pool, int64_t n, F&& f) {
+  constexpr int64_t width = 32 / sizeof(T);
+  const int64_t threads = n >= 2 * kGrain ? pool.num_threads() : 0;
+  if (threads <= 1) {
+    f(int64_t{0}, n);
+    return;
+  }
+  const int64_t chunks = std::min<int64_t>(threads, n / kGrain);
+  const int64_t per = (n / chunks) / width * width;
+  struct Shared {
+    std::function<void(int64_t, int64_t)> body;
+    int64_t n, per, chunks;
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto shared = std::make_shared<Shared>();
+  shared->body = f;
+  shared->n = n;
+  shared->per = per;
+  shared->chunks = chunks;
+  auto work = [](Shared& sh) {
+    for (int64_t c; (c = sh.next.fetch_add(1)) < sh.chunks;) {
+      const int64_t begin = c * sh.per;
+      const int64_t end = c + 1 == sh.chunks ? sh.n : begin + sh.per;
+      sh.body(begin, end);
+      sh.done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < chunks; ++t) {
+    pool.Schedule([shared, work]() { work(*shared); });
+  }
+  work(*shared);
+  while (shared->done.load(std::memory_order_acquire) < chunks) {
+    std::this_thread::yield();
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Adam / AdamW (adam_math)
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct AdamScalars {
+  // sign: -1 to maximize; decay: AdamW's factor (1 without decoupled decay);
+  // coeff, small: the lerp's weight (or weight - 1) and which base it takes
+  T sign, wd, decay, coeff, b2, one_minus_b2, bc2_sqrt, eps, neg_step_size;
+  bool small;
+};
+
+// WD: coupled weight decay (`grad += param * wd`)
+template <typename T, bool FMA, bool TAIL, bool WD, bool AMS>
+FUNCOPT_INLINE void adam_loop(T* __restrict p, const T* __restrict g,
+                              T* __restrict m, T* __restrict v,
+                              T* __restrict vmax, int64_t n,
+                              const AdamScalars<T> s) {
+  for (int64_t i = 0; i < n; ++i) {
+    T param = p[i];
+    T grad = g[i] * s.sign;
+    if constexpr (WD) grad = madd<FMA>(param, s.wd, grad);
+    param = param * s.decay;
+    // exp_avg.lerp_(grad, 1 - beta1): blendv, then one fmadd
+    T mi = m[i];
+    mi = madd<FMA>(s.coeff, grad - mi, s.small ? mi : grad);
+    T vi = v[i];
+    T weighted = s.one_minus_b2 * grad;
+    // the vectorised loop fuses the second product, the tail the first
+    vi = TAIL ? madd<FMA>(vi, s.b2, weighted * grad)
+              : madd<FMA>(weighted, grad, vi * s.b2);
+    m[i] = mi;
+    v[i] = vi;
+    if constexpr (AMS) {
+      T old = vmax[i];
+      vi = (old > vi || old != old) ? old : vi;
+      vmax[i] = vi;
+    }
+    T denom = std::sqrt(vi) / s.bc2_sqrt + s.eps;
+    p[i] = param + (s.neg_step_size * mi) / denom;
+  }
+}
+
+template <typename T, bool FMA, bool WD, bool AMS>
+FUNCOPT_INLINE void adam_segment(T* p, const T* g, T* m, T* v, T* vmax,
+                                 int64_t n, const AdamScalars<T>& s) {
+  constexpr int64_t width = 32 / sizeof(T);
+  int64_t body = n - n % width;
+  adam_loop<T, FMA, false, WD, AMS>(p, g, m, v, vmax, body, s);
+  adam_loop<T, FMA, true, WD, AMS>(p + body, g + body, m + body,
+                                               v + body, AMS ? vmax + body : vmax,
+                                               n - body, s);
+}
+
+using AdamFn = void (*)(void*, const void*, void*, void*, void*, int64_t,
+                        const void*);
+
+template <typename T, bool FMA, bool WD, bool AMS>
+void adam_generic(void* p, const void* g, void* m, void* v, void* vmax,
+                  int64_t n, const void* s) {
+  adam_segment<T, FMA, WD, AMS>(
+      static_cast<T*>(p), static_cast<const T*>(g), static_cast<T*>(m),
+      static_cast<T*>(v), static_cast<T*>(vmax), n,
+      *static_cast<const AdamScalars<T>*>(s));
+}
+
+#if FUNCOPT_X86
+template <typename T, bool FMA, bool WD, bool AMS>
+__attribute__((target("avx2,fma"))) void adam_avx2(void* p, const void* g,
+                                                   void* m, void* v, void* vmax,
+                                                   int64_t n, const void* s) {
+  adam_segment<T, FMA, WD, AMS>(
+      static_cast<T*>(p), static_cast<const T*>(g), static_cast<T*>(m),
+      static_cast<T*>(v), static_cast<T*>(vmax), n,
+      *static_cast<const AdamScalars<T>*>(s));
+}
+#endif
+
+bool has_avx2_fma() {
+#if FUNCOPT_X86
+  static const bool yes =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+template <typename T, bool FMA, bool WD, bool AMS>
+AdamFn adam_pick() {
+#if FUNCOPT_X86
+  if (has_avx2_fma()) return adam_avx2<T, FMA, WD, AMS>;
+#endif
+  return adam_generic<T, FMA, WD, AMS>;
+}
+
+// runtime flags -> one instantiation
+template <typename T, bool FMA>
+AdamFn adam_select_fma(bool wd, bool ams) {
+  if (wd) return ams ? adam_pick<T, FMA, true, true>() : adam_pick<T, FMA, true, false>();
+  return ams ? adam_pick<T, FMA, false, true>() : adam_pick<T, FMA, false, false>();
+}
+template <typename T>
+AdamFn adam_select(bool fma, bool wd, bool ams) {
+  return fma ? adam_select_fma<T, true>(wd, ams) : adam_select_fma<T, false>(wd, ams);
+}
+
+template <typename T>
+ffi::Error adam_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param, ffi::AnyBuffer grad,
+                      ffi::AnyBuffer exp_avg, ffi::AnyBuffer exp_avg_sq,
+                      ffi::AnyBuffer* max_sq, ffi::AnyBuffer step,
+                      ffi::AnyBuffer lr_b, ffi::AnyBuffer betas,
+                      ffi::AnyBuffer eps_b, ffi::AnyBuffer wd_b,
+                      ffi::AnyBuffer* out_p, ffi::AnyBuffer* out_m,
+                      ffi::AnyBuffer* out_v, ffi::AnyBuffer* out_max, bool fma,
+                      bool maximize, bool decoupled,
+                      ffi::Span<const int64_t> sizes,
+                      ffi::Span<const int64_t> spans) {
+  const int64_t total = param.element_count();
+  // results alias the inputs; copy where XLA gave other buffers
+  auto take = [](ffi::AnyBuffer& in, ffi::AnyBuffer* out) -> T* {
+    T* dst = static_cast<T*>(out->untyped_data());
+    if (dst != in.untyped_data()) {
+      std::memcpy(dst, in.untyped_data(), in.size_bytes());
+    }
+    return dst;
+  };
+  T* p = take(param, out_p);
+  T* m = take(exp_avg, out_m);
+  T* v = take(exp_avg_sq, out_v);
+  T* vmax = max_sq ? take(*max_sq, out_max) : nullptr;
+  const T* g = grad.typed_data<T>();
+  std::vector<Segment> list;
+  ffi::Error bad = segments(total, sizes, spans, list);
+  if (bad.failure()) return bad;
+
+  const double lr = scalar_value(lr_b);
+  const double beta1 = scalar_value(betas, 0);
+  const double beta2 = scalar_value(betas, 1);
+  const double eps = scalar_value(eps_b);
+  const double wd = scalar_value(wd_b);
+  AdamScalars<T> s;
+  s.sign = maximize ? T(-1) : T(1);
+  s.wd = static_cast<T>(wd);
+  // AdamW's `1 - lr * weight_decay`: contracted where torch's build has FMA
+  s.decay = T(1);
+  if (decoupled) {
+    s.decay = static_cast<T>(fma ? std::fma(-lr, wd, 1.0) : 1.0 - lr * wd);
+  }
+  const T weight = static_cast<T>(1 - beta1);
+  s.small = std::abs(weight) < T(0.5);
+  s.coeff = s.small ? weight : weight - T(1);
+  s.b2 = static_cast<T>(beta2);
+  s.one_minus_b2 = static_cast<T>(1 - beta2);
+  s.eps = static_cast<T>(eps);
+  AdamFn fn = adam_select<T>(fma, !decoupled && wd != 0, vmax != nullptr);
+  for (size_t k = 0; k < list.size(); ++k) {
+    const double t = step_value(step, static_cast<int64_t>(k));
+    const double bias_correction1 = 1 - std::pow(beta1, t);
+    const double bias_correction2 = 1 - std::pow(beta2, t);
+    const double step_size = lr / bias_correction1;
+    s.bc2_sqrt = static_cast<T>(std::sqrt(bias_correction2));
+    s.neg_step_size = static_cast<T>(-step_size);
+    const int64_t o = list[k].offset;
+    for_chunks<T>(pool, list[k].size, [&](int64_t b, int64_t e) {
+      fn(p + o + b, g + o + b, m + o + b, v + o + b,
+         vmax ? vmax + o + b : nullptr, e - b, &s);
+    });
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error adam_any(ffi::ThreadPool& pool, ffi::AnyBuffer param, ffi::AnyBuffer grad,
+                    ffi::AnyBuffer exp_avg, ffi::AnyBuffer exp_avg_sq,
+                    ffi::AnyBuffer* max_sq, ffi::AnyBuffer step,
+                    ffi::AnyBuffer lr, ffi::AnyBuffer betas, ffi::AnyBuffer eps,
+                    ffi::AnyBuffer wd, ffi::AnyBuffer* out_p,
+                    ffi::AnyBuffer* out_m, ffi::AnyBuffer* out_v,
+                    ffi::AnyBuffer* out_max, bool fma, bool maximize,
+                    bool decoupled, ffi::Span<const int64_t> sizes,
+                    ffi::Span<const int64_t> spans) {
+  switch (param.element_type()) {
+    case ffi::DataType::F32:
+      return adam_typed<float>(pool, param, grad, exp_avg, exp_avg_sq, max_sq, step,
+                               lr, betas, eps, wd, out_p, out_m, out_v, out_max,
+                               fma, maximize, decoupled, sizes, spans);
+    case ffi::DataType::F64:
+      return adam_typed<double>(pool, param, grad, exp_avg, exp_avg_sq, max_sq, step,
+                                lr, betas, eps, wd, out_p, out_m, out_v,
+                                out_max, fma, maximize, decoupled, sizes,
+                                spans);
+    default:
+      return ffi::Error::InvalidArgument("funcopt_adam: float32/float64 only");
+  }
+}
+
+ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::AnyBuffer param, ffi::AnyBuffer grad,
+                    ffi::AnyBuffer exp_avg, ffi::AnyBuffer exp_avg_sq,
+                    ffi::AnyBuffer step, ffi::AnyBuffer lr,
+                    ffi::AnyBuffer betas, ffi::AnyBuffer eps,
+                    ffi::AnyBuffer wd, ffi::Result<ffi::AnyBuffer> out_p,
+                    ffi::Result<ffi::AnyBuffer> out_m,
+                    ffi::Result<ffi::AnyBuffer> out_v, bool fma, bool maximize,
+                    bool decoupled, ffi::Span<const int64_t> sizes,
+                    ffi::Span<const int64_t> spans) {
+  return adam_any(pool, param, grad, exp_avg, exp_avg_sq, nullptr, step, lr, betas,
+                  eps, wd, &*out_p, &*out_m, &*out_v, nullptr, fma,
+                  maximize, decoupled, sizes, spans);
+}
+
+ffi::Error AdamAmsImpl(ffi::ThreadPool pool, ffi::AnyBuffer param, ffi::AnyBuffer grad,
+                       ffi::AnyBuffer exp_avg, ffi::AnyBuffer exp_avg_sq,
+                       ffi::AnyBuffer max_sq, ffi::AnyBuffer step,
+                       ffi::AnyBuffer lr, ffi::AnyBuffer betas,
+                       ffi::AnyBuffer eps, ffi::AnyBuffer wd,
+                       ffi::Result<ffi::AnyBuffer> out_p,
+                       ffi::Result<ffi::AnyBuffer> out_m,
+                       ffi::Result<ffi::AnyBuffer> out_v,
+                       ffi::Result<ffi::AnyBuffer> out_max, bool fma,
+                       bool maximize, bool decoupled,
+                       ffi::Span<const int64_t> sizes,
+                       ffi::Span<const int64_t> spans) {
+  return adam_any(pool, param, grad, exp_avg, exp_avg_sq, &max_sq, step, lr, betas,
+                  eps, wd, &*out_p, &*out_m, &*out_v, &*out_max,
+                  fma, maximize, decoupled, sizes, spans);
+}
+
+// ---------------------------------------------------------------------------
+// SGD (sgd_math)
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct SgdScalars {
+  T sign, wd, mu, damp, neg_lr;
+  bool nesterov;
+};
+
+// MOM: 0 no momentum, 1 first step (the buffer is the gradient), 2 later
+template <typename T, bool FMA, bool TAIL, bool WD, int MOM>
+FUNCOPT_INLINE void sgd_loop(T* __restrict p, const T* __restrict g,
+                             T* __restrict b, int64_t n,
+                             const SgdScalars<T> s) {
+  for (int64_t i = 0; i < n; ++i) {
+    T param = p[i];
+    T grad = g[i] * s.sign;
+    if constexpr (WD) grad = madd<FMA>(param, s.wd, grad);
+    if constexpr (MOM != 0) {
+      T buf;
+      if constexpr (MOM == 1) {
+        buf = grad;
+      } else {
+        T bi = b[i];
+        buf = TAIL ? madd<FMA>(bi, s.mu, grad * s.damp)
+                   : madd<FMA>(s.damp, grad, bi * s.mu);
+      }
+      b[i] = buf;
+      grad = s.nesterov ? madd<FMA>(buf, s.mu, grad) : buf;
+    }
+    p[i] = madd<FMA>(grad, s.neg_lr, param);
+  }
+}
+
+using SgdFn = void (*)(void*, const void*, void*, int64_t, const void*);
+
+template <typename T, bool FMA, bool WD, int MOM>
+FUNCOPT_INLINE void sgd_segment(void* pv, const void* gv, void* bv, int64_t n,
+                                const void* sv) {
+  constexpr int64_t width = 32 / sizeof(T);
+  T* p = static_cast<T*>(pv);
+  const T* g = static_cast<const T*>(gv);
+  T* b = static_cast<T*>(bv);
+  const auto& s = *static_cast<const SgdScalars<T>*>(sv);
+  int64_t body = n - n % width;
+  sgd_loop<T, FMA, false, WD, MOM>(p, g, b, body, s);
+  sgd_loop<T, FMA, true, WD, MOM>(p + body, g + body,
+                                             MOM ? b + body : b, n - body, s);
+}
+
+template <typename T, bool FMA, bool WD, int MOM>
+void sgd_generic(void* p, const void* g, void* b, int64_t n, const void* s) {
+  sgd_segment<T, FMA, WD, MOM>(p, g, b, n, s);
+}
+
+#if FUNCOPT_X86
+template <typename T, bool FMA, bool WD, int MOM>
+__attribute__((target("avx2,fma"))) void sgd_avx2(void* p, const void* g,
+                                                  void* b, int64_t n,
+                                                  const void* s) {
+  sgd_segment<T, FMA, WD, MOM>(p, g, b, n, s);
+}
+#endif
+
+template <typename T, bool FMA, bool WD, int MOM>
+SgdFn sgd_pick() {
+#if FUNCOPT_X86
+  if (has_avx2_fma()) return sgd_avx2<T, FMA, WD, MOM>;
+#endif
+  return sgd_generic<T, FMA, WD, MOM>;
+}
+template <typename T, bool FMA, bool WD>
+SgdFn sgd_select_mom(int mom) {
+  switch (mom) {
+    case 1:
+      return sgd_pick<T, FMA, WD, 1>();
+    case 2:
+      return sgd_pick<T, FMA, WD, 2>();
+    default:
+      return sgd_pick<T, FMA, WD, 0>();
+  }
+}
+template <typename T, bool FMA>
+SgdFn sgd_select(bool wd, int mom) {
+  return wd ? sgd_select_mom<T, FMA, true>(mom) : sgd_select_mom<T, FMA, false>(mom);
+}
+
+template <typename T>
+ffi::Error sgd_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param, ffi::AnyBuffer grad,
+                     ffi::AnyBuffer* buffer, ffi::AnyBuffer step,
+                     ffi::AnyBuffer lr_b, ffi::AnyBuffer momentum_b,
+                     ffi::AnyBuffer dampening_b, ffi::AnyBuffer wd_b,
+                     ffi::AnyBuffer* out_p, ffi::AnyBuffer* out_b, bool fma,
+                     bool maximize, bool nesterov,
+                     ffi::Span<const int64_t> sizes,
+                     ffi::Span<const int64_t> spans) {
+  auto take = [](ffi::AnyBuffer& in, ffi::AnyBuffer* out) -> T* {
+    T* dst = static_cast<T*>(out->untyped_data());
+    if (dst != in.untyped_data()) {
+      std::memcpy(dst, in.untyped_data(), in.size_bytes());
+    }
+    return dst;
+  };
+  T* p = take(param, out_p);
+  T* b = buffer ? take(*buffer, out_b) : nullptr;
+  const T* g = grad.typed_data<T>();
+  std::vector<Segment> list;
+  ffi::Error bad = segments(param.element_count(), sizes, spans, list);
+  if (bad.failure()) return bad;
+  const double lr = scalar_value(lr_b);
+  const double momentum = scalar_value(momentum_b);
+  const double dampening = scalar_value(dampening_b);
+  const double wd = scalar_value(wd_b);
+  SgdScalars<T> s;
+  s.sign = maximize ? T(-1) : T(1);
+  s.nesterov = nesterov;
+  s.wd = static_cast<T>(wd);
+  s.mu = static_cast<T>(momentum);
+  s.damp = static_cast<T>(1 - dampening);
+  s.neg_lr = static_cast<T>(-lr);
+  for (size_t k = 0; k < list.size(); ++k) {
+    int mom = 0;
+    if (b != nullptr && momentum != 0) {
+      mom = step_value(step, static_cast<int64_t>(k)) == 1 ? 1 : 2;
+    }
+    SgdFn fn = fma ? sgd_select<T, true>(wd != 0, mom)
+                   : sgd_select<T, false>(wd != 0, mom);
+    const int64_t o = list[k].offset;
+    for_chunks<T>(pool, list[k].size, [&](int64_t c, int64_t e) {
+      fn(p + o + c, g + o + c, b ? b + o + c : nullptr, e - c, &s);
+    });
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error sgd_any(ffi::ThreadPool& pool, ffi::AnyBuffer param, ffi::AnyBuffer grad,
+                   ffi::AnyBuffer* buffer, ffi::AnyBuffer step,
+                   ffi::AnyBuffer lr, ffi::AnyBuffer momentum,
+                   ffi::AnyBuffer dampening, ffi::AnyBuffer wd,
+                   ffi::AnyBuffer* out_p, ffi::AnyBuffer* out_b, bool fma,
+                   bool maximize, bool nesterov, ffi::Span<const int64_t> sizes,
+                   ffi::Span<const int64_t> spans) {
+  switch (param.element_type()) {
+    case ffi::DataType::F32:
+      return sgd_typed<float>(pool, param, grad, buffer, step, lr, momentum,
+                              dampening, wd, out_p, out_b, fma, maximize,
+                              nesterov, sizes, spans);
+    case ffi::DataType::F64:
+      return sgd_typed<double>(pool, param, grad, buffer, step, lr, momentum,
+                               dampening, wd, out_p, out_b, fma, maximize,
+                               nesterov, sizes, spans);
+    default:
+      return ffi::Error::InvalidArgument("funcopt_sgd: float32/float64 only");
+  }
+}
+
+ffi::Error SgdImpl(ffi::ThreadPool pool, ffi::AnyBuffer param, ffi::AnyBuffer grad,
+                   ffi::AnyBuffer step, ffi::AnyBuffer lr,
+                   ffi::AnyBuffer momentum, ffi::AnyBuffer dampening,
+                   ffi::AnyBuffer wd, ffi::Result<ffi::AnyBuffer> out_p,
+                   bool fma, bool maximize, bool nesterov,
+                   ffi::Span<const int64_t> sizes,
+                   ffi::Span<const int64_t> spans) {
+  return sgd_any(pool, param, grad, nullptr, step, lr, momentum, dampening, wd,
+                 &*out_p, nullptr, fma, maximize, nesterov, sizes, spans);
+}
+
+ffi::Error SgdMomentumImpl(ffi::ThreadPool pool, ffi::AnyBuffer param, ffi::AnyBuffer grad,
+                           ffi::AnyBuffer buffer, ffi::AnyBuffer step,
+                           ffi::AnyBuffer lr, ffi::AnyBuffer momentum,
+                           ffi::AnyBuffer dampening, ffi::AnyBuffer wd,
+                           ffi::Result<ffi::AnyBuffer> out_p,
+                           ffi::Result<ffi::AnyBuffer> out_b, bool fma,
+                           bool maximize, bool nesterov,
+                           ffi::Span<const int64_t> sizes,
+                           ffi::Span<const int64_t> spans) {
+  return sgd_any(pool, param, grad, &buffer, step, lr, momentum, dampening, wd,
+                 &*out_p, &*out_b, fma, maximize, nesterov, sizes,
+                 spans);
+}
+
+// ---------------------------------------------------------------------------
+// Adagrad (adagrad_math): every float32/float64 element in the same order
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct AdagradScalars {
+  T sign, wd, eps, clr;
+};
+
+template <typename T, bool FMA, bool WD>
+FUNCOPT_INLINE void adagrad_segment(void* pv, const void* gv, void* sv_,
+                                    int64_t n, const void* scal) {
+  T* __restrict p = static_cast<T*>(pv);
+  const T* __restrict g = static_cast<const T*>(gv);
+  T* __restrict sum = static_cast<T*>(sv_);
+  const auto s = *static_cast<const AdagradScalars<T>*>(scal);
+  for (int64_t i = 0; i < n; ++i) {
+    T param = p[i];
+    T grad = g[i] * s.sign;
+    if constexpr (WD) grad = madd<FMA>(param, s.wd, grad);
+    T acc = madd<FMA>(grad, grad, sum[i]);
+    sum[i] = acc;
+    T std_ = std::sqrt(acc) + s.eps;
+    p[i] = param - (s.clr * grad) / std_;
+  }
+}
+
+using AdagradFn = void (*)(void*, const void*, void*, int64_t, const void*);
+
+template <typename T, bool FMA, bool WD>
+void adagrad_generic(void* p, const void* g, void* s, int64_t n,
+                     const void* c) {
+  adagrad_segment<T, FMA, WD>(p, g, s, n, c);
+}
+
+#if FUNCOPT_X86
+template <typename T, bool FMA, bool WD>
+__attribute__((target("avx2,fma"))) void adagrad_avx2(void* p, const void* g,
+                                                      void* s, int64_t n,
+                                                      const void* c) {
+  adagrad_segment<T, FMA, WD>(p, g, s, n, c);
+}
+#endif
+
+template <typename T, bool FMA, bool WD>
+AdagradFn adagrad_pick() {
+#if FUNCOPT_X86
+  if (has_avx2_fma()) return adagrad_avx2<T, FMA, WD>;
+#endif
+  return adagrad_generic<T, FMA, WD>;
+}
+template <typename T>
+AdagradFn adagrad_select(bool fma, bool wd) {
+  if (fma) return wd ? adagrad_pick<T, true, true>() : adagrad_pick<T, true, false>();
+  return wd ? adagrad_pick<T, false, true>() : adagrad_pick<T, false, false>();
+}
+
+template <typename T>
+ffi::Error adagrad_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param, ffi::AnyBuffer grad,
+                         ffi::AnyBuffer sum, ffi::AnyBuffer step,
+                         ffi::AnyBuffer lr_b, ffi::AnyBuffer lr_decay_b,
+                         ffi::AnyBuffer wd_b, ffi::AnyBuffer eps_b,
+                         ffi::AnyBuffer* out_p, ffi::AnyBuffer* out_s, bool fma,
+                         bool maximize, ffi::Span<const int64_t> sizes,
+                         ffi::Span<const int64_t> spans) {
+  auto take = [](ffi::AnyBuffer& in, ffi::AnyBuffer* out) -> T* {
+    T* dst = static_cast<T*>(out->untyped_data());
+    if (dst != in.untyped_data()) {
+      std::memcpy(dst, in.untyped_data(), in.size_bytes());
+    }
+    return dst;
+  };
+  T* p = take(param, out_p);
+  T* acc = take(sum, out_s);
+  const T* g = grad.typed_data<T>();
+  std::vector<Segment> list;
+  ffi::Error bad = segments(param.element_count(), sizes, spans, list);
+  if (bad.failure()) return bad;
+  const double lr = scalar_value(lr_b);
+  const double lr_decay = scalar_value(lr_decay_b);
+  const double wd = scalar_value(wd_b);
+  AdagradScalars<T> s;
+  s.sign = maximize ? T(-1) : T(1);
+  s.wd = static_cast<T>(wd);
+  s.eps = static_cast<T>(scalar_value(eps_b));
+  AdagradFn fn = adagrad_select<T>(fma, wd != 0);
+  for (size_t k = 0; k < list.size(); ++k) {
+    const double t = step_value(step, static_cast<int64_t>(k));
+    // `1.0 + (step - 1.0) * lr_decay`: contracted where torch's build has FMA
+    const double decay =
+        fma ? std::fma(t - 1.0, lr_decay, 1.0) : 1.0 + (t - 1.0) * lr_decay;
+    s.clr = static_cast<T>(lr / decay);
+    const int64_t o = list[k].offset;
+    for_chunks<T>(pool, list[k].size, [&](int64_t b, int64_t e) {
+      fn(p + o + b, g + o + b, acc + o + b, e - b, &s);
+    });
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error AdagradImpl(ffi::ThreadPool pool, ffi::AnyBuffer param, ffi::AnyBuffer grad,
+                       ffi::AnyBuffer sum, ffi::AnyBuffer step,
+                       ffi::AnyBuffer lr, ffi::AnyBuffer lr_decay,
+                       ffi::AnyBuffer wd, ffi::AnyBuffer eps,
+                       ffi::Result<ffi::AnyBuffer> out_p,
+                       ffi::Result<ffi::AnyBuffer> out_s, bool fma,
+                       bool maximize, ffi::Span<const int64_t> sizes,
+                       ffi::Span<const int64_t> spans) {
+  switch (param.element_type()) {
+    case ffi::DataType::F32:
+      return adagrad_typed<float>(pool, param, grad, sum, step, lr, lr_decay, wd,
+                                  eps, &*out_p, &*out_s, fma, maximize,
+                                  sizes, spans);
+    case ffi::DataType::F64:
+      return adagrad_typed<double>(pool, param, grad, sum, step, lr, lr_decay, wd,
+                                   eps, &*out_p, &*out_s, fma,
+                                   maximize, sizes, spans);
+    default:
+      return ffi::Error::InvalidArgument(
+          "funcopt_adagrad: float32/float64 only");
+  }
+}
+
+}  // namespace
+
+#define FUNCOPT_ATTRS                          \
+  .Attr<bool>("fma")                           \
+      .Attr<bool>("maximize")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FuncoptAdam, AdamImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // param
+                                  .Arg<ffi::AnyBuffer>()  // grad
+                                  .Arg<ffi::AnyBuffer>()  // exp_avg
+                                  .Arg<ffi::AnyBuffer>()  // exp_avg_sq
+                                  .Arg<ffi::AnyBuffer>()  // step
+                                  .Arg<ffi::AnyBuffer>()  // lr
+                                  .Arg<ffi::AnyBuffer>()  // betas
+                                  .Arg<ffi::AnyBuffer>()  // eps
+                                  .Arg<ffi::AnyBuffer>()  // weight_decay
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() FUNCOPT_ATTRS
+                                  .Attr<bool>("decoupled")
+                                  .Attr<ffi::Span<const int64_t>>("sizes")
+                                  .Attr<ffi::Span<const int64_t>>("spans"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FuncoptAdamAms, AdamAmsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // param
+                                  .Arg<ffi::AnyBuffer>()  // grad
+                                  .Arg<ffi::AnyBuffer>()  // exp_avg
+                                  .Arg<ffi::AnyBuffer>()  // exp_avg_sq
+                                  .Arg<ffi::AnyBuffer>()  // max_exp_avg_sq
+                                  .Arg<ffi::AnyBuffer>()  // step
+                                  .Arg<ffi::AnyBuffer>()  // lr
+                                  .Arg<ffi::AnyBuffer>()  // betas
+                                  .Arg<ffi::AnyBuffer>()  // eps
+                                  .Arg<ffi::AnyBuffer>()  // weight_decay
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() FUNCOPT_ATTRS
+                                  .Attr<bool>("decoupled")
+                                  .Attr<ffi::Span<const int64_t>>("sizes")
+                                  .Attr<ffi::Span<const int64_t>>("spans"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FuncoptSgd, SgdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // param
+                                  .Arg<ffi::AnyBuffer>()  // grad
+                                  .Arg<ffi::AnyBuffer>()  // step
+                                  .Arg<ffi::AnyBuffer>()  // lr
+                                  .Arg<ffi::AnyBuffer>()  // momentum
+                                  .Arg<ffi::AnyBuffer>()  // dampening
+                                  .Arg<ffi::AnyBuffer>()  // weight_decay
+                                  .Ret<ffi::AnyBuffer>() FUNCOPT_ATTRS
+                                  .Attr<bool>("nesterov")
+                                  .Attr<ffi::Span<const int64_t>>("sizes")
+                                  .Attr<ffi::Span<const int64_t>>("spans"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FuncoptSgdMomentum, SgdMomentumImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // param
+                                  .Arg<ffi::AnyBuffer>()  // grad
+                                  .Arg<ffi::AnyBuffer>()  // momentum_buffer
+                                  .Arg<ffi::AnyBuffer>()  // step
+                                  .Arg<ffi::AnyBuffer>()  // lr
+                                  .Arg<ffi::AnyBuffer>()  // momentum
+                                  .Arg<ffi::AnyBuffer>()  // dampening
+                                  .Arg<ffi::AnyBuffer>()  // weight_decay
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() FUNCOPT_ATTRS
+                                  .Attr<bool>("nesterov")
+                                  .Attr<ffi::Span<const int64_t>>("sizes")
+                                  .Attr<ffi::Span<const int64_t>>("spans"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FuncoptAdagrad, AdagradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // param
+                                  .Arg<ffi::AnyBuffer>()  // grad
+                                  .Arg<ffi::AnyBuffer>()  // sum
+                                  .Arg<ffi::AnyBuffer>()  // step
+                                  .Arg<ffi::AnyBuffer>()  // lr
+                                  .Arg<ffi::AnyBuffer>()  // lr_decay
+                                  .Arg<ffi::AnyBuffer>()  // weight_decay
+                                  .Arg<ffi::AnyBuffer>()  // eps
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() FUNCOPT_ATTRS
+                                  .Attr<ffi::Span<const int64_t>>("sizes")
+                                  .Attr<ffi::Span<const int64_t>>("spans"));

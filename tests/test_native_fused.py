@@ -1,0 +1,403 @@
+"""The native fused CPU kernels (`funcopt/_native`, `funcopt.optim._fused_native`)
+against torch's `fused=True` kernels, live, bit for bit.
+
+The kernels' selling point: torch's bits in float32 without x64 and without
+the bit-exact mode (and with them), and in float64. Leaves of 4101, 7, 1 and
+0-d elements: vectorised bodies and scalar tails (`numel % 8` float32,
+`% 4` float64). The library must be built (`make venv`): without it these
+tests fail, unless `FUNCOPT_NATIVE=0` selects the JAX path on purpose.
+"""
+
+import contextlib
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import funcopt as fo
+from funcopt.optim import _fused_native
+from tests._subprocess import run_pytest_child
+from tests.torch_ref import (
+    OptCase,
+    assert_same_bits,
+    check_against_torch,
+    check_packed_against_torch,
+    run_funcopt,
+    run_torch,
+    trainable_leaves,
+)
+
+DISABLED = os.environ.get("FUNCOPT_NATIVE", "1").strip().lower() in _fused_native._OFF
+pytestmark = pytest.mark.skipif(DISABLED, reason="FUNCOPT_NATIVE=0: the JAX path")
+STEPS = 100
+CHILD = "FUNCOPT_TEST_NATIVE_CHILD"
+
+ADAM = OptCase("adam", torch.optim.Adam, fo.adam, {})
+ADAMW = OptCase("adamw", torch.optim.AdamW, fo.adamw, {})
+SGD = OptCase("sgd", torch.optim.SGD, fo.sgd, {})
+ADAGRAD = OptCase("adagrad", torch.optim.Adagrad, fo.adagrad, {})
+
+
+def _adam_rows():
+    rows = []
+    for case in (ADAM, ADAMW):
+        for betas in ((0.9, 0.999), (0.3, 0.99)):  # both lerp branches
+            for wd in (0.0, 0.1):
+                for amsgrad in (False, True):
+                    for maximize in (False, True):
+                        kw = dict(
+                            lr=1e-2, betas=betas, weight_decay=wd, amsgrad=amsgrad,
+                            maximize=maximize, fused=True,
+                        )  # fmt: skip
+                        rows.append(pytest.param(case, kw, id=_id(case, kw)))
+    return rows
+
+
+def _sgd_rows():
+    rows = []
+    for momentum, dampening, nesterov in (
+        (0.0, 0.0, False),
+        (0.9, 0.0, False),
+        (0.9, 0.3, False),
+        (0.9, 0.0, True),
+    ):
+        for wd in (0.0, 0.1):
+            for maximize in (False, True):
+                kw = dict(
+                    lr=1e-2, momentum=momentum, dampening=dampening,
+                    nesterov=nesterov, weight_decay=wd, maximize=maximize, fused=True,
+                )  # fmt: skip
+                rows.append(pytest.param(SGD, kw, id=_id(SGD, kw)))
+    return rows
+
+
+def _adagrad_rows():
+    rows = []
+    for lr_decay in (0.0, 0.01):
+        for wd in (0.0, 0.1):
+            for maximize in (False, True):
+                kw = dict(
+                    lr=1e-1, lr_decay=lr_decay, weight_decay=wd,
+                    initial_accumulator_value=0.1, maximize=maximize, fused=True,
+                )  # fmt: skip
+                rows.append(pytest.param(ADAGRAD, kw, id=_id(ADAGRAD, kw)))
+    return rows
+
+
+def _id(case, kw):
+    skip = ("fused", "lr")
+    return (
+        case.name + "-" + "-".join(f"{k}={v}" for k, v in kw.items() if k not in skip)
+    )
+
+
+ROWS = _adam_rows() + _sgd_rows() + _adagrad_rows()
+# one row per optimizer and branch family, for the slower modes
+SOME = [r for r in ROWS if r.id.endswith("maximize=True")][::3]
+
+
+def tail_sized_params(rng, dtype) -> dict:
+    """4101 elements (512 float32 vectors, a tail of 5; float64: 1025 and 1),
+    7 (only a tail), 1, 0-d, and a frozen int leaf."""
+    shapes = {"a": (4101,), "b": (7,), "c": (1,), "s": ()}
+    tree = {k: rng.normal(size=s).astype(dtype) for k, s in shapes.items()}
+    return {**tree, "frozen": np.arange(2, dtype=np.int32)}
+
+
+def grads_for(rng, params, steps):
+    return [
+        jax.tree.map(
+            lambda p: (
+                rng.normal(size=p.shape).astype(p.dtype)
+                if p.dtype != np.int32
+                else None
+            ),
+            params,
+        )
+        for _ in range(steps)
+    ]
+
+
+def _check(case, kwargs, dtype, steps=STEPS):
+    rng = np.random.default_rng(1)
+    params = tail_sized_params(rng, dtype)
+    grads = grads_for(rng, params, steps)
+    new_params, state = run_funcopt(case, kwargs, params, grads, jit=True)
+    if case is SGD and not kwargs["momentum"]:
+        # no momentum: torch keeps no state (the harness checks it by its steps)
+        expected, _ = run_torch(case, kwargs, params, grads)
+        for i, (a, e) in enumerate(zip(trainable_leaves(new_params), expected)):
+            assert_same_bits(a, e, f"param {i}")
+        return
+    check_against_torch(case, kwargs, params, grads, new_params, state)
+
+
+@contextlib.contextmanager
+def native(enabled: bool):
+    old = _fused_native._switch["enabled"]
+    _fused_native.set_native(enabled)
+    try:
+        yield
+    finally:
+        _fused_native._switch["enabled"] = old
+
+
+def test_library_is_built():
+    """Not a skip: a missing library fails here (FUNCOPT_NATIVE=0 skips)."""
+    assert _fused_native.available(), fo._native.load()
+    assert _fused_native.use_native()
+
+
+@pytest.mark.parametrize("case,kwargs", ROWS)
+def test_float32_bits_without_x64(case, kwargs, torch_cpu_loop):
+    """Every flag combination, 100 steps, float32 without x64 nor the
+    bit-exact mode: torch's params and every buffer, bit for bit."""
+    _check(case, kwargs, np.float32)
+
+
+@pytest.mark.parametrize("case,kwargs", SOME)
+def test_float32_bits_with_x64_and_exact_mode(
+    case, kwargs, torch_cpu_loop, x64, exact_float32
+):
+    _check(case, kwargs, np.float32)
+
+
+@pytest.mark.parametrize("case,kwargs", ROWS)
+def test_float64_bits(case, kwargs, torch_cpu_loop, x64):
+    """torch's double kernel: 4-element vectors, tail `numel % 4`."""
+    _check(case, kwargs, np.float64, steps=30)
+
+
+@pytest.mark.parametrize("case,kwargs", SOME)
+def test_packed_buckets(case, kwargs, torch_cpu_loop):
+    """Leaves packed into one buffer (`funcopt.flat`): each leaf's tail and
+    step count inside the bucket."""
+    check_packed_against_torch(case, kwargs, np.float32, steps=10)
+
+
+@pytest.mark.skipif(bool(os.environ.get(CHILD)), reason="runs in the parent only")
+def test_torch_default_build_without_fma():
+    """torch's `ATEN_CPU_CAPABILITY=default` build (no FMA; funcopt's
+    `torch_cpu_block()` is None there): the kernel's `fma=False` variant."""
+    args = [
+        "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__,
+        "-k", "test_float32_bits_without_x64",
+    ]  # fmt: skip
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", CHILD: "1"}
+    probe = (
+        "import torch\nassert torch.backends.cpu.get_cpu_capability() == "
+        "'DEFAULT', torch.backends.cpu.get_cpu_capability()"
+    )
+    assert run_pytest_child(args, env, probe=probe) == len(ROWS)
+
+
+@pytest.mark.parametrize(
+    "case,kwargs",
+    [
+        (ADAMW, dict(lr=1e-2, amsgrad=True, fused=True)),
+        (SGD, dict(lr=1e-2, momentum=0.9, nesterov=True, fused=True)),
+        (ADAGRAD, dict(lr=1e-1, lr_decay=0.01, fused=True)),
+    ],
+    ids=lambda x: getattr(x, "name", ""),
+)
+def test_large_leaves_split_over_threads(case, kwargs, torch_cpu_loop):
+    """Leaves large enough to be split over XLA's intra-op threads (in
+    chunks of whole vectors, the tail in the last): torch's bits still."""
+    rng = np.random.default_rng(5)
+    params = {"a": rng.normal(size=(1 << 18) + 5).astype(np.float32)}
+    grads = grads_for(rng, params, 5)
+    new_params, state = run_funcopt(case, kwargs, params, grads, jit=True)
+    check_against_torch(case, kwargs, params, grads, new_params, state)
+
+
+def _setup(case=ADAM, kwargs=None, dtype=np.float32):
+    kwargs = kwargs or dict(lr=1e-2, weight_decay=0.1, amsgrad=True, fused=True)
+    rng = np.random.default_rng(2)
+    params = jax.tree.map(jnp.asarray, tail_sized_params(rng, dtype))
+    grads = jax.tree.map(jnp.asarray, grads_for(rng, params, 1)[0])
+    opt = case.factory(**kwargs)
+    return opt, params, grads, opt.init(params)
+
+
+def test_jit_and_eager_agree(torch_cpu_loop):
+    opt, params, grads, state = _setup()
+    for _ in range(3):
+        eager = opt.step(params, grads, state)
+        jitted = jax.jit(opt.step)(params, grads, state)
+        for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+            assert_same_bits(a, b, "eager vs jit")
+        params, state = eager
+
+
+@pytest.mark.parametrize("case", [ADAM, SGD, ADAGRAD], ids=lambda c: c.name)
+def test_grad_through_a_step_is_the_jax_paths(case, torch_cpu_loop):
+    """`jax.grad` of a loss of the stepped params (w.r.t. params, gradient
+    and lr): the native step's derivative is the JAX rule's."""
+    kwargs = {"lr": 1e-2, "fused": True}
+    if case is SGD:
+        kwargs["momentum"] = 0.9
+    opt, params, grads, state = _setup(case, kwargs)
+    params = {k: v for k, v in params.items() if k != "frozen"}
+    grads = {k: v for k, v in grads.items() if k != "frozen"}
+    state = opt.init(params)
+    state = opt.step(params, grads, state)[1]  # buffers set
+
+    def loss(params, grads, lr):
+        new, _ = opt.step(params, grads, fo.set_lr(state, lr))
+        return sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(new))
+
+    d = jax.grad(loss, argnums=(0, 1, 2))
+    got = jax.jit(d)(params, grads, 1e-2)
+    with native(False):
+        want = jax.jit(d)(params, grads, 1e-2)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_vmap_runs_each_batch_element(torch_cpu_loop):
+    opt, params, grads, state = _setup()
+    batch = 3
+    bp = jax.tree.map(lambda x: jnp.stack([x * (i + 1) for i in range(batch)]), params)
+    bg = jax.tree.map(lambda x: jnp.stack([x - i for i in range(batch)]), grads)
+    bs = jax.vmap(opt.init)(bp)
+    out_p, out_s = jax.jit(jax.vmap(opt.step))(bp, bg, bs)
+    for i in range(batch):
+        one = jax.tree.map(lambda x, i=i: x[i], (bp, bg, bs))
+        p, s = jax.jit(opt.step)(*one)
+        for a, b in zip(jax.tree.leaves((p, s)), jax.tree.leaves((out_p, out_s))):
+            assert_same_bits(a, b[i], f"vmap element {i}")
+
+
+def test_set_lr_takes_effect_without_recompiling(torch_cpu_loop):
+    """lr is a runtime buffer: a new lr, the same executable, torch's bits."""
+    rng = np.random.default_rng(3)
+    params = tail_sized_params(rng, np.float32)
+    grads = grads_for(rng, params, 6)
+    kwargs = dict(lr=1e-2, weight_decay=0.1, fused=True)
+    opt = fo.adamw(**kwargs)
+    step = jax.jit(opt.step)
+    p, s = jax.tree.map(jnp.asarray, params), opt.init(params)
+    for i, g in enumerate(grads):
+        if i == 3:
+            s = fo.set_lr(s, 3e-3)
+        p, s = step(p, jax.tree.map(jnp.asarray, g), s)
+    assert step._cache_size() == 1
+    # torch: the same schedule
+    tparams = [torch.tensor(params[k]).requires_grad_() for k in "abcs"]
+    topt = torch.optim.AdamW(tparams, **kwargs)
+    for i, g in enumerate(grads):
+        if i == 3:
+            topt.param_groups[0]["lr"] = 3e-3
+        for tp, k in zip(tparams, "abcs"):
+            tp.grad = torch.tensor(g[k])
+        topt.step()
+    for tp, k in zip(tparams, "abcs"):
+        assert_same_bits(p[k], tp.detach().numpy(), k)
+
+
+def _optimized_hlo(opt, params, grads, state) -> str:
+    step = jax.jit(opt.step, donate_argnums=(0, 2))
+    return step.lower(params, grads, state).compile().as_text()
+
+
+@pytest.mark.parametrize(
+    "factory,kwargs",
+    [
+        (fo.adam, dict(fused=True)),
+        (fo.adam, dict(fused=True, amsgrad=True)),
+        (fo.sgd, dict(lr=0.1, momentum=0.9, fused=True)),
+        (fo.adagrad, dict(fused=True)),
+    ],
+    ids=["adam", "amsgrad", "sgd", "adagrad"],
+)
+def test_donated_step_is_one_custom_call_per_leaf_in_place(factory, kwargs):
+    """The optimized HLO of the donated jitted step: one custom call per
+    leaf, no copy (results alias the donated inputs)."""
+    rng = np.random.default_rng(4)
+    shapes = {"a": (4101,), "b": (300, 7), "c": ()}
+    params = {
+        k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()
+    }
+    grads = jax.tree.map(jnp.ones_like, params)
+    opt = factory(**kwargs)
+    hlo = _optimized_hlo(opt, params, grads, opt.init(params))
+    assert hlo.count("custom_call_target=") == len(shapes), hlo
+    # (the step counters' int32 scalars may be copied: not the float arrays)
+    copies = re.findall(r"= f32\[[^\]]*\]\S* copy(?:-start)?\(.*", hlo)
+    assert not copies, "\n".join(copies)
+    assert "output_to_operand_aliasing" in hlo
+    with native(False):
+        assert "custom_call_target" not in _optimized_hlo(
+            opt, params, grads, opt.init(params)
+        )
+
+
+def test_other_dtypes_and_tensor_lr_take_the_jax_path():
+    """16-bit params and a tensor lr: no custom call."""
+    params = {"w": jnp.ones(20, jnp.bfloat16)}
+    opt = fo.adam(fused=True)
+    hlo = jax.jit(opt.step).lower(params, params, opt.init(params)).as_text()
+    assert "funcopt_adam" not in hlo
+    params = {"w": jnp.ones(20, jnp.float32)}
+    opt = fo.adam(lr=np.float32(1e-3), fused=True)
+    hlo = jax.jit(opt.step).lower(params, params, opt.init(params)).as_text()
+    assert "funcopt_adam" not in hlo
+    opt = fo.adam(fused=True)
+    hlo = jax.jit(opt.step).lower(params, params, opt.init(params)).as_text()
+    assert "funcopt_adam" in hlo
+
+
+def test_switch_is_in_the_trace_settings():
+    from funcopt import _math
+
+    with native(False):
+        off = _math.trace_settings()
+    assert _math.trace_settings() != off
+
+
+@pytest.mark.parametrize("cxx", ["/nonexistent/g++", "false"])
+def test_build_without_a_working_compiler_returns_none(cxx, tmp_path, monkeypatch):
+    """No compiler, or one that fails: no library and no exception (the
+    install goes on, funcopt runs its JAX path)."""
+    from funcopt._native import build
+
+    monkeypatch.setenv("CXX", cxx)
+    assert build.build(tmp_path / "lib.so") is None
+    assert not list(tmp_path.iterdir())
+
+
+def test_packed_bucket_is_one_custom_call_in_place():
+    """50 leaves packed by `funcopt.flat`: one custom call for the bucket."""
+    import funcopt.flat as ff
+
+    opt = fo.adam(fused=True)
+    params = {f"l{i}": jnp.ones((100 + i,), jnp.float32) for i in range(50)}
+    layout = ff.layout(params, opt)
+    flat = layout.pack(params)
+    hlo = _optimized_hlo(opt, flat, layout.pack(params), opt.init(flat))
+    assert hlo.count("custom_call_target=") == 1
+    assert not re.findall(r"= f32\[[^\]]*\]\S* copy(?:-start)?\(", hlo)
+
+
+@pytest.mark.skipif(bool(os.environ.get(CHILD)), reason="runs in the parent only")
+def test_fused_parity_suite_on_the_jax_path():
+    """The fallback stays tested where the library is built: the fused parity
+    tests (torch's `fused=True` bits, float32 and float64, packed leaves,
+    the AVX2 and no-FMA children) with `FUNCOPT_NATIVE=0`, the pure JAX
+    rules a machine without a compiler runs."""
+    parity = os.path.join(os.path.dirname(__file__), "parity")
+    args = [
+        "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+        os.path.join(parity, "test_fused_adam.py"),
+        os.path.join(parity, "test_fused_sgd_adagrad.py"),
+    ]  # fmt: skip
+    env = {**os.environ, "FUNCOPT_NATIVE": "0", CHILD: "1"}
+    probe = (
+        "from funcopt.optim import _fused_native\n"
+        "assert not _fused_native.use_native(), 'FUNCOPT_NATIVE=0 ignored'"
+    )
+    assert run_pytest_child(args, env, probe=probe) > 0

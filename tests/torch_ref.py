@@ -135,15 +135,7 @@ def correctly_rounded_torch_sqrt():
     correctly rounded (53 >= 2 * 24 + 2); the child processes' probe checks
     it on 100,000 values.
     """
-    saved = (
-        torch.Tensor.sqrt,
-        torch.Tensor.sqrt_,
-        torch.sqrt,
-        torch._foreach_sqrt,
-        torch._foreach_sqrt_,
-        torch.Tensor.__pow__,
-    )
-    sqrt, sqrt_, power = saved[0], saved[1], saved[5]
+    sqrt, sqrt_, power = torch.Tensor.sqrt, torch.Tensor.sqrt_, torch.Tensor.__pow__
 
     def rounded(x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32:
@@ -161,22 +153,22 @@ def correctly_rounded_torch_sqrt():
             return rounded(x)
         return power(x, exponent)
 
-    torch.Tensor.sqrt, torch.Tensor.sqrt_ = rounded, rounded_  # type: ignore[method-assign]
-    torch.Tensor.__pow__ = pow_  # type: ignore[method-assign,assignment]
-    torch.sqrt = rounded
-    torch._foreach_sqrt = lambda xs: [rounded(x) for x in xs]
-    torch._foreach_sqrt_ = lambda xs: [rounded_(x) for x in xs]
+    replacements = [
+        (torch.Tensor, "sqrt", rounded),
+        (torch.Tensor, "sqrt_", rounded_),
+        (torch.Tensor, "__pow__", pow_),
+        (torch, "sqrt", rounded),
+        (torch, "_foreach_sqrt", lambda xs: [rounded(x) for x in xs]),
+        (torch, "_foreach_sqrt_", lambda xs: [rounded_(x) for x in xs]),
+    ]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in replacements]
+    for owner, name, replacement in replacements:
+        setattr(owner, name, replacement)
     try:
         yield
     finally:
-        (
-            torch.Tensor.sqrt,
-            torch.Tensor.sqrt_,
-            torch.sqrt,
-            torch._foreach_sqrt,
-            torch._foreach_sqrt_,
-            torch.Tensor.__pow__,
-        ) = saved
+        for owner, name, original in saved:
+            setattr(owner, name, original)
 
 
 def float32_scalar_roots(kwargs) -> contextlib.AbstractContextManager:

@@ -401,3 +401,16 @@ def test_fused_parity_suite_on_the_jax_path():
         "assert not _fused_native.use_native(), 'FUNCOPT_NATIVE=0 ignored'"
     )
     assert run_pytest_child(args, env, probe=probe) > 0
+
+
+def test_flags_given_as_any_truthy_value():
+    """torch reads `maximize`, `nesterov` by truth value (the fuzz test's
+    `maximize=[0.1]`): the kernel's attributes are Python bools."""
+    params = {"w": jnp.linspace(-1.0, 1.0, 11, dtype=jnp.float32)}
+    grads = {"w": jnp.ones(11, jnp.float32)}
+    for factory, kwargs in ((fo.adagrad, {}), (fo.sgd, {"lr": 0.1, "momentum": 0.9})):
+        truthy = factory(fused=True, maximize=[0.1], **kwargs)
+        plain = factory(fused=True, maximize=True, **kwargs)
+        got = truthy.step(params, grads, truthy.init(params))[0]
+        want = plain.step(params, grads, plain.init(params))[0]
+        assert_same_bits(got["w"], want["w"], factory.__name__)

@@ -145,14 +145,14 @@ def _run(target, param, grad, slots, names, step, hparams, keys, options, jax_ru
     sizes, spans, _ = layout
     attrs = {
         "fma": np.bool_(torch_cpu_block() is not None),
-        "maximize": np.bool_(options["maximize"]),
+        "maximize": np.bool_(bool(options["maximize"])),
         "sizes": sizes,
         "spans": spans,
     }
     if target.startswith("funcopt_adam"):
-        attrs["decoupled"] = np.bool_(options["decoupled_weight_decay"])
+        attrs["decoupled"] = np.bool_(bool(options["decoupled_weight_decay"]))
     if target.startswith("funcopt_sgd"):
-        attrs["nesterov"] = np.bool_(options["nesterov"])
+        attrs["nesterov"] = np.bool_(bool(options["nesterov"]))
     arrays = [param, grad, *(slots[k] for k in names)]
     out_index = [0, *range(2, len(arrays))]
     results = [jax.ShapeDtypeStruct(param.shape, param.dtype) for _ in out_index]

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import torch
+from bench_step import optax_train_step
 
 import funcopt as fo
 from funcopt.optim import _fused_native
@@ -46,10 +47,25 @@ OPTIMIZERS = {
 }
 
 
+def chained_run(step, params, grads, state):
+    """A `run(k)` doing k chained `params, state = step(params, grads,
+    state)` (donated), the carry kept between calls."""
+    box = [params, state]
+
+    def run(k):
+        p, s = box
+        for _ in range(k):
+            p, s = step(p, grads, s)
+        jax.block_until_ready(p)
+        box[:] = [p, s]
+
+    return run
+
+
 def funcopt_runner(make, size: int, native: bool):
     """A `run(k)` doing k donated jitted steps (compiled with the native
     switch as given: `jax.jit` does not retrace when it changes)."""
-    _fused_native.set_native(native)
+    _fused_native.set_native_fused(native)
     try:
         opt = make()
         params = {"w": jnp.ones(size, jnp.float32)}
@@ -60,17 +76,8 @@ def funcopt_runner(make, size: int, native: bool):
         hlo = step.as_text()
         assert ("custom_call_target" in hlo) == native, "wrong path compiled"
     finally:
-        _fused_native.set_native(True)
-    box = [params, state]
-
-    def run(k):
-        p, s = box
-        for _ in range(k):
-            p, s = step(p, grads, s)
-        jax.block_until_ready(p)
-        box[:] = [p, s]
-
-    return run
+        _fused_native.set_native_fused(True)
+    return chained_run(step, params, grads, state)
 
 
 def optax_runner(make, size: int):
@@ -79,21 +86,8 @@ def optax_runner(make, size: int):
     grads = jnp.full(size, 1e-3, jnp.float32)
     state = tx.init(params)
 
-    def step(p, g, s):
-        updates, s = tx.update(g, s, p)
-        return optax.apply_updates(p, updates), s
-
-    step = jax.jit(step, donate_argnums=(0, 2))
-    box = [params, state]
-
-    def run(k):
-        p, s = box
-        for _ in range(k):
-            p, s = step(p, grads, s)
-        jax.block_until_ready(p)
-        box[:] = [p, s]
-
-    return run
+    step = jax.jit(optax_train_step(tx), donate_argnums=(0, 2))
+    return chained_run(step, params, grads, state)
 
 
 def torch_runner(make, size: int):

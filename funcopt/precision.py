@@ -26,6 +26,12 @@ float32 rounding). With x64 enabled,
 [`set_exact_float32(True)`][funcopt.precision.set_exact_float32] mirrors torch's
 float32 kernels op by op instead: bit for bit torch's default CPU path for the
 optimizers without a square root, at several times the step time.
+
+`fused=True` Adam/AdamW, SGD and Adagrad run native CPU kernels where they
+were built (one pass over memory, torch's fused bits);
+[`set_native_fused(False)`][funcopt.precision.set_native_fused] selects their
+pure JAX rules instead, and [`native_fused`][funcopt.precision.native_fused]
+says which runs.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ from ._math import set_exact_float32 as set_exact_float32
 from ._math import set_torch_cpu_block as set_torch_cpu_block
 from ._math import torch_cpu_block as torch_cpu_block
 from ._tree import PyTree, check_params, is_trainable
+from .optim._fused_native import native_fused as native_fused
+from .optim._fused_native import set_native_fused as set_native_fused
 from .reliability import _check_state, _inner_step, _wrapper
 
 

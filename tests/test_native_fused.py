@@ -139,7 +139,7 @@ def _check(case, kwargs, dtype, steps=STEPS):
 @contextlib.contextmanager
 def native(enabled: bool):
     old = _fused_native._switch["enabled"]
-    _fused_native.set_native(enabled)
+    fo.precision.set_native_fused(enabled)
     try:
         yield
     finally:
@@ -149,7 +149,7 @@ def native(enabled: bool):
 def test_library_is_built():
     """Not a skip: a missing library fails here (FUNCOPT_NATIVE=0 skips)."""
     assert _fused_native.available(), fo._native.load()
-    assert _fused_native.use_native()
+    assert _fused_native.native_fused()
 
 
 @pytest.mark.parametrize("case,kwargs", ROWS)
@@ -356,7 +356,15 @@ def test_switch_is_in_the_trace_settings():
 
     with native(False):
         off = _math.trace_settings()
+        assert not fo.precision.native_fused()
     assert _math.trace_settings() != off
+    assert fo.precision.native_fused()
+
+
+@pytest.mark.parametrize("enabled", [0, 1, "no", None])
+def test_switch_takes_a_bool_only(enabled):
+    with pytest.raises(TypeError, match=f"enabled must be a bool, got {enabled!r}"):
+        fo.precision.set_native_fused(enabled)
 
 
 @pytest.mark.parametrize("cxx", ["/nonexistent/g++", "false"])
@@ -398,7 +406,7 @@ def test_fused_parity_suite_on_the_jax_path():
     env = {**os.environ, "FUNCOPT_NATIVE": "0", CHILD: "1"}
     probe = (
         "from funcopt.optim import _fused_native\n"
-        "assert not _fused_native.use_native(), 'FUNCOPT_NATIVE=0 ignored'"
+        "assert not _fused_native.native_fused(), 'FUNCOPT_NATIVE=0 ignored'"
     )
     assert run_pytest_child(args, env, probe=probe) > 0
 

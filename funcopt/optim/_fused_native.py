@@ -22,7 +22,8 @@ the other hyperparameters are runtime buffers (no recompile when they
 change). It differentiates through the JAX rule (`jax.custom_jvp`), and
 `vmap` runs it once per batch element.
 
-`FUNCOPT_NATIVE=0` in the environment, or `set_native(False)`, selects the
+`FUNCOPT_NATIVE=0` in the environment, or
+[`set_native_fused(False)`][funcopt.precision.set_native_fused], selects the
 JAX path; one INFO log line (logger `funcopt`) says which path runs.
 """
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -37,8 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _native
-from .._math import packed_layout
-from ..precision import torch_cpu_block
+from .._math import packed_layout, torch_cpu_block
 
 _log = logging.getLogger("funcopt")
 _switch: dict[str, Any] = {"enabled": None, "logged": False}
@@ -51,10 +52,19 @@ def available() -> bool:
     return isinstance(_native.load(), tuple)
 
 
-def set_native(enabled: bool) -> None:
-    """Use the native fused kernels where they apply (`True`, the default
-    unless `FUNCOPT_NATIVE=0`) or always the pure JAX path (`False`)."""
-    _switch["enabled"] = bool(enabled)
+def set_native_fused(enabled: bool) -> None:
+    """Run `fused=True` Adam/AdamW, SGD and Adagrad steps on the native CPU
+    kernels where they apply (`True`, the default unless the environment sets
+    `FUNCOPT_NATIVE=0`), or always on the pure JAX rules (`False`): the same
+    bits, the kernels in one pass over memory.
+
+    Read when a step is traced, like
+    [`set_exact_float32`][funcopt.precision.set_exact_float32]: a jitted step
+    already compiled keeps its path.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    _switch["enabled"] = enabled
     _switch["logged"] = False
 
 
@@ -64,11 +74,15 @@ def _requested() -> bool:
     return bool(_switch["enabled"])
 
 
-def use_native() -> bool:
-    """Whether `fused=True` steps run the native kernels (where they apply:
-    float32/float64 params, one CPU device); logs the answer once."""
+def native_fused() -> bool:
+    """Whether `fused=True` steps run the native CPU kernels where they apply
+    (float32/float64 params, one CPU device): the library is built and
+    [`set_native_fused`][funcopt.precision.set_native_fused] (or
+    `FUNCOPT_NATIVE`) did not turn them off. Logs the answer once (INFO,
+    logger `funcopt`)."""
     requested = _requested()
-    loaded = _native.load() if requested else "FUNCOPT_NATIVE=0 or set_native(False)"
+    off = "FUNCOPT_NATIVE=0 or set_native_fused(False)"
+    loaded = _native.load() if requested else off
     native = requested and isinstance(loaded, tuple)
     if not _switch["logged"]:
         _switch["logged"] = True
@@ -84,7 +98,7 @@ def use_native() -> bool:
 def _applies(param: Any) -> bool:
     return (
         jnp.dtype(param.dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
-        and use_native()
+        and native_fused()
         and jax.default_backend() == "cpu"
         and jax.device_count() == 1
     )
@@ -184,8 +198,30 @@ def _run(target, param, grad, slots, names, step, hparams, keys, options, jax_ru
     return out[0], dict(zip(names, out[1:]))
 
 
+def with_kernel(kernel: Callable, jax_rule: Callable) -> Callable:
+    """A fused rule that runs the native `kernel` where it applies, else
+    `jax_rule` (torch's fused kernel in JAX, the same bits).
+
+    `kernel(param, grad, slots, step, hparams, options, jax_rule)` returns
+    None where it does not apply; a group with a tensor `lr` or `betas`
+    (`jax_rule`'s `lr_dtype`/`betas_dtype` keywords, from
+    `_common.group_rule`) always takes `jax_rule`.
+    """
+
+    # not `functools.wraps`: `__wrapped__` would lead `inspect` and
+    # `_compile` past the kernel to `jax_rule`
+    def rule(param, grad, slots, step, hparams, options, **tensor_dtypes):
+        if not tensor_dtypes:
+            out = kernel(param, grad, slots, step, hparams, options, jax_rule)
+            if out is not None:
+                return out
+        return jax_rule(param, grad, slots, step, hparams, options, **tensor_dtypes)
+
+    return rule
+
+
 def adam(param, grad, slots, step, hparams, options, jax_rule) -> Any:
-    """`_fused_adam_rule` through the kernel; None where it does not apply."""
+    """Adam's fused step through the kernel; None where it does not apply."""
     names = ["exp_avg", "exp_avg_sq"]
     target = "funcopt_adam"
     if options["amsgrad"]:
@@ -198,7 +234,7 @@ def adam(param, grad, slots, step, hparams, options, jax_rule) -> Any:
 
 
 def sgd(param, grad, slots, step, hparams, options, jax_rule) -> Any:
-    """`_sgd_fused_rule` through the kernel; None where it does not apply."""
+    """SGD's fused step through the kernel; None where it does not apply."""
     names = ["momentum_buffer"] if "momentum_buffer" in slots else []
     target = "funcopt_sgd_momentum" if names else "funcopt_sgd"
     keys = ("lr", "momentum", "dampening", "weight_decay")
@@ -208,7 +244,7 @@ def sgd(param, grad, slots, step, hparams, options, jax_rule) -> Any:
 
 
 def adagrad(param, grad, slots, step, hparams, options, jax_rule) -> Any:
-    """`_adagrad_fused_rule` through the kernel; None where it does not apply."""
+    """Adagrad's fused step through the kernel; None where it does not apply."""
     keys = ("lr", "lr_decay", "weight_decay", "eps")
     return _run(
         "funcopt_adagrad",

@@ -115,18 +115,6 @@ def _fused_decay(step, lr_decay):
     return s + (b + err)
 
 
-def _adagrad_fused_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
-    """torch's fused CPU kernel: the native kernel where it applies
-    (`funcopt.optim._fused_native`), else `_adagrad_fused_jax`."""
-    if lr_dtype is None:
-        out = _fused_native.adagrad(
-            param, grad, slots, step, hparams, options, _adagrad_fused_jax
-        )
-        if out is not None:
-            return out
-    return _adagrad_fused_jax(param, grad, slots, step, hparams, options, lr_dtype)
-
-
 def _adagrad_fused_jax(param, grad, slots, step, hparams, options, lr_dtype=None):
     """torch's fused CPU kernel (`adagrad_fused_step_impl`, `adagrad_math`) in
     JAX: one pass per element in the kernel's compute type; see `adagrad`'s
@@ -155,6 +143,12 @@ def _adagrad_fused_jax(param, grad, slots, step, hparams, options, lr_dtype=None
         tail,
     )
     return k.store(new_p, param), {"sum": k.store(state_sum, slots["sum"])}
+
+
+# torch's fused CPU kernel: native where it applies, else `_adagrad_fused_jax`
+_adagrad_fused_rule = _fused_native.with_kernel(
+    _fused_native.adagrad, _adagrad_fused_jax
+)
 
 
 def _adagrad_rule(param, grad, slots, step, hparams, options, lr_dtype=None):

@@ -151,22 +151,6 @@ def _tensor_scalar_update(
     return addcdiv(param, exp_avg, denom, 1)
 
 
-def _fused_adam_rule(
-    param, grad, slots, step, hparams, options, lr_dtype=None, betas_dtype=None
-):
-    """torch's fused CPU kernel: the native kernel where it applies
-    (`funcopt.optim._fused_native`), else `_fused_adam_jax`."""
-    if lr_dtype is None and betas_dtype is None:
-        out = _fused_native.adam(
-            param, grad, slots, step, hparams, options, _fused_adam_jax
-        )
-        if out is not None:
-            return out
-    return _fused_adam_jax(
-        param, grad, slots, step, hparams, options, lr_dtype, betas_dtype
-    )
-
-
 def _fused_adam_jax(
     param, grad, slots, step, hparams, options, lr_dtype=None, betas_dtype=None
 ):
@@ -219,6 +203,10 @@ def _fused_adam_jax(
     denom = k.add(k.div(k.sqrt(v), k.scalar(bias_correction2_sqrt)), k.scalar(eps))
     p = k.add(p, k.div(k.mul(k.scalar(-step_size), m), denom))
     return k.store(p, param), new_slots
+
+
+# torch's fused CPU kernel: native where it applies, else `_fused_adam_jax`
+_fused_adam_rule = _fused_native.with_kernel(_fused_native.adam, _fused_adam_jax)
 
 
 @_validate.optimizer_factory

@@ -70,15 +70,6 @@ def _fused_gradient(k: FusedMath, param, grad, hparams, options):
     return p, jnp.where(weight_decay != 0, k.fma(p, k.scalar(weight_decay), g), g)
 
 
-def _sgd_fused_rule(param, grad, slots, step, hparams, options):
-    """torch's fused CPU kernel: the native kernel where it applies
-    (`funcopt.optim._fused_native`), else `_sgd_fused_jax`."""
-    out = _fused_native.sgd(param, grad, slots, step, hparams, options, _sgd_fused_jax)
-    if out is not None:
-        return out
-    return _sgd_fused_jax(param, grad, slots, step, hparams, options)
-
-
 def _sgd_fused_jax(param, grad, slots, step, hparams, options):
     """torch's fused CPU kernel (`sgd_fused_step_impl`, `sgd_math`) in JAX: one
     pass per element in the kernel's compute type; see `sgd`'s docstring."""
@@ -112,6 +103,10 @@ def _sgd_fused_jax(param, grad, slots, step, hparams, options):
         g = jnp.where(momentum != 0, direction, g)
         new_slots["momentum_buffer"] = stored
     return k.store(k.fma(g, k.scalar(-hparams["lr"]), p), param), new_slots
+
+
+# torch's fused CPU kernel: native where it applies, else `_sgd_fused_jax`
+_sgd_fused_rule = _fused_native.with_kernel(_fused_native.sgd, _sgd_fused_jax)
 
 
 def _sgd_rule(param, grad, slots, step, hparams, options):

@@ -38,6 +38,7 @@ docs-check: docs
 
 bench: venv
 	$(PY) benchmarks/bench_step.py
+	$(PY) benchmarks/targets.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -77,3 +77,25 @@ def test_compile_curve_writes_json_table_and_plot(tmp_path):
     assert all(r["result"]["total_s"] > 0 for r in rows)
     assert "| 3 |" in (tmp_path / "compile_curve.md").read_text()
     assert (tmp_path / "compile_curve.png").stat().st_size > 0
+
+
+def test_targets_writes_every_kind_of_target(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "benchmarks/targets.py", "--smoke", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    rows = json.loads((tmp_path / "targets.json").read_text())["rows"]
+    targets = [r["target"] for r in rows]
+    for path in ("jit(fo.adam().step)", "optax.chain(clip", "fo.TrainState"):
+        assert any(t.startswith(f"compile, {path}") for t in targets), path
+        assert any(t.startswith(f"step ms, {path}") for t in targets), path
+    for name in ("adam", "adamw", "sgd"):
+        assert any(f"fused=True {name}," in t and "roofline" in t for t in targets)
+    assert all(r["funcopt"] > 0 and r["reference"] > 0 for r in rows)
+    assert all(r["met"] == (r["ratio"] <= float(r["goal"][3:-1])) for r in rows)
+    markdown = (tmp_path / "targets.md").read_text()
+    assert f"of {len(rows)} met." in markdown

@@ -148,7 +148,9 @@ def correctly_rounded_torch_sqrt():
         return x.copy_(rounded(x))
 
     def pow_(x: torch.Tensor, exponent):
-        # `bias_correction2**0.5` (torch's default path, a tensor beta2)
+        # `bias_correction2**0.5` (torch's default path, a tensor beta2): MKL's
+        # 0-d root; on an AMD EPYC 1 ulp high at step 2 of beta2 = 0.95
+        # (sqrt(0.0975000262f)), a few float32 params 1 ulp off from there
         if x.dtype == torch.float32 and isinstance(exponent, float) and exponent == 0.5:
             return rounded(x)
         return power(x, exponent)

@@ -93,28 +93,10 @@ def _torch_kwargs(row, betas_dtype) -> dict:
 BETAS = {"betas32": torch.float32, "betas64": torch.float64}
 
 
-# Measured on an AMD EPYC (torch's AVX2 kernels), in the correctly rounded
-# sqrt child: this row's buffers are torch's bits, but a few param elements
-# differ by 1 ulp from step 2 (leaves of 7, 24 and 65 elements); on Intel
-# AVX-512 every bit matches. torch's division, `addcdiv_` and the rounded
-# roots were checked exact there: cause not traced yet (funcopt issue 16).
-_AVX2_PARAM_ULP = {(1, "betas32")}
-
-
 def _rows(picks):
     """`(row, betas dtype)` params for `(index into ROWS, "betas32"/"betas64")`."""
-    avx2 = torch.backends.cpu.get_cpu_capability() == "AVX2"
     return [
-        pytest.param(
-            ROWS[i],
-            BETAS[name],
-            id=f"{ROWS[i][0]}-{name}",
-            marks=(
-                [pytest.mark.xfail(reason="1 ulp in params on torch's AVX2 kernels")]
-                if avx2 and (i, name) in _AVX2_PARAM_ULP and os.environ.get(SQRT_CHILD)
-                else []
-            ),
-        )
+        pytest.param(ROWS[i], BETAS[name], id=f"{ROWS[i][0]}-{name}")
         for i, name in picks
     ]
 
@@ -182,17 +164,17 @@ def test_float32_params(row, betas_dtype, x64, torch_cpu_loop, exact_float32):
 def test_float32_params_are_bit_exact_where_torchs_sqrt_is_correctly_rounded():
     """`test_float32_params` in a child process whose torch takes correctly
     rounded float32 roots (`torch_ref.correctly_rounded_torch_sqrt`, checked
-    by its probe): params bit for bit too."""
+    by its probe): params bit for bit too. The `tensor ** 0.5` of torch's
+    default path is replaced too: MKL's 0-d root of `bias_correction2` is
+    1 ulp high at step 2 of beta2 = 0.95 on an AMD EPYC, which moves a few
+    param elements of the amsgrad row (never a buffer) by an ulp."""
     args = [
         "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__,
         "-k", "test_float32_params and not bit_exact",
     ]  # fmt: skip
     env = {**os.environ, SQRT_CHILD: "1"}
     passed = run_pytest_child(args, env, probe=CORRECTLY_ROUNDED_SQRT_PROBE)
-    xfails = (
-        _AVX2_PARAM_ULP if torch.backends.cpu.get_cpu_capability() == "AVX2" else ()
-    )
-    assert passed == len(FLOAT32_ROWS) - len(xfails)
+    assert passed == len(FLOAT32_ROWS)
 
 
 def test_state_dict_round_trip_keeps_tensor_betas(x64):

@@ -311,7 +311,7 @@ def main() -> None:
         report(rows, big_compile_row(args.big_timeout))
     rows += step_rows(cases, min_time)
     if not args.smoke:
-        rows += eager_and_grad_rows()
+        report(rows, *eager_and_grad_rows())
     rows += fused_rows(one_leaf, many, min_time)
     meta = {
         "machine": machine(),

@@ -82,9 +82,57 @@ def runtime_ints(values: Sequence[int], anchor: jax.Array) -> list[jax.Array]:
 def take(vector: jax.Array, index: jax.Array) -> jax.Array:
     """`vector[index]` along the first axis at a runtime `index` (>= 0, so
     no wrap-around arithmetic is emitted for it)."""
-    return jax.lax.dynamic_index_in_dim(
+    return inline(jax.lax.dynamic_index_in_dim)(
         vector, index, keepdims=False, allow_negative_indices=False
     )
+
+
+def inline(fn: Callable) -> Callable:
+    """`fn` traced into the caller's program without nested calls: every
+    `jit` it calls (`jnp.where`, `lax.dynamic_index_in_dim`, ...) has its
+    equations evaluated in place.
+
+    Why: a nested `jit` lowers to a `func.call`, and XLA clones the callee
+    for every call site before inlining it (its flatten-call-graph and
+    call-inliner passes), per leaf when the caller is a leaf's program:
+    Adam on 100 leaves of 1,000 elements compiled in 2.1x optax's time with
+    the calls inside each leaf's program, 1.7x without (jaxlib 0.10.2,
+    2-core x86). The leaf's program itself stays one call per leaf: inlined
+    too (`jax.jit(..., inline=True)`), its lowering is Python work per leaf
+    (measured: 3x the lowering time at 300 leaves, and no faster compile).
+    The primitives bound are the same, in the same order: the same bits.
+    """
+
+    def inlined(*args, **kwargs):
+        closed, out_shape = jax.make_jaxpr(
+            lambda *a: fn(*a, **kwargs), return_shape=True
+        )(*args)
+        outs = _eval_inlined(closed.jaxpr, closed.consts, jax.tree.leaves(args))
+        return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+
+    return inlined
+
+
+def _eval_inlined(jaxpr, consts, args) -> list:
+    """`jaxpr` evaluated as `jax.core.eval_jaxpr` does, with the equations
+    of its `jit` calls (recursively) in place of the calls."""
+    env = dict(zip(jaxpr.constvars, consts)) | dict(zip(jaxpr.invars, args))
+
+    def read(atom):
+        return atom.val if isinstance(atom, jcore.Literal) else env[atom]
+
+    for eqn in jaxpr.eqns:
+        values = [read(v) for v in eqn.invars]
+        if eqn.primitive.name == "jit":
+            inner = eqn.params["jaxpr"]
+            outs = _eval_inlined(inner.jaxpr, inner.consts, values)
+        else:
+            params = eqn.primitive.get_bind_params(eqn.params)
+            outs = eqn.primitive.bind(*values, **params)
+            if not eqn.primitive.multiple_results:
+                outs = [outs]
+        env.update(zip(eqn.outvars, outs))
+    return [read(v) for v in jaxpr.outvars]
 
 
 # A value the scalar part may compute and hand to the array part: at most this
@@ -154,8 +202,11 @@ def _split(fn: Callable, args: tuple) -> LeafProgram:
     scalar_eqns, array_eqns = [], []
     for eqn in jaxpr.eqns:
         reads = [v for v in eqn.invars if not isinstance(v, jcore.Literal)]
+        # (an equation that reads nothing, a constant, stays with its
+        # readers rather than crossing the call as an argument)
         if (
             not eqn.effects
+            and reads
             and all(v in scalar_vars or v in known for v in reads)
             and all(_is_small(v.aval) for v in eqn.outvars)
         ):
@@ -193,13 +244,19 @@ def _split(fn: Callable, args: tuple) -> LeafProgram:
     n_per_leaf = len(per_leaf)
 
     def scalars(step, hparams):
-        values = jcore.jaxpr_as_fun(scalar_jaxpr)(step, *jax.tree.leaves(hparams))
+        values = _eval_inlined(
+            scalar_jaxpr.jaxpr, scalar_jaxpr.consts, [step, *jax.tree.leaves(hparams)]
+        )
         return values[:n_per_leaf], values[n_per_leaf:]
 
     def arrays(per_leaf_values, row, shared_values, p, g, own):
         flat = jax.tree.leaves((p, g, own))
         own_values = [take(v, row) for v in per_leaf_values]
-        outs = jcore.jaxpr_as_fun(array_jaxpr)(*own_values, *shared_values, *flat)
+        outs = _eval_inlined(
+            array_jaxpr.jaxpr,
+            array_jaxpr.consts,
+            [*own_values, *shared_values, *flat],
+        )
         return jax.tree.unflatten(out_tree, outs)
 
     # leaves of other shapes whose scalar math is the same program (the

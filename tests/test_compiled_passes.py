@@ -239,3 +239,20 @@ def test_lowered_program_per_leaf_is_no_larger_than_optax(name):
     with jax.numpy_dtype_promotion("standard"):  # optax mixes float and int32
         theirs = lines_per_leaf(optax_step, tx.init)
     assert ours <= theirs, f"{ours} lines per leaf, optax {theirs}"
+
+
+@pytest.mark.parametrize("name", ["adam", "nadam", "rmsprop(centered, momentum)"])
+def test_leaf_programs_hold_no_calls_or_conditionals(name):
+    """A leaf's program (``@arrays``, called once per leaf) calls nothing and
+    branches nowhere: the jitted helpers a rule uses are traced in place
+    (``_compile.inline``) and its CPU barriers are one primitive
+    (``_math.cpu_barrier``), since XLA's call-graph passes clone every call
+    and conditional once per call site, that is per leaf."""
+    opt = RULES[name][0]()
+    text = lowered(opt.step, opt.init, two_shape_tree(2)).as_text()
+    programs = [
+        f for f in text.split("func.func")[1:] if f.split("(")[0].endswith("@arrays")
+    ]
+    assert programs
+    for body in programs:
+        assert "call @" not in body and "stablehlo.case" not in body, body[:2000]

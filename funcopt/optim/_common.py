@@ -15,6 +15,7 @@ from .._math import (
     add,
     add_scalar,
     addcmul,
+    cpu_barrier,
     lerp,
     mul,
     scalar,
@@ -224,9 +225,8 @@ def recompute_after(*values):
     multi-output kernel, where the recomputation would only cost
     arithmetic, so the barrier applies to CPU lowering alone.
     """
-    return jax.lax.platform_dependent(
-        values, cpu=jax.lax.optimization_barrier, default=lambda v: v
-    )
+    leaves, tree = jax.tree.flatten(values)
+    return jax.tree.unflatten(tree, cpu_barrier(*leaves))
 
 
 def coupled_weight_decay(

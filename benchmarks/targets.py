@@ -306,13 +306,6 @@ def main() -> None:
             "100 leaves, 10M": [100_000] * 100,
             "1,000 leaves x 1,000": [1_000] * 1_000,
         }
-    rows = compile_rows(leaves)
-    if not (args.smoke or args.skip_big):
-        report(rows, big_compile_row(args.big_timeout))
-    rows += step_rows(cases, min_time)
-    if not args.smoke:
-        report(rows, *eager_and_grad_rows())
-    rows += fused_rows(one_leaf, many, min_time)
     meta = {
         "machine": machine(),
         "versions": {
@@ -324,12 +317,28 @@ def main() -> None:
     }
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    rows = compile_rows(leaves)
+    # the files are rewritten after each part, so a stopped run keeps its rows
+    save(out, meta, rows)
+    if not (args.smoke or args.skip_big):
+        report(rows, big_compile_row(args.big_timeout))
+    rows += step_rows(cases, min_time)
+    save(out, meta, rows)
+    if not args.smoke:
+        report(rows, *eager_and_grad_rows())
+    rows += fused_rows(one_leaf, many, min_time)
+    print(save(out, meta, rows))
+
+
+def save(out: pathlib.Path, meta: dict, rows: list[dict]) -> str:
+    """`targets.{json,md}` in `out` from the rows measured so far; returns
+    the Markdown."""
     (out / "targets.json").write_text(
         json.dumps({"meta": meta, "rows": rows}, indent=1)
     )
     md = markdown(meta, rows)
     (out / "targets.md").write_text(md)
-    print(md)
+    return md
 
 
 if __name__ == "__main__":

@@ -381,10 +381,16 @@ def div(x: jax.Array, s) -> jax.Array:
 
 def divide_exactly(a, b) -> jax.Array:
     """`a / b` as a division on every backend, also by a scalar (see
-    `true_divide`): the divisor, broadcast to the result's shape, passes
-    through an optimization barrier."""
+    `true_divide`): the divisor passes through an optimization barrier."""
+    return _divide_behind(a, b, jax.lax.optimization_barrier)
+
+
+def _divide_behind(a, b, barrier: Callable) -> jax.Array:
+    """`a / b` with the divisor, broadcast to the result's shape, passed
+    through `barrier`: XLA's algebraic simplifier then sees no broadcast
+    scalar divisor to turn into a multiplication by its reciprocal."""
     shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b))
-    return a / jax.lax.optimization_barrier(jnp.broadcast_to(b, shape))
+    return a / barrier(jnp.broadcast_to(b, shape))
 
 
 def cpu_barrier(*values: jax.Array) -> tuple[jax.Array, ...]:
@@ -441,8 +447,7 @@ def true_divide(a: jax.Array, b: jax.Array) -> jax.Array:
     Other backends keep `a / b`, where the barrier could materialise the
     broadcast divisor.
     """
-    shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b))
-    return a / cpu_barrier(jnp.broadcast_to(b, shape))[0]
+    return _divide_behind(a, b, lambda divisor: cpu_barrier(divisor)[0])
 
 
 def add_scalar(x: jax.Array, s) -> jax.Array:

@@ -434,6 +434,51 @@ ad.primitive_transposes[_cpu_barrier_p] = lambda cts, *primals: cpu_barrier(
 )
 
 
+def materialized(x: jax.Array) -> jax.Array:
+    """`x`, computed into its own buffer before anything reads it, where
+    lowered for one CPU device.
+
+    XLA fuses a cheap elementwise value into each of its readers and
+    recomputes it there. When one reader updates a donated buffer in place
+    and another returns the value, nothing orders the two, and XLA copies
+    the donated buffer first. Here the value is written over its own first
+    element (`dynamic_update_slice`, the same bits), which XLA does in
+    place and cannot fuse into the readers: the value is computed once, in
+    a loop of its own, before them. Identity elsewhere: the GSPMD
+    partitioner turns that update of a sharded array into all-reduces.
+    """
+    return _materialized_p.bind(x)
+
+
+def _materialized_lowering(ctx, x):
+    (aval,) = ctx.avals_in
+    if aval.ndim == 0 or aval.size == 0:
+        return [x]
+    if getattr(ctx.module_context.axis_context, "num_devices", None) != 1:
+        return [x]
+
+    def write_own_first_element(x):
+        first = jax.lax.slice(x, (0,) * x.ndim, (1,) * x.ndim)
+        return jax.lax.dynamic_update_slice(x, first, (0,) * x.ndim)
+
+    return mlir.lower_fun(write_own_first_element, multiple_results=False)(ctx, x)
+
+
+_materialized_p = jcore.Primitive("cpu_materialized")
+_materialized_p.def_impl(lambda x: x)
+_materialized_p.def_abstract_eval(lambda aval: aval)
+mlir.register_lowering(_materialized_p, lambda ctx, x: [x])
+mlir.register_lowering(_materialized_p, _materialized_lowering, platform="cpu")
+batching.primitive_batchers[_materialized_p] = lambda values, dims: (
+    _materialized_p.bind(*values),
+    dims[0],
+)
+ad.primitive_jvps[_materialized_p] = lambda primals, tangents: (
+    _materialized_p.bind(*primals),
+    tangents[0],
+)
+
+
 def true_divide(a: jax.Array, b: jax.Array) -> jax.Array:
     """`a / b`, divided (not multiplied by `1 / b`) where lowered for CPU.
 

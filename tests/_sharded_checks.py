@@ -21,6 +21,7 @@ difference, the output shardings and the collectives in the compiled HLO.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -387,6 +388,59 @@ def check_clip(mesh, rng):
     return out
 
 
+def check_train_state(mesh, rng):
+    """A donated `fo.TrainState` step (zero_grad, backward, step) on
+    model-sharded params: the same bits as on one device, the state keeps
+    its shardings, and nothing moves between devices (the gradient of a
+    squared distance is elementwise)."""
+    params0 = {
+        "w": jnp.asarray(rng.standard_normal((16, 8)), jnp.float32),
+        "b": jnp.asarray(rng.standard_normal(8), jnp.float32),
+    }
+    target = jax.tree.map(lambda p: p * 0.5, params0)
+    opt = fo.adamw(lr=0.01)
+
+    def loss(params, target):
+        pairs = zip(jax.tree.leaves(params), jax.tree.leaves(target))
+        return sum(jnp.sum((p - t) ** 2) for p, t in pairs)
+
+    def train_step(ts, target):
+        ts, _ = ts.zero_grad().backward(loss, target)
+        return ts.step()
+
+    def run(ts, target):
+        step = jax.jit(train_step, donate_argnums=0)
+        for _ in range(STEPS):
+            ts = step(ts, target)
+        return ts, step
+
+    ref, _ = run(fo.TrainState.create(jax.tree.map(jnp.copy, params0), opt), target)
+    sh = {
+        "w": NamedSharding(mesh, P("data", "model")),
+        "b": NamedSharding(mesh, P("model")),
+    }
+    params, target = jax.device_put(params0, sh), jax.device_put(target, sh)
+    ts = fo.TrainState.create(params, opt)
+    ts = dataclasses.replace(ts, opt_state=fs.init(opt, params))
+    got, step = run(ts, target)
+    st_sh = fs.state_shardings(opt, params)
+    kept = same_shardings(got.params, sh) and same_shardings(got.grads, sh)
+    kept &= same_shardings(got.opt_state, st_sh)
+    compiled = step.lower(got, target).compile()
+    state = (got.params, got.opt_state, got.grads)
+    return [
+        result(
+            "train_state+adamw",
+            "{'lr': 0.01}",
+            "plain",
+            (ref.params, ref.opt_state, ref.grads),
+            state,
+            kept,
+            collectives(compiled),
+        )
+    ]
+
+
 def main():
     from tests.parity.cases import OPT_CASES
 
@@ -406,6 +460,7 @@ def main():
     with jax.enable_x64(True):
         results += check_lbfgs(mesh, rng, np.float64, 8)
     results += check_clip(mesh, rng)
+    results += check_train_state(mesh, rng)
     print(json.dumps({"cases": names, "results": results}))
 
 

@@ -36,7 +36,7 @@ from tests.parity.cases import OPT_CASES
 pytestmark = pytest.mark.xdist_group("sharded_subprocess")
 ROOT = pathlib.Path(__file__).parent.parent
 # elementwise optimizers whose sharded steps are bit-identical to one device
-BITWISE = {"sgd", "adam", "adamw", "sparse_adam"}
+BITWISE = {"sgd", "adam", "adamw", "sparse_adam", "train_state+adamw"}
 # torch's elementwise rules: a sharded step needs no communication at all
 ELEMENTWISE = {
     "sgd", "adam", "adamw", "adamax", "nadam", "radam", "rmsprop", "adagrad",
@@ -131,6 +131,7 @@ def test_every_optimizer_is_checked(report):
         "lbfgs(line_search_fn='strong_wolfe')",
     } <= names
     assert "clip_grad_norm+adam" in names
+    assert "train_state+adamw" in names
     assert {r["mode"] for r in report["results"]} == {"plain", "zero"}
 
 
@@ -157,6 +158,14 @@ def test_plain_step_moves_nothing(report):
     for r in report["results"]:
         if r["mode"] == "plain" and r["name"] in ELEMENTWISE:
             assert not any(r["collectives"].values()), r
+
+
+def test_train_state_step_moves_nothing(report):
+    """A donated TrainState step on sharded params (its gradient written in
+    place before the step reads it, `funcopt._math.materialized`): no
+    collective."""
+    (r,) = [r for r in report["results"] if r["name"] == "train_state+adamw"]
+    assert not any(r["collectives"].values()), r
 
 
 def test_zero_step_gathers_params_only(report):

@@ -24,7 +24,9 @@ corrections, step sizes) runs once for all leaves, vectorised over their
 step counts, and each leaf's program keeps only its passes over memory.
 Adam on 100 leaves, measured: 131 to 89 compiled instructions per leaf and 5
 to 4 kernels per leaf (optax: 44 and 3); 84 and 3 since divisions by a
-per-leaf scalar divide (`_math.true_divide`).
+per-leaf scalar divide (`_math.true_divide`). A leaf's 0-d state (NAdam's
+`mu_product`) is scalar math too, stacked over the leaves: NAdam on 100
+leaves, 6 to 4 kernels per leaf, compile 1.55x to 1.38x optax's.
 """
 
 from __future__ import annotations
@@ -143,17 +145,23 @@ _SCALAR_SIZE = 16
 class LeafProgram(NamedTuple):
     """A one-leaf step cut into its scalar math and its array math.
 
-    `scalars(steps, hparams)` runs the step count's and hyperparameters'
-    arithmetic (bias corrections, step sizes, `1 - beta`, ...) once for all
-    leaves that share the program: `steps` holds their counts, and it
-    returns `(per_leaf, shared)`, the values that depend on the count (one
-    row per leaf) and those that do not. `arrays(per_leaf, row, shared, p,
-    g, own)` is the rest for the leaf whose counts are row `row`: the
-    passes over its elements.
+    `scalars(steps, small, hparams)` runs the step count's, the 0-d
+    state's and the hyperparameters' arithmetic (bias corrections, step
+    sizes, `1 - beta`, NAdam's `mu_product`, ...) once for all leaves that
+    share the program: `steps` holds their counts, `small` each 0-d state
+    leaf's values (the leaf's state leaves at positions `small_own`), and
+    it returns `(per_leaf, shared)`, the values that depend on the count or
+    the 0-d state (one row per leaf) and those that do not.
+    `arrays(per_leaf, row, shared, p, g, own)` is the rest for the leaf
+    whose counts are row `row`: the passes over its elements (its 0-d
+    state leaves are not read; their new values come from `per_leaf`).
     """
 
     scalars: Callable
     arrays: Callable
+    # the positions, among the leaf's state leaves, of its 0-d ones: their
+    # values, stacked over the leaves, are `scalars`' second argument
+    small_own: tuple[int, ...] = ()
 
 
 # (one-leaf step, argument structure and types) -> its LeafProgram
@@ -166,11 +174,12 @@ def leaf_program(fn: Callable, p, g, own, step, hparams) -> LeafProgram:
     """`fn(p, g, own, step, hparams) -> (p, own)` as a `LeafProgram`.
 
     The split is made on `fn`'s jaxpr: an equation belongs to the scalar
-    part when it reads only the step count, the hyperparameters and other
-    scalar-part values, has no effects, and returns only small values; the
-    rest, in its original order, is the array part, which receives every
-    scalar-part value it reads. Evaluating the two parts binds the same
-    primitives in the same order as `fn`, so results are the same bits
+    part when it reads only the step count, the leaf's 0-d state, the
+    hyperparameters and other scalar-part values, has no effects, and
+    returns only small values; the rest, in its original order, is the
+    array part, which receives every scalar-part value it reads.
+    Evaluating the two parts binds the same primitives in the same order as
+    `fn`, so results are the same bits
     (elementwise scalar ops give the same result on a vector of counts as on
     one count) and both parts differentiate as `fn` does.
 
@@ -196,9 +205,14 @@ def _split(fn: Callable, args: tuple) -> LeafProgram:
     jaxpr = closed.jaxpr
     n_array = len(jax.tree.leaves(args[:3]))
     step_var, hparam_vars = jaxpr.invars[n_array], jaxpr.invars[n_array + 1 :]
+    # the leaf's 0-d state (NAdam's `mu_product`): one value per leaf, like
+    # its step count, so its scalar math is vectorised over the leaves too
+    n_leaf = len(jax.tree.leaves(args[:2]))
+    small_own = [v for v in jaxpr.invars[n_leaf:n_array] if not v.aval.shape]
     known = set(jaxpr.constvars)
-    scalar_vars = {step_var, *hparam_vars}
-    per_count = {step_var}  # scalar values that depend on the step count
+    scalar_vars = {step_var, *small_own, *hparam_vars}
+    # scalar values that depend on the leaf (its step count, its 0-d state)
+    per_count = {step_var, *small_own}
     scalar_eqns, array_eqns = [], []
     for eqn in jaxpr.eqns:
         reads = [v for v in eqn.invars if not isinstance(v, jcore.Literal)]
@@ -231,11 +245,16 @@ def _split(fn: Callable, args: tuple) -> LeafProgram:
         return jcore.ClosedJaxpr(body, closed.consts)
 
     scalar_jaxpr = part(
-        "scalars", [step_var, *hparam_vars], per_leaf + shared, scalar_eqns
+        "scalars", [step_var, *small_own, *hparam_vars], per_leaf + shared, scalar_eqns
     )
+    small = set(small_own)
+    array_own = [i for i, v in enumerate(jaxpr.invars[:n_array]) if v not in small]
+    small_index = [
+        i - n_leaf for i, v in enumerate(jaxpr.invars[:n_array]) if v in small
+    ]
     array_jaxpr = part(
         "arrays",
-        per_leaf + shared + jaxpr.invars[:n_array],
+        per_leaf + shared + [jaxpr.invars[i] for i in array_own],
         jaxpr.outvars,
         array_eqns,
         jaxpr.effects,
@@ -243,14 +262,17 @@ def _split(fn: Callable, args: tuple) -> LeafProgram:
     out_tree = jax.tree.structure(out_shape)
     n_per_leaf = len(per_leaf)
 
-    def scalars(step, hparams):
+    def scalars(step, small_values, hparams):
         values = _eval_inlined(
-            scalar_jaxpr.jaxpr, scalar_jaxpr.consts, [step, *jax.tree.leaves(hparams)]
+            scalar_jaxpr.jaxpr,
+            scalar_jaxpr.consts,
+            [step, *small_values, *jax.tree.leaves(hparams)],
         )
         return values[:n_per_leaf], values[n_per_leaf:]
 
     def arrays(per_leaf_values, row, shared_values, p, g, own):
         flat = jax.tree.leaves((p, g, own))
+        flat = [flat[i] for i in array_own]
         own_values = [take(v, row) for v in per_leaf_values]
         outs = _eval_inlined(
             array_jaxpr.jaxpr,
@@ -264,11 +286,11 @@ def _split(fn: Callable, args: tuple) -> LeafProgram:
     text = None if closed.consts else str(scalar_jaxpr)
     batched = _SCALARS.get(text)
     if batched is None:
-        vmapped = jax.vmap(scalars, in_axes=(0, None), out_axes=(0, None))
+        vmapped = jax.vmap(scalars, in_axes=(0, 0, None), out_axes=(0, None))
         batched = jax.jit(vmapped)
         if text is not None:
             _SCALARS[text] = batched
-    return LeafProgram(batched, jax.jit(arrays))
+    return LeafProgram(batched, jax.jit(arrays), tuple(small_index))
 
 
 def _type(x) -> tuple:

@@ -689,13 +689,19 @@ def _apply(definition, params, grads, state, has_grad):
             program = _compile.leaf_program(
                 fn, p, g, owns[i], count, group_hparams[group]
             )
-            by_scalars.setdefault((group, program.scalars), []).append((i, program))
+            by_scalars.setdefault(
+                (group, program.scalars, program.small_own), []
+            ).append((i, program))
         increments.append(True if mask is None else mask[i])
-    for (group, scalars), members in by_scalars.items():
+    for (group, scalars, _), members in by_scalars.items():
         order = [i for i, _ in members]
         everyone = order == list(range(stepped.shape[0]))
         steps = stepped if everyone else stepped[np.asarray(order)]
-        per_leaf, shared = scalars(steps, group_hparams[group])
+        small = [
+            jnp.stack([jax.tree.leaves(owns[i])[k] for i in order])
+            for k in members[0][1].small_own
+        ]
+        per_leaf, shared = scalars(steps, small, group_hparams[group])
         for rank, (i, program) in enumerate(members):
             p = leaves[i]
             new_leaves[i], new_own = program.arrays(

@@ -162,7 +162,29 @@ def test_same_shaped_leaves_share_compiled_kernels(name):
         )
         for n in (3, 9)
     ]
-    assert kernels[0] == kernels[1]
+    # (fewer is fine: a rule with 0-d state stacks it over the leaves in one
+    # concatenate, which XLA fuses for 6 operands and not for 18)
+    assert kernels[1] <= kernels[0]
+
+
+@pytest.mark.parametrize("name", ["nadam", "nadam(decoupled)"])
+def test_zero_dim_state_math_runs_once_for_all_leaves(name):
+    """The scalar math of a leaf's 0-d state (NAdam's `mu_product`) is
+    vectorised over the leaves with their step counts
+    (``funcopt._compile.leaf_program``): each further leaf adds its passes
+    over memory and one kernel that reads its new `mu_product`, not three
+    small scalar kernels (measured before: 6 kernels per leaf, after 4;
+    optax's NAdam 3)."""
+    opt = RULES[name][0]()
+    entry = [
+        lowered(opt.step, opt.init, two_shape_tree(n))
+        .compile()
+        .as_text()
+        .split("\nENTRY")[1]
+        for n in (3, 9)
+    ]
+    per_leaf = (entry[1].count(" fusion(") - entry[0].count(" fusion(")) / 12
+    assert per_leaf <= 4
 
 
 # rules whose step-count math raises a hyperparameter to the step's power

@@ -10,19 +10,31 @@ from tests._subprocess import HANG_GUARD_S
 ROOT = pathlib.Path(__file__).parent.parent
 
 
-def test_bench_step_writes_json_markdown_and_summary(tmp_path):
-    def run(*args):
-        out = subprocess.run(
-            [sys.executable, "benchmarks/bench_step.py", *args],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=HANG_GUARD_S,
-        )
-        assert out.returncode == 0, out.stderr[-4000:]
-        return out.stdout
+def run_script(script: str, *args: str, timeout: float = HANG_GUARD_S) -> str:
+    """`python benchmarks/<script> <args>` from the repository root; its
+    stdout (the test fails with its stderr if it exits non-zero)."""
+    out = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out.stdout
 
-    run("--quick", "--opts", "sgd", "--cases", "0", "--out", str(tmp_path))
+
+def test_bench_step_writes_json_markdown_and_summary(tmp_path):
+    run_script(
+        "bench_step.py",
+        "--quick",
+        "--opts",
+        "sgd",
+        "--cases",
+        "0",
+        "--out",
+        str(tmp_path),
+    )
     saved = json.loads((tmp_path / "bench_step.json").read_text())
     (row,) = saved["rows"]
     assert (row["optimizer"], row["case"]) == ("sgd", "1 leaf, 1M")
@@ -32,20 +44,15 @@ def test_bench_step_writes_json_markdown_and_summary(tmp_path):
     assert row["funcopt_state_bytes_per_param"] == row["torch_state_bytes_per_param"]
     markdown = (tmp_path / "bench_step.md").read_text()
     assert "| sgd | 1 leaf, 1M |" in markdown
-    summary = run("--summarize", str(tmp_path / "bench_step.json"))
+    summary = run_script(
+        "bench_step.py", "--summarize", str(tmp_path / "bench_step.json")
+    )
     assert "| 1 leaf, 1M |" in summary and summary.strip() in markdown
 
 
 def test_compile_time_writes_json_and_markdown(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "benchmarks/compile_time.py", "--leaves", "3",
-         "--all-leaves", "2", "--only", "sgd", "asgd", "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-4000:]
+    run_script("compile_time.py", "--leaves", "3", "--all-leaves", "2",
+               "--only", "sgd", "asgd", "--out", str(tmp_path))  # fmt: skip
     rows = json.loads((tmp_path / "compile_time.json").read_text())["rows"]
     assert [(r["optimizer"], r["leaves"]) for r in rows] == [
         ("adam", 3),
@@ -61,15 +68,8 @@ def test_compile_time_writes_json_and_markdown(tmp_path):
 def test_compile_curve_writes_json_table_and_plot(tmp_path):
     """Every implementation's point runs (each in its own process) and lands
     in the JSON, the table and the plot."""
-    out = subprocess.run(
-        [sys.executable, "benchmarks/compile_curve.py", "--leaves", "3",
-         "--limit-s", str(HANG_GUARD_S), "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S * 4,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-4000:]
+    run_script("compile_curve.py", "--leaves", "3", "--limit-s", str(HANG_GUARD_S),
+               "--out", str(tmp_path), timeout=HANG_GUARD_S * 4)  # fmt: skip
     rows = json.loads((tmp_path / "compile_curve.json").read_text())["rows"]
     assert sorted((r["impl"], r["leaves"]) for r in rows) == sorted(
         (impl, n) for impl in ("optax", "funcopt_default", "funcopt_flat") for n in (3,)
@@ -80,14 +80,7 @@ def test_compile_curve_writes_json_table_and_plot(tmp_path):
 
 
 def test_targets_writes_every_kind_of_target(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "benchmarks/targets.py", "--smoke", "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
+    run_script("targets.py", "--smoke", "--out", str(tmp_path))
     rows = json.loads((tmp_path / "targets.json").read_text())["rows"]
     targets = [r["target"] for r in rows]
     for path in ("jit(fo.adam().step)", "optax.chain(clip", "fo.TrainState"):
@@ -99,3 +92,14 @@ def test_targets_writes_every_kind_of_target(tmp_path):
     assert all(r["met"] == (r["ratio"] <= float(r["goal"][3:-1])) for r in rows)
     markdown = (tmp_path / "targets.md").read_text()
     assert f"of {len(rows)} met." in markdown
+
+
+def test_xla_floor_writes_json_and_markdown(tmp_path):
+    run_script("xla_floor.py", "--leaves", "2", "5", "--optax-max", "2",
+               "--out", str(tmp_path))  # fmt: skip
+    rows = json.loads((tmp_path / "xla_floor.json").read_text())["rows"]
+    assert [r["leaves"] for r in rows] == [2, 5]
+    assert rows[0]["floor_s"] > 0 and rows[0]["optax_s"] > 0
+    assert "optax_s" not in rows[1]
+    markdown = (tmp_path / "xla_floor.md").read_text()
+    assert "| 2 |" in markdown and "| 5 |" in markdown and "| — |" in markdown

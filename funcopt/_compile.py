@@ -179,9 +179,9 @@ def leaf_program(fn: Callable, p, g, own, step, hparams) -> LeafProgram:
     returns only small values; the rest, in its original order, is the
     array part, which receives every scalar-part value it reads.
     Evaluating the two parts binds the same primitives in the same order as
-    `fn`, so results are the same bits
-    (elementwise scalar ops give the same result on a vector of counts as on
-    one count) and both parts differentiate as `fn` does.
+    `fn`, so results are the same bits (elementwise scalar ops give the same
+    result on a vector of counts as on one count) and both parts
+    differentiate as `fn` does.
 
     Why: per leaf, XLA compiles and runs what `fn` computes. Computed per
     leaf, the scalar math is a few small kernels per leaf (each leaf has its

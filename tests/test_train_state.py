@@ -177,7 +177,7 @@ def test_donated_train_step_updates_the_state_in_place(zero_grad):
     the gradient here is an elementwise function of the params that XLA
     would recompute inside the optimizer's loops, leaving the loop that
     writes `grads` unordered against the in-place parameter update (a
-    copy of the params) but for `backward`'s `_ordered`."""
+    copy of the params) but for `backward`'s `_math.materialized`."""
     n = 1 << 14
     params = {"w": jnp.linspace(-1.0, 1.0, n, dtype=jnp.float32)}
     ts = fo.TrainState.create(params, fo.adam())

@@ -24,8 +24,9 @@ Two ways in:
   ([`FlatParams`][funcopt.flat.FlatParams]); the model reads views (`layout.unpack`) and
   the optimizer step is one kernel per bucket with no packing per step;
 * a plain pytree through `opt.step`/`TrainState`: leaves are packed,
-  updated and split per step, used where that is faster than one kernel per
-  leaf (many small leaves; see [`set_policy`][funcopt.flat.set_policy]).
+  updated and copied back per step, by default where that compiles and runs
+  faster than one kernel per leaf (many small leaves on one CPU device; see
+  [`set_policy`][funcopt.flat.set_policy]).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _groups, _math
+from . import _groups, _math, _packing
 from ._math import widest_float
 from ._tree import check_params, is_trainable
 
@@ -61,25 +62,33 @@ def get_policy() -> str:
 def set_policy(value: str) -> None:
     """When `opt.step` on a plain pytree packs leaves into buckets.
 
-    `"auto"` (default): buckets of `AUTO_MIN_LEAVES` to
-    `AUTO_MAX_LEAVES` leaves averaging at most
-    `AUTO_MAX_MEAN_SIZE` elements; `"always"`: every bucket of an
-    elementwise optimizer (the parity tests run this); `"never"`: the
-    per-leaf path. [`funcopt.flat.FlatParams`][funcopt.flat.FlatParams] always take the
+    `"auto"` (default): on one CPU device with the native library loaded
+    (`funcopt._packing.native_available`), the leaves of at most
+    `AUTO_MAX_LEAF_BYTES` bytes, where a bucket (group, dtype) has at least
+    `AUTO_MIN_LEAVES` of them; larger leaves, and every leaf elsewhere (GPU,
+    TPU, several devices, no library), run one kernel per leaf.
+    `"always"`: every bucket of an elementwise optimizer (the parity tests
+    run this); `"never"`: the per-leaf path.
+    [`funcopt.flat.FlatParams`][funcopt.flat.FlatParams] always take the
     multi-tensor path. Read at trace time.
 
-    Packing a tree per step costs a concatenate and a split per buffer, and
-    XLA CPU compiles one kernel per piece of the split (measured: 470 s for
-    Adam on 2,000 leaves). Slicing at runtime offsets
-    (`funcopt._compile.runtime_ints`) compiles one kernel per piece
-    size instead, but measured for Adam on 1,000 float32 leaves of 1,000
-    (this 2-core CPU, jax 0.10.2) it still loses: compile 11.8 s packed vs
-    16.2 s per leaf (optax 5.0 s), a step of 21.0 ms packed vs 12.1 ms per
-    leaf (optax 10.0 ms), since XLA recomputes the rule inside every piece's
-    slice and the copies in and out double the memory traffic; and under
-    `vmap` runtime offsets turn slices into gathers. So the split stays
-    static and `"auto"` does not pack. For many leaves, keep them packed
-    with [`funcopt.flat`][funcopt.flat], which compiles in 0.2 s.
+    A per-step pack copies each buffer in and out (`funcopt._packing`: one
+    native `memcpy` call per buffer). Measured for Adam on float32 leaves of
+    1,000 elements (2-core CPU, jax 0.10.2, params and state donated):
+    compile 0.41 s packed vs 1.03 s per leaf at 100 leaves and 3.3 s vs 13.5
+    s at 1,000 (optax 0.84 s and 10.8 s); a step of 28.5 vs 32.4 ms at 1,000
+    leaves (optax 25.0 ms), about even at 100. The copies cost about as much
+    as the rule itself, so leaves of 3,000 elements step 1.4x slower packed:
+    hence the size limit. With XLA's own concatenate and slices instead of
+    the native copies, the same 1,000 leaves compile in 10.6 s (46 s with
+    static slices: one kernel per piece), so elsewhere `"auto"` does not
+    pack. For many large leaves, keep them packed with
+    [`funcopt.flat`][funcopt.flat] (no copies per step).
+
+    Bits: where funcopt is bit-exact with torch (16-bit leaves, the exact
+    float32 mode) both paths give the same bits (tested). In plain float32
+    or float64 programs XLA compiles the same elementwise ops per shape, and
+    the two paths can differ by an ulp, as each differs from torch by a few.
     """
     if value not in ("auto", "always", "never"):
         raise ValueError(f"policy must be 'auto', 'always' or 'never', got {value!r}")
@@ -98,8 +107,7 @@ def policy(value: str):
 
 
 AUTO_MIN_LEAVES = 8
-AUTO_MAX_LEAVES = 0  # off: a per-step pack is slower per step (see set_policy)
-AUTO_MAX_MEAN_SIZE = 1 << 16
+AUTO_MAX_LEAF_BYTES = 4096
 
 
 # --------------------------------------------------------------------------
@@ -183,19 +191,25 @@ class Bucket:
             return per_row
         return per_row[np.asarray(self.first_row, dtype=np.int32)]
 
+    @property
+    def spans(self) -> tuple[int, ...]:
+        """The elements each leaf owns in the packed buffer (whole rows)."""
+        return tuple(rows * self.width for rows in self.rows)
+
     def pack(self, real_leaves: Sequence[jax.Array]) -> jax.Array:
-        """Real leaves (in bucket order) -> `[n_rows, width]` (zero padded)."""
-        parts = []
-        for leaf, size, rows in zip(real_leaves, self.sizes, self.rows):
-            parts.append(jnp.ravel(leaf).astype(self.dtype))
-            pad = rows * self.width - size
-            if pad:
-                parts.append(jnp.zeros(pad, self.dtype))
-        flat = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
-        return flat.reshape(self.n_rows, self.width)
+        """Real leaves (in bucket order) -> `[n_rows, width]` (zero padded):
+        one copy (`funcopt._packing.pack`)."""
+        leaves = [jnp.asarray(x).astype(self.dtype) for x in real_leaves]
+        return _packing.pack(leaves, self.spans).reshape(self.n_rows, self.width)
+
+    def unpack(self, buffer: jax.Array, shapes: Sequence[tuple[int, ...]]) -> list:
+        """`[n_rows, width]` -> real leaves of `shapes`, copied out
+        (`funcopt._packing.unpack`): the per-step path's split."""
+        return _packing.unpack(buffer.reshape(-1), self.spans, shapes)
 
     def split(self, buffer: jax.Array, shapes: Sequence[tuple[int, ...]]) -> list:
-        """`[n_rows, width]` -> real leaves of `shapes` (one `split`)."""
+        """`[n_rows, width]` -> real leaves of `shapes` (one `split`): views
+        XLA may fuse into their readers (`funcopt.flat`'s model side)."""
         flat = buffer.reshape(-1)
         cuts: list[int] = []
         keep: list[int] = []
@@ -225,9 +239,15 @@ class Bucket:
         return col >= jnp.asarray(start)[:, None]
 
     def pack_scalars(self, values: Sequence[jax.Array]) -> jax.Array:
-        """Per-leaf 0-dim slots -> `[n_rows]` (one value per row)."""
-        per_leaf = jnp.stack([jnp.asarray(v) for v in values])
+        """Per-leaf 0-dim values -> `[n_rows]` (one value per row), in one
+        copy (a stack of many 0-d values compiles one kernel per value)."""
+        per_leaf = _packing.pack([jnp.asarray(v) for v in values], [1] * len(values))
         return per_leaf if self.one_row_per_leaf else per_leaf[self.row_leaf]
+
+    def unpack_scalars(self, per_row: jax.Array) -> list:
+        """`[n_rows]` -> each leaf's 0-dim value (its first row), one copy."""
+        n = len(self.leaves)
+        return _packing.unpack(self.first_of_rows(per_row), [1] * n, [()] * n)
 
 
 def real_shape(leaf) -> tuple[int, ...]:
@@ -303,11 +323,10 @@ def run_bucket(definition, bucket, p, g, slots, steps, hparams, options, mask):
     return new_p, {k: v.reshape(slots[k].shape) for k, v in new_slots.items()}
 
 
-def _auto_selects(leaves: Sequence[Any], idx: Sequence[int]) -> bool:
-    if not AUTO_MIN_LEAVES <= len(idx) <= AUTO_MAX_LEAVES:
-        return False
-    total = sum(math.prod(real_shape(leaves[i])) for i in idx)
-    return total / len(idx) <= AUTO_MAX_MEAN_SIZE
+def _auto_packs(leaf) -> bool:
+    """Whether `"auto"` packs this leaf (`set_policy`)."""
+    size = math.prod(real_shape(leaf))
+    return size * real_dtype(leaf).itemsize <= AUTO_MAX_LEAF_BYTES
 
 
 def apply_tree(
@@ -324,15 +343,19 @@ def apply_tree(
         return {}
     from ._core import _as_complex, _as_real
 
+    if pol == "auto" and not _packing.native_available():
+        return {}
     live = [
         i
         for i, (g, grp) in enumerate(zip(grad_leaves, group_of))
-        if g is not None and grp is not None
+        if g is not None
+        and grp is not None
+        and (pol == "always" or _auto_packs(leaves[i]))
     ]
     done = {}
     for bucket in make_buckets(leaves, group_of, live):
         idx = bucket.leaves
-        if pol == "auto" and not _auto_selects(leaves, idx):
+        if pol == "auto" and len(idx) < AUTO_MIN_LEAVES:
             continue
         kinds = _slot_kinds(slot_leaves, leaves, idx)
         if kinds is None:
@@ -349,19 +372,20 @@ def apply_tree(
             )
         steps = state.step[np.asarray(idx, dtype=np.int32)]
         hparams = {k: v[bucket.group] for k, v in state.hparams.items()}
-        m = None if mask is None else jnp.stack([jnp.asarray(mask[i]) for i in idx])
+        m = None
+        if mask is not None:  # one flag per leaf
+            m = _packing.pack([jnp.asarray(mask[i], bool) for i in idx], [1] * len(idx))
         new_p, new_slots = run_bucket(
             definition, bucket, p, g, slots, steps, hparams, options[bucket.group], m
         )
         shapes = [real_shape(leaves[i]) for i in idx]
-        ps = bucket.split(new_p, shapes)
+        ps = bucket.unpack(new_p, shapes)
         per_slot = {}
         for k, kind in kinds.items():
             if kind == "array":
-                per_slot[k] = bucket.split(new_slots[k], shapes)
+                per_slot[k] = bucket.unpack(new_slots[k], shapes)
             else:
-                vals = bucket.first_of_rows(new_slots[k])
-                per_slot[k] = [vals[j] for j in range(len(idx))]
+                per_slot[k] = bucket.unpack_scalars(new_slots[k])
         for j, i in enumerate(idx):
             own = {
                 k: _as_complex(per_slot[k][j], slot_leaves[k][i])

@@ -35,16 +35,15 @@ params and grads and is never read back by `unpack`.
 Optimizers whose rule is not elementwise (Adafactor, Muon, SparseAdam,
 LBFGS) run per leaf only and refuse `FlatParams`.
 
-On plain pytrees, `opt.step` can also pack per step (`set_policy`); by
-default it does not, since XLA CPU compiles a per-step pack of many leaves
-slowly: the fast path for many leaves is this layout.
+On plain pytrees, `opt.step` also packs per step (`set_policy`): by
+default the many small leaves of a tree on one CPU device, copied in and
+out natively each step. Many large leaves: this layout, with no copies.
 """
 
 from __future__ import annotations
 
 from ._multi_tensor import (
-    AUTO_MAX_LEAVES,
-    AUTO_MAX_MEAN_SIZE,
+    AUTO_MAX_LEAF_BYTES,
     AUTO_MIN_LEAVES,
     Bucket,
     FlatParams,
@@ -57,8 +56,7 @@ from ._multi_tensor import (
 )
 
 __all__ = [
-    "AUTO_MAX_LEAVES",
-    "AUTO_MAX_MEAN_SIZE",
+    "AUTO_MAX_LEAF_BYTES",
     "AUTO_MIN_LEAVES",
     "Bucket",
     "FlatParams",

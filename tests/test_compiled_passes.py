@@ -21,6 +21,7 @@ import optax
 import pytest
 
 import funcopt as fo
+from funcopt import _multi_tensor
 from tests._subprocess import HANG_GUARD_S
 
 N = 1 << 16
@@ -143,10 +144,14 @@ def two_shape_tree(n: int) -> dict:
     return {**vectors, **matrices}
 
 
-def lowered(step, init, params) -> jax.stages.Lowered:
-    """``step(params, grads, init(params))`` jitted, donated, lowered."""
+def lowered(step, init, params, path: str = "auto") -> jax.stages.Lowered:
+    """``step(params, grads, init(params))`` jitted, donated, lowered, with
+    the multi-tensor policy ``path`` (``"never"``: one program per leaf, the
+    path of large leaves and of every program off one CPU device)."""
     grads = jax.tree.map(lambda p: p * 0.1, params)
-    return jax.jit(step, donate_argnums=(0, 2)).lower(params, grads, init(params))
+    with _multi_tensor.policy(path):
+        step = jax.jit(step, donate_argnums=(0, 2))
+        return step.lower(params, grads, init(params))
 
 
 @pytest.mark.parametrize("name", RULES)
@@ -158,7 +163,7 @@ def test_same_shaped_leaves_share_compiled_kernels(name):
     opt = RULES[name][0]()
     kernels = [
         distinct_kernels(
-            lowered(opt.step, opt.init, two_shape_tree(n)).compile().as_text()
+            lowered(opt.step, opt.init, two_shape_tree(n), "never").compile().as_text()
         )
         for n in (3, 9)
     ]
@@ -177,7 +182,7 @@ def test_zero_dim_state_math_runs_once_for_all_leaves(name):
     optax's NAdam 3)."""
     opt = RULES[name][0]()
     entry = [
-        lowered(opt.step, opt.init, two_shape_tree(n))
+        lowered(opt.step, opt.init, two_shape_tree(n), "never")
         .compile()
         .as_text()
         .split("\nENTRY")[1]
@@ -210,7 +215,7 @@ def test_step_count_math_runs_once_for_all_leaves(name):
     3 (measured before: Adam 12 and 36)."""
     opt = RULES[name][0]()
     powers = [
-        lowered(opt.step, opt.init, two_shape_tree(n))
+        lowered(opt.step, opt.init, two_shape_tree(n), "never")
         .compile()
         .as_text()
         .count(" power(")
@@ -238,11 +243,15 @@ OPTAX_TWINS = {
 }
 
 
+@pytest.mark.parametrize("path", ["never", "auto"])
 @pytest.mark.parametrize("name", OPTAX_TWINS)
-def test_lowered_program_per_leaf_is_no_larger_than_optax(name):
+def test_lowered_program_per_leaf_is_no_larger_than_optax(name, path):
     """The StableHLO that JAX hands XLA grows per leaf by no more lines than
-    optax's for the same rule: the rule is traced once per shape and group
-    and called per leaf (``funcopt._core._leaf_step``)."""
+    optax's for the same rule, on both paths: per leaf, the rule is traced
+    once per shape and group and called per leaf
+    (``funcopt._core._leaf_step``); packed (the default for these small
+    leaves on one CPU device), a leaf adds its arguments and results and the
+    operands of one copy in and one out per buffer."""
     make_opt, make_tx = OPTAX_TWINS[name]
     opt, tx = make_opt(), make_tx()
 
@@ -252,7 +261,7 @@ def test_lowered_program_per_leaf_is_no_larger_than_optax(name):
 
     def lines_per_leaf(step, init):
         lines = [
-            len(lowered(step, init, two_shape_tree(n)).as_text().splitlines())
+            len(lowered(step, init, two_shape_tree(n), path).as_text().splitlines())
             for n in (4, 8)
         ]
         return (lines[1] - lines[0]) / 8
@@ -271,7 +280,7 @@ def test_leaf_programs_hold_no_calls_or_conditionals(name):
     (``_math.cpu_barrier``), since XLA's call-graph passes clone every call
     and conditional once per call site, that is per leaf."""
     opt = RULES[name][0]()
-    text = lowered(opt.step, opt.init, two_shape_tree(2)).as_text()
+    text = lowered(opt.step, opt.init, two_shape_tree(2), "never").as_text()
     programs = [
         f for f in text.split("func.func")[1:] if f.split("(")[0].endswith("@arrays")
     ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import pathlib
 
 LIBRARY = pathlib.Path(__file__).resolve().parent / "_fused_cpu.so"
@@ -24,7 +25,23 @@ TARGETS = {
     "FuncoptSgd": "funcopt_sgd",
     "FuncoptSgdMomentum": "funcopt_sgd_momentum",
     "FuncoptAdagrad": "funcopt_adagrad",
+    "FuncoptPack": "funcopt_pack",
+    "FuncoptUnpack": "funcopt_unpack",
 }
+
+
+# FUNCOPT_NATIVE values that select the pure JAX path
+_OFF = ("0", "false", "off", "no")
+
+
+def enabled_by_environment() -> bool:
+    """False where `FUNCOPT_NATIVE` is 0/false/off/no: no native code runs."""
+    return os.environ.get("FUNCOPT_NATIVE", "1").strip().lower() not in _OFF
+
+
+def usable() -> bool:
+    """The library is loaded and the environment does not turn it off."""
+    return enabled_by_environment() and isinstance(load(), tuple)
 
 
 @functools.cache

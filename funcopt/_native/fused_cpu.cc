@@ -680,6 +680,51 @@ ffi::Error AdagradImpl(ffi::ThreadPool pool, ffi::AnyBuffer param, ffi::AnyBuffe
   }
 }
 
+// ---- packing leaves into one buffer (the multi-tensor step on a tree) ----
+// `spans[i]` elements of the packed buffer belong to leaf i: its own elements,
+// then zeros. Plain copies: no rounding, any dtype.
+
+ffi::Error PackImpl(ffi::RemainingArgs leaves, ffi::Result<ffi::AnyBuffer> out,
+                    ffi::Span<const int64_t> spans) {
+  if (leaves.size() != spans.size())
+    return ffi::Error::InvalidArgument("funcopt_pack: one span per leaf");
+  const size_t item = ffi::ByteWidth(out->element_type());
+  char* dst = static_cast<char*>(out->untyped_data());
+  for (size_t i = 0; i < leaves.size(); ++i) {
+    auto leaf = leaves.get<ffi::AnyBuffer>(i);
+    if (!leaf.has_value())
+      return ffi::Error::InvalidArgument("funcopt_pack: bad leaf");
+    const size_t own = leaf->size_bytes();
+    const size_t span = static_cast<size_t>(spans[i]) * item;
+    if (own > span)
+      return ffi::Error::InvalidArgument("funcopt_pack: leaf larger than its span");
+    if (own) std::memcpy(dst, leaf->untyped_data(), own);
+    if (span > own) std::memset(dst + own, 0, span - own);
+    dst += span;
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error UnpackImpl(ffi::AnyBuffer packed, ffi::RemainingRets leaves,
+                      ffi::Span<const int64_t> spans) {
+  if (leaves.size() != spans.size())
+    return ffi::Error::InvalidArgument("funcopt_unpack: one span per leaf");
+  const size_t item = ffi::ByteWidth(packed.element_type());
+  const char* src = static_cast<const char*>(packed.untyped_data());
+  for (size_t i = 0; i < leaves.size(); ++i) {
+    auto leaf = leaves.get<ffi::AnyBuffer>(i);
+    if (!leaf.has_value())
+      return ffi::Error::InvalidArgument("funcopt_unpack: bad leaf");
+    const size_t own = (*leaf)->size_bytes();
+    const size_t span = static_cast<size_t>(spans[i]) * item;
+    if (own > span)
+      return ffi::Error::InvalidArgument("funcopt_unpack: leaf larger than its span");
+    if (own) std::memcpy((*leaf)->untyped_data(), src, own);
+    src += span;
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define FUNCOPT_ATTRS                          \
@@ -772,4 +817,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FuncoptAdagrad, AdagradImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>() FUNCOPT_ATTRS
                                   .Attr<ffi::Span<const int64_t>>("sizes")
+                                  .Attr<ffi::Span<const int64_t>>("spans"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FuncoptPack, PackImpl,
+                              ffi::Ffi::Bind()
+                                  .RemainingArgs()  // the leaves
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<ffi::Span<const int64_t>>("spans"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FuncoptUnpack, UnpackImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // the packed buffer
+                                  .RemainingRets()  // the leaves
                                   .Attr<ffi::Span<const int64_t>>("spans"));

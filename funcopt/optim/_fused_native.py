@@ -30,7 +30,6 @@ JAX path; one INFO log line (logger `funcopt`) says which path runs.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -43,8 +42,6 @@ from .._math import packed_layout, torch_cpu_block
 
 _log = logging.getLogger("funcopt")
 _switch: dict[str, Any] = {"enabled": None, "logged": False}
-# FUNCOPT_NATIVE values that select the JAX path
-_OFF = ("0", "false", "off", "no")
 
 
 def available() -> bool:
@@ -70,7 +67,7 @@ def set_native_fused(enabled: bool) -> None:
 
 def _requested() -> bool:
     if _switch["enabled"] is None:
-        return os.environ.get("FUNCOPT_NATIVE", "1").strip().lower() not in _OFF
+        return _native.enabled_by_environment()
     return bool(_switch["enabled"])
 
 

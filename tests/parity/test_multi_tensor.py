@@ -24,7 +24,7 @@ import funcopt.flat as ff
 from funcopt import _math, _multi_tensor
 from tests.parity import test_optim
 from tests.parity.cases import OPT_CASES, OPT_PARAMS_16BIT
-from tests.torch_ref import make_params, using_torch_cpu_block
+from tests.torch_ref import make_params, run_funcopt_flagged, using_torch_cpu_block
 
 
 def _elementwise(case) -> bool:
@@ -181,3 +181,36 @@ def test_width_choice():
     assert ff.choose_width([1_000] * 2_000) == 1_000
     assert 10_000_000 % ff.choose_width([10_000_000]) == 0
     assert ff.choose_width([]) >= 1
+
+
+def _many_small_leaves(rng, dtype) -> dict:
+    """A tree the default policy packs: 10 small leaves of one group, of
+    four shapes (few per-leaf programs to compile), a 0-d one included."""
+    shapes = [(7,), (4, 5), (7,), (), (4, 5), (129,), (7,), (4, 5), (129,), (7,)]
+    return {f"w{i:02d}": rng.normal(size=s).astype(dtype) for i, s in enumerate(shapes)}
+
+
+@pytest.mark.parametrize("mode", ["exact-float32", "bfloat16"])
+@pytest.mark.parametrize("case", ELEMENTWISE, ids=lambda c: c.name)
+def test_the_packed_default_gives_the_per_leaf_bits(case, mode, x64):
+    """The choice of path changes no bit where funcopt is bit-exact with
+    torch: the exact float32 mode and 16-bit leaves, all flags on, with
+    missing gradients (``has_grad`` flags). (Plain float32 and float64
+    programs can differ by an ulp between the paths: XLA compiles the same
+    ops per shape; see ``funcopt.flat.set_policy``.)"""
+    dtype = np.dtype(np.float32 if mode == "exact-float32" else jnp.bfloat16)
+    rng = np.random.default_rng(2)
+    params = _many_small_leaves(rng, dtype)
+    grads_seq = test_optim.make_grads(rng, params, 4, True)
+    _math.set_exact_float32(mode == "exact-float32")
+    try:
+        runs = []
+        for path in ("never", "auto"):
+            with ff.policy(path):
+                runs.append(
+                    run_funcopt_flagged(case, case.combos()[-1], params, grads_seq)
+                )
+    finally:
+        _math.set_exact_float32(False)
+    for a, e in zip(jax.tree.leaves(runs[1]), jax.tree.leaves(runs[0])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(e))

@@ -1,0 +1,216 @@
+"""Leaves into one buffer and back: the copies of the multi-tensor step.
+
+`pack(leaves, spans)` lays the leaves end to end in one 1-D buffer, leaf `i`
+owning `spans[i]` elements (its own, then zeros); `unpack(buffer, spans,
+shapes)` cuts them out again. Both are plain copies (no rounding), linear
+(differentiable both ways: each is the other's transpose) and batch under
+`vmap`.
+
+Why primitives and not `jnp.concatenate`/`jnp.split`: XLA's CPU compiler
+spends time that grows with the number of operands and pieces. Measured for
+Adam on 1,000 float32 leaves of 1,000 (2-core AMD EPYC), the step with its
+leaves packed per step compiles in 10.6 s with a concatenate, 46 s with
+static slices and 3.1 s with these copies (optax 10.6 s). Lowered
+for one CPU device with the native library loaded (`funcopt._native`), each is
+one custom call that copies with `memcpy`. Anywhere else (GPU, TPU, a program
+over several devices, no library, `FUNCOPT_NATIVE=0`) they lower to the
+concatenate and slices, which those compilers handle well and the GSPMD
+partitioner understands.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.extend.core as jcore
+import jax.numpy as jnp
+import numpy as np
+from jax.interpreters import ad, batching, mlir
+
+from . import _native
+
+PACK_TARGET = "funcopt_pack"
+UNPACK_TARGET = "funcopt_unpack"
+
+
+def pack(leaves: Sequence[jax.Array], spans: Sequence[int]) -> jax.Array:
+    """The leaves (one dtype) raveled end to end into one 1-D buffer of
+    `sum(spans)` elements, leaf `i` in `spans[i]` of them, zero padded."""
+    leaves = [jnp.asarray(x) for x in leaves]
+    spans = tuple(int(s) for s in spans)
+    _check_pack(leaves, spans)
+    return _pack_p.bind(*leaves, spans=spans)
+
+
+def unpack(
+    buffer: jax.Array, spans: Sequence[int], shapes: Sequence[tuple[int, ...]]
+) -> list[jax.Array]:
+    """The inverse of `pack`: leaf `i`, of `shapes[i]`, from the first
+    elements of its span."""
+    spans = tuple(int(s) for s in spans)
+    shapes = tuple(tuple(int(d) for d in s) for s in shapes)
+    _check_unpack(buffer, spans, shapes)
+    return _unpack_p.bind(buffer, spans=spans, shapes=shapes)
+
+
+def native_available() -> bool:
+    """Whether a program traced now would pack with the native copies:
+    the library is loaded and the program runs on one CPU device."""
+    return (
+        _native.usable() and jax.default_backend() == "cpu" and jax.device_count() == 1
+    )
+
+
+# --------------------------------------------------------------------------
+# the reference: what every lowering computes
+# --------------------------------------------------------------------------
+
+
+def _pack_reference(*leaves, spans):
+    parts = []
+    for leaf, span in zip(leaves, spans):
+        parts.append(jnp.ravel(leaf))
+        if span > leaf.size:
+            parts.append(jnp.zeros(span - leaf.size, leaf.dtype))
+    if not parts:
+        return jnp.zeros(0, leaves[0].dtype)
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+
+def _unpack_reference(buffer, *, spans, shapes):
+    out, start = [], 0
+    for span, shape in zip(spans, shapes):
+        size = math.prod(shape)
+        out.append(jax.lax.slice(buffer, (start,), (start + size,)).reshape(shape))
+        start += span
+    return out
+
+
+# --------------------------------------------------------------------------
+# the primitives
+# --------------------------------------------------------------------------
+
+
+def _check_pack(leaves, spans):
+    if len(leaves) != len(spans) or not leaves:
+        raise ValueError(f"pack: {len(leaves)} leaves for {len(spans)} spans")
+    if len({jnp.dtype(x.dtype) for x in leaves}) != 1:
+        raise TypeError("pack: the leaves must share one dtype")
+    for x, span in zip(leaves, spans):
+        if x.size > span:
+            raise ValueError(f"pack: a leaf of {x.size} elements in a span of {span}")
+
+
+def _check_unpack(buffer, spans, shapes):
+    if buffer.ndim != 1 or buffer.shape[0] != sum(spans):
+        raise ValueError(f"unpack: a buffer of shape {buffer.shape} for spans {spans}")
+    for shape, span in zip(shapes, spans, strict=True):
+        if math.prod(shape) > span:
+            raise ValueError(f"unpack: a leaf of shape {shape} in a span of {span}")
+
+
+def _pack_abstract(*leaves, spans):
+    return jax.core.ShapedArray((sum(spans),), leaves[0].dtype)
+
+
+def _unpack_abstract(buffer, *, spans, shapes):
+    return [jax.core.ShapedArray(s, buffer.dtype) for s in shapes]
+
+
+def _native_copies(ctx) -> bool:
+    """Lowered for one CPU device, with the native library usable."""
+    devices = getattr(ctx.module_context.axis_context, "num_devices", None)
+    return devices == 1 and _native.usable()
+
+
+def _int64s(values):
+    return np.asarray(values, dtype=np.int64)
+
+
+def _pack_jvp(primals, tangents, *, spans):
+    tangents = [ad.instantiate_zeros(t) for t in tangents]
+    return pack(primals, spans), pack(tangents, spans)
+
+
+def _unpack_jvp(primals, tangents, *, spans, shapes):
+    (buffer,), (tangent,) = primals, tangents
+    return unpack(buffer, spans, shapes), unpack(
+        ad.instantiate_zeros(tangent), spans, shapes
+    )
+
+
+def _pack_transpose(cotangent, *leaves, spans):
+    if type(cotangent) is ad.Zero:
+        return [ad.Zero(x.aval) if ad.is_undefined_primal(x) else None for x in leaves]
+    shapes = [(x.aval if ad.is_undefined_primal(x) else x).shape for x in leaves]
+    cts = unpack(cotangent, spans, shapes)
+    return [c if ad.is_undefined_primal(x) else None for c, x in zip(cts, leaves)]
+
+
+def _unpack_transpose(cotangents, buffer, *, spans, shapes):
+    dtype = buffer.aval.dtype
+    cts = [
+        jnp.zeros(shape, dtype) if type(c) is ad.Zero else c
+        for c, shape in zip(cotangents, shapes)
+    ]
+    return [pack(cts, spans)]
+
+
+def _pack_batched(values, dims, *, spans):
+    size = next(v.shape[d] for v, d in zip(values, dims) if d is not None)
+    values = [
+        jnp.broadcast_to(v, (size, *v.shape)) if d is None else jnp.moveaxis(v, d, 0)
+        for v, d in zip(values, dims)
+    ]
+    return jax.vmap(functools.partial(_pack_reference, spans=spans))(*values), 0
+
+
+def _unpack_batched(values, dims, *, spans, shapes):
+    (buffer,), (dim,) = values, dims
+    unpack_one = functools.partial(_unpack_reference, spans=spans, shapes=shapes)
+    return jax.vmap(unpack_one, in_axes=dim)(buffer), [0] * len(shapes)
+
+
+def _primitive(name, reference, abstract, jvp, transpose, batched, multiple=False):
+    """A primitive that computes `reference`: the native FFI target `name`
+    where lowered for one CPU device (`_native_copies`), XLA's lowering of
+    `reference` everywhere else."""
+    xla_lowering = mlir.lower_fun(reference, multiple_results=multiple)
+
+    def cpu_lowering(ctx, *args, spans, **params):
+        if not _native_copies(ctx):
+            return xla_lowering(ctx, *args, spans=spans, **params)
+        return jax.ffi.ffi_lowering(name)(ctx, *args, spans=_int64s(spans))
+
+    prim = jcore.Primitive(name)
+    prim.multiple_results = multiple
+    prim.def_impl(reference)
+    prim.def_abstract_eval(abstract)
+    mlir.register_lowering(prim, xla_lowering)
+    mlir.register_lowering(prim, cpu_lowering, platform="cpu")
+    ad.primitive_jvps[prim] = jvp
+    ad.primitive_transposes[prim] = transpose
+    batching.primitive_batchers[prim] = batched
+    return prim
+
+
+_pack_p = _primitive(
+    PACK_TARGET,
+    _pack_reference,
+    _pack_abstract,
+    _pack_jvp,
+    _pack_transpose,
+    _pack_batched,
+)
+_unpack_p = _primitive(
+    UNPACK_TARGET,
+    _unpack_reference,
+    _unpack_abstract,
+    _unpack_jvp,
+    _unpack_transpose,
+    _unpack_batched,
+    multiple=True,
+)

@@ -1,0 +1,191 @@
+"""The copies of the per-step multi-tensor path (`funcopt._packing`).
+
+`pack`/`unpack` lower to one native `memcpy` call per buffer on one CPU
+device and to XLA's concatenate and slices elsewhere; both must give the
+reference's bits, differentiate (each is the other's transpose) and batch.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import funcopt as fo
+from funcopt import _native, _packing
+from funcopt import flat as ff
+
+SHAPES = [(3,), (2, 4), (0,), (), (7,)]
+SPANS = [4, 8, 2, 1, 16]  # padding after all but the second leaf
+
+
+def _leaves(dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(rng.standard_normal(s), dtype) for s in SHAPES]
+
+
+def _reference_pack(leaves):
+    return _packing._pack_reference(*leaves, spans=tuple(SPANS))
+
+
+def _reference_unpack(buffer):
+    return _packing._unpack_reference(buffer, spans=tuple(SPANS), shapes=tuple(SHAPES))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int32])
+def test_pack_and_unpack_copy_the_bits(dtype):
+    leaves = _leaves(dtype)
+    packed = jax.jit(lambda xs: _packing.pack(xs, SPANS))(leaves)
+    expected = _reference_pack(leaves)
+    assert packed.dtype == expected.dtype and packed.shape == (sum(SPANS),)
+    np.testing.assert_array_equal(np.asarray(packed), np.asarray(expected))
+    pad = np.ones(sum(SPANS), bool)
+    start = 0
+    for shape, span in zip(SHAPES, SPANS):
+        pad[start : start + int(np.prod(shape))] = False
+        start += span
+    assert not np.asarray(packed, np.float64)[pad].any(), "padding is zeros"
+    back = jax.jit(lambda b: _packing.unpack(b, SPANS, SHAPES))(packed)
+    for got, leaf in zip(back, leaves):
+        assert got.shape == leaf.shape and got.dtype == leaf.dtype
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(leaf))
+
+
+def test_one_cpu_device_lowers_to_the_native_copies():
+    """Not a skip: the library is built wherever a compiler is (CI builds it);
+    `FUNCOPT_NATIVE=0` or no library lowers to XLA's concatenate."""
+    leaves = _leaves(jnp.float32)
+    text = jax.jit(lambda xs: _packing.pack(xs, SPANS)).lower(leaves).as_text()
+    text += (
+        jax.jit(lambda b: _packing.unpack(b, SPANS, SHAPES))
+        .lower(_reference_pack(leaves))
+        .as_text()
+    )
+    native = _native.usable()
+    assert ("@funcopt_pack" in text) == native
+    assert ("@funcopt_unpack" in text) == native
+    assert ("stablehlo.concatenate" in text) != native
+
+
+def test_gradients_and_tangents_are_the_reference_ones():
+    leaves = _leaves(jnp.float64 if jax.config.x64_enabled else jnp.float32)
+    weights = jnp.arange(sum(SPANS), dtype=leaves[0].dtype)
+
+    def loss(pack):
+        return lambda xs: jnp.sum(pack(xs) ** 2 * weights)
+
+    ours = jax.jit(jax.grad(loss(lambda xs: _packing.pack(xs, SPANS))))(leaves)
+    ref = jax.grad(loss(_reference_pack))(leaves)
+    for a, b in zip(ours, ref):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    buffer = _reference_pack(leaves)
+
+    def unpack_loss(unpack):
+        return lambda b: sum(jnp.sum(x**3) for x in unpack(b))
+
+    ours = jax.jit(jax.grad(unpack_loss(lambda b: _packing.unpack(b, SPANS, SHAPES))))
+    np.testing.assert_array_equal(
+        np.asarray(ours(buffer)),
+        np.asarray(jax.grad(unpack_loss(_reference_unpack))(buffer)),
+    )
+    tangent = jnp.ones_like(buffer)
+    _, t_ours = jax.jvp(
+        lambda b: _packing.unpack(b, SPANS, SHAPES), (buffer,), (tangent,)
+    )
+    _, t_ref = jax.jvp(_reference_unpack, (buffer,), (tangent,))
+    for a, b in zip(t_ours, t_ref):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    _, t_ours = jax.jvp(lambda xs: _packing.pack(xs, SPANS), (leaves,), (leaves,))
+    np.testing.assert_array_equal(
+        np.asarray(t_ours), np.asarray(_reference_pack(leaves))
+    )
+
+
+def test_vmap_batches_any_leaf():
+    leaves = _leaves(jnp.float32)
+    batched = [jnp.stack([x, x + 1, x * 2]) for x in leaves]
+    in_axes = ([0, None, 0, None, 0],)
+    args = [b if a == 0 else x for b, x, a in zip(batched, leaves, in_axes[0])]
+    got = jax.jit(jax.vmap(lambda xs: _packing.pack(xs, SPANS), in_axes=in_axes))(args)
+    want = jax.vmap(_reference_pack, in_axes=in_axes)(args)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    back = jax.jit(jax.vmap(lambda b: _packing.unpack(b, SPANS, SHAPES)))(want)
+    for got, x in zip(back, jax.vmap(_reference_unpack)(want)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(x))
+
+
+def test_bad_packs_raise():
+    with pytest.raises(TypeError, match="one dtype"):
+        _packing.pack([jnp.ones(2), jnp.ones(2, jnp.int32)], [2, 2])
+    with pytest.raises(ValueError, match="a leaf of 3 elements in a span of 2"):
+        _packing.pack([jnp.ones(3)], [2])
+    with pytest.raises(ValueError, match="2 leaves for 1 spans"):
+        _packing.pack([jnp.ones(1), jnp.ones(1)], [2])
+    with pytest.raises(ValueError, match="a buffer of shape"):
+        _packing.unpack(jnp.ones(5), [2, 2], [(2,), (2,)])
+
+
+# --------------------------------------------------------------------------
+# the default path: many small leaves packed per step
+# --------------------------------------------------------------------------
+
+
+def _small_tree(n=12):
+    rng = np.random.default_rng(3)
+    tree = {
+        f"b{i:02d}": jnp.asarray(rng.standard_normal(17 + i), jnp.float32)
+        for i in range(n)
+    }
+    tree["big"] = jnp.asarray(rng.standard_normal((64, 32)), jnp.float32)
+    return tree
+
+
+def test_default_step_packs_the_small_leaves_on_one_cpu_device():
+    """`opt.step` on a tree of many small leaves: one copy in per buffer
+    (params, grads, 2 moments) and one out per updated buffer, the large
+    leaf on its own; the per-leaf path where native copies are off."""
+    params = _small_tree()
+    grads = jax.tree.map(lambda p: p * 0.1, params)
+    opt = fo.adam(lr=1e-2)
+    text = jax.jit(opt.step).lower(params, grads, opt.init(params)).as_text()
+    if _native.usable():
+        assert text.count("stablehlo.custom_call @funcopt_pack(") == 4
+        assert text.count("stablehlo.custom_call @funcopt_unpack(") == 3
+    else:
+        assert "funcopt_pack" not in text and "concatenate" not in text
+
+
+def test_default_step_gives_the_per_leaf_paths_bits(x64, exact_float32):
+    """The packed default and the per-leaf path agree bit for bit where
+    funcopt is bit-exact with torch (here the exact float32 mode; 16-bit in
+    tests/parity/test_multi_tensor.py)."""
+    params = _small_tree()
+    grads = jax.tree.map(jnp.cos, params)
+    results = []
+    for path in ("auto", "never"):
+        opt = fo.adamw(lr=1e-2, weight_decay=0.1, amsgrad=True)
+        with ff.policy(path):
+            step = jax.jit(opt.step)
+            p, s = params, opt.init(params)
+            for _ in range(3):
+                p, s = step(p, grads, s)
+        results.append(jax.tree.leaves((p, s)))
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_gradients_flow_through_the_packed_step():
+    params = _small_tree()
+    grads = jax.tree.map(jnp.cos, params)
+
+    def loss(params, path):
+        opt = fo.sgd(lr=0.1, momentum=0.9)
+        with ff.policy(path):
+            p, s = opt.step(params, grads, opt.init(params))
+            p, s = opt.step(p, grads, s)
+        return sum(jnp.sum(x**2) for x in jax.tree.leaves(p))
+
+    packed = jax.jit(jax.grad(loss), static_argnums=1)(params, "auto")
+    per_leaf = jax.jit(jax.grad(loss), static_argnums=1)(params, "never")
+    for a, b in zip(jax.tree.leaves(packed), jax.tree.leaves(per_leaf)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)

@@ -31,7 +31,7 @@ from tests.torch_ref import (
     trainable_leaves,
 )
 
-DISABLED = os.environ.get("FUNCOPT_NATIVE", "1").strip().lower() in _fused_native._OFF
+DISABLED = not fo._native.enabled_by_environment()
 pytestmark = pytest.mark.skipif(DISABLED, reason="FUNCOPT_NATIVE=0: the JAX path")
 STEPS = 100
 CHILD = "FUNCOPT_TEST_NATIVE_CHILD"

@@ -653,7 +653,9 @@ def _apply(definition, params, grads, state, has_grad):
         )
     # each leaf reads its step count and its group's hyperparameters at
     # runtime indices, so that same-shaped leaves share one compiled kernel
-    n_index = max(len(leaves), len(names)) if leaves else 0
+    # (none needed when every leaf was packed)
+    some_per_leaf = len(packed) < sum(g is not None for g in grad_leaves)
+    n_index = max(len(leaves), len(names)) if some_per_leaf else 0
     index = _compile.runtime_ints(range(n_index), state.step)
     # the counts after this step, read by the rules
     stepped = state.step + 1

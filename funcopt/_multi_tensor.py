@@ -199,7 +199,10 @@ class Bucket:
     def pack(self, real_leaves: Sequence[jax.Array]) -> jax.Array:
         """Real leaves (in bucket order) -> `[n_rows, width]` (zero padded):
         one copy (`funcopt._packing.pack`)."""
-        leaves = [jnp.asarray(x).astype(self.dtype) for x in real_leaves]
+        leaves = [
+            x if x.dtype == self.dtype else x.astype(self.dtype)
+            for x in map(_packing.as_array, real_leaves)
+        ]
         return _packing.pack(leaves, self.spans).reshape(self.n_rows, self.width)
 
     def unpack(self, buffer: jax.Array, shapes: Sequence[tuple[int, ...]]) -> list:
@@ -240,14 +243,13 @@ class Bucket:
 
     def pack_scalars(self, values: Sequence[jax.Array]) -> jax.Array:
         """Per-leaf 0-dim values -> `[n_rows]` (one value per row), in one
-        copy (a stack of many 0-d values compiles one kernel per value)."""
-        per_leaf = _packing.pack([jnp.asarray(v) for v in values], [1] * len(values))
+        copy."""
+        per_leaf = _packing.stack_scalars(values)
         return per_leaf if self.one_row_per_leaf else per_leaf[self.row_leaf]
 
     def unpack_scalars(self, per_row: jax.Array) -> list:
         """`[n_rows]` -> each leaf's 0-dim value (its first row), one copy."""
-        n = len(self.leaves)
-        return _packing.unpack(self.first_of_rows(per_row), [1] * n, [()] * n)
+        return _packing.unstack_scalars(self.first_of_rows(per_row))
 
 
 def real_shape(leaf) -> tuple[int, ...]:
@@ -374,7 +376,7 @@ def apply_tree(
         hparams = {k: v[bucket.group] for k, v in state.hparams.items()}
         m = None
         if mask is not None:  # one flag per leaf
-            m = _packing.pack([jnp.asarray(mask[i], bool) for i in idx], [1] * len(idx))
+            m = _packing.stack_scalars([jnp.asarray(mask[i], bool) for i in idx])
         new_p, new_slots = run_bucket(
             definition, bucket, p, g, slots, steps, hparams, options[bucket.group], m
         )

@@ -39,7 +39,7 @@ UNPACK_TARGET = "funcopt_unpack"
 def pack(leaves: Sequence[jax.Array], spans: Sequence[int]) -> jax.Array:
     """The leaves (one dtype) raveled end to end into one 1-D buffer of
     `sum(spans)` elements, leaf `i` in `spans[i]` of them, zero padded."""
-    leaves = [jnp.asarray(x) for x in leaves]
+    leaves = [as_array(x) for x in leaves]
     spans = tuple(int(s) for s in spans)
     _check_pack(leaves, spans)
     return _pack_p.bind(*leaves, spans=spans)
@@ -54,6 +54,24 @@ def unpack(
     shapes = tuple(tuple(int(d) for d in s) for s in shapes)
     _check_unpack(buffer, spans, shapes)
     return _unpack_p.bind(buffer, spans=spans, shapes=shapes)
+
+
+def stack_scalars(values: Sequence[jax.Array]) -> jax.Array:
+    """0-d values (one dtype) -> one 1-D buffer, in one copy (`jnp.stack`
+    of many 0-d values compiles one kernel per value)."""
+    return pack(values, [1] * len(values))
+
+
+def unstack_scalars(buffer: jax.Array) -> list[jax.Array]:
+    """The inverse of `stack_scalars`: a 1-D buffer -> its 0-d values."""
+    n = buffer.shape[0]
+    return unpack(buffer, [1] * n, [()] * n)
+
+
+def as_array(x) -> jax.Array:
+    """`x` as a JAX array; arrays and tracers pass through untouched
+    (`jnp.asarray` costs ~40 us a leaf while tracing)."""
+    return x if isinstance(x, jax.Array) else jnp.asarray(x)
 
 
 def native_available() -> bool:
@@ -151,12 +169,7 @@ def _pack_transpose(cotangent, *leaves, spans):
 
 
 def _unpack_transpose(cotangents, buffer, *, spans, shapes):
-    dtype = buffer.aval.dtype
-    cts = [
-        jnp.zeros(shape, dtype) if type(c) is ad.Zero else c
-        for c, shape in zip(cotangents, shapes)
-    ]
-    return [pack(cts, spans)]
+    return [pack([ad.instantiate_zeros(c) for c in cotangents], spans)]
 
 
 def _pack_batched(values, dims, *, spans):

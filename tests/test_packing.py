@@ -50,6 +50,17 @@ def test_pack_and_unpack_copy_the_bits(dtype):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(leaf))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bool_])
+def test_scalars_stack_into_one_buffer_and_back(dtype):
+    values = [jnp.asarray(v, dtype) for v in (1.5, 0.0, -2.25, 3.0)]
+    stacked = jax.jit(_packing.stack_scalars)(values)
+    assert stacked.shape == (len(values),) and stacked.dtype == values[0].dtype
+    np.testing.assert_array_equal(np.asarray(stacked), np.stack(values))
+    back = jax.jit(_packing.unstack_scalars)(stacked)
+    assert [v.shape for v in back] == [()] * len(values)
+    np.testing.assert_array_equal(np.asarray(back), np.asarray(values))
+
+
 def test_one_cpu_device_lowers_to_the_native_copies():
     """Not a skip: the library is built wherever a compiler is (CI builds it);
     `FUNCOPT_NATIVE=0` or no library lowers to XLA's concatenate."""

@@ -90,6 +90,10 @@ def test_targets_writes_every_kind_of_target(tmp_path):
         assert any(f"fused=True {name}," in t and "roofline" in t for t in targets)
     assert all(r["funcopt"] > 0 and r["reference"] > 0 for r in rows)
     assert all(r["met"] == (r["ratio"] <= float(r["goal"][3:-1])) for r in rows)
+    # issue 15's compile and step rows say the ratio of the program without
+    # the optimizer (the floor no optimizer can go under)
+    paths = [r for r in rows if r["issue"] == 15]
+    assert paths and all(r["floor_ratio"] > 0 for r in paths)
     markdown = (tmp_path / "targets.md").read_text()
     assert f"of {len(rows)} met." in markdown
 

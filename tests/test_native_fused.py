@@ -206,9 +206,13 @@ def test_torch_default_build_without_fma():
 )
 def test_large_leaves_split_over_threads(case, kwargs, torch_cpu_loop):
     """Leaves large enough to be split over XLA's intra-op threads (in
-    chunks of whole vectors, the tail in the last): torch's bits still."""
+    chunks of whole vectors, the tail in the last): torch's bits still.
+    "b" is just over the two-chunk threshold (2 x 16,384 elements)."""
     rng = np.random.default_rng(5)
-    params = {"a": rng.normal(size=(1 << 18) + 5).astype(np.float32)}
+    params = {
+        "a": rng.normal(size=(1 << 18) + 5).astype(np.float32),
+        "b": rng.normal(size=40_003).astype(np.float32),
+    }
     grads = grads_for(rng, params, 5)
     new_params, state = run_funcopt(case, kwargs, params, grads, jit=True)
     check_against_torch(case, kwargs, params, grads, new_params, state)

@@ -109,7 +109,10 @@ ffi::Error segments(int64_t total, ffi::Span<const int64_t> sizes,
 // one call), shared with XLA's intra-op thread pool for large n. The
 // caller takes chunks too and returns once every chunk is done; a pool task
 // that starts late finds none left (no deadlock, whatever the pool does).
-constexpr int64_t kGrain = int64_t{1} << 16;
+// Split from 2 x 16,384 elements: Adam on 100 leaves of 100,000 float32
+// (one call each) took 17.5 ms a step with a grain of 65,536 (every call on
+// one thread) and 11.5 ms with this one (2-core AMD EPYC).
+constexpr int64_t kGrain = int64_t{1} << 14;
 
 template <typename T, typename F>
 void for_chunks(ffi::ThreadPool& pool, int64_t n, F&& f) {

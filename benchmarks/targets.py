@@ -298,7 +298,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         met = "yes" if r["met"] else "no" + (f" ({r['note']})" if "note" in r else "")
         lines.append(
             f"| #{r['issue']} | {r['target']} | {f(r['funcopt'])} | "
-            f"{f(r['reference'])} | {f(r['ratio'])} | {f(r.get('floor_ratio'))} | "
+            f"{f(r['reference'])} | {f(r['ratio'])} | {f(r['floor_ratio'])} | "
             f"{r['goal']} | {met} |"
         )
     return "\n".join(lines) + "\n"

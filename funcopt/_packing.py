@@ -68,10 +68,12 @@ def unstack_scalars(buffer: jax.Array) -> list[jax.Array]:
     return unpack(buffer, [1] * n, [()] * n)
 
 
-def as_array(x) -> jax.Array:
-    """`x` as a JAX array; arrays and tracers pass through untouched
-    (`jnp.asarray` costs ~40 us a leaf while tracing)."""
-    return x if isinstance(x, jax.Array) else jnp.asarray(x)
+def as_array(x, dtype=None) -> jax.Array:
+    """`x` as a JAX array (of `dtype` if given); arrays and tracers already
+    of that dtype pass through untouched (`jnp.asarray` costs ~40 us a leaf
+    while tracing)."""
+    x = x if isinstance(x, jax.Array) else jnp.asarray(x)
+    return x if dtype is None or x.dtype == dtype else x.astype(dtype)
 
 
 def native_available() -> bool:

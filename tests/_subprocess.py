@@ -15,7 +15,12 @@ import re
 import subprocess
 import sys
 
+import jax
+
 HANG_GUARD_S = 1500
+# the calling test process's XLA compilation cache, for a child pytest
+# (tests/conftest.py: one directory per process, no lock)
+CACHE_DIR_ENV = "FUNCOPT_TEST_JAX_CACHE_DIR"
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # what a failed child's assertion shows: its output's end (failures, summary)
 _TAIL = 6000
@@ -31,6 +36,9 @@ def run_pytest_child(args: list[str], env: dict[str, str], probe: str | None = N
     would import torch and JAX again. The child fails the calling test when
     the probe or any row fails, or when it runs past `HANG_GUARD_S`.
     """
+    cache = jax.config.jax_compilation_cache_dir
+    if cache:  # the child runs while this process waits: one writer at a time
+        env = {**env, CACHE_DIR_ENV: cache}
     code = f"import sys\n{probe or ''}\nimport pytest\nsys.exit(pytest.main({args!r}))"
     child = subprocess.run(
         [sys.executable, "-c", code],

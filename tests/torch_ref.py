@@ -316,8 +316,8 @@ def run_funcopt(case: OptCase, kwargs, params, grads_seq, jit: bool):
     return params, state
 
 
-def run_funcopt_flagged(case: OptCase, kwargs, params, grads_seq):
-    """:func:`run_funcopt` (jit) with ``None`` gradients as ``has_grad`` flags.
+def run_funcopt_flagged(case: OptCase, kwargs, params, grads_seq, jit: bool = True):
+    """:func:`run_funcopt` with ``None`` gradients as ``has_grad`` flags.
 
     The same semantics (torch's ``p.grad = None``), compiled once instead of
     once per ``None`` pattern. Non-trainable leaves keep their ``None``.
@@ -326,7 +326,7 @@ def run_funcopt_flagged(case: OptCase, kwargs, params, grads_seq):
     params = jax.tree.map(jnp.asarray, params)
     leaves, treedef = jax.tree.flatten(params)
     state = opt.init(params)
-    step = jax.jit(opt.step)
+    step = jax.jit(opt.step) if jit else opt.step
     for grads in grads_seq:
         flat = treedef.flatten_up_to(grads)
         has_grad = treedef.unflatten([g is not None for g in flat])

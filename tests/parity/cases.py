@@ -223,8 +223,8 @@ ERROR_CASES = (
 )
 
 OPT_PARAMS = [p for case in OPT_CASES + FLAG_CASES for p in case.params()]
-# Eager (no-jit) runs are slow; one combination per optimizer, all flags on.
-OPT_PARAMS_EAGER = [case.params()[-1] for case in OPT_CASES]
+# One combination per optimizer, all flags on.
+OPT_PARAMS_ALL_FLAGS = [case.params()[-1] for case in OPT_CASES]
 # float64 runs prove the formula for every combination; float32 runs prove the
 # dtype handling, for which every other combination (and the all-flags one) is
 # enough

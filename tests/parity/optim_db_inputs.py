@@ -162,10 +162,10 @@ def _db_inputs(optimizer: str) -> list[tuple[str, dict[str, Any], bool]]:
 
 
 def _modes(optimizer: str, desc: str, dtype: str) -> list[bool]:
-    """`jit` flags of an input's rows. Every input runs un-jitted (funcopt's
-    own compiled kernels are reused across rows: ~6 ms a row once warm, where
-    an outer `jax.jit` recompiles each new optimizer, ~0.4 s); each
-    optimizer's default input runs jitted as well, in float64. L-BFGS is the
+    """`jit` flags of an input's rows. Every input runs un-jitted, as a
+    torch-style loop calls `opt.step` (which compiles the step whole,
+    `funcopt._core.compiled_when_concrete`); each optimizer's default input
+    runs jitted as well, in float64. L-BFGS is the
     other way round: jitted throughout (its closure-driven loop is slow
     eagerly), its default input un-jitted as well."""
     default = desc in ("default", "sparse grad") and dtype == "float64"
@@ -448,7 +448,12 @@ def run_torch(row: DbRow, params: dict, grads_seq: list) -> list[Snapshot]:
 
 
 def run_funcopt(row: DbRow, params: dict, grads_seq: list) -> list[tuple]:
-    """funcopt's `(params, state)` after each step."""
+    """funcopt's `(params, state)` after each step.
+
+    Dense rows give a missing gradient as a `has_grad` flag (torch's
+    `p.grad = None`: one program a row, where a `None` leaf is a second
+    one; `None` leaves run against torch in `test_optim.py`); sparse rows
+    give it as `None`."""
     opt = row.factory()(**funcopt_kwargs(row.kwargs))
     ours = jax.tree.map(jnp.asarray, params)
     state = opt.init(ours)
@@ -460,9 +465,14 @@ def run_funcopt(row: DbRow, params: dict, grads_seq: list) -> list[tuple]:
                 k: None if g is None else _bcoo(*g, params[k].shape)
                 for k, g in grads.items()
             }
+            ours, state = step(ours, grads, state)
         else:
-            grads = {k: None if g is None else jnp.asarray(g) for k, g in grads.items()}
-        ours, state = step(ours, grads, state)
+            has_grad = {k: g is not None for k, g in grads.items()}
+            grads = {
+                k: jnp.zeros_like(ours[k]) if g is None else jnp.asarray(g)
+                for k, g in grads.items()
+            }
+            ours, state = step(ours, grads, state, has_grad=has_grad)
         out.append((ours, state))
     return out
 

@@ -9,7 +9,7 @@ from funcopt.optim.adam import adam
 from tests.parity.cases import (
     OPT_PARAMS,
     OPT_PARAMS_16BIT,
-    OPT_PARAMS_EAGER,
+    OPT_PARAMS_ALL_FLAGS,
     OPT_PARAMS_F32,
 )
 from tests.parity.noise_floor import assert_close
@@ -72,7 +72,8 @@ def _compare(case, kwargs, dtype, jit, with_none, rtol, atol, seed=0, flagged=Fa
 # Every flag combination, jitted. The None-gradient pattern (which also has
 # steps where every leaf has a gradient) goes in as ``has_grad`` flags: the
 # same semantics, one compile per row instead of one per pattern. ``None``
-# leaves themselves run below, jitted and eagerly, for every optimizer.
+# leaves themselves run below, for every optimizer (jitted: an eager step is
+# the jitted program, bit for bit, tests/parity/test_eager_jit.py).
 @pytest.mark.parametrize("with_none", [True], ids=["none-grads"])
 @pytest.mark.parametrize("case,kwargs", OPT_PARAMS)
 def test_float64_parity(case, kwargs, with_none, x64):
@@ -96,10 +97,9 @@ def test_float32_parity(case, kwargs):
     )
 
 
-@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
-@pytest.mark.parametrize("case,kwargs", OPT_PARAMS_EAGER)
-def test_none_gradient_leaves(case, kwargs, jit, x64):
-    _compare(case, kwargs, np.float64, jit, True, rtol=1e-10, atol=1e-12)
+@pytest.mark.parametrize("case,kwargs", OPT_PARAMS_ALL_FLAGS)
+def test_none_gradient_leaves(case, kwargs, x64):
+    _compare(case, kwargs, np.float64, True, True, rtol=1e-10, atol=1e-12)
 
 
 # enough for RAdam's rectified branch (rho_t > 5 from step 6) and ASGD's

@@ -199,7 +199,7 @@ class Bucket:
     def pack(self, real_leaves: Sequence[jax.Array]) -> jax.Array:
         """Real leaves (in bucket order) -> `[n_rows, width]` (zero padded):
         one copy (`funcopt._packing.pack`)."""
-        leaves = [_packing.as_array(x, self.dtype) for x in real_leaves]
+        leaves = [_packing.as_packable(x, self.dtype) for x in real_leaves]
         return _packing.pack(leaves, self.spans).reshape(self.n_rows, self.width)
 
     def unpack(self, buffer: jax.Array, shapes: Sequence[tuple[int, ...]]) -> list:
@@ -373,7 +373,8 @@ def apply_tree(
         hparams = {k: v[bucket.group] for k, v in state.hparams.items()}
         m = None
         if mask is not None:  # one flag per leaf
-            m = _packing.stack_scalars([_packing.as_array(mask[i], bool) for i in idx])
+            flags = [_packing.as_packable(mask[i], bool) for i in idx]
+            m = _packing.stack_scalars(flags)
         new_p, new_slots = run_bucket(
             definition, bucket, p, g, slots, steps, hparams, options[bucket.group], m
         )

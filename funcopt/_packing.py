@@ -39,7 +39,7 @@ UNPACK_TARGET = "funcopt_unpack"
 def pack(leaves: Sequence[jax.Array], spans: Sequence[int]) -> jax.Array:
     """The leaves (one dtype) raveled end to end into one 1-D buffer of
     `sum(spans)` elements, leaf `i` in `spans[i]` of them, zero padded."""
-    leaves = [as_array(x) for x in leaves]
+    leaves = [as_packable(x) for x in leaves]
     spans = tuple(int(s) for s in spans)
     _check_pack(leaves, spans)
     return _pack_p.bind(*leaves, spans=spans)
@@ -68,10 +68,11 @@ def unstack_scalars(buffer: jax.Array) -> list[jax.Array]:
     return unpack(buffer, [1] * n, [()] * n)
 
 
-def as_array(x, dtype=None) -> jax.Array:
-    """`x` as a JAX array (of `dtype` if given); arrays and tracers already
-    of that dtype pass through untouched (`jnp.asarray` costs ~40 us a leaf
-    while tracing)."""
+def as_packable(x, dtype=None) -> jax.Array:
+    """`x` as a JAX array to pack (of `dtype` if given); arrays and tracers
+    already of that dtype pass through untouched (`jnp.asarray` costs ~40 us
+    a leaf while tracing). Not `funcopt._tree.as_array`, which turns a user's
+    Python numbers into arrays as `jit` would."""
     x = x if isinstance(x, jax.Array) else jnp.asarray(x)
     return x if dtype is None or x.dtype == dtype else x.astype(dtype)
 

@@ -334,8 +334,13 @@ def _run(case: Case, seed: int, kind: str, use_jit: bool):
     return state, sstate, sched, topt, tsched
 
 
-@pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("seed", SEEDS)
+# every seed (its own hyperparameter draws) jitted; un-jitted, a step runs op
+# by op (~6.5 ms a step here, ~0.9 s a row), so the first seed only
+SEED_MODES = [pytest.param(seed, True, id=f"{seed}-jit") for seed in SEEDS]
+SEED_MODES.insert(0, pytest.param(SEEDS[0], False, id=f"{SEEDS[0]}-eager"))
+
+
+@pytest.mark.parametrize("seed,use_jit", SEED_MODES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_lr_sequence_matches_torch(x64, case, seed, use_jit):
     for kind in case.kinds:

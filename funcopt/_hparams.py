@@ -94,6 +94,34 @@ def set_hparam(state: Any, name: str, value: Any) -> Any:
     return jax.tree.map(replace, state, is_leaf=_is_opt_state)
 
 
+def hparams_only(state: Any) -> list[OptState]:
+    """The funcopt optimizer states in `state`, each reduced to an
+    `OptState` of its hyperparameters (what `get_hparam` and `set_hparam`
+    read and write) and step counts (one int a leaf; none for L-BFGS),
+    without buffers: small enough to pass through a compiled program
+    without copying the optimizer's memory."""
+    return [_hparams_only(s) for s in _find_all(state)]
+
+
+def _hparams_only(state: OptState | LBFGSState) -> OptState:
+    if isinstance(state, OptState):
+        return state._replace(slots={})
+    return OptState(step=jnp.zeros((0,), jnp.int32), hparams=state.hparams, slots={})
+
+
+def with_hparams(state: Any, reduced: list[OptState]) -> Any:
+    """`state` with the hyperparameters of `reduced` (from `hparams_only`),
+    in the same order; every other array is the one `state` holds."""
+    replacements = iter(reduced)
+
+    def replace(x):
+        if _is_opt_state(x):
+            return x._replace(hparams=next(replacements).hparams)
+        return x
+
+    return jax.tree.map(replace, state, is_leaf=_is_opt_state)
+
+
 def _as_hparam(name: str, value: Any, current: jax.Array) -> jax.Array:
     """`value` (per-group list, or one value for all) shaped like `current`,
     in the widest enabled float (the dtype `init` gives hyperparameters)."""

@@ -92,8 +92,10 @@ def lambda_lr(lr_lambda: LrLambda | list[LrLambda], last_epoch: int = -1) -> Sch
     parameter group. It receives the epoch as a scalar array of the widest
     float dtype (integer-valued) and must be jnp-traceable to run under
     `jit` (`0.95 ** epoch`, `epoch // 30`, `jnp.minimum(1.0, epoch /
-    10)`; no Python `if` on it). A wrong list length raises torch's
-    `ValueError` at `init` (where the groups are known).
+    10)`; no Python `if` on it). Un-jitted, a function with a Python `if`
+    still works: the step then runs op by op instead of compiled. A wrong
+    list length raises torch's `ValueError` at `init` (where the groups are
+    known).
     """
     sched = LambdaLR(lr_lambda, last_epoch)
     check_arguments("LambdaLR", ints={"last_epoch": last_epoch})

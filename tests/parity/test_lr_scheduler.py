@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pickle
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,7 @@ from torch.optim import swa_utils
 
 import funcopt as fo
 from funcopt import lr_scheduler as S
+from tests.torch_ref import assert_same_bits
 
 RTOL = 1e-12
 ATOL = 1e-16
@@ -334,8 +336,8 @@ def _run(case: Case, seed: int, kind: str, use_jit: bool):
     return state, sstate, sched, topt, tsched
 
 
-# every seed (its own hyperparameter draws) jitted; un-jitted, a step runs op
-# by op (~6.5 ms a step here, ~0.9 s a row), so the first seed only
+# every seed (its own hyperparameter draws) jitted; un-jitted (the same math,
+# compiled on the hyperparameters alone: `Scheduler.step`) the first seed
 SEED_MODES = [pytest.param(seed, True, id=f"{seed}-jit") for seed in SEEDS]
 SEED_MODES.insert(0, pytest.param(SEEDS[0], False, id=f"{SEEDS[0]}-eager"))
 
@@ -432,6 +434,87 @@ def test_warm_restarts_negative_epoch(x64):
     with pytest.raises(ValueError) as ours:
         S.cosine_annealing_warm_restarts(3).step(state, sstate, -1)
     assert str(ours.value) == str(theirs.value)
+
+
+# --------------------------------------------------------------------------
+# un-jitted steps: compiled on the hyperparameters, buffers untouched
+# --------------------------------------------------------------------------
+
+
+def test_eager_step_compiles_once_and_leaves_the_buffers_alone():
+    """Outside `jit` a step runs one compiled program (the lambda is traced
+    once, not called per step), on the hyperparameters alone: the state's
+    buffers and step counts come back as the very arrays passed in."""
+    calls = []
+
+    def factor(epoch):
+        calls.append(epoch)
+        return 0.9**epoch
+
+    sched = S.sequential_lr(
+        [S.lambda_lr(factor), S.cosine_annealing_lr(T_max=5)], milestones=[3]
+    )
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    opt = fo.sgd(lr=0.1, momentum=0.9)
+    state = opt.init(params)
+    params, state = opt.step(params, jax.tree.map(jnp.ones_like, params), state)
+    state, sstate = sched.init(state)
+    jitted = (state, sstate)
+    n_init = len(calls)
+    for _ in range(6):
+        new_state, sstate = sched.step(state, sstate)
+        assert new_state.step is state.step
+        new_buffers = jax.tree.leaves(new_state.slots)
+        assert all(a is b for a, b in zip(new_buffers, jax.tree.leaves(state.slots)))
+        state = new_state
+    assert len(calls) - n_init == 1, "traced once, then the compiled program"
+    assert not sched._op_by_op
+    jit_step = jax.jit(sched.step)
+    for _ in range(6):
+        jitted = jit_step(*jitted)
+    for ours, theirs in zip(jax.tree.leaves((state, sstate)), jax.tree.leaves(jitted)):
+        assert_same_bits(np.asarray(ours), np.asarray(theirs), "eager vs jit", "jit")
+
+
+def test_eager_step_on_an_lbfgs_state():
+    """L-BFGS keeps its history in the state; a compiled step leaves it."""
+    sched = S.step_lr(step_size=1, gamma=0.5)
+    state = fo.lbfgs(lr=1.0).init({"w": jnp.ones(3)})
+    state, sstate = sched.init(state)
+    new_state, _ = sched.step(state, sstate)
+    assert [float(x) for x in fo.get_lr(new_state)] == [0.5]
+    old, new = (jax.tree.leaves(s._replace(hparams={})) for s in (state, new_state))
+    assert all(a is b for a, b in zip(new, old))
+    assert not sched._op_by_op
+
+
+def test_eager_step_with_a_python_branch_runs_op_by_op(x64):
+    """A lambda that branches on the epoch in Python cannot be traced; as
+    in torch it still works un-jitted (op by op), and matches torch."""
+    lam = lambda e: 1.0 if e < 3 else 0.25  # noqa: E731
+    topt, state = torch_opt("sgd", [0.1, 0.2]), fo_state("sgd", [0.1, 0.2])
+    tsched = TS.LambdaLR(topt, lam)
+    sched = S.lambda_lr(lam)
+    state, sstate = sched.init(state)
+    for _ in range(6):
+        topt.step()
+        tsched.step()
+        state, sstate = sched.step(state, sstate)
+        np.testing.assert_allclose(
+            [float(x) for x in fo.get_lr(state)], tsched.get_last_lr(), rtol=RTOL
+        )
+    assert sched._op_by_op
+    with pytest.raises(jax.errors.TracerBoolConversionError):
+        jax.jit(sched.step)(state, sstate)
+
+
+def test_scheduler_pickles_after_stepping():
+    sched = S.step_lr(step_size=2)
+    state, sstate = sched.init(fo_state("sgd", [0.1, 0.2]))
+    state, sstate = sched.step(state, sstate)
+    again = pickle.loads(pickle.dumps(sched))
+    ours = [float(x) for x in fo.get_lr(again.step(state, sstate)[0])]
+    assert ours == [float(x) for x in fo.get_lr(sched.step(state, sstate)[0])]
 
 
 # --------------------------------------------------------------------------

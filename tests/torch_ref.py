@@ -317,31 +317,37 @@ def run_funcopt(case: OptCase, kwargs, params, grads_seq, jit: bool):
 
 
 def run_funcopt_flagged(case: OptCase, kwargs, params, grads_seq, jit: bool = True):
-    """:func:`run_funcopt` with ``None`` gradients as ``has_grad`` flags.
-
-    The same semantics (torch's ``p.grad = None``), compiled once instead of
-    once per ``None`` pattern. Non-trainable leaves keep their ``None``.
-    """
+    """:func:`run_funcopt` with ``None`` gradients as ``has_grad`` flags
+    (:func:`flag_missing`)."""
     opt = case.factory(**funcopt_kwargs(kwargs))
     params = jax.tree.map(jnp.asarray, params)
-    leaves, treedef = jax.tree.flatten(params)
     state = opt.init(params)
     step = jax.jit(opt.step) if jit else opt.step
     for grads in grads_seq:
-        flat = treedef.flatten_up_to(grads)
-        has_grad = treedef.unflatten([g is not None for g in flat])
-        filled = treedef.unflatten(
-            [
-                g
-                if g is None and not is_trainable(p)
-                else jnp.zeros_like(p)
-                if g is None
-                else jnp.asarray(g)
-                for g, p in zip(flat, leaves)
-            ]
-        )
+        filled, has_grad = flag_missing(params, grads)
         params, state = step(params, filled, state, has_grad=has_grad)
     return params, state
+
+
+def flag_missing(params, grads) -> tuple:
+    """``(grads, has_grad)``: each ``None`` gradient of a trainable leaf as
+    zeros and a ``False`` flag. The same semantics as the ``None`` (torch's
+    ``p.grad = None``), compiled once instead of once per ``None`` pattern.
+    Non-trainable leaves keep their ``None``."""
+    leaves, treedef = jax.tree.flatten(params)
+    flat = treedef.flatten_up_to(grads)
+    has_grad = treedef.unflatten([g is not None for g in flat])
+    filled = treedef.unflatten(
+        [
+            g
+            if g is None and not is_trainable(p)
+            else jnp.zeros_like(p)
+            if g is None
+            else jnp.asarray(g)
+            for g, p in zip(flat, leaves)
+        ]
+    )
+    return filled, has_grad
 
 
 def trainable_leaves(tree) -> list:

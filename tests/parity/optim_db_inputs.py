@@ -63,6 +63,7 @@ import funcopt as fo
 from tests.parity.cases import OPT_CASES
 from tests.parity.noise_floor import assert_close, nudge, nudged_rngs
 from tests.torch_ref import (
+    flag_missing,
     float32_scalar_roots,
     from_torch,
     funcopt_kwargs,
@@ -467,11 +468,7 @@ def run_funcopt(row: DbRow, params: dict, grads_seq: list) -> list[tuple]:
             }
             ours, state = step(ours, grads, state)
         else:
-            has_grad = {k: g is not None for k, g in grads.items()}
-            grads = {
-                k: jnp.zeros_like(ours[k]) if g is None else jnp.asarray(g)
-                for k, g in grads.items()
-            }
+            grads, has_grad = flag_missing(ours, grads)
             ours, state = step(ours, grads, state, has_grad=has_grad)
         out.append((ours, state))
     return out

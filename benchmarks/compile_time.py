@@ -8,10 +8,15 @@ a jitted step costs); "lowered lines" is the StableHLO text JAX hands to XLA,
 "compiled instr." the instructions of XLA's optimized module.
 
     .venv/bin/python benchmarks/compile_time.py [--leaves 10 100 300 1000]
-        [--all-leaves 100] [--only sgd adam ...] [--x64] [--out DIR] [--models]
+        [--all-leaves 100] [--only sgd adam ...] [--small-sizes 37 65 7 24 11]
+        [--x64] [--out DIR] [--models]
 
 Writes ``benchmarks/results/compile_time.{json,md}``: Adam at every leaf
-count, then every optimizer at ``--all-leaves`` leaves; with ``--models``,
+count, then every optimizer at ``--all-leaves`` leaves (best of 3 compiles up
+to 100 leaves), then every optimizer
+on a small tree of odd-sized leaves (``--small-sizes``; best of 3, since
+each compile is a tenth of a second), on the default path and with
+``funcopt.flat.set_policy("never")`` (one program per leaf); with ``--models``,
 a nanoGPT-shaped param tree: its jitted step's compile, its first un-jitted
 step, and the compile of ``jax.grad`` through 20 unrolled Adam steps.
 """
@@ -19,6 +24,8 @@ step, and the compile of ``jax.grad`` through 20 unrolled Adam steps.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import pathlib
 import time
@@ -27,7 +34,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from bench_step import machine, optax_train_step
+from bench_step import (
+    funcopt_tree,
+    machine,
+    optax_step,
+    optax_train_step,
+    time_interleaved,
+)
 
 import funcopt as fo
 
@@ -70,16 +83,61 @@ def measure(step, params, grads, state) -> dict:
     }
 
 
+def fastest_compiles(make_opt, make_tx, params, repeats: int, per_leaf=False) -> dict:
+    """`{"optax": ..., "funcopt": ..., "per_leaf": ...}`: the fastest of
+    `repeats` compiles (interleaved, a new optimizer each) of optax's step
+    (where `make_tx` is not None), funcopt's on the default path and, with
+    `per_leaf`, on the per-leaf path (`funcopt.flat.set_policy("never")`)."""
+    grads = jax.tree.map(lambda p: p * 1e-3, params)
+    paths = {"funcopt": contextlib.nullcontext}
+    if per_leaf:
+        paths["per_leaf"] = functools.partial(fo.flat.policy, "never")
+    runs: dict[str, list] = {"optax": [], **{path: [] for path in paths}}
+    for _ in range(repeats):
+        if make_tx is not None:
+            tx = make_tx()
+            step = optax_train_step(tx)
+            runs["optax"].append(measure(step, params, grads, tx.init(params)))
+        for path, context in paths.items():
+            with context():
+                opt = make_opt()
+                state = opt.init(params)
+                runs[path].append(measure(opt.step, params, grads, state))
+    return {
+        path: min(found, key=lambda m: m["total_s"])
+        for path, found in runs.items()
+        if found
+    }
+
+
 def row(name: str, n_leaves: int) -> dict:
     make_opt, make_tx = OPTIMIZERS[name]
-    params = tree(n_leaves)
-    grads = jax.tree.map(lambda p: p * 1e-3, params)
-    out = {"optimizer": name, "leaves": n_leaves}
+    # compiles of a fraction of a second move by tens of percent from one to
+    # the next: the best of 3 up to 100 leaves
+    repeats = 3 if n_leaves <= 100 else 1
+    compiles = fastest_compiles(make_opt, make_tx, tree(n_leaves), repeats)
+    return {"optimizer": name, "leaves": n_leaves} | compiles
+
+
+def small_row(
+    name: str, sizes: list[int], repeats: int = 3, step_time_s: float = 1.0
+) -> dict:
+    """`name` on a tree of float32 leaves of `sizes` elements: optax, the
+    default path and the per-leaf path, each the best of `repeats`
+    compiles, then their step times (medians, timed in alternating turns
+    for about `step_time_s` each)."""
+    make_opt, make_tx = OPTIMIZERS[name]
+    params = {f"w{i}": jnp.full(n, 0.1, jnp.float32) for i, n in enumerate(sizes)}
+    compiles = fastest_compiles(make_opt, make_tx, params, repeats, per_leaf=True)
+    out = {"optimizer": name, "sizes": sizes} | compiles
+    # step time, donated, the three interleaved (bench_step's samplers)
+    samplers = {"funcopt": funcopt_tree(make_opt, params)[0]}
+    with fo.flat.policy("never"):
+        samplers["per_leaf"] = funcopt_tree(make_opt, params)[0]
     if make_tx is not None:
-        tx = make_tx()
-        out["optax"] = measure(optax_train_step(tx), params, grads, tx.init(params))
-    opt = make_opt()
-    out["funcopt"] = measure(opt.step, params, grads, opt.init(params))
+        samplers["optax"] = optax_step(make_tx, params, donate=True)[0]
+    for key, seconds in time_interleaved(samplers, min_time=step_time_s).items():
+        out[key]["step_us"] = seconds * 1e6
     return out
 
 
@@ -182,12 +240,23 @@ def model_rows() -> list[dict]:
     return rows
 
 
+def _small_cells(r: dict, key: str, fmt: str) -> str:
+    """A small-tree row's `key` as two cells: "optax / funcopt / per leaf"
+    and the last two's ratios to optax."""
+    o = r["optax"][key] if "optax" in r else None
+    f, p = r["funcopt"][key], r["per_leaf"][key]
+    values = " / ".join("-" if v is None else format(v, fmt) for v in (o, f, p))
+    ratios = "-" if o is None else f"{f / o:.2f}x / {p / o:.2f}x"
+    return f"{values} | {ratios}"
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"# Compile time of `jax.jit(opt.step)` (default path), {meta['machine']}",
         "",
         f"jax {meta['jax']}, float32 leaves of {SIZE} elements, x64 "
-        f"{'on' if meta['x64'] else 'off'}; seconds of trace + lower + compile.",
+        f"{'on' if meta['x64'] else 'off'}; seconds of trace + lower + compile "
+        "(the best of 3 up to 100 leaves).",
         "",
         "| optimizer | leaves | optax s | funcopt s | ratio | lowered lines "
         "optax / funcopt | compiled instr. optax / funcopt |",
@@ -207,6 +276,21 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"{o['lowered_lines']} / {f['lowered_lines']} | "
             f"{o['compiled_instructions']} / {f['compiled_instructions']} |"
         )
+    if meta.get("small"):
+        sizes = ", ".join(map(str, meta["small"][0]["sizes"]))
+        lines += [
+            "",
+            f"Small tree: leaves of {sizes} elements; best of 3. Per leaf: "
+            '`funcopt.flat.set_policy("never")`.',
+            "",
+            "| optimizer | compile s: optax / funcopt / per leaf | ratios to optax "
+            "| step us: optax / funcopt / per leaf | ratios to optax |",
+            "|---|---|---|---|---|",
+        ]
+        for r in meta["small"]:
+            compile_cells = _small_cells(r, "total_s", ".3f")
+            step_cells = _small_cells(r, "step_us", ".1f")
+            lines.append(f"| {r['optimizer']} | {compile_cells} | {step_cells} |")
     if meta.get("models"):
         lines += ["", "| model case | optax s | funcopt s | ratio |"]
         lines.append("|---|---|---|---|")
@@ -220,6 +304,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--leaves", type=int, nargs="+", default=[10, 100, 300, 1000])
     parser.add_argument("--all-leaves", type=int, default=100)
+    parser.add_argument(
+        "--small-sizes", type=int, nargs="*", default=[37, 65, 7, 24, 11]
+    )
     parser.add_argument("--x64", action="store_true")
     parser.add_argument("--only", nargs="*", help="optimizers of the all-leaves rows")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
@@ -238,6 +325,10 @@ def main():
         rows.append(row(name, args.all_leaves))
         print(json.dumps(rows[-1]), flush=True)
     meta = {"machine": machine(), "jax": jax.__version__, "x64": args.x64}
+    if args.small_sizes:
+        names = args.only if args.only is not None else OPTIMIZERS
+        meta["small"] = [small_row(name, args.small_sizes) for name in names]
+        print(json.dumps(meta["small"]), flush=True)
     if args.models:
         meta["models"] = model_rows()
         print(json.dumps(meta["models"]), flush=True)

@@ -156,17 +156,28 @@ def trace_settings() -> tuple[int | None, bool, bool]:
 
 
 def _exact32(x) -> bool:
-    """Whether `x` is float32 with x64 on, and either 0-d or the bit-exact
-    float32 mode is set: torch's float32 ops mirrored one by one through
-    float64 (decided at trace time). 0-d float32 math is always mirrored:
-    it is torch's scalar math on 0-d tensors (a tensor `lr`, the float32
-    step of `differentiable=True`), costs nothing, and a rounding there moves
-    every element of the update."""
+    """Whether `x` is float32 with x64 on, and either a per-parameter scalar
+    or the bit-exact float32 mode is set: torch's float32 ops mirrored one by
+    one through float64 (decided at trace time). Scalar float32 math is
+    always mirrored: it is torch's scalar math on 0-d tensors (a tensor `lr`,
+    the float32 step of `differentiable=True`, NAdam's `mu_product`), costs
+    nothing, and a rounding there moves every element of the update."""
     return (
         jnp.dtype(x.dtype) == jnp.float32
         and widest_float() == jnp.float64
-        and (_exact_float32["enabled"] or jnp.ndim(x) == 0)
+        and (_exact_float32["enabled"] or is_per_param_scalar(x))
     )
+
+
+def is_per_param_scalar(x) -> bool:
+    """Whether `x` holds one scalar per parameter: 0-d, or, in a rule traced
+    on packed leaves (`packed_leaves`), a column `[n_rows, 1]` (a 0-d state
+    buffer or step count, one value per row: the multi-tensor path's form of
+    a 0-d tensor, so both paths round it as torch rounds a 0-d tensor)."""
+    if jnp.ndim(x) == 0:
+        return True
+    packed = packed_layout()
+    return packed is not None and jnp.shape(x) == (packed[0][0], 1)
 
 
 @jax.custom_jvp

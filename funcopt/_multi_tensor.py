@@ -63,12 +63,14 @@ def set_policy(value: str) -> None:
     """When `opt.step` on a plain pytree packs leaves into buckets.
 
     `"auto"` (default): on one CPU device with the native library loaded
-    (`funcopt._packing.native_available`), the leaves of at most
-    `AUTO_MAX_LEAF_BYTES` bytes, where a bucket (group, dtype) has at least
-    `AUTO_MIN_LEAVES` of them; larger leaves, and every leaf elsewhere (GPU,
-    TPU, several devices, no library), run one kernel per leaf.
-    `"always"`: every bucket of an elementwise optimizer (the parity tests
-    run this); `"never"`: the per-leaf path.
+    (`funcopt._packing.native_available`), the leaves with dimensions of at
+    most `AUTO_MAX_LEAF_BYTES` bytes, where a bucket (group, dtype) has at
+    least `AUTO_MIN_LEAVES` (2) of them; larger leaves, 0-d leaves (torch's
+    0-d tensor math, see `_auto_packs`), and every leaf elsewhere (GPU, TPU,
+    several devices, no library), run one kernel per leaf. The parity
+    table's tree has leaves of both kinds, so each of its rows runs both
+    paths. `"always"`: every bucket of an elementwise optimizer; `"never"`:
+    the per-leaf path.
     [`funcopt.flat.FlatParams`][funcopt.flat.FlatParams] always take the
     multi-tensor path. Read at trace time.
 
@@ -106,7 +108,7 @@ def policy(value: str):
         set_policy(old)
 
 
-AUTO_MIN_LEAVES = 8
+AUTO_MIN_LEAVES = 2
 AUTO_MAX_LEAF_BYTES = 4096
 
 
@@ -196,10 +198,12 @@ class Bucket:
         """The elements each leaf owns in the packed buffer (whole rows)."""
         return tuple(rows * self.width for rows in self.rows)
 
-    def pack(self, real_leaves: Sequence[jax.Array]) -> jax.Array:
-        """Real leaves (in bucket order) -> `[n_rows, width]` (zero padded):
-        one copy (`funcopt._packing.pack`)."""
-        leaves = [_packing.as_packable(x, self.dtype) for x in real_leaves]
+    def pack(self, real_leaves: Sequence[jax.Array], dtype=None) -> jax.Array:
+        """Real leaves (in bucket order) -> `[n_rows, width]` (zero padded)
+        of the bucket's dtype, or of `dtype` (a state buffer kept in another
+        dtype, `funcopt.precision_policy`): one copy (`funcopt._packing.pack`)."""
+        dtype = self.dtype if dtype is None else dtype
+        leaves = [_packing.as_packable(x, dtype) for x in real_leaves]
         return _packing.pack(leaves, self.spans).reshape(self.n_rows, self.width)
 
     def unpack(self, buffer: jax.Array, shapes: Sequence[tuple[int, ...]]) -> list:
@@ -323,9 +327,16 @@ def run_bucket(definition, bucket, p, g, slots, steps, hparams, options, mask):
 
 
 def _auto_packs(leaf) -> bool:
-    """Whether `"auto"` packs this leaf (`set_policy`)."""
-    size = math.prod(real_shape(leaf))
-    return size * real_dtype(leaf).itemsize <= AUTO_MAX_LEAF_BYTES
+    """Whether `"auto"` packs this leaf (`set_policy`): a small leaf with
+    dimensions. A 0-d leaf keeps torch's 0-d tensor math, which its own
+    program gives it: torch rounds a 0-d float32 param as scalar math (see
+    `funcopt._math.is_per_param_scalar`), and promotes a 0-d 16-bit param
+    with a 0-d float32 tensor (ASGD's `eta`) to float32, where a packed row
+    counts as having dimensions."""
+    shape = real_shape(leaf)
+    return bool(shape) and math.prod(shape) * real_dtype(leaf).itemsize <= (
+        AUTO_MAX_LEAF_BYTES
+    )
 
 
 def apply_tree(
@@ -365,7 +376,7 @@ def apply_tree(
         for k, kind in kinds.items():
             own = [slot_leaves[k][i] for i in idx]
             slots[k] = (
-                bucket.pack([_as_real(s) for s in own])
+                bucket.pack([_as_real(s) for s in own], real_dtype(own[0]))
                 if kind == "array"
                 else bucket.pack_scalars(own)
             )
@@ -399,13 +410,18 @@ def apply_tree(
 
 
 def _slot_kinds(slot_leaves, leaves, idx) -> dict[str, str] | None:
-    """`{slot: "array" | "scalar"}` for a bucket, None if not uniform."""
+    """`{slot: "array" | "scalar"}` for a bucket, None if not uniform (a
+    buffer missing for some leaves, of several shapes or dtypes). A buffer
+    may have a dtype other than the params' (`funcopt.precision_policy`):
+    it is packed in its own."""
     kinds = {}
     for k, per_leaf in slot_leaves.items():
         own = [per_leaf[i] for i in idx]
         if all(s is None for s in own):
             continue
         if any(s is None for s in own):
+            return None
+        if len({jnp.dtype(s.dtype) for s in own}) != 1:
             return None
         if all(np.shape(s) == np.shape(leaves[i]) for s, i in zip(own, idx)):
             kinds[k] = "array"

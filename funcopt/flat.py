@@ -36,8 +36,9 @@ Optimizers whose rule is not elementwise (Adafactor, Muon, SparseAdam,
 LBFGS) run per leaf only and refuse `FlatParams`.
 
 On plain pytrees, `opt.step` also packs per step (`set_policy`): by
-default the many small leaves of a tree on one CPU device, copied in and
-out natively each step. Many large leaves: this layout, with no copies.
+default the small leaves of a tree on one CPU device (two or more of one
+group and dtype), copied in and out natively each step. Many large leaves:
+this layout, with no copies.
 """
 
 from __future__ import annotations

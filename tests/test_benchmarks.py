@@ -61,8 +61,13 @@ def test_compile_time_writes_json_and_markdown(tmp_path):
     ]
     assert rows[0]["optax"]["total_s"] > 0 and rows[0]["funcopt"]["total_s"] > 0
     assert "optax" not in rows[2]  # optax has no ASGD
+    small = json.loads((tmp_path / "compile_time.json").read_text())["meta"]["small"]
+    assert [r["optimizer"] for r in small] == ["sgd", "asgd"]
+    assert small[0]["sizes"] == [37, 65, 7, 24, 11] and "optax" not in small[1]
+    assert small[0]["optax"]["step_us"] > 0 and small[1]["per_leaf"]["step_us"] > 0
     markdown = (tmp_path / "compile_time.md").read_text()
     assert "| adam | 3 |" in markdown and "| asgd | 2 | - |" in markdown
+    assert "| asgd | - / " in markdown  # the small tree's row
 
 
 def test_compile_curve_writes_json_table_and_plot(tmp_path):

@@ -13,6 +13,7 @@ import pytest
 import funcopt as fo
 from funcopt import _native, _packing
 from funcopt import flat as ff
+from tests.torch_ref import make_params
 
 SHAPES = [(3,), (2, 4), (0,), (), (7,)]
 SPANS = [4, 8, 2, 1, 16]  # padding after all but the second leaf
@@ -164,6 +165,33 @@ def test_default_step_packs_the_small_leaves_on_one_cpu_device():
         assert text.count("stablehlo.custom_call @funcopt_unpack(") == 3
     else:
         assert "funcopt_pack" not in text and "concatenate" not in text
+
+
+def _packed_operands(text: str) -> list[str]:
+    """The operand types of each `funcopt_pack` call of a lowered step."""
+    calls = [line for line in text.splitlines() if "@funcopt_pack(" in line]
+    return [line.rsplit(" : (", 1)[1].split(") -> ")[0] for line in calls]
+
+
+def test_default_step_packs_two_small_leaves_not_a_0d_or_a_large_one():
+    """The parity harness's tree (`tests/torch_ref.make_params`) runs both
+    paths in one step: its two small leaves with dimensions share a buffer
+    (two leaves are enough), its 0-d leaf and its leaf above the size limit
+    run per leaf (every leaf, where native copies are off). A lone small
+    leaf is not packed."""
+    params = jax.tree.map(
+        jnp.asarray, make_params(np.random.default_rng(0), np.float32)
+    )
+    grads = jax.tree.map(lambda p: p * 0.1 if p.dtype == jnp.float32 else None, params)
+    opt = fo.adam(lr=1e-2)
+    text = jax.jit(opt.step).lower(params, grads, opt.init(params)).as_text()
+    # params, grads, exp_avg, exp_avg_sq: "b" (3,) and "k" (2, 2, 2)
+    packed = ["tensor<3xf32>, tensor<2x2x2xf32>"] * 4 if _native.usable() else []
+    assert _packed_operands(text) == packed
+    lone = {"b": params["b"], "w": params["w"]}
+    grads = jax.tree.map(jnp.cos, lone)
+    text = jax.jit(opt.step).lower(lone, grads, opt.init(lone)).as_text()
+    assert "funcopt_pack" not in text
 
 
 def test_default_step_gives_the_per_leaf_paths_bits(x64, exact_float32):

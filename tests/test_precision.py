@@ -34,11 +34,15 @@ from tests.torch_ref import funcopt_kwargs, make_grads, make_params_for
 OPT_CASES = [c for c in ALL_CASES if c.torch_cls.__module__.startswith("torch.optim")]
 
 STEPS = 5
-# Measured (last flag combination of each row, 5 steps, seeds 0-2, |p| up to
-# ~3): bit for bit except radam, rmsprop and muon, off by one bf16 ulp at most
-# (muon: 8 ulps of a 5e-4 entry, a 4.9e-4 gap); before funcopt mirrored
-# torch's per-op rounding the gap was up to 0.078 (~5 ulps, the Adam family).
-BF16_ULPS_OF_LEAF_SCALE = 1
+# Without x64 (this test), funcopt's scalar math is float32 where torch's is
+# float64. Measured (last flag combination of each row, 5 steps, seeds 0-3,
+# the tree of tests/torch_ref.make_params): sgd, adagrad, adadelta, rprop,
+# asgd and adafactor bit for bit; the others within one bf16 ulp of the
+# leaf's largest magnitude, except radam's 0-d leaf at seed 0, 2 ulps (its
+# rectified step size in float32; with x64 the same run is bit for bit, as
+# test_16bit_parity_is_bit_exact checks). Before funcopt mirrored torch's
+# per-op rounding the gap was up to 0.078 (~5 ulps, the Adam family).
+BF16_ULPS_OF_LEAF_SCALE = 2
 # Measured worst gap with the policy (bf16 buffers, float32 math): 2.3e-4 (sgd,
 # a momentum buffer rounding to the other bf16 neighbour after a 1-ulp float32
 # difference, times lr), <= 9e-5 the others.

@@ -17,7 +17,7 @@ import pytorch_optimizer
 import schedulefree
 
 from funcopt import contrib
-from tests.torch_ref import ErrorCase, OptCase
+from tests.torch_ref import ErrorCase, OptCase, make_small_params
 
 
 def _in_train_mode(cls):
@@ -183,6 +183,7 @@ CASES += [
             "eps": [1e-8, 1e-6],
         },
         fixed={"d0": 1e-4},
+        tree=make_small_params,
     ),
     SharedLrCase(
         "prodigy-coupled-biascorr",
@@ -194,6 +195,7 @@ CASES += [
             "safeguard_warmup": [False, True],
         },
         fixed={"decouple": False, "use_bias_correction": True, "d0": 1e-4},
+        tree=make_small_params,
     ),
     SharedLrCase(
         "prodigy-growth-slice",
@@ -206,6 +208,7 @@ CASES += [
             "d0": [1e-6, 1e-3],
         },
         fixed={"lr": 0.5, "weight_decay": 0.05, "use_bias_correction": True},
+        tree=make_small_params,
     ),
 ]
 

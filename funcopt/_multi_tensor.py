@@ -380,7 +380,7 @@ def apply_tree(
                 if kind == "array"
                 else bucket.pack_scalars(own)
             )
-        steps = state.step[np.asarray(idx, dtype=np.int32)]
+        steps = _take_leaves(state.step, idx)
         hparams = {k: v[bucket.group] for k, v in state.hparams.items()}
         m = None
         if mask is not None:  # one flag per leaf
@@ -407,6 +407,16 @@ def apply_tree(
             inc = True if mask is None else mask[i]
             done[i] = (_as_complex(ps[j], leaves[i]), own, inc)
     return done
+
+
+def _take_leaves(per_leaf: jax.Array, idx: Sequence[int]) -> jax.Array:
+    """`per_leaf[idx]`: a slice where `idx` is a run of consecutive leaves
+    (the usual bucket), which XLA fuses into its readers; a gather, a
+    kernel of its own, otherwise."""
+    start = idx[0]
+    if list(idx) == list(range(start, start + len(idx))):
+        return per_leaf[start : start + len(idx)]
+    return per_leaf[np.asarray(idx, dtype=np.int32)]
 
 
 def _slot_kinds(slot_leaves, leaves, idx) -> dict[str, str] | None:

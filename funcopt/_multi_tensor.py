@@ -334,9 +334,9 @@ def _auto_packs(leaf) -> bool:
     with a 0-d float32 tensor (ASGD's `eta`) to float32, where a packed row
     counts as having dimensions."""
     shape = real_shape(leaf)
-    return bool(shape) and math.prod(shape) * real_dtype(leaf).itemsize <= (
-        AUTO_MAX_LEAF_BYTES
-    )
+    if not shape:
+        return False
+    return math.prod(shape) * real_dtype(leaf).itemsize <= AUTO_MAX_LEAF_BYTES
 
 
 def apply_tree(

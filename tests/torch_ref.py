@@ -219,8 +219,8 @@ def make_params_16bit_for(case: OptCase, rng) -> dict:
 
 
 # enough columns that a 4-row leaf is above the packing limit in every dtype of
-# the parity table (float32: 1,040 elements, 4,160 bytes)
-_PER_LEAF_COLUMNS = fo.flat.AUTO_MAX_LEAF_BYTES // (4 * 4) + 4
+# the parity table (float32, its narrowest: 1,040 elements, 4,160 bytes)
+_PER_LEAF_COLUMNS = fo.flat.AUTO_MAX_LEAF_BYTES // (4 * np.float32().itemsize) + 4
 
 
 def make_params(rng: np.random.Generator, dtype, w_columns=_PER_LEAF_COLUMNS) -> dict:
@@ -355,18 +355,14 @@ def flag_missing(params, grads) -> tuple:
     Non-trainable leaves keep their ``None``."""
     leaves, treedef = jax.tree.flatten(params)
     flat = treedef.flatten_up_to(grads)
+
+    def filled(g, p):
+        if g is not None:
+            return jnp.asarray(g)
+        return jnp.zeros_like(p) if is_trainable(p) else None
+
     has_grad = treedef.unflatten([g is not None for g in flat])
-    filled = treedef.unflatten(
-        [
-            g
-            if g is None and not is_trainable(p)
-            else jnp.zeros_like(p)
-            if g is None
-            else jnp.asarray(g)
-            for g, p in zip(flat, leaves)
-        ]
-    )
-    return filled, has_grad
+    return treedef.unflatten([filled(g, p) for g, p in zip(flat, leaves)]), has_grad
 
 
 def trainable_leaves(tree) -> list:

@@ -281,25 +281,34 @@ class Scheduler:
         Python `if` on the epoch) runs op by op; so does a step with an
         `epoch`, whose concrete value some schedulers use in Python.
         """
-        reduced = hparams_only(state)
         if (
             epoch is None
             and not self._op_by_op
             and type(self).__hash__ is not None  # `_compiled_step`'s static argument
-            and all(map(is_concrete, jax.tree.leaves((reduced, sched_state))))
         ):
-            try:
-                reduced, sched_state_out, errors = _compiled_step(
-                    self, reduced, sched_state
-                )
-            except _NEEDS_CONCRETE_VALUES:
-                self._op_by_op = True  # e.g. `lr_lambda=lambda e: 1 if e < 5 else 0.1`
-            else:
-                raise_errors(self.error_templates, errors)
-                return with_hparams(state, reduced), sched_state_out
+            compiled = self._step_compiled(state, sched_state)
+            if compiled is not None:
+                return compiled
         state, sched_state, errors = self._step(state, sched_state, epoch)
         raise_errors(self.error_templates, errors)
         return state, sched_state
+
+    def _step_compiled(self, state: Any, sched_state: Any):
+        """`step` as one compiled program on `hparams_only(state)`, or None
+        where it cannot run so: traced inputs (inside `jit`), or a lambda
+        that needs concrete values (remembered: later steps run op by op)."""
+        if not all(map(is_concrete, jax.tree.leaves(sched_state))):
+            return None
+        reduced = hparams_only(state)
+        if not all(map(is_concrete, jax.tree.leaves(reduced))):
+            return None
+        try:
+            reduced, sched_state, errors = _compiled_step(self, reduced, sched_state)
+        except _NEEDS_CONCRETE_VALUES:
+            self._op_by_op = True  # e.g. `lr_lambda=lambda e: 1 if e < 5 else 0.1`
+            return None
+        raise_errors(self.error_templates, errors)
+        return with_hparams(state, reduced), sched_state
 
     # set once a step could not be compiled (see `step`)
     _op_by_op = False

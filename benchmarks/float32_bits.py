@@ -53,14 +53,18 @@ NOTES = [
     "*x64 exact*: x64 and `fo.precision.set_exact_float32(True)`: funcopt's "
     "float32 helpers round every torch op as torch's CPU "
     "kernel does (`funcopt/_math.py`); *x64*: the default float32 program "
-    "with float64 scalar math. The rows that still differ take a "
-    "square root: torch's float32 `sqrt` on CPU is MKL's `vsSqrt` (`VML_HA`), "
-    "about 0.6% of whose results are 1 ulp from the correctly rounded root "
-    "(XLA's): Adam, AdamW, NAdam, RAdam, RMSprop, Adagrad, Adadelta, "
+    "with float64 scalar math. Adam, AdamW, SGD and Adagrad (and every "
+    "`-fused` row) run funcopt's native kernel on one CPU device in all three "
+    "modes (torch's default or fused step op by op in C++, scalar math in "
+    "double), hence the same numbers in each. The rows that still differ "
+    "take a square root: torch's float32 `sqrt` on CPU is MKL's `vsSqrt` "
+    "(`VML_HA`), not correctly rounded (about 0.6% of roots 1 ulp off on an "
+    "Intel AVX-512 machine, 16-21% on an AMD EPYC), XLA's and the kernel's "
+    "are: Adam, AdamW, NAdam, RAdam, RMSprop, Adagrad, Adadelta, "
     "schedule-free AdamW, Adan, LAMB, Prodigy. Adafactor, Adan's clip, LAMB and "
     "Prodigy also sum (norms, means) in another order; Muon's first "
-    "difference (step 328, buffers equal) is a bfloat16 rounding inside "
-    "Newton-Schulz (a norm or matmul sum). Without x64 the scalar math "
+    "difference is a bfloat16 rounding inside Newton-Schulz (a norm or "
+    "matmul sum). Without x64 the JAX rules' scalar math "
     "(bias corrections, step sizes) is float32, and XLA contracts multiplies "
     "and adds where its fusion puts them.",
     "",
@@ -69,8 +73,8 @@ NOTES = [
     "*ulp@10* is the size of the first differences. *eager == jit*: an "
     "un-jitted step runs the jitted step's program (`_core."
     "compiled_when_concrete`), so a NO here would be a bug. The `-fused` rows "
-    "never differ in the exact mode: torch's fused kernels take the hardware "
-    "(correctly rounded) square root.",
+    "never differ: torch's fused kernels take the hardware (correctly "
+    "rounded) square root.",
 ]
 
 

@@ -22,6 +22,10 @@ Two measurements, both for one 10M-parameter float32 leaf:
 
 Writes ``benchmarks/results/profile_audit.{json,md}`` (2.) and
 ``benchmarks/results/profile_step.{json,md}`` (1. and 3.).
+
+It measures XLA's programs, the JAX rules: ``FUNCOPT_NATIVE=0`` is set here
+(children inherit it), since Adam, AdamW, SGD and Adagrad otherwise run
+funcopt's native kernel on one CPU device (``bench_step.py`` times that).
 """
 
 from __future__ import annotations
@@ -38,6 +42,10 @@ import jax
 import jax.numpy as jnp
 import optax
 import torch
+
+# XLA's programs (the JAX rules), not the native kernels: read at the first
+# step, inherited by the XLA_FLAGS children
+os.environ.setdefault("FUNCOPT_NATIVE", "0")
 from bench_step import optax_train_step, step_sampler, time_interleaved, torch_step
 
 import funcopt as fo

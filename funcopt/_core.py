@@ -778,13 +778,17 @@ def _leaf_step(definition: _Definition, group: str, options: dict[str, Any]):
 
 
 def updates_of_step(name, step_fn, grads, state, params, has_grad):
-    """The optax protocol on a step: `(new_params - params, new_state)`."""
+    """The optax protocol on a step: `(new_params - params, new_state)`,
+    through the JAX rules (`_fused_native.computing_updates`)."""
     if params is None:
         raise ValueError(
             f"funcopt.{name.lower()}'s update() needs params: call "
             "update(grads, state, params)"
         )
-    new_params, new_state = step_fn(params, grads, state, has_grad)
+    from .optim import _fused_native
+
+    with _fused_native.computing_updates():
+        new_params, new_state = step_fn(params, grads, state, has_grad)
     updates = jax.tree.map(
         lambda new, old: new - old if is_trainable(old) else jnp.zeros_like(old),
         new_params,

@@ -152,7 +152,7 @@ def trace_settings() -> tuple[int | None, bool, bool]:
     rules run the native kernels (`funcopt.optim._fused_native`)."""
     from .optim import _fused_native
 
-    return torch_cpu_block(), exact_float32(), _fused_native.native_fused()
+    return torch_cpu_block(), exact_float32(), _fused_native.kernels_apply()
 
 
 def _exact32(x) -> bool:

@@ -36,20 +36,28 @@ PACK_TARGET = "funcopt_pack"
 UNPACK_TARGET = "funcopt_unpack"
 
 
-def pack(leaves: Sequence[jax.Array], spans: Sequence[int]) -> jax.Array:
-    """The leaves (one dtype) raveled end to end into one 1-D buffer of
-    `sum(spans)` elements, leaf `i` in `spans[i]` of them, zero padded."""
+def pack(
+    leaves: Sequence[jax.Array],
+    spans: Sequence[int],
+    shape: tuple[int, ...] | None = None,
+) -> jax.Array:
+    """The leaves (one dtype) raveled end to end into one buffer of
+    `sum(spans)` elements, leaf `i` in `spans[i]` of them, zero padded; of
+    `shape` (row-major) if given, else 1-D. Packed in the shape its reader
+    takes: a reshape of the result is a copy where it feeds a call that
+    writes in place (`funcopt.optim._fused_native`)."""
     leaves = [as_packable(x) for x in leaves]
     spans = tuple(int(s) for s in spans)
-    _check_pack(leaves, spans)
-    return _pack_p.bind(*leaves, spans=spans)
+    shape = (sum(spans),) if shape is None else tuple(int(d) for d in shape)
+    _check_pack(leaves, spans, shape)
+    return _pack_p.bind(*leaves, spans=spans, shape=shape)
 
 
 def unpack(
     buffer: jax.Array, spans: Sequence[int], shapes: Sequence[tuple[int, ...]]
 ) -> list[jax.Array]:
     """The inverse of `pack`: leaf `i`, of `shapes[i]`, from the first
-    elements of its span."""
+    elements of its span (of `buffer` read row-major, of any shape)."""
     spans = tuple(int(s) for s in spans)
     shapes = tuple(tuple(int(d) for d in s) for s in shapes)
     _check_unpack(buffer, spans, shapes)
@@ -90,18 +98,20 @@ def native_available() -> bool:
 # --------------------------------------------------------------------------
 
 
-def _pack_reference(*leaves, spans):
+def _pack_reference(*leaves, spans, shape):
     parts = []
     for leaf, span in zip(leaves, spans):
         parts.append(jnp.ravel(leaf))
         if span > leaf.size:
             parts.append(jnp.zeros(span - leaf.size, leaf.dtype))
     if not parts:
-        return jnp.zeros(0, leaves[0].dtype)
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+        return jnp.zeros(shape, leaves[0].dtype)
+    flat = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+    return flat.reshape(shape)
 
 
 def _unpack_reference(buffer, *, spans, shapes):
+    buffer = buffer.reshape(-1)
     out, start = [], 0
     for span, shape in zip(spans, shapes):
         size = math.prod(shape)
@@ -115,9 +125,11 @@ def _unpack_reference(buffer, *, spans, shapes):
 # --------------------------------------------------------------------------
 
 
-def _check_pack(leaves, spans):
+def _check_pack(leaves, spans, shape):
     if len(leaves) != len(spans) or not leaves:
         raise ValueError(f"pack: {len(leaves)} leaves for {len(spans)} spans")
+    if math.prod(shape) != sum(spans):
+        raise ValueError(f"pack: a buffer of shape {shape} for spans {spans}")
     if len({jnp.dtype(x.dtype) for x in leaves}) != 1:
         raise TypeError("pack: the leaves must share one dtype")
     for x, span in zip(leaves, spans):
@@ -126,15 +138,15 @@ def _check_pack(leaves, spans):
 
 
 def _check_unpack(buffer, spans, shapes):
-    if buffer.ndim != 1 or buffer.shape[0] != sum(spans):
+    if buffer.size != sum(spans):
         raise ValueError(f"unpack: a buffer of shape {buffer.shape} for spans {spans}")
     for shape, span in zip(shapes, spans, strict=True):
         if math.prod(shape) > span:
             raise ValueError(f"unpack: a leaf of shape {shape} in a span of {span}")
 
 
-def _pack_abstract(*leaves, spans):
-    return jax.core.ShapedArray((sum(spans),), leaves[0].dtype)
+def _pack_abstract(*leaves, spans, shape):
+    return jax.core.ShapedArray(shape, leaves[0].dtype)
 
 
 def _unpack_abstract(buffer, *, spans, shapes):
@@ -151,9 +163,9 @@ def _int64s(values):
     return np.asarray(values, dtype=np.int64)
 
 
-def _pack_jvp(primals, tangents, *, spans):
+def _pack_jvp(primals, tangents, *, spans, shape):
     tangents = [ad.instantiate_zeros(t) for t in tangents]
-    return pack(primals, spans), pack(tangents, spans)
+    return pack(primals, spans, shape), pack(tangents, spans, shape)
 
 
 def _unpack_jvp(primals, tangents, *, spans, shapes):
@@ -163,7 +175,7 @@ def _unpack_jvp(primals, tangents, *, spans, shapes):
     )
 
 
-def _pack_transpose(cotangent, *leaves, spans):
+def _pack_transpose(cotangent, *leaves, spans, shape):
     if type(cotangent) is ad.Zero:
         return [ad.Zero(x.aval) if ad.is_undefined_primal(x) else None for x in leaves]
     shapes = [(x.aval if ad.is_undefined_primal(x) else x).shape for x in leaves]
@@ -172,16 +184,18 @@ def _pack_transpose(cotangent, *leaves, spans):
 
 
 def _unpack_transpose(cotangents, buffer, *, spans, shapes):
-    return [pack([ad.instantiate_zeros(c) for c in cotangents], spans)]
+    cts = [ad.instantiate_zeros(c) for c in cotangents]
+    return [pack(cts, spans, buffer.aval.shape)]
 
 
-def _pack_batched(values, dims, *, spans):
+def _pack_batched(values, dims, *, spans, shape):
     size = next(v.shape[d] for v, d in zip(values, dims) if d is not None)
     values = [
         jnp.broadcast_to(v, (size, *v.shape)) if d is None else jnp.moveaxis(v, d, 0)
         for v, d in zip(values, dims)
     ]
-    return jax.vmap(functools.partial(_pack_reference, spans=spans))(*values), 0
+    pack_one = functools.partial(_pack_reference, spans=spans, shape=shape)
+    return jax.vmap(pack_one)(*values), 0
 
 
 def _unpack_batched(values, dims, *, spans, shapes):

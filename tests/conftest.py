@@ -29,6 +29,12 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 # cache lines per thread and their scalar tail is each tensor's last elements.
 torch.set_num_threads(1)
 
+# torch warns once per process, at its first sparse tensor, that its sparse
+# invariant checks are implicitly off; tests that turn warnings into errors
+# (tests/parity/test_sparse_grads.py) would fail where they make that first
+# tensor. Off, explicitly: the behaviour the warning describes, without it.
+torch.sparse.check_sparse_tensor_invariants.disable()
+
 
 def _run_dir(config):
     """The run's base temp directory, common to its xdist workers (a new one

@@ -6,6 +6,12 @@ the donated step reaches that (no full-size temporary such as a shared
 weight-decayed gradient, no copy of a donated buffer); this fails when a
 change to a rule makes XLA materialise or copy something again. Measured
 speed is in ``benchmarks/`` (``profile_step.py --audit``).
+
+These are the JAX rules' programs, which GPUs, TPUs, sharded steps and
+installs without funcopt's native library run: on one CPU device Adam,
+AdamW, SGD and Adagrad take the native kernel instead (one custom call per
+bucket or leaf, in place: ``tests/test_native_fused.py``), so the tests here
+turn it off (``jax_rules``).
 """
 
 import json
@@ -23,8 +29,16 @@ import pytest
 import funcopt as fo
 from funcopt import _multi_tensor
 from tests._subprocess import HANG_GUARD_S
+from tests.torch_ref import native_kernels
 
 N = 1 << 16
+
+
+@pytest.fixture(autouse=True)
+def jax_rules():
+    with native_kernels(False):
+        yield
+
 
 # name -> (optimizer, full-size copies XLA cannot avoid)
 RULES = {
@@ -107,6 +121,7 @@ def test_multi_output_fusion_updates_buffers_together():
         **os.environ,
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": "--xla_backend_extra_options=xla_cpu_use_multi_output_fusion",
+        "FUNCOPT_NATIVE": "0",
     }
     out = subprocess.run(
         [sys.executable, "-c", code],

@@ -1,5 +1,6 @@
-"""The native fused CPU kernels (`funcopt/_native`, `funcopt.optim._fused_native`)
-against torch's `fused=True` kernels, live, bit for bit.
+"""The native CPU kernels (`funcopt/_native`, `funcopt.optim._fused_native`)
+against torch's `fused=True` kernels and, for Adam/AdamW, SGD and Adagrad,
+torch's default (single-tensor) step, live, bit for bit.
 
 The kernels' selling point: torch's bits in float32 without x64 and without
 the bit-exact mode (and with them), and in float64. Leaves of 4101, 7, 1 and
@@ -26,6 +27,8 @@ from tests.torch_ref import (
     assert_same_bits,
     check_against_torch,
     check_packed_against_torch,
+    correctly_rounded_torch_sqrt,
+    native_kernels,
     run_funcopt,
     run_torch,
     trainable_leaves,
@@ -95,9 +98,21 @@ def _id(case, kw):
     )
 
 
+def _default_path_rows():
+    """The rows without `fused`: torch's default step."""
+    rows = []
+    for row in _adam_rows() + _sgd_rows() + _adagrad_rows():
+        case, kwargs = row.values
+        kw = {k: v for k, v in kwargs.items() if k != "fused"}
+        rows.append(pytest.param(case, kw, id="default-" + _id(case, kw)))
+    return rows
+
+
 ROWS = _adam_rows() + _sgd_rows() + _adagrad_rows()
+DEFAULT_ROWS = _default_path_rows()
 # one row per optimizer and branch family, for the slower modes
 SOME = [r for r in ROWS if r.id.endswith("maximize=True")][::3]
+SOME_DEFAULT = [r for r in DEFAULT_ROWS if r.id.endswith("maximize=True")][::3]
 
 
 def tail_sized_params(rng, dtype) -> dict:
@@ -136,14 +151,14 @@ def _check(case, kwargs, dtype, steps=STEPS):
     check_against_torch(case, kwargs, params, grads, new_params, state)
 
 
-@contextlib.contextmanager
-def native(enabled: bool):
-    old = _fused_native._switch["enabled"]
-    fo.precision.set_native_fused(enabled)
-    try:
-        yield
-    finally:
-        _fused_native._switch["enabled"] = old
+def _torch_roots(case) -> contextlib.AbstractContextManager:
+    """torch's roots correctly rounded for Adam's and Adagrad's default
+    step: its float32 and float64 `sqrt` are MKL's, not correctly rounded
+    (`correctly_rounded_torch_sqrt`); torch's fused kernels and SGD take no
+    such root."""
+    if case is SGD:
+        return contextlib.nullcontext()
+    return correctly_rounded_torch_sqrt(float64=True)
 
 
 def test_library_is_built():
@@ -172,6 +187,39 @@ def test_float64_bits(case, kwargs, torch_cpu_loop, x64):
     _check(case, kwargs, np.float64, steps=30)
 
 
+@pytest.mark.parametrize("case,kwargs", DEFAULT_ROWS)
+def test_default_path_float32_bits_without_x64(case, kwargs, torch_cpu_loop):
+    """Adam, AdamW, SGD and Adagrad without `fused`, every flag
+    combination, 100 steps, float32 without x64 nor the bit-exact mode:
+    torch's default step (`_single_tensor_adam`, ...), params and every
+    buffer, bit for bit; for Adam and Adagrad, with torch's square roots
+    correctly rounded (`_torch_roots`). The 7- and 1-element leaves are
+    packed into one bucket (`funcopt.flat.set_policy`), the others run one
+    call each."""
+    with _torch_roots(case):
+        _check(case, kwargs, np.float32)
+
+
+@pytest.mark.parametrize("case,kwargs", SOME_DEFAULT)
+def test_default_path_float32_bits_with_x64_and_exact_mode(
+    case, kwargs, torch_cpu_loop, x64, exact_float32
+):
+    with _torch_roots(case):
+        _check(case, kwargs, np.float32)
+
+
+@pytest.mark.parametrize("case,kwargs", DEFAULT_ROWS)
+def test_default_path_float64_bits(case, kwargs, torch_cpu_loop, x64):
+    with _torch_roots(case):
+        _check(case, kwargs, np.float64, steps=30)
+
+
+@pytest.mark.parametrize("case,kwargs", SOME_DEFAULT)
+def test_default_path_flat_buckets(case, kwargs, torch_cpu_loop):
+    with _torch_roots(case):
+        check_packed_against_torch(case, kwargs, np.float32, steps=10)
+
+
 @pytest.mark.parametrize("case,kwargs", SOME)
 def test_packed_buckets(case, kwargs, torch_cpu_loop):
     """Leaves packed into one buffer (`funcopt.flat`): each leaf's tail and
@@ -182,17 +230,18 @@ def test_packed_buckets(case, kwargs, torch_cpu_loop):
 @pytest.mark.skipif(bool(os.environ.get(CHILD)), reason="runs in the parent only")
 def test_torch_default_build_without_fma():
     """torch's `ATEN_CPU_CAPABILITY=default` build (no FMA; funcopt's
-    `torch_cpu_block()` is None there): the kernel's `fma=False` variant."""
+    `torch_cpu_block()` is None there): the kernel's `fma=False` variant,
+    fused and default steps."""
     args = [
         "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__,
-        "-k", "test_float32_bits_without_x64",
+        "-k", "float32_bits_without_x64",
     ]  # fmt: skip
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", CHILD: "1"}
     probe = (
         "import torch\nassert torch.backends.cpu.get_cpu_capability() == "
         "'DEFAULT', torch.backends.cpu.get_cpu_capability()"
     )
-    assert run_pytest_child(args, env, probe=probe) == len(ROWS)
+    assert run_pytest_child(args, env, probe=probe) == len(ROWS) + len(DEFAULT_ROWS)
 
 
 @pytest.mark.parametrize(
@@ -237,11 +286,12 @@ def test_jit_and_eager_agree(torch_cpu_loop):
         params, state = eager
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "default"])
 @pytest.mark.parametrize("case", [ADAM, SGD, ADAGRAD], ids=lambda c: c.name)
-def test_grad_through_a_step_is_the_jax_paths(case, torch_cpu_loop):
+def test_grad_through_a_step_is_the_jax_paths(case, fused, torch_cpu_loop):
     """`jax.grad` of a loss of the stepped params (w.r.t. params, gradient
     and lr): the native step's derivative is the JAX rule's."""
-    kwargs = {"lr": 1e-2, "fused": True}
+    kwargs = {"lr": 1e-2, "fused": fused}
     if case is SGD:
         kwargs["momentum"] = 0.9
     opt, params, grads, state = _setup(case, kwargs)
@@ -256,7 +306,7 @@ def test_grad_through_a_step_is_the_jax_paths(case, torch_cpu_loop):
 
     d = jax.grad(loss, argnums=(0, 1, 2))
     got = jax.jit(d)(params, grads, 1e-2)
-    with native(False):
+    with native_kernels(False):
         want = jax.jit(d)(params, grads, 1e-2)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -315,9 +365,16 @@ def _optimized_hlo(opt, params, grads, state) -> str:
         (fo.adam, dict(fused=True, amsgrad=True)),
         (fo.sgd, dict(lr=0.1, momentum=0.9, fused=True)),
         (fo.adagrad, dict(fused=True)),
+        (fo.adam, {}),
+        (fo.adamw, dict(amsgrad=True)),
+        (fo.sgd, dict(lr=0.1, momentum=0.9)),
+        (fo.sgd, dict(lr=0.1)),
     ],
-    ids=["adam", "amsgrad", "sgd", "adagrad"],
-)
+    ids=[
+        "adam", "amsgrad", "sgd", "adagrad",
+        "default-adam", "default-adamw-amsgrad", "default-sgd-momentum", "default-sgd",
+    ],
+)  # fmt: skip
 def test_donated_step_is_one_custom_call_per_leaf_in_place(factory, kwargs):
     """The optimized HLO of the donated jitted step: one custom call per
     leaf, no copy (results alias the donated inputs)."""
@@ -334,31 +391,50 @@ def test_donated_step_is_one_custom_call_per_leaf_in_place(factory, kwargs):
     copies = re.findall(r"= f32\[[^\]]*\]\S* copy(?:-start)?\(.*", hlo)
     assert not copies, "\n".join(copies)
     assert "output_to_operand_aliasing" in hlo
-    with native(False):
+    with native_kernels(False):
         assert "custom_call_target" not in _optimized_hlo(
             opt, params, grads, opt.init(params)
         )
 
 
-def test_other_dtypes_and_tensor_lr_take_the_jax_path():
+def _lowered(opt, params) -> str:
+    return jax.jit(opt.step).lower(params, params, opt.init(params)).as_text()
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "default"])
+def test_other_dtypes_and_tensor_lr_take_the_jax_path(fused):
     """16-bit params and a tensor lr: no custom call."""
     params = {"w": jnp.ones(20, jnp.bfloat16)}
-    opt = fo.adam(fused=True)
-    hlo = jax.jit(opt.step).lower(params, params, opt.init(params)).as_text()
-    assert "funcopt_adam" not in hlo
+    assert "funcopt_adam" not in _lowered(fo.adam(fused=fused), params)
     params = {"w": jnp.ones(20, jnp.float32)}
-    opt = fo.adam(lr=np.float32(1e-3), fused=True)
-    hlo = jax.jit(opt.step).lower(params, params, opt.init(params)).as_text()
-    assert "funcopt_adam" not in hlo
-    opt = fo.adam(fused=True)
-    hlo = jax.jit(opt.step).lower(params, params, opt.init(params)).as_text()
-    assert "funcopt_adam" in hlo
+    tensor_lr = fo.adam(lr=np.float32(1e-3), fused=fused)
+    assert "funcopt_adam" not in _lowered(tensor_lr, params)
+    assert "funcopt_adam" in _lowered(fo.adam(fused=fused), params)
+
+
+@pytest.mark.parametrize("flag", ["differentiable", "capturable"])
+def test_adams_tensor_scalar_path_takes_the_jax_rule(flag):
+    """Adam's `differentiable`/`capturable` step is torch's tensor-scalar
+    arithmetic (`adam`'s docstring), which the kernel does not compute."""
+    params = {"w": jnp.ones(20, jnp.float32)}
+    assert "funcopt_adam" not in _lowered(fo.adam(**{flag: True}), params)
+
+
+def test_sparse_gradients_take_the_jax_rule():
+    """SGD's BCOO gradient (torch's sparse `p.grad`) is not the kernel's."""
+    from jax.experimental import sparse as jsparse
+
+    params = {"w": jnp.ones((6, 3), jnp.float32)}
+    grads = {"w": jsparse.BCOO.fromdense(jnp.eye(6, 3, dtype=jnp.float32))}
+    opt = fo.sgd(lr=0.1)
+    new, _ = jax.jit(opt.step)(params, grads, opt.init(params))
+    np.testing.assert_array_equal(new["w"], 1 - 0.1 * np.eye(6, 3, dtype=np.float32))
 
 
 def test_switch_is_in_the_trace_settings():
     from funcopt import _math
 
-    with native(False):
+    with native_kernels(False):
         off = _math.trace_settings()
         assert not fo.precision.native_fused()
     assert _math.trace_settings() != off
@@ -380,6 +456,47 @@ def test_build_without_a_working_compiler_returns_none(cxx, tmp_path, monkeypatc
     monkeypatch.setenv("CXX", cxx)
     assert build.build(tmp_path / "lib.so") is None
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "default"])
+def test_leaves_packed_per_step_are_one_custom_call_in_place(fused):
+    """50 small leaves of a plain tree, packed per step (`set_policy`): one
+    kernel call for the bucket on the packed buffers as the pack wrote them
+    (a reshape between them was a copy of each buffer before the call)."""
+    opt = fo.adam(fused=fused)
+    params = {f"l{i}": jnp.ones((100 + i,), jnp.float32) for i in range(50)}
+    hlo = _optimized_hlo(opt, params, params, opt.init(params))
+    assert hlo.count('custom_call_target="funcopt_adam"') == 1, hlo
+    # no copy or loop over a packed `[rows, width]` buffer besides the call
+    assert not re.findall(r"= f32\[\d+,\d+\]\S* (?:copy|fusion)\(", hlo), hlo
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "default"])
+def test_grad_through_scanned_packed_steps(fused, torch_cpu_loop, x64):
+    """`jax.grad` through `lax.scan` of steps on packed leaves: JAX traces
+    the kernel's derivative after the rule's trace, outside its packing
+    context (it raised before the kernel closed over its layout). float64:
+    the two paths' derivatives agree to its rounding (in float32 the
+    kernel's and the rule's trajectories part by ulps, which the derivative
+    through three steps turns into ~3e-6 relative)."""
+    opt = fo.adam(fused=fused)
+    params = {"w": jnp.full((6, 5), 0.3), "b": jnp.full(5, 0.1)}
+
+    def loss(lr):
+        def body(carry, _):
+            p, s = carry
+            g = jax.tree.map(lambda x: jnp.sin(x) * 0.1, p)
+            return opt.step(p, g, s), None
+
+        state = fo.set_lr(opt.init(params), lr)
+        (p, _), _ = jax.lax.scan(body, (params, state), None, length=3)
+        return sum(jnp.sum(x**2) for x in jax.tree.leaves(p))
+
+    got = jax.jit(jax.grad(loss))(1e-2)
+    with native_kernels(False):
+        want = jax.jit(jax.grad(loss))(1e-2)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert np.isfinite(got) and got != 0
 
 
 def test_packed_bucket_is_one_custom_call_in_place():

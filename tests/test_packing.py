@@ -25,7 +25,7 @@ def _leaves(dtype, seed=0):
 
 
 def _reference_pack(leaves):
-    return _packing._pack_reference(*leaves, spans=tuple(SPANS))
+    return _packing._pack_reference(*leaves, spans=tuple(SPANS), shape=(sum(SPANS),))
 
 
 def _reference_unpack(buffer):
@@ -124,6 +124,39 @@ def test_vmap_batches_any_leaf():
     back = jax.jit(jax.vmap(lambda b: _packing.unpack(b, SPANS, SHAPES)))(want)
     for got, x in zip(back, jax.vmap(_reference_unpack)(want)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(x))
+
+
+def test_packs_in_a_given_shape_and_unpacks_any_shape():
+    """`pack(..., shape)` writes the buffer in its reader's shape (a bucket's
+    `[rows, width]`: a reshape after it was a copy before an in-place call);
+    `unpack` reads a buffer of any shape row-major. Values, gradients
+    (each the other's transpose) and vmap as the 1-D reference's."""
+    leaves = [jnp.arange(3.0), jnp.arange(8.0).reshape(2, 4) + 10]
+    spans, shapes, shape = [4, 8], [(3,), (2, 4)], (3, 4)
+    want = _packing._pack_reference(*leaves, spans=(4, 8), shape=(12,))
+    packed = jax.jit(lambda xs: _packing.pack(xs, spans, shape))(leaves)
+    assert packed.shape == shape
+    np.testing.assert_array_equal(np.asarray(packed).ravel(), np.asarray(want))
+    for got, leaf in zip(
+        jax.jit(lambda b: _packing.unpack(b, spans, shapes))(packed), leaves
+    ):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(leaf))
+    weights = jnp.arange(12.0).reshape(shape)
+    grads = jax.jit(
+        jax.grad(lambda xs: jnp.sum(_packing.pack(xs, spans, shape) * weights))
+    )(leaves)
+    for g, w in zip(grads, _packing.unpack(weights, spans, shapes)):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    cotangent = jax.grad(
+        lambda b: sum(jnp.sum(x) for x in _packing.unpack(b, spans, shapes))
+    )(packed)
+    assert cotangent.shape == shape
+    batched = jax.vmap(lambda xs: _packing.pack(xs, spans, shape))(
+        [x[None] for x in leaves]
+    )
+    np.testing.assert_array_equal(np.asarray(batched[0]), np.asarray(packed))
+    with pytest.raises(ValueError, match=r"a buffer of shape \(5, 2\) for spans"):
+        _packing.pack(leaves, spans, (5, 2))
 
 
 def test_bad_packs_raise():

@@ -121,8 +121,23 @@ def using_torch_cpu_block(block: int | None):
 
 
 @contextlib.contextmanager
-def correctly_rounded_torch_sqrt():
-    """Within this context torch's float32 square roots are correctly rounded.
+def native_kernels(enabled: bool):
+    """funcopt's native CPU kernels on or off inside the block
+    (`fo.precision.set_native_fused`)."""
+    from funcopt.optim import _fused_native
+
+    old = _fused_native._switch["enabled"]
+    fo.precision.set_native_fused(enabled)
+    try:
+        yield
+    finally:
+        _fused_native._switch["enabled"] = old
+
+
+@contextlib.contextmanager
+def correctly_rounded_torch_sqrt(float64: bool = False):
+    """Within this context torch's float32 square roots are correctly rounded
+    (`float64`: its float64 roots too).
 
     torch's float32 `sqrt` on CPU (MKL's `vsSqrt`, 0-d tensors included) is
     not correctly rounded on every x86 machine: on an Intel AVX-512 machine
@@ -133,19 +148,23 @@ def correctly_rounded_torch_sqrt():
     (`Tensor.sqrt`, `sqrt_`, `torch.sqrt`, `torch._foreach_sqrt`,
     `_foreach_sqrt_`, `tensor ** 0.5`) by the float64 root rounded to float32, which is
     correctly rounded (53 >= 2 * 24 + 2); the child processes' probe checks
-    it on 100,000 values.
+    it on 100,000 values. torch's float64 root is MKL's `vdSqrt`, about 1% of
+    its results 1 ulp off on an AMD EPYC; with `float64` it is NumPy's
+    (IEEE's correctly rounded `sqrt`).
     """
     sqrt, sqrt_, power = torch.Tensor.sqrt, torch.Tensor.sqrt_, torch.Tensor.__pow__
 
     def rounded(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float64 and float64:
+            return torch.from_numpy(np.asarray(np.sqrt(x.detach().numpy())))
         if x.dtype != torch.float32:
             return sqrt(x)
         return sqrt(x.double()).float()
 
     def rounded_(x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32:
-            return sqrt_(x)
-        return x.copy_(rounded(x))
+        if x.dtype == torch.float32 or (x.dtype == torch.float64 and float64):
+            return x.copy_(rounded(x))
+        return sqrt_(x)
 
     def pow_(x: torch.Tensor, exponent):
         # `bias_correction2**0.5` (torch's default path, a tensor beta2): MKL's

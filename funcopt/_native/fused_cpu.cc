@@ -16,10 +16,17 @@
 //   float32, read back as the shortest decimal that rounds to them: the
 //   Python float the user wrote, for values of up to 7 significant digits).
 //
-// Attributes: `fma`, `maximize` (and Adam's `decoupled`, SGD's `nesterov`)
-// as bools, `sizes`/`spans` (int64 arrays, one entry per leaf packed into
-// the buffer: its element count and the elements it occupies; empty: one
-// leaf, the whole buffer). The step buffer holds one count, or one per leaf.
+// * `single_tensor`: torch's default step instead (`_single_tensor_adam`,
+//   `_single_tensor_sgd`, `_single_tensor_adagrad`: one ATen op after another,
+//   each rounded as the fused kernel's vectorised body rounds it), every
+//   element as that body, and the scalar math as Python computes it
+//   (`bias_correction2 ** 0.5` is C's pow; `1 - lr * wd` and
+//   `1 + (step - 1) * lr_decay` unfused).
+//
+// Attributes: `fma`, `maximize`, `single_tensor` (and Adam's `decoupled`,
+// SGD's `nesterov`) as bools, `sizes`/`spans` (int64 arrays, one entry per
+// leaf packed into the buffer: its element count and the elements it
+// occupies; empty: one leaf, the whole buffer). The step buffer holds one count, or one per leaf.
 // Large leaves are split over XLA's intra-op thread pool (`for_chunks`).
 
 #include <algorithm>
@@ -161,6 +168,9 @@ struct AdamScalars {
   // coeff, small: the lerp's weight (or weight - 1) and which base it takes
   T sign, wd, decay, coeff, b2, one_minus_b2, bc2_sqrt, eps, neg_step_size;
   bool small;
+  // torch's single-tensor (default) path: every element as the vectorised
+  // loop (its ops round alike in the scalar tail)
+  bool single_tensor;
 };
 
 // WD: coupled weight decay (`grad += param * wd`)
@@ -198,7 +208,7 @@ template <typename T, bool FMA, bool WD, bool AMS>
 FUNCOPT_INLINE void adam_segment(T* p, const T* g, T* m, T* v, T* vmax,
                                  int64_t n, const AdamScalars<T>& s) {
   constexpr int64_t width = 32 / sizeof(T);
-  int64_t body = n - n % width;
+  int64_t body = s.single_tensor ? n : n - n % width;
   adam_loop<T, FMA, false, WD, AMS>(p, g, m, v, vmax, body, s);
   adam_loop<T, FMA, true, WD, AMS>(p + body, g + body, m + body,
                                                v + body, AMS ? vmax + body : vmax,
@@ -266,7 +276,7 @@ ffi::Error adam_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param, ffi::AnyBuffe
                       ffi::AnyBuffer eps_b, ffi::AnyBuffer wd_b,
                       ffi::AnyBuffer* out_p, ffi::AnyBuffer* out_m,
                       ffi::AnyBuffer* out_v, ffi::AnyBuffer* out_max, bool fma,
-                      bool maximize, bool decoupled,
+                      bool maximize, bool decoupled, bool single_tensor,
                       ffi::Span<const int64_t> sizes,
                       ffi::Span<const int64_t> spans) {
   const int64_t total = param.element_count();
@@ -296,10 +306,13 @@ ffi::Error adam_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param, ffi::AnyBuffe
   s.sign = maximize ? T(-1) : T(1);
   s.wd = static_cast<T>(wd);
   // AdamW's `1 - lr * weight_decay`: contracted where torch's build has FMA
+  // (the fused kernel's C++), rounded twice in Python (the default path)
   s.decay = T(1);
   if (decoupled) {
-    s.decay = static_cast<T>(fma ? std::fma(-lr, wd, 1.0) : 1.0 - lr * wd);
+    s.decay = static_cast<T>(fma && !single_tensor ? std::fma(-lr, wd, 1.0)
+                                                   : 1.0 - lr * wd);
   }
+  s.single_tensor = single_tensor;
   const T weight = static_cast<T>(1 - beta1);
   s.small = std::abs(weight) < T(0.5);
   s.coeff = s.small ? weight : weight - T(1);
@@ -312,7 +325,9 @@ ffi::Error adam_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param, ffi::AnyBuffe
     const double bias_correction1 = 1 - std::pow(beta1, t);
     const double bias_correction2 = 1 - std::pow(beta2, t);
     const double step_size = lr / bias_correction1;
-    s.bc2_sqrt = static_cast<T>(std::sqrt(bias_correction2));
+    // Python's `bias_correction2**0.5` is C's pow, the fused kernel's sqrt
+    s.bc2_sqrt = static_cast<T>(single_tensor ? std::pow(bias_correction2, 0.5)
+                                              : std::sqrt(bias_correction2));
     s.neg_step_size = static_cast<T>(-step_size);
     const int64_t o = list[k].offset;
     for_chunks<T>(pool, list[k].size, [&](int64_t b, int64_t e) {
@@ -330,18 +345,20 @@ ffi::Error adam_any(ffi::ThreadPool& pool, ffi::AnyBuffer param, ffi::AnyBuffer 
                     ffi::AnyBuffer wd, ffi::AnyBuffer* out_p,
                     ffi::AnyBuffer* out_m, ffi::AnyBuffer* out_v,
                     ffi::AnyBuffer* out_max, bool fma, bool maximize,
-                    bool decoupled, ffi::Span<const int64_t> sizes,
+                    bool decoupled, bool single_tensor,
+                    ffi::Span<const int64_t> sizes,
                     ffi::Span<const int64_t> spans) {
   switch (param.element_type()) {
     case ffi::DataType::F32:
       return adam_typed<float>(pool, param, grad, exp_avg, exp_avg_sq, max_sq, step,
                                lr, betas, eps, wd, out_p, out_m, out_v, out_max,
-                               fma, maximize, decoupled, sizes, spans);
+                               fma, maximize, decoupled, single_tensor, sizes,
+                               spans);
     case ffi::DataType::F64:
       return adam_typed<double>(pool, param, grad, exp_avg, exp_avg_sq, max_sq, step,
                                 lr, betas, eps, wd, out_p, out_m, out_v,
-                                out_max, fma, maximize, decoupled, sizes,
-                                spans);
+                                out_max, fma, maximize, decoupled,
+                                single_tensor, sizes, spans);
     default:
       return ffi::Error::InvalidArgument("funcopt_adam: float32/float64 only");
   }
@@ -354,11 +371,12 @@ ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::AnyBuffer param, ffi::AnyBuffer g
                     ffi::AnyBuffer wd, ffi::Result<ffi::AnyBuffer> out_p,
                     ffi::Result<ffi::AnyBuffer> out_m,
                     ffi::Result<ffi::AnyBuffer> out_v, bool fma, bool maximize,
-                    bool decoupled, ffi::Span<const int64_t> sizes,
+                    bool decoupled, bool single_tensor,
+                    ffi::Span<const int64_t> sizes,
                     ffi::Span<const int64_t> spans) {
   return adam_any(pool, param, grad, exp_avg, exp_avg_sq, nullptr, step, lr, betas,
                   eps, wd, &*out_p, &*out_m, &*out_v, nullptr, fma,
-                  maximize, decoupled, sizes, spans);
+                  maximize, decoupled, single_tensor, sizes, spans);
 }
 
 ffi::Error AdamAmsImpl(ffi::ThreadPool pool, ffi::AnyBuffer param, ffi::AnyBuffer grad,
@@ -370,12 +388,12 @@ ffi::Error AdamAmsImpl(ffi::ThreadPool pool, ffi::AnyBuffer param, ffi::AnyBuffe
                        ffi::Result<ffi::AnyBuffer> out_m,
                        ffi::Result<ffi::AnyBuffer> out_v,
                        ffi::Result<ffi::AnyBuffer> out_max, bool fma,
-                       bool maximize, bool decoupled,
+                       bool maximize, bool decoupled, bool single_tensor,
                        ffi::Span<const int64_t> sizes,
                        ffi::Span<const int64_t> spans) {
   return adam_any(pool, param, grad, exp_avg, exp_avg_sq, &max_sq, step, lr, betas,
                   eps, wd, &*out_p, &*out_m, &*out_v, &*out_max,
-                  fma, maximize, decoupled, sizes, spans);
+                  fma, maximize, decoupled, single_tensor, sizes, spans);
 }
 
 // ---------------------------------------------------------------------------
@@ -386,6 +404,7 @@ template <typename T>
 struct SgdScalars {
   T sign, wd, mu, damp, neg_lr;
   bool nesterov;
+  bool single_tensor;  // as AdamScalars::single_tensor
 };
 
 // MOM: 0 no momentum, 1 first step (the buffer is the gradient), 2 later
@@ -423,7 +442,7 @@ FUNCOPT_INLINE void sgd_segment(void* pv, const void* gv, void* bv, int64_t n,
   const T* g = static_cast<const T*>(gv);
   T* b = static_cast<T*>(bv);
   const auto& s = *static_cast<const SgdScalars<T>*>(sv);
-  int64_t body = n - n % width;
+  int64_t body = s.single_tensor ? n : n - n % width;
   sgd_loop<T, FMA, false, WD, MOM>(p, g, b, body, s);
   sgd_loop<T, FMA, true, WD, MOM>(p + body, g + body,
                                              MOM ? b + body : b, n - body, s);
@@ -472,7 +491,7 @@ ffi::Error sgd_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param, ffi::AnyBuffer
                      ffi::AnyBuffer lr_b, ffi::AnyBuffer momentum_b,
                      ffi::AnyBuffer dampening_b, ffi::AnyBuffer wd_b,
                      ffi::AnyBuffer* out_p, ffi::AnyBuffer* out_b, bool fma,
-                     bool maximize, bool nesterov,
+                     bool maximize, bool nesterov, bool single_tensor,
                      ffi::Span<const int64_t> sizes,
                      ffi::Span<const int64_t> spans) {
   auto take = [](ffi::AnyBuffer& in, ffi::AnyBuffer* out) -> T* {
@@ -495,6 +514,7 @@ ffi::Error sgd_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param, ffi::AnyBuffer
   SgdScalars<T> s;
   s.sign = maximize ? T(-1) : T(1);
   s.nesterov = nesterov;
+  s.single_tensor = single_tensor;
   s.wd = static_cast<T>(wd);
   s.mu = static_cast<T>(momentum);
   s.damp = static_cast<T>(1 - dampening);
@@ -519,17 +539,18 @@ ffi::Error sgd_any(ffi::ThreadPool& pool, ffi::AnyBuffer param, ffi::AnyBuffer g
                    ffi::AnyBuffer lr, ffi::AnyBuffer momentum,
                    ffi::AnyBuffer dampening, ffi::AnyBuffer wd,
                    ffi::AnyBuffer* out_p, ffi::AnyBuffer* out_b, bool fma,
-                   bool maximize, bool nesterov, ffi::Span<const int64_t> sizes,
+                   bool maximize, bool nesterov, bool single_tensor,
+                   ffi::Span<const int64_t> sizes,
                    ffi::Span<const int64_t> spans) {
   switch (param.element_type()) {
     case ffi::DataType::F32:
       return sgd_typed<float>(pool, param, grad, buffer, step, lr, momentum,
                               dampening, wd, out_p, out_b, fma, maximize,
-                              nesterov, sizes, spans);
+                              nesterov, single_tensor, sizes, spans);
     case ffi::DataType::F64:
       return sgd_typed<double>(pool, param, grad, buffer, step, lr, momentum,
                                dampening, wd, out_p, out_b, fma, maximize,
-                               nesterov, sizes, spans);
+                               nesterov, single_tensor, sizes, spans);
     default:
       return ffi::Error::InvalidArgument("funcopt_sgd: float32/float64 only");
   }
@@ -539,11 +560,12 @@ ffi::Error SgdImpl(ffi::ThreadPool pool, ffi::AnyBuffer param, ffi::AnyBuffer gr
                    ffi::AnyBuffer step, ffi::AnyBuffer lr,
                    ffi::AnyBuffer momentum, ffi::AnyBuffer dampening,
                    ffi::AnyBuffer wd, ffi::Result<ffi::AnyBuffer> out_p,
-                   bool fma, bool maximize, bool nesterov,
+                   bool fma, bool maximize, bool nesterov, bool single_tensor,
                    ffi::Span<const int64_t> sizes,
                    ffi::Span<const int64_t> spans) {
   return sgd_any(pool, param, grad, nullptr, step, lr, momentum, dampening, wd,
-                 &*out_p, nullptr, fma, maximize, nesterov, sizes, spans);
+                 &*out_p, nullptr, fma, maximize, nesterov, single_tensor,
+                 sizes, spans);
 }
 
 ffi::Error SgdMomentumImpl(ffi::ThreadPool pool, ffi::AnyBuffer param, ffi::AnyBuffer grad,
@@ -552,11 +574,11 @@ ffi::Error SgdMomentumImpl(ffi::ThreadPool pool, ffi::AnyBuffer param, ffi::AnyB
                            ffi::AnyBuffer dampening, ffi::AnyBuffer wd,
                            ffi::Result<ffi::AnyBuffer> out_p,
                            ffi::Result<ffi::AnyBuffer> out_b, bool fma,
-                           bool maximize, bool nesterov,
+                           bool maximize, bool nesterov, bool single_tensor,
                            ffi::Span<const int64_t> sizes,
                            ffi::Span<const int64_t> spans) {
   return sgd_any(pool, param, grad, &buffer, step, lr, momentum, dampening, wd,
-                 &*out_p, &*out_b, fma, maximize, nesterov, sizes,
+                 &*out_p, &*out_b, fma, maximize, nesterov, single_tensor, sizes,
                  spans);
 }
 
@@ -623,7 +645,8 @@ ffi::Error adagrad_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param, ffi::AnyBu
                          ffi::AnyBuffer lr_b, ffi::AnyBuffer lr_decay_b,
                          ffi::AnyBuffer wd_b, ffi::AnyBuffer eps_b,
                          ffi::AnyBuffer* out_p, ffi::AnyBuffer* out_s, bool fma,
-                         bool maximize, ffi::Span<const int64_t> sizes,
+                         bool maximize, bool single_tensor,
+                         ffi::Span<const int64_t> sizes,
                          ffi::Span<const int64_t> spans) {
   auto take = [](ffi::AnyBuffer& in, ffi::AnyBuffer* out) -> T* {
     T* dst = static_cast<T*>(out->untyped_data());
@@ -649,8 +672,9 @@ ffi::Error adagrad_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param, ffi::AnyBu
   for (size_t k = 0; k < list.size(); ++k) {
     const double t = step_value(step, static_cast<int64_t>(k));
     // `1.0 + (step - 1.0) * lr_decay`: contracted where torch's build has FMA
-    const double decay =
-        fma ? std::fma(t - 1.0, lr_decay, 1.0) : 1.0 + (t - 1.0) * lr_decay;
+    // (the fused kernel's C++), rounded twice in Python (the default path)
+    const double decay = fma && !single_tensor ? std::fma(t - 1.0, lr_decay, 1.0)
+                                               : 1.0 + (t - 1.0) * lr_decay;
     s.clr = static_cast<T>(lr / decay);
     const int64_t o = list[k].offset;
     for_chunks<T>(pool, list[k].size, [&](int64_t b, int64_t e) {
@@ -666,17 +690,18 @@ ffi::Error AdagradImpl(ffi::ThreadPool pool, ffi::AnyBuffer param, ffi::AnyBuffe
                        ffi::AnyBuffer wd, ffi::AnyBuffer eps,
                        ffi::Result<ffi::AnyBuffer> out_p,
                        ffi::Result<ffi::AnyBuffer> out_s, bool fma,
-                       bool maximize, ffi::Span<const int64_t> sizes,
+                       bool maximize, bool single_tensor,
+                       ffi::Span<const int64_t> sizes,
                        ffi::Span<const int64_t> spans) {
   switch (param.element_type()) {
     case ffi::DataType::F32:
       return adagrad_typed<float>(pool, param, grad, sum, step, lr, lr_decay, wd,
                                   eps, &*out_p, &*out_s, fma, maximize,
-                                  sizes, spans);
+                                  single_tensor, sizes, spans);
     case ffi::DataType::F64:
       return adagrad_typed<double>(pool, param, grad, sum, step, lr, lr_decay, wd,
                                    eps, &*out_p, &*out_s, fma,
-                                   maximize, sizes, spans);
+                                   maximize, single_tensor, sizes, spans);
     default:
       return ffi::Error::InvalidArgument(
           "funcopt_adagrad: float32/float64 only");
@@ -750,6 +775,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FuncoptAdam, AdamImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>() FUNCOPT_ATTRS
                                   .Attr<bool>("decoupled")
+                                  .Attr<bool>("single_tensor")
                                   .Attr<ffi::Span<const int64_t>>("sizes")
                                   .Attr<ffi::Span<const int64_t>>("spans"));
 
@@ -771,6 +797,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FuncoptAdamAms, AdamAmsImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>() FUNCOPT_ATTRS
                                   .Attr<bool>("decoupled")
+                                  .Attr<bool>("single_tensor")
                                   .Attr<ffi::Span<const int64_t>>("sizes")
                                   .Attr<ffi::Span<const int64_t>>("spans"));
 
@@ -786,6 +813,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FuncoptSgd, SgdImpl,
                                   .Arg<ffi::AnyBuffer>()  // weight_decay
                                   .Ret<ffi::AnyBuffer>() FUNCOPT_ATTRS
                                   .Attr<bool>("nesterov")
+                                  .Attr<bool>("single_tensor")
                                   .Attr<ffi::Span<const int64_t>>("sizes")
                                   .Attr<ffi::Span<const int64_t>>("spans"));
 
@@ -803,6 +831,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FuncoptSgdMomentum, SgdMomentumImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>() FUNCOPT_ATTRS
                                   .Attr<bool>("nesterov")
+                                  .Attr<bool>("single_tensor")
                                   .Attr<ffi::Span<const int64_t>>("sizes")
                                   .Attr<ffi::Span<const int64_t>>("spans"));
 
@@ -819,6 +848,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FuncoptAdagrad, AdagradImpl,
                                   .Arg<ffi::AnyBuffer>()  // eps
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>() FUNCOPT_ATTRS
+                                  .Attr<bool>("single_tensor")
                                   .Attr<ffi::Span<const int64_t>>("sizes")
                                   .Attr<ffi::Span<const int64_t>>("spans"));
 

@@ -1,14 +1,32 @@
-"""torch's fused CPU kernels as native code: one pass per element, in place.
+"""torch's CPU optimizer steps as native code: one pass per element, in place.
 
-`fused=True` Adam/AdamW, SGD and Adagrad run a C++ kernel (`funcopt/_native`,
-an XLA FFI custom call) on float32 and float64 CPU params when its library
-is built (`make venv`, or `pip install` with a C++ compiler) and JAX runs
-on one CPU device; elsewhere (16-bit params, GPU, several devices, tensor
-`lr` or `betas`, no library) the pure JAX rules in `adam.py`, `sgd.py` and
-`adagrad.py` run. Both give torch's `fused=True` bits where the JAX rule
-does (x64 and [`set_exact_float32`][funcopt.precision.set_exact_float32]);
-the kernel gives them without either, since it rounds every op in the
-param's dtype and does the scalar math in C++ `double` as ATen does.
+Adam/AdamW, SGD and Adagrad, with `fused=True` and without, run a C++
+kernel (`funcopt/_native`, an XLA FFI custom call) on float32 and float64
+CPU params when its library is built (`make venv`, or `pip install` with a
+C++ compiler) and JAX runs on one CPU device; elsewhere (16-bit params, GPU,
+several devices, a tensor hyperparameter, Adam's
+`differentiable`/`capturable` path, sparse gradients, no library) the pure
+JAX rules in `adam.py`, `sgd.py` and `adagrad.py` run.
+
+* `fused=True`: torch's fused kernel (`_fused_adam_`, `_fused_sgd_`,
+  `_fused_adagrad_`), its vectorised body and scalar tail.
+* The default step: torch's single-tensor path (`_single_tensor_adam`,
+  `_single_tensor_sgd`, `_single_tensor_adagrad`), one torch op after
+  another, each rounded in the param's dtype, the multiply-adds of
+  `add(alpha=)`, `addcmul` and `lerp` fused as torch's x86 build fuses
+  them (`torch_cpu_block`: none on its `default` build), the scalar math
+  (`1 - beta ** step`, `bias_correction2 ** 0.5`, `1 - lr * weight_decay`,
+  `1 + (step - 1) * lr_decay`) in double as Python computes it. That is
+  the fused kernel's vectorised body, with every element taking it and the
+  scalar math as Python's (`pow(x, 0.5)` for `sqrt`, no FMA), so both
+  share one C++ loop (attribute `single_tensor`).
+
+Both give torch's bits where the JAX rule does (x64 and
+[`set_exact_float32`][funcopt.precision.set_exact_float32]); the kernel
+gives them without either, since it rounds every op in the param's dtype and
+does the scalar math in C++ `double` as ATen and Python do. Adam's and
+Adagrad's default steps differ from torch's only where torch's `sqrt`
+(MKL's) is not correctly rounded (the kernel's is).
 
 Without x64 the hyperparameters are held as float32; the kernel reads each
 back as the shortest decimal that rounds to it (the Python float that was
@@ -29,7 +47,9 @@ JAX path; one INFO log line (logger `funcopt`) says which path runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -38,7 +58,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _native
-from .._math import packed_layout, torch_cpu_block
+from .._core import TENSOR_DTYPES
+from .._math import packed_layout, packed_leaves, torch_cpu_block
 
 _log = logging.getLogger("funcopt")
 _switch: dict[str, Any] = {"enabled": None, "logged": False}
@@ -50,10 +71,13 @@ def available() -> bool:
 
 
 def set_native_fused(enabled: bool) -> None:
-    """Run `fused=True` Adam/AdamW, SGD and Adagrad steps on the native CPU
-    kernels where they apply (`True`, the default unless the environment sets
-    `FUNCOPT_NATIVE=0`), or always on the pure JAX rules (`False`): the same
-    bits, the kernels in one pass over memory.
+    """Run Adam/AdamW, SGD and Adagrad steps (`fused=True` and default) on
+    the native CPU kernels where they apply
+    (`True`, the default unless the environment sets `FUNCOPT_NATIVE=0`), or
+    always on the pure JAX rules (`False`): the same formula, the kernels in
+    one pass over memory and in torch's float32 rounding without x64 (the
+    JAX rules round so only with x64 and
+    [`set_exact_float32`][funcopt.precision.set_exact_float32]).
 
     Read when a step is traced, like
     [`set_exact_float32`][funcopt.precision.set_exact_float32]: a jitted step
@@ -72,8 +96,9 @@ def _requested() -> bool:
 
 
 def native_fused() -> bool:
-    """Whether `fused=True` steps run the native CPU kernels where they apply
-    (float32/float64 params, one CPU device): the library is built and
+    """Whether the steps of `set_native_fused` run the native CPU kernels
+    where they apply (float32/float64 params, one CPU device): the library
+    is built and
     [`set_native_fused`][funcopt.precision.set_native_fused] (or
     `FUNCOPT_NATIVE`) did not turn them off. Logs the answer once (INFO,
     logger `funcopt`)."""
@@ -85,32 +110,62 @@ def native_fused() -> bool:
         _switch["logged"] = True
         if native:
             _log.info(
-                "funcopt: fused=True runs the native CPU kernels (%s)", _native.LIBRARY
+                "funcopt: Adam/AdamW, SGD and Adagrad run the native CPU kernels (%s)",
+                _native.LIBRARY,
             )
         else:
-            _log.info("funcopt: fused=True runs the pure JAX path: %s", loaded)
+            _log.info("funcopt: every optimizer runs its pure JAX rule: %s", loaded)
     return native
+
+
+_updates = threading.local()
+
+
+@contextlib.contextmanager
+def computing_updates():
+    """While the optax protocol's `update` traces a step: the JAX rules run.
+
+    `update` returns `new_params - params`, so the params stay live after
+    the step, and XLA would copy every param before a kernel that writes it
+    in place (measured: `optax.chain(clip, fo.adamw())` on 100 leaves of
+    100,000 at 1.5x optax's step, the JAX rules at 1.05x).
+    """
+    old = getattr(_updates, "active", False)
+    _updates.active = True
+    try:
+        yield
+    finally:
+        _updates.active = old
+
+
+def kernels_apply() -> bool:
+    """Whether a step traced now runs the native kernels where they apply:
+    `native_fused()`, outside `computing_updates`. Read at trace time (part
+    of the per-leaf kernel cache key, `funcopt._math.trace_settings`)."""
+    return native_fused() and not getattr(_updates, "active", False)
 
 
 def _applies(param: Any) -> bool:
     return (
         jnp.dtype(param.dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
-        and native_fused()
+        and kernels_apply()
         and jax.default_backend() == "cpu"
         and jax.device_count() == 1
     )
 
 
-def _layout(param, step) -> tuple[np.ndarray, np.ndarray, jax.Array] | None:
+def _layout(param, step) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
     """The leaves packed in `param` (sizes, spans: elements each occupies)
-    and their step counts; None where the layout is not understood."""
+    and where their step counts are in `step` (each leaf's first row; None:
+    `step` is one count); None where the layout is not understood. Read
+    while the rule is traced (`packed_layout`)."""
     shape = tuple(jnp.shape(param))
-    step = jnp.ravel(jnp.asarray(step))
+    n_steps = int(np.size(step))
     packed = packed_layout()
     if packed is None or packed[0] != shape:
-        if step.size != 1:
+        if n_steps != 1:
             return None
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), step
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), None
     sizes = np.asarray(packed[1], np.int64)
     if len(shape) != 2:
         return None
@@ -118,12 +173,12 @@ def _layout(param, step) -> tuple[np.ndarray, np.ndarray, jax.Array] | None:
     rows = np.maximum(1, -(-sizes // width))
     if int(rows.sum()) != shape[0]:
         return None
-    if step.size == shape[0]:
+    if n_steps == shape[0]:
         first = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int32)
-        step = step[first]
-    elif step.size != 1:
+        return sizes, rows * width, first
+    if n_steps != 1:
         return None
-    return sizes, rows * width, step
+    return sizes, rows * width, None
 
 
 def _scalars(hparams: dict, keys: tuple[str, ...]) -> list[jax.Array] | None:
@@ -140,10 +195,17 @@ def _scalars(hparams: dict, keys: tuple[str, ...]) -> list[jax.Array] | None:
     return out
 
 
-def _run(target, param, grad, slots, names, step, hparams, keys, options, jax_rule):
+def _run(
+    target, param, grad, slots, names, step, hparams, keys, options, jax_rule,
+    single_tensor,
+):  # fmt: skip
     """The kernel `target` on the param, gradient and buffers `names` (the
     param and buffers updated in place), differentiated through `jax_rule`
-    (`jax.custom_jvp`); None where the kernel does not apply."""
+    (`jax.custom_jvp`); None where the kernel does not apply.
+    `single_tensor`: torch's single-tensor (default) step instead of its
+    fused kernel."""
+    if not isinstance(grad, jax.Array):  # a sparse gradient (BCOO)
+        return None
     if not _applies(param) or jnp.dtype(grad.dtype) != jnp.dtype(param.dtype):
         return None
     if any(jnp.dtype(slots[k].dtype) != jnp.dtype(param.dtype) for k in names):
@@ -153,7 +215,8 @@ def _run(target, param, grad, slots, names, step, hparams, keys, options, jax_ru
     layout = _layout(param, step)
     if layout is None or _scalars(hparams, keys) is None:
         return None
-    sizes, spans, _ = layout
+    sizes, spans, first = layout
+    packed = packed_layout()
     attrs = {
         "fma": np.bool_(torch_cpu_block() is not None),
         "maximize": np.bool_(bool(options["maximize"])),
@@ -164,8 +227,11 @@ def _run(target, param, grad, slots, names, step, hparams, keys, options, jax_ru
         attrs["decoupled"] = np.bool_(bool(options["decoupled_weight_decay"]))
     if target.startswith("funcopt_sgd"):
         attrs["nesterov"] = np.bool_(bool(options["nesterov"]))
+    attrs["single_tensor"] = np.bool_(single_tensor)
     arrays = [param, grad, *(slots[k] for k in names)]
     out_index = [0, *range(2, len(arrays))]
+    # the operands as they are: XLA copies a reshaped operand (a bitcast of
+    # another buffer) before a call that writes into it
     results = [jax.ShapeDtypeStruct(param.shape, param.dtype) for _ in out_index]
     call = jax.ffi.ffi_call(
         target,
@@ -174,17 +240,20 @@ def _run(target, param, grad, slots, names, step, hparams, keys, options, jax_ru
         input_output_aliases={i: k for k, i in enumerate(out_index)},
     )
 
+    # both traced again when differentiated, after the rule's trace: they
+    # close over what they read from it (the layout, `packed_leaves`)
     @jax.custom_jvp
     def kernel(arrays, step, hparams):
-        layout = _layout(arrays[0], step)
         scalars = _scalars(hparams, keys)
-        assert layout is not None and scalars is not None
-        step_arg = layout[2].astype(scalars[0].dtype)
+        assert scalars is not None
+        step = jnp.ravel(jnp.asarray(step))
+        step_arg = (step if first is None else step[first]).astype(scalars[0].dtype)
         return tuple(call(*arrays, step_arg, *scalars, **attrs))
 
     def fallback(arrays, step, hparams):
         p, g, *bufs = arrays
-        new_p, new = jax_rule(p, g, dict(zip(names, bufs)), step, hparams, options)
+        with packed_leaves(*packed) if packed else contextlib.nullcontext():
+            new_p, new = jax_rule(p, g, dict(zip(names, bufs)), step, hparams, options)
         return (new_p, *(new[k] for k in names))
 
     @kernel.defjvp
@@ -196,8 +265,9 @@ def _run(target, param, grad, slots, names, step, hparams, keys, options, jax_ru
 
 
 def with_kernel(kernel: Callable, jax_rule: Callable) -> Callable:
-    """A fused rule that runs the native `kernel` where it applies, else
-    `jax_rule` (torch's fused kernel in JAX, the same bits).
+    """A rule that runs the native `kernel` where it applies, else
+    `jax_rule` (the same step in JAX: torch's fused kernel, or its default
+    path).
 
     `kernel(param, grad, slots, step, hparams, options, jax_rule)` returns
     None where it does not apply; a group with a tensor `lr` or `betas`
@@ -217,41 +287,63 @@ def with_kernel(kernel: Callable, jax_rule: Callable) -> Callable:
     return rule
 
 
-def adam(param, grad, slots, step, hparams, options, jax_rule) -> Any:
-    """Adam's fused step through the kernel; None where it does not apply."""
-    names = ["exp_avg", "exp_avg_sq"]
-    target = "funcopt_adam"
+def _single_tensor_applies(options) -> bool:
+    """Whether the kernel computes torch's default step for a group: not
+    Adam's `differentiable`/`capturable` path (torch's tensor-scalar math),
+    and no tensor (array) hyperparameter, whose scalar math torch does in
+    the tensor's dtype (AdamW's `1 - lr * weight_decay`); the JAX rules
+    mirror both."""
+    if options.get("differentiable") or options.get("capturable"):
+        return False
+    return not dict(options.get(TENSOR_DTYPES, ()))
+
+
+def _kernel(
+    buffers: Callable[[dict, dict], tuple[str, list[str]]],
+    keys: tuple[str, ...],
+    single_tensor: bool,
+) -> Callable:
+    """An optimizer's step through the kernel, torch's fused
+    (`single_tensor` False) or default one, for `with_kernel`: None where it
+    does not apply. `buffers(slots, options)` gives the FFI target and the
+    state buffers it updates; `keys` are the hyperparameters it reads."""
+
+    def kernel(param, grad, slots, step, hparams, options, jax_rule) -> Any:
+        if single_tensor and not _single_tensor_applies(options):
+            return None
+        target, names = buffers(slots, options)
+        return _run(target, param, grad, slots, names, step, hparams, keys,
+                    options, jax_rule, single_tensor)  # fmt: skip
+
+    return kernel
+
+
+def _adam_buffers(slots, options) -> tuple[str, list[str]]:
     if options["amsgrad"]:
-        names.append("max_exp_avg_sq")
-        target = "funcopt_adam_amsgrad"
-    keys = ("lr", "betas", "eps", "weight_decay")
-    return _run(
-        target, param, grad, slots, names, step, hparams, keys, options, jax_rule
-    )
+        return "funcopt_adam_amsgrad", ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
+    return "funcopt_adam", ["exp_avg", "exp_avg_sq"]
 
 
-def sgd(param, grad, slots, step, hparams, options, jax_rule) -> Any:
-    """SGD's fused step through the kernel; None where it does not apply."""
-    names = ["momentum_buffer"] if "momentum_buffer" in slots else []
-    target = "funcopt_sgd_momentum" if names else "funcopt_sgd"
+def _sgd_buffers(slots, options) -> tuple[str, list[str]]:
+    if "momentum_buffer" in slots:
+        return "funcopt_sgd_momentum", ["momentum_buffer"]
+    return "funcopt_sgd", []
+
+
+def adam(single_tensor: bool) -> Callable:
+    """Adam's step through the kernel (`_kernel`)."""
+    return _kernel(_adam_buffers, ("lr", "betas", "eps", "weight_decay"), single_tensor)
+
+
+def sgd(single_tensor: bool) -> Callable:
+    """SGD's step through the kernel (`_kernel`)."""
     keys = ("lr", "momentum", "dampening", "weight_decay")
-    return _run(
-        target, param, grad, slots, names, step, hparams, keys, options, jax_rule
-    )
+    return _kernel(_sgd_buffers, keys, single_tensor)
 
 
-def adagrad(param, grad, slots, step, hparams, options, jax_rule) -> Any:
-    """Adagrad's fused step through the kernel; None where it does not apply."""
+def adagrad(single_tensor: bool) -> Callable:
+    """Adagrad's step through the kernel (`_kernel`)."""
     keys = ("lr", "lr_decay", "weight_decay", "eps")
-    return _run(
-        "funcopt_adagrad",
-        param,
-        grad,
-        slots,
-        ["sum"],
-        step,
-        hparams,
-        keys,
-        options,
-        jax_rule,
+    return _kernel(
+        lambda slots, options: ("funcopt_adagrad", ["sum"]), keys, single_tensor
     )

@@ -147,7 +147,7 @@ def _adagrad_fused_jax(param, grad, slots, step, hparams, options, lr_dtype=None
 
 # torch's fused CPU kernel: native where it applies, else `_adagrad_fused_jax`
 _adagrad_fused_rule = _fused_native.with_kernel(
-    _fused_native.adagrad, _adagrad_fused_jax
+    _fused_native.adagrad(False), _adagrad_fused_jax
 )
 
 
@@ -163,6 +163,12 @@ def _adagrad_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
     d_p = coupled_gradient(param, grad, hparams, options)
     std = add_scalar(sqrt(state_sum), hparams["eps"])
     return addcdiv(param, d_p, std, -clr), {"sum": state_sum}
+
+
+# torch's default step: native where it applies, else `_adagrad_rule`
+_adagrad_default_rule = _fused_native.with_kernel(
+    _fused_native.adagrad(True), _adagrad_rule
+)
 
 
 @_validate.optimizer_factory
@@ -260,7 +266,7 @@ def adagrad(
         elementwise=True,
         # each group's rule from its own lr (a float or a tensor)
         rule=group_rule(
-            _adagrad_fused_rule if fused_kernel else _adagrad_rule,
+            _adagrad_fused_rule if fused_kernel else _adagrad_default_rule,
             lr_dtype="lr",
         ),
         init_slots=_adagrad_slots(initial_accumulator_value),

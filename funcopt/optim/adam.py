@@ -206,7 +206,9 @@ def _fused_adam_jax(
 
 
 # torch's fused CPU kernel: native where it applies, else `_fused_adam_jax`
-_fused_adam_rule = _fused_native.with_kernel(_fused_native.adam, _fused_adam_jax)
+_fused_adam_rule = _fused_native.with_kernel(_fused_native.adam(False), _fused_adam_jax)
+# torch's default step: native where it applies, else `_adam_rule`
+_default_adam_rule = _fused_native.with_kernel(_fused_native.adam(True), _adam_rule)
 
 
 @_validate.optimizer_factory
@@ -276,6 +278,16 @@ def adam(
     for CPU params outside `torch.compile`; funcopt takes it as the same
     path as `differentiable` (torch's CUDA path). `foreach` is accepted and
     ignored: the result is torch's default CPU path.
+
+    On one CPU device, float32 and float64 params take the default step
+    (not `differentiable` or `capturable`, Python-float `lr` and `betas`)
+    through funcopt's native kernel where it is built (`funcopt/_native`,
+    as `fused=True` below): torch's `_single_tensor_adam` op by op in C++,
+    one pass over memory, in place when donated. In float32, without x64,
+    that is torch's bits wherever torch's float32 `sqrt` (MKL's) is
+    correctly rounded (the kernel's is); the JAX rule, which GPUs, TPUs and
+    sharded steps run (and `FUNCOPT_NATIVE=0` selects), rounds so with x64
+    and [`set_exact_float32`][funcopt.precision.set_exact_float32].
 
     `fused=True` mirrors torch's fused CPU kernel (`torch._fused_adam_`,
     `_fused_adamw_`; `adam_math` in ATen's `FusedAdamKernel.cpp`, torch
@@ -395,7 +407,7 @@ def _rule_for(fused: bool = False):
     """`_adam_rule` (`_fused_adam_rule` for `fused=True`), with each group's
     tensor `lr` and tensor `betas` dtypes (one per rule, so that optimizers
     share its compiled steps)."""
-    rule = _fused_adam_rule if fused else _adam_rule
+    rule = _fused_adam_rule if fused else _default_adam_rule
     return group_rule(rule, lr_dtype="lr", betas_dtype="betas")
 
 

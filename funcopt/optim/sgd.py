@@ -106,7 +106,7 @@ def _sgd_fused_jax(param, grad, slots, step, hparams, options):
 
 
 # torch's fused CPU kernel: native where it applies, else `_sgd_fused_jax`
-_sgd_fused_rule = _fused_native.with_kernel(_fused_native.sgd, _sgd_fused_jax)
+_sgd_fused_rule = _fused_native.with_kernel(_fused_native.sgd(False), _sgd_fused_jax)
 
 
 def _sgd_rule(param, grad, slots, step, hparams, options):
@@ -130,6 +130,10 @@ def _sgd_rule(param, grad, slots, step, hparams, options):
     direction = add(d_p, buf, momentum) if options["nesterov"] else buf
     d_p = jnp.where(momentum != 0, direction, d_p)
     return add(param, d_p, -lr), {"momentum_buffer": buf}
+
+
+# torch's default step: native where it applies, else `_sgd_rule`
+_sgd_default_rule = _fused_native.with_kernel(_fused_native.sgd(True), _sgd_rule)
 
 
 @_validate.optimizer_factory
@@ -166,10 +170,17 @@ def sgd(
 
     `foreach` and `differentiable` are torch execution switches, accepted
     and ignored (torch's `foreach=True` and `differentiable=True` give its
-    default path's bits). `fused=True` is torch's fused CPU kernel
-    (`torch._fused_sgd_`, `torch.optim.SGD(fused=True)`): one pass per
-    element in the param's compute type (float32 for 16-bit params), each
-    op rounded once, $\operatorname{fma}$ a fused multiply-add:
+    default path's bits). On one CPU device, float32 and float64 params
+    take the default step through funcopt's native kernel where it is built
+    (`funcopt/_native`): torch's `_single_tensor_sgd` op by op in C++, one
+    pass over memory, in place when donated, torch's bits in float32
+    without x64; the JAX rule (GPUs, TPUs, sharded steps,
+    `FUNCOPT_NATIVE=0`) gives them with x64 and
+    [`set_exact_float32`][funcopt.precision.set_exact_float32].
+    `fused=True` is torch's fused CPU kernel (`torch._fused_sgd_`,
+    `torch.optim.SGD(fused=True)`): one pass per element in the param's
+    compute type (float32 for 16-bit params), each op rounded once,
+    $\operatorname{fma}$ a fused multiply-add:
 
     $$
     \begin{aligned}
@@ -231,7 +242,7 @@ def sgd(
     opt = make_optimizer(
         name="SGD",
         elementwise=True,
-        rule=_sgd_fused_rule if fused_kernel else _sgd_rule,
+        rule=_sgd_fused_rule if fused_kernel else _sgd_default_rule,
         init_slots=_sgd_slots,
         hyperparams={
             "lr": lr,

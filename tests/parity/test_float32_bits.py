@@ -37,6 +37,7 @@ from tests.torch_ref import (
     assert_same_bits,
     check_against_torch,
     make_grads,
+    native_kernels,
     run_funcopt,
     run_funcopt_flagged,
 )
@@ -80,6 +81,9 @@ assert (torch._foreach_sqrt([torch.tensor(x)])[0].numpy() == exact).all(), "prob
 """
 STEPS = 100
 EAGER_STEPS = 3
+# their default step runs funcopt's native kernel on one CPU device (the same
+# bits, tests/test_native_fused.py); here they run the JAX rule as well
+NATIVE_DEFAULT = {"sgd", "adam", "adamw", "adagrad"}
 
 
 def odd_sized_params(rng: np.random.Generator, dtype) -> dict:
@@ -101,16 +105,22 @@ def _rows():
         picks = [combos[-1]]
         if case.name == "sgd":
             picks.append(next(kw for kw in combos if kw["nesterov"]))
-        rows += [
-            pytest.param(case, kw, id=f"{case.name}-{i}") for i, kw in enumerate(picks)
-        ]
+        for i, kw in enumerate(picks):
+            rows.append(pytest.param(case, kw, True, id=f"{case.name}-{i}"))
+            if case.name in NATIVE_DEFAULT:
+                rows.append(pytest.param(case, kw, False, id=f"{case.name}-{i}-jax"))
     return rows
 
 
-@pytest.mark.parametrize("case,kwargs", _rows())
-def test_float32_is_bit_exact(case, kwargs, x64, torch_cpu_loop, exact_float32):
+@pytest.mark.parametrize("case,kwargs,native", _rows())
+def test_float32_is_bit_exact(case, kwargs, native, x64, torch_cpu_loop, exact_float32):
     """Jitted, `STEPS` steps with `None` gradients (as `has_grad`), and
     eagerly for the first steps: torch's bits at each."""
+    with native_kernels(native):
+        _check_bit_exact(case, kwargs)
+
+
+def _check_bit_exact(case, kwargs):
     assert jax.config.jax_enable_x64
     rng = np.random.default_rng(0)
     params = odd_sized_params(rng, np.float32)
@@ -166,11 +176,13 @@ def test_sqrt_optimizers_are_bit_exact_where_torchs_sqrt_is_correctly_rounded():
     float32 roots (`torch_ref.correctly_rounded_torch_sqrt`, checked by its
     probe), Adam, AdamW, RAdam, RMSprop, Adagrad, Adadelta and NAdam are
     torch's bits too."""
-    ids = " or ".join(f"[{name}-0]" for name in NEED_CORRECTLY_ROUNDED_SQRT)
+    names = NEED_CORRECTLY_ROUNDED_SQRT
+    ids = " or ".join(f"[{name}-0]" for name in names)
+    ids += " or " + " or ".join(f"[{n}-0-jax]" for n in names if n in NATIVE_DEFAULT)
     args = [
         "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__,
         "-k", f"test_float32_is_bit_exact and ({ids})",
     ]  # fmt: skip
     env = {**os.environ, SQRT_CHILD: "1"}
     passed = run_pytest_child(args, env, probe=CORRECTLY_ROUNDED_SQRT_PROBE)
-    assert passed == len(NEED_CORRECTLY_ROUNDED_SQRT)
+    assert passed == len(names) + len(NATIVE_DEFAULT & set(names))

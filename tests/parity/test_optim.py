@@ -19,6 +19,7 @@ from tests.torch_ref import (
     make_grads,
     make_params_16bit_for,
     make_params_for,
+    native_kernels,
     run_funcopt,
     run_funcopt_flagged,
     run_torch,
@@ -80,6 +81,25 @@ def test_float64_parity(case, kwargs, with_none, x64):
     _compare(
         case, kwargs, np.float64, True, with_none, rtol=1e-10, atol=1e-12, flagged=True
     )
+
+
+# Adam, AdamW, SGD and Adagrad run funcopt's native kernel by default on one CPU
+# device (torch's bits, tests/test_native_fused.py); GPUs, TPUs, sharded
+# steps and installs without a compiler run their JAX rule, proven here too:
+# every other combination and the all-flags one, as for float32
+@pytest.mark.parametrize(
+    "case,kwargs",
+    [
+        p
+        for p in OPT_PARAMS_F32
+        if p.values[0].name in ("adam", "adamw", "sgd", "adagrad")
+    ],
+)
+def test_float64_parity_of_the_jax_rule(case, kwargs, x64):
+    with native_kernels(False):
+        _compare(
+            case, kwargs, np.float64, True, True, rtol=1e-10, atol=1e-12, flagged=True
+        )
 
 
 @pytest.mark.parametrize("case,kwargs", OPT_PARAMS_F32)

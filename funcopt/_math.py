@@ -148,8 +148,8 @@ def set_exact_float32(enabled: bool) -> None:
 
 def trace_settings() -> tuple[int | None, bool, bool]:
     """Everything a rule reads at trace time from funcopt's settings (part of
-    the per-leaf kernel cache key): this module's, and whether `fused=True`
-    rules run the native kernels (`funcopt.optim._fused_native`)."""
+    the per-leaf kernel cache key): this module's, and whether the steps
+    traced run the native kernels (`funcopt.optim._fused_native.kernels_apply`)."""
     from .optim import _fused_native
 
     return torch_cpu_block(), exact_float32(), _fused_native.kernels_apply()

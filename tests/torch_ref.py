@@ -120,6 +120,12 @@ def using_torch_cpu_block(block: int | None):
         fo.precision.set_torch_cpu_block(old)
 
 
+# the optimizers whose default step runs funcopt's native kernel on one CPU
+# device (`funcopt.optim._fused_native`): tests that prove their JAX rules
+# too turn it off (`native_kernels(False)`)
+NATIVE_DEFAULT_STEP = frozenset({"adam", "adamw", "sgd", "adagrad"})
+
+
 @contextlib.contextmanager
 def native_kernels(enabled: bool):
     """funcopt's native CPU kernels on or off inside the block

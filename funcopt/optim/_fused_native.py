@@ -154,14 +154,15 @@ def _applies(param: Any) -> bool:
     )
 
 
-def _layout(param, step) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+def _layout(
+    param, step, packed
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
     """The leaves packed in `param` (sizes, spans: elements each occupies)
     and where their step counts are in `step` (each leaf's first row; None:
-    `step` is one count); None where the layout is not understood. Read
-    while the rule is traced (`packed_layout`)."""
+    `step` is one count); None where the layout is not understood.
+    `packed`: `packed_layout()` while the rule is traced."""
     shape = tuple(jnp.shape(param))
     n_steps = int(np.size(step))
-    packed = packed_layout()
     if packed is None or packed[0] != shape:
         if n_steps != 1:
             return None
@@ -212,11 +213,11 @@ def _run(
         return None
     if any(jnp.shape(slots[k]) != jnp.shape(param) for k in names):
         return None
-    layout = _layout(param, step)
+    packed = packed_layout()
+    layout = _layout(param, step, packed)
     if layout is None or _scalars(hparams, keys) is None:
         return None
     sizes, spans, first = layout
-    packed = packed_layout()
     attrs = {
         "fma": np.bool_(torch_cpu_block() is not None),
         "maximize": np.bool_(bool(options["maximize"])),

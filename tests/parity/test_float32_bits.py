@@ -34,6 +34,7 @@ import pytest
 from tests._subprocess import run_pytest_child
 from tests.parity.cases import OPT_CASES
 from tests.torch_ref import (
+    NATIVE_DEFAULT_STEP,
     assert_same_bits,
     check_against_torch,
     make_grads,
@@ -81,9 +82,9 @@ assert (torch._foreach_sqrt([torch.tensor(x)])[0].numpy() == exact).all(), "prob
 """
 STEPS = 100
 EAGER_STEPS = 3
-# their default step runs funcopt's native kernel on one CPU device (the same
-# bits, tests/test_native_fused.py); here they run the JAX rule as well
-NATIVE_DEFAULT = {"sgd", "adam", "adamw", "adagrad"}
+# NATIVE_DEFAULT_STEP: their default step runs funcopt's native kernel on one
+# CPU device (the same bits, tests/test_native_fused.py); here they run the
+# JAX rule as well
 
 
 def odd_sized_params(rng: np.random.Generator, dtype) -> dict:
@@ -107,7 +108,7 @@ def _rows():
             picks.append(next(kw for kw in combos if kw["nesterov"]))
         for i, kw in enumerate(picks):
             rows.append(pytest.param(case, kw, True, id=f"{case.name}-{i}"))
-            if case.name in NATIVE_DEFAULT:
+            if case.name in NATIVE_DEFAULT_STEP:
                 rows.append(pytest.param(case, kw, False, id=f"{case.name}-{i}-jax"))
     return rows
 
@@ -178,11 +179,13 @@ def test_sqrt_optimizers_are_bit_exact_where_torchs_sqrt_is_correctly_rounded():
     torch's bits too."""
     names = NEED_CORRECTLY_ROUNDED_SQRT
     ids = " or ".join(f"[{name}-0]" for name in names)
-    ids += " or " + " or ".join(f"[{n}-0-jax]" for n in names if n in NATIVE_DEFAULT)
+    ids += " or " + " or ".join(
+        f"[{n}-0-jax]" for n in names if n in NATIVE_DEFAULT_STEP
+    )
     args = [
         "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__,
         "-k", f"test_float32_is_bit_exact and ({ids})",
     ]  # fmt: skip
     env = {**os.environ, SQRT_CHILD: "1"}
     passed = run_pytest_child(args, env, probe=CORRECTLY_ROUNDED_SQRT_PROBE)
-    assert passed == len(names) + len(NATIVE_DEFAULT & set(names))
+    assert passed == len(names) + len(NATIVE_DEFAULT_STEP & set(names))

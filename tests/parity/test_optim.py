@@ -14,6 +14,7 @@ from tests.parity.cases import (
 )
 from tests.parity.noise_floor import assert_close
 from tests.torch_ref import (
+    NATIVE_DEFAULT_STEP,
     assert_same_bits,
     check_against_torch,
     make_grads,
@@ -89,11 +90,7 @@ def test_float64_parity(case, kwargs, with_none, x64):
 # every other combination and the all-flags one, as for float32
 @pytest.mark.parametrize(
     "case,kwargs",
-    [
-        p
-        for p in OPT_PARAMS_F32
-        if p.values[0].name in ("adam", "adamw", "sgd", "adagrad")
-    ],
+    [p for p in OPT_PARAMS_F32 if p.values[0].name in NATIVE_DEFAULT_STEP],
 )
 def test_float64_parity_of_the_jax_rule(case, kwargs, x64):
     with native_kernels(False):

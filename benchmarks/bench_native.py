@@ -1,7 +1,9 @@
-"""One step on one 10M-element float32 leaf: funcopt's native fused kernel
-vs its JAX `fused=True` path vs optax vs torch `fused=True`.
+"""One step on one 10M-element float32 leaf: funcopt's native kernel vs its
+JAX rule (`FUNCOPT_NATIVE=0`) vs optax vs torch.
 
-Adam, AdamW, SGD with momentum and Adagrad; every JAX step `jax.jit` with
+Adam, AdamW, SGD with momentum and Adagrad with `fused=True` (torch
+`fused=True`), and RMSprop's default step (torch has no fused RMSprop: its
+default, `_single_tensor_rmsprop`, on CPU); every JAX step `jax.jit` with
 params and state donated. One process, the four interleaved round by round
 (a busy machine slows all alike), each number the median over the rounds
 of the mean step time of `--steps` steps. Run:
@@ -43,6 +45,16 @@ OPTIMIZERS = {
         lambda: fo.adagrad(lr=1e-2, fused=True),
         lambda: optax.adagrad(1e-2),
         lambda p: torch.optim.Adagrad(p, lr=1e-2, fused=True),
+    ),
+    "RMSprop (default step)": (
+        lambda: fo.rmsprop(lr=1e-2),
+        lambda: optax.rmsprop(1e-2, decay=0.99, eps=1e-8),
+        lambda p: torch.optim.RMSprop(p, lr=1e-2),
+    ),
+    "RMSprop centered, momentum (default step)": (
+        lambda: fo.rmsprop(lr=1e-2, centered=True, momentum=0.9),
+        lambda: optax.rmsprop(1e-2, decay=0.99, eps=1e-8, centered=True, momentum=0.9),
+        lambda p: torch.optim.RMSprop(p, lr=1e-2, centered=True, momentum=0.9),
     ),
 }
 
@@ -118,9 +130,9 @@ def main() -> None:
     header = (
         "optimizer",
         "native",
-        "JAX fused",
+        "JAX rule",
         "optax",
-        "torch fused",
+        "torch",
         "native/torch",
     )
     print("| " + " | ".join(header) + " |")

@@ -1,6 +1,6 @@
 """The native CPU kernels (`funcopt/_native`, `funcopt.optim._fused_native`)
-against torch's `fused=True` kernels and, for Adam/AdamW, SGD and Adagrad,
-torch's default (single-tensor) step, live, bit for bit.
+against torch's `fused=True` kernels and, for Adam/AdamW, SGD, Adagrad and
+RMSprop, torch's default (single-tensor) step, live, bit for bit.
 
 The kernels' selling point: torch's bits in float32 without x64 and without
 the bit-exact mode (and with them), and in float64. Leaves of 4101, 7, 1 and
@@ -43,6 +43,7 @@ ADAM = OptCase("adam", torch.optim.Adam, fo.adam, {})
 ADAMW = OptCase("adamw", torch.optim.AdamW, fo.adamw, {})
 SGD = OptCase("sgd", torch.optim.SGD, fo.sgd, {})
 ADAGRAD = OptCase("adagrad", torch.optim.Adagrad, fo.adagrad, {})
+RMSPROP = OptCase("rmsprop", torch.optim.RMSprop, fo.rmsprop, {})
 
 
 def _adam_rows():
@@ -91,6 +92,28 @@ def _adagrad_rows():
     return rows
 
 
+def _rmsprop_rows():
+    """torch has no fused RMSprop: its default step only."""
+    rows = []
+    for alpha in (0.99, 0.3):  # both branches of `grad_avg.lerp_`
+        for centered in (False, True):
+            for momentum in (0.0, 0.9):
+                for wd in (0.0, 0.1):
+                    for maximize in (False, True):
+                        kw = dict(
+                            lr=1e-2, alpha=alpha, centered=centered,
+                            momentum=momentum, weight_decay=wd, maximize=maximize,
+                        )  # fmt: skip
+                        rows.append(
+                            pytest.param(RMSPROP, kw, id="default-" + _id(RMSPROP, kw))
+                        )
+    return rows
+
+
+def _path_id(kw):
+    return "fused" if kw.get("fused") else "default"
+
+
 def _id(case, kw):
     skip = ("fused", "lr")
     return (
@@ -105,7 +128,7 @@ def _default_path_rows():
         case, kwargs = row.values
         kw = {k: v for k, v in kwargs.items() if k != "fused"}
         rows.append(pytest.param(case, kw, id="default-" + _id(case, kw)))
-    return rows
+    return rows + _rmsprop_rows()
 
 
 ROWS = _adam_rows() + _sgd_rows() + _adagrad_rows()
@@ -152,10 +175,10 @@ def _check(case, kwargs, dtype, steps=STEPS):
 
 
 def _torch_roots(case) -> contextlib.AbstractContextManager:
-    """torch's roots correctly rounded for Adam's and Adagrad's default
-    step: its float32 and float64 `sqrt` are MKL's, not correctly rounded
-    (`correctly_rounded_torch_sqrt`); torch's fused kernels and SGD take no
-    such root."""
+    """torch's roots correctly rounded for Adam's, Adagrad's and RMSprop's
+    default step: its float32 and float64 `sqrt` are MKL's, not correctly
+    rounded (`correctly_rounded_torch_sqrt`); torch's fused kernels and SGD
+    take no such root."""
     if case is SGD:
         return contextlib.nullcontext()
     return correctly_rounded_torch_sqrt(float64=True)
@@ -189,7 +212,7 @@ def test_float64_bits(case, kwargs, torch_cpu_loop, x64):
 
 @pytest.mark.parametrize("case,kwargs", DEFAULT_ROWS)
 def test_default_path_float32_bits_without_x64(case, kwargs, torch_cpu_loop):
-    """Adam, AdamW, SGD and Adagrad without `fused`, every flag
+    """Adam, AdamW, SGD, Adagrad and RMSprop without `fused`, every flag
     combination, 100 steps, float32 without x64 nor the bit-exact mode:
     torch's default step (`_single_tensor_adam`, ...), params and every
     buffer, bit for bit; for Adam and Adagrad, with torch's square roots
@@ -247,6 +270,7 @@ def test_torch_default_build_without_fma():
 @pytest.mark.parametrize(
     "case,kwargs",
     [
+        (RMSPROP, dict(lr=1e-2, centered=True, momentum=0.9, weight_decay=0.1)),
         (ADAMW, dict(lr=1e-2, amsgrad=True, fused=True)),
         (SGD, dict(lr=1e-2, momentum=0.9, nesterov=True, fused=True)),
         (ADAGRAD, dict(lr=1e-1, lr_decay=0.01, fused=True)),
@@ -264,7 +288,8 @@ def test_large_leaves_split_over_threads(case, kwargs, torch_cpu_loop):
     }
     grads = grads_for(rng, params, 5)
     new_params, state = run_funcopt(case, kwargs, params, grads, jit=True)
-    check_against_torch(case, kwargs, params, grads, new_params, state)
+    with _torch_roots(case):
+        check_against_torch(case, kwargs, params, grads, new_params, state)
 
 
 def _setup(case=ADAM, kwargs=None, dtype=np.float32):
@@ -274,6 +299,34 @@ def _setup(case=ADAM, kwargs=None, dtype=np.float32):
     grads = jax.tree.map(jnp.asarray, grads_for(rng, params, 1)[0])
     opt = case.factory(**kwargs)
     return opt, params, grads, opt.init(params)
+
+
+def test_rmsprop_reads_momentum_at_every_step(torch_cpu_loop):
+    """torch's `if momentum > 0` at every step: a group whose momentum is
+    set to 0 after its buffer exists steps without it (the buffer kept),
+    and with it again when set back."""
+    rng = np.random.default_rng(6)
+    params = tail_sized_params(rng, np.float32)
+    grads = grads_for(rng, params, 6)
+    opt = fo.rmsprop(lr=1e-2, momentum=0.9, centered=True)
+    step = jax.jit(opt.step)
+    p, s = jax.tree.map(jnp.asarray, params), opt.init(params)
+    tparams = [torch.tensor(params[k]).requires_grad_() for k in "abcs"]
+    topt = torch.optim.RMSprop(tparams, lr=1e-2, momentum=0.9, centered=True)
+    for i, g in enumerate(grads):
+        momentum = 0.0 if i in (2, 3) else 0.9
+        s = fo.set_hparam(s, "momentum", momentum)
+        topt.param_groups[0]["momentum"] = momentum
+        p, s = step(p, jax.tree.map(jnp.asarray, g), s)
+        for tp, k in zip(tparams, "abcs"):
+            tp.grad = torch.tensor(g[k])
+        with correctly_rounded_torch_sqrt(float64=True):
+            topt.step()
+    for tp, k in zip(tparams, "abcs"):
+        assert_same_bits(p[k], tp.detach().numpy(), k)
+        state = topt.state[tp]
+        for name in ("square_avg", "grad_avg", "momentum_buffer"):
+            assert_same_bits(s.slots[name][k], state[name].numpy(), f"{k} {name}")
 
 
 def test_jit_and_eager_agree(torch_cpu_loop):
@@ -286,12 +339,18 @@ def test_jit_and_eager_agree(torch_cpu_loop):
         params, state = eager
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "default"])
-@pytest.mark.parametrize("case", [ADAM, SGD, ADAGRAD], ids=lambda c: c.name)
-def test_grad_through_a_step_is_the_jax_paths(case, fused, torch_cpu_loop):
+@pytest.mark.parametrize(
+    "case,kwargs",
+    [
+        *((c, {"fused": f}) for c in (ADAM, SGD, ADAGRAD) for f in (True, False)),
+        (RMSPROP, {"centered": True, "momentum": 0.9}),
+    ],
+    ids=lambda x: x.name if isinstance(x, OptCase) else _path_id(x),
+)
+def test_grad_through_a_step_is_the_jax_paths(case, kwargs, torch_cpu_loop):
     """`jax.grad` of a loss of the stepped params (w.r.t. params, gradient
     and lr): the native step's derivative is the JAX rule's."""
-    kwargs = {"lr": 1e-2, "fused": fused}
+    kwargs = {"lr": 1e-2, **kwargs}
     if case is SGD:
         kwargs["momentum"] = 0.9
     opt, params, grads, state = _setup(case, kwargs)
@@ -369,10 +428,13 @@ def _optimized_hlo(opt, params, grads, state) -> str:
         (fo.adamw, dict(amsgrad=True)),
         (fo.sgd, dict(lr=0.1, momentum=0.9)),
         (fo.sgd, dict(lr=0.1)),
+        (fo.rmsprop, {}),
+        (fo.rmsprop, dict(centered=True, momentum=0.9)),
     ],
     ids=[
         "adam", "amsgrad", "sgd", "adagrad",
         "default-adam", "default-adamw-amsgrad", "default-sgd-momentum", "default-sgd",
+        "default-rmsprop", "default-rmsprop-centered-momentum",
     ],
 )  # fmt: skip
 def test_donated_step_is_one_custom_call_per_leaf_in_place(factory, kwargs):

@@ -25,6 +25,10 @@ TARGETS = {
     "FuncoptSgd": "funcopt_sgd",
     "FuncoptSgdMomentum": "funcopt_sgd_momentum",
     "FuncoptAdagrad": "funcopt_adagrad",
+    "FuncoptRmsprop": "funcopt_rmsprop",
+    "FuncoptRmspropCentered": "funcopt_rmsprop_centered",
+    "FuncoptRmspropMomentum": "funcopt_rmsprop_momentum",
+    "FuncoptRmspropCenteredMomentum": "funcopt_rmsprop_centered_momentum",
     "FuncoptPack": "funcopt_pack",
     "FuncoptUnpack": "funcopt_unpack",
 }

@@ -1,17 +1,19 @@
 """torch's CPU optimizer steps as native code: one pass per element, in place.
 
-Adam/AdamW, SGD and Adagrad, with `fused=True` and without, run a C++
-kernel (`funcopt/_native`, an XLA FFI custom call) on float32 and float64
-CPU params when its library is built (`make venv`, or `pip install` with a
-C++ compiler) and JAX runs on one CPU device; elsewhere (16-bit params, GPU,
+Adam/AdamW, SGD and Adagrad, with `fused=True` and without, and RMSprop's
+default step (torch has no fused RMSprop) run a C++ kernel
+(`funcopt/_native`, an XLA FFI custom call) on float32 and float64 CPU
+params when its library is built (`make venv`, or `pip install` with a C++
+compiler) and JAX runs on one CPU device; elsewhere (16-bit params, GPU,
 several devices, a tensor hyperparameter, Adam's
 `differentiable`/`capturable` path, sparse gradients, no library) the pure
-JAX rules in `adam.py`, `sgd.py` and `adagrad.py` run.
+JAX rules in `adam.py`, `sgd.py`, `adagrad.py` and `rmsprop.py` run.
 
 * `fused=True`: torch's fused kernel (`_fused_adam_`, `_fused_sgd_`,
   `_fused_adagrad_`), its vectorised body and scalar tail.
 * The default step: torch's single-tensor path (`_single_tensor_adam`,
-  `_single_tensor_sgd`, `_single_tensor_adagrad`), one torch op after
+  `_single_tensor_sgd`, `_single_tensor_adagrad`,
+  `_single_tensor_rmsprop`), one torch op after
   another, each rounded in the param's dtype, the multiply-adds of
   `add(alpha=)`, `addcmul` and `lerp` fused as torch's x86 build fuses
   them (`torch_cpu_block`: none on its `default` build), the scalar math
@@ -24,9 +26,9 @@ JAX rules in `adam.py`, `sgd.py` and `adagrad.py` run.
 Both give torch's bits where the JAX rule does (x64 and
 [`set_exact_float32`][funcopt.precision.set_exact_float32]); the kernel
 gives them without either, since it rounds every op in the param's dtype and
-does the scalar math in C++ `double` as ATen and Python do. Adam's and
-Adagrad's default steps differ from torch's only where torch's `sqrt`
-(MKL's) is not correctly rounded (the kernel's is).
+does the scalar math in C++ `double` as ATen and Python do. Adam's,
+Adagrad's and RMSprop's default steps differ from torch's only where torch's
+`sqrt` (MKL's) is not correctly rounded (the kernel's is).
 
 Without x64 the hyperparameters are held as float32; the kernel reads each
 back as the shortest decimal that rounds to it (the Python float that was
@@ -71,8 +73,8 @@ def available() -> bool:
 
 
 def set_native_fused(enabled: bool) -> None:
-    """Run Adam/AdamW, SGD and Adagrad steps (`fused=True` and default) on
-    the native CPU kernels where they apply
+    """Run Adam/AdamW, SGD and Adagrad steps (`fused=True` and default) and
+    RMSprop's default step on the native CPU kernels where they apply
     (`True`, the default unless the environment sets `FUNCOPT_NATIVE=0`), or
     always on the pure JAX rules (`False`): the same formula, the kernels in
     one pass over memory and in torch's float32 rounding without x64 (the
@@ -110,7 +112,8 @@ def native_fused() -> bool:
         _switch["logged"] = True
         if native:
             _log.info(
-                "funcopt: Adam/AdamW, SGD and Adagrad run the native CPU kernels (%s)",
+                "funcopt: Adam/AdamW, SGD, Adagrad and RMSprop run the native "
+                "CPU kernels (%s)",
                 _native.LIBRARY,
             )
         else:
@@ -340,6 +343,24 @@ def sgd(single_tensor: bool) -> Callable:
     """SGD's step through the kernel (`_kernel`)."""
     keys = ("lr", "momentum", "dampening", "weight_decay")
     return _kernel(_sgd_buffers, keys, single_tensor)
+
+
+def _rmsprop_buffers(slots, options) -> tuple[str, list[str]]:
+    # torch decided at init which of them exist (`rmsprop._rmsprop_slots`)
+    names = ["square_avg"] + [k for k in ("grad_avg", "momentum_buffer") if k in slots]
+    suffix = "".join(
+        f"_{flag}"
+        for flag, key in (("centered", "grad_avg"), ("momentum", "momentum_buffer"))
+        if key in slots
+    )
+    return "funcopt_rmsprop" + suffix, names
+
+
+def rmsprop() -> Callable:
+    """RMSprop's default step through the kernel (`_kernel`); torch has no
+    fused RMSprop."""
+    keys = ("lr", "alpha", "eps", "weight_decay", "momentum")
+    return _kernel(_rmsprop_buffers, keys, single_tensor=True)
 
 
 def adagrad(single_tensor: bool) -> Callable:

@@ -11,6 +11,7 @@ from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
 from .._math import add, add_scalar, addcdiv, addcmul, lerp, mul, sqrt
+from . import _fused_native
 from ._common import (
     coupled_gradient,
     ema_of_square,
@@ -49,7 +50,7 @@ def _rmsprop_denominator(averages, hparams):
     return add_scalar(avg, hparams["eps"])
 
 
-def _rmsprop_rule(param, grad, slots, step, hparams, options):
+def _rmsprop_jax_rule(param, grad, slots, step, hparams, options):
     lr, alpha, momentum = hparams["lr"], hparams["alpha"], hparams["momentum"]
     d_p = coupled_gradient(param, grad, hparams, options)
     new_slots = {"square_avg": ema_of_square(slots["square_avg"], d_p, alpha)}
@@ -69,6 +70,10 @@ def _rmsprop_rule(param, grad, slots, step, hparams, options):
     plain = addcdiv(param, d_p, _rmsprop_denominator(new_slots, hparams), -lr)
     new_param = jnp.where(momentum > 0, add(param, buf, -lr), plain)
     return new_param, {**new_slots, "momentum_buffer": buf}
+
+
+# torch's default step: native where it applies, else `_rmsprop_jax_rule`
+_rmsprop_rule = _fused_native.with_kernel(_fused_native.rmsprop(), _rmsprop_jax_rule)
 
 
 @_validate.optimizer_factory
@@ -106,6 +111,12 @@ def rmsprop(
     $\lambda$ = `weight_decay` (coupled). `eps` is outside the
     square root and there is no bias correction, as in torch (optax's
     `rmsprop` defaults differ on both). `alpha` has no upper bound.
+
+    On one CPU device, for float32 and float64 params, the step runs
+    funcopt's native kernel (`funcopt.optim._fused_native`): torch's
+    `_single_tensor_rmsprop` op by op in C++, one pass over memory, torch's
+    float32 bits without x64 wherever torch's `sqrt` (MKL's) is correctly
+    rounded; elsewhere the same formula in JAX.
 
     `capturable`, `foreach` and `differentiable` are accepted; the
     result is torch's default CPU path, which is also what torch's

@@ -84,10 +84,10 @@ def test_float64_parity(case, kwargs, with_none, x64):
     )
 
 
-# Adam, AdamW, SGD and Adagrad run funcopt's native kernel by default on one CPU
-# device (torch's bits, tests/test_native_fused.py); GPUs, TPUs, sharded
-# steps and installs without a compiler run their JAX rule, proven here too:
-# every other combination and the all-flags one, as for float32
+# Adam, AdamW, SGD, Adagrad and RMSprop run funcopt's native kernel by default
+# on one CPU device (torch's bits, tests/test_native_fused.py); GPUs, TPUs,
+# sharded steps and installs without a compiler run their JAX rule, proven
+# here too: every other combination and the all-flags one, as for float32
 @pytest.mark.parametrize(
     "case,kwargs",
     [p for p in OPT_PARAMS_F32 if p.values[0].name in NATIVE_DEFAULT_STEP],

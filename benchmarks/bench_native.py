@@ -2,11 +2,11 @@
 JAX rule (`FUNCOPT_NATIVE=0`) vs optax vs torch.
 
 Adam, AdamW, SGD with momentum and Adagrad with `fused=True` (torch
-`fused=True`), and RMSprop's default step (torch has no fused RMSprop: its
-default, `_single_tensor_rmsprop`, on CPU); every JAX step `jax.jit` with
-params and state donated. One process, the four interleaved round by round
-(a busy machine slows all alike), each number the median over the rounds
-of the mean step time of `--steps` steps. Run:
+`fused=True`), and the default step of RMSprop and Adamax (torch has no
+fused kernel for them: its default, `_single_tensor_*`, on CPU); every JAX
+step `jax.jit` with params and state donated. One process, the four
+interleaved round by round (a busy machine slows all alike), each number the
+median over the rounds of the mean step time of `--steps` steps. Run:
 `python benchmarks/bench_native.py [--size N] [--rounds R] [--steps K]`.
 """
 
@@ -50,6 +50,11 @@ OPTIMIZERS = {
         lambda: fo.rmsprop(lr=1e-2),
         lambda: optax.rmsprop(1e-2, decay=0.99, eps=1e-8),
         lambda p: torch.optim.RMSprop(p, lr=1e-2),
+    ),
+    "Adamax (default step)": (
+        lambda: fo.adamax(lr=2e-3),
+        lambda: optax.adamax(2e-3),
+        lambda p: torch.optim.Adamax(p, lr=2e-3),
     ),
     "RMSprop centered, momentum (default step)": (
         lambda: fo.rmsprop(lr=1e-2, centered=True, momentum=0.9),

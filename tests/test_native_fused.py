@@ -1,6 +1,6 @@
 """The native CPU kernels (`funcopt/_native`, `funcopt.optim._fused_native`)
-against torch's `fused=True` kernels and, for Adam/AdamW, SGD, Adagrad and
-RMSprop, torch's default (single-tensor) step, live, bit for bit.
+against torch's `fused=True` kernels and, for Adam/AdamW, SGD, Adagrad,
+RMSprop and Adamax, torch's default (single-tensor) step, live, bit for bit.
 
 The kernels' selling point: torch's bits in float32 without x64 and without
 the bit-exact mode (and with them), and in float64. Leaves of 4101, 7, 1 and
@@ -10,6 +10,7 @@ tests fail, unless `FUNCOPT_NATIVE=0` selects the JAX path on purpose.
 """
 
 import contextlib
+import itertools
 import os
 import re
 
@@ -44,6 +45,7 @@ ADAMW = OptCase("adamw", torch.optim.AdamW, fo.adamw, {})
 SGD = OptCase("sgd", torch.optim.SGD, fo.sgd, {})
 ADAGRAD = OptCase("adagrad", torch.optim.Adagrad, fo.adagrad, {})
 RMSPROP = OptCase("rmsprop", torch.optim.RMSprop, fo.rmsprop, {})
+ADAMAX = OptCase("adamax", torch.optim.Adamax, fo.adamax, {})
 
 
 def _adam_rows():
@@ -92,22 +94,34 @@ def _adagrad_rows():
     return rows
 
 
-def _rmsprop_rows():
-    """torch has no fused RMSprop: its default step only."""
+def _grid_rows(case, **axes):
+    """Default-step rows of `case` (torch has no fused kernel for it), one
+    per combination of the `axes` values, `lr=1e-2`."""
     rows = []
-    for alpha in (0.99, 0.3):  # both branches of `grad_avg.lerp_`
-        for centered in (False, True):
-            for momentum in (0.0, 0.9):
-                for wd in (0.0, 0.1):
-                    for maximize in (False, True):
-                        kw = dict(
-                            lr=1e-2, alpha=alpha, centered=centered,
-                            momentum=momentum, weight_decay=wd, maximize=maximize,
-                        )  # fmt: skip
-                        rows.append(
-                            pytest.param(RMSPROP, kw, id="default-" + _id(RMSPROP, kw))
-                        )
+    for values in itertools.product(*axes.values()):
+        kw = dict(lr=1e-2, **dict(zip(axes, values)))
+        rows.append(pytest.param(case, kw, id="default-" + _id(case, kw)))
     return rows
+
+
+def _rmsprop_rows():
+    return _grid_rows(
+        RMSPROP,
+        alpha=(0.99, 0.3),  # both branches of `grad_avg.lerp_`
+        centered=(False, True),
+        momentum=(0.0, 0.9),
+        weight_decay=(0.0, 0.1),
+        maximize=(False, True),
+    )
+
+
+def _adamax_rows():
+    return _grid_rows(
+        ADAMAX,
+        betas=((0.9, 0.999), (0.3, 0.99)),  # both branches of `exp_avg.lerp_`
+        weight_decay=(0.0, 0.1),
+        maximize=(False, True),
+    )
 
 
 def _path_id(kw):
@@ -128,7 +142,7 @@ def _default_path_rows():
         case, kwargs = row.values
         kw = {k: v for k, v in kwargs.items() if k != "fused"}
         rows.append(pytest.param(case, kw, id="default-" + _id(case, kw)))
-    return rows + _rmsprop_rows()
+    return rows + _rmsprop_rows() + _adamax_rows()
 
 
 ROWS = _adam_rows() + _sgd_rows() + _adagrad_rows()
@@ -177,9 +191,9 @@ def _check(case, kwargs, dtype, steps=STEPS):
 def _torch_roots(case) -> contextlib.AbstractContextManager:
     """torch's roots correctly rounded for Adam's, Adagrad's and RMSprop's
     default step: its float32 and float64 `sqrt` are MKL's, not correctly
-    rounded (`correctly_rounded_torch_sqrt`); torch's fused kernels and SGD
-    take no such root."""
-    if case is SGD:
+    rounded (`correctly_rounded_torch_sqrt`); torch's fused kernels, SGD and
+    Adamax take no such root."""
+    if case in (SGD, ADAMAX):
         return contextlib.nullcontext()
     return correctly_rounded_torch_sqrt(float64=True)
 
@@ -212,8 +226,8 @@ def test_float64_bits(case, kwargs, torch_cpu_loop, x64):
 
 @pytest.mark.parametrize("case,kwargs", DEFAULT_ROWS)
 def test_default_path_float32_bits_without_x64(case, kwargs, torch_cpu_loop):
-    """Adam, AdamW, SGD, Adagrad and RMSprop without `fused`, every flag
-    combination, 100 steps, float32 without x64 nor the bit-exact mode:
+    """Adam, AdamW, SGD, Adagrad, RMSprop and Adamax without `fused`, every
+    flag combination, 100 steps, float32 without x64 nor the bit-exact mode:
     torch's default step (`_single_tensor_adam`, ...), params and every
     buffer, bit for bit; for Adam and Adagrad, with torch's square roots
     correctly rounded (`_torch_roots`). The 7- and 1-element leaves are
@@ -344,6 +358,7 @@ def test_jit_and_eager_agree(torch_cpu_loop):
     [
         *((c, {"fused": f}) for c in (ADAM, SGD, ADAGRAD) for f in (True, False)),
         (RMSPROP, {"centered": True, "momentum": 0.9}),
+        (ADAMAX, {"weight_decay": 0.1}),
     ],
     ids=lambda x: x.name if isinstance(x, OptCase) else _path_id(x),
 )
@@ -430,11 +445,12 @@ def _optimized_hlo(opt, params, grads, state) -> str:
         (fo.sgd, dict(lr=0.1)),
         (fo.rmsprop, {}),
         (fo.rmsprop, dict(centered=True, momentum=0.9)),
+        (fo.adamax, dict(weight_decay=0.1)),
     ],
     ids=[
         "adam", "amsgrad", "sgd", "adagrad",
         "default-adam", "default-adamw-amsgrad", "default-sgd-momentum", "default-sgd",
-        "default-rmsprop", "default-rmsprop-centered-momentum",
+        "default-rmsprop", "default-rmsprop-centered-momentum", "default-adamax",
     ],
 )  # fmt: skip
 def test_donated_step_is_one_custom_call_per_leaf_in_place(factory, kwargs):

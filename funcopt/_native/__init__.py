@@ -29,6 +29,7 @@ TARGETS = {
     "FuncoptRmspropCentered": "funcopt_rmsprop_centered",
     "FuncoptRmspropMomentum": "funcopt_rmsprop_momentum",
     "FuncoptRmspropCenteredMomentum": "funcopt_rmsprop_centered_momentum",
+    "FuncoptAdamax": "funcopt_adamax",
     "FuncoptPack": "funcopt_pack",
     "FuncoptUnpack": "funcopt_unpack",
 }

@@ -710,6 +710,18 @@ ffi::Error AdagradImpl(ffi::ThreadPool pool, ffi::AnyBuffer param, ffi::AnyBuffe
   }
 }
 
+// runtime flags -> one instantiation: `Pick::pick<T, flags...>()`, the
+// kernel's AVX2+FMA build where the CPU has them, else its generic one
+template <typename Pick, typename T, size_t N, bool... Flags>
+auto select_flags(const bool* flags) {
+  if constexpr (sizeof...(Flags) == N) {
+    return Pick::template pick<T, Flags...>();
+  } else {
+    return flags[0] ? select_flags<Pick, T, N, Flags..., true>(flags + 1)
+                    : select_flags<Pick, T, N, Flags..., false>(flags + 1);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // RMSprop (torch has no fused kernel: `_single_tensor_rmsprop` only), every
 // float32/float64 element in the same order, each op rounded as ATen's
@@ -800,19 +812,15 @@ __attribute__((target("avx2,fma"))) void rmsprop_avx2(void* p, const void* g,
 }
 #endif
 
-// runtime flags (fma, wd, centered, momentum) -> one instantiation
-template <typename T, bool... Flags>
-RmspropFn rmsprop_select(const bool* flags) {
-  if constexpr (sizeof...(Flags) == 4) {
+struct RmspropPick {
+  template <typename T, bool... Flags>
+  static RmspropFn pick() {
 #if FUNCOPT_X86
     if (has_avx2_fma()) return rmsprop_avx2<T, Flags...>;
 #endif
     return rmsprop_generic<T, Flags...>;
-  } else {
-    return flags[0] ? rmsprop_select<T, Flags..., true>(flags + 1)
-                    : rmsprop_select<T, Flags..., false>(flags + 1);
   }
-}
+};
 
 // the state buffers square_avg, grad_avg (centered) and momentum_buffer,
 // each with its result; absent ones null
@@ -858,7 +866,7 @@ ffi::Error rmsprop_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param,
   const bool centered = state[1] != nullptr;
   const bool with_momentum = state[2] != nullptr && momentum > 0;
   const bool flags[4] = {fma, wd != 0, centered, with_momentum};
-  RmspropFn fn = rmsprop_select<T>(flags);
+  RmspropFn fn = select_flags<RmspropPick, T, 4>(flags);
   for (const Segment& seg : list) {
     const int64_t o = seg.offset;
     for_chunks<T>(pool, seg.size, [&](int64_t c, int64_t e) {
@@ -943,6 +951,152 @@ ffi::Error RmspropCenteredMomentumImpl(
     ffi::Result<ffi::AnyBuffer> out_buf, FUNCOPT_RMSPROP_ATTR_PARAMS) {
   RmspropBuffers bufs{{&sq, &ga, &buf}, {&*out_sq, &*out_ga, &*out_buf}};
   return FUNCOPT_RMSPROP_CALL(bufs);
+}
+
+// ---------------------------------------------------------------------------
+// Adamax (torch has no fused Adamax: `_single_tensor_adamax` only)
+//   grad = grad.add(param, alpha=wd)                  fma(wd, param, grad)
+//   exp_avg.lerp_(grad, 1 - beta1)                    as Adam's
+//   torch.maximum(exp_inf.mul_(beta2), grad.abs().add_(eps), out=exp_inf)
+//                                                     NaN if either is NaN
+//   param.addcdiv_(exp_avg, exp_inf, value=-clr)  param + (-clr * m) / u,
+//   clr = lr / (1 - beta1 ** step), Python floats (double)
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct AdamaxScalars {
+  // coeff, small: the lerp's weight and branch, as AdamScalars
+  T sign, wd, coeff, b2, eps, neg_clr;
+  bool small;
+};
+
+template <typename T, bool FMA, bool WD, bool SMALL>
+FUNCOPT_INLINE void adamax_loop(T* __restrict p, const T* __restrict g,
+                                T* __restrict m, T* __restrict u, int64_t n,
+                                const AdamaxScalars<T> s) {
+  for (int64_t i = 0; i < n; ++i) {
+    T param = p[i];
+    T grad = g[i] * s.sign;
+    if constexpr (WD) grad = madd<FMA>(param, s.wd, grad);
+    T mi = m[i];
+    mi = madd<FMA>(s.coeff, grad - mi, SMALL ? mi : grad);
+    T decayed = u[i] * s.b2;
+    T bound = std::abs(grad) + s.eps;
+    T ui = (decayed > bound || decayed != decayed) ? decayed : bound;
+    m[i] = mi;
+    u[i] = ui;
+    p[i] = param + (s.neg_clr * mi) / ui;
+  }
+}
+
+using AdamaxFn = void (*)(void*, const void*, void*, void*, int64_t,
+                          const void*);
+
+template <typename T, bool FMA, bool WD>
+FUNCOPT_INLINE void adamax_segment(void* p, const void* g, void* m, void* u,
+                                   int64_t n, const void* sv) {
+  const auto& s = *static_cast<const AdamaxScalars<T>*>(sv);
+  if (s.small) {
+    adamax_loop<T, FMA, WD, true>(static_cast<T*>(p), static_cast<const T*>(g),
+                                  static_cast<T*>(m), static_cast<T*>(u), n, s);
+  } else {
+    adamax_loop<T, FMA, WD, false>(static_cast<T*>(p), static_cast<const T*>(g),
+                                   static_cast<T*>(m), static_cast<T*>(u), n, s);
+  }
+}
+
+template <typename T, bool FMA, bool WD>
+void adamax_generic(void* p, const void* g, void* m, void* u, int64_t n,
+                    const void* s) {
+  adamax_segment<T, FMA, WD>(p, g, m, u, n, s);
+}
+
+#if FUNCOPT_X86
+template <typename T, bool FMA, bool WD>
+__attribute__((target("avx2,fma"))) void adamax_avx2(void* p, const void* g,
+                                                     void* m, void* u,
+                                                     int64_t n, const void* s) {
+  adamax_segment<T, FMA, WD>(p, g, m, u, n, s);
+}
+#endif
+
+struct AdamaxPick {
+  template <typename T, bool... Flags>
+  static AdamaxFn pick() {
+#if FUNCOPT_X86
+    if (has_avx2_fma()) return adamax_avx2<T, Flags...>;
+#endif
+    return adamax_generic<T, Flags...>;
+  }
+};
+
+template <typename T>
+ffi::Error adamax_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param,
+                        ffi::AnyBuffer grad, ffi::AnyBuffer exp_avg,
+                        ffi::AnyBuffer exp_inf, ffi::AnyBuffer step,
+                        ffi::AnyBuffer lr_b, ffi::AnyBuffer betas,
+                        ffi::AnyBuffer eps_b, ffi::AnyBuffer wd_b,
+                        ffi::AnyBuffer* out_p, ffi::AnyBuffer* out_m,
+                        ffi::AnyBuffer* out_u, bool fma, bool maximize,
+                        ffi::Span<const int64_t> sizes,
+                        ffi::Span<const int64_t> spans) {
+  T* p = in_place<T>(param, out_p);
+  T* m = in_place<T>(exp_avg, out_m);
+  T* u = in_place<T>(exp_inf, out_u);
+  const T* g = grad.typed_data<T>();
+  std::vector<Segment> list;
+  ffi::Error bad = segments(param.element_count(), sizes, spans, list);
+  if (bad.failure()) return bad;
+  const double lr = scalar_value(lr_b);
+  const double beta1 = scalar_value(betas, 0);
+  const double wd = scalar_value(wd_b);
+  AdamaxScalars<T> s;
+  s.sign = maximize ? T(-1) : T(1);
+  s.wd = static_cast<T>(wd);
+  const T weight = static_cast<T>(1 - beta1);
+  s.small = std::abs(weight) < T(0.5);
+  s.coeff = s.small ? weight : weight - T(1);
+  s.b2 = static_cast<T>(scalar_value(betas, 1));
+  s.eps = static_cast<T>(scalar_value(eps_b));
+  const bool flags[2] = {fma, wd != 0};
+  AdamaxFn fn = select_flags<AdamaxPick, T, 2>(flags);
+  for (size_t k = 0; k < list.size(); ++k) {
+    const double t = step_value(step, static_cast<int64_t>(k));
+    s.neg_clr = static_cast<T>(-(lr / (1 - std::pow(beta1, t))));
+    const int64_t o = list[k].offset;
+    for_chunks<T>(pool, list[k].size, [&](int64_t c, int64_t e) {
+      fn(p + o + c, g + o + c, m + o + c, u + o + c, e - c, &s);
+    });
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error AdamaxImpl(ffi::ThreadPool pool, ffi::AnyBuffer param,
+                      ffi::AnyBuffer grad, ffi::AnyBuffer exp_avg,
+                      ffi::AnyBuffer exp_inf, ffi::AnyBuffer step,
+                      ffi::AnyBuffer lr, ffi::AnyBuffer betas,
+                      ffi::AnyBuffer eps, ffi::AnyBuffer wd,
+                      ffi::Result<ffi::AnyBuffer> out_p,
+                      ffi::Result<ffi::AnyBuffer> out_m,
+                      ffi::Result<ffi::AnyBuffer> out_u, bool fma,
+                      bool maximize, bool single_tensor,
+                      ffi::Span<const int64_t> sizes,
+                      ffi::Span<const int64_t> spans) {
+  if (!single_tensor) {
+    return ffi::Error::InvalidArgument("funcopt_adamax: torch has no fused Adamax");
+  }
+  switch (param.element_type()) {
+    case ffi::DataType::F32:
+      return adamax_typed<float>(pool, param, grad, exp_avg, exp_inf, step, lr,
+                                 betas, eps, wd, &*out_p, &*out_m, &*out_u, fma,
+                                 maximize, sizes, spans);
+    case ffi::DataType::F64:
+      return adamax_typed<double>(pool, param, grad, exp_avg, exp_inf, step, lr,
+                                  betas, eps, wd, &*out_p, &*out_m, &*out_u,
+                                  fma, maximize, sizes, spans);
+    default:
+      return ffi::Error::InvalidArgument("funcopt_adamax: float32/float64 only");
+  }
 }
 
 // ---- packing leaves into one buffer (the multi-tensor step on a tree) ----
@@ -1124,6 +1278,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     FuncoptRmspropCenteredMomentum, RmspropCenteredMomentumImpl,
     FUNCOPT_RMSPROP_BIND(FUNCOPT_ARG1 FUNCOPT_ARG1 FUNCOPT_ARG1,
                          FUNCOPT_RET1 FUNCOPT_RET1 FUNCOPT_RET1));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FuncoptAdamax, AdamaxImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // param
+                                  .Arg<ffi::AnyBuffer>()  // grad
+                                  .Arg<ffi::AnyBuffer>()  // exp_avg
+                                  .Arg<ffi::AnyBuffer>()  // exp_inf
+                                  .Arg<ffi::AnyBuffer>()  // step
+                                  .Arg<ffi::AnyBuffer>()  // lr
+                                  .Arg<ffi::AnyBuffer>()  // betas
+                                  .Arg<ffi::AnyBuffer>()  // eps
+                                  .Arg<ffi::AnyBuffer>()  // weight_decay
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() FUNCOPT_ATTRS
+                                  .Attr<bool>("single_tensor")
+                                  .Attr<ffi::Span<const int64_t>>("sizes")
+                                  .Attr<ffi::Span<const int64_t>>("spans"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FuncoptPack, PackImpl,
                               ffi::Ffi::Bind()

@@ -1,19 +1,20 @@
 """torch's CPU optimizer steps as native code: one pass per element, in place.
 
-Adam/AdamW, SGD and Adagrad, with `fused=True` and without, and RMSprop's
-default step (torch has no fused RMSprop) run a C++ kernel
+Adam/AdamW, SGD and Adagrad, with `fused=True` and without, and the default
+step of RMSprop and Adamax (torch has no fused kernel for them) run a C++ kernel
 (`funcopt/_native`, an XLA FFI custom call) on float32 and float64 CPU
 params when its library is built (`make venv`, or `pip install` with a C++
 compiler) and JAX runs on one CPU device; elsewhere (16-bit params, GPU,
 several devices, a tensor hyperparameter, Adam's
 `differentiable`/`capturable` path, sparse gradients, no library) the pure
-JAX rules in `adam.py`, `sgd.py`, `adagrad.py` and `rmsprop.py` run.
+JAX rules in `adam.py`, `sgd.py`, `adagrad.py`, `rmsprop.py` and
+`adamax.py` run.
 
 * `fused=True`: torch's fused kernel (`_fused_adam_`, `_fused_sgd_`,
   `_fused_adagrad_`), its vectorised body and scalar tail.
 * The default step: torch's single-tensor path (`_single_tensor_adam`,
   `_single_tensor_sgd`, `_single_tensor_adagrad`,
-  `_single_tensor_rmsprop`), one torch op after
+  `_single_tensor_rmsprop`, `_single_tensor_adamax`), one torch op after
   another, each rounded in the param's dtype, the multiply-adds of
   `add(alpha=)`, `addcmul` and `lerp` fused as torch's x86 build fuses
   them (`torch_cpu_block`: none on its `default` build), the scalar math
@@ -74,7 +75,8 @@ def available() -> bool:
 
 def set_native_fused(enabled: bool) -> None:
     """Run Adam/AdamW, SGD and Adagrad steps (`fused=True` and default) and
-    RMSprop's default step on the native CPU kernels where they apply
+    the default step of RMSprop and Adamax on the native CPU kernels where
+    they apply
     (`True`, the default unless the environment sets `FUNCOPT_NATIVE=0`), or
     always on the pure JAX rules (`False`): the same formula, the kernels in
     one pass over memory and in torch's float32 rounding without x64 (the
@@ -112,7 +114,7 @@ def native_fused() -> bool:
         _switch["logged"] = True
         if native:
             _log.info(
-                "funcopt: Adam/AdamW, SGD, Adagrad and RMSprop run the native "
+                "funcopt: Adam/AdamW, SGD, Adagrad, RMSprop and Adamax run the native "
                 "CPU kernels (%s)",
                 _native.LIBRARY,
             )
@@ -227,7 +229,7 @@ def _run(
         "sizes": sizes,
         "spans": spans,
     }
-    if target.startswith("funcopt_adam"):
+    if target in ("funcopt_adam", "funcopt_adam_amsgrad"):
         attrs["decoupled"] = np.bool_(bool(options["decoupled_weight_decay"]))
     if target.startswith("funcopt_sgd"):
         attrs["nesterov"] = np.bool_(bool(options["nesterov"]))
@@ -361,6 +363,16 @@ def rmsprop() -> Callable:
     fused RMSprop."""
     keys = ("lr", "alpha", "eps", "weight_decay", "momentum")
     return _kernel(_rmsprop_buffers, keys, single_tensor=True)
+
+
+def adamax() -> Callable:
+    """Adamax's default step through the kernel (`_kernel`); torch has no
+    fused Adamax."""
+    return _kernel(
+        lambda slots, options: ("funcopt_adamax", ["exp_avg", "exp_inf"]),
+        ("lr", "betas", "eps", "weight_decay"),
+        single_tensor=True,
+    )
 
 
 def adagrad(single_tensor: bool) -> Callable:

@@ -8,6 +8,7 @@ from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
 from .._math import add_scalar, addcdiv, div, lerp, mul
+from . import _fused_native
 from ._common import coupled_gradient, group_rule, in_own_pass
 
 
@@ -31,6 +32,10 @@ def _adamax_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
         clr = div(lr.astype(lr_dtype), 1 - beta1**step)
     new_param = addcdiv(param, exp_avg, exp_inf, -clr)
     return new_param, {"exp_avg": exp_avg, "exp_inf": exp_inf}
+
+
+# torch's default step: native where it applies, else `_adamax_rule`
+_adamax_default_rule = _fused_native.with_kernel(_fused_native.adamax(), _adamax_rule)
 
 
 @_validate.optimizer_factory
@@ -61,6 +66,11 @@ def adamax(
     added to the gradient); $-\nabla$ when `maximize`. `eps` sits
     inside the max, as in torch. `t` is each parameter's own step count.
 
+    On one CPU device, for float32 and float64 params, the step runs
+    funcopt's native kernel (`funcopt.optim._fused_native`): torch's
+    `_single_tensor_adamax` op by op in C++, one pass over memory, torch's
+    float32 bits with or without x64; elsewhere the same formula in JAX.
+
     `foreach`, `capturable` and `differentiable` are accepted; the
     result is torch's default CPU path, which is also what torch's
     `foreach=True` and `differentiable=True` give, bit for bit
@@ -73,7 +83,7 @@ def adamax(
         name="Adamax",
         elementwise=True,
         # each group's rule from its own lr (a float or a tensor)
-        rule=group_rule(_adamax_rule, lr_dtype="lr"),
+        rule=group_rule(_adamax_default_rule, lr_dtype="lr"),
         init_slots=_adamax_slots,
         hyperparams={
             "lr": lr,

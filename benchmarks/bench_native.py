@@ -2,8 +2,9 @@
 JAX rule (`FUNCOPT_NATIVE=0`) vs optax vs torch.
 
 Adam, AdamW, SGD with momentum and Adagrad with `fused=True` (torch
-`fused=True`), and the default step of RMSprop and Adamax (torch has no
-fused kernel for them: its default, `_single_tensor_*`, on CPU); every JAX
+`fused=True`), and the default step of RMSprop, Adamax, Adadelta and RAdam
+(torch has no fused kernel for them: its default, `_single_tensor_*`, on
+CPU); every JAX
 step `jax.jit` with params and state donated. One process, the four
 interleaved round by round (a busy machine slows all alike), each number the
 median over the rounds of the mean step time of `--steps` steps. Run:
@@ -55,6 +56,16 @@ OPTIMIZERS = {
         lambda: fo.adamax(lr=2e-3),
         lambda: optax.adamax(2e-3),
         lambda p: torch.optim.Adamax(p, lr=2e-3),
+    ),
+    "Adadelta (default step)": (
+        lambda: fo.adadelta(lr=1.0),
+        lambda: optax.adadelta(1.0, rho=0.9, eps=1e-6),
+        lambda p: torch.optim.Adadelta(p, lr=1.0),
+    ),
+    "RAdam (default step)": (
+        lambda: fo.radam(lr=1e-3),
+        lambda: optax.radam(1e-3),
+        lambda p: torch.optim.RAdam(p, lr=1e-3),
     ),
     "RMSprop centered, momentum (default step)": (
         lambda: fo.rmsprop(lr=1e-2, centered=True, momentum=0.9),

@@ -24,9 +24,9 @@ Writes ``benchmarks/results/profile_audit.{json,md}`` (2.) and
 ``benchmarks/results/profile_step.{json,md}`` (1. and 3.).
 
 It measures XLA's programs, the JAX rules: ``FUNCOPT_NATIVE=0`` is set here
-(children inherit it), since Adam, AdamW, SGD, Adagrad, RMSprop and Adamax
-otherwise run funcopt's native kernel on one CPU device (``bench_step.py``
-times that).
+(children inherit it), since Adam, AdamW, SGD, Adagrad, RMSprop, Adamax,
+Adadelta and RAdam otherwise run funcopt's native kernel on one CPU device
+(``bench_step.py`` times that).
 """
 
 from __future__ import annotations

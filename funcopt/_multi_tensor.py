@@ -88,8 +88,7 @@ def set_policy(value: str) -> None:
     [`funcopt.flat`][funcopt.flat] (no copies per step).
 
     Bits: where funcopt is bit-exact with torch (16-bit leaves, the exact
-    float32 mode, the native kernels of Adam, AdamW, SGD, Adagrad, RMSprop
-    and Adamax) both
+    float32 mode, the native kernels) both
     paths give the same bits (tested). In plain float32
     or float64 programs XLA compiles the same elementwise ops per shape, and
     the two paths can differ by an ulp, as each differs from torch by a few.

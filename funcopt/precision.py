@@ -27,12 +27,11 @@ float32 rounding). With x64 enabled,
 float32 kernels op by op instead: bit for bit torch's default CPU path for the
 optimizers without a square root, at several times the step time.
 
-Adam/AdamW, SGD and Adagrad (default or `fused=True`), RMSprop and Adamax
-run native CPU kernels on one CPU device where they were built: one pass
-over memory, torch's bits in float32 without x64 (SGD's and Adamax's
-default steps and every fused one bit for bit; Adam's, Adagrad's and
-RMSprop's default steps but where torch's `sqrt`, MKL's, is not correctly
-rounded);
+Adam/AdamW, SGD and Adagrad (default or `fused=True`), RMSprop, Adamax,
+Adadelta and RAdam run native CPU kernels on one CPU device where they were
+built: one pass over memory, torch's bits in float32 without x64 (SGD's and
+Adamax's default steps and every fused one bit for bit; the other default
+steps but where torch's `sqrt`, MKL's, is not correctly rounded);
 [`set_native_fused(False)`][funcopt.precision.set_native_fused] selects their
 pure JAX rules instead, and [`native_fused`][funcopt.precision.native_fused]
 says which runs.

@@ -9,9 +9,10 @@ speed is in ``benchmarks/`` (``profile_step.py --audit``).
 
 These are the JAX rules' programs, which GPUs, TPUs, sharded steps and
 installs without funcopt's native library run: on one CPU device Adam,
-AdamW, SGD, Adagrad, RMSprop and Adamax take the native kernel instead (one
-custom call per bucket or leaf, in place: ``tests/test_native_fused.py``), so
-the tests here turn it off (``jax_rules``).
+AdamW, SGD, Adagrad, RMSprop, Adamax, Adadelta and RAdam take the native
+kernel instead (one custom call per bucket or leaf, in place:
+``tests/test_native_fused.py``), so the tests here turn it off
+(``jax_rules``).
 """
 
 import json

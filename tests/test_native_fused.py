@@ -1,6 +1,7 @@
 """The native CPU kernels (`funcopt/_native`, `funcopt.optim._fused_native`)
 against torch's `fused=True` kernels and, for Adam/AdamW, SGD, Adagrad,
-RMSprop and Adamax, torch's default (single-tensor) step, live, bit for bit.
+RMSprop, Adamax, Adadelta and RAdam, torch's default (single-tensor) step,
+live, bit for bit.
 
 The kernels' selling point: torch's bits in float32 without x64 and without
 the bit-exact mode (and with them), and in float64. Leaves of 4101, 7, 1 and
@@ -46,6 +47,8 @@ SGD = OptCase("sgd", torch.optim.SGD, fo.sgd, {})
 ADAGRAD = OptCase("adagrad", torch.optim.Adagrad, fo.adagrad, {})
 RMSPROP = OptCase("rmsprop", torch.optim.RMSprop, fo.rmsprop, {})
 ADAMAX = OptCase("adamax", torch.optim.Adamax, fo.adamax, {})
+ADADELTA = OptCase("adadelta", torch.optim.Adadelta, fo.adadelta, {})
+RADAM = OptCase("radam", torch.optim.RAdam, fo.radam, {})
 
 
 def _adam_rows():
@@ -128,6 +131,27 @@ def _path_id(kw):
     return "fused" if kw.get("fused") else "default"
 
 
+def _adadelta_rows():
+    return _grid_rows(
+        ADADELTA,
+        rho=(0.9, 1.0),  # rho may be 1: `1 - rho` is 0
+        weight_decay=(0.0, 0.1),
+        maximize=(False, True),
+    )
+
+
+def _radam_rows():
+    return _grid_rows(
+        RADAM,
+        # both lerp branches; rho_t passes 5 at step 6 (beta2 0.999) and at
+        # step 3 (beta2 0.99): unrectified then rectified steps
+        betas=((0.9, 0.999), (0.3, 0.99)),
+        weight_decay=(0.0, 0.1),
+        decoupled_weight_decay=(False, True),
+        maximize=(False, True),
+    )
+
+
 def _id(case, kw):
     skip = ("fused", "lr")
     return (
@@ -142,7 +166,7 @@ def _default_path_rows():
         case, kwargs = row.values
         kw = {k: v for k, v in kwargs.items() if k != "fused"}
         rows.append(pytest.param(case, kw, id="default-" + _id(case, kw)))
-    return rows + _rmsprop_rows() + _adamax_rows()
+    return rows + _rmsprop_rows() + _adamax_rows() + _adadelta_rows() + _radam_rows()
 
 
 ROWS = _adam_rows() + _sgd_rows() + _adagrad_rows()
@@ -189,10 +213,10 @@ def _check(case, kwargs, dtype, steps=STEPS):
 
 
 def _torch_roots(case) -> contextlib.AbstractContextManager:
-    """torch's roots correctly rounded for Adam's, Adagrad's and RMSprop's
-    default step: its float32 and float64 `sqrt` are MKL's, not correctly
-    rounded (`correctly_rounded_torch_sqrt`); torch's fused kernels, SGD and
-    Adamax take no such root."""
+    """torch's roots correctly rounded for the default steps that take one
+    (Adam's, Adagrad's, RMSprop's, Adadelta's, RAdam's): its float32 and float64
+    `sqrt` are MKL's, not correctly rounded (`correctly_rounded_torch_sqrt`);
+    torch's fused kernels, SGD and Adamax take no such root."""
     if case in (SGD, ADAMAX):
         return contextlib.nullcontext()
     return correctly_rounded_torch_sqrt(float64=True)
@@ -226,11 +250,11 @@ def test_float64_bits(case, kwargs, torch_cpu_loop, x64):
 
 @pytest.mark.parametrize("case,kwargs", DEFAULT_ROWS)
 def test_default_path_float32_bits_without_x64(case, kwargs, torch_cpu_loop):
-    """Adam, AdamW, SGD, Adagrad, RMSprop and Adamax without `fused`, every
-    flag combination, 100 steps, float32 without x64 nor the bit-exact mode:
-    torch's default step (`_single_tensor_adam`, ...), params and every
-    buffer, bit for bit; for Adam and Adagrad, with torch's square roots
-    correctly rounded (`_torch_roots`). The 7- and 1-element leaves are
+    """Adam, AdamW, SGD, Adagrad, RMSprop, Adamax, Adadelta and RAdam without
+    `fused`, every flag combination, 100 steps, float32 without x64 nor the
+    bit-exact mode: torch's default step (`_single_tensor_adam`, ...), params
+    and every buffer, bit for bit; where it takes a square root, with
+    torch's roots correctly rounded (`_torch_roots`). The 7- and 1-element leaves are
     packed into one bucket (`funcopt.flat.set_policy`), the others run one
     call each."""
     with _torch_roots(case):
@@ -359,6 +383,8 @@ def test_jit_and_eager_agree(torch_cpu_loop):
         *((c, {"fused": f}) for c in (ADAM, SGD, ADAGRAD) for f in (True, False)),
         (RMSPROP, {"centered": True, "momentum": 0.9}),
         (ADAMAX, {"weight_decay": 0.1}),
+        (ADADELTA, {"weight_decay": 0.1}),
+        (RADAM, {"weight_decay": 0.1, "decoupled_weight_decay": True}),
     ],
     ids=lambda x: x.name if isinstance(x, OptCase) else _path_id(x),
 )
@@ -446,11 +472,14 @@ def _optimized_hlo(opt, params, grads, state) -> str:
         (fo.rmsprop, {}),
         (fo.rmsprop, dict(centered=True, momentum=0.9)),
         (fo.adamax, dict(weight_decay=0.1)),
+        (fo.adadelta, {}),
+        (fo.radam, dict(weight_decay=0.1)),
     ],
     ids=[
         "adam", "amsgrad", "sgd", "adagrad",
         "default-adam", "default-adamw-amsgrad", "default-sgd-momentum", "default-sgd",
         "default-rmsprop", "default-rmsprop-centered-momentum", "default-adamax",
+        "default-adadelta", "default-radam",
     ],
 )  # fmt: skip
 def test_donated_step_is_one_custom_call_per_leaf_in_place(factory, kwargs):
@@ -496,6 +525,14 @@ def test_adams_tensor_scalar_path_takes_the_jax_rule(flag):
     arithmetic (`adam`'s docstring), which the kernel does not compute."""
     params = {"w": jnp.ones(20, jnp.float32)}
     assert "funcopt_adam" not in _lowered(fo.adam(**{flag: True}), params)
+
+
+def test_radams_foreach_path_takes_the_jax_rule():
+    """RAdam's `foreach=True` is torch's `_multi_tensor_radam`, which rounds
+    otherwise (`radam`'s docstring): not the kernel's step."""
+    params = {"w": jnp.ones(20, jnp.float32)}
+    assert "funcopt_radam" not in _lowered(fo.radam(foreach=True), params)
+    assert "funcopt_radam" in _lowered(fo.radam(), params)
 
 
 def test_sparse_gradients_take_the_jax_rule():

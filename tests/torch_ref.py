@@ -123,7 +123,9 @@ def using_torch_cpu_block(block: int | None):
 # the optimizers whose default step runs funcopt's native kernel on one CPU
 # device (`funcopt.optim._fused_native`): tests that prove their JAX rules
 # too turn it off (`native_kernels(False)`)
-NATIVE_DEFAULT_STEP = frozenset({"adam", "adamw", "sgd", "adagrad", "rmsprop"})
+NATIVE_DEFAULT_STEP = frozenset(
+    {"adam", "adamw", "sgd", "adagrad", "rmsprop", "adamax", "adadelta", "radam"}
+)
 
 
 @contextlib.contextmanager

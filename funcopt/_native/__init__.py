@@ -30,6 +30,8 @@ TARGETS = {
     "FuncoptRmspropMomentum": "funcopt_rmsprop_momentum",
     "FuncoptRmspropCenteredMomentum": "funcopt_rmsprop_centered_momentum",
     "FuncoptAdamax": "funcopt_adamax",
+    "FuncoptAdadelta": "funcopt_adadelta",
+    "FuncoptRadam": "funcopt_radam",
     "FuncoptPack": "funcopt_pack",
     "FuncoptUnpack": "funcopt_unpack",
 }

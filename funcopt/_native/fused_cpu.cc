@@ -710,15 +710,37 @@ ffi::Error AdagradImpl(ffi::ThreadPool pool, ffi::AnyBuffer param, ffi::AnyBuffe
   }
 }
 
-// runtime flags -> one instantiation: `Pick::pick<T, flags...>()`, the
-// kernel's AVX2+FMA build where the CPU has them, else its generic one
-template <typename Pick, typename T, size_t N, bool... Flags>
+// `Segment` (a kernel's segment function) for the CPU it runs on: compiled
+// for AVX2+FMA where the CPU has them (its loops vectorise to 8 float32
+// lanes), else for the baseline
+template <auto Segment, typename Signature = decltype(Segment)>
+struct ForCpu;
+
+template <auto Segment, typename... Args>
+struct ForCpu<Segment, void (*)(Args...)> {
+  static void generic(Args... args) { Segment(args...); }
+#if FUNCOPT_X86
+  __attribute__((target("avx2,fma"))) static void avx2(Args... args) {
+    Segment(args...);
+  }
+#endif
+  static auto pick() {
+#if FUNCOPT_X86
+    if (has_avx2_fma()) return &avx2;
+#endif
+    return &generic;
+  }
+};
+
+// runtime flags -> one instantiation, `Kernel::segment<T, flags...>`, for
+// this CPU
+template <typename Kernel, typename T, size_t N, bool... Flags>
 auto select_flags(const bool* flags) {
   if constexpr (sizeof...(Flags) == N) {
-    return Pick::template pick<T, Flags...>();
+    return ForCpu<&Kernel::template segment<T, Flags...>>::pick();
   } else {
-    return flags[0] ? select_flags<Pick, T, N, Flags..., true>(flags + 1)
-                    : select_flags<Pick, T, N, Flags..., false>(flags + 1);
+    return flags[0] ? select_flags<Kernel, T, N, Flags..., true>(flags + 1)
+                    : select_flags<Kernel, T, N, Flags..., false>(flags + 1);
   }
 }
 
@@ -777,48 +799,21 @@ FUNCOPT_INLINE void rmsprop_loop(T* __restrict p, const T* __restrict g,
   }
 }
 
-using RmspropFn = void (*)(void*, const void*, void*, void*, void*, int64_t,
-                           const void*);
-
-template <typename T, bool FMA, bool WD, bool CENTERED, bool MOM>
-FUNCOPT_INLINE void rmsprop_segment(void* p, const void* g, void* sq, void* ga,
-                                    void* b, int64_t n, const void* s) {
-  const auto& scalars = *static_cast<const RmspropScalars<T>*>(s);
-  // direct calls (inlined into the caller's target), not a pointer
-  if (CENTERED && scalars.small) {
-    rmsprop_loop<T, FMA, WD, CENTERED, MOM, true>(
-        static_cast<T*>(p), static_cast<const T*>(g), static_cast<T*>(sq),
-        static_cast<T*>(ga), static_cast<T*>(b), n, scalars);
-  } else {
-    rmsprop_loop<T, FMA, WD, CENTERED, MOM, false>(
-        static_cast<T*>(p), static_cast<const T*>(g), static_cast<T*>(sq),
-        static_cast<T*>(ga), static_cast<T*>(b), n, scalars);
-  }
-}
-
-template <typename T, bool FMA, bool WD, bool CENTERED, bool MOM>
-void rmsprop_generic(void* p, const void* g, void* sq, void* ga, void* b,
-                     int64_t n, const void* s) {
-  rmsprop_segment<T, FMA, WD, CENTERED, MOM>(p, g, sq, ga, b, n, s);
-}
-
-#if FUNCOPT_X86
-template <typename T, bool FMA, bool WD, bool CENTERED, bool MOM>
-__attribute__((target("avx2,fma"))) void rmsprop_avx2(void* p, const void* g,
-                                                      void* sq, void* ga,
-                                                      void* b, int64_t n,
-                                                      const void* s) {
-  rmsprop_segment<T, FMA, WD, CENTERED, MOM>(p, g, sq, ga, b, n, s);
-}
-#endif
-
-struct RmspropPick {
-  template <typename T, bool... Flags>
-  static RmspropFn pick() {
-#if FUNCOPT_X86
-    if (has_avx2_fma()) return rmsprop_avx2<T, Flags...>;
-#endif
-    return rmsprop_generic<T, Flags...>;
+struct RmspropKernel {
+  template <typename T, bool FMA, bool WD, bool CENTERED, bool MOM>
+  static FUNCOPT_INLINE void segment(void* p, const void* g, void* sq, void* ga,
+                                      void* b, int64_t n, const void* s) {
+    const auto& scalars = *static_cast<const RmspropScalars<T>*>(s);
+    // direct calls (inlined into the caller's target), not a pointer
+    if (CENTERED && scalars.small) {
+      rmsprop_loop<T, FMA, WD, CENTERED, MOM, true>(
+          static_cast<T*>(p), static_cast<const T*>(g), static_cast<T*>(sq),
+          static_cast<T*>(ga), static_cast<T*>(b), n, scalars);
+    } else {
+      rmsprop_loop<T, FMA, WD, CENTERED, MOM, false>(
+          static_cast<T*>(p), static_cast<const T*>(g), static_cast<T*>(sq),
+          static_cast<T*>(ga), static_cast<T*>(b), n, scalars);
+    }
   }
 };
 
@@ -866,7 +861,7 @@ ffi::Error rmsprop_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param,
   const bool centered = state[1] != nullptr;
   const bool with_momentum = state[2] != nullptr && momentum > 0;
   const bool flags[4] = {fma, wd != 0, centered, with_momentum};
-  RmspropFn fn = select_flags<RmspropPick, T, 4>(flags);
+  auto fn = select_flags<RmspropKernel, T, 4>(flags);
   for (const Segment& seg : list) {
     const int64_t o = seg.offset;
     for_chunks<T>(pool, seg.size, [&](int64_t c, int64_t e) {
@@ -989,44 +984,18 @@ FUNCOPT_INLINE void adamax_loop(T* __restrict p, const T* __restrict g,
   }
 }
 
-using AdamaxFn = void (*)(void*, const void*, void*, void*, int64_t,
-                          const void*);
-
-template <typename T, bool FMA, bool WD>
-FUNCOPT_INLINE void adamax_segment(void* p, const void* g, void* m, void* u,
-                                   int64_t n, const void* sv) {
-  const auto& s = *static_cast<const AdamaxScalars<T>*>(sv);
-  if (s.small) {
-    adamax_loop<T, FMA, WD, true>(static_cast<T*>(p), static_cast<const T*>(g),
-                                  static_cast<T*>(m), static_cast<T*>(u), n, s);
-  } else {
-    adamax_loop<T, FMA, WD, false>(static_cast<T*>(p), static_cast<const T*>(g),
-                                   static_cast<T*>(m), static_cast<T*>(u), n, s);
-  }
-}
-
-template <typename T, bool FMA, bool WD>
-void adamax_generic(void* p, const void* g, void* m, void* u, int64_t n,
-                    const void* s) {
-  adamax_segment<T, FMA, WD>(p, g, m, u, n, s);
-}
-
-#if FUNCOPT_X86
-template <typename T, bool FMA, bool WD>
-__attribute__((target("avx2,fma"))) void adamax_avx2(void* p, const void* g,
-                                                     void* m, void* u,
-                                                     int64_t n, const void* s) {
-  adamax_segment<T, FMA, WD>(p, g, m, u, n, s);
-}
-#endif
-
-struct AdamaxPick {
-  template <typename T, bool... Flags>
-  static AdamaxFn pick() {
-#if FUNCOPT_X86
-    if (has_avx2_fma()) return adamax_avx2<T, Flags...>;
-#endif
-    return adamax_generic<T, Flags...>;
+struct AdamaxKernel {
+  template <typename T, bool FMA, bool WD>
+  static FUNCOPT_INLINE void segment(void* p, const void* g, void* m, void* u,
+                                     int64_t n, const void* sv) {
+    const auto& s = *static_cast<const AdamaxScalars<T>*>(sv);
+    if (s.small) {
+      adamax_loop<T, FMA, WD, true>(static_cast<T*>(p), static_cast<const T*>(g),
+                                    static_cast<T*>(m), static_cast<T*>(u), n, s);
+    } else {
+      adamax_loop<T, FMA, WD, false>(static_cast<T*>(p), static_cast<const T*>(g),
+                                     static_cast<T*>(m), static_cast<T*>(u), n, s);
+    }
   }
 };
 
@@ -1059,7 +1028,7 @@ ffi::Error adamax_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param,
   s.b2 = static_cast<T>(scalar_value(betas, 1));
   s.eps = static_cast<T>(scalar_value(eps_b));
   const bool flags[2] = {fma, wd != 0};
-  AdamaxFn fn = select_flags<AdamaxPick, T, 2>(flags);
+  auto fn = select_flags<AdamaxKernel, T, 2>(flags);
   for (size_t k = 0; k < list.size(); ++k) {
     const double t = step_value(step, static_cast<int64_t>(k));
     s.neg_clr = static_cast<T>(-(lr / (1 - std::pow(beta1, t))));
@@ -1096,6 +1065,272 @@ ffi::Error AdamaxImpl(ffi::ThreadPool pool, ffi::AnyBuffer param,
                                   fma, maximize, sizes, spans);
     default:
       return ffi::Error::InvalidArgument("funcopt_adamax: float32/float64 only");
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Adadelta (torch has no fused Adadelta: `_single_tensor_adadelta` only)
+//   grad = grad.add(param, alpha=wd)                  fma(wd, param, grad)
+//   square_avg.mul_(rho).addcmul_(grad, grad, value=1 - rho)
+//                                     fma((1 - rho) * grad, grad, sq * rho)
+//   std = square_avg.add(eps).sqrt_()
+//   delta = acc_delta.add(eps).sqrt_().div_(std).mul_(grad)
+//   acc_delta.mul_(rho).addcmul_(delta, delta, value=1 - rho)
+//   param.add_(delta, alpha=-lr)                      fma(-lr, delta, param)
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct AdadeltaScalars {
+  T sign, wd, rho, one_minus_rho, eps, neg_lr;
+};
+
+template <typename T, bool FMA, bool WD>
+FUNCOPT_INLINE void adadelta_loop(T* __restrict p, const T* __restrict g,
+                                  T* __restrict sq, T* __restrict acc,
+                                  int64_t n, const AdadeltaScalars<T> s) {
+  for (int64_t i = 0; i < n; ++i) {
+    T param = p[i];
+    T grad = g[i] * s.sign;
+    if constexpr (WD) grad = madd<FMA>(param, s.wd, grad);
+    T square_avg = madd<FMA>(s.one_minus_rho * grad, grad, sq[i] * s.rho);
+    T std_ = std::sqrt(square_avg + s.eps);
+    T ai = acc[i];
+    T delta = (std::sqrt(ai + s.eps) / std_) * grad;
+    sq[i] = square_avg;
+    acc[i] = madd<FMA>(s.one_minus_rho * delta, delta, ai * s.rho);
+    p[i] = madd<FMA>(s.neg_lr, delta, param);
+  }
+}
+
+struct AdadeltaKernel {
+  template <typename T, bool FMA, bool WD>
+  static FUNCOPT_INLINE void segment(void* p, const void* g, void* sq,
+                                       void* acc, int64_t n, const void* s) {
+    adadelta_loop<T, FMA, WD>(static_cast<T*>(p), static_cast<const T*>(g),
+                              static_cast<T*>(sq), static_cast<T*>(acc), n,
+                              *static_cast<const AdadeltaScalars<T>*>(s));
+  }
+};
+
+template <typename T>
+ffi::Error adadelta_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param,
+                          ffi::AnyBuffer grad, ffi::AnyBuffer square_avg,
+                          ffi::AnyBuffer acc_delta, ffi::AnyBuffer lr_b,
+                          ffi::AnyBuffer rho_b, ffi::AnyBuffer eps_b,
+                          ffi::AnyBuffer wd_b, ffi::AnyBuffer* out_p,
+                          ffi::AnyBuffer* out_sq, ffi::AnyBuffer* out_acc,
+                          bool fma, bool maximize,
+                          ffi::Span<const int64_t> sizes,
+                          ffi::Span<const int64_t> spans) {
+  T* p = in_place<T>(param, out_p);
+  T* sq = in_place<T>(square_avg, out_sq);
+  T* acc = in_place<T>(acc_delta, out_acc);
+  const T* g = grad.typed_data<T>();
+  std::vector<Segment> list;
+  ffi::Error bad = segments(param.element_count(), sizes, spans, list);
+  if (bad.failure()) return bad;
+  const double rho = scalar_value(rho_b);
+  const double wd = scalar_value(wd_b);
+  AdadeltaScalars<T> s;
+  s.sign = maximize ? T(-1) : T(1);
+  s.wd = static_cast<T>(wd);
+  s.rho = static_cast<T>(rho);
+  s.one_minus_rho = static_cast<T>(1 - rho);
+  s.eps = static_cast<T>(scalar_value(eps_b));
+  s.neg_lr = static_cast<T>(-scalar_value(lr_b));
+  const bool flags[2] = {fma, wd != 0};
+  auto fn = select_flags<AdadeltaKernel, T, 2>(flags);
+  for (const Segment& seg : list) {
+    const int64_t o = seg.offset;
+    for_chunks<T>(pool, seg.size, [&](int64_t c, int64_t e) {
+      fn(p + o + c, g + o + c, sq + o + c, acc + o + c, e - c, &s);
+    });
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error AdadeltaImpl(ffi::ThreadPool pool, ffi::AnyBuffer param,
+                        ffi::AnyBuffer grad, ffi::AnyBuffer square_avg,
+                        ffi::AnyBuffer acc_delta, ffi::AnyBuffer step,
+                        ffi::AnyBuffer lr, ffi::AnyBuffer rho,
+                        ffi::AnyBuffer eps, ffi::AnyBuffer wd,
+                        ffi::Result<ffi::AnyBuffer> out_p,
+                        ffi::Result<ffi::AnyBuffer> out_sq,
+                        ffi::Result<ffi::AnyBuffer> out_acc, bool fma,
+                        bool maximize, bool single_tensor,
+                        ffi::Span<const int64_t> sizes,
+                        ffi::Span<const int64_t> spans) {
+  if (!single_tensor) {
+    return ffi::Error::InvalidArgument("funcopt_adadelta: torch has no fused Adadelta");
+  }
+  switch (param.element_type()) {
+    case ffi::DataType::F32:
+      return adadelta_typed<float>(pool, param, grad, square_avg, acc_delta, lr,
+                                   rho, eps, wd, &*out_p, &*out_sq, &*out_acc,
+                                   fma, maximize, sizes, spans);
+    case ffi::DataType::F64:
+      return adadelta_typed<double>(pool, param, grad, square_avg, acc_delta,
+                                    lr, rho, eps, wd, &*out_p, &*out_sq,
+                                    &*out_acc, fma, maximize, sizes, spans);
+    default:
+      return ffi::Error::InvalidArgument("funcopt_adadelta: float32/float64 only");
+  }
+}
+
+// ---------------------------------------------------------------------------
+// RAdam (torch has no fused RAdam: `_single_tensor_radam`, its default
+// path with `foreach` unset on CPU)
+//   param.mul_(1 - lr * wd) (decoupled) or grad = grad.add(param, alpha=wd)
+//   exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq as Adam's
+//   bias_corrected_exp_avg = exp_avg / bias_correction1
+//   rho_t > 5:  param.add_(bias_corrected_exp_avg * lr
+//                          * (bias_correction2**0.5 / (exp_avg_sq.sqrt() + eps))
+//                          * rect, alpha=-1)
+//   otherwise:  param.add_(bias_corrected_exp_avg * lr, alpha=-1)
+// `scalar / tensor` is `tensor.reciprocal() * scalar` (Tensor.__rtruediv__);
+// rho_t, rect and the bias corrections are Python floats (double) per leaf.
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct RadamScalars {
+  // coeff, small: the lerp's weight and branch, as AdamScalars; decay: the
+  // decoupled factor (1 otherwise)
+  T sign, wd, decay, coeff, b2, one_minus_b2, eps, bc1, lr, bc2_sqrt, rect;
+  bool small, rectified;
+};
+
+template <typename T, bool FMA, bool WD, bool SMALL, bool RECT>
+FUNCOPT_INLINE void radam_loop(T* __restrict p, const T* __restrict g,
+                               T* __restrict m, T* __restrict v, int64_t n,
+                               const RadamScalars<T> s) {
+  for (int64_t i = 0; i < n; ++i) {
+    T param = p[i];
+    T grad = g[i] * s.sign;
+    if constexpr (WD) grad = madd<FMA>(param, s.wd, grad);
+    param = param * s.decay;
+    T mi = m[i];
+    mi = madd<FMA>(s.coeff, grad - mi, SMALL ? mi : grad);
+    T vi = v[i];
+    vi = madd<FMA>(s.one_minus_b2 * grad, grad, vi * s.b2);
+    m[i] = mi;
+    v[i] = vi;
+    T update = (mi / s.bc1) * s.lr;
+    if constexpr (RECT) {
+      T adaptive = (T(1) / (std::sqrt(vi) + s.eps)) * s.bc2_sqrt;
+      update = (update * adaptive) * s.rect;
+    }
+    p[i] = param - update;
+  }
+}
+
+template <typename T, bool FMA, bool WD, bool SMALL>
+FUNCOPT_INLINE void radam_segment_lerp(T* p, const T* g, T* m, T* v,
+                                       int64_t n, const RadamScalars<T>& s) {
+  if (s.rectified) {
+    radam_loop<T, FMA, WD, SMALL, true>(p, g, m, v, n, s);
+  } else {
+    radam_loop<T, FMA, WD, SMALL, false>(p, g, m, v, n, s);
+  }
+}
+
+struct RadamKernel {
+  template <typename T, bool FMA, bool WD>
+  static FUNCOPT_INLINE void segment(void* pv, const void* gv, void* mv, void* vv,
+                                    int64_t n, const void* sv) {
+    const auto& s = *static_cast<const RadamScalars<T>*>(sv);
+    T* p = static_cast<T*>(pv);
+    const T* g = static_cast<const T*>(gv);
+    T* m = static_cast<T*>(mv);
+    T* v = static_cast<T*>(vv);
+    if (s.small) {
+      radam_segment_lerp<T, FMA, WD, true>(p, g, m, v, n, s);
+    } else {
+      radam_segment_lerp<T, FMA, WD, false>(p, g, m, v, n, s);
+    }
+  }
+};
+
+template <typename T>
+ffi::Error radam_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param,
+                       ffi::AnyBuffer grad, ffi::AnyBuffer exp_avg,
+                       ffi::AnyBuffer exp_avg_sq, ffi::AnyBuffer step,
+                       ffi::AnyBuffer lr_b, ffi::AnyBuffer betas,
+                       ffi::AnyBuffer eps_b, ffi::AnyBuffer wd_b,
+                       ffi::AnyBuffer* out_p, ffi::AnyBuffer* out_m,
+                       ffi::AnyBuffer* out_v, bool fma, bool maximize,
+                       bool decoupled, ffi::Span<const int64_t> sizes,
+                       ffi::Span<const int64_t> spans) {
+  T* p = in_place<T>(param, out_p);
+  T* m = in_place<T>(exp_avg, out_m);
+  T* v = in_place<T>(exp_avg_sq, out_v);
+  const T* g = grad.typed_data<T>();
+  std::vector<Segment> list;
+  ffi::Error bad = segments(param.element_count(), sizes, spans, list);
+  if (bad.failure()) return bad;
+  const double lr = scalar_value(lr_b);
+  const double beta1 = scalar_value(betas, 0);
+  const double beta2 = scalar_value(betas, 1);
+  const double wd = scalar_value(wd_b);
+  RadamScalars<T> s;
+  s.sign = maximize ? T(-1) : T(1);
+  s.wd = static_cast<T>(wd);
+  // `1 - lr * weight_decay`, Python floats (unfused)
+  s.decay = decoupled ? static_cast<T>(1.0 - lr * wd) : T(1);
+  const T weight = static_cast<T>(1 - beta1);
+  s.small = std::abs(weight) < T(0.5);
+  s.coeff = s.small ? weight : weight - T(1);
+  s.b2 = static_cast<T>(beta2);
+  s.one_minus_b2 = static_cast<T>(1 - beta2);
+  s.eps = static_cast<T>(scalar_value(eps_b));
+  s.lr = static_cast<T>(lr);
+  const double rho_inf = 2 / (1 - beta2) - 1;
+  const bool flags[2] = {fma, !decoupled && wd != 0};
+  auto fn = select_flags<RadamKernel, T, 2>(flags);
+  for (size_t k = 0; k < list.size(); ++k) {
+    const double t = step_value(step, static_cast<int64_t>(k));
+    const double bias_correction1 = 1 - std::pow(beta1, t);
+    const double bias_correction2 = 1 - std::pow(beta2, t);
+    const double rho_t =
+        rho_inf - 2 * t * std::pow(beta2, t) / bias_correction2;
+    s.rectified = rho_t > 5.0;
+    s.bc1 = static_cast<T>(bias_correction1);
+    s.bc2_sqrt = static_cast<T>(std::pow(bias_correction2, 0.5));
+    s.rect = static_cast<T>(std::pow((rho_t - 4) * (rho_t - 2) * rho_inf /
+                                         ((rho_inf - 4) * (rho_inf - 2) * rho_t),
+                                     0.5));
+    const int64_t o = list[k].offset;
+    for_chunks<T>(pool, list[k].size, [&](int64_t c, int64_t e) {
+      fn(p + o + c, g + o + c, m + o + c, v + o + c, e - c, &s);
+    });
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error RadamImpl(ffi::ThreadPool pool, ffi::AnyBuffer param,
+                     ffi::AnyBuffer grad, ffi::AnyBuffer exp_avg,
+                     ffi::AnyBuffer exp_avg_sq, ffi::AnyBuffer step,
+                     ffi::AnyBuffer lr, ffi::AnyBuffer betas,
+                     ffi::AnyBuffer eps, ffi::AnyBuffer wd,
+                     ffi::Result<ffi::AnyBuffer> out_p,
+                     ffi::Result<ffi::AnyBuffer> out_m,
+                     ffi::Result<ffi::AnyBuffer> out_v, bool fma,
+                     bool maximize, bool decoupled, bool single_tensor,
+                     ffi::Span<const int64_t> sizes,
+                     ffi::Span<const int64_t> spans) {
+  if (!single_tensor) {
+    return ffi::Error::InvalidArgument("funcopt_radam: torch has no fused RAdam");
+  }
+  switch (param.element_type()) {
+    case ffi::DataType::F32:
+      return radam_typed<float>(pool, param, grad, exp_avg, exp_avg_sq, step,
+                                lr, betas, eps, wd, &*out_p, &*out_m, &*out_v,
+                                fma, maximize, decoupled, sizes, spans);
+    case ffi::DataType::F64:
+      return radam_typed<double>(pool, param, grad, exp_avg, exp_avg_sq, step,
+                                 lr, betas, eps, wd, &*out_p, &*out_m, &*out_v,
+                                 fma, maximize, decoupled, sizes, spans);
+    default:
+      return ffi::Error::InvalidArgument("funcopt_radam: float32/float64 only");
   }
 }
 
@@ -1294,6 +1529,45 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FuncoptAdamax, AdamaxImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>() FUNCOPT_ATTRS
+                                  .Attr<bool>("single_tensor")
+                                  .Attr<ffi::Span<const int64_t>>("sizes")
+                                  .Attr<ffi::Span<const int64_t>>("spans"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FuncoptAdadelta, AdadeltaImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // param
+                                  .Arg<ffi::AnyBuffer>()  // grad
+                                  .Arg<ffi::AnyBuffer>()  // square_avg
+                                  .Arg<ffi::AnyBuffer>()  // acc_delta
+                                  .Arg<ffi::AnyBuffer>()  // step (unused)
+                                  .Arg<ffi::AnyBuffer>()  // lr
+                                  .Arg<ffi::AnyBuffer>()  // rho
+                                  .Arg<ffi::AnyBuffer>()  // eps
+                                  .Arg<ffi::AnyBuffer>()  // weight_decay
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() FUNCOPT_ATTRS
+                                  .Attr<bool>("single_tensor")
+                                  .Attr<ffi::Span<const int64_t>>("sizes")
+                                  .Attr<ffi::Span<const int64_t>>("spans"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FuncoptRadam, RadamImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // param
+                                  .Arg<ffi::AnyBuffer>()  // grad
+                                  .Arg<ffi::AnyBuffer>()  // exp_avg
+                                  .Arg<ffi::AnyBuffer>()  // exp_avg_sq
+                                  .Arg<ffi::AnyBuffer>()  // step
+                                  .Arg<ffi::AnyBuffer>()  // lr
+                                  .Arg<ffi::AnyBuffer>()  // betas
+                                  .Arg<ffi::AnyBuffer>()  // eps
+                                  .Arg<ffi::AnyBuffer>()  // weight_decay
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() FUNCOPT_ATTRS
+                                  .Attr<bool>("decoupled")
                                   .Attr<bool>("single_tensor")
                                   .Attr<ffi::Span<const int64_t>>("sizes")
                                   .Attr<ffi::Span<const int64_t>>("spans"));

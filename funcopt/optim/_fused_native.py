@@ -1,20 +1,22 @@
 """torch's CPU optimizer steps as native code: one pass per element, in place.
 
 Adam/AdamW, SGD and Adagrad, with `fused=True` and without, and the default
-step of RMSprop and Adamax (torch has no fused kernel for them) run a C++ kernel
+step of RMSprop, Adamax, Adadelta and RAdam (torch has no fused kernel for
+them) run a C++ kernel
 (`funcopt/_native`, an XLA FFI custom call) on float32 and float64 CPU
 params when its library is built (`make venv`, or `pip install` with a C++
 compiler) and JAX runs on one CPU device; elsewhere (16-bit params, GPU,
 several devices, a tensor hyperparameter, Adam's
 `differentiable`/`capturable` path, sparse gradients, no library) the pure
-JAX rules in `adam.py`, `sgd.py`, `adagrad.py`, `rmsprop.py` and
-`adamax.py` run.
+JAX rules in `adam.py`, `sgd.py`, `adagrad.py`, `rmsprop.py`, `adamax.py`,
+`adadelta.py` and `radam.py` run.
 
 * `fused=True`: torch's fused kernel (`_fused_adam_`, `_fused_sgd_`,
   `_fused_adagrad_`), its vectorised body and scalar tail.
 * The default step: torch's single-tensor path (`_single_tensor_adam`,
   `_single_tensor_sgd`, `_single_tensor_adagrad`,
-  `_single_tensor_rmsprop`, `_single_tensor_adamax`), one torch op after
+  `_single_tensor_rmsprop`, `_single_tensor_adamax`,
+  `_single_tensor_adadelta`, `_single_tensor_radam`), one torch op after
   another, each rounded in the param's dtype, the multiply-adds of
   `add(alpha=)`, `addcmul` and `lerp` fused as torch's x86 build fuses
   them (`torch_cpu_block`: none on its `default` build), the scalar math
@@ -27,9 +29,11 @@ JAX rules in `adam.py`, `sgd.py`, `adagrad.py`, `rmsprop.py` and
 Both give torch's bits where the JAX rule does (x64 and
 [`set_exact_float32`][funcopt.precision.set_exact_float32]); the kernel
 gives them without either, since it rounds every op in the param's dtype and
-does the scalar math in C++ `double` as ATen and Python do. Adam's,
-Adagrad's and RMSprop's default steps differ from torch's only where torch's
-`sqrt` (MKL's) is not correctly rounded (the kernel's is).
+does the scalar math in C++ `double` as ATen and Python do. The default
+steps that take a square root (Adam's, Adagrad's, RMSprop's, Adadelta's,
+RAdam's)
+differ from torch's only where torch's `sqrt` (MKL's) is not correctly
+rounded (the kernel's is).
 
 Without x64 the hyperparameters are held as float32; the kernel reads each
 back as the shortest decimal that rounds to it (the Python float that was
@@ -75,8 +79,8 @@ def available() -> bool:
 
 def set_native_fused(enabled: bool) -> None:
     """Run Adam/AdamW, SGD and Adagrad steps (`fused=True` and default) and
-    the default step of RMSprop and Adamax on the native CPU kernels where
-    they apply
+    the default step of RMSprop, Adamax, Adadelta and RAdam on the native
+    CPU kernels where they apply
     (`True`, the default unless the environment sets `FUNCOPT_NATIVE=0`), or
     always on the pure JAX rules (`False`): the same formula, the kernels in
     one pass over memory and in torch's float32 rounding without x64 (the
@@ -114,8 +118,8 @@ def native_fused() -> bool:
         _switch["logged"] = True
         if native:
             _log.info(
-                "funcopt: Adam/AdamW, SGD, Adagrad, RMSprop and Adamax run the native "
-                "CPU kernels (%s)",
+                "funcopt: Adam/AdamW, SGD, Adagrad, RMSprop, Adamax, Adadelta "
+                "and RAdam run the native CPU kernels (%s)",
                 _native.LIBRARY,
             )
         else:
@@ -229,7 +233,7 @@ def _run(
         "sizes": sizes,
         "spans": spans,
     }
-    if target in ("funcopt_adam", "funcopt_adam_amsgrad"):
+    if target in ("funcopt_adam", "funcopt_adam_amsgrad", "funcopt_radam"):
         attrs["decoupled"] = np.bool_(bool(options["decoupled_weight_decay"]))
     if target.startswith("funcopt_sgd"):
         attrs["nesterov"] = np.bool_(bool(options["nesterov"]))
@@ -365,13 +369,46 @@ def rmsprop() -> Callable:
     return _kernel(_rmsprop_buffers, keys, single_tensor=True)
 
 
+def _default_step_only(
+    target: str,
+    names: list[str],
+    keys: tuple[str, ...],
+    applies: Callable[[dict], bool] = lambda options: True,
+) -> Callable:
+    """The default step of an optimizer torch has no fused kernel for, through
+    the kernel `target` (`_kernel`), which updates the buffers `names`;
+    `applies(options)`: whether a group's flags select that step."""
+    kernel = _kernel(lambda slots, options: (target, names), keys, single_tensor=True)
+
+    def default_step(param, grad, slots, step, hparams, options, jax_rule) -> Any:
+        if not applies(options):
+            return None
+        return kernel(param, grad, slots, step, hparams, options, jax_rule)
+
+    return default_step
+
+
 def adamax() -> Callable:
-    """Adamax's default step through the kernel (`_kernel`); torch has no
-    fused Adamax."""
-    return _kernel(
-        lambda slots, options: ("funcopt_adamax", ["exp_avg", "exp_inf"]),
+    """Adamax's default step (`_single_tensor_adamax`) through the kernel."""
+    keys = ("lr", "betas", "eps", "weight_decay")
+    return _default_step_only("funcopt_adamax", ["exp_avg", "exp_inf"], keys)
+
+
+def adadelta() -> Callable:
+    """Adadelta's default step (`_single_tensor_adadelta`) through the kernel."""
+    keys = ("lr", "rho", "eps", "weight_decay")
+    return _default_step_only("funcopt_adadelta", ["square_avg", "acc_delta"], keys)
+
+
+def radam() -> Callable:
+    """RAdam's default step (`_single_tensor_radam`) through the kernel;
+    `foreach=True` (`_multi_tensor_radam`, which rounds otherwise) takes the
+    JAX rule."""
+    return _default_step_only(
+        "funcopt_radam",
+        ["exp_avg", "exp_avg_sq"],
         ("lr", "betas", "eps", "weight_decay"),
-        single_tensor=True,
+        applies=lambda options: not options["foreach"],
     )
 
 

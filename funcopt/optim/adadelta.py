@@ -11,6 +11,7 @@ from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
 from .._math import add, add_scalar, sqrt, tensor_op
+from . import _fused_native
 from ._common import (
     coupled_gradient,
     ema_of_square,
@@ -63,6 +64,12 @@ def _adadelta_delta(param, grad, square_avg, acc_delta, hparams, options):
     return tensor_op(jnp.multiply, tensor_op(jnp.divide, delta, std), grad)
 
 
+# torch's default step: native where it applies, else `_adadelta_rule`
+_adadelta_default_rule = _fused_native.with_kernel(
+    _fused_native.adadelta(), _adadelta_rule
+)
+
+
 @_validate.optimizer_factory
 def adadelta(
     lr: float = 1.0,
@@ -92,6 +99,12 @@ def adadelta(
     (coupled). `rho` may be 1. (optax's `adadelta` with its default
     `learning_rate=None` ascends; this one descends, as torch does.)
 
+    On one CPU device, for float32 and float64 params, the step runs
+    funcopt's native kernel (`funcopt.optim._fused_native`): torch's
+    `_single_tensor_adadelta` op by op in C++, one pass over memory, torch's
+    float32 bits without x64 wherever torch's `sqrt` (MKL's) is correctly
+    rounded; elsewhere the same formula in JAX.
+
     `foreach`, `capturable` and `differentiable` are accepted; the
     result is torch's default CPU path, which is also what torch's
     `foreach=True`, `differentiable=True` and a float32 tensor `lr` give,
@@ -102,7 +115,7 @@ def adadelta(
     return make_optimizer(
         name="Adadelta",
         elementwise=True,
-        rule=_adadelta_rule,
+        rule=_adadelta_default_rule,
         init_slots=_adadelta_slots,
         hyperparams={"lr": lr, "rho": rho, "eps": eps, "weight_decay": weight_decay},
         options={"maximize": maximize},

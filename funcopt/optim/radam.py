@@ -20,6 +20,7 @@ from .._math import (
     sqrt,
     tensor_op,
 )
+from . import _fused_native
 from ._common import (
     adam_moments,
     check_foreach_differentiable,
@@ -65,6 +66,10 @@ def _radam_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
     adapted = mul(tensor_op(jnp.multiply, plain, adaptive_lr), rect)
     new_param = add(param, jnp.where(rho_t > 5.0, adapted, plain), -1.0)
     return new_param, moments
+
+
+# torch's default step: native where it applies, else `_radam_rule`
+_radam_default_rule = _fused_native.with_kernel(_fused_native.radam(), _radam_rule)
 
 
 def _tensor_lr_decay(param, hparams, options, lr_dtype):
@@ -163,6 +168,12 @@ def radam(
     to the uncorrected $\sqrt{v_t}$. With the default $\beta_2$
     the first five steps are un-adapted. `t` is each parameter's own count.
 
+    On one CPU device, for float32 and float64 params, the default step
+    runs funcopt's native kernel (`funcopt.optim._fused_native`): torch's
+    `_single_tensor_radam` op by op in C++, one pass over memory, torch's
+    float32 bits without x64 wherever torch's `sqrt` (MKL's) is correctly
+    rounded; elsewhere, and with `foreach=True`, the same formulas in JAX.
+
     `capturable` and `differentiable` are accepted; the result is torch's
     default CPU path, which is also what torch's `differentiable=True` and
     a float32 tensor `lr` give, bit for bit
@@ -190,7 +201,7 @@ def radam(
         name="RAdam",
         elementwise=True,
         # each group's rule from its own lr (a float or a tensor)
-        rule=group_rule(_radam_rule, lr_dtype="lr"),
+        rule=group_rule(_radam_default_rule, lr_dtype="lr"),
         init_slots=_radam_slots,
         hyperparams={
             "lr": lr,

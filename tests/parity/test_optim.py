@@ -84,8 +84,8 @@ def test_float64_parity(case, kwargs, with_none, x64):
     )
 
 
-# Adam, AdamW, SGD, Adagrad, RMSprop and Adamax run funcopt's native kernel by
-# default on one CPU device (torch's bits, tests/test_native_fused.py); GPUs, TPUs,
+# The optimizers of NATIVE_DEFAULT_STEP run funcopt's native kernel by default
+# on one CPU device (torch's bits, tests/test_native_fused.py); GPUs, TPUs,
 # sharded steps and installs without a compiler run their JAX rule, proven
 # here too: every other combination and the all-flags one, as for float32
 @pytest.mark.parametrize(

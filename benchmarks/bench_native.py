@@ -2,9 +2,9 @@
 JAX rule (`FUNCOPT_NATIVE=0`) vs optax vs torch.
 
 Adam, AdamW, SGD with momentum and Adagrad with `fused=True` (torch
-`fused=True`), and the default step of RMSprop, Adamax, Adadelta and RAdam
-(torch has no fused kernel for them: its default, `_single_tensor_*`, on
-CPU); every JAX
+`fused=True`), and the default step of RMSprop, Adamax, Adadelta, RAdam and
+Rprop (torch has no fused kernel for them: its default, `_single_tensor_*`,
+on CPU); every JAX
 step `jax.jit` with params and state donated. One process, the four
 interleaved round by round (a busy machine slows all alike), each number the
 median over the rounds of the mean step time of `--steps` steps. Run:
@@ -66,6 +66,11 @@ OPTIMIZERS = {
         lambda: fo.radam(lr=1e-3),
         lambda: optax.radam(1e-3),
         lambda p: torch.optim.RAdam(p, lr=1e-3),
+    ),
+    "Rprop (default step)": (
+        lambda: fo.rprop(lr=1e-2),
+        lambda: optax.rprop(1e-2),
+        lambda p: torch.optim.Rprop(p, lr=1e-2),
     ),
     "RMSprop centered, momentum (default step)": (
         lambda: fo.rmsprop(lr=1e-2, centered=True, momentum=0.9),

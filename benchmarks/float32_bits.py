@@ -54,7 +54,7 @@ NOTES = [
     "float32 helpers round every torch op as torch's CPU "
     "kernel does (`funcopt/_math.py`); *x64*: the default float32 program "
     "with float64 scalar math. Adam, AdamW, SGD, Adagrad, RMSprop, Adamax, "
-    "Adadelta and RAdam (and every "
+    "Adadelta, RAdam and Rprop (and every "
     "`-fused` row) run funcopt's native kernel on one CPU device in all three "
     "modes (torch's default or fused step op by op in C++, scalar math in "
     "double), hence the same numbers in each. The rows that still differ "

@@ -25,7 +25,7 @@ Writes ``benchmarks/results/profile_audit.{json,md}`` (2.) and
 
 It measures XLA's programs, the JAX rules: ``FUNCOPT_NATIVE=0`` is set here
 (children inherit it), since Adam, AdamW, SGD, Adagrad, RMSprop, Adamax,
-Adadelta and RAdam otherwise run funcopt's native kernel on one CPU device
+Adadelta, RAdam and Rprop otherwise run funcopt's native kernel on one CPU device
 (``bench_step.py`` times that).
 """
 

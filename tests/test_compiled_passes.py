@@ -9,8 +9,8 @@ speed is in ``benchmarks/`` (``profile_step.py --audit``).
 
 These are the JAX rules' programs, which GPUs, TPUs, sharded steps and
 installs without funcopt's native library run: on one CPU device Adam,
-AdamW, SGD, Adagrad, RMSprop, Adamax, Adadelta and RAdam take the native
-kernel instead (one custom call per bucket or leaf, in place:
+AdamW, SGD, Adagrad, RMSprop, Adamax, Adadelta, RAdam and Rprop take the
+native kernel instead (one custom call per bucket or leaf, in place:
 ``tests/test_native_fused.py``), so the tests here turn it off
 (``jax_rules``).
 """

@@ -1,7 +1,7 @@
 """The native CPU kernels (`funcopt/_native`, `funcopt.optim._fused_native`)
 against torch's `fused=True` kernels and, for Adam/AdamW, SGD, Adagrad,
-RMSprop, Adamax, Adadelta and RAdam, torch's default (single-tensor) step,
-live, bit for bit.
+RMSprop, Adamax, Adadelta, RAdam and Rprop, torch's default (single-tensor)
+step, live, bit for bit.
 
 The kernels' selling point: torch's bits in float32 without x64 and without
 the bit-exact mode (and with them), and in float64. Leaves of 4101, 7, 1 and
@@ -49,6 +49,7 @@ RMSPROP = OptCase("rmsprop", torch.optim.RMSprop, fo.rmsprop, {})
 ADAMAX = OptCase("adamax", torch.optim.Adamax, fo.adamax, {})
 ADADELTA = OptCase("adadelta", torch.optim.Adadelta, fo.adadelta, {})
 RADAM = OptCase("radam", torch.optim.RAdam, fo.radam, {})
+RPROP = OptCase("rprop", torch.optim.Rprop, fo.rprop, {})
 
 
 def _adam_rows():
@@ -152,6 +153,15 @@ def _radam_rows():
     )
 
 
+def _rprop_rows():
+    return _grid_rows(
+        RPROP,
+        etas=((0.5, 1.2), (0.3, 1.5)),
+        step_sizes=((1e-6, 50), (2e-3, 2e-2)),  # the clamp's both ends
+        maximize=(False, True),
+    )
+
+
 def _id(case, kw):
     skip = ("fused", "lr")
     return (
@@ -166,7 +176,14 @@ def _default_path_rows():
         case, kwargs = row.values
         kw = {k: v for k, v in kwargs.items() if k != "fused"}
         rows.append(pytest.param(case, kw, id="default-" + _id(case, kw)))
-    return rows + _rmsprop_rows() + _adamax_rows() + _adadelta_rows() + _radam_rows()
+    return (
+        rows
+        + _rmsprop_rows()
+        + _adamax_rows()
+        + _adadelta_rows()
+        + _radam_rows()
+        + _rprop_rows()
+    )
 
 
 ROWS = _adam_rows() + _sgd_rows() + _adagrad_rows()
@@ -216,8 +233,8 @@ def _torch_roots(case) -> contextlib.AbstractContextManager:
     """torch's roots correctly rounded for the default steps that take one
     (Adam's, Adagrad's, RMSprop's, Adadelta's, RAdam's): its float32 and float64
     `sqrt` are MKL's, not correctly rounded (`correctly_rounded_torch_sqrt`);
-    torch's fused kernels, SGD and Adamax take no such root."""
-    if case in (SGD, ADAMAX):
+    torch's fused kernels, SGD, Adamax and Rprop take no such root."""
+    if case in (SGD, ADAMAX, RPROP):
         return contextlib.nullcontext()
     return correctly_rounded_torch_sqrt(float64=True)
 
@@ -250,8 +267,8 @@ def test_float64_bits(case, kwargs, torch_cpu_loop, x64):
 
 @pytest.mark.parametrize("case,kwargs", DEFAULT_ROWS)
 def test_default_path_float32_bits_without_x64(case, kwargs, torch_cpu_loop):
-    """Adam, AdamW, SGD, Adagrad, RMSprop, Adamax, Adadelta and RAdam without
-    `fused`, every flag combination, 100 steps, float32 without x64 nor the
+    """Adam, AdamW, SGD, Adagrad, RMSprop, Adamax, Adadelta, RAdam and Rprop
+    without `fused`, every flag combination, 100 steps, float32 without x64 nor the
     bit-exact mode: torch's default step (`_single_tensor_adam`, ...), params
     and every buffer, bit for bit; where it takes a square root, with
     torch's roots correctly rounded (`_torch_roots`). The 7- and 1-element leaves are
@@ -385,6 +402,7 @@ def test_jit_and_eager_agree(torch_cpu_loop):
         (ADAMAX, {"weight_decay": 0.1}),
         (ADADELTA, {"weight_decay": 0.1}),
         (RADAM, {"weight_decay": 0.1, "decoupled_weight_decay": True}),
+        (RPROP, {}),
     ],
     ids=lambda x: x.name if isinstance(x, OptCase) else _path_id(x),
 )
@@ -474,12 +492,13 @@ def _optimized_hlo(opt, params, grads, state) -> str:
         (fo.adamax, dict(weight_decay=0.1)),
         (fo.adadelta, {}),
         (fo.radam, dict(weight_decay=0.1)),
+        (fo.rprop, {}),
     ],
     ids=[
         "adam", "amsgrad", "sgd", "adagrad",
         "default-adam", "default-adamw-amsgrad", "default-sgd-momentum", "default-sgd",
         "default-rmsprop", "default-rmsprop-centered-momentum", "default-adamax",
-        "default-adadelta", "default-radam",
+        "default-adadelta", "default-radam", "default-rprop",
     ],
 )  # fmt: skip
 def test_donated_step_is_one_custom_call_per_leaf_in_place(factory, kwargs):

@@ -124,7 +124,17 @@ def using_torch_cpu_block(block: int | None):
 # device (`funcopt.optim._fused_native`): tests that prove their JAX rules
 # too turn it off (`native_kernels(False)`)
 NATIVE_DEFAULT_STEP = frozenset(
-    {"adam", "adamw", "sgd", "adagrad", "rmsprop", "adamax", "adadelta", "radam"}
+    {
+        "adam",
+        "adamw",
+        "sgd",
+        "adagrad",
+        "rmsprop",
+        "adamax",
+        "adadelta",
+        "radam",
+        "rprop",
+    }
 )
 
 

@@ -32,6 +32,7 @@ TARGETS = {
     "FuncoptAdamax": "funcopt_adamax",
     "FuncoptAdadelta": "funcopt_adadelta",
     "FuncoptRadam": "funcopt_radam",
+    "FuncoptRprop": "funcopt_rprop",
     "FuncoptPack": "funcopt_pack",
     "FuncoptUnpack": "funcopt_unpack",
 }

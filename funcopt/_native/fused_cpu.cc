@@ -1334,6 +1334,120 @@ ffi::Error RadamImpl(ffi::ThreadPool pool, ffi::AnyBuffer param,
   }
 }
 
+// ---------------------------------------------------------------------------
+// Rprop (torch has no fused Rprop: `_single_tensor_rprop` only)
+//   sign = grad.mul(prev).sign(); sign[> 0] = etaplus; sign[< 0] = etaminus;
+//   sign[== 0] = 1 (NaN stays NaN)
+//   step_size.mul_(sign).clamp_(step_size_min, step_size_max)
+//   grad[sign == etaminus] = 0; param.addcmul_(grad.sign(), step_size,
+//   value=-1); prev.copy_(grad)
+// step_size starts as lr at a leaf's first step (torch creates it then).
+// Only the two products and the update round.
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct RpropScalars {
+  T sign, etaminus, etaplus, step_size_min, step_size_max, lr;
+};
+
+struct RpropKernel {
+  // FIRST: the leaf's first step (step_size is lr)
+  template <typename T, bool FIRST>
+  static FUNCOPT_INLINE void loop(T* __restrict p, const T* __restrict g,
+                                  T* __restrict prev, T* __restrict step_size,
+                                  int64_t n, const RpropScalars<T> s) {
+    for (int64_t i = 0; i < n; ++i) {
+      // one select per statement: GCC does not vectorise the nested form
+      T grad = g[i] * s.sign;
+      T product = grad * prev[i];
+      T factor = product > T(0) ? s.etaplus : T(1);
+      factor = product < T(0) ? s.etaminus : factor;
+      factor = product != product ? product : factor;  // NaN stays NaN
+      T size = (FIRST ? s.lr : step_size[i]) * factor;
+      size = size < s.step_size_min ? s.step_size_min : size;
+      size = size > s.step_size_max ? s.step_size_max : size;
+      grad = factor == s.etaminus ? T(0) : grad;
+      // grad.sign(): +-1, or the zero or NaN itself
+      T direction = grad > T(0) ? T(1) : grad;
+      direction = grad < T(0) ? T(-1) : direction;
+      step_size[i] = size;
+      prev[i] = grad;
+      p[i] = p[i] - direction * size;
+    }
+  }
+
+  template <typename T, bool FIRST>
+  static FUNCOPT_INLINE void segment(void* p, const void* g, void* prev,
+                                     void* step_size, int64_t n,
+                                     const void* s) {
+    loop<T, FIRST>(static_cast<T*>(p), static_cast<const T*>(g),
+                   static_cast<T*>(prev), static_cast<T*>(step_size), n,
+                   *static_cast<const RpropScalars<T>*>(s));
+  }
+};
+
+template <typename T>
+ffi::Error rprop_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param,
+                       ffi::AnyBuffer grad, ffi::AnyBuffer prev_b,
+                       ffi::AnyBuffer step_size_b, ffi::AnyBuffer step,
+                       ffi::AnyBuffer lr_b, ffi::AnyBuffer etas,
+                       ffi::AnyBuffer step_sizes, ffi::AnyBuffer* out_p,
+                       ffi::AnyBuffer* out_prev, ffi::AnyBuffer* out_size,
+                       bool maximize, ffi::Span<const int64_t> sizes,
+                       ffi::Span<const int64_t> spans) {
+  T* p = in_place<T>(param, out_p);
+  T* prev = in_place<T>(prev_b, out_prev);
+  T* size = in_place<T>(step_size_b, out_size);
+  const T* g = grad.typed_data<T>();
+  std::vector<Segment> list;
+  ffi::Error bad = segments(param.element_count(), sizes, spans, list);
+  if (bad.failure()) return bad;
+  RpropScalars<T> s;
+  s.sign = maximize ? T(-1) : T(1);
+  s.etaminus = static_cast<T>(scalar_value(etas, 0));
+  s.etaplus = static_cast<T>(scalar_value(etas, 1));
+  s.step_size_min = static_cast<T>(scalar_value(step_sizes, 0));
+  s.step_size_max = static_cast<T>(scalar_value(step_sizes, 1));
+  s.lr = static_cast<T>(scalar_value(lr_b));
+  for (size_t k = 0; k < list.size(); ++k) {
+    const bool first = step_value(step, static_cast<int64_t>(k)) == 1;
+    auto fn = select_flags<RpropKernel, T, 1>(&first);
+    const int64_t o = list[k].offset;
+    for_chunks<T>(pool, list[k].size, [&](int64_t c, int64_t e) {
+      fn(p + o + c, g + o + c, prev + o + c, size + o + c, e - c, &s);
+    });
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error RpropImpl(ffi::ThreadPool pool, ffi::AnyBuffer param,
+                     ffi::AnyBuffer grad, ffi::AnyBuffer prev,
+                     ffi::AnyBuffer step_size, ffi::AnyBuffer step,
+                     ffi::AnyBuffer lr, ffi::AnyBuffer etas,
+                     ffi::AnyBuffer step_sizes,
+                     ffi::Result<ffi::AnyBuffer> out_p,
+                     ffi::Result<ffi::AnyBuffer> out_prev,
+                     ffi::Result<ffi::AnyBuffer> out_size, bool fma,
+                     bool maximize, bool single_tensor,
+                     ffi::Span<const int64_t> sizes,
+                     ffi::Span<const int64_t> spans) {
+  if (!single_tensor) {
+    return ffi::Error::InvalidArgument("funcopt_rprop: torch has no fused Rprop");
+  }
+  switch (param.element_type()) {
+    case ffi::DataType::F32:
+      return rprop_typed<float>(pool, param, grad, prev, step_size, step, lr,
+                                etas, step_sizes, &*out_p, &*out_prev,
+                                &*out_size, maximize, sizes, spans);
+    case ffi::DataType::F64:
+      return rprop_typed<double>(pool, param, grad, prev, step_size, step, lr,
+                                 etas, step_sizes, &*out_p, &*out_prev,
+                                 &*out_size, maximize, sizes, spans);
+    default:
+      return ffi::Error::InvalidArgument("funcopt_rprop: float32/float64 only");
+  }
+}
+
 // ---- packing leaves into one buffer (the multi-tensor step on a tree) ----
 // `spans[i]` elements of the packed buffer belong to leaf i: its own elements,
 // then zeros. Plain copies: no rounding, any dtype.
@@ -1568,6 +1682,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FuncoptRadam, RadamImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>() FUNCOPT_ATTRS
                                   .Attr<bool>("decoupled")
+                                  .Attr<bool>("single_tensor")
+                                  .Attr<ffi::Span<const int64_t>>("sizes")
+                                  .Attr<ffi::Span<const int64_t>>("spans"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FuncoptRprop, RpropImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // param
+                                  .Arg<ffi::AnyBuffer>()  // grad
+                                  .Arg<ffi::AnyBuffer>()  // prev
+                                  .Arg<ffi::AnyBuffer>()  // step_size
+                                  .Arg<ffi::AnyBuffer>()  // step
+                                  .Arg<ffi::AnyBuffer>()  // lr
+                                  .Arg<ffi::AnyBuffer>()  // etas
+                                  .Arg<ffi::AnyBuffer>()  // step_sizes
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() FUNCOPT_ATTRS
                                   .Attr<bool>("single_tensor")
                                   .Attr<ffi::Span<const int64_t>>("sizes")
                                   .Attr<ffi::Span<const int64_t>>("spans"));

@@ -1,22 +1,23 @@
 """torch's CPU optimizer steps as native code: one pass per element, in place.
 
 Adam/AdamW, SGD and Adagrad, with `fused=True` and without, and the default
-step of RMSprop, Adamax, Adadelta and RAdam (torch has no fused kernel for
-them) run a C++ kernel
+step of RMSprop, Adamax, Adadelta, RAdam and Rprop (torch has no fused kernel
+for them) run a C++ kernel
 (`funcopt/_native`, an XLA FFI custom call) on float32 and float64 CPU
 params when its library is built (`make venv`, or `pip install` with a C++
 compiler) and JAX runs on one CPU device; elsewhere (16-bit params, GPU,
 several devices, a tensor hyperparameter, Adam's
 `differentiable`/`capturable` path, sparse gradients, no library) the pure
 JAX rules in `adam.py`, `sgd.py`, `adagrad.py`, `rmsprop.py`, `adamax.py`,
-`adadelta.py` and `radam.py` run.
+`adadelta.py`, `radam.py` and `rprop.py` run.
 
 * `fused=True`: torch's fused kernel (`_fused_adam_`, `_fused_sgd_`,
   `_fused_adagrad_`), its vectorised body and scalar tail.
 * The default step: torch's single-tensor path (`_single_tensor_adam`,
   `_single_tensor_sgd`, `_single_tensor_adagrad`,
   `_single_tensor_rmsprop`, `_single_tensor_adamax`,
-  `_single_tensor_adadelta`, `_single_tensor_radam`), one torch op after
+  `_single_tensor_adadelta`, `_single_tensor_radam`, `_single_tensor_rprop`),
+  one torch op after
   another, each rounded in the param's dtype, the multiply-adds of
   `add(alpha=)`, `addcmul` and `lerp` fused as torch's x86 build fuses
   them (`torch_cpu_block`: none on its `default` build), the scalar math
@@ -79,8 +80,8 @@ def available() -> bool:
 
 def set_native_fused(enabled: bool) -> None:
     """Run Adam/AdamW, SGD and Adagrad steps (`fused=True` and default) and
-    the default step of RMSprop, Adamax, Adadelta and RAdam on the native
-    CPU kernels where they apply
+    the default step of RMSprop, Adamax, Adadelta, RAdam and Rprop on the
+    native CPU kernels where they apply
     (`True`, the default unless the environment sets `FUNCOPT_NATIVE=0`), or
     always on the pure JAX rules (`False`): the same formula, the kernels in
     one pass over memory and in torch's float32 rounding without x64 (the
@@ -118,8 +119,8 @@ def native_fused() -> bool:
         _switch["logged"] = True
         if native:
             _log.info(
-                "funcopt: Adam/AdamW, SGD, Adagrad, RMSprop, Adamax, Adadelta "
-                "and RAdam run the native CPU kernels (%s)",
+                "funcopt: Adam/AdamW, SGD, Adagrad, RMSprop, Adamax, Adadelta, "
+                "RAdam and Rprop run the native CPU kernels (%s)",
                 _native.LIBRARY,
             )
         else:
@@ -191,17 +192,21 @@ def _layout(
     return sizes, rows * width, None
 
 
+# hyperparameters that are pairs (torch's tuples)
+_PAIRS = ("betas", "etas", "step_sizes")
+
+
 def _scalars(hparams: dict, keys: tuple[str, ...]) -> list[jax.Array] | None:
     """The hyperparameters `keys` as the kernel's buffers (float32 or
-    float64; `betas` two values, the others one); None otherwise."""
+    float64; the `_PAIRS` two values, the others one); None otherwise."""
     out = []
     for k in keys:
         v = jnp.asarray(hparams[k])
         if not jnp.issubdtype(v.dtype, jnp.floating) or v.dtype.itemsize < 4:
             return None
-        if v.size != (2 if k == "betas" else 1):
+        if v.size != (2 if k in _PAIRS else 1):
             return None
-        out.append(jnp.ravel(v) if k == "betas" else jnp.reshape(v, ()))
+        out.append(jnp.ravel(v) if k in _PAIRS else jnp.reshape(v, ()))
     return out
 
 
@@ -410,6 +415,12 @@ def radam() -> Callable:
         ("lr", "betas", "eps", "weight_decay"),
         applies=lambda options: not options["foreach"],
     )
+
+
+def rprop() -> Callable:
+    """Rprop's default step (`_single_tensor_rprop`) through the kernel."""
+    keys = ("lr", "etas", "step_sizes")
+    return _default_step_only("funcopt_rprop", ["prev", "step_size"], keys)
 
 
 def adagrad(single_tensor: bool) -> Callable:

@@ -11,6 +11,7 @@ from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
 from .._math import addcmul, scalar, tensor_op
+from . import _fused_native
 from ._common import apply_maximize
 
 
@@ -51,6 +52,10 @@ def _rprop_rule(param, grad, slots, step, hparams, options):
     return new_param, {"prev": grad, "step_size": step_size}
 
 
+# torch's default step: native where it applies, else `_rprop_rule`
+_rprop_default_rule = _fused_native.with_kernel(_fused_native.rprop(), _rprop_rule)
+
+
 @_validate.optimizer_factory
 def rprop(
     lr: float = 1e-2,
@@ -84,6 +89,12 @@ def rprop(
     changing it later has no effect, as in torch. The clamp acts every step.
     (`optax.rprop` is a different, stale-by-one-step algorithm.)
 
+    On one CPU device, for float32 and float64 params, the step runs
+    funcopt's native kernel (`funcopt.optim._fused_native`): torch's
+    `_single_tensor_rprop` in C++, one pass over memory, torch's bits (as
+    the JAX rule's: only its two products and the update round);
+    elsewhere the same formula in JAX.
+
     `capturable`, `foreach` and `differentiable` are accepted; the
     result is torch's default CPU path, which is also what torch's
     `foreach=True`, `differentiable=True` and a float32 tensor `lr` give,
@@ -94,7 +105,7 @@ def rprop(
     return make_optimizer(
         name="Rprop",
         elementwise=True,
-        rule=_rprop_rule,
+        rule=_rprop_default_rule,
         init_slots=_rprop_slots,
         hyperparams={"lr": lr, "etas": etas, "step_sizes": step_sizes},
         options={"maximize": maximize},

@@ -22,12 +22,17 @@
 //   element as that body, and the scalar math as Python computes it
 //   (`bias_correction2 ** 0.5` is C's pow; `1 - lr * wd` and
 //   `1 + (step - 1) * lr_decay` unfused).
+// * RMSprop, Adamax, Adadelta, RAdam and Rprop: torch has no fused kernel for
+//   them; their handlers compute its default step only (`single_tensor`
+//   true), op by op in the same way (each section lists torch's ops).
 //
-// Attributes: `fma`, `maximize`, `single_tensor` (and Adam's `decoupled`,
-// SGD's `nesterov`) as bools, `sizes`/`spans` (int64 arrays, one entry per
-// leaf packed into the buffer: its element count and the elements it
-// occupies; empty: one leaf, the whole buffer). The step buffer holds one count, or one per leaf.
-// Large leaves are split over XLA's intra-op thread pool (`for_chunks`).
+// Attributes: `fma`, `maximize`, `single_tensor` (and Adam's and RAdam's
+// `decoupled`, SGD's `nesterov`) as bools, `sizes`/`spans` (int64 arrays, one
+// entry per leaf packed into the buffer: its element count and the elements
+// it occupies; empty: one leaf, the whole buffer). The step buffer holds one
+// count, or one per leaf. Large leaves are split over XLA's intra-op thread
+// pool (`for_chunks`). Each kernel's segment function is built for AVX2+FMA
+// and for the baseline, picked at run time (`ForCpu`, `select_flags`).
 
 #include <algorithm>
 #include <atomic>
@@ -169,6 +174,50 @@ void for_chunks(ffi::ThreadPool& pool, int64_t n, F&& f) {
   }
 }
 
+bool has_avx2_fma() {
+#if FUNCOPT_X86
+  static const bool yes =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// `Segment` (a kernel's segment function) for the CPU it runs on: compiled
+// for AVX2+FMA where the CPU has them (its loops vectorise to 8 float32
+// lanes), else for the baseline
+template <auto Segment, typename Signature = decltype(Segment)>
+struct ForCpu;
+
+template <auto Segment, typename... Args>
+struct ForCpu<Segment, void (*)(Args...)> {
+  static void generic(Args... args) { Segment(args...); }
+#if FUNCOPT_X86
+  __attribute__((target("avx2,fma"))) static void avx2(Args... args) {
+    Segment(args...);
+  }
+#endif
+  static auto pick() {
+#if FUNCOPT_X86
+    if (has_avx2_fma()) return &avx2;
+#endif
+    return &generic;
+  }
+};
+
+// runtime flags -> one instantiation, `Kernel::segment<T, flags...>`, for
+// this CPU
+template <typename Kernel, typename T, size_t N, bool... Flags>
+auto select_flags(const bool* flags) {
+  if constexpr (sizeof...(Flags) == N) {
+    return ForCpu<&Kernel::template segment<T, Flags...>>::pick();
+  } else {
+    return flags[0] ? select_flags<Kernel, T, N, Flags..., true>(flags + 1)
+                    : select_flags<Kernel, T, N, Flags..., false>(flags + 1);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Adam / AdamW (adam_math)
 // ---------------------------------------------------------------------------
@@ -229,68 +278,24 @@ FUNCOPT_INLINE void adam_segment_lerp(T* p, const T* g, T* m, T* v, T* vmax,
                                           n - body, s);
 }
 
-template <typename T, bool FMA, bool WD, bool AMS>
-FUNCOPT_INLINE void adam_segment(T* p, const T* g, T* m, T* v, T* vmax,
-                                 int64_t n, const AdamScalars<T>& s) {
-  if (s.small) {
-    adam_segment_lerp<T, FMA, WD, AMS, true>(p, g, m, v, vmax, n, s);
-  } else {
-    adam_segment_lerp<T, FMA, WD, AMS, false>(p, g, m, v, vmax, n, s);
+struct AdamKernel {
+  template <typename T, bool FMA, bool WD, bool AMS>
+  static FUNCOPT_INLINE void segment(void* pv, const void* gv, void* mv,
+                                     void* vv, void* vmaxv, int64_t n,
+                                     const void* sv) {
+    const auto& s = *static_cast<const AdamScalars<T>*>(sv);
+    T* p = static_cast<T*>(pv);
+    const T* g = static_cast<const T*>(gv);
+    T* m = static_cast<T*>(mv);
+    T* v = static_cast<T*>(vv);
+    T* vmax = static_cast<T*>(vmaxv);
+    if (s.small) {
+      adam_segment_lerp<T, FMA, WD, AMS, true>(p, g, m, v, vmax, n, s);
+    } else {
+      adam_segment_lerp<T, FMA, WD, AMS, false>(p, g, m, v, vmax, n, s);
+    }
   }
-}
-
-using AdamFn = void (*)(void*, const void*, void*, void*, void*, int64_t,
-                        const void*);
-
-template <typename T, bool FMA, bool WD, bool AMS>
-void adam_generic(void* p, const void* g, void* m, void* v, void* vmax,
-                  int64_t n, const void* s) {
-  adam_segment<T, FMA, WD, AMS>(
-      static_cast<T*>(p), static_cast<const T*>(g), static_cast<T*>(m),
-      static_cast<T*>(v), static_cast<T*>(vmax), n,
-      *static_cast<const AdamScalars<T>*>(s));
-}
-
-#if FUNCOPT_X86
-template <typename T, bool FMA, bool WD, bool AMS>
-__attribute__((target("avx2,fma"))) void adam_avx2(void* p, const void* g,
-                                                   void* m, void* v, void* vmax,
-                                                   int64_t n, const void* s) {
-  adam_segment<T, FMA, WD, AMS>(
-      static_cast<T*>(p), static_cast<const T*>(g), static_cast<T*>(m),
-      static_cast<T*>(v), static_cast<T*>(vmax), n,
-      *static_cast<const AdamScalars<T>*>(s));
-}
-#endif
-
-bool has_avx2_fma() {
-#if FUNCOPT_X86
-  static const bool yes =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-#else
-  return false;
-#endif
-}
-
-template <typename T, bool FMA, bool WD, bool AMS>
-AdamFn adam_pick() {
-#if FUNCOPT_X86
-  if (has_avx2_fma()) return adam_avx2<T, FMA, WD, AMS>;
-#endif
-  return adam_generic<T, FMA, WD, AMS>;
-}
-
-// runtime flags -> one instantiation
-template <typename T, bool FMA>
-AdamFn adam_select_fma(bool wd, bool ams) {
-  if (wd) return ams ? adam_pick<T, FMA, true, true>() : adam_pick<T, FMA, true, false>();
-  return ams ? adam_pick<T, FMA, false, true>() : adam_pick<T, FMA, false, false>();
-}
-template <typename T>
-AdamFn adam_select(bool fma, bool wd, bool ams) {
-  return fma ? adam_select_fma<T, true>(wd, ams) : adam_select_fma<T, false>(wd, ams);
-}
+};
 
 template <typename T>
 ffi::Error adam_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param, ffi::AnyBuffer grad,
@@ -335,7 +340,8 @@ ffi::Error adam_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param, ffi::AnyBuffe
   s.b2 = static_cast<T>(beta2);
   s.one_minus_b2 = static_cast<T>(1 - beta2);
   s.eps = static_cast<T>(eps);
-  AdamFn fn = adam_select<T>(fma, !decoupled && wd != 0, vmax != nullptr);
+  const bool flags[3] = {fma, !decoupled && wd != 0, vmax != nullptr};
+  auto fn = select_flags<AdamKernel, T, 3>(flags);
   for (size_t k = 0; k < list.size(); ++k) {
     const double t = step_value(step, static_cast<int64_t>(k));
     const double bias_correction1 = 1 - std::pow(beta1, t);
@@ -448,8 +454,6 @@ FUNCOPT_INLINE void sgd_loop(T* __restrict p, const T* __restrict g,
   }
 }
 
-using SgdFn = void (*)(void*, const void*, void*, int64_t, const void*);
-
 template <typename T, bool FMA, bool WD, int MOM>
 FUNCOPT_INLINE void sgd_segment(void* pv, const void* gv, void* bv, int64_t n,
                                 const void* sv) {
@@ -461,45 +465,17 @@ FUNCOPT_INLINE void sgd_segment(void* pv, const void* gv, void* bv, int64_t n,
   int64_t body = s.single_tensor ? n : n - n % width;
   sgd_loop<T, FMA, false, WD, MOM>(p, g, b, body, s);
   sgd_loop<T, FMA, true, WD, MOM>(p + body, g + body,
-                                             MOM ? b + body : b, n - body, s);
+                                  MOM ? b + body : b, n - body, s);
 }
 
-template <typename T, bool FMA, bool WD, int MOM>
-void sgd_generic(void* p, const void* g, void* b, int64_t n, const void* s) {
-  sgd_segment<T, FMA, WD, MOM>(p, g, b, n, s);
-}
-
-#if FUNCOPT_X86
-template <typename T, bool FMA, bool WD, int MOM>
-__attribute__((target("avx2,fma"))) void sgd_avx2(void* p, const void* g,
-                                                  void* b, int64_t n,
-                                                  const void* s) {
-  sgd_segment<T, FMA, WD, MOM>(p, g, b, n, s);
-}
-#endif
-
-template <typename T, bool FMA, bool WD, int MOM>
-SgdFn sgd_pick() {
-#if FUNCOPT_X86
-  if (has_avx2_fma()) return sgd_avx2<T, FMA, WD, MOM>;
-#endif
-  return sgd_generic<T, FMA, WD, MOM>;
-}
-template <typename T, bool FMA, bool WD>
-SgdFn sgd_select_mom(int mom) {
-  switch (mom) {
-    case 1:
-      return sgd_pick<T, FMA, WD, 1>();
-    case 2:
-      return sgd_pick<T, FMA, WD, 2>();
-    default:
-      return sgd_pick<T, FMA, WD, 0>();
+// MOMENTUM, FIRST: sgd_segment's MOM (FIRST without MOMENTUM is MOM 0)
+struct SgdKernel {
+  template <typename T, bool FMA, bool WD, bool MOMENTUM, bool FIRST>
+  static FUNCOPT_INLINE void segment(void* p, const void* g, void* b, int64_t n,
+                                     const void* s) {
+    sgd_segment<T, FMA, WD, MOMENTUM ? (FIRST ? 1 : 2) : 0>(p, g, b, n, s);
   }
-}
-template <typename T, bool FMA>
-SgdFn sgd_select(bool wd, int mom) {
-  return wd ? sgd_select_mom<T, FMA, true>(mom) : sgd_select_mom<T, FMA, false>(mom);
-}
+};
 
 template <typename T>
 ffi::Error sgd_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param, ffi::AnyBuffer grad,
@@ -529,12 +505,10 @@ ffi::Error sgd_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param, ffi::AnyBuffer
   s.damp = static_cast<T>(1 - dampening);
   s.neg_lr = static_cast<T>(-lr);
   for (size_t k = 0; k < list.size(); ++k) {
-    int mom = 0;
-    if (b != nullptr && momentum != 0) {
-      mom = step_value(step, static_cast<int64_t>(k)) == 1 ? 1 : 2;
-    }
-    SgdFn fn = fma ? sgd_select<T, true>(wd != 0, mom)
-                   : sgd_select<T, false>(wd != 0, mom);
+    const bool with_momentum = b != nullptr && momentum != 0;
+    const bool first = step_value(step, static_cast<int64_t>(k)) == 1;
+    const bool flags[4] = {fma, wd != 0, with_momentum, with_momentum && first};
+    auto fn = select_flags<SgdKernel, T, 4>(flags);
     const int64_t o = list[k].offset;
     for_chunks<T>(pool, list[k].size, [&](int64_t c, int64_t e) {
       fn(p + o + c, g + o + c, b ? b + o + c : nullptr, e - c, &s);
@@ -600,53 +574,25 @@ struct AdagradScalars {
   T sign, wd, eps, clr;
 };
 
-template <typename T, bool FMA, bool WD>
-FUNCOPT_INLINE void adagrad_segment(void* pv, const void* gv, void* sv_,
-                                    int64_t n, const void* scal) {
-  T* __restrict p = static_cast<T*>(pv);
-  const T* __restrict g = static_cast<const T*>(gv);
-  T* __restrict sum = static_cast<T*>(sv_);
-  const auto s = *static_cast<const AdagradScalars<T>*>(scal);
-  for (int64_t i = 0; i < n; ++i) {
-    T param = p[i];
-    T grad = g[i] * s.sign;
-    if constexpr (WD) grad = madd<FMA>(param, s.wd, grad);
-    T acc = madd<FMA>(grad, grad, sum[i]);
-    sum[i] = acc;
-    T std_ = std::sqrt(acc) + s.eps;
-    p[i] = param - (s.clr * grad) / std_;
+struct AdagradKernel {
+  template <typename T, bool FMA, bool WD>
+  static FUNCOPT_INLINE void segment(void* pv, const void* gv, void* sv_,
+                                     int64_t n, const void* scal) {
+    T* __restrict p = static_cast<T*>(pv);
+    const T* __restrict g = static_cast<const T*>(gv);
+    T* __restrict sum = static_cast<T*>(sv_);
+    const auto s = *static_cast<const AdagradScalars<T>*>(scal);
+    for (int64_t i = 0; i < n; ++i) {
+      T param = p[i];
+      T grad = g[i] * s.sign;
+      if constexpr (WD) grad = madd<FMA>(param, s.wd, grad);
+      T acc = madd<FMA>(grad, grad, sum[i]);
+      sum[i] = acc;
+      T std_ = std::sqrt(acc) + s.eps;
+      p[i] = param - (s.clr * grad) / std_;
+    }
   }
-}
-
-using AdagradFn = void (*)(void*, const void*, void*, int64_t, const void*);
-
-template <typename T, bool FMA, bool WD>
-void adagrad_generic(void* p, const void* g, void* s, int64_t n,
-                     const void* c) {
-  adagrad_segment<T, FMA, WD>(p, g, s, n, c);
-}
-
-#if FUNCOPT_X86
-template <typename T, bool FMA, bool WD>
-__attribute__((target("avx2,fma"))) void adagrad_avx2(void* p, const void* g,
-                                                      void* s, int64_t n,
-                                                      const void* c) {
-  adagrad_segment<T, FMA, WD>(p, g, s, n, c);
-}
-#endif
-
-template <typename T, bool FMA, bool WD>
-AdagradFn adagrad_pick() {
-#if FUNCOPT_X86
-  if (has_avx2_fma()) return adagrad_avx2<T, FMA, WD>;
-#endif
-  return adagrad_generic<T, FMA, WD>;
-}
-template <typename T>
-AdagradFn adagrad_select(bool fma, bool wd) {
-  if (fma) return wd ? adagrad_pick<T, true, true>() : adagrad_pick<T, true, false>();
-  return wd ? adagrad_pick<T, false, true>() : adagrad_pick<T, false, false>();
-}
+};
 
 template <typename T>
 ffi::Error adagrad_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param, ffi::AnyBuffer grad,
@@ -670,7 +616,8 @@ ffi::Error adagrad_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param, ffi::AnyBu
   s.sign = maximize ? T(-1) : T(1);
   s.wd = static_cast<T>(wd);
   s.eps = static_cast<T>(scalar_value(eps_b));
-  AdagradFn fn = adagrad_select<T>(fma, wd != 0);
+  const bool flags[2] = {fma, wd != 0};
+  auto fn = select_flags<AdagradKernel, T, 2>(flags);
   for (size_t k = 0; k < list.size(); ++k) {
     const double t = step_value(step, static_cast<int64_t>(k));
     // `1.0 + (step - 1.0) * lr_decay`: contracted where torch's build has FMA
@@ -707,40 +654,6 @@ ffi::Error AdagradImpl(ffi::ThreadPool pool, ffi::AnyBuffer param, ffi::AnyBuffe
     default:
       return ffi::Error::InvalidArgument(
           "funcopt_adagrad: float32/float64 only");
-  }
-}
-
-// `Segment` (a kernel's segment function) for the CPU it runs on: compiled
-// for AVX2+FMA where the CPU has them (its loops vectorise to 8 float32
-// lanes), else for the baseline
-template <auto Segment, typename Signature = decltype(Segment)>
-struct ForCpu;
-
-template <auto Segment, typename... Args>
-struct ForCpu<Segment, void (*)(Args...)> {
-  static void generic(Args... args) { Segment(args...); }
-#if FUNCOPT_X86
-  __attribute__((target("avx2,fma"))) static void avx2(Args... args) {
-    Segment(args...);
-  }
-#endif
-  static auto pick() {
-#if FUNCOPT_X86
-    if (has_avx2_fma()) return &avx2;
-#endif
-    return &generic;
-  }
-};
-
-// runtime flags -> one instantiation, `Kernel::segment<T, flags...>`, for
-// this CPU
-template <typename Kernel, typename T, size_t N, bool... Flags>
-auto select_flags(const bool* flags) {
-  if constexpr (sizeof...(Flags) == N) {
-    return ForCpu<&Kernel::template segment<T, Flags...>>::pick();
-  } else {
-    return flags[0] ? select_flags<Kernel, T, N, Flags..., true>(flags + 1)
-                    : select_flags<Kernel, T, N, Flags..., false>(flags + 1);
   }
 }
 

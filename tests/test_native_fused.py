@@ -377,6 +377,46 @@ def test_large_leaves_split_over_threads(case, kwargs, torch_cpu_loop):
         check_against_torch(case, kwargs, params, grads, new_params, state)
 
 
+@pytest.mark.parametrize(
+    "case,kwargs",
+    [
+        (ADAM, dict(lr=1e-2, weight_decay=0.1, fused=True)),
+        (ADAMW, dict(lr=1e-2, amsgrad=True)),
+        (SGD, dict(lr=0.5, momentum=0.9, fused=True)),
+        (SGD, dict(lr=0.5, momentum=0.9)),
+        (ADAGRAD, dict(lr=0.5, fused=True)),
+        (ADAGRAD, dict(lr=0.5)),
+        (RMSPROP, dict(lr=1e-2, centered=True, momentum=0.9)),
+        (ADAMAX, dict(lr=1e-2)),
+        (ADADELTA, dict(lr=1.0, eps=1e-40)),
+        (RADAM, dict(lr=1e-2)),
+        (RPROP, dict(lr=1e-39, step_sizes=(1e-41, 50))),
+    ],
+    ids=lambda x: getattr(x, "name", None) or _path_id(x),
+)
+def test_subnormals_are_kept_as_torch_keeps_them(case, kwargs, torch_cpu_loop):
+    """Params and gradients in float32's subnormal range (below 2**-126): torch
+    keeps subnormal inputs and results; XLA runs its threads with them
+    flushed to zero (so do the JAX rules), the kernels clear that while they
+    run. A leaf split over threads ("b") and one that is not ("a")."""
+    rng = np.random.default_rng(7)
+    params = {
+        "a": (rng.normal(size=4101) * 1e-38).astype(np.float32),
+        "b": (rng.normal(size=40_003) * 1e-38).astype(np.float32),
+    }
+    assert np.abs(params["a"]).min() < 2.0**-126
+    grads = [
+        {
+            k: (rng.normal(size=v.shape) * 1e-39).astype(np.float32)
+            for k, v in params.items()
+        }
+        for _ in range(4)
+    ]
+    new_params, state = run_funcopt(case, kwargs, params, grads, jit=True)
+    with _torch_roots(case):
+        check_against_torch(case, kwargs, params, grads, new_params, state)
+
+
 def _setup(case=ADAM, kwargs=None, dtype=np.float32):
     kwargs = kwargs or dict(lr=1e-2, weight_decay=0.1, amsgrad=True, fused=True)
     rng = np.random.default_rng(2)

@@ -36,6 +36,9 @@ RAdam's)
 differ from torch's only where torch's `sqrt` (MKL's) is not correctly
 rounded (the kernel's is).
 
+Subnormal values are kept, as torch keeps them: XLA runs its CPU threads with
+them flushed to zero (x86 FTZ/DAZ), the kernels clear that while they run.
+
 Without x64 the hyperparameters are held as float32; the kernel reads each
 back as the shortest decimal that rounds to it (the Python float that was
 written, for values of up to 7 significant digits: `1e-3`, `0.999`, `3e-4`),

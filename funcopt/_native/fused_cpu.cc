@@ -42,6 +42,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -129,6 +130,21 @@ ffi::Error segments(int64_t total, ffi::Span<const int64_t> sizes,
     offset += spans[i];
   }
   return ffi::Error::Success();
+}
+
+// `typed(T{})` for the param's dtype, T float or double; an error otherwise
+template <typename F>
+ffi::Error by_float_type(const ffi::AnyBuffer& param, const char* target,
+                         F&& typed) {
+  switch (param.element_type()) {
+    case ffi::DataType::F32:
+      return typed(float{});
+    case ffi::DataType::F64:
+      return typed(double{});
+    default:
+      return ffi::Error::InvalidArgument(std::string(target) +
+                                         ": float32/float64 only");
+  }
 }
 
 // f(begin, end) over [0, n) in chunks of whole 32-byte vectors (the last
@@ -392,20 +408,12 @@ ffi::Error adam_any(ffi::ThreadPool& pool, ffi::AnyBuffer param, ffi::AnyBuffer 
                     bool decoupled, bool single_tensor,
                     ffi::Span<const int64_t> sizes,
                     ffi::Span<const int64_t> spans) {
-  switch (param.element_type()) {
-    case ffi::DataType::F32:
-      return adam_typed<float>(pool, param, grad, exp_avg, exp_avg_sq, max_sq, step,
-                               lr, betas, eps, wd, out_p, out_m, out_v, out_max,
-                               fma, maximize, decoupled, single_tensor, sizes,
-                               spans);
-    case ffi::DataType::F64:
-      return adam_typed<double>(pool, param, grad, exp_avg, exp_avg_sq, max_sq, step,
-                                lr, betas, eps, wd, out_p, out_m, out_v,
-                                out_max, fma, maximize, decoupled,
-                                single_tensor, sizes, spans);
-    default:
-      return ffi::Error::InvalidArgument("funcopt_adam: float32/float64 only");
-  }
+  return by_float_type(param, "funcopt_adam", [&](auto zero) {
+    using T = decltype(zero);
+    return adam_typed<T>(pool, param, grad, exp_avg, exp_avg_sq, max_sq, step,
+                         lr, betas, eps, wd, out_p, out_m, out_v, out_max, fma,
+                         maximize, decoupled, single_tensor, sizes, spans);
+  });
 }
 
 ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::AnyBuffer param, ffi::AnyBuffer grad,
@@ -548,18 +556,12 @@ ffi::Error sgd_any(ffi::ThreadPool& pool, ffi::AnyBuffer param, ffi::AnyBuffer g
                    bool maximize, bool nesterov, bool single_tensor,
                    ffi::Span<const int64_t> sizes,
                    ffi::Span<const int64_t> spans) {
-  switch (param.element_type()) {
-    case ffi::DataType::F32:
-      return sgd_typed<float>(pool, param, grad, buffer, step, lr, momentum,
-                              dampening, wd, out_p, out_b, fma, maximize,
-                              nesterov, single_tensor, sizes, spans);
-    case ffi::DataType::F64:
-      return sgd_typed<double>(pool, param, grad, buffer, step, lr, momentum,
-                               dampening, wd, out_p, out_b, fma, maximize,
-                               nesterov, single_tensor, sizes, spans);
-    default:
-      return ffi::Error::InvalidArgument("funcopt_sgd: float32/float64 only");
-  }
+  return by_float_type(param, "funcopt_sgd", [&](auto zero) {
+    using T = decltype(zero);
+    return sgd_typed<T>(pool, param, grad, buffer, step, lr, momentum,
+                        dampening, wd, out_p, out_b, fma, maximize, nesterov,
+                        single_tensor, sizes, spans);
+  });
 }
 
 ffi::Error SgdImpl(ffi::ThreadPool pool, ffi::AnyBuffer param, ffi::AnyBuffer grad,
@@ -666,19 +668,12 @@ ffi::Error AdagradImpl(ffi::ThreadPool pool, ffi::AnyBuffer param, ffi::AnyBuffe
                        bool maximize, bool single_tensor,
                        ffi::Span<const int64_t> sizes,
                        ffi::Span<const int64_t> spans) {
-  switch (param.element_type()) {
-    case ffi::DataType::F32:
-      return adagrad_typed<float>(pool, param, grad, sum, step, lr, lr_decay, wd,
-                                  eps, &*out_p, &*out_s, fma, maximize,
-                                  single_tensor, sizes, spans);
-    case ffi::DataType::F64:
-      return adagrad_typed<double>(pool, param, grad, sum, step, lr, lr_decay, wd,
-                                   eps, &*out_p, &*out_s, fma,
-                                   maximize, single_tensor, sizes, spans);
-    default:
-      return ffi::Error::InvalidArgument(
-          "funcopt_adagrad: float32/float64 only");
-  }
+  return by_float_type(param, "funcopt_adagrad", [&](auto zero) {
+    using T = decltype(zero);
+    return adagrad_typed<T>(pool, param, grad, sum, step, lr, lr_decay, wd, eps,
+                            &*out_p, &*out_s, fma, maximize, single_tensor,
+                            sizes, spans);
+  });
 }
 
 // ---------------------------------------------------------------------------
@@ -822,16 +817,11 @@ ffi::Error rmsprop_any(ffi::ThreadPool& pool, ffi::AnyBuffer param,
   if (!single_tensor) {
     return ffi::Error::InvalidArgument("funcopt_rmsprop: torch has no fused RMSprop");
   }
-  switch (param.element_type()) {
-    case ffi::DataType::F32:
-      return rmsprop_typed<float>(pool, param, grad, bufs, lr, alpha, eps, wd,
-                                  momentum, out_p, fma, maximize, sizes, spans);
-    case ffi::DataType::F64:
-      return rmsprop_typed<double>(pool, param, grad, bufs, lr, alpha, eps, wd,
-                                   momentum, out_p, fma, maximize, sizes, spans);
-    default:
-      return ffi::Error::InvalidArgument("funcopt_rmsprop: float32/float64 only");
-  }
+  return by_float_type(param, "funcopt_rmsprop", [&](auto zero) {
+    using T = decltype(zero);
+    return rmsprop_typed<T>(pool, param, grad, bufs, lr, alpha, eps, wd,
+                            momentum, out_p, fma, maximize, sizes, spans);
+  });
 }
 
 // the handlers' shared arguments after the state buffers, and attributes
@@ -993,18 +983,12 @@ ffi::Error AdamaxImpl(ffi::ThreadPool pool, ffi::AnyBuffer param,
   if (!single_tensor) {
     return ffi::Error::InvalidArgument("funcopt_adamax: torch has no fused Adamax");
   }
-  switch (param.element_type()) {
-    case ffi::DataType::F32:
-      return adamax_typed<float>(pool, param, grad, exp_avg, exp_inf, step, lr,
-                                 betas, eps, wd, &*out_p, &*out_m, &*out_u, fma,
-                                 maximize, sizes, spans);
-    case ffi::DataType::F64:
-      return adamax_typed<double>(pool, param, grad, exp_avg, exp_inf, step, lr,
-                                  betas, eps, wd, &*out_p, &*out_m, &*out_u,
-                                  fma, maximize, sizes, spans);
-    default:
-      return ffi::Error::InvalidArgument("funcopt_adamax: float32/float64 only");
-  }
+  return by_float_type(param, "funcopt_adamax", [&](auto zero) {
+    using T = decltype(zero);
+    return adamax_typed<T>(pool, param, grad, exp_avg, exp_inf, step, lr, betas,
+                           eps, wd, &*out_p, &*out_m, &*out_u, fma, maximize,
+                           sizes, spans);
+  });
 }
 
 // ---------------------------------------------------------------------------
@@ -1103,18 +1087,12 @@ ffi::Error AdadeltaImpl(ffi::ThreadPool pool, ffi::AnyBuffer param,
   if (!single_tensor) {
     return ffi::Error::InvalidArgument("funcopt_adadelta: torch has no fused Adadelta");
   }
-  switch (param.element_type()) {
-    case ffi::DataType::F32:
-      return adadelta_typed<float>(pool, param, grad, square_avg, acc_delta, lr,
-                                   rho, eps, wd, &*out_p, &*out_sq, &*out_acc,
-                                   fma, maximize, sizes, spans);
-    case ffi::DataType::F64:
-      return adadelta_typed<double>(pool, param, grad, square_avg, acc_delta,
-                                    lr, rho, eps, wd, &*out_p, &*out_sq,
-                                    &*out_acc, fma, maximize, sizes, spans);
-    default:
-      return ffi::Error::InvalidArgument("funcopt_adadelta: float32/float64 only");
-  }
+  return by_float_type(param, "funcopt_adadelta", [&](auto zero) {
+    using T = decltype(zero);
+    return adadelta_typed<T>(pool, param, grad, square_avg, acc_delta, lr, rho,
+                             eps, wd, &*out_p, &*out_sq, &*out_acc, fma,
+                             maximize, sizes, spans);
+  });
 }
 
 // ---------------------------------------------------------------------------
@@ -1261,18 +1239,12 @@ ffi::Error RadamImpl(ffi::ThreadPool pool, ffi::AnyBuffer param,
   if (!single_tensor) {
     return ffi::Error::InvalidArgument("funcopt_radam: torch has no fused RAdam");
   }
-  switch (param.element_type()) {
-    case ffi::DataType::F32:
-      return radam_typed<float>(pool, param, grad, exp_avg, exp_avg_sq, step,
-                                lr, betas, eps, wd, &*out_p, &*out_m, &*out_v,
-                                fma, maximize, decoupled, sizes, spans);
-    case ffi::DataType::F64:
-      return radam_typed<double>(pool, param, grad, exp_avg, exp_avg_sq, step,
-                                 lr, betas, eps, wd, &*out_p, &*out_m, &*out_v,
-                                 fma, maximize, decoupled, sizes, spans);
-    default:
-      return ffi::Error::InvalidArgument("funcopt_radam: float32/float64 only");
-  }
+  return by_float_type(param, "funcopt_radam", [&](auto zero) {
+    using T = decltype(zero);
+    return radam_typed<T>(pool, param, grad, exp_avg, exp_avg_sq, step, lr,
+                          betas, eps, wd, &*out_p, &*out_m, &*out_v, fma,
+                          maximize, decoupled, sizes, spans);
+  });
 }
 
 // ---------------------------------------------------------------------------
@@ -1376,18 +1348,12 @@ ffi::Error RpropImpl(ffi::ThreadPool pool, ffi::AnyBuffer param,
   if (!single_tensor) {
     return ffi::Error::InvalidArgument("funcopt_rprop: torch has no fused Rprop");
   }
-  switch (param.element_type()) {
-    case ffi::DataType::F32:
-      return rprop_typed<float>(pool, param, grad, prev, step_size, step, lr,
-                                etas, step_sizes, &*out_p, &*out_prev,
-                                &*out_size, maximize, sizes, spans);
-    case ffi::DataType::F64:
-      return rprop_typed<double>(pool, param, grad, prev, step_size, step, lr,
-                                 etas, step_sizes, &*out_p, &*out_prev,
-                                 &*out_size, maximize, sizes, spans);
-    default:
-      return ffi::Error::InvalidArgument("funcopt_rprop: float32/float64 only");
-  }
+  return by_float_type(param, "funcopt_rprop", [&](auto zero) {
+    using T = decltype(zero);
+    return rprop_typed<T>(pool, param, grad, prev, step_size, step, lr, etas,
+                          step_sizes, &*out_p, &*out_prev, &*out_size, maximize,
+                          sizes, spans);
+  });
 }
 
 // ---- packing leaves into one buffer (the multi-tensor step on a tree) ----

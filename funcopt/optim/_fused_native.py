@@ -2,14 +2,14 @@
 
 Adam/AdamW, SGD and Adagrad, with `fused=True` and without, and the default
 step of RMSprop, Adamax, Adadelta, RAdam and Rprop (torch has no fused kernel
-for them) run a C++ kernel
-(`funcopt/_native`, an XLA FFI custom call) on float32 and float64 CPU
-params when its library is built (`make venv`, or `pip install` with a C++
-compiler) and JAX runs on one CPU device; elsewhere (16-bit params, GPU,
-several devices, a tensor hyperparameter, Adam's
-`differentiable`/`capturable` path, sparse gradients, no library) the pure
-JAX rules in `adam.py`, `sgd.py`, `adagrad.py`, `rmsprop.py`, `adamax.py`,
-`adadelta.py`, `radam.py` and `rprop.py` run.
+for them) run a C++ kernel (`funcopt/_native`, an XLA FFI custom call) on
+float32 and float64 CPU params when its library is built (`make venv`, or
+`pip install` with a C++ compiler) and JAX runs on one CPU device;
+elsewhere (16-bit params, GPU, several devices, a tensor hyperparameter,
+Adam's `differentiable`/`capturable` path, RAdam's `foreach=True`, sparse
+gradients, no library) the pure JAX rules in `adam.py`, `sgd.py`,
+`adagrad.py`, `rmsprop.py`, `adamax.py`, `adadelta.py`, `radam.py` and
+`rprop.py` run.
 
 * `fused=True`: torch's fused kernel (`_fused_adam_`, `_fused_sgd_`,
   `_fused_adagrad_`), its vectorised body and scalar tail.
@@ -17,24 +17,23 @@ JAX rules in `adam.py`, `sgd.py`, `adagrad.py`, `rmsprop.py`, `adamax.py`,
   `_single_tensor_sgd`, `_single_tensor_adagrad`,
   `_single_tensor_rmsprop`, `_single_tensor_adamax`,
   `_single_tensor_adadelta`, `_single_tensor_radam`, `_single_tensor_rprop`),
-  one torch op after
-  another, each rounded in the param's dtype, the multiply-adds of
-  `add(alpha=)`, `addcmul` and `lerp` fused as torch's x86 build fuses
-  them (`torch_cpu_block`: none on its `default` build), the scalar math
-  (`1 - beta ** step`, `bias_correction2 ** 0.5`, `1 - lr * weight_decay`,
-  `1 + (step - 1) * lr_decay`) in double as Python computes it. That is
-  the fused kernel's vectorised body, with every element taking it and the
-  scalar math as Python's (`pow(x, 0.5)` for `sqrt`, no FMA), so both
-  share one C++ loop (attribute `single_tensor`).
+  one torch op after another, each rounded in the param's dtype, the
+  multiply-adds of `add(alpha=)`, `addcmul` and `lerp` fused as torch's x86
+  build fuses them (`torch_cpu_block`: none on its `default` build), the
+  scalar math (`1 - beta ** step`, `bias_correction2 ** 0.5`,
+  `1 - lr * weight_decay`, `1 + (step - 1) * lr_decay`) in double as Python
+  computes it. For Adam, SGD and Adagrad that is the fused kernel's
+  vectorised body, with every element taking it and the scalar math as
+  Python's (`pow(x, 0.5)` for `sqrt`, no FMA), so both share one C++ loop
+  (attribute `single_tensor`).
 
 Both give torch's bits where the JAX rule does (x64 and
 [`set_exact_float32`][funcopt.precision.set_exact_float32]); the kernel
 gives them without either, since it rounds every op in the param's dtype and
 does the scalar math in C++ `double` as ATen and Python do. The default
 steps that take a square root (Adam's, Adagrad's, RMSprop's, Adadelta's,
-RAdam's)
-differ from torch's only where torch's `sqrt` (MKL's) is not correctly
-rounded (the kernel's is).
+RAdam's) differ from torch's only where torch's `sqrt` (MKL's) is not
+correctly rounded (the kernel's is).
 
 Subnormal values are kept, as torch keeps them: XLA runs its CPU threads with
 them flushed to zero (x86 FTZ/DAZ), the kernels clear that while they run.

@@ -211,6 +211,17 @@ void for_chunks(ffi::ThreadPool& pool, int64_t n, F&& f) {
   }
 }
 
+// `fn(buffers..., elements, &scalars)` over one leaf's segment, each buffer
+// advanced to the chunk (for_chunks); a null buffer (absent) stays null
+template <typename T, typename Fn, typename S, typename... Buffers>
+void run_segment(ffi::ThreadPool& pool, const Segment& seg, Fn fn,
+                 const S& scalars, Buffers... buffers) {
+  for_chunks<T>(pool, seg.size, [&](int64_t c, int64_t e) {
+    const int64_t at = seg.offset + c;
+    fn((buffers ? buffers + at : buffers)..., e - c, &scalars);
+  });
+}
+
 bool has_avx2_fma() {
 #if FUNCOPT_X86
   static const bool yes =
@@ -389,11 +400,7 @@ ffi::Error adam_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param, ffi::AnyBuffe
     s.bc2_sqrt = static_cast<T>(single_tensor ? std::pow(bias_correction2, 0.5)
                                               : std::sqrt(bias_correction2));
     s.neg_step_size = static_cast<T>(-step_size);
-    const int64_t o = list[k].offset;
-    for_chunks<T>(pool, list[k].size, [&](int64_t b, int64_t e) {
-      fn(p + o + b, g + o + b, m + o + b, v + o + b,
-         vmax ? vmax + o + b : nullptr, e - b, &s);
-    });
+    run_segment<T>(pool, list[k], fn, s, p, g, m, v, vmax);
   }
   return ffi::Error::Success();
 }
@@ -540,10 +547,7 @@ ffi::Error sgd_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param, ffi::AnyBuffer
     const bool first = step_value(step, static_cast<int64_t>(k)) == 1;
     const bool flags[4] = {fma, wd != 0, with_momentum, with_momentum && first};
     auto fn = select_flags<SgdKernel, T, 4>(flags);
-    const int64_t o = list[k].offset;
-    for_chunks<T>(pool, list[k].size, [&](int64_t c, int64_t e) {
-      fn(p + o + c, g + o + c, b ? b + o + c : nullptr, e - c, &s);
-    });
+    run_segment<T>(pool, list[k], fn, s, p, g, b);
   }
   return ffi::Error::Success();
 }
@@ -651,10 +655,7 @@ ffi::Error adagrad_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param, ffi::AnyBu
     const double decay = fma && !single_tensor ? std::fma(t - 1.0, lr_decay, 1.0)
                                                : 1.0 + (t - 1.0) * lr_decay;
     s.clr = static_cast<T>(lr / decay);
-    const int64_t o = list[k].offset;
-    for_chunks<T>(pool, list[k].size, [&](int64_t b, int64_t e) {
-      fn(p + o + b, g + o + b, acc + o + b, e - b, &s);
-    });
+    run_segment<T>(pool, list[k], fn, s, p, g, acc);
   }
   return ffi::Error::Success();
 }
@@ -795,13 +796,10 @@ ffi::Error rmsprop_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param,
   const bool with_momentum = state[2] != nullptr && momentum > 0;
   const bool flags[4] = {fma, wd != 0, centered, with_momentum};
   auto fn = select_flags<RmspropKernel, T, 4>(flags);
+  // the momentum buffer untouched where momentum is 0
+  T* buf = with_momentum ? state[2] : nullptr;
   for (const Segment& seg : list) {
-    const int64_t o = seg.offset;
-    for_chunks<T>(pool, seg.size, [&](int64_t c, int64_t e) {
-      fn(p + o + c, g + o + c, state[0] + o + c,
-         centered ? state[1] + o + c : nullptr,
-         with_momentum ? state[2] + o + c : nullptr, e - c, &s);
-    });
+    run_segment<T>(pool, seg, fn, s, p, g, state[0], state[1], buf);
   }
   return ffi::Error::Success();
 }
@@ -961,10 +959,7 @@ ffi::Error adamax_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param,
   for (size_t k = 0; k < list.size(); ++k) {
     const double t = step_value(step, static_cast<int64_t>(k));
     s.neg_clr = static_cast<T>(-(lr / (1 - std::pow(beta1, t))));
-    const int64_t o = list[k].offset;
-    for_chunks<T>(pool, list[k].size, [&](int64_t c, int64_t e) {
-      fn(p + o + c, g + o + c, m + o + c, u + o + c, e - c, &s);
-    });
+    run_segment<T>(pool, list[k], fn, s, p, g, m, u);
   }
   return ffi::Error::Success();
 }
@@ -1065,10 +1060,7 @@ ffi::Error adadelta_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param,
   const bool flags[2] = {fma, wd != 0};
   auto fn = select_flags<AdadeltaKernel, T, 2>(flags);
   for (const Segment& seg : list) {
-    const int64_t o = seg.offset;
-    for_chunks<T>(pool, seg.size, [&](int64_t c, int64_t e) {
-      fn(p + o + c, g + o + c, sq + o + c, acc + o + c, e - c, &s);
-    });
+    run_segment<T>(pool, seg, fn, s, p, g, sq, acc);
   }
   return ffi::Error::Success();
 }
@@ -1217,10 +1209,7 @@ ffi::Error radam_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param,
     s.rect = static_cast<T>(std::pow((rho_t - 4) * (rho_t - 2) * rho_inf /
                                          ((rho_inf - 4) * (rho_inf - 2) * rho_t),
                                      0.5));
-    const int64_t o = list[k].offset;
-    for_chunks<T>(pool, list[k].size, [&](int64_t c, int64_t e) {
-      fn(p + o + c, g + o + c, m + o + c, v + o + c, e - c, &s);
-    });
+    run_segment<T>(pool, list[k], fn, s, p, g, m, v);
   }
   return ffi::Error::Success();
 }
@@ -1326,10 +1315,7 @@ ffi::Error rprop_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param,
   for (size_t k = 0; k < list.size(); ++k) {
     const bool first = step_value(step, static_cast<int64_t>(k)) == 1;
     auto fn = select_flags<RpropKernel, T, 1>(&first);
-    const int64_t o = list[k].offset;
-    for_chunks<T>(pool, list[k].size, [&](int64_t c, int64_t e) {
-      fn(p + o + c, g + o + c, prev + o + c, size + o + c, e - c, &s);
-    });
+    run_segment<T>(pool, list[k], fn, s, p, g, prev, size);
   }
   return ffi::Error::Success();
 }

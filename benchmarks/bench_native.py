@@ -2,13 +2,14 @@
 JAX rule (`FUNCOPT_NATIVE=0`) vs optax vs torch.
 
 Adam, AdamW, SGD with momentum and Adagrad with `fused=True` (torch
-`fused=True`), and the default step of RMSprop, Adamax, Adadelta, RAdam and
-Rprop (torch has no fused kernel for them: its default, `_single_tensor_*`,
-on CPU); every JAX
+`fused=True`), and the default step of RMSprop, Adamax, Adadelta, RAdam,
+Rprop, NAdam and ASGD (torch has no fused kernel for them: its default,
+`_single_tensor_*`, on CPU; optax has no ASGD); every JAX
 step `jax.jit` with params and state donated. One process, the four
 interleaved round by round (a busy machine slows all alike), each number the
 median over the rounds of the mean step time of `--steps` steps. Run:
-`python benchmarks/bench_native.py [--size N] [--rounds R] [--steps K]`.
+`python benchmarks/bench_native.py [--size N] [--rounds R] [--steps K]
+[--only NAME ...]`.
 """
 
 from __future__ import annotations
@@ -77,6 +78,17 @@ OPTIMIZERS = {
         lambda: optax.rmsprop(1e-2, decay=0.99, eps=1e-8, centered=True, momentum=0.9),
         lambda p: torch.optim.RMSprop(p, lr=1e-2, centered=True, momentum=0.9),
     ),
+    "NAdam (default step)": (
+        lambda: fo.nadam(lr=2e-3),
+        # optax's NAdam has no momentum_decay schedule: the same passes
+        lambda: optax.nadam(2e-3),
+        lambda p: torch.optim.NAdam(p, lr=2e-3),
+    ),
+    "ASGD (default step)": (
+        lambda: fo.asgd(lr=1e-2),
+        None,
+        lambda p: torch.optim.ASGD(p, lr=1e-2),
+    ),
 }
 
 
@@ -140,6 +152,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=10_000_000)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--only", nargs="*", help="optimizer names (first word)")
     args = parser.parse_args()
     assert _fused_native.available(), (
         "build the kernels: python -m funcopt._native.build"
@@ -159,12 +172,15 @@ def main() -> None:
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for name, (make_fo, make_optax, make_torch) in OPTIMIZERS.items():
+        if args.only and name.split()[0] not in args.only:
+            continue
         runners = {
             "native": funcopt_runner(make_fo, args.size, True),
             "jax": funcopt_runner(make_fo, args.size, False),
-            "optax": optax_runner(make_optax, args.size),
             "torch": torch_runner(make_torch, args.size),
         }
+        if make_optax is not None:
+            runners["optax"] = optax_runner(make_optax, args.size)
         for run in runners.values():
             run(2)  # warm up
         times: dict[str, list[float]] = {k: [] for k in runners}
@@ -174,7 +190,10 @@ def main() -> None:
                 run(args.steps)
                 times[key].append((time.perf_counter() - t) / args.steps * 1e3)
         med = {k: statistics.median(v) for k, v in times.items()}
-        cells = [f"{med[k]:.2f}" for k in ("native", "jax", "optax", "torch")]
+        cells = [
+            f"{med[k]:.2f}" if k in med else "-"
+            for k in ("native", "jax", "optax", "torch")
+        ]
         ratio = f"{med['native'] / med['torch']:.2f}x"
         print(f"| {name} | " + " | ".join(cells) + f" | {ratio} |")
         del runners

@@ -53,6 +53,8 @@ ADAMAX = OptCase("adamax", torch.optim.Adamax, fo.adamax, {})
 ADADELTA = OptCase("adadelta", torch.optim.Adadelta, fo.adadelta, {})
 RADAM = OptCase("radam", torch.optim.RAdam, fo.radam, {})
 RPROP = OptCase("rprop", torch.optim.Rprop, fo.rprop, {})
+NADAM = OptCase("nadam", torch.optim.NAdam, fo.nadam, {})
+ASGD = OptCase("asgd", torch.optim.ASGD, fo.asgd, {})
 
 
 def _adam_rows():
@@ -165,6 +167,28 @@ def _rprop_rows():
     )
 
 
+def _nadam_rows():
+    return _grid_rows(
+        NADAM,
+        # both lerp branches; with beta1 0.3 mu_product turns subnormal at
+        # step ~46 and 0 at ~55 (torch keeps the subnormals)
+        betas=((0.9, 0.999), (0.3, 0.99)),
+        weight_decay=(0.0, 0.1),
+        decoupled_weight_decay=(False, True),
+        maximize=(False, True),
+    )
+
+
+def _asgd_rows():
+    return _grid_rows(
+        ASGD,
+        lambd=(1e-4, 0.5),
+        t0=(1e6, 5.0),  # mu is 1 (ax copies the param) / mu < 1 from step 7
+        weight_decay=(0.0, 0.1),
+        maximize=(False, True),
+    )
+
+
 def _id(case, kw):
     skip = ("fused", "lr")
     return (
@@ -186,6 +210,8 @@ def _default_path_rows():
         + _adadelta_rows()
         + _radam_rows()
         + _rprop_rows()
+        + _nadam_rows()
+        + _asgd_rows()
     )
 
 
@@ -234,10 +260,11 @@ def _check(case, kwargs, dtype, steps=STEPS):
 
 def _torch_roots(case) -> contextlib.AbstractContextManager:
     """torch's roots correctly rounded for the default steps that take one
-    (Adam's, Adagrad's, RMSprop's, Adadelta's, RAdam's): its float32 and float64
-    `sqrt` are MKL's, not correctly rounded (`correctly_rounded_torch_sqrt`);
-    torch's fused kernels, SGD, Adamax and Rprop take no such root."""
-    if case in (SGD, ADAMAX, RPROP):
+    (Adam's, Adagrad's, RMSprop's, Adadelta's, RAdam's, NAdam's): its float32
+    and float64 `sqrt` are MKL's, not correctly rounded
+    (`correctly_rounded_torch_sqrt`); torch's fused kernels, SGD, Adamax,
+    Rprop and ASGD take no such root."""
+    if case in (SGD, ADAMAX, RPROP, ASGD):
         return contextlib.nullcontext()
     return correctly_rounded_torch_sqrt(float64=True)
 
@@ -248,7 +275,10 @@ def test_library_is_built():
     assert _fused_native.native_fused()
 
 
-KERNELS = ("Adam", "Sgd", "Adagrad", "Rmsprop", "Adamax", "Adadelta", "Radam", "Rprop")
+KERNELS = (
+    "Adam", "Sgd", "Adagrad", "Rmsprop", "Adamax", "Adadelta", "Radam", "Rprop",
+    "Nadam", "Asgd",
+)  # fmt: skip
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 only")
@@ -297,13 +327,13 @@ def test_float64_bits(case, kwargs, torch_cpu_loop, x64):
 
 @pytest.mark.parametrize("case,kwargs", DEFAULT_ROWS)
 def test_default_path_float32_bits_without_x64(case, kwargs, torch_cpu_loop):
-    """Adam, AdamW, SGD, Adagrad, RMSprop, Adamax, Adadelta, RAdam and Rprop
-    without `fused`, every flag combination, 100 steps, float32 without x64 nor the
-    bit-exact mode: torch's default step (`_single_tensor_adam`, ...), params
-    and every buffer, bit for bit; where it takes a square root, with
-    torch's roots correctly rounded (`_torch_roots`). The 7- and 1-element leaves are
-    packed into one bucket (`funcopt.flat.set_policy`), the others run one
-    call each."""
+    """Adam, AdamW, SGD, Adagrad, RMSprop, Adamax, Adadelta, RAdam, Rprop,
+    NAdam and ASGD without `fused`, every flag combination, 100 steps, float32
+    without x64 nor the bit-exact mode: torch's default step
+    (`_single_tensor_adam`, ...), params and every buffer, bit for bit; where
+    it takes a square root, with torch's roots correctly rounded
+    (`_torch_roots`). The 7- and 1-element leaves are packed into one bucket
+    (`funcopt.flat.set_policy`), the others run one call each."""
     with _torch_roots(case):
         _check(case, kwargs, np.float32)
 
@@ -391,6 +421,8 @@ def test_large_leaves_split_over_threads(case, kwargs, torch_cpu_loop):
         (ADADELTA, dict(lr=1.0, eps=1e-40)),
         (RADAM, dict(lr=1e-2)),
         (RPROP, dict(lr=1e-39, step_sizes=(1e-41, 50))),
+        (NADAM, dict(lr=1e-2)),
+        (ASGD, dict(lr=1e-2, t0=1.0)),
     ],
     ids=lambda x: getattr(x, "name", None) or _path_id(x),
 )
@@ -473,6 +505,8 @@ def test_jit_and_eager_agree(torch_cpu_loop):
         (ADADELTA, {"weight_decay": 0.1}),
         (RADAM, {"weight_decay": 0.1, "decoupled_weight_decay": True}),
         (RPROP, {}),
+        (NADAM, {"weight_decay": 0.1}),
+        (ASGD, {"t0": 1.0}),
     ],
     ids=lambda x: x.name if isinstance(x, OptCase) else _path_id(x),
 )
@@ -500,8 +534,15 @@ def test_grad_through_a_step_is_the_jax_paths(case, kwargs, torch_cpu_loop):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_vmap_runs_each_batch_element(torch_cpu_loop):
-    opt, params, grads, state = _setup()
+@pytest.mark.parametrize(
+    "case,kwargs",
+    [(ADAM, None), (NADAM, {"weight_decay": 0.1}), (ASGD, {"t0": 1.0})],
+    ids=lambda x: getattr(x, "name", ""),
+)
+def test_vmap_runs_each_batch_element(case, kwargs, torch_cpu_loop):
+    """Each batch element its own kernel call; NAdam's and ASGD's 0-d
+    per-parameter state batched with the params."""
+    opt, params, grads, state = _setup(case, kwargs)
     batch = 3
     bp = jax.tree.map(lambda x: jnp.stack([x * (i + 1) for i in range(batch)]), params)
     bg = jax.tree.map(lambda x: jnp.stack([x - i for i in range(batch)]), grads)
@@ -563,12 +604,15 @@ def _optimized_hlo(opt, params, grads, state) -> str:
         (fo.adadelta, {}),
         (fo.radam, dict(weight_decay=0.1)),
         (fo.rprop, {}),
+        (fo.nadam, dict(weight_decay=0.1)),
+        (fo.asgd, dict(t0=1.0)),
     ],
     ids=[
         "adam", "amsgrad", "sgd", "adagrad",
         "default-adam", "default-adamw-amsgrad", "default-sgd-momentum", "default-sgd",
         "default-rmsprop", "default-rmsprop-centered-momentum", "default-adamax",
-        "default-adadelta", "default-radam", "default-rprop",
+        "default-adadelta", "default-radam", "default-rprop", "default-nadam",
+        "default-asgd",
     ],
 )  # fmt: skip
 def test_donated_step_is_one_custom_call_per_leaf_in_place(factory, kwargs):
@@ -583,8 +627,10 @@ def test_donated_step_is_one_custom_call_per_leaf_in_place(factory, kwargs):
     opt = factory(**kwargs)
     hlo = _optimized_hlo(opt, params, grads, opt.init(params))
     assert hlo.count("custom_call_target=") == len(shapes), hlo
-    # (the step counters' int32 scalars may be copied: not the float arrays)
-    copies = re.findall(r"= f32\[[^\]]*\]\S* copy(?:-start)?\(.*", hlo)
+    # (0-d values may be copied, 4 bytes each: the step counters, and the
+    # per-parameter scalars such as NAdam's mu_product, stacked and sliced
+    # for the leaves that share a kernel; not the float arrays)
+    copies = re.findall(r"= f32\[[^\]]+\]\S* copy(?:-start)?\(.*", hlo)
     assert not copies, "\n".join(copies)
     assert "output_to_operand_aliasing" in hlo
     with native_kernels(False):

@@ -134,6 +134,8 @@ NATIVE_DEFAULT_STEP = frozenset(
         "adadelta",
         "radam",
         "rprop",
+        "nadam",
+        "asgd",
     }
 )
 

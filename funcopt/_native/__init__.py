@@ -33,6 +33,8 @@ TARGETS = {
     "FuncoptAdadelta": "funcopt_adadelta",
     "FuncoptRadam": "funcopt_radam",
     "FuncoptRprop": "funcopt_rprop",
+    "FuncoptNadam": "funcopt_nadam",
+    "FuncoptAsgd": "funcopt_asgd",
     "FuncoptPack": "funcopt_pack",
     "FuncoptUnpack": "funcopt_unpack",
 }

@@ -22,15 +22,17 @@
 //   element as that body, and the scalar math as Python computes it
 //   (`bias_correction2 ** 0.5` is C's pow; `1 - lr * wd` and
 //   `1 + (step - 1) * lr_decay` unfused).
-// * RMSprop, Adamax, Adadelta, RAdam and Rprop: torch has no fused kernel for
-//   them; their handlers compute its default step only (`single_tensor`
-//   true), op by op in the same way (each section lists torch's ops).
+// * RMSprop, Adamax, Adadelta, RAdam, Rprop, NAdam and ASGD: torch has no
+//   fused kernel for them; their handlers compute its default step only
+//   (`single_tensor` true), op by op in the same way (each section lists
+//   torch's ops).
 //
-// Attributes: `fma`, `maximize`, `single_tensor` (and Adam's and RAdam's
-// `decoupled`, SGD's `nesterov`) as bools, `sizes`/`spans` (int64 arrays, one
-// entry per leaf packed into the buffer: its element count and the elements
-// it occupies; empty: one leaf, the whole buffer). The step buffer holds one
-// count, or one per leaf. Large leaves are split over XLA's intra-op thread
+// Attributes: `fma`, `maximize`, `single_tensor` (and the `decoupled` of
+// Adam, RAdam and NAdam, SGD's `nesterov`) as bools, `sizes`/`spans` (int64
+// arrays, one entry per leaf packed into the buffer: its element count and
+// the elements it occupies; empty: one leaf, the whole buffer; NAdam's and
+// ASGD's `rows`: see `PerLeaf`). The step buffer holds one count, or one per
+// leaf. Large leaves are split over XLA's intra-op thread
 // pool (`for_chunks`). Each kernel's segment function is built for AVX2+FMA
 // and for the baseline, picked at run time (`ForCpu`, `select_flags`).
 
@@ -1342,6 +1344,318 @@ ffi::Error RpropImpl(ffi::ThreadPool pool, ffi::AnyBuffer param,
   });
 }
 
+// ---------------------------------------------------------------------------
+// A float32 0-d state tensor of each parameter (NAdam's `mu_product`, ASGD's
+// `eta` and `mu`; float32 whatever the param's dtype: torch's default dtype),
+// in place. Attribute `rows`: the rows each packed leaf occupies, every one
+// holding its value (empty: one leaf, one value).
+// ---------------------------------------------------------------------------
+
+class PerLeaf {
+ public:
+  ffi::Error bind(ffi::AnyBuffer& in, ffi::AnyBuffer* out, size_t leaves,
+                  ffi::Span<const int64_t> rows) {
+    int64_t total = 0;
+    for (size_t k = 0; k < rows.size(); ++k) {
+      first_.push_back(total);
+      count_.push_back(rows[k]);
+      total += rows[k];
+    }
+    if (rows.size() == 0) {
+      first_.push_back(0);
+      count_.push_back(1);
+      total = 1;
+    }
+    if (in.element_type() != ffi::DataType::F32 || first_.size() != leaves ||
+        static_cast<int64_t>(in.element_count()) != total) {
+      return ffi::Error::InvalidArgument(
+          "a per-parameter scalar buffer holds one float32 value per row of "
+          "each leaf");
+    }
+    data_ = in_place<float>(in, out);
+    return ffi::Error::Success();
+  }
+  float get(size_t k) const { return data_[first_[k]]; }
+  void set(size_t k, float value) {
+    std::fill(data_ + first_[k], data_ + first_[k] + count_[k], value);
+  }
+
+ private:
+  float* data_ = nullptr;
+  std::vector<int64_t> first_, count_;
+};
+
+// ---------------------------------------------------------------------------
+// NAdam (torch has no fused NAdam: `_single_tensor_nadam` only)
+//   grad = grad.add(param, alpha=wd)                  fma(wd, param, grad)
+//   or param.mul_(1 - lr * wd) (decoupled)
+//   mu = beta1 * (1 - 0.5 * 0.96 ** (step * momentum_decay)), mu_next the same
+//   at step + 1 (Python floats)
+//   mu_product *= mu          float32: the 0-d tensor times float32(mu)
+//   exp_avg.lerp_(grad, 1 - beta1)                    as Adam's
+//   exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+//   denom = exp_avg_sq.div(bias_correction2).sqrt().add_(eps)
+//   param.addcdiv_(grad, denom, value=-lr * (1 - mu) / (1 - mu_product))
+//   param.addcdiv_(exp_avg, denom,
+//                  value=(-lr * mu_next) / (1 - mu_product * mu_next))
+// `addcdiv` is `param + (value * t1) / t2`; the step sizes are Python floats
+// on mu_product's float32 value.
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct NadamScalars {
+  // coeff, small: the lerp's weight and branch, as AdamScalars; decay: the
+  // decoupled factor (1 otherwise)
+  T sign, wd, decay, coeff, b2, one_minus_b2, bc2, eps, grad_step, avg_step;
+  bool small;
+};
+
+template <typename T, bool FMA, bool WD, bool SMALL>
+FUNCOPT_INLINE void nadam_loop(T* __restrict p, const T* __restrict g,
+                               T* __restrict m, T* __restrict v, int64_t n,
+                               const NadamScalars<T> s) {
+  for (int64_t i = 0; i < n; ++i) {
+    T param = p[i];
+    T grad = g[i] * s.sign;
+    if constexpr (WD) grad = madd<FMA>(param, s.wd, grad);
+    param = param * s.decay;
+    T mi = m[i];
+    mi = madd<FMA>(s.coeff, grad - mi, SMALL ? mi : grad);
+    T vi = v[i];
+    vi = madd<FMA>(s.one_minus_b2 * grad, grad, vi * s.b2);
+    m[i] = mi;
+    v[i] = vi;
+    T denom = std::sqrt(vi / s.bc2) + s.eps;
+    param = param + (s.grad_step * grad) / denom;
+    p[i] = param + (s.avg_step * mi) / denom;
+  }
+}
+
+struct NadamKernel {
+  template <typename T, bool FMA, bool WD>
+  static FUNCOPT_INLINE void segment(void* p, const void* g, void* m, void* v,
+                                     int64_t n, const void* sv) {
+    const auto& s = *static_cast<const NadamScalars<T>*>(sv);
+    if (s.small) {
+      nadam_loop<T, FMA, WD, true>(static_cast<T*>(p), static_cast<const T*>(g),
+                                   static_cast<T*>(m), static_cast<T*>(v), n, s);
+    } else {
+      nadam_loop<T, FMA, WD, false>(static_cast<T*>(p), static_cast<const T*>(g),
+                                    static_cast<T*>(m), static_cast<T*>(v), n, s);
+    }
+  }
+};
+
+template <typename T>
+ffi::Error nadam_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param,
+                       ffi::AnyBuffer grad, ffi::AnyBuffer exp_avg,
+                       ffi::AnyBuffer exp_avg_sq, ffi::AnyBuffer mu_product,
+                       ffi::AnyBuffer step, ffi::AnyBuffer lr_b,
+                       ffi::AnyBuffer betas, ffi::AnyBuffer eps_b,
+                       ffi::AnyBuffer wd_b, ffi::AnyBuffer momentum_decay_b,
+                       ffi::AnyBuffer* out_p, ffi::AnyBuffer* out_m,
+                       ffi::AnyBuffer* out_v, ffi::AnyBuffer* out_mu,
+                       bool fma, bool maximize, bool decoupled,
+                       ffi::Span<const int64_t> sizes,
+                       ffi::Span<const int64_t> spans,
+                       ffi::Span<const int64_t> rows) {
+  KeepSubnormals keep;  // the scalar math too: mu_product turns subnormal
+  T* p = in_place<T>(param, out_p);
+  T* m = in_place<T>(exp_avg, out_m);
+  T* v = in_place<T>(exp_avg_sq, out_v);
+  const T* g = grad.typed_data<T>();
+  std::vector<Segment> list;
+  ffi::Error bad = segments(param.element_count(), sizes, spans, list);
+  if (bad.failure()) return bad;
+  PerLeaf mu_products;
+  bad = mu_products.bind(mu_product, out_mu, list.size(), rows);
+  if (bad.failure()) return bad;
+  const double lr = scalar_value(lr_b);
+  const double beta1 = scalar_value(betas, 0);
+  const double beta2 = scalar_value(betas, 1);
+  const double wd = scalar_value(wd_b);
+  const double momentum_decay = scalar_value(momentum_decay_b);
+  NadamScalars<T> s;
+  s.sign = maximize ? T(-1) : T(1);
+  s.wd = static_cast<T>(wd);
+  // `1 - lr * weight_decay`, Python floats (unfused)
+  s.decay = decoupled ? static_cast<T>(1.0 - lr * wd) : T(1);
+  const T weight = static_cast<T>(1 - beta1);
+  s.small = std::abs(weight) < T(0.5);
+  s.coeff = s.small ? weight : weight - T(1);
+  s.b2 = static_cast<T>(beta2);
+  s.one_minus_b2 = static_cast<T>(1 - beta2);
+  s.eps = static_cast<T>(scalar_value(eps_b));
+  const bool flags[2] = {fma, !decoupled && wd != 0};
+  auto fn = select_flags<NadamKernel, T, 2>(flags);
+  for (size_t k = 0; k < list.size(); ++k) {
+    const double t = step_value(step, static_cast<int64_t>(k));
+    s.bc2 = static_cast<T>(1 - std::pow(beta2, t));
+    const double mu = beta1 * (1.0 - 0.5 * std::pow(0.96, t * momentum_decay));
+    const double mu_next =
+        beta1 * (1.0 - 0.5 * std::pow(0.96, (t + 1) * momentum_decay));
+    const float product = mu_products.get(k) * static_cast<float>(mu);
+    mu_products.set(k, product);  // _get_value(mu_product) below: its value
+    s.grad_step = static_cast<T>(-lr * (1.0 - mu) / (1.0 - product));
+    s.avg_step = static_cast<T>((-lr * mu_next) / (1.0 - product * mu_next));
+    run_segment<T>(pool, list[k], fn, s, p, g, m, v);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error NadamImpl(ffi::ThreadPool pool, ffi::AnyBuffer param,
+                     ffi::AnyBuffer grad, ffi::AnyBuffer exp_avg,
+                     ffi::AnyBuffer exp_avg_sq, ffi::AnyBuffer mu_product,
+                     ffi::AnyBuffer step, ffi::AnyBuffer lr,
+                     ffi::AnyBuffer betas, ffi::AnyBuffer eps,
+                     ffi::AnyBuffer wd, ffi::AnyBuffer momentum_decay,
+                     ffi::Result<ffi::AnyBuffer> out_p,
+                     ffi::Result<ffi::AnyBuffer> out_m,
+                     ffi::Result<ffi::AnyBuffer> out_v,
+                     ffi::Result<ffi::AnyBuffer> out_mu, bool fma,
+                     bool maximize, bool decoupled, bool single_tensor,
+                     ffi::Span<const int64_t> sizes,
+                     ffi::Span<const int64_t> spans,
+                     ffi::Span<const int64_t> rows) {
+  if (!single_tensor) {
+    return ffi::Error::InvalidArgument("funcopt_nadam: torch has no fused NAdam");
+  }
+  return by_float_type(param, "funcopt_nadam", [&](auto zero) {
+    using T = decltype(zero);
+    return nadam_typed<T>(pool, param, grad, exp_avg, exp_avg_sq, mu_product,
+                          step, lr, betas, eps, wd, momentum_decay, &*out_p,
+                          &*out_m, &*out_v, &*out_mu, fma, maximize, decoupled,
+                          sizes, spans, rows);
+  });
+}
+
+// ---------------------------------------------------------------------------
+// ASGD (torch has no fused ASGD: `_single_tensor_asgd` only)
+//   grad = grad.add(param, alpha=wd)                  fma(wd, param, grad)
+//   param.mul_(1 - lambd * eta); param.add_(grad, alpha=-eta)
+//                                                     fma(-eta, grad, param)
+//   mu != 1: ax.add_(param.sub(ax).mul_(mu)), each op rounded; else
+//   ax.copy_(param)
+//   eta = float32(lr / (1 + lambd * lr * step) ** alpha),
+//   mu = float32(1 / max(1, step - t0))      Python floats, stored as float32
+// `eta` and `mu` are the values of the step before (torch creates eta from
+// the group's lr at a parameter's first step, and mu as 1).
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct AsgdScalars {
+  T sign, wd, decay, neg_eta, mu;
+  bool average;
+};
+
+template <typename T, bool FMA, bool WD, bool AVERAGE>
+FUNCOPT_INLINE void asgd_loop(T* __restrict p, const T* __restrict g,
+                              T* __restrict ax, int64_t n,
+                              const AsgdScalars<T> s) {
+  for (int64_t i = 0; i < n; ++i) {
+    T param = p[i];
+    T grad = g[i] * s.sign;
+    if constexpr (WD) grad = madd<FMA>(param, s.wd, grad);
+    param = madd<FMA>(grad, s.neg_eta, param * s.decay);
+    p[i] = param;
+    if constexpr (AVERAGE) {
+      T average = ax[i];
+      ax[i] = average + (param - average) * s.mu;
+    } else {
+      ax[i] = param;
+    }
+  }
+}
+
+struct AsgdKernel {
+  template <typename T, bool FMA, bool WD>
+  static FUNCOPT_INLINE void segment(void* p, const void* g, void* ax,
+                                     int64_t n, const void* sv) {
+    const auto& s = *static_cast<const AsgdScalars<T>*>(sv);
+    if (s.average) {
+      asgd_loop<T, FMA, WD, true>(static_cast<T*>(p), static_cast<const T*>(g),
+                                  static_cast<T*>(ax), n, s);
+    } else {
+      asgd_loop<T, FMA, WD, false>(static_cast<T*>(p), static_cast<const T*>(g),
+                                   static_cast<T*>(ax), n, s);
+    }
+  }
+};
+
+template <typename T>
+ffi::Error asgd_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param,
+                      ffi::AnyBuffer grad, ffi::AnyBuffer ax_b,
+                      ffi::AnyBuffer eta_b, ffi::AnyBuffer mu_b,
+                      ffi::AnyBuffer step, ffi::AnyBuffer lr_b,
+                      ffi::AnyBuffer lambd_b, ffi::AnyBuffer alpha_b,
+                      ffi::AnyBuffer t0_b, ffi::AnyBuffer wd_b,
+                      ffi::AnyBuffer* out_p, ffi::AnyBuffer* out_ax,
+                      ffi::AnyBuffer* out_eta, ffi::AnyBuffer* out_mu,
+                      bool fma, bool maximize, ffi::Span<const int64_t> sizes,
+                      ffi::Span<const int64_t> spans,
+                      ffi::Span<const int64_t> rows) {
+  KeepSubnormals keep;  // the scalar math too
+  T* p = in_place<T>(param, out_p);
+  T* ax = in_place<T>(ax_b, out_ax);
+  const T* g = grad.typed_data<T>();
+  std::vector<Segment> list;
+  ffi::Error bad = segments(param.element_count(), sizes, spans, list);
+  if (bad.failure()) return bad;
+  PerLeaf etas, mus;
+  bad = etas.bind(eta_b, out_eta, list.size(), rows);
+  if (bad.failure()) return bad;
+  bad = mus.bind(mu_b, out_mu, list.size(), rows);
+  if (bad.failure()) return bad;
+  const double lr = scalar_value(lr_b);
+  const double lambd = scalar_value(lambd_b);
+  const double alpha = scalar_value(alpha_b);
+  const double t0 = scalar_value(t0_b);
+  const double wd = scalar_value(wd_b);
+  AsgdScalars<T> s;
+  s.sign = maximize ? T(-1) : T(1);
+  s.wd = static_cast<T>(wd);
+  const bool flags[2] = {fma, wd != 0};
+  auto fn = select_flags<AsgdKernel, T, 2>(flags);
+  for (size_t k = 0; k < list.size(); ++k) {
+    const double t = step_value(step, static_cast<int64_t>(k));
+    // _get_value(eta): at a first step, the group's lr as torch stored it
+    const double eta = t == 1 ? static_cast<float>(lr) : etas.get(k);
+    const float mu = mus.get(k);
+    s.decay = static_cast<T>(1 - lambd * eta);
+    s.neg_eta = static_cast<T>(-eta);
+    s.mu = static_cast<T>(mu);
+    s.average = mu != 1.0f;  // mu.item() != 1
+    run_segment<T>(pool, list[k], fn, s, p, g, ax);
+    etas.set(k, static_cast<float>(lr / std::pow(1 + lambd * lr * t, alpha)));
+    mus.set(k, static_cast<float>(1 / std::max(1.0, t - t0)));
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error AsgdImpl(ffi::ThreadPool pool, ffi::AnyBuffer param,
+                    ffi::AnyBuffer grad, ffi::AnyBuffer ax, ffi::AnyBuffer eta,
+                    ffi::AnyBuffer mu, ffi::AnyBuffer step, ffi::AnyBuffer lr,
+                    ffi::AnyBuffer lambd, ffi::AnyBuffer alpha,
+                    ffi::AnyBuffer t0, ffi::AnyBuffer wd,
+                    ffi::Result<ffi::AnyBuffer> out_p,
+                    ffi::Result<ffi::AnyBuffer> out_ax,
+                    ffi::Result<ffi::AnyBuffer> out_eta,
+                    ffi::Result<ffi::AnyBuffer> out_mu, bool fma,
+                    bool maximize, bool single_tensor,
+                    ffi::Span<const int64_t> sizes,
+                    ffi::Span<const int64_t> spans,
+                    ffi::Span<const int64_t> rows) {
+  if (!single_tensor) {
+    return ffi::Error::InvalidArgument("funcopt_asgd: torch has no fused ASGD");
+  }
+  return by_float_type(param, "funcopt_asgd", [&](auto zero) {
+    using T = decltype(zero);
+    return asgd_typed<T>(pool, param, grad, ax, eta, mu, step, lr, lambd,
+                         alpha, t0, wd, &*out_p, &*out_ax, &*out_eta, &*out_mu,
+                         fma, maximize, sizes, spans, rows);
+  });
+}
+
 // ---- packing leaves into one buffer (the multi-tensor step on a tree) ----
 // `spans[i]` elements of the packed buffer belong to leaf i: its own elements,
 // then zeros. Plain copies: no rounding, any dtype.
@@ -1597,6 +1911,53 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FuncoptRprop, RpropImpl,
                                   .Attr<bool>("single_tensor")
                                   .Attr<ffi::Span<const int64_t>>("sizes")
                                   .Attr<ffi::Span<const int64_t>>("spans"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FuncoptNadam, NadamImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // param
+                                  .Arg<ffi::AnyBuffer>()  // grad
+                                  .Arg<ffi::AnyBuffer>()  // exp_avg
+                                  .Arg<ffi::AnyBuffer>()  // exp_avg_sq
+                                  .Arg<ffi::AnyBuffer>()  // mu_product
+                                  .Arg<ffi::AnyBuffer>()  // step
+                                  .Arg<ffi::AnyBuffer>()  // lr
+                                  .Arg<ffi::AnyBuffer>()  // betas
+                                  .Arg<ffi::AnyBuffer>()  // eps
+                                  .Arg<ffi::AnyBuffer>()  // weight_decay
+                                  .Arg<ffi::AnyBuffer>()  // momentum_decay
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() FUNCOPT_ATTRS
+                                  .Attr<bool>("decoupled")
+                                  .Attr<bool>("single_tensor")
+                                  .Attr<ffi::Span<const int64_t>>("sizes")
+                                  .Attr<ffi::Span<const int64_t>>("spans")
+                                  .Attr<ffi::Span<const int64_t>>("rows"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FuncoptAsgd, AsgdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // param
+                                  .Arg<ffi::AnyBuffer>()  // grad
+                                  .Arg<ffi::AnyBuffer>()  // ax
+                                  .Arg<ffi::AnyBuffer>()  // eta
+                                  .Arg<ffi::AnyBuffer>()  // mu
+                                  .Arg<ffi::AnyBuffer>()  // step
+                                  .Arg<ffi::AnyBuffer>()  // lr
+                                  .Arg<ffi::AnyBuffer>()  // lambd
+                                  .Arg<ffi::AnyBuffer>()  // alpha
+                                  .Arg<ffi::AnyBuffer>()  // t0
+                                  .Arg<ffi::AnyBuffer>()  // weight_decay
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() FUNCOPT_ATTRS
+                                  .Attr<bool>("single_tensor")
+                                  .Attr<ffi::Span<const int64_t>>("sizes")
+                                  .Attr<ffi::Span<const int64_t>>("spans")
+                                  .Attr<ffi::Span<const int64_t>>("rows"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FuncoptPack, PackImpl,
                               ffi::Ffi::Bind()

@@ -1,28 +1,31 @@
 """torch's CPU optimizer steps as native code: one pass per element, in place.
 
 Adam/AdamW, SGD and Adagrad, with `fused=True` and without, and the default
-step of RMSprop, Adamax, Adadelta, RAdam and Rprop (torch has no fused kernel
-for them) run a C++ kernel (`funcopt/_native`, an XLA FFI custom call) on
+step of RMSprop, Adamax, Adadelta, RAdam, Rprop, NAdam and ASGD (torch has no
+fused kernel for them) run a C++ kernel (`funcopt/_native`, an XLA FFI custom call) on
 float32 and float64 CPU params when its library is built (`make venv`, or
 `pip install` with a C++ compiler) and JAX runs on one CPU device;
 elsewhere (16-bit params, GPU, several devices, a tensor hyperparameter,
-Adam's `differentiable`/`capturable` path, RAdam's `foreach=True`, sparse
-gradients, no library) the pure JAX rules in `adam.py`, `sgd.py`,
-`adagrad.py`, `rmsprop.py`, `adamax.py`, `adadelta.py`, `radam.py` and
-`rprop.py` run.
+Adam's and NAdam's `differentiable`/`capturable` path, the `foreach=True`
+step of RAdam, NAdam and ASGD, sparse gradients, no library) the pure JAX
+rules in `adam.py`, `sgd.py`, `adagrad.py`, `rmsprop.py`, `adamax.py`,
+`adadelta.py`, `radam.py`, `rprop.py`, `nadam.py` and `asgd.py` run.
 
 * `fused=True`: torch's fused kernel (`_fused_adam_`, `_fused_sgd_`,
   `_fused_adagrad_`), its vectorised body and scalar tail.
 * The default step: torch's single-tensor path (`_single_tensor_adam`,
   `_single_tensor_sgd`, `_single_tensor_adagrad`,
   `_single_tensor_rmsprop`, `_single_tensor_adamax`,
-  `_single_tensor_adadelta`, `_single_tensor_radam`, `_single_tensor_rprop`),
-  one torch op after another, each rounded in the param's dtype, the
-  multiply-adds of `add(alpha=)`, `addcmul` and `lerp` fused as torch's x86
-  build fuses them (`torch_cpu_block`: none on its `default` build), the
-  scalar math (`1 - beta ** step`, `bias_correction2 ** 0.5`,
-  `1 - lr * weight_decay`, `1 + (step - 1) * lr_decay`) in double as Python
-  computes it. For Adam, SGD and Adagrad that is the fused kernel's
+  `_single_tensor_adadelta`, `_single_tensor_radam`, `_single_tensor_rprop`,
+  `_single_tensor_nadam`, `_single_tensor_asgd`), one torch op after
+  another, each rounded in the param's dtype, the multiply-adds of
+  `add(alpha=)`, `addcmul` and `lerp` fused as torch's x86 build fuses them
+  (`torch_cpu_block`: none on its `default` build), the scalar math
+  (`1 - beta ** step`, `bias_correction2 ** 0.5`, `1 - lr * weight_decay`,
+  `1 + (step - 1) * lr_decay`) in double as Python computes it. A
+  per-parameter 0-d float32 state tensor (NAdam's `mu_product`, ASGD's `eta`
+  and `mu`) is updated by the kernel as torch updates it, in float32,
+  subnormals kept. For Adam, SGD and Adagrad that is the fused kernel's
   vectorised body, with every element taking it and the scalar math as
   Python's (`pow(x, 0.5)` for `sqrt`, no FMA), so both share one C++ loop
   (attribute `single_tensor`).
@@ -32,7 +35,7 @@ Both give torch's bits where the JAX rule does (x64 and
 gives them without either, since it rounds every op in the param's dtype and
 does the scalar math in C++ `double` as ATen and Python do. The default
 steps that take a square root (Adam's, Adagrad's, RMSprop's, Adadelta's,
-RAdam's) differ from torch's only where torch's `sqrt` (MKL's) is not
+RAdam's, NAdam's) differ from torch's only where torch's `sqrt` (MKL's) is not
 correctly rounded (the kernel's is).
 
 Subnormal values are kept, as torch keeps them: XLA runs its CPU threads with
@@ -82,8 +85,8 @@ def available() -> bool:
 
 def set_native_fused(enabled: bool) -> None:
     """Run Adam/AdamW, SGD and Adagrad steps (`fused=True` and default) and
-    the default step of RMSprop, Adamax, Adadelta, RAdam and Rprop on the
-    native CPU kernels where they apply
+    the default step of RMSprop, Adamax, Adadelta, RAdam, Rprop, NAdam and
+    ASGD on the native CPU kernels where they apply
     (`True`, the default unless the environment sets `FUNCOPT_NATIVE=0`), or
     always on the pure JAX rules (`False`): the same formula, the kernels in
     one pass over memory and in torch's float32 rounding without x64 (the
@@ -122,7 +125,7 @@ def native_fused() -> bool:
         if native:
             _log.info(
                 "funcopt: Adam/AdamW, SGD, Adagrad, RMSprop, Adamax, Adadelta, "
-                "RAdam and Rprop run the native CPU kernels (%s)",
+                "RAdam, Rprop, NAdam and ASGD run the native CPU kernels (%s)",
                 _native.LIBRARY,
             )
         else:
@@ -194,6 +197,23 @@ def _layout(
     return sizes, rows * width, None
 
 
+def _leaf_rows(param, sizes, spans) -> np.ndarray | None:
+    """Each packed leaf's rows in `param` (None: one leaf, not packed)."""
+    if len(sizes) == 0:
+        return None
+    return np.asarray(spans, np.int64) // int(jnp.shape(param)[1])
+
+
+def _fits_leaf_rows(value, param, rows) -> bool:
+    """Whether `value` is a per-parameter 0-d state buffer in the form
+    `rows` expects: float32 (torch's default dtype), 0-d for one leaf, one
+    value per row of a packed bucket."""
+    if jnp.dtype(value.dtype) != jnp.dtype(jnp.float32):
+        return False
+    expected = 1 if rows is None else jnp.shape(param)[0]
+    return int(np.size(value)) == expected
+
+
 # hyperparameters that are pairs (torch's tuples)
 _PAIRS = ("betas", "etas", "step_sizes")
 
@@ -214,13 +234,15 @@ def _scalars(hparams: dict, keys: tuple[str, ...]) -> list[jax.Array] | None:
 
 def _run(
     target, param, grad, slots, names, step, hparams, keys, options, jax_rule,
-    single_tensor,
+    single_tensor, leaf_scalars=(),
 ):  # fmt: skip
     """The kernel `target` on the param, gradient and buffers `names` (the
     param and buffers updated in place), differentiated through `jax_rule`
     (`jax.custom_jvp`); None where the kernel does not apply.
     `single_tensor`: torch's single-tensor (default) step instead of its
-    fused kernel."""
+    fused kernel. `leaf_scalars`: the per-parameter 0-d float32 buffers
+    (NAdam's `mu_product`), passed after `names` as they are (0-d, or one
+    value per row of a packed bucket: attribute `rows`)."""
     if not isinstance(grad, jax.Array):  # a sparse gradient (BCOO)
         return None
     if not _applies(param) or jnp.dtype(grad.dtype) != jnp.dtype(param.dtype):
@@ -234,22 +256,31 @@ def _run(
     if layout is None or _scalars(hparams, keys) is None:
         return None
     sizes, spans, first = layout
+    rows = _leaf_rows(param, sizes, spans)
+    if not all(_fits_leaf_rows(slots[k], param, rows) for k in leaf_scalars):
+        return None
     attrs = {
         "fma": np.bool_(torch_cpu_block() is not None),
         "maximize": np.bool_(bool(options["maximize"])),
         "sizes": sizes,
         "spans": spans,
     }
-    if target in ("funcopt_adam", "funcopt_adam_amsgrad", "funcopt_radam"):
-        attrs["decoupled"] = np.bool_(bool(options["decoupled_weight_decay"]))
-    if target.startswith("funcopt_sgd"):
-        attrs["nesterov"] = np.bool_(bool(options["nesterov"]))
+    # the flags some kernels take: every optimizer with the option has one
+    # that takes it (Adam/AdamW, RAdam, NAdam; SGD)
+    flags = (("decoupled", "decoupled_weight_decay"), ("nesterov", "nesterov"))
+    for attr, option in flags:
+        if option in options:
+            attrs[attr] = np.bool_(bool(options[option]))
     attrs["single_tensor"] = np.bool_(single_tensor)
-    arrays = [param, grad, *(slots[k] for k in names)]
+    if leaf_scalars:
+        attrs["rows"] = np.zeros(0, np.int64) if rows is None else rows
+    arrays = [param, grad, *(slots[k] for k in (*names, *leaf_scalars))]
     out_index = [0, *range(2, len(arrays))]
     # the operands as they are: XLA copies a reshaped operand (a bitcast of
     # another buffer) before a call that writes into it
-    results = [jax.ShapeDtypeStruct(param.shape, param.dtype) for _ in out_index]
+    results = [
+        jax.ShapeDtypeStruct(jnp.shape(arrays[i]), arrays[i].dtype) for i in out_index
+    ]
     call = jax.ffi.ffi_call(
         target,
         results,
@@ -269,16 +300,17 @@ def _run(
 
     def fallback(arrays, step, hparams):
         p, g, *bufs = arrays
+        every = (*names, *leaf_scalars)
         with packed_leaves(*packed) if packed else contextlib.nullcontext():
-            new_p, new = jax_rule(p, g, dict(zip(names, bufs)), step, hparams, options)
-        return (new_p, *(new[k] for k in names))
+            new_p, new = jax_rule(p, g, dict(zip(every, bufs)), step, hparams, options)
+        return (new_p, *(new[k] for k in every))
 
     @kernel.defjvp
     def _jvp(primals, tangents):
         return kernel(*primals), jax.jvp(fallback, primals, tangents)[1]
 
     out = kernel(arrays, step, dict(hparams))
-    return out[0], dict(zip(names, out[1:]))
+    return out[0], dict(zip((*names, *leaf_scalars), out[1:]))
 
 
 def with_kernel(kernel: Callable, jax_rule: Callable) -> Callable:
@@ -319,18 +351,20 @@ def _kernel(
     buffers: Callable[[dict, dict], tuple[str, list[str]]],
     keys: tuple[str, ...],
     single_tensor: bool,
+    leaf_scalars: tuple[str, ...] = (),
 ) -> Callable:
     """An optimizer's step through the kernel, torch's fused
     (`single_tensor` False) or default one, for `with_kernel`: None where it
     does not apply. `buffers(slots, options)` gives the FFI target and the
-    state buffers it updates; `keys` are the hyperparameters it reads."""
+    state buffers it updates; `keys` are the hyperparameters it reads;
+    `leaf_scalars` its per-parameter 0-d state buffers (`_run`)."""
 
     def kernel(param, grad, slots, step, hparams, options, jax_rule) -> Any:
         if single_tensor and not _single_tensor_applies(options):
             return None
         target, names = buffers(slots, options)
         return _run(target, param, grad, slots, names, step, hparams, keys,
-                    options, jax_rule, single_tensor)  # fmt: skip
+                    options, jax_rule, single_tensor, leaf_scalars)  # fmt: skip
 
     return kernel
 
@@ -381,11 +415,13 @@ def _default_step_only(
     names: list[str],
     keys: tuple[str, ...],
     applies: Callable[[dict], bool] = lambda options: True,
+    leaf_scalars: tuple[str, ...] = (),
 ) -> Callable:
     """The default step of an optimizer torch has no fused kernel for, through
-    the kernel `target` (`_kernel`), which updates the buffers `names`;
-    `applies(options)`: whether a group's flags select that step."""
-    kernel = _kernel(lambda slots, options: (target, names), keys, single_tensor=True)
+    the kernel `target` (`_kernel`), which updates the buffers `names` and
+    the per-parameter scalars `leaf_scalars`; `applies(options)`: whether a
+    group's flags select that step."""
+    kernel = _kernel(lambda slots, options: (target, names), keys, True, leaf_scalars)
 
     def default_step(param, grad, slots, step, hparams, options, jax_rule) -> Any:
         if not applies(options):
@@ -407,6 +443,11 @@ def adadelta() -> Callable:
     return _default_step_only("funcopt_adadelta", ["square_avg", "acc_delta"], keys)
 
 
+def _default_step_not_foreach(options) -> bool:
+    # `foreach=True`: torch's `_multi_tensor_*` step, which rounds otherwise
+    return not options["foreach"]
+
+
 def radam() -> Callable:
     """RAdam's default step (`_single_tensor_radam`) through the kernel;
     `foreach=True` (`_multi_tensor_radam`, which rounds otherwise) takes the
@@ -415,7 +456,7 @@ def radam() -> Callable:
         "funcopt_radam",
         ["exp_avg", "exp_avg_sq"],
         ("lr", "betas", "eps", "weight_decay"),
-        applies=lambda options: not options["foreach"],
+        applies=_default_step_not_foreach,
     )
 
 
@@ -423,6 +464,30 @@ def rprop() -> Callable:
     """Rprop's default step (`_single_tensor_rprop`) through the kernel."""
     keys = ("lr", "etas", "step_sizes")
     return _default_step_only("funcopt_rprop", ["prev", "step_size"], keys)
+
+
+def nadam() -> Callable:
+    """NAdam's default step (`_single_tensor_nadam`) through the kernel;
+    `foreach=True` takes the JAX rule."""
+    return _default_step_only(
+        "funcopt_nadam",
+        ["exp_avg", "exp_avg_sq"],
+        ("lr", "betas", "eps", "weight_decay", "momentum_decay"),
+        applies=_default_step_not_foreach,
+        leaf_scalars=("mu_product",),
+    )
+
+
+def asgd() -> Callable:
+    """ASGD's default step (`_single_tensor_asgd`) through the kernel;
+    `foreach=True` takes the JAX rule."""
+    return _default_step_only(
+        "funcopt_asgd",
+        ["ax"],
+        ("lr", "lambd", "alpha", "t0", "weight_decay"),
+        applies=_default_step_not_foreach,
+        leaf_scalars=("eta", "mu"),
+    )
 
 
 def adagrad(single_tensor: bool) -> Callable:

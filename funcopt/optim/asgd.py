@@ -20,6 +20,7 @@ from .._math import (
     tensor_op,
     widest_float,
 )
+from . import _fused_native
 from ._common import (
     apply_maximize,
     check_foreach_differentiable,
@@ -70,6 +71,10 @@ def _asgd_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
     excess = step - t0
     new_mu = (1 / jnp.where(excess > 1, excess, 1.0)).astype(jnp.float32)
     return param, {"eta": new_eta, "mu": new_mu, "ax": ax}
+
+
+# torch's default step: native where it applies, else `_asgd_rule`
+_asgd_default_rule = _fused_native.with_kernel(_fused_native.asgd(), _asgd_rule)
 
 
 def _foreach_asgd_rule(param, grad, slots, step, hparams, options, lr_dtype):
@@ -167,6 +172,13 @@ def asgd(
     (`ax`) is state only; the parameters are never replaced by it. This is
     torch's single-tensor algebra.
 
+    On one CPU device, for float32 and float64 params, the default step
+    runs funcopt's native kernel (`funcopt.optim._fused_native`): torch's
+    `_single_tensor_asgd` op by op in C++, one pass over memory, $\eta$
+    and $\mu$ computed in double and stored as float32 as torch does:
+    torch's float32 bits without x64; elsewhere, and with `foreach=True`,
+    `differentiable=True` or a tensor `lr`, the same formulas in JAX.
+
     `foreach=True` mirrors torch's `_multi_tensor_asgd`:
     $\theta_t = \theta_{t-1} - \eta_{t-1}\bigl(g_t + \lambda\theta_{t-1}\bigr)$
     (one `addcmul` with $\eta$ a float32 scalar tensor),
@@ -188,7 +200,7 @@ def asgd(
         name="ASGD",
         elementwise=True,
         # each group's rule from its own lr (a float or a tensor)
-        rule=group_rule(_asgd_rule, lr_dtype="lr"),
+        rule=group_rule(_asgd_default_rule, lr_dtype="lr"),
         init_slots=_asgd_slots,
         hyperparams={
             "lr": lr,

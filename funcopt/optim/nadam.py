@@ -23,6 +23,7 @@ from .._math import (
     tensor_op,
     widest_float,
 )
+from . import _fused_native
 from ._common import (
     adam_moments,
     check_foreach_differentiable,
@@ -94,6 +95,10 @@ def _nadam_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
     param = addcdiv(param, grad, denom, grad_value)
     param = addcdiv(param, moments["exp_avg"], denom, exp_avg_value)
     return param, {"mu_product": mu_product, **moments}
+
+
+# torch's default step: native where it applies, else `_nadam_rule`
+_nadam_default_rule = _fused_native.with_kernel(_fused_native.nadam(), _nadam_rule)
 
 
 def _times_mu(mu_product, mu):
@@ -193,6 +198,14 @@ def nadam(
     scalar in torch and is rounded to float32 at every step here too.
     `t` is each parameter's own step count.
 
+    On one CPU device, for float32 and float64 params, the default step
+    runs funcopt's native kernel (`funcopt.optim._fused_native`): torch's
+    `_single_tensor_nadam` op by op in C++, one pass over memory, $\Pi$
+    multiplied in float32 with subnormals kept, torch's float32 bits
+    without x64 wherever torch's `sqrt` (MKL's) is correctly rounded;
+    elsewhere, and with `foreach=True`, `differentiable=True` or a tensor
+    `lr`, the same formulas in JAX.
+
     `differentiable=True` mirrors torch's tensor path: $\Pi$ stays a
     float32 scalar in the update, whose two coefficients
     $-\gamma(1-\mu_t)/(1-\Pi_t)$ and $-\gamma\mu_{t+1}/(1-\Pi_t\mu_{t+1})$
@@ -218,7 +231,7 @@ def nadam(
         name="NAdam",
         elementwise=True,
         # each group's rule from its own lr (a float or a tensor)
-        rule=group_rule(_nadam_rule, lr_dtype="lr"),
+        rule=group_rule(_nadam_default_rule, lr_dtype="lr"),
         init_slots=_nadam_slots,
         hyperparams={
             "lr": lr,

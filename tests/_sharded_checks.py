@@ -244,6 +244,77 @@ def run_optimizer(mesh, name, factory, kwargs, kind, rng):
     return out
 
 
+# the optimizers whose default step is a native kernel on CPU
+# (`funcopt.optim._fused_native`), with flags that reach their buffers
+NATIVE = {
+    "adam": (fo.adam, {"weight_decay": 0.1}),
+    "adamw": (fo.adamw, {"amsgrad": True}),
+    "sgd": (fo.sgd, {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+    "adagrad": (fo.adagrad, {"lr_decay": 0.01}),
+    "rmsprop": (fo.rmsprop, {"centered": True, "momentum": 0.9}),
+    "adamax": (fo.adamax, {"weight_decay": 0.1}),
+    "adadelta": (fo.adadelta, {"weight_decay": 0.1}),
+    "radam": (fo.radam, {"weight_decay": 0.1, "decoupled_weight_decay": True}),
+    "rprop": (fo.rprop, {}),
+    "nadam": (fo.nadam, {"weight_decay": 0.1}),
+    "asgd": (fo.asgd, {"t0": 1.0}),
+}
+
+
+def kernel_calls(compiled) -> int:
+    return compiled.as_text().count('custom_call_target="funcopt_')
+
+
+def float_copies(compiled) -> int:
+    """Copies of float arrays (0-d values aside) in the compiled step."""
+    copy = r"= f(?:32|64)\[[^\]]+\]\S* copy(?:-start)?\("
+    return len(re.findall(copy, compiled.as_text()))
+
+
+def check_native_kernels(mesh, rng):
+    """The native kernels (torch's default steps in C++) on sharded params:
+    each device runs the kernel on its own piece of each leaf
+    (`_fused_native._partitioned`), with the single-device bits. The plain
+    step is donated: in place, no collective; ZeRO all-gathers the params."""
+    out = []
+    for name, (factory, kwargs) in NATIVE.items():
+        opt = factory(**kwargs)
+        np_params, specs = tree_and_specs(rng, "mixed", complex_ok=False)
+        shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+        grads_seq = grads_for(rng, np_params)
+        ref_step = jax.jit(opt.step)
+        p, st = np_params, opt.init(np_params)
+        for g in grads_seq:
+            p, st = ref_step(p, g, st)
+        ref = (p, st)
+        sharded_grads = [jax.device_put(g, shardings) for g in grads_seq]
+        for mode in ("plain", "zero"):
+            params = jax.device_put(np_params, shardings)
+            zero = "data" if mode == "zero" else None
+            st_sh = fs.state_shardings(opt, params, zero_axis=zero)
+            state = fs.init(opt, params, zero_axis=zero)
+            if zero:
+                step = fs.zero_step(opt, params)
+            else:
+                step = jax.jit(opt.step, donate_argnums=(0, 2))
+            with fs.per_leaf():
+                compiled = step.lower(params, sharded_grads[0], state).compile()
+            params, state, keeps = run_steps(
+                compiled, params, state, sharded_grads, shardings, st_sh
+            )
+            row = result(
+                f"native:{name}", repr(kwargs), mode, ref, (params, state), keeps,
+                collectives(compiled),
+            )  # fmt: skip
+            row["kernel_calls"] = kernel_calls(compiled)
+            row["float_copies"] = float_copies(compiled)
+            row["ref_kernel_calls"] = kernel_calls(
+                ref_step.lower(np_params, grads_seq[0], opt.init(np_params)).compile()
+            )
+            out.append(row)
+    return out
+
+
 def check_sparse_adam(mesh, rng):
     """SparseAdam: dense params and state sharded, the BCOO gradient replicated."""
     opt = fo.sparse_adam(lr=0.05)
@@ -455,6 +526,7 @@ def main():
         kind = "matrices" if case.tree is not None else "mixed"
         # the last combination has every flag on (as the eager parity tests)
         results += run_optimizer(mesh, case.name, case.factory, combos[-1], kind, rng)
+    results += check_native_kernels(mesh, rng)
     results += check_sparse_adam(mesh, rng)
     results += check_lbfgs(mesh, rng, np.float32, 2)
     with jax.enable_x64(True):

@@ -42,6 +42,11 @@ ELEMENTWISE = {
     "sgd", "adam", "adamw", "adamax", "nadam", "radam", "rmsprop", "adagrad",
     "adadelta", "rprop", "asgd",
 }  # fmt: skip
+# the optimizers whose default step is a native kernel (`_sharded_checks.NATIVE`)
+NATIVE = (
+    "adam", "adamw", "sgd", "adagrad", "rmsprop", "adamax", "adadelta", "radam",
+    "rprop", "nadam", "asgd",
+)  # fmt: skip
 REPORT = "sharded_checks.json"
 # the child this process started: (Popen, its stdout and stderr files)
 _CHILD: dict[str, tuple] = {}
@@ -144,6 +149,28 @@ def test_sharded_steps_equal_single_device(report):
         assert r["max_abs"] <= tol or r["max_rel"] <= tol, r
         if r["name"] in BITWISE:
             assert r["bitwise"], r
+
+
+def test_native_kernels_run_per_device_with_the_same_bits(report):
+    """The default steps' native kernels on model-sharded params (5 float
+    leaves: sharded on either dimension, replicated, 0-d): every device runs
+    each leaf's kernel on its piece; bit for bit the single-device step (the
+    kernel too); the donated plain step in place (no float copy) with no
+    collective, the ZeRO step all-gathering the params only."""
+    rows = [r for r in report["results"] if r["name"].startswith("native:")]
+    assert len(rows) == 2 * len(NATIVE), [r["name"] for r in rows]
+    assert {r["name"] for r in rows} == {f"native:{n}" for n in NATIVE}
+    for r in rows:
+        assert r["bitwise"], r
+        assert r["ref_kernel_calls"] == 5, r
+        assert r["kernel_calls"] == 5, r
+        c = r["collectives"]
+        if r["mode"] == "plain":
+            assert not any(c.values()), r
+            assert r["float_copies"] == 0, r
+        else:
+            assert c["all-reduce"] == 0 and c["reduce-scatter"] == 0, r
+            assert c["collective-permute"] == 0, r
 
 
 def test_state_follows_and_keeps_its_sharding(report):

@@ -2,10 +2,13 @@
 
 Adam/AdamW, SGD and Adagrad, with `fused=True` and without, and the default
 step of RMSprop, Adamax, Adadelta, RAdam, Rprop, NAdam and ASGD (torch has no
-fused kernel for them) run a C++ kernel (`funcopt/_native`, an XLA FFI custom call) on
-float32 and float64 CPU params when its library is built (`make venv`, or
-`pip install` with a C++ compiler) and JAX runs on one CPU device;
-elsewhere (16-bit params, GPU, several devices, a tensor hyperparameter,
+fused kernel for them) run a C++ kernel (`funcopt/_native`, an XLA FFI
+custom call) on float32 and float64 CPU params when its library is built
+(`make venv`, or `pip install` with a C++ compiler): on one CPU device, and
+on several, where a default step runs on each device's piece of every leaf
+(`_partitioned`; no communication, the single-device bits); elsewhere
+(16-bit params, GPU, the fused kernels and packed buckets on several
+devices, a tensor hyperparameter,
 Adam's and NAdam's `differentiable`/`capturable` path, the `foreach=True`
 step of RAdam, NAdam and ASGD, sparse gradients, no library) the pure JAX
 rules in `adam.py`, `sgd.py`, `adagrad.py`, `rmsprop.py`, `adamax.py`,
@@ -69,6 +72,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
 
 from .. import _native
 from .._core import TENSOR_DTYPES
@@ -111,7 +116,7 @@ def _requested() -> bool:
 
 def native_fused() -> bool:
     """Whether the steps of `set_native_fused` run the native CPU kernels
-    where they apply (float32/float64 params, one CPU device): the library
+    where they apply (float32/float64 params on the CPU): the library
     is built and
     [`set_native_fused`][funcopt.precision.set_native_fused] (or
     `FUNCOPT_NATIVE`) did not turn them off. Logs the answer once (INFO,
@@ -165,7 +170,6 @@ def _applies(param: Any) -> bool:
         jnp.dtype(param.dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
         and kernels_apply()
         and jax.default_backend() == "cpu"
-        and jax.device_count() == 1
     )
 
 
@@ -256,6 +260,12 @@ def _run(
     if layout is None or _scalars(hparams, keys) is None:
         return None
     sizes, spans, first = layout
+    several_devices = jax.device_count() > 1
+    if several_devices and (len(sizes) or not single_tensor):
+        # split over devices (`_partitioned`) only where every element takes
+        # the same arithmetic: one leaf, torch's default step (a fused
+        # kernel's scalar tail is the last elements of the whole leaf)
+        return None
     rows = _leaf_rows(param, sizes, spans)
     if not all(_fits_leaf_rows(slots[k], param, rows) for k in leaf_scalars):
         return None
@@ -276,17 +286,21 @@ def _run(
         attrs["rows"] = np.zeros(0, np.int64) if rows is None else rows
     arrays = [param, grad, *(slots[k] for k in (*names, *leaf_scalars))]
     out_index = [0, *range(2, len(arrays))]
-    # the operands as they are: XLA copies a reshaped operand (a bitcast of
-    # another buffer) before a call that writes into it
-    results = [
-        jax.ShapeDtypeStruct(jnp.shape(arrays[i]), arrays[i].dtype) for i in out_index
-    ]
-    call = jax.ffi.ffi_call(
-        target,
-        results,
-        vmap_method="sequential",
-        input_output_aliases={i: k for k, i in enumerate(out_index)},
-    )
+
+    def call(*operands):
+        # the operands as they are: XLA copies a reshaped operand (a bitcast
+        # of another buffer) before a call that writes into it
+        results = [
+            jax.ShapeDtypeStruct(jnp.shape(operands[i]), operands[i].dtype)
+            for i in out_index
+        ]
+        ffi = jax.ffi.ffi_call(
+            target,
+            results,
+            vmap_method="sequential",
+            input_output_aliases={i: k for k, i in enumerate(out_index)},
+        )
+        return tuple(ffi(*operands, **attrs))
 
     # both traced again when differentiated, after the rule's trace: they
     # close over what they read from it (the layout, `packed_leaves`)
@@ -296,7 +310,11 @@ def _run(
         assert scalars is not None
         step = jnp.ravel(jnp.asarray(step))
         step_arg = (step if first is None else step[first]).astype(scalars[0].dtype)
-        return tuple(call(*arrays, step_arg, *scalars, **attrs))
+        operands = (*arrays, step_arg, *scalars)
+        if several_devices:
+            full = 2 + len(names)
+            return _partitioned(call, operands, full, len(out_index))(*operands)
+        return call(*operands)
 
     def fallback(arrays, step, hparams):
         p, g, *bufs = arrays
@@ -311,6 +329,61 @@ def _run(
 
     out = kernel(arrays, step, dict(hparams))
     return out[0], dict(zip((*names, *leaf_scalars), out[1:]))
+
+
+def _partitioned(
+    call: Callable, operands: tuple, n_full: int, n_results: int
+) -> Callable:
+    """`call` (a kernel that treats every element alike) split over the
+    devices the param is sharded on: each device runs it on its own piece of
+    the param and of the other full-size operands (the first `n_full`,
+    sharded as the param; the first `n_full - 1` results), the scalars
+    replicated (every device computes the same per-parameter scalars). No
+    communication: XLA's partitioner (Shardy) is told the operands share
+    the param's dimensions (`custom_partitioning`). Under `vmap` each batch
+    element runs it in turn (custom_partitioning has no batching rule)."""
+    dims = " ".join(f"d{i}" for i in range(jnp.ndim(operands[0])))
+    specs, pairs = [], []
+    for k, x in enumerate(operands):
+        if k < n_full:
+            specs.append(dims)
+        elif jnp.ndim(x) == 0:
+            specs.append("")
+        else:  # a pair (betas): whole on every device
+            pairs.append(f"r{k}")
+            specs.append(f"r{k}")
+    n_sharded = n_full - 1  # the results: the param, its buffers, the scalars
+    outs = [dims] * n_sharded + [""] * (n_results - n_sharded)
+    rule = ", ".join(specs) + " -> " + ", ".join(outs)
+
+    @custom_partitioning
+    def split(*args):
+        return call(*args)
+
+    def partition(mesh, arg_shapes, result_shape):
+        sharding = arg_shapes[0].sharding
+        whole = NamedSharding(mesh, PartitionSpec())
+        args = [sharding if k < n_full else whole for k in range(len(arg_shapes))]
+        results = [sharding if k < n_sharded else whole for k in range(n_results)]
+        return mesh, call, tuple(results), tuple(args)
+
+    split.def_partition(
+        partition=partition, sharding_rule=rule, need_replication_factors=tuple(pairs)
+    )
+
+    @jax.custom_batching.custom_vmap
+    def run(*args):
+        return split(*args)
+
+    @run.def_vmap
+    def _batched(axis_size, in_batched, *args):
+        outs = [
+            run(*(x[i] if batched else x for x, batched in zip(args, in_batched)))
+            for i in range(axis_size)
+        ]
+        return tuple(jnp.stack(o) for o in zip(*outs)), (True,) * n_results
+
+    return run
 
 
 def with_kernel(kernel: Callable, jax_rule: Callable) -> Callable:

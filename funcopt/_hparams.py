@@ -9,6 +9,7 @@ Values keep their array shape and dtype, so a jitted step never recompiles.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -106,7 +107,14 @@ def hparams_only(state: Any) -> list[OptState]:
 def _hparams_only(state: OptState | LBFGSState) -> OptState:
     if isinstance(state, OptState):
         return state._replace(slots={})
-    return OptState(step=jnp.zeros((0,), jnp.int32), hparams=state.hparams, slots={})
+    return OptState(step=_no_step_counts(), hparams=state.hparams, slots={})
+
+
+@functools.cache
+def _no_step_counts() -> jax.Array:
+    """L-BFGS's (absent) per-leaf step counts: an empty array made once, not
+    a device computation at every eager scheduler step."""
+    return jnp.zeros((0,), jnp.int32)
 
 
 def with_hparams(state: Any, reduced: list[OptState]) -> Any:

@@ -26,6 +26,7 @@ from torch.optim import swa_utils
 
 import funcopt as fo
 from funcopt import lr_scheduler as S
+from funcopt._hparams import hparams_only
 from tests.torch_ref import assert_same_bits
 
 RTOL = 1e-12
@@ -486,6 +487,10 @@ def test_eager_step_on_an_lbfgs_state():
     old, new = (jax.tree.leaves(s._replace(hparams={})) for s in (state, new_state))
     assert all(a is b for a, b in zip(new, old))
     assert not sched._op_by_op
+    # L-BFGS has no per-leaf step counts: the compiled step is handed one
+    # empty array, made once (not a device computation per eager step)
+    counts = [hparams_only(s)[0].step for s in (state, new_state)]
+    assert counts[0] is counts[1] and counts[0].shape == (0,)
 
 
 def test_eager_step_with_a_python_branch_runs_op_by_op(x64):

@@ -76,6 +76,23 @@ FUNCOPT_INLINE T madd(T a, T b, T c) {
   }
 }
 
+// torch's `start.lerp_(end, weight)` with a scalar weight, its CPU kernel's
+// two branches as one multiply-add: `start + weight * (end - start)` where
+// |weight| < 0.5 (SMALL), else `end + (weight - 1) * (end - start)`;
+// `coeff` is the weight, or weight - 1 (`lerp_coefficient`)
+template <bool FMA, bool SMALL, typename T>
+FUNCOPT_INLINE T lerp(T start, T end, T coeff) {
+  return madd<FMA>(coeff, end - start, SMALL ? start : end);
+}
+
+// `lerp`'s `coeff` for `weight`, and its branch (SMALL)
+template <typename T>
+bool lerp_coefficient(T weight, T* coeff) {
+  const bool small = std::abs(weight) < T(0.5);
+  *coeff = small ? weight : weight - T(1);
+  return small;
+}
+
 // a hyperparameter buffer's value as the C++ double torch's kernel reads
 double scalar_value(const ffi::AnyBuffer& b, int64_t index = 0) {
   if (b.element_type() == ffi::DataType::F64) {
@@ -299,7 +316,7 @@ FUNCOPT_INLINE void adam_loop(T* __restrict p, const T* __restrict g,
     param = param * s.decay;
     // exp_avg.lerp_(grad, 1 - beta1): blendv, then one fmadd
     T mi = m[i];
-    mi = madd<FMA>(s.coeff, grad - mi, SMALL ? mi : grad);
+    mi = lerp<FMA, SMALL>(mi, grad, s.coeff);
     T vi = v[i];
     T weighted = s.one_minus_b2 * grad;
     // the vectorised loop fuses the second product, the tail the first
@@ -385,9 +402,7 @@ ffi::Error adam_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param, ffi::AnyBuffe
                                                    : 1.0 - lr * wd);
   }
   s.single_tensor = single_tensor;
-  const T weight = static_cast<T>(1 - beta1);
-  s.small = std::abs(weight) < T(0.5);
-  s.coeff = s.small ? weight : weight - T(1);
+  s.small = lerp_coefficient(static_cast<T>(1 - beta1), &s.coeff);
   s.b2 = static_cast<T>(beta2);
   s.one_minus_b2 = static_cast<T>(1 - beta2);
   s.eps = static_cast<T>(eps);
@@ -717,7 +732,7 @@ FUNCOPT_INLINE void rmsprop_loop(T* __restrict p, const T* __restrict g,
     T avg;
     if constexpr (CENTERED) {
       T grad_avg = ga[i];
-      grad_avg = madd<FMA>(s.coeff, grad - grad_avg, SMALL ? grad_avg : grad);
+      grad_avg = lerp<FMA, SMALL>(grad_avg, grad, s.coeff);
       ga[i] = grad_avg;
       avg = std::sqrt(madd<FMA>(-grad_avg, grad_avg, square_avg));
     } else {
@@ -787,8 +802,7 @@ ffi::Error rmsprop_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param,
   s.wd = static_cast<T>(wd);
   s.alpha = static_cast<T>(alpha);
   s.one_minus_alpha = static_cast<T>(1 - alpha);
-  s.small = std::abs(s.one_minus_alpha) < T(0.5);
-  s.coeff = s.small ? s.one_minus_alpha : s.one_minus_alpha - T(1);
+  s.small = lerp_coefficient(s.one_minus_alpha, &s.coeff);
   s.eps = static_cast<T>(scalar_value(eps_b));
   s.momentum = static_cast<T>(momentum);
   s.neg_lr = static_cast<T>(-lr);
@@ -888,9 +902,8 @@ ffi::Error RmspropCenteredMomentumImpl(
 
 template <typename T>
 struct AdamaxScalars {
-  // coeff, small: the lerp's weight and branch, as AdamScalars
+  // coeff: the lerp's (`lerp_coefficient`; its branch is SMALL)
   T sign, wd, coeff, b2, eps, neg_clr;
-  bool small;
 };
 
 template <typename T, bool FMA, bool WD, bool SMALL>
@@ -902,7 +915,7 @@ FUNCOPT_INLINE void adamax_loop(T* __restrict p, const T* __restrict g,
     T grad = g[i] * s.sign;
     if constexpr (WD) grad = madd<FMA>(param, s.wd, grad);
     T mi = m[i];
-    mi = madd<FMA>(s.coeff, grad - mi, SMALL ? mi : grad);
+    mi = lerp<FMA, SMALL>(mi, grad, s.coeff);
     T decayed = u[i] * s.b2;
     T bound = std::abs(grad) + s.eps;
     T ui = (decayed > bound || decayed != decayed) ? decayed : bound;
@@ -913,17 +926,12 @@ FUNCOPT_INLINE void adamax_loop(T* __restrict p, const T* __restrict g,
 }
 
 struct AdamaxKernel {
-  template <typename T, bool FMA, bool WD>
+  template <typename T, bool FMA, bool WD, bool SMALL>
   static FUNCOPT_INLINE void segment(void* p, const void* g, void* m, void* u,
-                                     int64_t n, const void* sv) {
-    const auto& s = *static_cast<const AdamaxScalars<T>*>(sv);
-    if (s.small) {
-      adamax_loop<T, FMA, WD, true>(static_cast<T*>(p), static_cast<const T*>(g),
-                                    static_cast<T*>(m), static_cast<T*>(u), n, s);
-    } else {
-      adamax_loop<T, FMA, WD, false>(static_cast<T*>(p), static_cast<const T*>(g),
-                                     static_cast<T*>(m), static_cast<T*>(u), n, s);
-    }
+                                     int64_t n, const void* s) {
+    adamax_loop<T, FMA, WD, SMALL>(static_cast<T*>(p), static_cast<const T*>(g),
+                                   static_cast<T*>(m), static_cast<T*>(u), n,
+                                   *static_cast<const AdamaxScalars<T>*>(s));
   }
 };
 
@@ -951,13 +959,11 @@ ffi::Error adamax_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param,
   AdamaxScalars<T> s;
   s.sign = maximize ? T(-1) : T(1);
   s.wd = static_cast<T>(wd);
-  const T weight = static_cast<T>(1 - beta1);
-  s.small = std::abs(weight) < T(0.5);
-  s.coeff = s.small ? weight : weight - T(1);
+  const bool small = lerp_coefficient(static_cast<T>(1 - beta1), &s.coeff);
   s.b2 = static_cast<T>(scalar_value(betas, 1));
   s.eps = static_cast<T>(scalar_value(eps_b));
-  const bool flags[2] = {fma, wd != 0};
-  auto fn = select_flags<AdamaxKernel, T, 2>(flags);
+  const bool flags[3] = {fma, wd != 0, small};
+  auto fn = select_flags<AdamaxKernel, T, 3>(flags);
   for (size_t k = 0; k < list.size(); ++k) {
     const double t = step_value(step, static_cast<int64_t>(k));
     s.neg_clr = static_cast<T>(-(lr / (1 - std::pow(beta1, t))));
@@ -1105,10 +1111,10 @@ ffi::Error AdadeltaImpl(ffi::ThreadPool pool, ffi::AnyBuffer param,
 
 template <typename T>
 struct RadamScalars {
-  // coeff, small: the lerp's weight and branch, as AdamScalars; decay: the
-  // decoupled factor (1 otherwise)
+  // coeff: the lerp's (`lerp_coefficient`; its branch is SMALL); decay: the
+  // decoupled factor (1 otherwise); rectified: this leaf's rho_t > 5
   T sign, wd, decay, coeff, b2, one_minus_b2, eps, bc1, lr, bc2_sqrt, rect;
-  bool small, rectified;
+  bool rectified;
 };
 
 template <typename T, bool FMA, bool WD, bool SMALL, bool RECT>
@@ -1121,7 +1127,7 @@ FUNCOPT_INLINE void radam_loop(T* __restrict p, const T* __restrict g,
     if constexpr (WD) grad = madd<FMA>(param, s.wd, grad);
     param = param * s.decay;
     T mi = m[i];
-    mi = madd<FMA>(s.coeff, grad - mi, SMALL ? mi : grad);
+    mi = lerp<FMA, SMALL>(mi, grad, s.coeff);
     T vi = v[i];
     vi = madd<FMA>(s.one_minus_b2 * grad, grad, vi * s.b2);
     m[i] = mi;
@@ -1135,18 +1141,8 @@ FUNCOPT_INLINE void radam_loop(T* __restrict p, const T* __restrict g,
   }
 }
 
-template <typename T, bool FMA, bool WD, bool SMALL>
-FUNCOPT_INLINE void radam_segment_lerp(T* p, const T* g, T* m, T* v,
-                                       int64_t n, const RadamScalars<T>& s) {
-  if (s.rectified) {
-    radam_loop<T, FMA, WD, SMALL, true>(p, g, m, v, n, s);
-  } else {
-    radam_loop<T, FMA, WD, SMALL, false>(p, g, m, v, n, s);
-  }
-}
-
 struct RadamKernel {
-  template <typename T, bool FMA, bool WD>
+  template <typename T, bool FMA, bool WD, bool SMALL>
   static FUNCOPT_INLINE void segment(void* pv, const void* gv, void* mv, void* vv,
                                     int64_t n, const void* sv) {
     const auto& s = *static_cast<const RadamScalars<T>*>(sv);
@@ -1154,10 +1150,10 @@ struct RadamKernel {
     const T* g = static_cast<const T*>(gv);
     T* m = static_cast<T*>(mv);
     T* v = static_cast<T*>(vv);
-    if (s.small) {
-      radam_segment_lerp<T, FMA, WD, true>(p, g, m, v, n, s);
+    if (s.rectified) {
+      radam_loop<T, FMA, WD, SMALL, true>(p, g, m, v, n, s);
     } else {
-      radam_segment_lerp<T, FMA, WD, false>(p, g, m, v, n, s);
+      radam_loop<T, FMA, WD, SMALL, false>(p, g, m, v, n, s);
     }
   }
 };
@@ -1189,16 +1185,14 @@ ffi::Error radam_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param,
   s.wd = static_cast<T>(wd);
   // `1 - lr * weight_decay`, Python floats (unfused)
   s.decay = decoupled ? static_cast<T>(1.0 - lr * wd) : T(1);
-  const T weight = static_cast<T>(1 - beta1);
-  s.small = std::abs(weight) < T(0.5);
-  s.coeff = s.small ? weight : weight - T(1);
+  const bool small = lerp_coefficient(static_cast<T>(1 - beta1), &s.coeff);
   s.b2 = static_cast<T>(beta2);
   s.one_minus_b2 = static_cast<T>(1 - beta2);
   s.eps = static_cast<T>(scalar_value(eps_b));
   s.lr = static_cast<T>(lr);
   const double rho_inf = 2 / (1 - beta2) - 1;
-  const bool flags[2] = {fma, !decoupled && wd != 0};
-  auto fn = select_flags<RadamKernel, T, 2>(flags);
+  const bool flags[3] = {fma, !decoupled && wd != 0, small};
+  auto fn = select_flags<RadamKernel, T, 3>(flags);
   for (size_t k = 0; k < list.size(); ++k) {
     const double t = step_value(step, static_cast<int64_t>(k));
     const double bias_correction1 = 1 - std::pow(beta1, t);
@@ -1404,10 +1398,9 @@ class PerLeaf {
 
 template <typename T>
 struct NadamScalars {
-  // coeff, small: the lerp's weight and branch, as AdamScalars; decay: the
+  // coeff: the lerp's (`lerp_coefficient`; its branch is SMALL); decay: the
   // decoupled factor (1 otherwise)
   T sign, wd, decay, coeff, b2, one_minus_b2, bc2, eps, grad_step, avg_step;
-  bool small;
 };
 
 template <typename T, bool FMA, bool WD, bool SMALL>
@@ -1420,7 +1413,7 @@ FUNCOPT_INLINE void nadam_loop(T* __restrict p, const T* __restrict g,
     if constexpr (WD) grad = madd<FMA>(param, s.wd, grad);
     param = param * s.decay;
     T mi = m[i];
-    mi = madd<FMA>(s.coeff, grad - mi, SMALL ? mi : grad);
+    mi = lerp<FMA, SMALL>(mi, grad, s.coeff);
     T vi = v[i];
     vi = madd<FMA>(s.one_minus_b2 * grad, grad, vi * s.b2);
     m[i] = mi;
@@ -1432,17 +1425,12 @@ FUNCOPT_INLINE void nadam_loop(T* __restrict p, const T* __restrict g,
 }
 
 struct NadamKernel {
-  template <typename T, bool FMA, bool WD>
+  template <typename T, bool FMA, bool WD, bool SMALL>
   static FUNCOPT_INLINE void segment(void* p, const void* g, void* m, void* v,
-                                     int64_t n, const void* sv) {
-    const auto& s = *static_cast<const NadamScalars<T>*>(sv);
-    if (s.small) {
-      nadam_loop<T, FMA, WD, true>(static_cast<T*>(p), static_cast<const T*>(g),
-                                   static_cast<T*>(m), static_cast<T*>(v), n, s);
-    } else {
-      nadam_loop<T, FMA, WD, false>(static_cast<T*>(p), static_cast<const T*>(g),
-                                    static_cast<T*>(m), static_cast<T*>(v), n, s);
-    }
+                                     int64_t n, const void* s) {
+    nadam_loop<T, FMA, WD, SMALL>(static_cast<T*>(p), static_cast<const T*>(g),
+                                  static_cast<T*>(m), static_cast<T*>(v), n,
+                                  *static_cast<const NadamScalars<T>*>(s));
   }
 };
 
@@ -1480,14 +1468,12 @@ ffi::Error nadam_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param,
   s.wd = static_cast<T>(wd);
   // `1 - lr * weight_decay`, Python floats (unfused)
   s.decay = decoupled ? static_cast<T>(1.0 - lr * wd) : T(1);
-  const T weight = static_cast<T>(1 - beta1);
-  s.small = std::abs(weight) < T(0.5);
-  s.coeff = s.small ? weight : weight - T(1);
+  const bool small = lerp_coefficient(static_cast<T>(1 - beta1), &s.coeff);
   s.b2 = static_cast<T>(beta2);
   s.one_minus_b2 = static_cast<T>(1 - beta2);
   s.eps = static_cast<T>(scalar_value(eps_b));
-  const bool flags[2] = {fma, !decoupled && wd != 0};
-  auto fn = select_flags<NadamKernel, T, 2>(flags);
+  const bool flags[3] = {fma, !decoupled && wd != 0, small};
+  auto fn = select_flags<NadamKernel, T, 3>(flags);
   for (size_t k = 0; k < list.size(); ++k) {
     const double t = step_value(step, static_cast<int64_t>(k));
     s.bc2 = static_cast<T>(1 - std::pow(beta2, t));

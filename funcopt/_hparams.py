@@ -113,8 +113,10 @@ def _hparams_only(state: OptState | LBFGSState) -> OptState:
 @functools.cache
 def _no_step_counts() -> jax.Array:
     """L-BFGS's (absent) per-leaf step counts: an empty array made once, not
-    a device computation at every eager scheduler step."""
-    return jnp.zeros((0,), jnp.int32)
+    a device computation at every eager scheduler step (a concrete array
+    even when first asked for inside a trace: never a cached tracer)."""
+    with jax.ensure_compile_time_eval():
+        return jnp.zeros((0,), jnp.int32)
 
 
 def with_hparams(state: Any, reduced: list[OptState]) -> Any:

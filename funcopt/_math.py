@@ -146,13 +146,19 @@ def set_exact_float32(enabled: bool) -> None:
     _exact_float32["enabled"] = enabled
 
 
-def trace_settings() -> tuple[int | None, bool, bool]:
+def trace_settings() -> tuple[int | None, bool, bool, bool]:
     """Everything a rule reads at trace time from funcopt's settings (part of
-    the per-leaf kernel cache key): this module's, and whether the steps
-    traced run the native kernels (`funcopt.optim._fused_native.kernels_apply`)."""
+    the per-leaf kernel cache key): this module's, whether the steps traced
+    run the native kernels (`funcopt.optim._fused_native.kernels_apply`),
+    and whether those can be split over devices (`partitions`)."""
     from .optim import _fused_native
 
-    return torch_cpu_block(), exact_float32(), _fused_native.kernels_apply()
+    return (
+        torch_cpu_block(),
+        exact_float32(),
+        _fused_native.kernels_apply(),
+        _fused_native.partitions(),
+    )
 
 
 def _exact32(x) -> bool:

@@ -28,11 +28,11 @@ float32 kernels op by op instead: bit for bit torch's default CPU path for the
 optimizers without a square root, at several times the step time.
 
 Adam/AdamW, SGD and Adagrad (default or `fused=True`), RMSprop, Adamax,
-Adadelta, RAdam, Rprop, NAdam and ASGD run native CPU kernels on one CPU
-device where they were built: one pass over memory, torch's bits in float32
-without x64 (SGD's, Adamax's, Rprop's and ASGD's default steps and every
-fused one bit for bit; the other default
-steps but where torch's `sqrt`, MKL's, is not correctly rounded);
+Adadelta, RAdam, Rprop, NAdam and ASGD run native CPU kernels where they
+were built (on sharded params, the default steps on each device's piece):
+one pass over memory, torch's bits in float32 without x64 (SGD's, Adamax's,
+Rprop's and ASGD's default steps and every fused one bit for bit; the other
+default steps but where torch's `sqrt`, MKL's, is not correctly rounded);
 [`set_native_fused(False)`][funcopt.precision.set_native_fused] selects their
 pure JAX rules instead, and [`native_fused`][funcopt.precision.native_fused]
 says which runs.

@@ -312,7 +312,37 @@ def check_native_kernels(mesh, rng):
                 ref_step.lower(np_params, grads_seq[0], opt.init(np_params)).compile()
             )
             out.append(row)
+    out.append(check_without_shardy(mesh, rng))
     return out
+
+
+def check_without_shardy(mesh, rng):
+    """XLA's older partitioner (GSPMD) has no use for the kernels' Shardy
+    rule: sharded steps take the JAX rules (no kernel call, no crash)."""
+    opt = fo.adam(weight_decay=0.1)
+    np_params, specs = tree_and_specs(rng, "mixed", complex_ok=False)
+    shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+    grads_seq = grads_for(rng, np_params)
+    p, st = np_params, opt.init(np_params)
+    for g in grads_seq:
+        p, st = jax.jit(opt.step)(p, g, st)
+    jax.config.update("jax_use_shardy_partitioner", False)
+    try:
+        params = jax.device_put(np_params, shardings)
+        state = fs.init(opt, params)
+        sharded_grads = [jax.device_put(g, shardings) for g in grads_seq]
+        with fs.per_leaf():
+            step = jax.jit(opt.step).lower(params, sharded_grads[0], state).compile()
+        st_sh = fs.state_shardings(opt, params)
+        params, state, keeps = run_steps(
+            step, params, state, sharded_grads, shardings, st_sh
+        )
+    finally:
+        jax.config.update("jax_use_shardy_partitioner", True)
+    row = result("gspmd:adam", "{'weight_decay': 0.1}", "plain", (p, st),
+                 (params, state), keeps, collectives(step))  # fmt: skip
+    row["kernel_calls"] = kernel_calls(step)
+    return row
 
 
 def check_sparse_adam(mesh, rng):

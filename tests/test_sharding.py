@@ -173,6 +173,16 @@ def test_native_kernels_run_per_device_with_the_same_bits(report):
             assert c["collective-permute"] == 0, r
 
 
+def test_without_shardy_sharded_steps_take_the_jax_rules(report):
+    """With `jax_use_shardy_partitioner` off (GSPMD, which reads no Shardy
+    rule) a sharded step runs the JAX rule: no kernel, the same numbers
+    within float32 rounding (the single-device step is the kernel's)."""
+    (r,) = [r for r in report["results"] if r["name"] == "gspmd:adam"]
+    assert r["kernel_calls"] == 0, r
+    assert r["max_abs"] <= 1e-6 or r["max_rel"] <= 1e-6, r
+    assert r["shardings_kept"] and not any(r["collectives"].values()), r
+
+
 def test_state_follows_and_keeps_its_sharding(report):
     for r in report["results"]:
         assert r["shardings_kept"], r

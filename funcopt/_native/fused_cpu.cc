@@ -1351,6 +1351,9 @@ class PerLeaf {
                   ffi::Span<const int64_t> rows) {
     int64_t total = 0;
     for (size_t k = 0; k < rows.size(); ++k) {
+      if (rows[k] < 1) {
+        return ffi::Error::InvalidArgument("a packed leaf owns at least one row");
+      }
       first_.push_back(total);
       count_.push_back(rows[k]);
       total += rows[k];

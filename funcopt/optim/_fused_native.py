@@ -201,6 +201,14 @@ def _layout(
     return sizes, rows * width, None
 
 
+def partitions() -> bool:
+    """Whether a kernel can be split over the devices of a sharded param:
+    XLA partitions with Shardy (`jax_use_shardy_partitioner`, JAX's default),
+    whose rule `_partitioned` gives. Read at trace time (part of
+    `funcopt._math.trace_settings`)."""
+    return bool(getattr(jax.config, "jax_use_shardy_partitioner", False))
+
+
 def _leaf_rows(param, sizes, spans) -> np.ndarray | None:
     """Each packed leaf's rows in `param` (None: one leaf, not packed)."""
     if len(sizes) == 0:
@@ -214,8 +222,9 @@ def _fits_leaf_rows(value, param, rows) -> bool:
     value per row of a packed bucket."""
     if jnp.dtype(value.dtype) != jnp.dtype(jnp.float32):
         return False
-    expected = 1 if rows is None else jnp.shape(param)[0]
-    return int(np.size(value)) == expected
+    if rows is None:
+        return jnp.ndim(value) == 0
+    return int(np.size(value)) == jnp.shape(param)[0]
 
 
 # hyperparameters that are pairs (torch's tuples)
@@ -245,8 +254,10 @@ def _run(
     (`jax.custom_jvp`); None where the kernel does not apply.
     `single_tensor`: torch's single-tensor (default) step instead of its
     fused kernel. `leaf_scalars`: the per-parameter 0-d float32 buffers
-    (NAdam's `mu_product`), passed after `names` as they are (0-d, or one
-    value per row of a packed bucket: attribute `rows`)."""
+    (NAdam's `mu_product`, ASGD's `eta` and `mu`), passed after `names` as
+    they are (0-d, or one value per row of a packed bucket: attribute
+    `rows`). On several devices (`_partitioned`): torch's default steps on
+    unpacked leaves only."""
     if not isinstance(grad, jax.Array):  # a sparse gradient (BCOO)
         return None
     if not _applies(param) or jnp.dtype(grad.dtype) != jnp.dtype(param.dtype):
@@ -261,6 +272,8 @@ def _run(
         return None
     sizes, spans, first = layout
     several_devices = jax.device_count() > 1
+    if several_devices and not partitions():
+        return None
     if several_devices and (len(sizes) or not single_tensor):
         # split over devices (`_partitioned`) only where every element takes
         # the same arithmetic: one leaf, torch's default step (a fused
@@ -377,10 +390,18 @@ def _partitioned(
 
     @run.def_vmap
     def _batched(axis_size, in_batched, *args):
-        outs = [
-            run(*(x[i] if batched else x for x, batched in zip(args, in_batched)))
-            for i in range(axis_size)
-        ]
+        def element(i):
+            return [x[i] if batched else x for x, batched in zip(args, in_batched)]
+
+        if axis_size == 0:  # no element: the results' shapes, batched by 0
+            one = [
+                jax.ShapeDtypeStruct(jnp.shape(x)[1:] if b else jnp.shape(x), x.dtype)
+                for x, b in zip(args, in_batched)
+            ]
+            shapes = jax.eval_shape(call, *one)
+            outs = tuple(jnp.zeros((0, *s.shape), s.dtype) for s in shapes)
+            return outs, (True,) * n_results
+        outs = [run(*element(i)) for i in range(axis_size)]
         return tuple(jnp.stack(o) for o in zip(*outs)), (True,) * n_results
 
     return run

@@ -99,7 +99,8 @@ def adadelta(
     (coupled). `rho` may be 1. (optax's `adadelta` with its default
     `learning_rate=None` ascends; this one descends, as torch does.)
 
-    On one CPU device, for float32 and float64 params, the step runs
+    On the CPU (one device, or each device's piece of a sharded param),
+    for float32 and float64 params, the step runs
     funcopt's native kernel (`funcopt.optim._fused_native`): torch's
     `_single_tensor_adadelta` op by op in C++, one pass over memory, torch's
     float32 bits without x64 wherever torch's `sqrt` (MKL's) is correctly

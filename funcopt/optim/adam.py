@@ -279,7 +279,8 @@ def adam(
     path as `differentiable` (torch's CUDA path). `foreach` is accepted and
     ignored: the result is torch's default CPU path.
 
-    On one CPU device, float32 and float64 params take the default step
+    On the CPU (one device, or each device's piece of a sharded param),
+    float32 and float64 params take the default step
     (not `differentiable` or `capturable`, Python-float `lr` and `betas`)
     through funcopt's native kernel where it is built (`funcopt/_native`,
     as `fused=True` below): torch's `_single_tensor_adam` op by op in C++,

@@ -66,7 +66,8 @@ def adamax(
     added to the gradient); $-\nabla$ when `maximize`. `eps` sits
     inside the max, as in torch. `t` is each parameter's own step count.
 
-    On one CPU device, for float32 and float64 params, the step runs
+    On the CPU (one device, or each device's piece of a sharded param),
+    for float32 and float64 params, the step runs
     funcopt's native kernel (`funcopt.optim._fused_native`): torch's
     `_single_tensor_adamax` op by op in C++, one pass over memory, torch's
     float32 bits with or without x64; elsewhere the same formula in JAX.

@@ -172,12 +172,14 @@ def asgd(
     (`ax`) is state only; the parameters are never replaced by it. This is
     torch's single-tensor algebra.
 
-    On one CPU device, for float32 and float64 params, the default step
+    On the CPU (one device, or each device's piece of a sharded param),
+    for float32 and float64 params, the default step
     runs funcopt's native kernel (`funcopt.optim._fused_native`): torch's
     `_single_tensor_asgd` op by op in C++, one pass over memory, $\eta$
     and $\mu$ computed in double and stored as float32 as torch does:
     torch's float32 bits without x64; elsewhere, and with `foreach=True`,
-    `differentiable=True` or a tensor `lr`, the same formulas in JAX.
+    `differentiable=True`, `capturable=True` or a tensor `lr`, the same
+    formulas in JAX.
 
     `foreach=True` mirrors torch's `_multi_tensor_asgd`:
     $\theta_t = \theta_{t-1} - \eta_{t-1}\bigl(g_t + \lambda\theta_{t-1}\bigr)$

@@ -198,13 +198,14 @@ def nadam(
     scalar in torch and is rounded to float32 at every step here too.
     `t` is each parameter's own step count.
 
-    On one CPU device, for float32 and float64 params, the default step
+    On the CPU (one device, or each device's piece of a sharded param),
+    for float32 and float64 params, the default step
     runs funcopt's native kernel (`funcopt.optim._fused_native`): torch's
     `_single_tensor_nadam` op by op in C++, one pass over memory, $\Pi$
     multiplied in float32 with subnormals kept, torch's float32 bits
     without x64 wherever torch's `sqrt` (MKL's) is correctly rounded;
-    elsewhere, and with `foreach=True`, `differentiable=True` or a tensor
-    `lr`, the same formulas in JAX.
+    elsewhere, and with `foreach=True`, `differentiable=True`,
+    `capturable=True` or a tensor `lr`, the same formulas in JAX.
 
     `differentiable=True` mirrors torch's tensor path: $\Pi$ stays a
     float32 scalar in the update, whose two coefficients

@@ -168,7 +168,8 @@ def radam(
     to the uncorrected $\sqrt{v_t}$. With the default $\beta_2$
     the first five steps are un-adapted. `t` is each parameter's own count.
 
-    On one CPU device, for float32 and float64 params, the default step
+    On the CPU (one device, or each device's piece of a sharded param),
+    for float32 and float64 params, the default step
     runs funcopt's native kernel (`funcopt.optim._fused_native`): torch's
     `_single_tensor_radam` op by op in C++, one pass over memory, torch's
     float32 bits without x64 wherever torch's `sqrt` (MKL's) is correctly

@@ -112,7 +112,8 @@ def rmsprop(
     square root and there is no bias correction, as in torch (optax's
     `rmsprop` defaults differ on both). `alpha` has no upper bound.
 
-    On one CPU device, for float32 and float64 params, the step runs
+    On the CPU (one device, or each device's piece of a sharded param),
+    for float32 and float64 params, the step runs
     funcopt's native kernel (`funcopt.optim._fused_native`): torch's
     `_single_tensor_rmsprop` op by op in C++, one pass over memory, torch's
     float32 bits without x64 wherever torch's `sqrt` (MKL's) is correctly

@@ -89,7 +89,8 @@ def rprop(
     changing it later has no effect, as in torch. The clamp acts every step.
     (`optax.rprop` is a different, stale-by-one-step algorithm.)
 
-    On one CPU device, for float32 and float64 params, the step runs
+    On the CPU (one device, or each device's piece of a sharded param),
+    for float32 and float64 params, the step runs
     funcopt's native kernel (`funcopt.optim._fused_native`): torch's
     `_single_tensor_rprop` in C++, one pass over memory, torch's bits (as
     the JAX rule's: only its two products and the update round);

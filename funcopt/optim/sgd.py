@@ -170,8 +170,9 @@ def sgd(
 
     `foreach` and `differentiable` are torch execution switches, accepted
     and ignored (torch's `foreach=True` and `differentiable=True` give its
-    default path's bits). On one CPU device, float32 and float64 params
-    take the default step through funcopt's native kernel where it is built
+    default path's bits). On the CPU (one device, or each device's piece of
+    a sharded param), float32 and float64 params take the default step
+    through funcopt's native kernel where it is built
     (`funcopt/_native`): torch's `_single_tensor_sgd` op by op in C++, one
     pass over memory, in place when donated, torch's bits in float32
     without x64; the JAX rule (GPUs, TPUs, sharded steps,

@@ -26,7 +26,7 @@ from torch.optim import swa_utils
 
 import funcopt as fo
 from funcopt import lr_scheduler as S
-from funcopt._hparams import hparams_only
+from funcopt._hparams import _no_step_counts, hparams_only
 from tests.torch_ref import assert_same_bits
 
 RTOL = 1e-12
@@ -491,6 +491,15 @@ def test_eager_step_on_an_lbfgs_state():
     # empty array, made once (not a device computation per eager step)
     counts = [hparams_only(s)[0].step for s in (state, new_state)]
     assert counts[0] is counts[1] and counts[0].shape == (0,)
+
+
+def test_lbfgs_step_counts_first_made_in_a_trace_are_concrete():
+    """Made once (cached), so never a tracer: first asked for inside a
+    jitted scheduler step, later eager steps still see a concrete array."""
+    _no_step_counts.cache_clear()
+    state = fo.lbfgs(lr=1.0).init({"w": jnp.ones(3)})
+    jax.jit(lambda s: hparams_only(s)[0].hparams)(state)
+    assert not isinstance(_no_step_counts(), jax.core.Tracer)
 
 
 def test_eager_step_with_a_python_branch_runs_op_by_op(x64):

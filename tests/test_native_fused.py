@@ -57,60 +57,72 @@ NADAM = OptCase("nadam", torch.optim.NAdam, fo.nadam, {})
 ASGD = OptCase("asgd", torch.optim.ASGD, fo.asgd, {})
 
 
-def _adam_rows():
+def _grid(case, prefix="", lr=1e-2, fused=None, **axes):
+    """Rows of `case`, one per combination of the `axes` values (in their
+    order, the last varying fastest), with `lr` and, where given, `fused`;
+    ids `prefix` + `_id`."""
     rows = []
-    for case in (ADAM, ADAMW):
-        for betas in ((0.9, 0.999), (0.3, 0.99)):  # both lerp branches
-            for wd in (0.0, 0.1):
-                for amsgrad in (False, True):
-                    for maximize in (False, True):
-                        kw = dict(
-                            lr=1e-2, betas=betas, weight_decay=wd, amsgrad=amsgrad,
-                            maximize=maximize, fused=True,
-                        )  # fmt: skip
-                        rows.append(pytest.param(case, kw, id=_id(case, kw)))
+    for values in itertools.product(*axes.values()):
+        kw = dict(lr=lr, **dict(zip(axes, values)))
+        if fused is not None:
+            kw["fused"] = fused
+        rows.append(pytest.param(case, kw, id=prefix + _id(case, kw)))
     return rows
 
 
+def _adam_rows():
+    return [
+        row
+        for case in (ADAM, ADAMW)
+        for row in _grid(
+            case,
+            fused=True,
+            betas=((0.9, 0.999), (0.3, 0.99)),  # both lerp branches
+            weight_decay=(0.0, 0.1),
+            amsgrad=(False, True),
+            maximize=(False, True),
+        )
+    ]
+
+
 def _sgd_rows():
-    rows = []
-    for momentum, dampening, nesterov in (
+    momenta = (
         (0.0, 0.0, False),
         (0.9, 0.0, False),
         (0.9, 0.3, False),
         (0.9, 0.0, True),
-    ):
-        for wd in (0.0, 0.1):
-            for maximize in (False, True):
-                kw = dict(
-                    lr=1e-2, momentum=momentum, dampening=dampening,
-                    nesterov=nesterov, weight_decay=wd, maximize=maximize, fused=True,
-                )  # fmt: skip
-                rows.append(pytest.param(SGD, kw, id=_id(SGD, kw)))
-    return rows
+    )
+    return [
+        row
+        for momentum, dampening, nesterov in momenta
+        for row in _grid(
+            SGD,
+            fused=True,
+            momentum=(momentum,),
+            dampening=(dampening,),
+            nesterov=(nesterov,),
+            weight_decay=(0.0, 0.1),
+            maximize=(False, True),
+        )
+    ]
 
 
 def _adagrad_rows():
-    rows = []
-    for lr_decay in (0.0, 0.01):
-        for wd in (0.0, 0.1):
-            for maximize in (False, True):
-                kw = dict(
-                    lr=1e-1, lr_decay=lr_decay, weight_decay=wd,
-                    initial_accumulator_value=0.1, maximize=maximize, fused=True,
-                )  # fmt: skip
-                rows.append(pytest.param(ADAGRAD, kw, id=_id(ADAGRAD, kw)))
-    return rows
+    return _grid(
+        ADAGRAD,
+        lr=1e-1,
+        fused=True,
+        lr_decay=(0.0, 0.01),
+        weight_decay=(0.0, 0.1),
+        initial_accumulator_value=(0.1,),
+        maximize=(False, True),
+    )
 
 
 def _grid_rows(case, **axes):
     """Default-step rows of `case` (torch has no fused kernel for it), one
     per combination of the `axes` values, `lr=1e-2`."""
-    rows = []
-    for values in itertools.product(*axes.values()):
-        kw = dict(lr=1e-2, **dict(zip(axes, values)))
-        rows.append(pytest.param(case, kw, id="default-" + _id(case, kw)))
-    return rows
+    return _grid(case, prefix="default-", **axes)
 
 
 def _rmsprop_rows():

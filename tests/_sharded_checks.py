@@ -122,6 +122,16 @@ def same_shardings(tree, shardings):
     return len(jax.tree.leaves(tree)) == len(jax.tree.leaves(shardings)) and all(ok)
 
 
+def single_device_run(opt, np_params, grads_seq):
+    """``jax.jit(opt.step)`` on one device over the gradients: the reference
+    (params, state)."""
+    step = jax.jit(opt.step)
+    p, st = np_params, opt.init(np_params)
+    for g in grads_seq:
+        p, st = step(p, g, st)
+    return p, st
+
+
 def run_steps(step, params, state, grads_seq, shardings, state_shardings):
     """``step`` over the gradients; whether every output kept its sharding."""
     keeps = True
@@ -171,12 +181,7 @@ def run_optimizer(mesh, name, factory, kwargs, kind, rng):
     np_params, specs = tree_and_specs(rng, kind, complex_ok)
     shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
     grads_seq = grads_for(rng, np_params)
-
-    ref_step = jax.jit(opt.step)
-    p, st = np_params, opt.init(np_params)
-    for g in grads_seq:
-        p, st = ref_step(p, g, st)
-    ref = (p, st)
+    ref = single_device_run(opt, np_params, grads_seq)
 
     out = []
     # plain: the state follows the params; jit is given no shardings at all
@@ -282,11 +287,7 @@ def check_native_kernels(mesh, rng):
         np_params, specs = tree_and_specs(rng, "mixed", complex_ok=False)
         shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
         grads_seq = grads_for(rng, np_params)
-        ref_step = jax.jit(opt.step)
-        p, st = np_params, opt.init(np_params)
-        for g in grads_seq:
-            p, st = ref_step(p, g, st)
-        ref = (p, st)
+        ref = single_device_run(opt, np_params, grads_seq)
         sharded_grads = [jax.device_put(g, shardings) for g in grads_seq]
         for mode in ("plain", "zero"):
             params = jax.device_put(np_params, shardings)
@@ -308,6 +309,7 @@ def check_native_kernels(mesh, rng):
             )  # fmt: skip
             row["kernel_calls"] = kernel_calls(compiled)
             row["float_copies"] = float_copies(compiled)
+            ref_step = jax.jit(opt.step)
             row["ref_kernel_calls"] = kernel_calls(
                 ref_step.lower(np_params, grads_seq[0], opt.init(np_params)).compile()
             )
@@ -323,9 +325,7 @@ def check_without_shardy(mesh, rng):
     np_params, specs = tree_and_specs(rng, "mixed", complex_ok=False)
     shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
     grads_seq = grads_for(rng, np_params)
-    p, st = np_params, opt.init(np_params)
-    for g in grads_seq:
-        p, st = jax.jit(opt.step)(p, g, st)
+    ref = single_device_run(opt, np_params, grads_seq)
     jax.config.update("jax_use_shardy_partitioner", False)
     try:
         params = jax.device_put(np_params, shardings)
@@ -339,7 +339,7 @@ def check_without_shardy(mesh, rng):
         )
     finally:
         jax.config.update("jax_use_shardy_partitioner", True)
-    row = result("gspmd:adam", "{'weight_decay': 0.1}", "plain", (p, st),
+    row = result("gspmd:adam", "{'weight_decay': 0.1}", "plain", ref,
                  (params, state), keeps, collectives(step))  # fmt: skip
     row["kernel_calls"] = kernel_calls(step)
     return row
@@ -357,10 +357,7 @@ def check_sparse_adam(mesh, rng):
         grads_seq.append(
             {"emb": jsparse.BCOO((rows, ids[:, None].astype(np.int32)), shape=(16, 4))}
         )
-    ref_step = jax.jit(opt.step)
-    p, st = {"emb": table}, opt.init({"emb": table})
-    for g in grads_seq:
-        p, st = ref_step(p, g, st)
+    ref = single_device_run(opt, {"emb": table}, grads_seq)
     out = []
     for mode in ("plain", "zero"):
         params = jax.device_put({"emb": table}, sh)
@@ -372,7 +369,7 @@ def check_sparse_adam(mesh, rng):
             params, state = step(params, g, state)
         kept = same_shardings(state, st_sh)
         out.append(
-            result("sparse_adam", "{'lr': 0.05}", mode, (p, st), (params, state), kept)
+            result("sparse_adam", "{'lr': 0.05}", mode, ref, (params, state), kept)
         )
     return out
 

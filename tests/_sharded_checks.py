@@ -315,7 +315,39 @@ def check_native_kernels(mesh, rng):
             )
             out.append(row)
     out.append(check_without_shardy(mesh, rng))
+    out.append(check_vmap(mesh, rng))
     return out
+
+
+def check_vmap(mesh, rng):
+    """`vmap` of a sharded kernel step (custom_partitioning has no batching
+    rule: `_partitioned`'s custom_vmap runs each batch element in turn): the
+    bits of each element's single-device step; a batch of 0 runs too."""
+    opt = fo.nadam(weight_decay=0.1)
+    batch = 3
+    params = {"w": rng.normal(size=(batch, 8, 12)).astype(np.float32)}
+    grads = {"w": rng.normal(size=(batch, 8, 12)).astype(np.float32)}
+    state = jax.vmap(opt.init)(params)
+    ref = [
+        single_device_run(opt, {"w": params["w"][i]}, [{"w": grads["w"][i]}])
+        for i in range(batch)
+    ]
+    ref = jax.tree.map(lambda *xs: np.stack(xs), *ref)
+    sharding = {"w": NamedSharding(mesh, P(None, None, "model"))}
+    step = jax.jit(jax.vmap(opt.step))
+    compiled = step.lower(
+        jax.device_put(params, sharding), jax.device_put(grads, sharding), state
+    ).compile()
+    got = compiled(
+        jax.device_put(params, sharding), jax.device_put(grads, sharding), state
+    )
+    empty = {"w": np.zeros((0, 8, 12), np.float32)}
+    new_empty, _ = step(empty, empty, jax.vmap(opt.init)(empty))
+    row = result("native-vmap:nadam", "{'weight_decay': 0.1}", "plain", ref, got,
+                 True, collectives(compiled))  # fmt: skip
+    row["kernel_calls"] = kernel_calls(compiled)
+    row["empty_batch_shape"] = list(new_empty["w"].shape)
+    return row
 
 
 def check_without_shardy(mesh, rng):

@@ -183,6 +183,17 @@ def test_without_shardy_sharded_steps_take_the_jax_rules(report):
     assert r["shardings_kept"] and not any(r["collectives"].values()), r
 
 
+def test_vmap_of_a_sharded_kernel_step_runs_each_element(report):
+    """`jax.vmap(opt.step)` on sharded params: one kernel call per batch
+    element (3), each element's single-device bits, no collective; a batch
+    of 0 gives an empty batch."""
+    (r,) = [r for r in report["results"] if r["name"] == "native-vmap:nadam"]
+    assert r["bitwise"], r
+    assert r["kernel_calls"] == 3, r
+    assert not any(r["collectives"].values()), r
+    assert r["empty_batch_shape"] == [0, 8, 12], r
+
+
 def test_state_follows_and_keeps_its_sharding(report):
     for r in report["results"]:
         assert r["shardings_kept"], r

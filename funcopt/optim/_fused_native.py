@@ -297,7 +297,8 @@ def _run(
     attrs["single_tensor"] = np.bool_(single_tensor)
     if leaf_scalars:
         attrs["rows"] = np.zeros(0, np.int64) if rows is None else rows
-    arrays = [param, grad, *(slots[k] for k in (*names, *leaf_scalars))]
+    updated = (*names, *leaf_scalars)  # the state buffers the kernel writes
+    arrays = [param, grad, *(slots[k] for k in updated)]
     out_index = [0, *range(2, len(arrays))]
 
     def call(*operands):
@@ -331,17 +332,17 @@ def _run(
 
     def fallback(arrays, step, hparams):
         p, g, *bufs = arrays
-        every = (*names, *leaf_scalars)
+        state = dict(zip(updated, bufs))
         with packed_leaves(*packed) if packed else contextlib.nullcontext():
-            new_p, new = jax_rule(p, g, dict(zip(every, bufs)), step, hparams, options)
-        return (new_p, *(new[k] for k in every))
+            new_p, new = jax_rule(p, g, state, step, hparams, options)
+        return (new_p, *(new[k] for k in updated))
 
     @kernel.defjvp
     def _jvp(primals, tangents):
         return kernel(*primals), jax.jvp(fallback, primals, tangents)[1]
 
     out = kernel(arrays, step, dict(hparams))
-    return out[0], dict(zip((*names, *leaf_scalars), out[1:]))
+    return out[0], dict(zip(updated, out[1:]))
 
 
 def _partitioned(

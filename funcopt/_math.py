@@ -146,17 +146,20 @@ def set_exact_float32(enabled: bool) -> None:
     _exact_float32["enabled"] = enabled
 
 
-def trace_settings() -> tuple[int | None, bool, bool, bool]:
+def trace_settings() -> tuple[int | None, bool, bool, bool, bool]:
     """Everything a rule reads at trace time from funcopt's settings (part of
     the per-leaf kernel cache key): this module's, whether the steps traced
-    run the native kernels (`funcopt.optim._fused_native.kernels_apply`),
-    and whether those can be split over devices (`partitions`)."""
+    run the native kernels (`funcopt.optim._fused_native.native_fused`),
+    whether those write the params in place (`params_in_place`) and whether
+    they can be split over devices (`partitions`)."""
     from .optim import _fused_native
 
     return (
         torch_cpu_block(),
         exact_float32(),
-        _fused_native.kernels_apply(),
+        _fused_native.native_fused(),
+        # (the JAX rules' programs are the same either way)
+        _fused_native.params_in_place() or not _fused_native.native_fused(),
         _fused_native.partitions(),
     )
 

@@ -21,10 +21,12 @@ import subprocess
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 
 import funcopt as fo
+import funcopt.flat as ff
 from funcopt.optim import _fused_native
 from tests._subprocess import run_pytest_child
 from tests.torch_ref import (
@@ -599,7 +601,26 @@ def _optimized_hlo(opt, params, grads, state) -> str:
     return step.lower(params, grads, state).compile().as_text()
 
 
-@pytest.mark.parametrize(
+def _float_copies(hlo: str, leaves: int) -> list[str]:
+    """The copies of float32 arrays in an optimized HLO, but for those fused
+    into the loop that computes their operand (no pass of their own). 0-d
+    values may be copied, 4 bytes each: the step counters, and the
+    per-parameter scalars such as NAdam's mu_product, stacked (`[k]` or
+    `[k,1]`, k up to one per leaf) and sliced for the leaves that share a
+    kernel."""
+    computations = hlo.split("\n\n")
+    hlo = "\n\n".join(c for c in computations if not c.startswith("%fused_comp"))
+    copies = re.finditer(r"= f32\[(\d+)(,1)?\]\S* copy(?:-start)?\(.*", hlo)
+    stacked = [c.group(0) for c in copies if int(c.group(1)) <= leaves]
+    return [
+        c
+        for c in re.findall(r"= f32\[[^\]]+\]\S* copy(?:-start)?\(.*", hlo)
+        if c not in stacked
+    ]
+
+
+# every kernel and branch family: (factory, kwargs), ids
+KERNEL_STEPS = pytest.mark.parametrize(
     "factory,kwargs",
     [
         (fo.adam, dict(fused=True)),
@@ -627,6 +648,9 @@ def _optimized_hlo(opt, params, grads, state) -> str:
         "default-asgd",
     ],
 )  # fmt: skip
+
+
+@KERNEL_STEPS
 def test_donated_step_is_one_custom_call_per_leaf_in_place(factory, kwargs):
     """The optimized HLO of the donated jitted step: one custom call per
     leaf, no copy (results alias the donated inputs)."""
@@ -639,16 +663,70 @@ def test_donated_step_is_one_custom_call_per_leaf_in_place(factory, kwargs):
     opt = factory(**kwargs)
     hlo = _optimized_hlo(opt, params, grads, opt.init(params))
     assert hlo.count("custom_call_target=") == len(shapes), hlo
-    # (0-d values may be copied, 4 bytes each: the step counters, and the
-    # per-parameter scalars such as NAdam's mu_product, stacked and sliced
-    # for the leaves that share a kernel; not the float arrays)
-    copies = re.findall(r"= f32\[[^\]]+\]\S* copy(?:-start)?\(.*", hlo)
-    assert not copies, "\n".join(copies)
+    assert not _float_copies(hlo, len(shapes)), hlo
     assert "output_to_operand_aliasing" in hlo
     with native_kernels(False):
         assert "custom_call_target" not in _optimized_hlo(
             opt, params, grads, opt.init(params)
         )
+
+
+@KERNEL_STEPS
+def test_update_runs_the_kernels_out_of_place(factory, kwargs):
+    """`update` (the optax protocol) runs the kernels too, each writing the
+    new param over the gradient (the param stays live for `new - param`):
+    the updates are the in-place step's new params minus the params and the
+    states are the step's, bit for bit, on a leaf in many blocks (`kBlock`;
+    split over threads where XLA's pool has two), one with a tail, small
+    leaves packed into a bucket, a 0-d one, and on `funcopt.flat` buckets
+    (their padding rows copied as they are, zero); and a donated `update` +
+    `apply_updates` step on gradients it computes calls as many kernels as
+    the donated step, copying no float array (a gradient passed in would be
+    copied: XLA writes no jit argument that no output aliases)."""
+    rng = np.random.default_rng(9)
+    shapes = {"a": (40_003,), "b": (4101,), "c": (30, 7), "d": (7,), "s": ()}
+    params, grads, p2, g2 = (
+        {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+        for _ in range(4)
+    )
+    opt = factory(**kwargs)
+    step, update = jax.jit(opt.step), jax.jit(opt.update)
+    # a second step: from momentum buffers as the first left them
+    state = opt.init(params)
+    for p, g in ((params, grads), (p2, g2)):
+        new_params, want = step(p, g, state)
+        updates, state = update(g, state, p)
+        for k in shapes:
+            assert_same_bits(updates[k], new_params[k] - p[k], k)
+        for got, expected in zip(
+            jax.tree.leaves(state), jax.tree.leaves(want), strict=True
+        ):
+            assert_same_bits(got, expected, "state")
+
+    layout = ff.layout(params, opt)
+    flat, flat_grads = layout.pack(params), layout.pack(grads)
+    flat_state = opt.init(flat)
+    new_flat, want = step(flat, flat_grads, flat_state)
+    updates, got = update(flat_grads, flat_state, flat)
+    assert (
+        "custom_call_target"
+        in update.lower(flat_grads, flat_state, flat).compile().as_text()
+    )
+    for u, new, p in zip(updates.buffers, new_flat.buffers, flat.buffers, strict=True):
+        assert_same_bits(u, new - p, "flat")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert_same_bits(a, b, "flat state")
+
+    def train_step(params, state):
+        grads = jax.grad(lambda p: sum(jnp.sum(jnp.sin(x)) for x in p.values()))
+        updates, state = opt.update(grads(params), state, params)
+        return optax.apply_updates(params, updates), state
+
+    donated = jax.jit(train_step, donate_argnums=(0, 1))
+    hlo = donated.lower(params, opt.init(params)).compile().as_text()
+    kernels = _optimized_hlo(opt, params, grads, opt.init(params))
+    assert hlo.count("custom_call_target=") == kernels.count("custom_call_target=")
+    assert not _float_copies(hlo, len(shapes)), hlo
 
 
 def _lowered(opt, params) -> str:
@@ -701,6 +779,9 @@ def test_switch_is_in_the_trace_settings():
         assert not fo.precision.native_fused()
     assert _math.trace_settings() != off
     assert fo.precision.native_fused()
+    in_place = _math.trace_settings()
+    with _fused_native.computing_updates():  # the params written out of place
+        assert _math.trace_settings() != in_place
 
 
 @pytest.mark.parametrize("enabled", [0, 1, "no", None])
@@ -763,8 +844,6 @@ def test_grad_through_scanned_packed_steps(fused, torch_cpu_loop, x64):
 
 def test_packed_bucket_is_one_custom_call_in_place():
     """50 leaves packed by `funcopt.flat`: one custom call for the bucket."""
-    import funcopt.flat as ff
-
     opt = fo.adam(fused=True)
     params = {f"l{i}": jnp.ones((100 + i,), jnp.float32) for i in range(50)}
     layout = ff.layout(params, opt)

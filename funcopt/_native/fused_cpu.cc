@@ -1,7 +1,8 @@
 // torch's fused CPU optimizer kernels (ATen FusedAdamKernel.cpp,
 // FusedSGDKernel.cpp, FusedAdagradKernel.cpp, torch 2.13) as XLA FFI
-// handlers: one pass per element, in place (the results alias the inputs),
-// each op rounded as torch's kernel rounds it.
+// handlers: one pass per element, in place (the results alias the inputs;
+// `update` writes the param out of place, `run_segment`), each op rounded as
+// torch's kernel rounds it.
 //
 // * Scalar math (bias corrections, step sizes, `1 - lr * wd`, Adagrad's
 //   `clr`) in C++ double as ATen computes it. torch's AVX2/AVX-512 builds
@@ -127,14 +128,33 @@ T* in_place(ffi::AnyBuffer& in, ffi::AnyBuffer* out) {
   return dst;
 }
 
+// the param's result: the param itself where XLA aliased the two (a step,
+// updated in place); else (`update`, whose param stays live) the gradient's
+// buffer, its last use, which `run_segment` writes as it reads the param
+// (`from`) and the gradient
+template <typename T>
+struct Param {
+  T* to;
+  const T* from;  // null: in place
+};
+
+template <typename T>
+Param<T> param_result(const ffi::AnyBuffer& in, ffi::AnyBuffer* out) {
+  T* to = static_cast<T*>(out->untyped_data());
+  const T* from = static_cast<const T*>(in.untyped_data());
+  return {to, to == from ? nullptr : from};
+}
+
+// a leaf's elements in the buffer: `size` from `offset`, then padding up to
+// `end` (the next leaf's offset; a packed bucket's rows are whole)
 struct Segment {
-  int64_t offset, size;
+  int64_t offset, size, end;
 };
 
 ffi::Error segments(int64_t total, ffi::Span<const int64_t> sizes,
                     ffi::Span<const int64_t> spans, std::vector<Segment>& out) {
   if (sizes.size() == 0) {
-    out.push_back({0, total});
+    out.push_back({0, total, total});
     return ffi::Error::Success();
   }
   if (sizes.size() != spans.size()) {
@@ -145,8 +165,11 @@ ffi::Error segments(int64_t total, ffi::Span<const int64_t> sizes,
     if (sizes[i] > spans[i] || offset + spans[i] > total) {
       return ffi::Error::InvalidArgument("segments exceed the buffer");
     }
-    out.push_back({offset, sizes[i]});
+    out.push_back({offset, sizes[i], offset + spans[i]});
     offset += spans[i];
+  }
+  if (offset != total) {
+    return ffi::Error::InvalidArgument("segments do not cover the buffer");
   }
   return ffi::Error::Success();
 }
@@ -230,14 +253,42 @@ void for_chunks(ffi::ThreadPool& pool, int64_t n, F&& f) {
   }
 }
 
-// `fn(buffers..., elements, &scalars)` over one leaf's segment, each buffer
-// advanced to the chunk (for_chunks); a null buffer (absent) stays null
+// Out of place, the kernel runs one block at a time: the block of the
+// gradient copied aside where the result is written over it, the param's
+// copied to the result, then updated there (in cache): each buffer read
+// once and the result written once, as in place. Whole vectors, so each
+// element takes the loop it takes in one call (for_chunks).
+constexpr int64_t kBlock = 1024;
+
+// `fn(param, grad, buffers..., elements, &scalars)` over one leaf's
+// segment, each buffer advanced to the chunk (for_chunks); a null buffer
+// (absent) stays null. Out of place (`p.from`), the segment's padding is
+// copied as it is.
 template <typename T, typename Fn, typename S, typename... Buffers>
 void run_segment(ffi::ThreadPool& pool, const Segment& seg, Fn fn,
-                 const S& scalars, Buffers... buffers) {
+                 const S& scalars, Param<T> p, const T* g, Buffers... buffers) {
+  const int64_t pad = seg.offset + seg.size;
+  if (p.from && seg.end > pad) {
+    std::memcpy(p.to + pad, p.from + pad, (seg.end - pad) * sizeof(T));
+  }
   for_chunks<T>(pool, seg.size, [&](int64_t c, int64_t e) {
-    const int64_t at = seg.offset + c;
-    fn((buffers ? buffers + at : buffers)..., e - c, &scalars);
+    const int64_t at = seg.offset + c, stop = seg.offset + e;
+    if (!p.from) {
+      fn(p.to + at, g + at, (buffers ? buffers + at : buffers)..., e - c,
+         &scalars);
+      return;
+    }
+    alignas(32) T grad[kBlock];
+    for (int64_t b = at; b < stop; b += kBlock) {
+      const int64_t n = std::min(kBlock, stop - b);
+      const T* g_block = g + b;
+      if (p.to == g) {
+        std::memcpy(grad, g_block, n * sizeof(T));
+        g_block = grad;
+      }
+      std::memcpy(p.to + b, p.from + b, n * sizeof(T));
+      fn(p.to + b, g_block, (buffers ? buffers + b : buffers)..., n, &scalars);
+    }
   });
 }
 
@@ -377,7 +428,7 @@ ffi::Error adam_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param, ffi::AnyBuffe
                       ffi::Span<const int64_t> spans) {
   KeepSubnormals keep;  // the scalar math too
   const int64_t total = param.element_count();
-  T* p = in_place<T>(param, out_p);
+  const Param<T> p = param_result<T>(param, out_p);
   T* m = in_place<T>(exp_avg, out_m);
   T* v = in_place<T>(exp_avg_sq, out_v);
   T* vmax = max_sq ? in_place<T>(*max_sq, out_max) : nullptr;
@@ -541,7 +592,7 @@ ffi::Error sgd_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param, ffi::AnyBuffer
                      ffi::Span<const int64_t> sizes,
                      ffi::Span<const int64_t> spans) {
   KeepSubnormals keep;  // the scalar math too
-  T* p = in_place<T>(param, out_p);
+  const Param<T> p = param_result<T>(param, out_p);
   T* b = buffer ? in_place<T>(*buffer, out_b) : nullptr;
   const T* g = grad.typed_data<T>();
   std::vector<Segment> list;
@@ -650,7 +701,7 @@ ffi::Error adagrad_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param, ffi::AnyBu
                          ffi::Span<const int64_t> sizes,
                          ffi::Span<const int64_t> spans) {
   KeepSubnormals keep;  // the scalar math too
-  T* p = in_place<T>(param, out_p);
+  const Param<T> p = param_result<T>(param, out_p);
   T* acc = in_place<T>(sum, out_s);
   const T* g = grad.typed_data<T>();
   std::vector<Segment> list;
@@ -784,7 +835,7 @@ ffi::Error rmsprop_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param,
                          ffi::Span<const int64_t> sizes,
                          ffi::Span<const int64_t> spans) {
   KeepSubnormals keep;  // the scalar math too
-  T* p = in_place<T>(param, out_p);
+  const Param<T> p = param_result<T>(param, out_p);
   T* state[3];
   for (int k = 0; k < 3; ++k) {
     state[k] = bufs.in[k] ? in_place<T>(*bufs.in[k], bufs.out[k]) : nullptr;
@@ -946,7 +997,7 @@ ffi::Error adamax_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param,
                         ffi::Span<const int64_t> sizes,
                         ffi::Span<const int64_t> spans) {
   KeepSubnormals keep;  // the scalar math too
-  T* p = in_place<T>(param, out_p);
+  const Param<T> p = param_result<T>(param, out_p);
   T* m = in_place<T>(exp_avg, out_m);
   T* u = in_place<T>(exp_inf, out_u);
   const T* g = grad.typed_data<T>();
@@ -1049,7 +1100,7 @@ ffi::Error adadelta_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param,
                           ffi::Span<const int64_t> sizes,
                           ffi::Span<const int64_t> spans) {
   KeepSubnormals keep;  // the scalar math too
-  T* p = in_place<T>(param, out_p);
+  const Param<T> p = param_result<T>(param, out_p);
   T* sq = in_place<T>(square_avg, out_sq);
   T* acc = in_place<T>(acc_delta, out_acc);
   const T* g = grad.typed_data<T>();
@@ -1169,7 +1220,7 @@ ffi::Error radam_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param,
                        bool decoupled, ffi::Span<const int64_t> sizes,
                        ffi::Span<const int64_t> spans) {
   KeepSubnormals keep;  // the scalar math too
-  T* p = in_place<T>(param, out_p);
+  const Param<T> p = param_result<T>(param, out_p);
   T* m = in_place<T>(exp_avg, out_m);
   T* v = in_place<T>(exp_avg_sq, out_v);
   const T* g = grad.typed_data<T>();
@@ -1294,7 +1345,7 @@ ffi::Error rprop_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param,
                        bool maximize, ffi::Span<const int64_t> sizes,
                        ffi::Span<const int64_t> spans) {
   KeepSubnormals keep;  // the scalar math too
-  T* p = in_place<T>(param, out_p);
+  const Param<T> p = param_result<T>(param, out_p);
   T* prev = in_place<T>(prev_b, out_prev);
   T* size = in_place<T>(step_size_b, out_size);
   const T* g = grad.typed_data<T>();
@@ -1451,7 +1502,7 @@ ffi::Error nadam_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param,
                        ffi::Span<const int64_t> spans,
                        ffi::Span<const int64_t> rows) {
   KeepSubnormals keep;  // the scalar math too: mu_product turns subnormal
-  T* p = in_place<T>(param, out_p);
+  const Param<T> p = param_result<T>(param, out_p);
   T* m = in_place<T>(exp_avg, out_m);
   T* v = in_place<T>(exp_avg_sq, out_v);
   const T* g = grad.typed_data<T>();
@@ -1584,7 +1635,7 @@ ffi::Error asgd_typed(ffi::ThreadPool& pool, ffi::AnyBuffer param,
                       ffi::Span<const int64_t> spans,
                       ffi::Span<const int64_t> rows) {
   KeepSubnormals keep;  // the scalar math too
-  T* p = in_place<T>(param, out_p);
+  const Param<T> p = param_result<T>(param, out_p);
   T* ax = in_place<T>(ax_b, out_ax);
   const T* g = grad.typed_data<T>();
   std::vector<Segment> list;

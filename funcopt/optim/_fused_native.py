@@ -51,7 +51,9 @@ so a computed value (a scheduler's cosine) can differ from torch's double in
 its last bits; with x64 the double itself is passed.
 
 The kernel's results alias its inputs: under `jax.jit` with the params and
-state donated the update is in place (no copies). `lr`, the step count and
+state donated the update is in place (no copies). Under `update` (the optax
+protocol, `computing_updates`) the new params go to buffers of their own,
+the params read as they are. `lr`, the step count and
 the other hyperparameters are runtime buffers (no recompile when they
 change). It differentiates through the JAX rule (`jax.custom_jvp`), and
 `vmap` runs it once per batch element.
@@ -143,12 +145,16 @@ _updates = threading.local()
 
 @contextlib.contextmanager
 def computing_updates():
-    """While the optax protocol's `update` traces a step: the JAX rules run.
+    """While the optax protocol's `update` traces a step: the kernels write
+    the new params to buffers of their own, the params read as they are.
 
     `update` returns `new_params - params`, so the params stay live after
-    the step, and XLA would copy every param before a kernel that writes it
-    in place (measured: `optax.chain(clip, fo.adamw())` on 100 leaves of
-    100,000 at 1.5x optax's step, the JAX rules at 1.05x).
+    the step: a kernel that wrote them in place would make XLA copy every
+    param before it (measured: `optax.chain(clip, fo.adamw())` on 100 leaves
+    of 100,000 at 1.5x optax's step). Written out of place, a kernel still
+    makes one pass over memory (the param read, the new param written) and
+    `new_params - params + params` (`optax.apply_updates`) fuses into one
+    loop, as optax's own `apply_updates` does.
     """
     old = getattr(_updates, "active", False)
     _updates.active = True
@@ -158,17 +164,17 @@ def computing_updates():
         _updates.active = old
 
 
-def kernels_apply() -> bool:
-    """Whether a step traced now runs the native kernels where they apply:
-    `native_fused()`, outside `computing_updates`. Read at trace time (part
-    of the per-leaf kernel cache key, `funcopt._math.trace_settings`)."""
-    return native_fused() and not getattr(_updates, "active", False)
+def params_in_place() -> bool:
+    """Whether the kernels of a step traced now write the new params over
+    the params (outside `computing_updates`). Read at trace time (part of
+    the per-leaf kernel cache key, `funcopt._math.trace_settings`)."""
+    return not getattr(_updates, "active", False)
 
 
 def _applies(param: Any) -> bool:
     return (
         jnp.dtype(param.dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
-        and kernels_apply()
+        and native_fused()
         and jax.default_backend() == "cpu"
     )
 
@@ -251,7 +257,8 @@ def _run(
 ):  # fmt: skip
     """The kernel `target` on the param, gradient and buffers `names` (the
     param and buffers updated in place), differentiated through `jax_rule`
-    (`jax.custom_jvp`); None where the kernel does not apply.
+    (`jax.custom_jvp`); None where the kernel does not apply. The params are
+    written out of place while `update` traces (`computing_updates`).
     `single_tensor`: torch's single-tensor (default) step instead of its
     fused kernel. `leaf_scalars`: the per-parameter 0-d float32 buffers
     (NAdam's `mu_product`, ASGD's `eta` and `mu`), passed after `names` as
@@ -261,6 +268,8 @@ def _run(
     if not isinstance(grad, jax.Array):  # a sparse gradient (BCOO)
         return None
     if not _applies(param) or jnp.dtype(grad.dtype) != jnp.dtype(param.dtype):
+        return None
+    if jnp.shape(grad) != jnp.shape(param):
         return None
     if any(jnp.dtype(slots[k].dtype) != jnp.dtype(param.dtype) for k in names):
         return None
@@ -300,6 +309,12 @@ def _run(
     updated = (*names, *leaf_scalars)  # the state buffers the kernel writes
     arrays = [param, grad, *(slots[k] for k in updated)]
     out_index = [0, *range(2, len(arrays))]
+    # the results written over their inputs: the new param over the param,
+    # or over the gradient (its last use) while `update` traces: the param
+    # stays live for `new - param` (`computing_updates`)
+    aliases = {i: k for k, i in enumerate(out_index)}
+    if not params_in_place():
+        aliases[1] = aliases.pop(0)
 
     def call(*operands):
         # the operands as they are: XLA copies a reshaped operand (a bitcast
@@ -312,7 +327,7 @@ def _run(
             target,
             results,
             vmap_method="sequential",
-            input_output_aliases={i: k for k, i in enumerate(out_index)},
+            input_output_aliases=aliases,
         )
         return tuple(ffi(*operands, **attrs))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -333,6 +334,27 @@ def torch_params(params) -> list[torch.Tensor]:
     ]
 
 
+@contextlib.contextmanager
+def capturable_on_cpu(case: OptCase, kwargs):
+    """torch's `capturable=True` step on CPU params, which torch refuses
+    (its devices: CUDA, XPU, HPU, XLA): the optimizer module's device list
+    with the CPU added while the row runs. The step is torch's own code, a
+    device-agnostic sequence of tensor ops."""
+    if not kwargs.get("capturable"):
+        yield
+        return
+    module = sys.modules[case.torch_cls.__module__]
+    devices = module._get_capturable_supported_devices
+    module._get_capturable_supported_devices = lambda *args, **kw: [
+        *devices(*args, **kw),
+        "cpu",
+    ]
+    try:
+        yield
+    finally:
+        module._get_capturable_supported_devices = devices
+
+
 def run_torch(case: OptCase, kwargs, params, grads_seq):
     """Run torch; return (trainable leaves as numpy, per-leaf state dicts)."""
     tparams = torch_params(params)
@@ -348,7 +370,7 @@ def run_torch(case: OptCase, kwargs, params, grads_seq):
         ]
         for tp, g in zip(tparams, trainable_grads):
             tp.grad = None if g is None else to_torch(g)
-        with float32_scalar_roots(kwargs):
+        with float32_scalar_roots(kwargs), capturable_on_cpu(case, kwargs):
             opt.step()
     return [from_torch(p) for p in tparams], [opt.state[p] for p in tparams]
 

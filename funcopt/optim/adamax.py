@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
+from jax.dtypes import canonicalize_dtype
 
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
 from .._math import add_scalar, addcdiv, div, lerp, mul
 from . import _fused_native
-from ._common import coupled_gradient, group_rule, in_own_pass
+from ._common import coupled_gradient, group_rule, in_own_pass, powf
 
 
 def _adamax_slots(param, group):
@@ -25,6 +27,9 @@ def _adamax_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
     grad = in_own_pass(coupled_gradient, param, grad, hparams, options)
     # torch.maximum(exp_inf.mul_(beta2), grad.abs().add_(eps)): eps inside the max
     exp_inf = jnp.maximum(mul(slots["exp_inf"], beta2), add_scalar(jnp.abs(grad), eps))
+    if options["capturable"]:
+        new_param = _capturable_update(param, exp_avg, exp_inf, step, hparams, lr_dtype)
+        return new_param, {"exp_avg": exp_avg, "exp_inf": exp_inf}
     # torch: Python-float scalar math on float(step)
     if lr_dtype is None:
         clr = lr / (1 - beta1**step)
@@ -32,6 +37,27 @@ def _adamax_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
         clr = div(lr.astype(lr_dtype), 1 - beta1**step)
     new_param = addcdiv(param, exp_avg, exp_inf, -clr)
     return new_param, {"exp_avg": exp_avg, "exp_inf": exp_inf}
+
+
+def _capturable_update(param, exp_avg, exp_inf, step, hparams, lr_dtype):
+    """torch's `capturable=True` step: the bias correction as 0-d tensor ops
+    on the float32 step, negated and folded into the denominator,
+
+        neg_bias_correction = beta1**step_t - 1
+        neg_bias_correction.div_(lr)
+        param.addcdiv_(exp_avg, exp_inf * neg_bias_correction)
+
+    (float32; a float64 tensor `lr` widens the in-place division, whose
+    result stays float32). torch refuses it for CPU params."""
+    lr, beta1 = hparams["lr"], hparams["betas"][0]
+    neg_bias_correction = add_scalar(powf(beta1, step), -1.0)
+    if lr_dtype is None:
+        neg_bias_correction = div(neg_bias_correction, lr)
+    else:  # tensor / tensor, in the wider of the two dtypes
+        wide = canonicalize_dtype(np.promote_types(lr_dtype, np.float32))
+        quotient = neg_bias_correction.astype(wide) / lr.astype(wide)
+        neg_bias_correction = quotient.astype(jnp.float32)
+    return addcdiv(param, exp_avg, mul(exp_inf, neg_bias_correction), 1)
 
 
 # torch's default step: native where it applies, else `_adamax_rule`
@@ -72,12 +98,15 @@ def adamax(
     `_single_tensor_adamax` op by op in C++, one pass over memory, torch's
     float32 bits with or without x64; elsewhere the same formula in JAX.
 
-    `foreach`, `capturable` and `differentiable` are accepted; the
-    result is torch's default CPU path, which is also what torch's
-    `foreach=True` and `differentiable=True` give, bit for bit
-    (`benchmarks/results/flag_paths.md`). A tensor `lr` (an array, e.g.
-    `np.float32(2e-3)`) keeps its dtype: `lr / (1 - beta1**t)` is a
-    tensor op in it, as in torch.
+    `foreach` and `differentiable` are accepted; the result is torch's
+    default CPU path, which is also what torch's `foreach=True` and
+    `differentiable=True` give, bit for bit
+    (`benchmarks/results/flag_paths.md`). `capturable=True` is torch's
+    capturable step, its bias correction as float32 0-d tensor ops on the
+    float32 step folded into the denominator (torch runs it on accelerators
+    only; tested against torch's own with its device check lifted). A
+    tensor `lr` (an array, e.g. `np.float32(2e-3)`) keeps its dtype:
+    `lr / (1 - beta1**t)` is a tensor op in it, as in torch.
     State: `exp_avg`, `exp_inf`; the step count is `state.step`.
     """
     return make_optimizer(
@@ -92,12 +121,8 @@ def adamax(
             "eps": eps,
             "weight_decay": weight_decay,
         },
-        options={"maximize": maximize},
+        options={"maximize": maximize, "capturable": capturable},
         validate=_validate.check_adam_family,
         param_groups=param_groups,
-        extra_defaults={
-            "foreach": foreach,
-            "differentiable": differentiable,
-            "capturable": capturable,
-        },
+        extra_defaults={"foreach": foreach, "differentiable": differentiable},
     )

@@ -205,6 +205,19 @@ FLAG_CASES = [
         grid={"weight_decay": [0.0, 0.1], "maximize": [False, True]},
         fixed={"lr": torch.tensor(0.02), "betas": (0.8, 0.95), "eps": 1e-6},
     ),
+    # torch's capturable step (accelerators only: run on CPU with torch's
+    # device check lifted, `tests/torch_ref.capturable_on_cpu`)
+    OptCase(
+        "adamax-capturable",
+        torch.optim.Adamax,
+        adamax,
+        grid={
+            "weight_decay": [0.0, 0.1],
+            "maximize": [False, True],
+            "lr": [0.02, torch.tensor(0.02, dtype=torch.float64)],
+        },
+        fixed={"betas": (0.8, 0.95), "eps": 1e-6, "capturable": True},
+    ),
     OptCase(
         "adagrad-tensor-lr",
         torch.optim.Adagrad,

@@ -47,6 +47,7 @@ from tests.torch_ref import (
 EXACT = [
     "sgd",
     "adamax",
+    "adamax-capturable",
     "rprop",
     "asgd",
     "lion",

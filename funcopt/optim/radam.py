@@ -26,6 +26,8 @@ from ._common import (
     check_foreach_differentiable,
     decoupled_weight_decay,
     group_rule,
+    one_minus,
+    powf,
 )
 
 
@@ -45,6 +47,8 @@ def _radam_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
     beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
     param, moments = adam_moments(param, grad, slots, hparams, options)
     exp_avg, exp_avg_sq = moments["exp_avg"], moments["exp_avg_sq"]
+    if options["capturable"] and not options["foreach"]:
+        return _capturable_update(param, moments, step, hparams), moments
     # torch: Python-float scalar math on float(step)
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
@@ -70,6 +74,53 @@ def _radam_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
 
 # torch's default step: native where it applies, else `_radam_rule`
 _radam_default_rule = _fused_native.with_kernel(_fused_native.radam(), _radam_rule)
+
+
+def _capturable_update(param, moments, step, hparams):
+    r"""torch's `capturable=True` step (`_single_tensor_radam`): the scalar
+    math as 0-d float32 tensor ops on the float32 step, and the
+    rectification chosen per element,
+
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
+        rect = ((rho_t - 4) * (rho_t - 2) * rho_inf
+                / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+        adaptive_lr = bias_correction2**0.5 / (exp_avg_sq.sqrt() + eps)
+        update = torch.where(rho_t > 5, rect * adaptive_lr, 1.0)
+        param.add_(exp_avg / bias_correction1 * lr * update, alpha=-1)
+
+    ($\rho_\infty$ a Python float; `rect` is NaN while $\rho_t \le 5$,
+    where `where` takes 1)."""
+    lr, eps = hparams["lr"], hparams["eps"]
+    beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
+    exp_avg, exp_avg_sq = moments["exp_avg"], moments["exp_avg_sq"]
+    step = jnp.asarray(step).astype(jnp.float32)
+    beta2_power = powf(beta2, step)
+    bias_correction1 = one_minus(powf(beta1, step))
+    bias_correction2 = one_minus(beta2_power)
+    rho_inf = 2 / (1 - beta2) - 1
+    weighted = tensor_op(jnp.multiply, mul(step, 2.0), beta2_power)
+    rho_t = add_scalar(-tensor_op(jnp.divide, weighted, bias_correction2), rho_inf)
+    numerator = mul(
+        tensor_op(jnp.multiply, add_scalar(rho_t, -4.0), add_scalar(rho_t, -2.0)),
+        rho_inf,
+    )
+    denominator = mul(rho_t, (rho_inf - 4) * (rho_inf - 2))
+    rect = sqrt(tensor_op(jnp.divide, numerator, denominator))
+    denom = add_scalar(sqrt(exp_avg_sq), eps)
+
+    def spread(x):
+        # a 0-d operand as the tensor's own values (`tensor_op` reads a 0-d
+        # float32 one in float64 with x64, widening a float32 tensor)
+        return jnp.broadcast_to(x.astype(denom.dtype), jnp.shape(denom))
+
+    root = spread(sqrt(bias_correction2))
+    adaptive_lr = tensor_op(lambda d, r: r / d, denom, root)
+    rectified = tensor_op(jnp.multiply, adaptive_lr, spread(rect))
+    update = jnp.where(rho_t > 5.0, rectified, jnp.ones_like(rectified))
+    step_size = mul(div(exp_avg, bias_correction1), lr)
+    return add(param, tensor_op(jnp.multiply, step_size, update), -1.0)
 
 
 def _tensor_lr_decay(param, hparams, options, lr_dtype):
@@ -175,11 +226,10 @@ def radam(
     float32 bits without x64 wherever torch's `sqrt` (MKL's) is correctly
     rounded; elsewhere, and with `foreach=True`, the same formulas in JAX.
 
-    `capturable` and `differentiable` are accepted; the result is torch's
-    default CPU path, which is also what torch's `differentiable=True` and
-    a float32 tensor `lr` give, bit for bit
-    (`benchmarks/results/flag_paths.md`; `capturable=True` raises for CPU
-    params), except that a tensor `lr` makes the decoupled decay factor
+    `differentiable` is accepted; the result is torch's default CPU path,
+    which is also what torch's `differentiable=True` and a float32 tensor
+    `lr` give, bit for bit (`benchmarks/results/flag_paths.md`), except
+    that a tensor `lr` makes the decoupled decay factor
     $1 - \gamma\lambda$ a tensor op in its dtype. `foreach=True` mirrors
     torch's `_multi_tensor_radam`: one
     factor $b_t = 1 / \bigl((\sqrt{v_t}+\epsilon) / s_t\bigr) + u_t$ with
@@ -195,6 +245,11 @@ def radam(
     float64 one's are Python-float math), and `_foreach_div_` and
     `_foreach_mul_` read them as their values (float32 for a 16-bit param,
     not rounded to its dtype first).
+    `capturable=True` (without `foreach`) is torch's capturable step: the
+    scalar math as float32 0-d tensor ops on the float32 step and the
+    rectification chosen per element by `torch.where` (torch runs it on
+    accelerators only; tested against torch's own with its device check
+    lifted). With `foreach=True` it takes the `foreach` step above.
     State: `exp_avg`, `exp_avg_sq`; the step count is
     `state.step`.
     """
@@ -216,8 +271,8 @@ def radam(
             # torch's `_multi_tensor_radam` (foreach=None on CPU: single-tensor)
             "foreach": foreach,
             "differentiable": differentiable,
+            "capturable": capturable,
         },
         validate=_validate_radam,
         param_groups=param_groups,
-        extra_defaults={"capturable": capturable},
     )

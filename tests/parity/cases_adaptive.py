@@ -219,6 +219,15 @@ FLAG_CASES = [
         fixed={"betas": (0.8, 0.95), "eps": 1e-6, "capturable": True},
     ),
     OptCase(
+        "radam-capturable",
+        torch.optim.RAdam,
+        radam,
+        # beta2=0.99: rho_t <= 5 for the first steps, > 5 afterwards
+        grid={**_DECAY_MAXIMIZE, "lr": [0.02, torch.tensor(0.02)]},
+        fixed={"betas": (0.9, 0.99), "eps": 1e-6, "capturable": True},
+        valid=_decay_needs_wd,
+    ),
+    OptCase(
         "adagrad-tensor-lr",
         torch.optim.Adagrad,
         adagrad,

@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 
 from tests._subprocess import run_pytest_child
-from tests.parity.cases import OPT_CASES
+from tests.parity.cases import FLAG_CASES, OPT_CASES
 from tests.torch_ref import (
     NATIVE_DEFAULT_STEP,
     assert_same_bits,
@@ -44,6 +44,7 @@ from tests.torch_ref import (
 )
 
 # the rows that are exact (their all-flags combination), and SGD with nesterov
+# (`cases.OPT_CASES` and the flag paths, `cases.FLAG_CASES`)
 EXACT = [
     "sgd",
     "adamax",
@@ -60,6 +61,7 @@ NEED_CORRECTLY_ROUNDED_SQRT = [
     "adam",
     "adamw",
     "radam",
+    "radam-capturable",
     "rmsprop",
     "adagrad",
     "adadelta",
@@ -100,7 +102,7 @@ def odd_sized_params(rng: np.random.Generator, dtype) -> dict:
 def _rows():
     names = EXACT + (NEED_CORRECTLY_ROUNDED_SQRT if os.environ.get(SQRT_CHILD) else [])
     rows = []
-    for case in OPT_CASES:
+    for case in OPT_CASES + FLAG_CASES:
         if case.name not in names:
             continue
         combos = case.combos()

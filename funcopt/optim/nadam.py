@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.dtypes import canonicalize_dtype
 
 from .. import _validate
 from .._core import Optimizer, make_optimizer
@@ -28,6 +31,8 @@ from ._common import (
     adam_moments,
     check_foreach_differentiable,
     group_rule,
+    one_minus,
+    powf,
     weight_decayed,
     write_buffers_first,
 )
@@ -50,14 +55,22 @@ def _nadam_slots(param, group):
 
 def _nadam_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
     if lr_dtype is not None:
-        # a tensor lr: torch's scalar math with it runs in its dtype
-        hparams = {**hparams, "lr": hparams["lr"].astype(lr_dtype)}
+        # a tensor lr: torch's scalar math with it runs in its dtype (a
+        # float64 one's in float32 without x64)
+        lr = hparams["lr"].astype(canonicalize_dtype(lr_dtype))
+        hparams = {**hparams, "lr": lr}
     lr, eps = hparams["lr"], hparams["eps"]
     beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
     momentum_decay = hparams["momentum_decay"]
-    # the momentum cache mu_t and mu_{t+1}, Python-float math
-    mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
-    mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
+    # torch's capturable step: its scalar math on the float32 step tensor
+    capturable = options["capturable"] and not options["foreach"]
+    if capturable:
+        step = jnp.asarray(step).astype(jnp.float32)
+        mu = _tensor_mu(step, beta1, momentum_decay)
+        mu_next = _tensor_mu(add_scalar(step, 1.0), beta1, momentum_decay)
+    else:  # the momentum cache mu_t and mu_{t+1}, Python-float math
+        mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
+        mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
     mu_product = _times_mu(slots["mu_product"], mu)
     _, moments = adam_moments(param, grad, slots, hparams, options)
     # the param's pass reads the new moments and recomputes the decayed
@@ -67,8 +80,9 @@ def _nadam_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
     denom = add_scalar(
         _bias_corrected_root(moments["exp_avg_sq"], step, beta2, options), eps
     )
-    if options["differentiable"]:
-        grad_scale, exp_avg_scale = _tensor_coefficients(
+    if options["differentiable"] or capturable:
+        coefficients = _tensor_mu_coefficients if capturable else _tensor_coefficients
+        grad_scale, exp_avg_scale = coefficients(
             mu_product, mu, mu_next, lr, lr_dtype is not None
         )
         param = addcdiv(param, mul(grad, grad_scale), denom, 1)
@@ -95,6 +109,27 @@ def _nadam_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
     param = addcdiv(param, grad, denom, grad_value)
     param = addcdiv(param, moments["exp_avg"], denom, exp_avg_value)
     return param, {"mu_product": mu_product, **moments}
+
+
+def _tensor_mu_coefficients(mu_product, mu, mu_next, lr, tensor_lr):
+    """`_tensor_coefficients` in the `capturable` step, where `mu` and
+    `mu_next` are float32 tensors too: every product and quotient a tensor
+    op."""
+    mu_product_next = tensor_op(jnp.multiply, mu_product, mu_next)
+    one_minus_product = one_minus(mu_product)
+    one_minus_next = one_minus(mu_product_next)
+    if tensor_lr:  # tensor * tensor, in the wider of the two dtypes
+        wide = canonicalize_dtype(np.promote_types(lr.dtype, np.float32))
+        grad_numerator = (-lr).astype(wide) * one_minus(mu).astype(wide)
+        exp_avg_numerator = (-lr).astype(wide) * mu_next.astype(wide)
+        return (
+            grad_numerator / one_minus_product.astype(wide),
+            exp_avg_numerator / one_minus_next.astype(wide),
+        )
+    return (
+        tensor_op(jnp.divide, mul(one_minus(mu), -lr), one_minus_product),
+        tensor_op(jnp.divide, mul(mu_next, -lr), one_minus_next),
+    )
 
 
 # torch's default step: native where it applies, else `_nadam_rule`
@@ -127,10 +162,18 @@ def _bias_corrected_root(exp_avg_sq, step, beta2, options):
     `_foreach_sqrt(exp_avg_sqs)` divided by the Python float
     `(1 - beta2**step) ** 0.5`.
     """
-    bias_correction2 = 1 - beta2**step
     if options["foreach"]:
-        return div(sqrt(exp_avg_sq), bias_correction2**0.5)
-    return sqrt(div(exp_avg_sq, bias_correction2))
+        return div(sqrt(exp_avg_sq), (1 - beta2**step) ** 0.5)
+    if options["capturable"]:  # a 0-d float32 tensor (`capturable` step)
+        return sqrt(div(exp_avg_sq, one_minus(powf(beta2, step))))
+    return sqrt(div(exp_avg_sq, 1 - beta2**step))
+
+
+def _tensor_mu(step, beta1, momentum_decay) -> jax.Array:
+    """torch's capturable `beta1 * (1.0 - 0.5 * (0.96 ** (step *
+    momentum_decay)))` on the float32 step tensor: float32 tensor ops."""
+    power = powf(0.96, mul(step, momentum_decay))
+    return mul(one_minus(mul(power, 0.5)), beta1)
 
 
 def _tensor_coefficients(mu_product, mu, mu_next, lr, tensor_lr):
@@ -223,8 +266,12 @@ def nadam(
     tensor's dtype first ($v_t$'s decay, decoupled weight decay); a tensor
     `lr` then enters the step sizes as a Python float. It refuses
     `differentiable=True` with a `ValueError` with torch's message (torch:
-    an `AssertionError` at its first step). `capturable` is accepted and
-    ignored (torch refuses `capturable=True` for CPU params). State:
+    an `AssertionError` at its first step). `capturable=True` (without
+    `foreach`) is torch's capturable step: the differentiable path with
+    $\mu_t$, $\mu_{t+1}$ and $1-\beta_2^t$ float32 tensor ops on the
+    float32 step (torch runs it on accelerators only; tested against
+    torch's own with its device check lifted); with `foreach=True` it takes
+    the `foreach` step. State:
     `mu_product` (a float32 scalar), `exp_avg`, `exp_avg_sq`; the step
     count is `state.step`.
     """
@@ -245,10 +292,10 @@ def nadam(
             "decoupled_weight_decay": decoupled_weight_decay,
             "maximize": maximize,
             "differentiable": differentiable,
+            "capturable": capturable,
             # torch's `_multi_tensor_nadam` (foreach=None on CPU: single-tensor)
             "foreach": foreach,
         },
         validate=_validate_nadam,
         param_groups=param_groups,
-        extra_defaults={"capturable": capturable},
     )

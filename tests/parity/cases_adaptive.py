@@ -228,6 +228,24 @@ FLAG_CASES = [
         valid=_decay_needs_wd,
     ),
     OptCase(
+        "nadam-capturable",
+        torch.optim.NAdam,
+        nadam,
+        grid={
+            "weight_decay": [0.0, 0.1],
+            "decoupled_weight_decay": [False, True],
+            "lr": [0.02, torch.tensor(0.02), torch.tensor(0.02, dtype=torch.float64)],
+        },
+        fixed={
+            "betas": (0.8, 0.95),
+            "eps": 1e-6,
+            "momentum_decay": 0.3,
+            "maximize": True,
+            "capturable": True,
+        },
+        valid=_decay_needs_wd,
+    ),
+    OptCase(
         "adagrad-tensor-lr",
         torch.optim.Adagrad,
         adagrad,

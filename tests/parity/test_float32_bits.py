@@ -62,6 +62,7 @@ NEED_CORRECTLY_ROUNDED_SQRT = [
     "adamw",
     "radam",
     "radam-capturable",
+    "nadam-capturable",
     "rmsprop",
     "adagrad",
     "adadelta",

@@ -49,6 +49,10 @@ def _asgd_slots(param, group):
 def _asgd_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
     if options["foreach"]:
         return _foreach_asgd_rule(param, grad, slots, step, hparams, options, lr_dtype)
+    if options["capturable"]:
+        return _capturable_asgd_rule(
+            param, grad, slots, step, hparams, options, lr_dtype
+        )
     lr, lambd = hparams["lr"], hparams["lambd"]
     alpha, t0 = hparams["alpha"], hparams["t0"]
     grad = coupled_gradient(param, grad, hparams, options)
@@ -75,6 +79,35 @@ def _asgd_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
 
 # torch's default step: native where it applies, else `_asgd_rule`
 _asgd_default_rule = _fused_native.with_kernel(_fused_native.asgd(), _asgd_rule)
+
+
+def _capturable_asgd_rule(param, grad, slots, step, hparams, options, lr_dtype):
+    """torch's `capturable=True` step (`_single_tensor_asgd`): `eta` and
+    `mu` stay 0-d float32 tensors, the next ones float32 tensor ops on the
+    float32 step, and `ax` is always averaged,
+
+        param.mul_(1 - lambd * eta)
+        param.addcmul_(grad, eta, value=-1)
+        ax.add_(param.sub(ax).mul_(mu))
+        eta.copy_(lr / ((1 + lambd * lr * step) ** alpha))
+        mu.copy_(1 / torch.maximum(step - t0, torch.ones_like(step)))
+    """
+    lr, lambd = hparams["lr"], hparams["lambd"]
+    alpha, t0 = hparams["alpha"], hparams["t0"]
+    grad = coupled_gradient(param, grad, hparams, options)
+    eta = jnp.where(step == 1, lr.astype(jnp.float32), slots["eta"])
+    param = mul(param, add_scalar(-mul(eta, lambd), 1.0))
+    param = _addcmul_scalar_tensor(param, grad, eta, -1.0)
+    ax = slots["ax"]
+    ax = tensor_op(jnp.add, ax, mul(tensor_op(jnp.subtract, param, ax), slots["mu"]))
+    step32 = jnp.asarray(step).astype(jnp.float32)  # torch's float32 step
+    if lr_dtype is None:
+        power = powf(add_scalar(mul(step32, lambd * lr), 1.0), alpha)
+        new_eta = mul(reciprocal(power), lr)
+    else:
+        new_eta = _tensor_lr_eta(lr.astype(lr_dtype), lambd, alpha, step)
+    new_mu = reciprocal(jnp.maximum(add_scalar(step32, -t0), 1.0))
+    return param, {"eta": new_eta, "mu": new_mu, "ax": ax}
 
 
 def _foreach_asgd_rule(param, grad, slots, step, hparams, options, lr_dtype):
@@ -189,10 +222,16 @@ def asgd(
     the float32 step ($\gamma \cdot \operatorname{f32}(1 +
     \operatorname{f32}(\lambda\gamma)\,t)^{-\alpha}$, `powf`); with
     `differentiable=True` it raises a `ValueError` with torch's message
-    (torch: an `AssertionError` at its first step). `differentiable`
-    and `capturable` are otherwise accepted; the result is torch's default
-    CPU path, which is also what torch's `differentiable=True` gives, bit
-    for bit (`benchmarks/results/flag_paths.md`). A tensor `lr` (an array, e.g.
+    (torch: an `AssertionError` at its first step). `differentiable` is
+    otherwise accepted; the result is torch's default CPU path, which is
+    also what torch's `differentiable=True` gives, bit for bit
+    (`benchmarks/results/flag_paths.md`). `capturable=True` (without
+    `foreach`) is torch's capturable step: the update
+    $\theta(1 - \lambda\eta) - \eta g$ with $\eta$ a float32 scalar
+    tensor (its factor a tensor op), $\bar\theta$ averaged even where
+    $\mu = 1$, and the next $\eta$, $\mu$ float32 tensor ops on the
+    float32 step (torch runs it on accelerators only; tested against
+    torch's own with its device check lifted). A tensor `lr` (an array, e.g.
     `np.float32(0.01)`) keeps its dtype: $\eta_t$ is computed in tensor
     ops in it, as in torch.
     State: `eta`, `mu` (float32 scalars) and `ax`; the step
@@ -216,8 +255,8 @@ def asgd(
             # torch's `_multi_tensor_asgd` (foreach=None on CPU: single-tensor)
             "foreach": foreach,
             "differentiable": differentiable,
+            "capturable": capturable,
         },
         validate=_validate_asgd,
         param_groups=param_groups,
-        extra_defaults={"capturable": capturable},
     )

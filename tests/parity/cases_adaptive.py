@@ -246,6 +246,17 @@ FLAG_CASES = [
         valid=_decay_needs_wd,
     ),
     OptCase(
+        "asgd-capturable",
+        torch.optim.ASGD,
+        asgd,
+        grid={
+            "weight_decay": [0.0, 0.1],
+            "maximize": [False, True],
+            "lr": [0.05, torch.tensor(0.05)],
+        },
+        fixed={"lambd": 0.01, "alpha": 0.75, "t0": 3.0, "capturable": True},
+    ),
+    OptCase(
         "adagrad-tensor-lr",
         torch.optim.Adagrad,
         adagrad,

@@ -51,6 +51,7 @@ EXACT = [
     "adamax-capturable",
     "rprop",
     "asgd",
+    "asgd-capturable",
     "lion",
     "lion-decoupled",
     "schedulefree_sgd",

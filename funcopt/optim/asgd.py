@@ -100,14 +100,22 @@ def _capturable_asgd_rule(param, grad, slots, step, hparams, options, lr_dtype):
     param = _addcmul_scalar_tensor(param, grad, eta, -1.0)
     ax = slots["ax"]
     ax = tensor_op(jnp.add, ax, mul(tensor_op(jnp.subtract, param, ax), slots["mu"]))
+    new_eta = _float32_step_eta(lr, lambd, alpha, step, lr_dtype)
     step32 = jnp.asarray(step).astype(jnp.float32)  # torch's float32 step
-    if lr_dtype is None:
-        power = powf(add_scalar(mul(step32, lambd * lr), 1.0), alpha)
-        new_eta = mul(reciprocal(power), lr)
-    else:
-        new_eta = _tensor_lr_eta(lr.astype(lr_dtype), lambd, alpha, step)
     new_mu = reciprocal(jnp.maximum(add_scalar(step32, -t0), 1.0))
     return param, {"eta": new_eta, "mu": new_mu, "ax": ax}
+
+
+def _float32_step_eta(lr, lambd, alpha, step, lr_dtype):
+    """`lr / ((1 + lambd * lr * step) ** alpha)` with `step` torch's float32
+    step tensor: `(lambd * lr)` a Python float, then float32 tensor ops
+    (`python_float / tensor` as `tensor.reciprocal() * python_float`); a
+    tensor `lr`'s in its dtype (`_tensor_lr_eta`)."""
+    if lr_dtype is not None:
+        return _tensor_lr_eta(lr.astype(lr_dtype), lambd, alpha, step)
+    step32 = jnp.asarray(step).astype(jnp.float32)
+    power = powf(add_scalar(mul(step32, lambd * lr), 1.0), alpha)
+    return mul(reciprocal(power), lr)
 
 
 def _foreach_asgd_rule(param, grad, slots, step, hparams, options, lr_dtype):
@@ -129,14 +137,7 @@ def _foreach_asgd_rule(param, grad, slots, step, hparams, options, lr_dtype):
     # `_foreach_addcmul_(axs, params - axs, mus)`, whatever mu is
     diff = tensor_op(jnp.subtract, param, ax)
     ax = _addcmul_scalar_tensor(ax, diff, slots["mu"], 1.0)
-    step32 = jnp.asarray(step).astype(jnp.float32)  # torch's float32 step
-    if lr_dtype is None:
-        # `lr / ((1 + lambd * lr * step) ** alpha)` with `step` a float32
-        # tensor: `(lambd * lr)` a Python float, then float32 tensor ops
-        power = powf(add_scalar(mul(step32, lambd * lr), 1.0), alpha)
-        new_eta = mul(reciprocal(power), lr)
-    else:
-        new_eta = _tensor_lr_eta(lr.astype(lr_dtype), lambd, alpha, step)
+    new_eta = _float32_step_eta(lr, lambd, alpha, step, lr_dtype)
     excess = step - t0
     new_mu = (1 / jnp.where(excess > 1, excess, 1.0)).astype(jnp.float32)
     return param, {"eta": new_eta, "mu": new_mu, "ax": ax}

@@ -54,9 +54,12 @@ dtype is written as that Python value (float32 states do not perturb
 On import, numeric hyperparameters come from the torch groups, as torch's
 `load_state_dict` takes them; static options (`maximize`, `amsgrad`,
 `nesterov`, `centered`, `decoupled_weight_decay`, LBFGS's
-`max_iter`/`history_size`/...) select code paths in funcopt and must equal
-the funcopt optimizer's, else `ValueError` names the key and both values.
-Torch-only switches (`foreach`, ...) and scheduler keys are ignored.
+`max_iter`/`history_size`/..., and torch's `foreach`, `differentiable` and
+`capturable` where funcopt takes the step they select: `capturable` for
+Adam, AdamW, Adamax, RAdam, NAdam and ASGD) select code paths in funcopt
+and must equal the funcopt optimizer's, else `ValueError` names the key
+and both values. The other torch-only switches and scheduler keys are
+ignored.
 SGD and Muon keep no step count in torch; an imported parameter with state
 gets `step = 1` (funcopt only tests "has a buffer"), without state 0.
 
@@ -104,7 +107,6 @@ SCHEDULER_GROUP_KEYS = (
 _NO_STEP = ("SGD", "Muon")  # torch keeps no per-parameter step
 _EAGER = ("Adagrad",)  # state exists from construction
 _FLOAT32_SCALARS = ("mu_product", "eta", "mu")  # 0-dim float32 tensors in torch
-_TORCH_ONLY = ("foreach", "fused", "capturable", "differentiable")
 _LBFGS_STATIC = ("max_iter", "max_eval", "history_size", "line_search_fn")
 
 

@@ -84,3 +84,26 @@ def test_step_matches_finite_differences(case, x64):
     full = jax.jit(full)
     numeric = (float(full(shift(h))) - float(full(shift(-h)))) / (2 * h)
     np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("capturable", [False, True], ids=["default", "capturable"])
+def test_radam_gradient_through_its_unrectified_steps(capturable, x64):
+    """RAdam's rectification term is the root of a negative number while
+    2 < rho_t < 4 (steps 3 and 4 with the default betas), where the step
+    takes its unrectified branch: the gradient through six steps (with
+    respect to lr) is finite and central finite differences' (the branch
+    not taken passed its root's NaN derivative on as 0 * NaN)."""
+    opt = fo.radam(capturable=capturable)
+    params = {"w": jnp.linspace(-1.0, 1.0, 7)}
+
+    def loss(lr):
+        p, state = params, fo.set_lr(opt.init(params), lr)
+        for _ in range(6):
+            p, state = opt.step(p, jax.tree.map(lambda x: jnp.sin(3 * x), p), state)
+        return jnp.sum(p["w"] ** 2)
+
+    got = jax.grad(loss)(0.05)
+    h = 1e-6
+    want = (loss(0.05 + h) - loss(0.05 - h)) / (2 * h)
+    assert np.isfinite(got)
+    np.testing.assert_allclose(got, want, rtol=1e-6)

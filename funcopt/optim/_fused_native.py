@@ -9,8 +9,9 @@ on several, where a default step runs on each device's piece of every leaf
 (`_partitioned`; no communication, the single-device bits); elsewhere
 (16-bit params, GPU, the fused kernels and packed buckets on several
 devices, a tensor hyperparameter,
-Adam's and NAdam's `differentiable`/`capturable` path, the `foreach=True`
-step of RAdam, NAdam and ASGD, sparse gradients, no library) the pure JAX
+Adam's and NAdam's `differentiable`/`capturable` path, the `capturable`
+step of Adamax, RAdam and ASGD, the `foreach=True` step of RAdam, NAdam and
+ASGD, sparse gradients, no library) the pure JAX
 rules in `adam.py`, `sgd.py`, `adagrad.py`, `rmsprop.py`, `adamax.py`,
 `adadelta.py`, `radam.py`, `rprop.py`, `nadam.py` and `asgd.py` run.
 
@@ -448,7 +449,7 @@ def with_kernel(kernel: Callable, jax_rule: Callable) -> Callable:
 
 def _single_tensor_applies(options) -> bool:
     """Whether the kernel computes torch's default step for a group: not
-    Adam's `differentiable`/`capturable` path (torch's tensor-scalar math),
+    a `differentiable`/`capturable` path (torch's tensor-scalar math),
     and no tensor (array) hyperparameter, whose scalar math torch does in
     the tensor's dtype (AdamW's `1 - lr * weight_decay`); the JAX rules
     mirror both."""

@@ -9,7 +9,7 @@ from jax.dtypes import canonicalize_dtype
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
-from .._math import add_scalar, addcdiv, div, lerp, mul
+from .._math import add_scalar, addcdiv, div, lerp, mul, true_divide
 from . import _fused_native
 from ._common import coupled_gradient, group_rule, in_own_pass, powf
 
@@ -55,7 +55,7 @@ def _capturable_update(param, exp_avg, exp_inf, step, hparams, lr_dtype):
         neg_bias_correction = div(neg_bias_correction, lr)
     else:  # tensor / tensor, in the wider of the two dtypes
         wide = canonicalize_dtype(np.promote_types(lr_dtype, np.float32))
-        quotient = neg_bias_correction.astype(wide) / lr.astype(wide)
+        quotient = true_divide(neg_bias_correction.astype(wide), lr.astype(wide))
         neg_bias_correction = quotient.astype(jnp.float32)
     return addcdiv(param, exp_avg, mul(exp_inf, neg_bias_correction), 1)
 

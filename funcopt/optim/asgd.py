@@ -212,8 +212,8 @@ def asgd(
     `_single_tensor_asgd` op by op in C++, one pass over memory, $\eta$
     and $\mu$ computed in double and stored as float32 as torch does:
     torch's float32 bits without x64; elsewhere, and with `foreach=True`,
-    `differentiable=True`, `capturable=True` or a tensor `lr`, the same
-    formulas in JAX.
+    `differentiable=True` or a tensor `lr`, the same formulas in JAX (and
+    the `capturable` step below).
 
     `foreach=True` mirrors torch's `_multi_tensor_asgd`:
     $\theta_t = \theta_{t-1} - \eta_{t-1}\bigl(g_t + \lambda\theta_{t-1}\bigr)$
@@ -232,7 +232,8 @@ def asgd(
     tensor (its factor a tensor op), $\bar\theta$ averaged even where
     $\mu = 1$, and the next $\eta$, $\mu$ float32 tensor ops on the
     float32 step (torch runs it on accelerators only; tested against
-    torch's own with its device check lifted). A tensor `lr` (an array, e.g.
+    torch's own with its device check lifted); with `foreach=True` it takes
+    the `foreach` step above. A tensor `lr` (an array, e.g.
     `np.float32(0.01)`) keeps its dtype: $\eta_t$ is computed in tensor
     ops in it, as in torch.
     State: `eta`, `mu` (float32 scalars) and `ax`; the step

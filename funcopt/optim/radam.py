@@ -55,10 +55,13 @@ def _radam_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
     bias_corrected_exp_avg = div(exp_avg, bias_correction1)
     rho_inf = 2 / (1 - beta2) - 1
     rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
-    # only used where rho_t > 5 (then rho_inf > rho_t > 5 and the root is real)
-    rect = (
+    # only used where rho_t > 5 (then rho_inf > rho_t > 5 and the root is
+    # real); elsewhere the root of 1, whose derivative is no NaN that the
+    # branch not taken would pass on (0 * NaN) to a gradient of the step
+    ratio = (
         (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
-    ) ** 0.5
+    )
+    rect = jnp.where(rho_t > 5.0, ratio, 1.0) ** 0.5
     if options["foreach"]:
         update = _foreach_update(param, moments, step, rho_t, rect, hparams, lr_dtype)
         return update, moments
@@ -90,8 +93,8 @@ def _capturable_update(param, moments, step, hparams):
         update = torch.where(rho_t > 5, rect * adaptive_lr, 1.0)
         param.add_(exp_avg / bias_correction1 * lr * update, alpha=-1)
 
-    ($\rho_\infty$ a Python float; `rect` is NaN while $\rho_t \le 5$,
-    where `where` takes 1)."""
+    ($\rho_\infty$ a Python float; `where` takes 1 while $\rho_t \le 5$,
+    where torch's `rect` can be NaN)."""
     lr, eps = hparams["lr"], hparams["eps"]
     beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
     exp_avg, exp_avg_sq = moments["exp_avg"], moments["exp_avg_sq"]
@@ -107,7 +110,9 @@ def _capturable_update(param, moments, step, hparams):
         rho_inf,
     )
     denominator = mul(rho_t, (rho_inf - 4) * (rho_inf - 2))
-    rect = sqrt(tensor_op(jnp.divide, numerator, denominator))
+    ratio = tensor_op(jnp.divide, numerator, denominator)
+    # (the root of 1 where not taken: see `_radam_rule`)
+    rect = sqrt(jnp.where(rho_t > 5.0, ratio, jnp.ones_like(ratio)))
     denom = add_scalar(sqrt(exp_avg_sq), eps)
 
     def spread(x):

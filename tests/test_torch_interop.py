@@ -640,6 +640,29 @@ def test_static_option_differs(x64):
         fti.load_state_dict(fo.adam(), PARAMS, _adam_sd(amsgrad=True))
 
 
+@pytest.mark.parametrize(
+    "factory,torch_cls",
+    [
+        (fo.adamax, torch.optim.Adamax),
+        (fo.radam, torch.optim.RAdam),
+        (fo.nadam, torch.optim.NAdam),
+        (fo.asgd, torch.optim.ASGD),
+    ],
+    ids=lambda x: getattr(x, "__name__", ""),
+)
+def test_capturable_must_match(factory, torch_cls, x64):
+    """A torch state dict saved with `capturable=True` (a CUDA run) selects
+    torch's capturable step, which funcopt takes with `capturable=True`
+    only: loaded into a default optimizer, the mismatch is named."""
+    tparams = [torch.zeros(3, dtype=torch.float64)]
+    sd = torch_cls(tparams, capturable=True).state_dict()
+    params = {"w": jnp.zeros(3)}
+    with pytest.raises(ValueError, match=r"\['capturable'\] is True.*False"):
+        fti.load_state_dict(factory(), params, sd)
+    state = fti.load_state_dict(factory(capturable=True), params, sd)
+    assert int(state.step[0]) == 0
+
+
 def test_missing_state_key(x64):
     sd = _adam_sd()
     del sd["state"][1]["exp_avg_sq"]

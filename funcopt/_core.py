@@ -779,7 +779,7 @@ def _leaf_step(definition: _Definition, group: str, options: dict[str, Any]):
 
 def updates_of_step(name, step_fn, grads, state, params, has_grad):
     """The optax protocol on a step: `(new_params - params, new_state)`, the
-    new params written out of place (`_fused_native.computing_updates`)."""
+    new params written over the gradients (`_fused_native.computing_updates`)."""
     if params is None:
         raise ValueError(
             f"funcopt.{name.lower()}'s update() needs params: call "

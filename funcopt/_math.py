@@ -154,12 +154,13 @@ def trace_settings() -> tuple[int | None, bool, bool, bool, bool]:
     they can be split over devices (`partitions`)."""
     from .optim import _fused_native
 
+    native = _fused_native.native_fused()
     return (
         torch_cpu_block(),
         exact_float32(),
-        _fused_native.native_fused(),
+        native,
         # (the JAX rules' programs are the same either way)
-        _fused_native.params_in_place() or not _fused_native.native_fused(),
+        _fused_native.params_in_place() or not native,
         _fused_native.partitions(),
     )
 

@@ -341,9 +341,10 @@ def check_update(mesh, rng):
     np_params, specs = tree_and_specs(rng, "mixed", complex_ok=False)
     shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
     grads_seq = grads_for(rng, np_params)
+    one_device = jax.jit(train_step)
     p, st = np_params, opt.init(np_params)
     for g in grads_seq:
-        p, st = jax.jit(train_step)(p, g, st)
+        p, st = one_device(p, g, st)
     params = jax.device_put(np_params, shardings)
     state = fs.init(opt, params)
     sharded_grads = [jax.device_put(g, shardings) for g in grads_seq]

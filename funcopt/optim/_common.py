@@ -93,6 +93,18 @@ def powf(base, exponent) -> jax.Array:
     return base**exponent
 
 
+def float32_times_lr(x: jax.Array, lr: jax.Array, lr_dtype) -> jax.Array:
+    """torch's in-place `x.mul_(lr)` (`_foreach_mul_(xs, lr)`) for a 0-d
+    float32 tensor `x` of a capturable step: a Python-float `lr`
+    (`lr_dtype` None) rounded to float32 first; a tensor `lr` read as its
+    value (a float64 one promotes the product), the product rounded once to
+    float32."""
+    f32 = jnp.float32
+    lr = lr.astype(f32) if lr_dtype is None else lr
+    wide = widest_float()
+    return (x.astype(wide) * lr.astype(wide)).astype(f32)
+
+
 def one_minus(x: jax.Array) -> jax.Array:
     """torch's `1 - x` for a 0-d tensor `x`: a tensor op in its dtype."""
     return add_scalar(-x, 1.0)

@@ -25,6 +25,7 @@ from ._common import (
     apply_maximize,
     check_foreach_differentiable,
     coupled_gradient,
+    float32_times_lr,
     group_rule,
     powf,
 )
@@ -101,9 +102,14 @@ def _capturable_asgd_rule(param, grad, slots, step, hparams, options, lr_dtype):
     ax = slots["ax"]
     ax = tensor_op(jnp.add, ax, mul(tensor_op(jnp.subtract, param, ax), slots["mu"]))
     new_eta = _float32_step_eta(lr, lambd, alpha, step, lr_dtype)
-    step32 = jnp.asarray(step).astype(jnp.float32)  # torch's float32 step
-    new_mu = reciprocal(jnp.maximum(add_scalar(step32, -t0), 1.0))
-    return param, {"eta": new_eta, "mu": new_mu, "ax": ax}
+    return param, {"eta": new_eta, "mu": _float32_step_mu(step, t0), "ax": ax}
+
+
+def _float32_step_mu(step, t0):
+    """`1 / max(step - t0, 1)` in float32 tensor ops on torch's float32
+    step (the capturable steps')."""
+    step32 = jnp.asarray(step).astype(jnp.float32)
+    return reciprocal(jnp.maximum(add_scalar(step32, -t0), 1.0))
 
 
 def _float32_step_eta(lr, lambd, alpha, step, lr_dtype):
@@ -116,6 +122,16 @@ def _float32_step_eta(lr, lambd, alpha, step, lr_dtype):
     step32 = jnp.asarray(step).astype(jnp.float32)
     power = powf(add_scalar(mul(step32, lambd * lr), 1.0), alpha)
     return mul(reciprocal(power), lr)
+
+
+def _foreach_capturable_eta(lr, lambd, alpha, step, lr_dtype):
+    """`_multi_tensor_asgd`'s capturable `eta`: `((step * lambd) * lr + 1)
+    ** alpha`, its reciprocal times `lr`, each op a float32 tensor op on
+    the float32 step (`lr` as `float32_times_lr`: a float64 tensor one
+    promotes its products)."""
+    step32 = jnp.asarray(step).astype(jnp.float32)
+    base = add_scalar(float32_times_lr(mul(step32, lambd), lr, lr_dtype), 1.0)
+    return float32_times_lr(reciprocal(powf(base, alpha)), lr, lr_dtype)
 
 
 def _foreach_asgd_rule(param, grad, slots, step, hparams, options, lr_dtype):
@@ -137,6 +153,9 @@ def _foreach_asgd_rule(param, grad, slots, step, hparams, options, lr_dtype):
     # `_foreach_addcmul_(axs, params - axs, mus)`, whatever mu is
     diff = tensor_op(jnp.subtract, param, ax)
     ax = _addcmul_scalar_tensor(ax, diff, slots["mu"], 1.0)
+    if options["capturable"]:  # its `_multi_tensor_asgd` branch
+        new_eta = _foreach_capturable_eta(lr, lambd, alpha, step, lr_dtype)
+        return param, {"eta": new_eta, "mu": _float32_step_mu(step, t0), "ax": ax}
     new_eta = _float32_step_eta(lr, lambd, alpha, step, lr_dtype)
     excess = step - t0
     new_mu = (1 / jnp.where(excess > 1, excess, 1.0)).astype(jnp.float32)
@@ -232,8 +251,11 @@ def asgd(
     tensor (its factor a tensor op), $\bar\theta$ averaged even where
     $\mu = 1$, and the next $\eta$, $\mu$ float32 tensor ops on the
     float32 step (torch runs it on accelerators only; tested against
-    torch's own with its device check lifted); with `foreach=True` it takes
-    the `foreach` step above. A tensor `lr` (an array, e.g.
+    torch's own with its device check lifted). With `foreach=True` it is
+    torch's `_multi_tensor_asgd` capturable branch: the `foreach` update
+    above, then $\mu_t$ and
+    $\eta_t = \gamma / (\operatorname{f32}(t\lambda)\gamma + 1)^{\alpha}$
+    in float32 tensor ops ($\gamma$ a factor of its own). A tensor `lr` (an array, e.g.
     `np.float32(0.01)`) keeps its dtype: $\eta_t$ is computed in tensor
     ops in it, as in torch.
     State: `eta`, `mu` (float32 scalars) and `ax`; the step

@@ -17,7 +17,9 @@ from .._math import (
     _wide32,
     add_scalar,
     addcdiv,
+    addcmul,
     div,
+    is_reduced,
     mul,
     opmath,
     reciprocal,
@@ -30,6 +32,7 @@ from . import _fused_native
 from ._common import (
     adam_moments,
     check_foreach_differentiable,
+    float32_times_lr,
     group_rule,
     one_minus,
     powf,
@@ -59,6 +62,10 @@ def _nadam_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
         # float64 one's in float32 without x64)
         lr = hparams["lr"].astype(canonicalize_dtype(lr_dtype))
         hparams = {**hparams, "lr": lr}
+    if options["capturable"] and options["foreach"]:
+        return _foreach_capturable_step(
+            param, grad, slots, step, hparams, options, lr_dtype
+        )
     lr, eps = hparams["lr"], hparams["eps"]
     beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
     momentum_decay = hparams["momentum_decay"]
@@ -66,8 +73,8 @@ def _nadam_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
     capturable = options["capturable"] and not options["foreach"]
     if capturable:
         step = jnp.asarray(step).astype(jnp.float32)
-        mu = _tensor_mu(step, beta1, momentum_decay)
-        mu_next = _tensor_mu(add_scalar(step, 1.0), beta1, momentum_decay)
+        mu = _tensor_mu(mul(step, momentum_decay), beta1)
+        mu_next = _tensor_mu(mul(add_scalar(step, 1.0), momentum_decay), beta1)
     else:  # the momentum cache mu_t and mu_{t+1}, Python-float math
         mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
         mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
@@ -109,6 +116,70 @@ def _nadam_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
     param = addcdiv(param, grad, denom, grad_value)
     param = addcdiv(param, moments["exp_avg"], denom, exp_avg_value)
     return param, {"mu_product": mu_product, **moments}
+
+
+def _foreach_capturable_step(param, grad, slots, step, hparams, options, lr_dtype):
+    r"""torch's `foreach=True, capturable=True` step (`_multi_tensor_nadam`):
+    the `foreach` moments, and every scalar a 0-d float32 tensor op on the
+    float32 step, each rounded to float32 (`lr` as `float32_times_lr`),
+
+        mu = beta1 * (1 - 0.5 * 0.96 ** (step * psi))
+        mu_next = beta1 * (1 - 0.5 * 0.96 ** (step * psi + psi))
+        mu_product *= mu
+        denom = sqrt(exp_avg_sq) / sqrt(1 - beta2**step) + eps
+        a = (mu - 1) * lr / (1 - mu_product)
+        b = mu_next * lr / (mu_product * mu_next - 1)
+        param.addcdiv_(a * grad + b * exp_avg, denom)
+
+    (one `addcdiv`, where the other steps take two).
+    """
+    eps, beta1, beta2 = hparams["eps"], hparams["betas"][0], hparams["betas"][1]
+    momentum_decay = hparams["momentum_decay"]
+    step = jnp.asarray(step).astype(jnp.float32)
+    exponent = mul(step, momentum_decay)
+    mu = _tensor_mu(exponent, beta1)
+    mu_next = _tensor_mu(add_scalar(exponent, momentum_decay), beta1)
+    mu_product = _times_mu(slots["mu_product"], mu)
+    _, moments = adam_moments(param, grad, slots, hparams, options)
+    moments, param, grad = write_buffers_first(moments, param, grad)
+    param, grad = weight_decayed(param, grad, hparams, options)
+    root = sqrt(one_minus(powf(beta2, step)))
+    denom = add_scalar(div(sqrt(moments["exp_avg_sq"]), root), eps)
+    grad_scale = tensor_op(
+        jnp.divide,
+        float32_times_lr(add_scalar(mu, -1.0), hparams["lr"], lr_dtype),
+        -add_scalar(mu_product, -1.0),
+    )
+    exp_avg_scale = tensor_op(
+        jnp.divide,
+        float32_times_lr(mu_next, hparams["lr"], lr_dtype),
+        add_scalar(tensor_op(jnp.multiply, mu_product, mu_next), -1.0),
+    )
+    # `numerator.addcmul_(b, exp_avg)`, `param.addcdiv_(numerator, denom)`:
+    # in the numerator's dtype (float32 for a 0-d 16-bit param, whose
+    # operands are all 0-d: torch promotes them)
+    numerator = _scalar_times(grad_scale, grad)
+    wide = numerator.dtype
+    exp_avg = moments["exp_avg"].astype(wide)
+    numerator = addcmul(numerator, exp_avg, _spread(exp_avg_scale, numerator), 1.0)
+    new_param = addcdiv(param.astype(wide), numerator, denom.astype(wide), 1.0)
+    param = new_param.astype(param.dtype)
+    return param, {"mu_product": mu_product, **moments}
+
+
+def _scalar_times(s, x):
+    """torch's `s.mul(x)` (`_foreach_mul(scalars, xs)`) for a 0-d float32
+    tensor `s`: with dimensions, `x`'s dtype (`s` cast to it first, a 16-bit
+    one too); a 0-d 16-bit `x` promotes to float32 (two 0-d operands)."""
+    if is_reduced(x) and jnp.ndim(x) == 0:
+        return s * x.astype(jnp.float32)
+    return tensor_op(jnp.multiply, _spread(s, x), x)
+
+
+def _spread(s, x):
+    """A 0-d `s` cast to `x`'s dtype and broadcast to its shape (`tensor_op`
+    reads a 0-d float32 operand in float64 with x64: see `opmath`)."""
+    return jnp.broadcast_to(s.astype(x.dtype), jnp.shape(x))
 
 
 def _tensor_mu_coefficients(mu_product, mu, mu_next, lr, tensor_lr):
@@ -169,10 +240,13 @@ def _bias_corrected_root(exp_avg_sq, step, beta2, options):
     return sqrt(div(exp_avg_sq, 1 - beta2**step))
 
 
-def _tensor_mu(step, beta1, momentum_decay) -> jax.Array:
-    """torch's capturable `beta1 * (1.0 - 0.5 * (0.96 ** (step *
-    momentum_decay)))` on the float32 step tensor: float32 tensor ops."""
-    power = powf(0.96, mul(step, momentum_decay))
+def _tensor_mu(exponent, beta1) -> jax.Array:
+    """torch's capturable `beta1 * (1.0 - 0.5 * (0.96 ** exponent))` for a
+    float32 tensor `exponent` (`step * momentum_decay`; `(step + 1) *
+    momentum_decay` or, foreach, `step * momentum_decay + momentum_decay`
+    for the next): float32 tensor ops (foreach's `* -0.5`, `+ 1` round as
+    `1 - 0.5 * p`)."""
+    power = powf(0.96, exponent)
     return mul(one_minus(mul(power, 0.5)), beta1)
 
 
@@ -270,8 +344,13 @@ def nadam(
     `foreach`) is torch's capturable step: the differentiable path with
     $\mu_t$, $\mu_{t+1}$ and $1-\beta_2^t$ float32 tensor ops on the
     float32 step (torch runs it on accelerators only; tested against
-    torch's own with its device check lifted); with `foreach=True` it takes
-    the `foreach` step. State:
+    torch's own with its device check lifted). With `foreach=True` it is
+    torch's `_multi_tensor_nadam` capturable branch: the `foreach`
+    denominator with a float32 $\sqrt{1-\beta_2^t}$, and one update
+    $\theta_t = \theta_{t-1} + (a_t g_t + b_t m_t) / d_t$ with
+    $a_t = (\mu_t - 1)\gamma / (1 - \Pi_t)$ and
+    $b_t = \mu_{t+1}\gamma / (\Pi_t\mu_{t+1} - 1)$ float32 tensor ops
+    ($\mu_{t+1}$'s exponent $t\psi + \psi$). State:
     `mu_product` (a float32 scalar), `exp_avg`, `exp_avg_sq`; the step
     count is `state.step`.
     """

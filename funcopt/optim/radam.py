@@ -25,6 +25,7 @@ from ._common import (
     adam_moments,
     check_foreach_differentiable,
     decoupled_weight_decay,
+    float32_times_lr,
     group_rule,
     one_minus,
     powf,
@@ -47,7 +48,10 @@ def _radam_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
     beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
     param, moments = adam_moments(param, grad, slots, hparams, options)
     exp_avg, exp_avg_sq = moments["exp_avg"], moments["exp_avg_sq"]
-    if options["capturable"] and not options["foreach"]:
+    if options["capturable"] and options["foreach"]:
+        update = _foreach_capturable_update(param, moments, step, hparams, lr_dtype)
+        return update, moments
+    if options["capturable"]:
         return _capturable_update(param, moments, step, hparams), moments
     # torch: Python-float scalar math on float(step)
     bias_correction1 = 1 - beta1**step
@@ -99,20 +103,9 @@ def _capturable_update(param, moments, step, hparams):
     beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
     exp_avg, exp_avg_sq = moments["exp_avg"], moments["exp_avg_sq"]
     step = jnp.asarray(step).astype(jnp.float32)
-    beta2_power = powf(beta2, step)
     bias_correction1 = one_minus(powf(beta1, step))
-    bias_correction2 = one_minus(beta2_power)
-    rho_inf = 2 / (1 - beta2) - 1
-    weighted = tensor_op(jnp.multiply, mul(step, 2.0), beta2_power)
-    rho_t = add_scalar(-tensor_op(jnp.divide, weighted, bias_correction2), rho_inf)
-    numerator = mul(
-        tensor_op(jnp.multiply, add_scalar(rho_t, -4.0), add_scalar(rho_t, -2.0)),
-        rho_inf,
-    )
-    denominator = mul(rho_t, (rho_inf - 4) * (rho_inf - 2))
-    ratio = tensor_op(jnp.divide, numerator, denominator)
-    # (the root of 1 where not taken: see `_radam_rule`)
-    rect = sqrt(jnp.where(rho_t > 5.0, ratio, jnp.ones_like(ratio)))
+    bias_correction2 = one_minus(powf(beta2, step))
+    rho_t, rect = _float32_rectification(step, beta2)
     denom = add_scalar(sqrt(exp_avg_sq), eps)
 
     def spread(x):
@@ -126,6 +119,58 @@ def _capturable_update(param, moments, step, hparams):
     update = jnp.where(rho_t > 5.0, rectified, jnp.ones_like(rectified))
     step_size = mul(div(exp_avg, bias_correction1), lr)
     return add(param, tensor_op(jnp.multiply, step_size, update), -1.0)
+
+
+def _float32_rectification(step, beta2):
+    r"""$\rho_t$ and $r_t$ as torch's capturable steps compute them: 0-d
+    float32 tensor ops on the float32 `step` ($\rho_\infty$ a Python
+    float), the same ops in `_single_tensor_radam` and
+    `_multi_tensor_radam` (`2 * step * p` there, `p * step * 2` here: the
+    same bits). $r_t$ is the root of 1 where $\rho_t \le 5$ (see
+    `_radam_rule`)."""
+    beta2_power = powf(beta2, step)
+    rho_inf = 2 / (1 - beta2) - 1
+    weighted = tensor_op(jnp.multiply, mul(step, 2.0), beta2_power)
+    rho_t = add_scalar(
+        -tensor_op(jnp.divide, weighted, one_minus(beta2_power)), rho_inf
+    )
+    numerator = mul(
+        tensor_op(jnp.multiply, add_scalar(rho_t, -4.0), add_scalar(rho_t, -2.0)),
+        rho_inf,
+    )
+    denominator = mul(rho_t, (rho_inf - 4) * (rho_inf - 2))
+    ratio = tensor_op(jnp.divide, numerator, denominator)
+    return rho_t, sqrt(jnp.where(rho_t > 5.0, ratio, jnp.ones_like(ratio)))
+
+
+def _foreach_capturable_update(param, moments, step, hparams, lr_dtype):
+    r"""torch's `foreach=True, capturable=True` step
+    (`_multi_tensor_radam`): `_foreach_update`'s factor with its step sizes
+    0-d float32 tensors, each op rounded to float32,
+
+        rect = torch.where(rho_t > 5, r_t, 0.0)
+        u = -(torch.where(rect > 0, 0.0, 1.0) * lr / (1 - beta1**step))
+        s = -(sqrt(1 - beta2**step) * lr * rect) / (1 - beta1**step)
+
+    (`rho_t`, `r_t`: `_float32_rectification`). `lr` meets the float32
+    tensors as a float32 scalar (a Python float rounded to float32); a
+    float64 tensor `lr` promotes the product, rounded once to float32.
+    """
+    f32 = jnp.float32
+    beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
+
+    def times_lr(x):  # `_foreach_mul_(xs, lr)`
+        return float32_times_lr(x, hparams["lr"], lr_dtype)
+
+    step = jnp.asarray(step).astype(f32)
+    rho_t, rect = _float32_rectification(step, beta2)
+    rect = jnp.where(rho_t > 5.0, rect, jnp.zeros_like(rect))
+    unrectified = jnp.where(rect > 0, 0.0, 1.0).astype(f32)
+    bias_correction1 = one_minus(powf(beta1, step))
+    unrect_step_size = -tensor_op(jnp.divide, times_lr(unrectified), bias_correction1)
+    scale = tensor_op(jnp.multiply, times_lr(sqrt(one_minus(powf(beta2, step)))), rect)
+    scale = tensor_op(jnp.divide, -scale, bias_correction1)
+    return _factor_update(param, moments, scale, unrect_step_size, hparams["eps"])
 
 
 def _tensor_lr_decay(param, hparams, options, lr_dtype):
@@ -177,6 +222,13 @@ def _foreach_update(param, moments, step, rho_t, rect, hparams, lr_dtype=None):
         scale = root * (lr * rect / bias_correction1) * -1
     else:
         scale = mul(mul(div(mul(lr, rect), bias_correction1), root), -1.0)
+    return _factor_update(param, moments, scale, unrect_step_size, eps)
+
+
+def _factor_update(param, moments, scale, unrect_step_size, eps):
+    """`param.addcmul_(exp_avg, 1 / ((sqrt(exp_avg_sq) + eps) / s) + u)`,
+    `_multi_tensor_radam`'s update for its step sizes `s` and `u` (Python
+    floats, or 0-d tensors read as their values)."""
     buffer = div(add_scalar(sqrt(moments["exp_avg_sq"]), eps), scale)
     buffer = add_scalar(reciprocal(buffer), unrect_step_size)
     return addcmul(param, moments["exp_avg"], buffer, 1.0)
@@ -254,7 +306,11 @@ def radam(
     scalar math as float32 0-d tensor ops on the float32 step and the
     rectification chosen per element by `torch.where` (torch runs it on
     accelerators only; tested against torch's own with its device check
-    lifted). With `foreach=True` it takes the `foreach` step above.
+    lifted). With `foreach=True` it is torch's `_multi_tensor_radam`
+    capturable branch: the `foreach` factor above with $s_t$ and $u_t$
+    float32 0-d tensor ops on the float32 step ($r_t$ 0 while
+    $\rho_t \le 5$, `lr` rounded to float32, or read as its value if a
+    tensor).
     State: `exp_avg`, `exp_avg_sq`; the step count is
     `state.step`.
     """

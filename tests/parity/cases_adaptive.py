@@ -227,6 +227,19 @@ FLAG_CASES = [
         fixed={"betas": (0.9, 0.99), "eps": 1e-6, "capturable": True},
         valid=_decay_needs_wd,
     ),
+    # torch's `_multi_tensor_radam` capturable branch: its step sizes 0-d
+    # float32 tensors (a float64 tensor lr promotes their products)
+    OptCase(
+        "radam-foreach-capturable",
+        torch.optim.RAdam,
+        radam,
+        grid={
+            **_DECAY_MAXIMIZE,
+            "lr": [0.02, torch.tensor(0.02), torch.tensor(0.02, dtype=torch.float64)],
+        },
+        fixed={"betas": (0.9, 0.99), "eps": 1e-6, "foreach": True, "capturable": True},
+        valid=_decay_needs_wd,
+    ),
     OptCase(
         "nadam-capturable",
         torch.optim.NAdam,
@@ -245,6 +258,25 @@ FLAG_CASES = [
         },
         valid=_decay_needs_wd,
     ),
+    # torch's `_multi_tensor_nadam` capturable branch: one addcdiv of
+    # a * grad + b * exp_avg, its scalars 0-d float32 tensors
+    OptCase(
+        "nadam-foreach-capturable",
+        torch.optim.NAdam,
+        nadam,
+        grid={
+            **_DECAY_MAXIMIZE,
+            "lr": [0.02, torch.tensor(0.02), torch.tensor(0.02, dtype=torch.float64)],
+        },
+        fixed={
+            "betas": (0.8, 0.95),
+            "eps": 1e-6,
+            "momentum_decay": 0.3,
+            "foreach": True,
+            "capturable": True,
+        },
+        valid=_decay_needs_wd,
+    ),
     OptCase(
         "asgd-capturable",
         torch.optim.ASGD,
@@ -255,6 +287,25 @@ FLAG_CASES = [
             "lr": [0.05, torch.tensor(0.05)],
         },
         fixed={"lambd": 0.01, "alpha": 0.75, "t0": 3.0, "capturable": True},
+    ),
+    # torch's `_multi_tensor_asgd` capturable branch: the next eta and mu in
+    # float32 tensor ops, lr a separate factor
+    OptCase(
+        "asgd-foreach-capturable",
+        torch.optim.ASGD,
+        asgd,
+        grid={
+            "weight_decay": [0.0, 0.1],
+            "maximize": [False, True],
+            "lr": [0.05, torch.tensor(0.05), torch.tensor(0.05, dtype=torch.float64)],
+        },
+        fixed={
+            "lambd": 0.01,
+            "alpha": 0.75,
+            "t0": 3.0,
+            "foreach": True,
+            "capturable": True,
+        },
     ),
     OptCase(
         "adagrad-tensor-lr",

@@ -167,13 +167,15 @@ def correctly_rounded_torch_sqrt(float64: bool = False):
     takes, is correctly rounded. Tests that show an optimizer is otherwise
     torch's arithmetic replace every float32 root torch's optimizers take
     (`Tensor.sqrt`, `sqrt_`, `torch.sqrt`, `torch._foreach_sqrt`,
-    `_foreach_sqrt_`, `tensor ** 0.5`) by the float64 root rounded to float32, which is
-    correctly rounded (53 >= 2 * 24 + 2); the child processes' probe checks
+    `_foreach_sqrt_`, `tensor ** 0.5`, `_foreach_pow_(xs, 0.5)`) by the
+    float64 root rounded to float32, which is correctly rounded
+    (53 >= 2 * 24 + 2); the child processes' probe checks
     it on 100,000 values. torch's float64 root is MKL's `vdSqrt`, about 1% of
     its results 1 ulp off on an AMD EPYC; with `float64` it is NumPy's
     (IEEE's correctly rounded `sqrt`).
     """
     sqrt, sqrt_, power = torch.Tensor.sqrt, torch.Tensor.sqrt_, torch.Tensor.__pow__
+    foreach_power_ = torch._foreach_pow_
 
     def rounded(x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float64 and float64:
@@ -191,9 +193,20 @@ def correctly_rounded_torch_sqrt(float64: bool = False):
         # `bias_correction2**0.5` (torch's default path, a tensor beta2): MKL's
         # 0-d root; on an AMD EPYC 1 ulp high at step 2 of beta2 = 0.95
         # (sqrt(0.0975000262f)), a few float32 params 1 ulp off from there
-        if x.dtype == torch.float32 and isinstance(exponent, float) and exponent == 0.5:
+        if _is_root(x, exponent):
             return rounded(x)
         return power(x, exponent)
+
+    def _is_root(x, exponent) -> bool:
+        # `x ** 0.5` is torch's `sqrt` (ASGD's `** alpha` too)
+        root_dtype = x.dtype == torch.float32 or (float64 and x.dtype == torch.float64)
+        return root_dtype and isinstance(exponent, float) and exponent == 0.5
+
+    def foreach_pow_(xs, exponent):
+        # `_foreach_pow_(etas, alpha)`: ASGD's foreach capturable eta
+        if all(_is_root(x, exponent) for x in xs):
+            return [rounded_(x) for x in xs]
+        return foreach_power_(xs, exponent)
 
     replacements = [
         (torch.Tensor, "sqrt", rounded),
@@ -202,6 +215,7 @@ def correctly_rounded_torch_sqrt(float64: bool = False):
         (torch, "sqrt", rounded),
         (torch, "_foreach_sqrt", lambda xs: [rounded(x) for x in xs]),
         (torch, "_foreach_sqrt_", lambda xs: [rounded_(x) for x in xs]),
+        (torch, "_foreach_pow_", foreach_pow_),
     ]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in replacements]
     for owner, name, replacement in replacements:

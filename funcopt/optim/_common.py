@@ -18,7 +18,9 @@ from .._math import (
     cpu_barrier,
     lerp,
     mul,
+    reciprocal,
     scalar,
+    sqrt,
     tensor_op,
     widest_float,
 )
@@ -113,18 +115,32 @@ def one_minus(x: jax.Array) -> jax.Array:
 def pow_scalar(base: jax.Array, exponent) -> jax.Array:
     r"""torch's `base ** float(exponent)` for a 0-d float tensor `base`.
 
-    torch's CPU kernel special-cases the exponent: $x \cdot x$ for 2,
-    $(x \cdot x) \cdot x$ for 3 (each product rounded), otherwise C's
-    `pow` in float64 rounded to `base`'s dtype (measured, torch 2.13 CPU:
-    float32 and float64 bases, exponents 1 to 400).
+    torch's CPU kernel special-cases the exponent, each op rounded:
+    $x \cdot x$ for 2, $(x \cdot x) \cdot x$ for 3, $\sqrt x$ for 0.5,
+    $1/\sqrt x$ for -0.5, $1/x$ for -1 and $1/(x \cdot x)$ for -2;
+    otherwise C's `pow` in float64 rounded to `base`'s dtype, for float32
+    `powf`'s result but in rare near-ties (see `powf`). Measured, torch 2.13
+    CPU: float32 and float64 bases, exponents 1 to 400 and the special ones
+    (`tests/test_math.py`). (A tensor with more than one element takes a
+    vectorised `pow` instead, which rounds otherwise.)
     """
     square = tensor_op(jnp.multiply, base, base)
-    cube = tensor_op(jnp.multiply, square, base)
+    root = sqrt(base)
     wide = widest_float()
     general = (base.astype(wide) ** jnp.asarray(exponent).astype(wide)).astype(
         base.dtype
     )
-    return jnp.where(exponent == 3, cube, jnp.where(exponent == 2, square, general))
+    special = {
+        2.0: square,
+        3.0: tensor_op(jnp.multiply, square, base),
+        0.5: root,
+        -0.5: reciprocal(root),
+        -1.0: reciprocal(base),
+        -2.0: reciprocal(square),
+    }
+    for value, result in special.items():
+        general = jnp.where(exponent == value, result, general)
+    return general
 
 
 def apply_maximize(grad: jax.Array, options: Mapping[str, Any]) -> jax.Array:

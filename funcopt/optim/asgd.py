@@ -27,7 +27,7 @@ from ._common import (
     coupled_gradient,
     float32_times_lr,
     group_rule,
-    powf,
+    pow_scalar,
 )
 
 
@@ -120,7 +120,7 @@ def _float32_step_eta(lr, lambd, alpha, step, lr_dtype):
     if lr_dtype is not None:
         return _tensor_lr_eta(lr.astype(lr_dtype), lambd, alpha, step)
     step32 = jnp.asarray(step).astype(jnp.float32)
-    power = powf(add_scalar(mul(step32, lambd * lr), 1.0), alpha)
+    power = pow_scalar(add_scalar(mul(step32, lambd * lr), 1.0), alpha)
     return mul(reciprocal(power), lr)
 
 
@@ -131,7 +131,7 @@ def _foreach_capturable_eta(lr, lambd, alpha, step, lr_dtype):
     promotes its products)."""
     step32 = jnp.asarray(step).astype(jnp.float32)
     base = add_scalar(float32_times_lr(mul(step32, lambd), lr, lr_dtype), 1.0)
-    return float32_times_lr(reciprocal(powf(base, alpha)), lr, lr_dtype)
+    return float32_times_lr(reciprocal(pow_scalar(base, alpha)), lr, lr_dtype)
 
 
 def _foreach_asgd_rule(param, grad, slots, step, hparams, options, lr_dtype):
@@ -181,12 +181,9 @@ def _addcmul_scalar_tensor(x, t1, t2, value):
 
 def _tensor_lr_eta(lr, lambd, alpha, step):
     """`lr / ((1 + lambd * lr * step) ** alpha)` for a tensor `lr`: tensor
-    ops in lr's dtype (float32: `**` is `powf`), stored as float32."""
+    ops in lr's dtype (`**` as `pow_scalar`), stored as float32."""
     base = add_scalar(mul(mul(lr, lambd), step), 1.0)
-    if base.dtype == jnp.float32:
-        power = powf(base, alpha)
-    else:
-        power = base ** alpha.astype(base.dtype)
+    power = pow_scalar(base, alpha)
     return tensor_op(jnp.divide, lr, power).astype(jnp.float32)
 
 
@@ -240,7 +237,9 @@ def asgd(
     $\bar\theta_t = \bar\theta_{t-1} + \mu_{t-1}(\theta_t - \bar\theta_{t-1})$
     even where $\mu = 1$, and $\eta_t$ computed in float32 tensor ops on
     the float32 step ($\gamma \cdot \operatorname{f32}(1 +
-    \operatorname{f32}(\lambda\gamma)\,t)^{-\alpha}$, `powf`); with
+    \operatorname{f32}(\lambda\gamma)\,t)^{-\alpha}$, torch's 0-d `pow`:
+    `powf`, but a root, product or reciprocal for the exponents it
+    special-cases, $\pm\tfrac12$, $-1$, $\pm 2$, 3); with
     `differentiable=True` it raises a `ValueError` with torch's message
     (torch: an `AssertionError` at its first step). `differentiable` is
     otherwise accepted; the result is torch's default CPU path, which is

@@ -197,3 +197,52 @@ def test_sqrt_optimizers_are_bit_exact_where_torchs_sqrt_is_correctly_rounded():
     env = {**os.environ, SQRT_CHILD: "1"}
     passed = run_pytest_child(args, env, probe=CORRECTLY_ROUNDED_SQRT_PROBE)
     assert passed == len(names) + len(NATIVE_DEFAULT_STEP & set(names))
+
+
+# torch's CPU `pow` of a 0-d tensor and a Python float: each exponent it
+# special-cases, and two it does not
+_POW_EXPONENTS = [2.0, 3.0, 0.5, -0.5, -1.0, -2.0, 0.75, 1.5]
+
+
+@pytest.mark.parametrize("exponent", _POW_EXPONENTS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_power_of_a_0d_tensor(exponent, dtype, x64):
+    """`_common.pow_scalar` (`base ** exponent`, `base` a 0-d tensor, the
+    exponent traced as a hyperparameter is): torch's bits on 2,000 bases,
+    its roots correctly rounded (`torch_ref.correctly_rounded_torch_sqrt`)."""
+    import jax.numpy as jnp
+    import torch
+
+    from funcopt.optim._common import pow_scalar
+    from tests.torch_ref import correctly_rounded_torch_sqrt
+
+    bases = np.random.default_rng(0).uniform(0.5, 4.0, 2000).astype(dtype)
+    with correctly_rounded_torch_sqrt(float64=True):
+        expected = [(torch.tensor(b) ** exponent).numpy() for b in bases]
+    power = jax.jit(jax.vmap(pow_scalar, in_axes=(0, None)))
+    actual = power(jnp.asarray(bases), jnp.asarray(exponent))
+    assert_same_bits(actual, np.stack(expected), f"** {exponent}")
+
+
+_ASGD_ETA_ROWS = ["asgd-foreach", "asgd-capturable", "asgd-foreach-capturable"]
+
+
+@pytest.mark.parametrize("alpha", [0.5, -0.5, 3.0, -2.0])
+@pytest.mark.parametrize("name", _ASGD_ETA_ROWS)
+def test_asgd_eta_takes_torchs_special_powers(
+    name, alpha, x64, torch_cpu_loop, exact_float32
+):
+    """ASGD's float32 `eta` (`(1 + lambd * lr * step) ** alpha` a 0-d
+    float32 tensor op in these steps) for an `alpha` torch's `pow`
+    special-cases: torch's bits over 30 steps, its roots correctly
+    rounded."""
+    from tests.torch_ref import correctly_rounded_torch_sqrt
+
+    case = next(c for c in FLAG_CASES if c.name == name)
+    kwargs = {**case.combos()[-1], "alpha": alpha}
+    rng = np.random.default_rng(0)
+    params = odd_sized_params(rng, np.float32)
+    grads = make_grads(rng, params, 30, True)
+    new_params, state = run_funcopt_flagged(case, kwargs, params, grads)
+    with correctly_rounded_torch_sqrt():
+        check_against_torch(case, kwargs, params, grads, new_params, state)

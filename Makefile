@@ -38,6 +38,7 @@ docs-check: docs
 
 bench: venv
 	$(PY) benchmarks/bench_step.py
+	$(PY) benchmarks/in_jit_grads.py --xla-region-analysis
 	$(PY) benchmarks/targets.py
 
 clean:

@@ -14,14 +14,17 @@ float32 params, batch 64), AdamW, params and state donated, against
 optax's `update` + `apply_updates` and `fo.TrainState`, implementations
 timed in interleaved turns in one process (`bench_step.time_interleaved`).
 It reports each compiled step's temporary buffer (XLA's `memory_analysis`)
-and how many param-sized copies XLA put in it.
+and how many param-sized copies XLA put in it. A second model is one leaf of
+`--leaf` float32 elements under `targets.squared_distance`, a loss whose
+gradient is elementwise in the params (optax fuses it into its update).
 
 `--xla-region-analysis` runs the same rows again in a child process with
 `XLA_FLAGS=--xla_cpu_copy_insertion_use_region_analysis=true`, XLA CPU's
 copy insertion with its region analysis, and prints both tables.
 
     .venv/bin/python benchmarks/in_jit_grads.py [--xla-region-analysis]
-        [--layers 10] [--width 1024] [--min-time 3] [--out DIR]
+        [--layers 10] [--width 1024] [--leaf 10000000] [--min-time 3]
+        [--out DIR]
 
 Writes `benchmarks/results/in_jit_grads.{json,md}`.
 """
@@ -40,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from bench_step import chain_sampler, machine, optax_train_step, time_interleaved
-from targets import compiled, copy
+from targets import compiled, copy, squared_distance
 
 import funcopt as fo
 
@@ -65,6 +68,13 @@ def mlp(layers: int, width: int):
         return jnp.mean(h**2)
 
     return params, x, loss
+
+
+def one_leaf(size: int):
+    """(params, target, loss): one leaf, an elementwise gradient."""
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.standard_normal(size, np.float32))}
+    return params, jax.tree.map(lambda p: p * 0.5, params), squared_distance
 
 
 def steps(params, loss) -> dict:
@@ -92,22 +102,35 @@ def steps(params, loss) -> dict:
     }
 
 
-def param_copies(hlo: str, shape: str) -> int:
+def param_copies(hlo: str, params) -> int:
     """How many `copy` instructions of a param's shape the program runs."""
-    return hlo.count(f"f32[{shape}]{{1,0}} copy(")
+    shape = ",".join(map(str, next(iter(params.values())).shape))
+    layout = ",".join(map(str, reversed(range(len(shape.split(","))))))
+    return hlo.count(f"f32[{shape}]{{{layout}}} copy(")
 
 
-def measure(layers: int, width: int, min_time: float) -> list[dict]:
-    params, x, loss = mlp(layers, width)
+def measure(layers: int, width: int, leaf: int, min_time: float) -> list[dict]:
+    models = {
+        f"MLP, {layers} x {width}x{width}": mlp(layers, width),
+        f"1 leaf of {leaf:,}, elementwise": one_leaf(leaf),
+    }
+    rows = []
+    for model, (params, x, loss) in models.items():
+        rows += measure_model(model, params, x, loss, min_time)
+    return rows
+
+
+def measure_model(model, params, x, loss, min_time: float) -> list[dict]:
     samplers, rows = {}, []
     for name, (step, carry) in steps(params, loss).items():
         program, seconds = compiled(step, carry, x)
         rows.append(
             {
+                "model": model,
                 "impl": name,
                 "compile_s": seconds,
                 "temp_mb": program.memory_analysis().temp_size_in_bytes / 1e6,
-                "param_copies": param_copies(program.as_text(), f"{width},{width}"),
+                "param_copies": param_copies(program.as_text(), params),
             }
         )
         samplers[name] = chain_sampler(program, copy(carry), x)
@@ -124,17 +147,18 @@ def markdown(runs: dict, meta: dict) -> str:
         "",
         f"{meta['machine']}; jax {meta['jax']}, optax {meta['optax']}. "
         f"{meta['layers']}-layer tanh MLP, {meta['width']} x {meta['width']} "
-        f"weights ({meta['params']:,} float32 params), batch {BATCH}, AdamW, "
-        "params and state donated. ratio: step time / optax's in the same run.",
+        f"weights ({meta['params']:,} float32 params), batch {BATCH}; one leaf "
+        "under a squared distance; AdamW, params and state donated. ratio: "
+        "step time / optax's in the same run.",
         "",
-        "| XLA flags | implementation | step ms | ratio | compile s "
+        "| XLA flags | model | implementation | step ms | ratio | compile s "
         "| temp MB | param copies |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for flags, rows in runs.items():
         for r in rows:
             lines.append(
-                f"| {flags} | {r['impl']} | {r['step_ms']:.3g} | "
+                f"| {flags} | {r['model']} | {r['impl']} | {r['step_ms']:.3g} | "
                 f"{r['ratio']:.2f} | {r['compile_s']:.2f} | {r['temp_mb']:.3g} | "
                 f"{r['param_copies']} |"
             )
@@ -145,12 +169,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--width", type=int, default=1024)
+    ap.add_argument("--leaf", type=int, default=10_000_000)
     ap.add_argument("--min-time", type=float, default=3.0)
     ap.add_argument("--xla-region-analysis", action="store_true")
     ap.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
-    rows = measure(args.layers, args.width, args.min_time)
+    rows = measure(args.layers, args.width, args.leaf, args.min_time)
     if args.rows_only:  # the child of --xla-region-analysis
         print(json.dumps(rows))
         return
@@ -159,8 +184,8 @@ def main() -> None:
         env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
                f"{REGION_FLAG}".strip()}  # fmt: skip
         child = [sys.executable, __file__, "--rows-only", "--layers",
-                 str(args.layers), "--width", str(args.width), "--min-time",
-                 str(args.min_time)]  # fmt: skip
+                 str(args.layers), "--width", str(args.width), "--leaf",
+                 str(args.leaf), "--min-time", str(args.min_time)]  # fmt: skip
         out = subprocess.run(child, env=env, capture_output=True, text=True, check=True)
         runs[f"`{REGION_FLAG}`"] = json.loads(out.stdout.splitlines()[-1])
     meta = {

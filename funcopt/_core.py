@@ -107,6 +107,11 @@ class Optimizer(optax.GradientTransformationExtraArgs):
         does the same with traced flags, for a structure that never changes
         under `jit` (see [`funcopt.TrainState`][funcopt.TrainState]).
         """
+        from .optim import _fused_native
+
+        if _fused_native.gradients_are_temporaries(params, grads):
+            with _fused_native.writing_over_gradients():
+                return self._step_fn(params, grads, state, has_grad)
         return self._step_fn(params, grads, state, has_grad)
 
     def __repr__(self) -> str:
@@ -779,7 +784,7 @@ def _leaf_step(definition: _Definition, group: str, options: dict[str, Any]):
 
 def updates_of_step(name, step_fn, grads, state, params, has_grad):
     """The optax protocol on a step: `(new_params - params, new_state)`, the
-    new params written over the gradients (`_fused_native.computing_updates`)."""
+    new params written over the gradients (`_fused_native.writing_over_gradients`)."""
     if params is None:
         raise ValueError(
             f"funcopt.{name.lower()}'s update() needs params: call "
@@ -787,7 +792,7 @@ def updates_of_step(name, step_fn, grads, state, params, has_grad):
         )
     from .optim import _fused_native
 
-    with _fused_native.computing_updates():
+    with _fused_native.writing_over_gradients():
         new_params, new_state = step_fn(params, grads, state, has_grad)
     updates = jax.tree.map(
         lambda new, old: new - old if is_trainable(old) else jnp.zeros_like(old),

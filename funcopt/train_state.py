@@ -15,6 +15,7 @@ from . import clip as _clip
 from ._core import Optimizer
 from ._math import materialized
 from ._tree import PyTree, check_params, is_trainable
+from .optim import _fused_native
 
 
 # Leaves flatten with `grads` after `opt_state`: jit pairs each donated input
@@ -148,9 +149,11 @@ class TrainState:
 
     def step(self) -> TrainState:
         """`optimizer.step()` with the accumulated gradients."""
-        params, opt_state = self.opt.step(
-            self.params, self.grads, self.opt_state, has_grad=self.grad_defined
-        )
+        # they stay `grads` after the step, as torch keeps `p.grad`
+        with _fused_native.keeping_gradients():
+            params, opt_state = self.opt.step(
+                self.params, self.grads, self.opt_state, has_grad=self.grad_defined
+            )
         return dataclasses.replace(self, params=params, opt_state=opt_state)
 
     def clip_grad_norm(

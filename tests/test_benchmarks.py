@@ -117,14 +117,16 @@ def test_xla_floor_writes_json_and_markdown(tmp_path):
 def test_in_jit_grads_writes_both_flag_runs(tmp_path):
     """The default run and the region-analysis child: every implementation,
     its step time, temporary buffer and param copies."""
-    run_script("in_jit_grads.py", "--layers", "2", "--width", "64",
+    run_script("in_jit_grads.py", "--layers", "2", "--width", "64", "--leaf", "100",
                "--min-time", "0.05", "--xla-region-analysis",
                "--out", str(tmp_path))  # fmt: skip
     runs = json.loads((tmp_path / "in_jit_grads.json").read_text())["runs"]
     assert len(runs) == 2
     for rows in runs.values():
         impls = [r["impl"] for r in rows]
-        assert impls == ["jit(grad + opt.step)", "fo.TrainState", "optax"]
+        assert impls == ["jit(grad + opt.step)", "fo.TrainState", "optax"] * 2
+        assert len({r["model"] for r in rows}) == 2
         assert all(r["step_ms"] > 0 and r["param_copies"] >= 0 for r in rows)
     markdown = (tmp_path / "in_jit_grads.md").read_text()
-    assert "| default | optax |" in markdown and "region_analysis" in markdown
+    assert "| default | MLP, 2 x 64x64 | optax |" in markdown
+    assert "region_analysis" in markdown

@@ -11,6 +11,7 @@ tests fail, unless `FUNCOPT_NATIVE=0` selects the JAX path on purpose.
 """
 
 import contextlib
+import functools
 import itertools
 import os
 import platform
@@ -729,6 +730,81 @@ def test_update_runs_the_kernels_out_of_place(factory, kwargs):
     assert not _float_copies(hlo, len(shapes)), hlo
 
 
+def _new_param_over(hlo: str) -> set[str]:
+    """Each kernel call's operand that its new param (result 0) is written
+    over: "param" (operand 0) or "grad" (operand 1)."""
+    # `{0}` of a tuple of results, `{}` of one result (SGD's)
+    aliased = re.findall(r"output_to_operand_aliasing=\{\{0?\}: \((\d+),", hlo)
+    return {("param", "grad")[int(i)] for i in aliased}
+
+
+def _layer_loss(params, x):
+    h = jnp.tanh(x @ params["w0"] + params["b"])
+    return jnp.mean(jnp.tanh(h @ params["w1"]) ** 2)
+
+
+@KERNEL_STEPS
+def test_step_on_gradients_it_computes_writes_over_them(factory, kwargs):
+    """A step inside the `jit` that computes its gradients by backprop through
+    matrix products (`gradients_are_temporaries`) writes the new params over
+    the gradients: the same bits as the in-place step on the same program
+    (`keeping_gradients`; XLA copies each weight that backprop reads twice
+    for the in-place kernel, the speed in `benchmarks/in_jit_grads.py`).
+    In place
+    still: `jax.jit(opt.step)` (the gradients are arguments),
+    `fo.TrainState` (it keeps them), gradients of a loss that reads the
+    params elementwise only, and a clip of passed-in gradients."""
+    rng = np.random.default_rng(3)
+    shapes = {"w0": (48, 48), "w1": (48, 48), "b": (48,)}
+    params = {
+        k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()
+    }
+    x = jnp.asarray(rng.normal(size=(8, 48)), jnp.float32)
+    opt = factory(**kwargs)
+
+    def train_step(p, s, x):
+        return opt.step(p, jax.grad(_layer_loss)(p, x), s)
+
+    def kept_step(p, s, x):
+        with _fused_native.keeping_gradients():
+            return train_step(p, s, x)
+
+    def compiled(step, *args):
+        return jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile()
+
+    args = (params, opt.init(params), x)
+    over, in_place = compiled(train_step, *args), compiled(kept_step, *args)
+    assert _new_param_over(over.as_text()) == {"grad"}
+    assert _new_param_over(in_place.as_text()) == {"param"}
+    copy = functools.partial(jax.tree.map, jnp.copy)
+    for _ in range(2):  # a second step from the first's state
+        got, want = over(*copy(args)), in_place(*copy(args))
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert_same_bits(a, b, "step")
+        args = (got[0], got[1], x)
+
+    ts = fo.TrainState.create(params, opt)
+
+    def train_state_step(ts, x):
+        return ts.zero_grad().backward(_layer_loss, x)[0].step()
+
+    def elementwise_step(p, s):
+        grads = jax.grad(lambda p: sum(jnp.sum(jnp.sin(v)) for v in p.values()))
+        return opt.step(p, grads(p), s)
+
+    def clipped_step(p, g, s):
+        return opt.step(p, fo.clip_grad_norm(g, 1.0)[0], s)
+
+    state = opt.init(params)
+    for hlo in (
+        jax.jit(opt.step).lower(params, params, state).compile().as_text(),
+        jax.jit(train_state_step).lower(ts, x).compile().as_text(),
+        jax.jit(elementwise_step).lower(params, state).compile().as_text(),
+        jax.jit(clipped_step).lower(params, params, state).compile().as_text(),
+    ):
+        assert _new_param_over(hlo) == {"param"}
+
+
 def _lowered(opt, params) -> str:
     return jax.jit(opt.step).lower(params, params, opt.init(params)).as_text()
 
@@ -780,7 +856,7 @@ def test_switch_is_in_the_trace_settings():
     assert _math.trace_settings() != off
     assert fo.precision.native_fused()
     in_place = _math.trace_settings()
-    with _fused_native.computing_updates():  # the params written out of place
+    with _fused_native.writing_over_gradients():  # the params written out of place
         assert _math.trace_settings() != in_place
 
 

@@ -53,8 +53,9 @@ its last bits; with x64 the double itself is passed.
 
 The kernel's results alias its inputs: under `jax.jit` with the params and
 state donated the update is in place (no copies). Under `update` (the optax
-protocol, `computing_updates`) the new params are written over the
-gradients instead, the params read as they are. `lr`, the step count and
+protocol, and a step inside a `jit` that computes its gradients:
+`writing_over_gradients`) the new params are written over the gradients
+instead, the params read as they are. `lr`, the step count and
 the other hyperparameters are runtime buffers (no recompile when they
 change). It differentiates through the JAX rule (`jax.custom_jvp`), and
 `vmap` runs it once per batch element.
@@ -145,10 +146,12 @@ _updates = threading.local()
 
 
 @contextlib.contextmanager
-def computing_updates():
-    """While the optax protocol's `update` traces a step: the kernels write
-    the new params over the gradients (their last use), the params read as
-    they are.
+def writing_over_gradients():
+    """While a step traces whose gradients die with it and whose params are
+    read elsewhere: the kernels write the new params over the gradients
+    (their last use), the params read as they are. The optax protocol's
+    `update` traces its step so, and `step` where
+    `gradients_are_temporaries`.
 
     `update` returns `new_params - params`, so the params stay live after
     the step: a kernel that wrote them in place would make XLA copy every
@@ -169,9 +172,90 @@ def computing_updates():
 
 def params_in_place() -> bool:
     """Whether the kernels of a step traced now write the new params over
-    the params (outside `computing_updates`). Read at trace time (part of
+    the params (outside `writing_over_gradients`). Read at trace time (part of
     the per-leaf kernel cache key, `funcopt._math.trace_settings`)."""
     return not getattr(_updates, "active", False)
+
+
+@contextlib.contextmanager
+def keeping_gradients():
+    """While a step whose gradients stay live after it traces
+    (`fo.TrainState`, which keeps them as torch keeps `p.grad`): the
+    kernels write the new params over the params, whatever
+    `gradients_are_temporaries` says."""
+    old = getattr(_updates, "keep_gradients", False)
+    _updates.keep_gradients = True
+    try:
+        yield
+    finally:
+        _updates.keep_gradients = old
+
+
+def gradients_are_temporaries(params, grads) -> bool:
+    """Whether `step`, traced now, should write the new params over the
+    gradients (as `writing_over_gradients` does) rather than over the params.
+
+    True inside a `jit` whose program computes the gradients and already
+    took a param into a matrix product or convolution (or a call that may
+    hide one): the usual train step, `jax.grad(loss)(params, x)` then
+    `opt.step`, where backprop reads a layer's weight again for its input's
+    gradient, unordered with the weight's own update. There XLA's CPU copy
+    insertion copies each such param before a kernel updates it in place,
+    twice, and keeps the copies in the step's temporary buffer
+    (`benchmarks/in_jit_grads.py`: 18 param copies, a 40 MB temporary whose
+    pages fault in every step, 1.38x optax's step on a 10.5M-param MLP);
+    written over the gradient (dead after the step), the new param is
+    copied into the param's buffer once, as optax's step copies it (0.93x).
+    (A param read by elementwise ops only is read before its gradient
+    exists: in place, no copy; over the gradient it would take one.)
+    False where the gradients are arguments of the `jit` (`jax.jit(
+    opt.step)`: not XLA's to overwrite), computed from arguments without
+    reading a param (a clip), kept (`keeping_gradients`), outside `jit`,
+    under other transformations, and wherever the trace cannot be read.
+    Decided at trace time from the traced program (JAX's tracing frame).
+    """
+    if getattr(_updates, "keep_gradients", False) or not native_fused():
+        return False
+    try:
+        return _computed_after_reading_params(
+            jax.tree.leaves(params), jax.tree.leaves(grads)
+        )
+    except AttributeError:  # another JAX's tracing internals: the default
+        return False
+
+
+def _computed_after_reading_params(params: list, grads: list) -> bool:
+    frames = {id(getattr(g._trace, "frame", None)) for g in grads if _traced(g)}
+    if not grads or len(frames) != 1 or not all(map(_traced, grads)):
+        return False
+    frame = grads[0]._trace.frame
+    inputs = {id(v) for v in frame.invars}
+    if any(id(g.val) in inputs for g in grads):
+        return False
+    read = {
+        id(getattr(v, "val", v))
+        for eqn in frame.tracing_eqns
+        if _may_take_a_product(eqn)
+        for v in eqn.invars
+    }
+    return any(_traced(p) and id(p.val) in read for p in params)
+
+
+_PRODUCTS = frozenset({"dot_general", "conv_general_dilated"})
+
+
+def _may_take_a_product(eqn) -> bool:
+    """A matrix product or convolution, or a call (a nested `jit`,
+    `checkpoint`, `custom_vjp`, ...) that may hold one."""
+    params = eqn.params
+    calls = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+    return eqn.primitive.name in _PRODUCTS or any(k in params for k in calls)
+
+
+def _traced(x) -> bool:
+    """A value of the `jit` being traced (not of `grad`, `vmap`, ...)."""
+    trace = getattr(x, "_trace", None)
+    return hasattr(trace, "frame") and hasattr(x, "val")
 
 
 def _applies(param: Any) -> bool:
@@ -262,7 +346,7 @@ def _run(
     param and buffers updated in place), differentiated through `jax_rule`
     (`jax.custom_jvp`); None where the kernel does not apply. The new param
     is written over the gradient while `update` traces
-    (`computing_updates`).
+    (`writing_over_gradients`).
     `single_tensor`: torch's single-tensor (default) step instead of its
     fused kernel. `leaf_scalars`: the per-parameter 0-d float32 buffers
     (NAdam's `mu_product`, ASGD's `eta` and `mu`), passed after `names` as
@@ -315,7 +399,7 @@ def _run(
     out_index = [0, *range(2, len(arrays))]
     # the results written over their inputs: the new param over the param,
     # or over the gradient (its last use) while `update` traces: the param
-    # stays live for `new - param` (`computing_updates`)
+    # stays live for `new - param` (`writing_over_gradients`)
     aliases = {i: k for k, i in enumerate(out_index)}
     if not params_in_place():
         aliases[1] = aliases.pop(0)

@@ -13,7 +13,10 @@ script times that step on a 10-layer tanh MLP (1024 x 1024 weights, 10.5M
 float32 params, batch 64), AdamW, params and state donated, against
 optax's `update` + `apply_updates` and `fo.TrainState`, implementations
 timed in interleaved turns in one process (`bench_step.time_interleaved`).
-It reports each compiled step's temporary buffer (XLA's `memory_analysis`)
+A fourth row forces that step's kernels to update the params in place
+(`_fused_native.keeping_gradients`, what `opt.step` did there before it
+wrote the new params over gradients computed in the step). It reports
+each compiled step's temporary buffer (XLA's `memory_analysis`)
 and how many param-sized copies XLA put in it. A second model is one leaf of
 `--leaf` float32 elements under `targets.squared_distance`, a loss whose
 gradient is elementwise in the params (optax fuses it into its update).
@@ -46,6 +49,7 @@ from bench_step import chain_sampler, machine, optax_train_step, time_interleave
 from targets import compiled, copy, squared_distance
 
 import funcopt as fo
+from funcopt.optim import _fused_native
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 REGION_FLAG = "--xla_cpu_copy_insertion_use_region_analysis=true"
@@ -87,6 +91,12 @@ def steps(params, loss) -> dict:
         p, s = carry
         return opt.step(p, jax.grad(loss)(p, x), s)
 
+    def in_place_step(carry, x):
+        # the new params written over the params, as before funcopt wrote
+        # them over gradients computed in the step
+        with _fused_native.keeping_gradients():
+            return funcopt_step(carry, x)
+
     def optax_step(carry, x):
         p, s = carry
         return update(p, jax.grad(loss)(p, x), s)
@@ -97,6 +107,7 @@ def steps(params, loss) -> dict:
 
     return {
         "jit(grad + opt.step)": (funcopt_step, (params, opt.init(params))),
+        "jit(grad + opt.step), in place": (in_place_step, (params, opt.init(params))),
         "fo.TrainState": (train_state_step, fo.TrainState.create(params, opt)),
         "optax": (optax_step, (params, tx.init(params))),
     }

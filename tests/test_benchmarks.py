@@ -124,9 +124,20 @@ def test_in_jit_grads_writes_both_flag_runs(tmp_path):
     assert len(runs) == 2
     for rows in runs.values():
         impls = [r["impl"] for r in rows]
-        assert impls == ["jit(grad + opt.step)", "fo.TrainState", "optax"] * 2
+        assert (
+            impls
+            == [
+                "jit(grad + opt.step)",
+                "jit(grad + opt.step), in place",
+                "fo.TrainState",
+                "optax",
+            ]
+            * 2
+        )
         assert len({r["model"] for r in rows}) == 2
-        assert all(r["step_ms"] > 0 and r["param_copies"] >= 0 for r in rows)
+        for r in rows:  # every measure of every row
+            assert r["step_ms"] > 0 and r["compile_s"] > 0, r
+            assert isinstance(r["param_copies"], int) and r["temp_mb"] >= 0, r
     markdown = (tmp_path / "in_jit_grads.md").read_text()
     assert "| default | MLP, 2 x 64x64 | optax |" in markdown
     assert "region_analysis" in markdown

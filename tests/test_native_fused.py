@@ -751,9 +751,11 @@ def test_step_on_gradients_it_computes_writes_over_them(factory, kwargs):
     (`keeping_gradients`; XLA copies each weight that backprop reads twice
     for the in-place kernel, the speed in `benchmarks/in_jit_grads.py`).
     In place
-    still: `jax.jit(opt.step)` (the gradients are arguments),
-    `fo.TrainState` (it keeps them), gradients of a loss that reads the
-    params elementwise only, and a clip of passed-in gradients."""
+    still: `jax.jit(opt.step)` (the gradients are arguments, also inside
+    another `jit`), `fo.TrainState` (it keeps them), gradients of a loss
+    that reads the params elementwise only (jitted helpers included), and a
+    clip of passed-in gradients; over them a product of transposed, cast
+    weights."""
     rng = np.random.default_rng(3)
     shapes = {"w0": (48, 48), "w1": (48, 48), "b": (48,)}
     params = {
@@ -783,24 +785,43 @@ def test_step_on_gradients_it_computes_writes_over_them(factory, kwargs):
             assert_same_bits(a, b, "step")
         args = (got[0], got[1], x)
 
+    def transposed_step(p, s, x):
+        # torch's layout: `x @ w.T`, the weights cast first
+        def loss(p, x):
+            return jnp.mean(jnp.tanh(x @ p["w0"].T.astype(jnp.float32)) @ p["w1"].T)
+
+        return opt.step(p, jax.grad(loss)(p, x), s)
+
+    state = opt.init(params)
+    hlo = jax.jit(transposed_step).lower(params, state, x).compile().as_text()
+    assert _new_param_over(hlo) == {"grad"}
+
     ts = fo.TrainState.create(params, opt)
 
     def train_state_step(ts, x):
         return ts.zero_grad().backward(_layer_loss, x)[0].step()
 
     def elementwise_step(p, s):
-        grads = jax.grad(lambda p: sum(jnp.sum(jnp.sin(v)) for v in p.values()))
-        return opt.step(p, grads(p), s)
+        # a jitted helper (a call in the traced program) with no product
+        activation = jax.jit(lambda v: jnp.sin(v) * v)
+
+        def loss(p):
+            return sum(jnp.sum(activation(v)) for v in p.values())
+
+        return opt.step(p, jax.grad(loss)(p), s)
 
     def clipped_step(p, g, s):
         return opt.step(p, fo.clip_grad_norm(g, 1.0)[0], s)
 
-    state = opt.init(params)
+    def nested_step(p, s, x):  # `jax.jit(opt.step)` takes them as arguments
+        return jax.jit(opt.step)(p, jax.grad(_layer_loss)(p, x), s)
+
     for hlo in (
         jax.jit(opt.step).lower(params, params, state).compile().as_text(),
         jax.jit(train_state_step).lower(ts, x).compile().as_text(),
         jax.jit(elementwise_step).lower(params, state).compile().as_text(),
         jax.jit(clipped_step).lower(params, params, state).compile().as_text(),
+        jax.jit(nested_step).lower(params, state, x).compile().as_text(),
     ):
         assert _new_param_over(hlo) == {"param"}
 

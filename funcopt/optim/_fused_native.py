@@ -69,7 +69,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -196,35 +198,45 @@ def gradients_are_temporaries(params, grads) -> bool:
     gradients (as `writing_over_gradients` does) rather than over the params.
 
     True inside a `jit` whose program computes the gradients and already
-    took a param into a matrix product or convolution (or a call that may
-    hide one): the usual train step, `jax.grad(loss)(params, x)` then
-    `opt.step`, where backprop reads a layer's weight again for its input's
-    gradient, unordered with the weight's own update. There XLA's CPU copy
-    insertion copies each such param before a kernel updates it in place,
-    twice, and keeps the copies in the step's temporary buffer
-    (`benchmarks/in_jit_grads.py`: 18 param copies, a 40 MB temporary whose
-    pages fault in every step, 1.38x optax's step on a 10.5M-param MLP);
+    took a param (as it is, or transposed, reshaped or cast) into a matrix
+    product or convolution, directly or in a call (a nested `jit`, `cond`,
+    `checkpoint`, ...): the usual train step, `jax.grad(loss)(params, x)`
+    then `opt.step`, where backprop reads a layer's weight again for its
+    input's gradient, unordered with the weight's own update. There XLA's
+    CPU copy insertion copies each such param before a kernel updates it in
+    place, twice, and keeps the copies in the step's temporary buffer
+    (`benchmarks/in_jit_grads.py`, a 10.5M-param MLP: 18 param copies, a
+    40 MB temporary whose pages fault in every step, 1.4x optax's step);
     written over the gradient (dead after the step), the new param is
-    copied into the param's buffer once, as optax's step copies it (0.93x).
-    (A param read by elementwise ops only is read before its gradient
-    exists: in place, no copy; over the gradient it would take one.)
-    False where the gradients are arguments of the `jit` (`jax.jit(
-    opt.step)`: not XLA's to overwrite), computed from arguments without
-    reading a param (a clip), kept (`keeping_gradients`), outside `jit`,
-    under other transformations, and wherever the trace cannot be read.
-    Decided at trace time from the traced program (JAX's tracing frame).
+    copied into the param's buffer once, as optax's step copies it (0.9x).
+    A step that returns the gradients too makes XLA copy them instead.
+    False (in place) where the gradients are arguments of the `jit`
+    (`jax.jit(opt.step)`, also called inside another `jit`: not XLA's to
+    overwrite), computed without a product of a param (a clip; a param
+    read elementwise only is read before its gradient exists: no copy),
+    kept (`keeping_gradients`), outside `jit`, under other
+    transformations, with XLA's region analysis on (`XLA_FLAGS` has
+    `--xla_cpu_copy_insertion_use_region_analysis=true`: no copies in
+    place), and wherever the trace cannot be read. Decided at trace time
+    from the traced program (JAX's tracing frame).
     """
     if getattr(_updates, "keep_gradients", False) or not native_fused():
         return False
+    if _REGION_ANALYSIS in os.environ.get("XLA_FLAGS", ""):
+        return False
     try:
-        return _computed_after_reading_params(
+        return _computed_after_a_product(
             jax.tree.leaves(params), jax.tree.leaves(grads)
         )
-    except AttributeError:  # another JAX's tracing internals: the default
+    except AttributeError as error:  # another JAX's tracing internals
+        _log.debug("funcopt: the traced program cannot be read: %s", error)
         return False
 
 
-def _computed_after_reading_params(params: list, grads: list) -> bool:
+_REGION_ANALYSIS = "xla_cpu_copy_insertion_use_region_analysis=true"
+
+
+def _computed_after_a_product(params: list, grads: list) -> bool:
     frames = {id(getattr(g._trace, "frame", None)) for g in grads if _traced(g)}
     if not grads or len(frames) != 1 or not all(map(_traced, grads)):
         return False
@@ -232,24 +244,62 @@ def _computed_after_reading_params(params: list, grads: list) -> bool:
     inputs = {id(v) for v in frame.invars}
     if any(id(g.val) in inputs for g in grads):
         return False
-    read = {
-        id(getattr(v, "val", v))
-        for eqn in frame.tracing_eqns
-        if _may_take_a_product(eqn)
-        for v in eqn.invars
-    }
-    return any(_traced(p) and id(p.val) in read for p in params)
+    # the params and the values laid out or cast from them, in trace order
+    derived = {id(p.val) for p in params if _traced(p)}
+    holds_product: dict[int, bool] = {}
+    for ref in frame.tracing_eqns:
+        eqn = ref() if isinstance(ref, weakref.ref) else ref
+        if eqn is None or not any(id(_var(v)) in derived for v in eqn.invars):
+            continue
+        name = eqn.primitive.name
+        if name in _PRODUCTS or _calls_a_product(eqn.params, holds_product):
+            return True
+        if name in _LAYOUT:
+            derived.update(id(_var(v)) for v in eqn.outvars)
+    return False
 
 
 _PRODUCTS = frozenset({"dot_general", "conv_general_dilated"})
+# ops that pass a param on as the same values, laid out or cast
+_LAYOUT = frozenset(
+    {
+        "transpose",
+        "reshape",
+        "convert_element_type",
+        "broadcast_in_dim",
+        "squeeze",
+        "expand_dims",
+        "copy",
+        "copy_p",
+    }
+)
+_CALLS = ("jaxpr", "call_jaxpr", "fun_jaxpr", "branches", "body_jaxpr", "cond_jaxpr")
 
 
-def _may_take_a_product(eqn) -> bool:
-    """A matrix product or convolution, or a call (a nested `jit`,
-    `checkpoint`, `custom_vjp`, ...) that may hold one."""
-    params = eqn.params
-    calls = ("jaxpr", "call_jaxpr", "fun_jaxpr")
-    return eqn.primitive.name in _PRODUCTS or any(k in params for k in calls)
+def _var(v):
+    return getattr(v, "val", v)
+
+
+def _calls_a_product(params: dict, memo: dict[int, bool]) -> bool:
+    """Whether an equation's sub-programs (a call's, a `cond`'s branches, a
+    loop's body) hold a matrix product or convolution, at any depth."""
+    for key in _CALLS:
+        value = params.get(key)
+        subs = value if isinstance(value, tuple | list) else (value,)
+        if any(_holds_product(s, memo) for s in subs if s is not None):
+            return True
+    return False
+
+
+def _holds_product(jaxpr, memo: dict[int, bool]) -> bool:
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)  # a ClosedJaxpr's program
+    if id(jaxpr) not in memo:
+        memo[id(jaxpr)] = False  # (recursion guard)
+        memo[id(jaxpr)] = any(
+            eqn.primitive.name in _PRODUCTS or _calls_a_product(eqn.params, memo)
+            for eqn in jaxpr.eqns
+        )
+    return memo[id(jaxpr)]
 
 
 def _traced(x) -> bool:

@@ -125,9 +125,9 @@ def _float32_rectification(step, beta2):
     r"""$\rho_t$ and $r_t$ as torch's capturable steps compute them: 0-d
     float32 tensor ops on the float32 `step` ($\rho_\infty$ a Python
     float), the same ops in `_single_tensor_radam` and
-    `_multi_tensor_radam` (`2 * step * p` there, `p * step * 2` here: the
-    same bits). $r_t$ is the root of 1 where $\rho_t \le 5$ (see
-    `_radam_rule`)."""
+    `_multi_tensor_radam` (the single-tensor `2 * step * p` here, the
+    multi-tensor `p * step * 2` rounds alike: doubling is exact). $r_t$ is
+    the root of 1 where $\rho_t \le 5$ (see `_radam_rule`)."""
     beta2_power = powf(beta2, step)
     rho_inf = 2 / (1 - beta2) - 1
     weighted = tensor_op(jnp.multiply, mul(step, 2.0), beta2_power)

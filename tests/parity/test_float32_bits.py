@@ -205,7 +205,7 @@ _POW_EXPONENTS = [2.0, 3.0, 0.5, -0.5, -1.0, -2.0, 0.75, 1.5]
 
 
 @pytest.mark.parametrize("exponent", _POW_EXPONENTS)
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
 def test_power_of_a_0d_tensor(exponent, dtype, x64):
     """`_common.pow_scalar` (`base ** exponent`, `base` a 0-d tensor, the
     exponent traced as a hyperparameter is): torch's bits on 2,000 bases,

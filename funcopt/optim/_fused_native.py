@@ -148,7 +148,17 @@ _updates = threading.local()
 
 
 @contextlib.contextmanager
-def writing_over_gradients():
+def _switched_on(name: str):
+    """The trace-time switch `name` (of this thread) on while a block runs."""
+    old = getattr(_updates, name, False)
+    setattr(_updates, name, True)
+    try:
+        yield
+    finally:
+        setattr(_updates, name, old)
+
+
+def writing_over_gradients() -> contextlib.AbstractContextManager:
     """While a step traces whose gradients die with it and whose params are
     read elsewhere: the kernels write the new params over the gradients
     (their last use), the params read as they are. The optax protocol's
@@ -164,33 +174,22 @@ def writing_over_gradients():
     each step), and `new_params - params + params` (`optax.apply_updates`)
     fuses into one loop, as optax's own `apply_updates` does.
     """
-    old = getattr(_updates, "active", False)
-    _updates.active = True
-    try:
-        yield
-    finally:
-        _updates.active = old
+    return _switched_on("over_gradients")
 
 
 def params_in_place() -> bool:
     """Whether the kernels of a step traced now write the new params over
     the params (outside `writing_over_gradients`). Read at trace time (part of
     the per-leaf kernel cache key, `funcopt._math.trace_settings`)."""
-    return not getattr(_updates, "active", False)
+    return not getattr(_updates, "over_gradients", False)
 
 
-@contextlib.contextmanager
-def keeping_gradients():
+def keeping_gradients() -> contextlib.AbstractContextManager:
     """While a step whose gradients stay live after it traces
     (`fo.TrainState`, which keeps them as torch keeps `p.grad`): the
     kernels write the new params over the params, whatever
     `gradients_are_temporaries` says."""
-    old = getattr(_updates, "keep_gradients", False)
-    _updates.keep_gradients = True
-    try:
-        yield
-    finally:
-        _updates.keep_gradients = old
+    return _switched_on("keep_gradients")
 
 
 def gradients_are_temporaries(params, grads) -> bool:

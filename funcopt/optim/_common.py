@@ -107,6 +107,14 @@ def float32_times_lr(x: jax.Array, lr: jax.Array, lr_dtype) -> jax.Array:
     return (x.astype(wide) * lr.astype(wide)).astype(f32)
 
 
+def spread(s: jax.Array, like: jax.Array) -> jax.Array:
+    """A 0-d tensor `s` as an operand of a tensor op with `like`: cast to
+    `like`'s dtype and broadcast to its shape. (`tensor_op` reads a 0-d
+    float32 operand in float64 with x64, see `funcopt._math.opmath`, which
+    would widen a float32 `like` outside the bit-exact float32 mode.)"""
+    return jnp.broadcast_to(s.astype(like.dtype), jnp.shape(like))
+
+
 def one_minus(x: jax.Array) -> jax.Array:
     """torch's `1 - x` for a 0-d tensor `x`: a tensor op in its dtype."""
     return add_scalar(-x, 1.0)

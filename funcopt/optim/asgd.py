@@ -28,6 +28,7 @@ from ._common import (
     float32_times_lr,
     group_rule,
     pow_scalar,
+    spread,
 )
 
 
@@ -169,14 +170,12 @@ def _addcmul_scalar_tensor(x, t1, t2, value):
     rounded to its dtype; a 0-dim 16-bit `x` (two 0-dim operands) computes
     in float32, rounded to its dtype on the write. Leaves packed into one
     buffer (`funcopt.flat`, the multi-tensor policy) all count as having
-    dimensions. `t2` is broadcast to `x`'s shape first: a 0-d float32
-    operand is read in float64 with x64 (see `funcopt._math.opmath`), which
-    would widen a float32 `x` outside the bit-exact float32 mode.
+    dimensions. `t2` is spread to `x`'s shape first (`spread`).
     """
     if is_reduced(x) and jnp.ndim(x) == 0:
         f32 = jnp.float32
         return addcmul(x.astype(f32), t1.astype(f32), t2, value).astype(x.dtype)
-    return addcmul(x, t1, jnp.broadcast_to(t2.astype(x.dtype), jnp.shape(x)), value)
+    return addcmul(x, t1, spread(t2, x), value)
 
 
 def _tensor_lr_eta(lr, lambd, alpha, step):

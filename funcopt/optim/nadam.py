@@ -36,6 +36,7 @@ from ._common import (
     group_rule,
     one_minus,
     powf,
+    spread,
     weight_decayed,
     write_buffers_first,
 )
@@ -161,7 +162,7 @@ def _foreach_capturable_step(param, grad, slots, step, hparams, options, lr_dtyp
     numerator = _scalar_times(grad_scale, grad)
     wide = numerator.dtype
     exp_avg = moments["exp_avg"].astype(wide)
-    numerator = addcmul(numerator, exp_avg, _spread(exp_avg_scale, numerator), 1.0)
+    numerator = addcmul(numerator, exp_avg, spread(exp_avg_scale, numerator), 1.0)
     new_param = addcdiv(param.astype(wide), numerator, denom.astype(wide), 1.0)
     param = new_param.astype(param.dtype)
     return param, {"mu_product": mu_product, **moments}
@@ -173,13 +174,7 @@ def _scalar_times(s, x):
     one too); a 0-d 16-bit `x` promotes to float32 (two 0-d operands)."""
     if is_reduced(x) and jnp.ndim(x) == 0:
         return s * x.astype(jnp.float32)
-    return tensor_op(jnp.multiply, _spread(s, x), x)
-
-
-def _spread(s, x):
-    """A 0-d `s` cast to `x`'s dtype and broadcast to its shape (`tensor_op`
-    reads a 0-d float32 operand in float64 with x64: see `opmath`)."""
-    return jnp.broadcast_to(s.astype(x.dtype), jnp.shape(x))
+    return tensor_op(jnp.multiply, spread(s, x), x)
 
 
 def _tensor_mu_coefficients(mu_product, mu, mu_next, lr, tensor_lr):

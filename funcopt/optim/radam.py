@@ -29,6 +29,7 @@ from ._common import (
     group_rule,
     one_minus,
     powf,
+    spread,
 )
 
 
@@ -107,15 +108,9 @@ def _capturable_update(param, moments, step, hparams):
     bias_correction2 = one_minus(powf(beta2, step))
     rho_t, rect = _float32_rectification(step, beta2)
     denom = add_scalar(sqrt(exp_avg_sq), eps)
-
-    def spread(x):
-        # a 0-d operand as the tensor's own values (`tensor_op` reads a 0-d
-        # float32 one in float64 with x64, widening a float32 tensor)
-        return jnp.broadcast_to(x.astype(denom.dtype), jnp.shape(denom))
-
-    root = spread(sqrt(bias_correction2))
+    root = spread(sqrt(bias_correction2), denom)
     adaptive_lr = tensor_op(lambda d, r: r / d, denom, root)
-    rectified = tensor_op(jnp.multiply, adaptive_lr, spread(rect))
+    rectified = tensor_op(jnp.multiply, adaptive_lr, spread(rect, denom))
     update = jnp.where(rho_t > 5.0, rectified, jnp.ones_like(rectified))
     step_size = mul(div(exp_avg, bias_correction1), lr)
     return add(param, tensor_op(jnp.multiply, step_size, update), -1.0)

@@ -1,8 +1,8 @@
 // torch's fused CPU optimizer kernels (ATen FusedAdamKernel.cpp,
 // FusedSGDKernel.cpp, FusedAdagradKernel.cpp, torch 2.13) as XLA FFI
 // handlers: one pass per element, in place (the results alias the inputs;
-// `update` writes the param out of place, `run_segment`), each op rounded as
-// torch's kernel rounds it.
+// `update`, and a step on gradients it computes, write the param over the
+// gradient, `run_segment`), each op rounded as torch's kernel rounds it.
 //
 // * Scalar math (bias corrections, step sizes, `1 - lr * wd`, Adagrad's
 //   `clr`) in C++ double as ATen computes it. torch's AVX2/AVX-512 builds
@@ -129,9 +129,9 @@ T* in_place(ffi::AnyBuffer& in, ffi::AnyBuffer* out) {
 }
 
 // the param's result: the param itself where XLA aliased the two (a step,
-// updated in place); else (`update`, whose param stays live) the gradient's
-// buffer, its last use, which `run_segment` writes as it reads the param
-// (`from`) and the gradient
+// updated in place); else (`update`, whose param stays live, or a step on
+// gradients it computes) the gradient's buffer, its last use, which
+// `run_segment` writes as it reads the param (`from`) and the gradient
 template <typename T>
 struct Param {
   T* to;

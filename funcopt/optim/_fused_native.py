@@ -394,8 +394,8 @@ def _run(
     """The kernel `target` on the param, gradient and buffers `names` (the
     param and buffers updated in place), differentiated through `jax_rule`
     (`jax.custom_jvp`); None where the kernel does not apply. The new param
-    is written over the gradient while `update` traces
-    (`writing_over_gradients`).
+    is written over the gradient while `update` traces, or a step on
+    gradients it computes (`writing_over_gradients`).
     `single_tensor`: torch's single-tensor (default) step instead of its
     fused kernel. `leaf_scalars`: the per-parameter 0-d float32 buffers
     (NAdam's `mu_product`, ASGD's `eta` and `mu`), passed after `names` as
@@ -447,8 +447,9 @@ def _run(
     arrays = [param, grad, *(slots[k] for k in updated)]
     out_index = [0, *range(2, len(arrays))]
     # the results written over their inputs: the new param over the param,
-    # or over the gradient (its last use) while `update` traces: the param
-    # stays live for `new - param` (`writing_over_gradients`)
+    # or over the gradient (its last use) under `writing_over_gradients`:
+    # `update`, whose param stays live for `new - param`, and a step on
+    # gradients it computes (`gradients_are_temporaries`)
     aliases = {i: k for k, i in enumerate(out_index)}
     if not params_in_place():
         aliases[1] = aliases.pop(0)

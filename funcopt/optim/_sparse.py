@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import sparse as jsparse
 
+from .. import _math
+
 
 def entries(grad: jsparse.BCOO) -> jsparse.BCOO:
     """`grad` with unbatched indices (`n_batch == 0`), entries as given."""
@@ -54,13 +56,58 @@ def gather(x: jax.Array, grad: jsparse.BCOO) -> jax.Array:
     return rows.at[index].get(mode="fill", fill_value=0)
 
 
-def scatter_add(x: jax.Array, grad: jsparse.BCOO, values: jax.Array) -> jax.Array:
-    """torch's `x.add_(sparse(grad's indices, values))`: each entry added in
-    turn (duplicates one after the other, not summed first); padding
-    dropped."""
+def scatter_add(
+    x: jax.Array, grad: jsparse.BCOO, values: jax.Array, alpha=None
+) -> jax.Array:
+    """torch's `x.add_(sparse(grad's indices, values), alpha=alpha)`: each
+    entry added in turn (duplicates one after the other, not summed first);
+    padding dropped. With `alpha`, each entry is `_math.axpy` (torch's
+    `axpy`), duplicates in turn: a fused multiply-add in the exact float32
+    mode (`_math.fuses_axpy`), else the product added."""
     rows, index = _rows(x, grad)
-    out = rows.at[index].add(values, mode="drop")
+    if alpha is not None and _math.fuses_axpy(rows):
+        out = _axpy_in_turn(rows, index, values, alpha, grad.unique_indices)
+    else:
+        if alpha is not None:
+            values = _math.scalar(alpha, x) * values
+        out = rows.at[index].add(values, mode="drop")
     return out[0] if grad.n_sparse == 0 else out
+
+
+def _axpy_in_turn(rows, index, values, alpha, unique: bool) -> jax.Array:
+    """`rows[index[k]] = axpy(rows[index[k]], values[k], alpha)` for k in
+    order: one gather and scatter per round, round `r` taking each index's
+    `r`-th entry (a single round where the indices are unique)."""
+    out_of_range = rows.shape[0]
+
+    def one_round(r, rows, rank):
+        at = (jnp.where(rank == r, index[0], out_of_range), *index[1:])
+        current = rows.at[at].get(mode="fill", fill_value=0)
+        return rows.at[at].set(_math.axpy(current, values, alpha), mode="drop")
+
+    if len(index[0]) == 0:
+        return rows
+    if unique:
+        return one_round(0, rows, jnp.zeros(len(index[0]), jnp.int32))
+    rank = _rank_among_duplicates(index, rows.shape)
+    rounds = jnp.max(rank, initial=-1) + 1
+    return jax.lax.fori_loop(0, rounds, lambda r, x: one_round(r, x, rank), rows)
+
+
+def _rank_among_duplicates(index: tuple, shape: tuple) -> jax.Array:
+    """Each entry's count of earlier entries at the same index (padding,
+    out of range, counted apart)."""
+    inside = jnp.ones(len(index[0]), bool)
+    for i, n in zip(index, shape):
+        inside &= i < n
+    flat = jnp.ravel_multi_index(index, shape[: len(index)], mode="clip")
+    flat = jnp.where(inside, flat, -1)
+    order = jnp.argsort(flat, stable=True)
+    ordered = flat[order]
+    position = jnp.arange(len(flat))
+    starts_run = jnp.concatenate([jnp.ones(1, bool), ordered[1:] != ordered[:-1]])
+    run_start = jax.lax.cummax(jnp.where(starts_run, position, 0))
+    return jnp.zeros_like(position).at[order].set(position - run_start)
 
 
 def todense(grad: jsparse.BCOO, like: jax.Array) -> jax.Array:

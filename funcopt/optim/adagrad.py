@@ -21,6 +21,7 @@ from .._math import (
     is_reduced,
     scalar,
     sqrt,
+    tensor_op,
     widest_float,
 )
 from . import _fused_native, _sparse
@@ -86,10 +87,12 @@ def _adagrad_sparse_rule(param, grad, slots, step, hparams, options, lr_dtype):
     (`weight_decay` is 0, see `_check_sparse_adagrad`)."""
     grad = _sparse.coalesce(grad)
     values = apply_maximize(grad.data, options)
-    state_sum = _sparse.scatter_add(slots["sum"], grad, values * values)
+    squares = tensor_op(jnp.multiply, values, values)
+    state_sum = _sparse.scatter_add(slots["sum"], grad, squares)
     std = add_scalar(sqrt(_sparse.gather(state_sum, grad)), hparams["eps"])
-    update = scalar(-_clr(hparams, step, lr_dtype), param) * (values / std)
-    return _sparse.scatter_add(param, grad, update), {"sum": state_sum}
+    quotient = tensor_op(jnp.divide, values, std)
+    clr = _clr(hparams, step, lr_dtype)
+    return _sparse.scatter_add(param, grad, quotient, alpha=-clr), {"sum": state_sum}
 
 
 def _fused_decay(step, lr_decay):

@@ -12,7 +12,7 @@ from jax.experimental import sparse as jsparse
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
-from .._math import add, is_reduced, mul, scalar
+from .._math import add, is_reduced, mul
 from . import _fused_native, _sparse
 from ._common import apply_maximize, coupled_gradient, write_buffers_first
 from ._fused import FusedMath, by_fused_loop, check_fused_params, fused_scalar_tail
@@ -56,7 +56,7 @@ def _sgd_sparse_rule(param, grad, slots, step, hparams, options):
         )
     grad = _sparse.entries(grad)
     values = apply_maximize(grad.data, options)
-    return _sparse.scatter_add(param, grad, scalar(-hparams["lr"], param) * values), {}
+    return _sparse.scatter_add(param, grad, values, alpha=-hparams["lr"]), {}
 
 
 def _fused_gradient(k: FusedMath, param, grad, hparams, options):

@@ -12,7 +12,7 @@ from jax.experimental import sparse as jsparse
 from .. import _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
-from .._math import scalar
+from .._math import add_scalar, mul, sqrt, tensor_op
 from .._tree import is_trainable
 from . import _sparse
 from ._common import group_rule
@@ -43,14 +43,16 @@ def _sparse_adam_rule(param, grad, slots, step, hparams, options, lr_dtype=None)
     old_exp_avg = _sparse.gather(exp_avg, grad)
     old_exp_avg_sq = _sparse.gather(exp_avg_sq, grad)
     # torch: old += (new - old) * (1 - beta), at the gradient's indices only
-    exp_avg_update = (values - old_exp_avg) * scalar(1 - beta1, param)
-    exp_avg_sq_update = (values * values - old_exp_avg_sq) * scalar(1 - beta2, param)
+    exp_avg_update = mul(tensor_op(jnp.subtract, values, old_exp_avg), 1 - beta1)
+    squares = tensor_op(jnp.multiply, values, values)
+    exp_avg_sq_update = mul(tensor_op(jnp.subtract, squares, old_exp_avg_sq), 1 - beta2)
     exp_avg = _sparse.scatter_add(exp_avg, grad, exp_avg_update)
     exp_avg_sq = _sparse.scatter_add(exp_avg_sq, grad, exp_avg_sq_update)
-    numer = exp_avg_update + old_exp_avg
-    denom = jnp.sqrt(exp_avg_sq_update + old_exp_avg_sq) + scalar(eps, param)
+    numer = tensor_op(jnp.add, exp_avg_update, old_exp_avg)
+    second_moment = tensor_op(jnp.add, exp_avg_sq_update, old_exp_avg_sq)
+    denom = add_scalar(sqrt(second_moment), eps)
     step_size = _step_size(lr, 1 - beta1**step, 1 - beta2**step, lr_dtype)
-    update = scalar(-step_size, param) * (numer / denom)
+    update = mul(tensor_op(jnp.divide, numer, denom), -step_size)
     return _sparse.scatter_add(param, grad, update), {
         "exp_avg": exp_avg,
         "exp_avg_sq": exp_avg_sq,

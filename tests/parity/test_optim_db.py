@@ -9,23 +9,30 @@ table's tolerance of the optimizer's row; an input whose code path a float32
 row of the parity table already runs, differing only in numbers that scale
 the arithmetic, is proven there: `optim_db_inputs.float32_table_row`; L-BFGS
 rows: `test_lbfgs.RTOL` and the noise floor) and complex128 where torch's
-`OptimizerInfo.supports_complex` says so; and every error input that has a
-pytree meaning must raise torch's type with a message matching torch's
-regex. The rows and the three tables that say what each expects
-(`NOT_APPLICABLE`, `KNOWN_GAPS`, `PARAMS_LIST_ERRORS`) live in
+`OptimizerInfo.supports_complex` says so; float32 bit for bit with x64 and
+the exact float32 mode (`test_float32_bits`: every real input, one jitted
+row each, square-root optimizers in a child process whose torch roots are
+correctly rounded); and every error input that has a pytree meaning must
+raise torch's type with a message matching torch's regex. The rows and the
+tables that say what each expects (`NOT_APPLICABLE`, `KNOWN_GAPS`,
+`PARAMS_LIST_ERRORS`; for the bit rows `BITS_NOT_APPLICABLE` and
+`BITS_KNOWN_GAPS`) live in
 `tests/parity/optim_db_inputs.py`; the parity table (`tests/parity/cases.py`)
 stays the readable spec.
 """
 
 from __future__ import annotations
 
+import os
 import re
 
 import jax
 import pytest
 import torch
 
+from tests._subprocess import run_pytest_child
 from tests.parity import optim_db_inputs as db
+from tests.parity.test_float32_bits import CORRECTLY_ROUNDED_SQRT_PROBE, SQRT_CHILD
 
 
 def _row_param(row: db.DbRow):
@@ -45,9 +52,11 @@ def _rows(dtype: str) -> list:
     return [_row_param(r) for r in ROWS if r.dtype == dtype]
 
 
-def _assert_matches(row: db.DbRow) -> None:
-    run = db.compare_lbfgs if row.optimizer == "lbfgs" else db.compare
-    comparisons = run(row)
+def _assert_matches(row: db.DbRow, bits: bool = False) -> None:
+    if row.optimizer == "lbfgs":
+        comparisons = db.compare_lbfgs(row)
+    else:
+        comparisons = db.compare(row, bits=bits)
     assert comparisons, "nothing compared"
     bad = [c for c in comparisons if not c.ok]
     if bad:
@@ -73,6 +82,47 @@ def test_complex128(row, x64):
 def test_float32(row):
     assert not jax.config.jax_enable_x64
     _assert_matches(row)
+
+
+def _bit_param(row: db.DbRow):
+    marks = []
+    if reason := db.lookup(db.BITS_KNOWN_GAPS, row.key):
+        marks.append(pytest.mark.xfail(strict=True, reason=reason))
+    return pytest.param(row, id=row.id, marks=marks)
+
+
+BIT_ROWS = db.bit_rows()
+
+
+def _bit_rows(takes_sqrt: bool) -> list:
+    return [
+        _bit_param(r) for r in BIT_ROWS if (r.optimizer in db.TAKES_SQRT) == takes_sqrt
+    ]
+
+
+@pytest.mark.parametrize("row", _bit_rows(takes_sqrt=bool(os.environ.get(SQRT_CHILD))))
+def test_float32_bits(row, x64, torch_cpu_loop, exact_float32):
+    """float32 params, every state buffer and the step counts bit for bit
+    against torch's after every step, with x64 and funcopt's exact float32
+    mode (`tests/parity/test_float32_bits.py`), every flag variant optim_db
+    generates (`differentiable`, `fused`, tensor lrs) included. The
+    optimizers that take a square root run in the child process of
+    `test_float32_bits_where_torchs_sqrt_is_correctly_rounded`."""
+    _assert_matches(row, bits=True)
+
+
+def test_float32_bits_where_torchs_sqrt_is_correctly_rounded():
+    """The `db.TAKES_SQRT` optimizers' bit rows, in a child process whose
+    torch takes correctly rounded float32 roots (checked by its probe)."""
+    rows = [r for r in BIT_ROWS if r.optimizer in db.TAKES_SQRT]
+    args = [
+        "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__,
+        "-k", "test_float32_bits and not correctly_rounded",
+    ]  # fmt: skip
+    env = {**os.environ, SQRT_CHILD: "1"}
+    passed = run_pytest_child(args, env, probe=CORRECTLY_ROUNDED_SQRT_PROBE)
+    gaps = [r for r in rows if db.lookup(db.BITS_KNOWN_GAPS, r.key)]
+    assert passed == len(rows) - len(gaps)
 
 
 def test_every_optimizer_and_input_is_a_row():
@@ -134,6 +184,11 @@ def test_tables_name_existing_rows():
     for table in (db.NOT_APPLICABLE, db.KNOWN_GAPS):
         for entry in table:
             assert any(db.lookup({entry: ""}, k) is not None for k in keys), entry
+    bit_keys = [r.key for r in BIT_ROWS]
+    for entry in db.BITS_KNOWN_GAPS:
+        assert any(db.lookup({entry: ""}, k) is not None for k in bit_keys), entry
+    assert set(db.BITS_NOT_APPLICABLE) <= set(db.INFOS)
+    assert db.TAKES_SQRT <= set(db.INFOS)
     descs = {r.desc for r in db.error_rows()}
     assert set(db.PARAMS_LIST_ERRORS) <= descs
 

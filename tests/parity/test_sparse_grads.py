@@ -69,10 +69,13 @@ def _sequence(rng, params, dtype, pad):
     return seq
 
 
-def _compare(row, dtype, jit, rtol, atol, seed=0, steps=JIT_STEPS, flagged=False):
+def _compare(
+    row, dtype, jit, rtol, atol, seed=0, steps=JIT_STEPS, flagged=False, skip=()
+):
     """torch and funcopt (jitted or not) on `steps` steps; with `flagged`
     (jit only) `None` gradients go in as `has_grad` flags, else as `None`
-    (each new pattern of them compiles anew under jit)."""
+    (each new pattern of them compiles anew under jit). `skip`: leaves not
+    compared."""
     torch_cls, ours_fn, kwargs = ROWS[row]
     rng = np.random.default_rng(seed)
     params = sparse_case._params(rng, dtype)
@@ -103,6 +106,8 @@ def _compare(row, dtype, jit, rtol, atol, seed=0, steps=JIT_STEPS, flagged=False
 
     for k in names:
         assert ours[k].dtype == dtype
+        if k in skip:
+            continue
         assert_close(ours[k], tparams[k].detach().numpy(), rtol, atol, k)
         tstate = topt.state[tparams[k]]
         for slot in SLOTS[topt.__class__.__name__]:
@@ -137,6 +142,38 @@ def test_sparse_grads_float32_jit(row):
     # the first step, no gradient for "mat" (t=1), an empty one for "bias"
     # (t=2): `None` leaves under jit, each new pattern compiled anew
     _compare(row, np.float32, jit=True, rtol=F32_RTOL, atol=F32_ATOL, steps=3)
+
+
+# float32 bit rows that are not torch's bits yet (xfail, strict)
+BITS_GAPS = {
+    "sgd_momentum": "torch's momentum buffer of a sparse gradient is a sparse "
+    "tensor whose entries pile up (`buf.mul_(m).add_(grad)` concatenates), "
+    "each added to the param in turn; funcopt holds it dense, as its values",
+    "sgd_nesterov_max": "as sgd_momentum",
+}
+# leaves left out of the bit rows: SGD's 0-d "scalar" (a sparse gradient
+# with no sparse dimension, whose torch sum is neither its entries' fused
+# adds in turn nor their coalesced sum added once: 1% of draws still differ)
+BITS_SKIPPED_LEAVES = {"sgd": ("scalar",), "sgd_max": ("scalar",)}
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        pytest.param(r, marks=[pytest.mark.xfail(strict=True, reason=BITS_GAPS[r])])
+        if r in BITS_GAPS
+        else r
+        for r in sorted(ROWS)
+    ],
+)
+def test_sparse_grads_float32_bits(row, x64, torch_cpu_loop, exact_float32):
+    """float32 with x64 and the exact float32 mode: torch's bits. Each
+    sparse entry is added as torch's BLAS `axpy` adds it (one rounding),
+    repeated indices one after the other, padding dropped; Adagrad's
+    square root is taken on elements below torch's vectorised block (its
+    scalar, correctly rounded `sqrt`)."""
+    skip = BITS_SKIPPED_LEAVES.get(row, ())
+    _compare(row, np.float32, jit=True, rtol=0, atol=0, flagged=True, skip=skip)
 
 
 # (torch class, funcopt factory, kwargs): combinations torch refuses

@@ -1,8 +1,8 @@
 """The README's benchmark command runs and writes its tables (no timing checks)."""
 
 import json
-import re
 import pathlib
+import re
 import subprocess
 import sys
 

@@ -669,22 +669,11 @@ def add(x: jax.Array, other: jax.Array, alpha) -> jax.Array:
     )
 
 
-def fuses_axpy(x: jax.Array) -> bool:
-    """Whether `axpy` on `x` rounds once (the exact float32 mode), so that
-    the order of a sparse gradient's entries matters to the bits."""
+def mirrors_float32_ops(x: jax.Array) -> bool:
+    """Whether torch's float32 ops on `x` are mirrored one rounding at a
+    time (x64 and the exact float32 mode, or a per-parameter scalar): then
+    which torch kernel runs an op, and in what order, shows in the bits."""
     return _exact32(x)
-
-
-def axpy(x: jax.Array, other: jax.Array, alpha) -> jax.Array:
-    """`x + alpha*other` as BLAS `axpy` (`at::native::cpublas::axpy`), which
-    torch's `x.add_(sparse, alpha=alpha)` runs on each sparse entry of a
-    float32 or float64 `x`: fused (one rounding) where torch's build has
-    vectorised loops, in the exact float32 mode; `x + alpha*other` otherwise
-    (16-bit: the product rounded first)."""
-    if fuses_axpy(x):
-        alpha = op_scalar(alpha, x)
-        return _round(_fma32(alpha, opmath(other), opmath(x)), x)
-    return x + scalar(alpha, x) * other
 
 
 def rsqrt(x: jax.Array) -> jax.Array:

@@ -36,8 +36,13 @@ def coalesce(grad: jsparse.BCOO) -> jsparse.BCOO:
         return grad.sum_duplicates(nse=grad.nse)
     if grad.nse == 0:
         return grad
-    data = jnp.sum(grad.data, axis=0, keepdims=True)
-    return jsparse.BCOO((data, grad.indices[:1]), shape=grad.shape)
+    data = sum_in_turn(grad.data)[None]
+    return jsparse.BCOO(
+        (data, grad.indices[:1]),
+        shape=grad.shape,
+        indices_sorted=True,
+        unique_indices=True,
+    )
 
 
 def _rows(x: jax.Array, grad: jsparse.BCOO) -> tuple[jax.Array, tuple]:
@@ -57,16 +62,26 @@ def gather(x: jax.Array, grad: jsparse.BCOO) -> jax.Array:
 
 
 def scatter_add(
-    x: jax.Array, grad: jsparse.BCOO, values: jax.Array, alpha=None
+    x: jax.Array,
+    grad: jsparse.BCOO,
+    values: jax.Array,
+    alpha=None,
+    *,
+    coalesced: bool = False,
 ) -> jax.Array:
-    """torch's `x.add_(sparse(grad's indices, values), alpha=alpha)`: each
-    entry added in turn (duplicates one after the other, not summed first);
-    padding dropped. With `alpha`, each entry is `_math.axpy` (torch's
-    `axpy`), duplicates in turn: a fused multiply-add in the exact float32
-    mode (`_math.fuses_axpy`), else the product added."""
+    """torch's `x.add_(sparse(grad's indices, values), alpha=alpha)`
+    (`add_out_dense_sparse_cpu`): each entry added in turn (duplicates one
+    after the other, not summed first); padding dropped. `coalesced`: the
+    sparse tensor's `is_coalesced()` flag (a tensor torch builds from
+    indices and values has it unset, whatever its indices).
+
+    In the exact float32 mode (`_math.mirrors_float32_ops`) an `alpha` add
+    rounds as torch's branch for it does (`_exact_sparse_add`); elsewhere
+    the product is rounded and the entries added in turn.
+    """
     rows, index = _rows(x, grad)
-    if alpha is not None and _math.fuses_axpy(rows):
-        out = _axpy_in_turn(rows, index, values, alpha, grad.unique_indices)
+    if alpha is not None and _math.mirrors_float32_ops(rows):
+        out = _exact_sparse_add(rows, index, values, alpha, grad.n_sparse, coalesced)
     else:
         if alpha is not None:
             values = _math.scalar(alpha, x) * values
@@ -74,40 +89,97 @@ def scatter_add(
     return out[0] if grad.n_sparse == 0 else out
 
 
-def _axpy_in_turn(rows, index, values, alpha, unique: bool) -> jax.Array:
-    """`rows[index[k]] = axpy(rows[index[k]], values[k], alpha)` for k in
-    order: one gather and scatter per round, round `r` taking each index's
-    `r`-th entry (a single round where the indices are unique)."""
+def is_coalesced(grad: jsparse.BCOO) -> bool:
+    """A gradient's torch `is_coalesced()` flag: its indices flagged unique
+    and sorted (as `coalesce` leaves them)."""
+    return bool(grad.unique_indices and grad.indices_sorted)
+
+
+def _exact_sparse_add(rows, index, values, alpha, n_sparse, coalesced) -> jax.Array:
+    """torch's three branches for `x.add_(sparse, alpha=alpha)`, float32
+    rounded as they round:
+
+    * coalesced (or one entry) without dense dimensions: `x[i] += a * v`
+      in plain C++, the product rounded first;
+    * with dense dimensions, or uncoalesced with sparse dimensions: BLAS
+      `axpy` per entry, one fused rounding (`_math.add`), duplicates in turn;
+    * no sparse dimension (a 0-d `x`), uncoalesced: the entries summed in
+      turn (torch's `coalesce`), then one fused `add`.
+    """
+    nse = len(index[0])
+    if nse == 0:
+        return rows
+    if n_sparse == 0 and nse > 1 and not coalesced:
+        return _math.add(rows, sum_in_turn(values)[None], alpha)
+    inside = _inside(index, rows.shape)
+    fused = values.ndim > 1 or ~(coalesced | (jnp.sum(inside) == 1))
+
+    rank = None if coalesced else _rank(index, rows.shape)
+    rank = jnp.where(inside, 0 if rank is None else rank, -1)
+    fused = jnp.asarray(fused)
+    return _add_in_turn(rows, values, jnp.asarray(alpha), fused, rank, *index)
+
+
+def _entry_add(current, value, alpha, fused):
+    """One entry, `current + alpha * value`: fused (BLAS `axpy`,
+    `_math.add`) or with the product rounded first (plain C++)."""
+    unfused = _math.tensor_op(jnp.add, current, _math.mul(value, alpha))
+    return jnp.where(fused, _math.add(current, value, alpha), unfused)
+
+
+@jax.custom_jvp
+def _add_in_turn(rows, values, alpha, fused, rank, *index) -> jax.Array:
+    """`rows[index[k]] = _entry_add(rows[index[k]], values[k], ...)` for
+    the entries of `rank >= 0` (-1: padding), in order: one gather and
+    scatter per round, round `r` taking each index's `r`-th entry (`rank`).
+    Its derivative is that of the sum of the entries' adds, which is linear
+    (a loop of data-dependent length has no reverse mode)."""
     out_of_range = rows.shape[0]
 
-    def one_round(r, rows, rank):
+    def one_round(r, rows):
         at = (jnp.where(rank == r, index[0], out_of_range), *index[1:])
         current = rows.at[at].get(mode="fill", fill_value=0)
-        return rows.at[at].set(_math.axpy(current, values, alpha), mode="drop")
+        return rows.at[at].set(_entry_add(current, values, alpha, fused), mode="drop")
 
-    if len(index[0]) == 0:
-        return rows
-    if unique:
-        return one_round(0, rows, jnp.zeros(len(index[0]), jnp.int32))
-    rank = _rank_among_duplicates(index, rows.shape)
-    rounds = jnp.max(rank, initial=-1) + 1
-    return jax.lax.fori_loop(0, rounds, lambda r, x: one_round(r, x, rank), rows)
+    return jax.lax.fori_loop(0, jnp.max(rank) + 1, one_round, rows)
 
 
-def _rank_among_duplicates(index: tuple, shape: tuple) -> jax.Array:
-    """Each entry's count of earlier entries at the same index (padding,
-    out of range, counted apart)."""
+@_add_in_turn.defjvp
+def _add_in_turn_jvp(primals, tangents):
+    rows, values, alpha, fused, rank, *index = primals
+    rows_dot, values_dot, alpha_dot = tangents[:3]
+    _, delta = jax.jvp(
+        lambda v, a: _entry_add(jnp.zeros_like(v), v, a, fused),
+        (values, alpha),
+        (values_dot, alpha_dot),
+    )
+    return _add_in_turn(*primals), rows_dot.at[tuple(index)].add(delta, mode="drop")
+
+
+def _inside(index: tuple, shape: tuple) -> jax.Array:
+    """Which entries index inside `shape` (padding does not)."""
     inside = jnp.ones(len(index[0]), bool)
     for i, n in zip(index, shape):
         inside &= i < n
-    flat = jnp.ravel_multi_index(index, shape[: len(index)], mode="clip")
-    flat = jnp.where(inside, flat, -1)
+    return inside
+
+
+def _rank(index: tuple, shape: tuple) -> jax.Array:
+    """Each entry's count of earlier entries at the same index."""
+    wide = [i.astype(jnp.int64) for i in index]  # exact mode: x64 is on
+    flat = jnp.ravel_multi_index(wide, shape[: len(index)], mode="clip")
     order = jnp.argsort(flat, stable=True)
     ordered = flat[order]
     position = jnp.arange(len(flat))
     starts_run = jnp.concatenate([jnp.ones(1, bool), ordered[1:] != ordered[:-1]])
     run_start = jax.lax.cummax(jnp.where(starts_run, position, 0))
     return jnp.zeros_like(position).at[order].set(position - run_start)
+
+
+def sum_in_turn(values: jax.Array) -> jax.Array:
+    """`values[0] + values[1] + ...` along the first axis, one addition
+    after the other (torch's sum of a few duplicate entries)."""
+    return jax.lax.scan(lambda acc, v: (acc + v, None), values[0], values[1:])[0]
 
 
 def todense(grad: jsparse.BCOO, like: jax.Array) -> jax.Array:

@@ -56,7 +56,11 @@ def _sgd_sparse_rule(param, grad, slots, step, hparams, options):
         )
     grad = _sparse.entries(grad)
     values = apply_maximize(grad.data, options)
-    return _sparse.scatter_add(param, grad, values, alpha=-hparams["lr"]), {}
+    coalesced = _sparse.is_coalesced(grad)
+    new = _sparse.scatter_add(
+        param, grad, values, alpha=-hparams["lr"], coalesced=coalesced
+    )
+    return new, {}
 
 
 def _fused_gradient(k: FusedMath, param, grad, hparams, options):

@@ -21,6 +21,7 @@ from jax.experimental import sparse as jsparse
 import funcopt as fo
 from tests.parity import test_sparse_adam as sparse_case
 from tests.parity.noise_floor import assert_close
+from tests.torch_ref import correctly_rounded_torch_sqrt
 
 # every combination torch allows with sparse gradients (weight_decay != 0
 # and fused raise, see the error tests below)
@@ -69,13 +70,10 @@ def _sequence(rng, params, dtype, pad):
     return seq
 
 
-def _compare(
-    row, dtype, jit, rtol, atol, seed=0, steps=JIT_STEPS, flagged=False, skip=()
-):
+def _compare(row, dtype, jit, rtol, atol, seed=0, steps=JIT_STEPS, flagged=False):
     """torch and funcopt (jitted or not) on `steps` steps; with `flagged`
     (jit only) `None` gradients go in as `has_grad` flags, else as `None`
-    (each new pattern of them compiles anew under jit). `skip`: leaves not
-    compared."""
+    (each new pattern of them compiles anew under jit)."""
     torch_cls, ours_fn, kwargs = ROWS[row]
     rng = np.random.default_rng(seed)
     params = sparse_case._params(rng, dtype)
@@ -106,8 +104,6 @@ def _compare(
 
     for k in names:
         assert ours[k].dtype == dtype
-        if k in skip:
-            continue
         assert_close(ours[k], tparams[k].detach().numpy(), rtol, atol, k)
         tstate = topt.state[tparams[k]]
         for slot in SLOTS[topt.__class__.__name__]:
@@ -151,12 +147,9 @@ BITS_GAPS = {
     "each added to the param in turn; funcopt holds it dense, as its values",
     "sgd_nesterov_max": "as sgd_momentum",
 }
-# leaves left out of the bit rows: SGD's 0-d "scalar" (a sparse gradient
-# with no sparse dimension, whose torch sum is neither its entries' fused
-# adds in turn nor their coalesced sum added once: 1% of draws still differ)
-BITS_SKIPPED_LEAVES = {"sgd": ("scalar",), "sgd_max": ("scalar",)}
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize(
     "row",
     [
@@ -166,14 +159,43 @@ BITS_SKIPPED_LEAVES = {"sgd": ("scalar",), "sgd_max": ("scalar",)}
         for r in sorted(ROWS)
     ],
 )
-def test_sparse_grads_float32_bits(row, x64, torch_cpu_loop, exact_float32):
-    """float32 with x64 and the exact float32 mode: torch's bits. Each
-    sparse entry is added as torch's BLAS `axpy` adds it (one rounding),
-    repeated indices one after the other, padding dropped; Adagrad's
-    square root is taken on elements below torch's vectorised block (its
-    scalar, correctly rounded `sqrt`)."""
-    skip = BITS_SKIPPED_LEAVES.get(row, ())
-    _compare(row, np.float32, jit=True, rtol=0, atol=0, flagged=True, skip=skip)
+def test_sparse_grads_float32_bits(row, seed, x64, torch_cpu_loop, exact_float32):
+    """float32 with x64 and the exact float32 mode: torch's bits, each
+    sparse entry rounded as torch's branch for its gradient rounds it
+    (`funcopt.optim._sparse.scatter_add`: one entry, coalesced, uncoalesced,
+    with dense dimensions or none), on three draws of the sequence; torch's
+    float32 roots made correctly rounded (`correctly_rounded_torch_sqrt`:
+    MKL's are not, on every machine)."""
+    with correctly_rounded_torch_sqrt():
+        _compare(row, np.float32, jit=True, rtol=0, atol=0, seed=seed, flagged=True)
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["default", "exact"])
+def test_sparse_step_is_differentiable(exact, x64, torch_cpu_loop):
+    """`jax.grad` through SGD's sparse step (repeated indices, padding; in
+    the exact float32 mode, its loop over the repeats): the step is
+    `param + sum of -lr * entry`, so the derivative is 1 for the param and
+    -lr for each entry inside it, 0 for the padding."""
+    lr = 0.05
+    opt = fo.sgd(lr=lr)
+    params = {"w": jnp.arange(5.0, dtype=jnp.float32)}
+    indices = jnp.asarray([[1], [3], [1], [1], [5]])  # [5]: padding
+    data = jnp.asarray([0.5, -1.0, 2.0, 0.25, 9.0], jnp.float32)
+
+    def loss(params, data):
+        grad = jsparse.BCOO((data, indices), shape=(5,))
+        new, _ = opt.step(params, {"w": grad}, opt.init(params))
+        return jnp.sum(new["w"] * jnp.arange(1.0, 6.0, dtype=jnp.float32))
+
+    fo.precision.set_exact_float32(exact)
+    try:
+        d_params, d_data = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, data)
+    finally:
+        fo.precision.set_exact_float32(False)
+    weights = np.arange(1.0, 6.0, dtype=np.float32)
+    np.testing.assert_array_equal(d_params["w"], weights)
+    expected = np.float32(-lr) * np.asarray([2.0, 4.0, 2.0, 2.0, 0.0], np.float32)
+    np.testing.assert_array_equal(d_data, expected)
 
 
 # (torch class, funcopt factory, kwargs): combinations torch refuses

@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.dtypes import canonicalize_dtype
 
 from .._core import TENSOR_DTYPES
 from .._math import (
@@ -16,6 +17,7 @@ from .._math import (
     add_scalar,
     addcmul,
     cpu_barrier,
+    is_reduced,
     lerp,
     mul,
     reciprocal,
@@ -105,6 +107,21 @@ def float32_times_lr(x: jax.Array, lr: jax.Array, lr_dtype) -> jax.Array:
     lr = lr.astype(f32) if lr_dtype is None else lr
     wide = widest_float()
     return (x.astype(wide) * lr.astype(wide)).astype(f32)
+
+
+def zero_d_op(fn, a: jax.Array, b: jax.Array) -> jax.Array:
+    """torch's `fn` of two 0-d float tensors (a tensor `lr` and a step's
+    float32 scalar): computed and returned in their promoted dtype, so a
+    float64 tensor `lr` widens the float32 step's math."""
+    wide = canonicalize_dtype(np.promote_types(a.dtype, b.dtype))
+    return fn(a.astype(wide), b.astype(wide))
+
+
+def computes_in_float32(x: jax.Array) -> bool:
+    """Whether torch's op of `x` and a 0-d float32 tensor computes in
+    float32: `x` is a 0-d 16-bit tensor (two 0-d operands promote to the
+    wider dtype); with dimensions, `x`'s own dtype wins."""
+    return is_reduced(x) and jnp.ndim(x) == 0
 
 
 def spread(s: jax.Array, like: jax.Array) -> jax.Array:

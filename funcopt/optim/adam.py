@@ -23,7 +23,14 @@ from .._math import (
     sqrt_nonnegative,
 )
 from . import _fused_native
-from ._common import adam_moments, group_rule, one_minus, pow_scalar, powf
+from ._common import (
+    adam_moments,
+    group_rule,
+    one_minus,
+    pow_scalar,
+    powf,
+    zero_d_op,
+)
 from ._fused import (
     FusedMath,
     by_fused_loop,
@@ -104,9 +111,8 @@ def _tensor_betas_update(param, exp_avg, second, step, hparams, tensor_lr):
     beta1, beta2 = hparams["betas"][0], hparams["betas"][1]
     bias_correction1 = one_minus(pow_scalar(beta1, step))
     bias_correction2 = one_minus(pow_scalar(beta2, step))
-    if tensor_lr:  # tensor / tensor, in the wider of the two dtypes
-        wide = np.promote_types(lr.dtype, beta1.dtype)
-        step_size = div(lr.astype(wide), bias_correction1.astype(wide))
+    if tensor_lr:
+        step_size = zero_d_op(div, lr, bias_correction1)
     else:
         step_size = mul(reciprocal(bias_correction1), lr)
     bias_correction2_sqrt = sqrt(bias_correction2)
@@ -136,9 +142,8 @@ def _tensor_scalar_update(
     else:  # float64 tensor betas: C's `pow` of the float64 operands
         bias_correction1 = one_minus(beta1 ** step.astype(dtype))
         bias_correction2 = one_minus(beta2 ** step.astype(dtype))
-    if tensor_lr:  # tensor / tensor, in the wider of the two dtypes
-        wide = np.promote_types(lr.dtype, dtype)
-        step_size = lr.astype(wide) / bias_correction1.astype(wide)
+    if tensor_lr:
+        step_size = zero_d_op(jnp.divide, lr, bias_correction1)
     else:
         step_size = reciprocal(bias_correction1) * lr.astype(dtype)
     step_size_neg = -step_size

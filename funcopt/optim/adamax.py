@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 from jax.dtypes import canonicalize_dtype
 
 from .. import _validate
@@ -11,7 +10,7 @@ from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
 from .._math import add_scalar, addcdiv, div, lerp, mul, true_divide
 from . import _fused_native
-from ._common import coupled_gradient, group_rule, in_own_pass, powf
+from ._common import coupled_gradient, group_rule, in_own_pass, powf, zero_d_op
 
 
 def _adamax_slots(param, group):
@@ -53,9 +52,9 @@ def _capturable_update(param, exp_avg, exp_inf, step, hparams, lr_dtype):
     neg_bias_correction = add_scalar(powf(beta1, step), -1.0)
     if lr_dtype is None:
         neg_bias_correction = div(neg_bias_correction, lr)
-    else:  # tensor / tensor, in the wider of the two dtypes
-        wide = canonicalize_dtype(np.promote_types(lr_dtype, np.float32))
-        quotient = true_divide(neg_bias_correction.astype(wide), lr.astype(wide))
+    else:
+        lr = lr.astype(canonicalize_dtype(lr_dtype))
+        quotient = zero_d_op(true_divide, neg_bias_correction, lr)
         neg_bias_correction = quotient.astype(jnp.float32)
     return addcdiv(param, exp_avg, mul(exp_inf, neg_bias_correction), 1)
 

@@ -14,7 +14,6 @@ from .._math import (
     add,
     add_scalar,
     addcmul,
-    is_reduced,
     mul,
     reciprocal,
     tensor_op,
@@ -24,6 +23,7 @@ from . import _fused_native
 from ._common import (
     apply_maximize,
     check_foreach_differentiable,
+    computes_in_float32,
     coupled_gradient,
     float32_times_lr,
     group_rule,
@@ -172,7 +172,7 @@ def _addcmul_scalar_tensor(x, t1, t2, value):
     buffer (`funcopt.flat`, the multi-tensor policy) all count as having
     dimensions. `t2` is spread to `x`'s shape first (`spread`).
     """
-    if is_reduced(x) and jnp.ndim(x) == 0:
+    if computes_in_float32(x):
         f32 = jnp.float32
         return addcmul(x.astype(f32), t1.astype(f32), t2, value).astype(x.dtype)
     return addcmul(x, t1, spread(t2, x), value)

@@ -7,7 +7,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.dtypes import canonicalize_dtype
 
 from .. import _validate
@@ -19,7 +18,6 @@ from .._math import (
     addcdiv,
     addcmul,
     div,
-    is_reduced,
     mul,
     opmath,
     reciprocal,
@@ -32,6 +30,7 @@ from . import _fused_native
 from ._common import (
     adam_moments,
     check_foreach_differentiable,
+    computes_in_float32,
     float32_times_lr,
     group_rule,
     one_minus,
@@ -39,6 +38,7 @@ from ._common import (
     spread,
     weight_decayed,
     write_buffers_first,
+    zero_d_op,
 )
 
 
@@ -172,7 +172,7 @@ def _scalar_times(s, x):
     """torch's `s.mul(x)` (`_foreach_mul(scalars, xs)`) for a 0-d float32
     tensor `s`: with dimensions, `x`'s dtype (`s` cast to it first, a 16-bit
     one too); a 0-d 16-bit `x` promotes to float32 (two 0-d operands)."""
-    if is_reduced(x) and jnp.ndim(x) == 0:
+    if computes_in_float32(x):
         return s * x.astype(jnp.float32)
     return tensor_op(jnp.multiply, spread(s, x), x)
 
@@ -184,13 +184,12 @@ def _tensor_mu_coefficients(mu_product, mu, mu_next, lr, tensor_lr):
     mu_product_next = tensor_op(jnp.multiply, mu_product, mu_next)
     one_minus_product = one_minus(mu_product)
     one_minus_next = one_minus(mu_product_next)
-    if tensor_lr:  # tensor * tensor, in the wider of the two dtypes
-        wide = canonicalize_dtype(np.promote_types(lr.dtype, np.float32))
-        grad_numerator = (-lr).astype(wide) * one_minus(mu).astype(wide)
-        exp_avg_numerator = (-lr).astype(wide) * mu_next.astype(wide)
+    if tensor_lr:
+        grad_numerator = zero_d_op(jnp.multiply, -lr, one_minus(mu))
+        exp_avg_numerator = zero_d_op(jnp.multiply, -lr, mu_next)
         return (
-            grad_numerator / one_minus_product.astype(wide),
-            exp_avg_numerator / one_minus_next.astype(wide),
+            zero_d_op(jnp.divide, grad_numerator, one_minus_product),
+            zero_d_op(jnp.divide, exp_avg_numerator, one_minus_next),
         )
     return (
         tensor_op(jnp.divide, mul(one_minus(mu), -lr), one_minus_product),

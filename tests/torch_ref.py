@@ -227,6 +227,23 @@ def correctly_rounded_torch_sqrt(float64: bool = False):
             setattr(owner, name, original)
 
 
+# what a child process whose rows need correctly rounded torch roots runs
+# first (`run_pytest_child(..., probe=...)`): the patch, held for the whole
+# process, and the check (before its rows) that it works: else a row would
+# fail without saying why
+CORRECTLY_ROUNDED_SQRT_PROBE = """
+from tests.torch_ref import correctly_rounded_torch_sqrt
+rounded_sqrt = correctly_rounded_torch_sqrt()  # held: the whole process
+rounded_sqrt.__enter__()
+import numpy as np, torch
+x = np.random.default_rng(0).uniform(0, 10, 100000).astype(np.float32)
+exact = np.sqrt(x.astype(np.float64)).astype(np.float32)
+assert (torch.tensor(x).sqrt().numpy() == exact).all(), "sqrt probe"
+assert (torch.sqrt(torch.tensor(x)).numpy() == exact).all(), "sqrt probe"
+assert (torch._foreach_sqrt([torch.tensor(x)])[0].numpy() == exact).all(), "probe"
+"""
+
+
 def float32_scalar_roots(kwargs) -> contextlib.AbstractContextManager:
     """torch's `differentiable`/`capturable` steps, and steps with a tensor
     `lr` or `betas`, take their bias corrections' roots as 0-d float32

@@ -34,6 +34,7 @@ import pytest
 from tests._subprocess import run_pytest_child
 from tests.parity.cases import FLAG_CASES, OPT_CASES
 from tests.torch_ref import (
+    CORRECTLY_ROUNDED_SQRT_PROBE,
     NATIVE_DEFAULT_STEP,
     assert_same_bits,
     check_against_torch,
@@ -74,20 +75,6 @@ NEED_CORRECTLY_ROUNDED_SQRT = [
 ]
 # set in the child process that runs those rows with correctly rounded roots
 SQRT_CHILD = "FUNCOPT_TEST_CORRECTLY_ROUNDED_SQRT"
-# what such a child runs first: torch's float32 roots correctly rounded, and
-# the check (before its rows) that they are: else a row would fail without
-# saying why
-CORRECTLY_ROUNDED_SQRT_PROBE = """
-from tests.torch_ref import correctly_rounded_torch_sqrt
-rounded_sqrt = correctly_rounded_torch_sqrt()  # held: the whole process
-rounded_sqrt.__enter__()
-import numpy as np, torch
-x = np.random.default_rng(0).uniform(0, 10, 100000).astype(np.float32)
-exact = np.sqrt(x.astype(np.float64)).astype(np.float32)
-assert (torch.tensor(x).sqrt().numpy() == exact).all(), "sqrt probe"
-assert (torch.sqrt(torch.tensor(x)).numpy() == exact).all(), "sqrt probe"
-assert (torch._foreach_sqrt([torch.tensor(x)])[0].numpy() == exact).all(), "probe"
-"""
 STEPS = 100
 EAGER_STEPS = 3
 # NATIVE_DEFAULT_STEP: their default step runs funcopt's native kernel on one

@@ -32,7 +32,10 @@ import torch
 
 from tests._subprocess import run_pytest_child
 from tests.parity import optim_db_inputs as db
-from tests.parity.test_float32_bits import CORRECTLY_ROUNDED_SQRT_PROBE, SQRT_CHILD
+from tests.torch_ref import CORRECTLY_ROUNDED_SQRT_PROBE
+
+# set in the child process that runs the square-root optimizers' bit rows
+SQRT_CHILD = "FUNCOPT_TEST_OPTIM_DB_SQRT"
 
 
 def _row_param(row: db.DbRow):

@@ -22,11 +22,9 @@ import torch
 
 import funcopt as fo
 from tests._subprocess import run_pytest_child
-from tests.parity.test_float32_bits import (
-    CORRECTLY_ROUNDED_SQRT_PROBE,
-    odd_sized_params,
-)
+from tests.parity.test_float32_bits import odd_sized_params
 from tests.torch_ref import (
+    CORRECTLY_ROUNDED_SQRT_PROBE,
     OptCase,
     assert_same_bits,
     check_against_torch,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -242,6 +243,18 @@ assert (torch.tensor(x).sqrt().numpy() == exact).all(), "sqrt probe"
 assert (torch.sqrt(torch.tensor(x)).numpy() == exact).all(), "sqrt probe"
 assert (torch._foreach_sqrt([torch.tensor(x)])[0].numpy() == exact).all(), "probe"
 """
+
+
+def run_with_correctly_rounded_sqrt(test_file: str, k: str, switch: str) -> int:
+    """The tests of `test_file` selected by `-k k`, in a child pytest whose
+    torch takes correctly rounded float32 roots (`CORRECTLY_ROUNDED_SQRT_PROBE`)
+    and whose environment sets `switch` (what the file's rows read to know
+    they run there); returns how many passed."""
+    from tests._subprocess import run_pytest_child
+
+    args = ["-q", "-p", "no:cacheprovider", "-p", "no:xdist", test_file, "-k", k]
+    env = {**os.environ, switch: "1"}
+    return run_pytest_child(args, env, probe=CORRECTLY_ROUNDED_SQRT_PROBE)
 
 
 def float32_scalar_roots(kwargs) -> contextlib.AbstractContextManager:

@@ -31,10 +31,8 @@ import jax
 import numpy as np
 import pytest
 
-from tests._subprocess import run_pytest_child
 from tests.parity.cases import FLAG_CASES, OPT_CASES
 from tests.torch_ref import (
-    CORRECTLY_ROUNDED_SQRT_PROBE,
     NATIVE_DEFAULT_STEP,
     assert_same_bits,
     check_against_torch,
@@ -42,6 +40,7 @@ from tests.torch_ref import (
     native_kernels,
     run_funcopt,
     run_funcopt_flagged,
+    run_with_correctly_rounded_sqrt,
 )
 
 # the rows that are exact (their all-flags combination), and SGD with nesterov
@@ -177,12 +176,8 @@ def test_sqrt_optimizers_are_bit_exact_where_torchs_sqrt_is_correctly_rounded():
     ids += " or " + " or ".join(
         f"[{n}-0-jax]" for n in names if n in NATIVE_DEFAULT_STEP
     )
-    args = [
-        "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__,
-        "-k", f"test_float32_is_bit_exact and ({ids})",
-    ]  # fmt: skip
-    env = {**os.environ, SQRT_CHILD: "1"}
-    passed = run_pytest_child(args, env, probe=CORRECTLY_ROUNDED_SQRT_PROBE)
+    k = f"test_float32_is_bit_exact and ({ids})"
+    passed = run_with_correctly_rounded_sqrt(__file__, k, SQRT_CHILD)
     assert passed == len(names) + len(NATIVE_DEFAULT_STEP & set(names))
 
 

@@ -30,9 +30,8 @@ import jax
 import pytest
 import torch
 
-from tests._subprocess import run_pytest_child
 from tests.parity import optim_db_inputs as db
-from tests.torch_ref import CORRECTLY_ROUNDED_SQRT_PROBE
+from tests.torch_ref import run_with_correctly_rounded_sqrt
 
 # set in the child process that runs the square-root optimizers' bit rows
 SQRT_CHILD = "FUNCOPT_TEST_OPTIM_DB_SQRT"
@@ -118,12 +117,8 @@ def test_float32_bits_where_torchs_sqrt_is_correctly_rounded():
     """The `db.TAKES_SQRT` optimizers' bit rows, in a child process whose
     torch takes correctly rounded float32 roots (checked by its probe)."""
     rows = [r for r in BIT_ROWS if r.optimizer in db.TAKES_SQRT]
-    args = [
-        "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__,
-        "-k", "test_float32_bits and not correctly_rounded",
-    ]  # fmt: skip
-    env = {**os.environ, SQRT_CHILD: "1"}
-    passed = run_pytest_child(args, env, probe=CORRECTLY_ROUNDED_SQRT_PROBE)
+    k = "test_float32_bits and not correctly_rounded"
+    passed = run_with_correctly_rounded_sqrt(__file__, k, SQRT_CHILD)
     gaps = [r for r in rows if db.lookup(db.BITS_KNOWN_GAPS, r.key)]
     assert passed == len(rows) - len(gaps)
 

@@ -21,10 +21,8 @@ import pytest
 import torch
 
 import funcopt as fo
-from tests._subprocess import run_pytest_child
 from tests.parity.test_float32_bits import odd_sized_params
 from tests.torch_ref import (
-    CORRECTLY_ROUNDED_SQRT_PROBE,
     OptCase,
     assert_same_bits,
     check_against_torch,
@@ -34,6 +32,7 @@ from tests.torch_ref import (
     make_params,
     run_funcopt,
     run_funcopt_flagged,
+    run_with_correctly_rounded_sqrt,
 )
 
 STEPS = 5
@@ -166,12 +165,8 @@ def test_float32_params_are_bit_exact_where_torchs_sqrt_is_correctly_rounded():
     default path is replaced too: MKL's 0-d root of `bias_correction2` is
     1 ulp high at step 2 of beta2 = 0.95 on an AMD EPYC, which moves a few
     param elements of the amsgrad row (never a buffer) by an ulp."""
-    args = [
-        "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__,
-        "-k", "test_float32_params and not bit_exact",
-    ]  # fmt: skip
-    env = {**os.environ, SQRT_CHILD: "1"}
-    passed = run_pytest_child(args, env, probe=CORRECTLY_ROUNDED_SQRT_PROBE)
+    k = "test_float32_params and not bit_exact"
+    passed = run_with_correctly_rounded_sqrt(__file__, k, SQRT_CHILD)
     assert passed == len(FLOAT32_ROWS)
 
 

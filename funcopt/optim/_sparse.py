@@ -71,7 +71,8 @@ def scatter_add(
 ) -> jax.Array:
     """torch's `x.add_(sparse(grad's indices, values), alpha=alpha)`
     (`add_out_dense_sparse_cpu`): each entry added in turn (duplicates one
-    after the other, not summed first); padding dropped. `coalesced`: the
+    after the other; only a 0-d `x`'s entries are summed first, in the exact
+    mode's branch for it); padding dropped. `coalesced`: the
     sparse tensor's `is_coalesced()` flag (a tensor torch builds from
     indices and values has it unset, whatever its indices).
 
@@ -112,11 +113,11 @@ def _exact_sparse_add(rows, index, values, alpha, n_sparse, coalesced) -> jax.Ar
     if n_sparse == 0 and nse > 1 and not coalesced:
         return _math.add(rows, sum_in_turn(values)[None], alpha)
     inside = _inside(index, rows.shape)
-    fused = values.ndim > 1 or ~(coalesced | (jnp.sum(inside) == 1))
-
-    rank = None if coalesced else _rank(index, rows.shape)
-    rank = jnp.where(inside, 0 if rank is None else rank, -1)
-    fused = jnp.asarray(fused)
+    hybrid = values.ndim > 1
+    one_entry = jnp.sum(inside) == 1
+    fused = jnp.logical_or(hybrid, ~(coalesced | one_entry))
+    rank = jnp.zeros(nse, jnp.int32) if coalesced else _rank(index, rows.shape, inside)
+    rank = jnp.where(inside, rank, -1)
     return _add_in_turn(rows, values, jnp.asarray(alpha), fused, rank, *index)
 
 
@@ -164,10 +165,12 @@ def _inside(index: tuple, shape: tuple) -> jax.Array:
     return inside
 
 
-def _rank(index: tuple, shape: tuple) -> jax.Array:
-    """Each entry's count of earlier entries at the same index."""
+def _rank(index: tuple, shape: tuple, inside: jax.Array) -> jax.Array:
+    """Each entry's count of earlier entries at the same index (padding,
+    outside `shape`, counted apart)."""
     wide = [i.astype(jnp.int64) for i in index]  # exact mode: x64 is on
     flat = jnp.ravel_multi_index(wide, shape[: len(index)], mode="clip")
+    flat = jnp.where(inside, flat, -1)
     order = jnp.argsort(flat, stable=True)
     ordered = flat[order]
     position = jnp.arange(len(flat))

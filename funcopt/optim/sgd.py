@@ -54,9 +54,9 @@ def _sgd_sparse_rule(param, grad, slots, step, hparams, options):
         return _sgd_rule(
             param, _sparse.todense(grad, param), slots, step, hparams, options
         )
+    coalesced = _sparse.is_coalesced(grad)  # before `entries` drops the flags
     grad = _sparse.entries(grad)
     values = apply_maximize(grad.data, options)
-    coalesced = _sparse.is_coalesced(grad)
     new = _sparse.scatter_add(
         param, grad, values, alpha=-hparams["lr"], coalesced=coalesced
     )

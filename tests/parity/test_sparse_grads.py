@@ -170,6 +170,64 @@ def test_sparse_grads_float32_bits(row, seed, x64, torch_cpu_loop, exact_float32
         _compare(row, np.float32, jit=True, rtol=0, atol=0, seed=seed, flagged=True)
 
 
+# (param shape, indices (-1: padding), coalesced flag): each of torch's
+# branches of `p.add_(sparse, alpha=)` (`funcopt.optim._sparse.scatter_add`)
+SPARSE_ADDS = {
+    "uncoalesced-repeats": ((6,), [[-1], [1], [3], [1], [1]], False),
+    "coalesced-several": ((6,), [[0], [2], [4], [-1]], True),
+    "one-entry": ((6,), [[3], [-1]], False),
+    "hybrid": ((4, 3), [[2], [0], [2], [-1]], False),
+    "elementwise-2d": ((3, 4), [[1, 2], [0, 0], [1, 2]], False),
+    "0d-one": ((), [[]], False),
+    "0d-three": ((), [[]] * 3, False),
+    "0d-five": ((), [[]] * 5, False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SPARSE_ADDS))
+def test_sparse_add_rounds_as_torchs_branch(case, x64, torch_cpu_loop, exact_float32):
+    """SGD's sparse step, float32 in the exact mode, against torch's on 30
+    draws of the values: one entry, coalesced, uncoalesced with repeats,
+    dense dimensions, element indices, a 0-d param with 1, 3 and 5 entries
+    (padding entries, dropped, where the param has dimensions)."""
+    shape, entries, coalesced = SPARSE_ADDS[case]
+    n_sparse = len(entries[0])
+    real = [e for e in entries if -1 not in e]
+    index = np.asarray(
+        [[shape[d] if i == -1 else i for d, i in enumerate(e)] for e in entries],
+        np.int64,
+    ).reshape(len(entries), n_sparse)
+    opt = fo.sgd(lr=0.05)
+
+    @jax.jit
+    def step(param, data):
+        grad = jsparse.BCOO(
+            (data, jnp.asarray(index)),
+            shape=shape,
+            unique_indices=coalesced,
+            indices_sorted=coalesced,
+        )
+        return opt.step({"p": param}, {"p": grad}, opt.init({"p": param}))[0]["p"]
+
+    rng = np.random.default_rng(0)
+    dense_shape = shape[n_sparse:]
+    for _ in range(30):
+        param = rng.normal(size=shape).astype(np.float32)
+        data = rng.normal(size=(len(entries), *dense_shape)).astype(np.float32)
+        keep = [k for k, e in enumerate(entries) if -1 not in e]
+        indices = torch.tensor(
+            np.asarray(real, np.int64).reshape(len(real), n_sparse).T
+        )
+        grad = torch.sparse_coo_tensor(
+            indices, torch.tensor(data[keep]), shape, is_coalesced=coalesced
+        )
+        tparam = torch.tensor(param, requires_grad=True)
+        tparam.grad = grad
+        torch.optim.SGD([tparam], lr=0.05).step()
+        ours = step(jnp.asarray(param), jnp.asarray(data))
+        np.testing.assert_array_equal(ours, tparam.detach().numpy())
+
+
 @pytest.mark.parametrize("exact", [False, True], ids=["default", "exact"])
 def test_sparse_step_is_differentiable(exact, x64, torch_cpu_loop):
     """`jax.grad` through SGD's sparse step (repeated indices, padding; in

@@ -228,6 +228,32 @@ def test_sparse_add_rounds_as_torchs_branch(case, x64, torch_cpu_loop, exact_flo
         np.testing.assert_array_equal(ours, tparam.detach().numpy())
 
 
+def test_batched_sparse_gradient_keeps_its_coalesced_flag(
+    x64, torch_cpu_loop, exact_float32
+):
+    """`BCOO.fromdense(g, n_batch=1)` is torch's `g.to_sparse()`: coalesced
+    (flagged unique and sorted), so its entries take the product-rounded
+    branch, also once unbatched (`_sparse.entries` drops BCOO's flags)."""
+    opt = fo.sgd(lr=0.05)
+
+    @jax.jit
+    def step(param, dense):
+        grad = jsparse.BCOO.fromdense(dense, n_batch=1, nse=3)
+        return opt.step({"p": param}, {"p": grad}, opt.init({"p": param}))[0]["p"]
+
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        param = rng.normal(size=(4, 5)).astype(np.float32)
+        dense = rng.normal(size=(4, 5)).astype(np.float32)
+        dense[rng.random((4, 5)) < 0.6] = 0  # at most 3 per row: nse=3 holds
+        dense[np.cumsum(dense != 0, axis=1) > 3] = 0
+        tparam = torch.tensor(param, requires_grad=True)
+        tparam.grad = torch.tensor(dense).to_sparse()
+        torch.optim.SGD([tparam], lr=0.05).step()
+        ours = step(jnp.asarray(param), jnp.asarray(dense))
+        np.testing.assert_array_equal(ours, tparam.detach().numpy())
+
+
 @pytest.mark.parametrize("exact", [False, True], ids=["default", "exact"])
 def test_sparse_step_is_differentiable(exact, x64, torch_cpu_loop):
     """`jax.grad` through SGD's sparse step (repeated indices, padding; in

@@ -184,6 +184,27 @@ SPARSE_ADDS = {
 }
 
 
+def _check_sgd_steps(make_grad, draw, draws: int = 30) -> None:
+    """One SGD step (lr 0.05), funcopt's jitted on `make_grad(data)` (a
+    BCOO) against torch's on its sparse gradient, bit for bit, for `draws`
+    draws of `draw(rng) -> (param, data, torch_grad)`."""
+    opt = fo.sgd(lr=0.05)
+
+    @jax.jit
+    def step(param, data):
+        grads = {"p": make_grad(data)}
+        return opt.step({"p": param}, grads, opt.init({"p": param}))[0]["p"]
+
+    rng = np.random.default_rng(0)
+    for _ in range(draws):
+        param, data, torch_grad = draw(rng)
+        tparam = torch.tensor(param, requires_grad=True)
+        tparam.grad = torch_grad
+        torch.optim.SGD([tparam], lr=0.05).step()
+        ours = step(jnp.asarray(param), jnp.asarray(data))
+        np.testing.assert_array_equal(ours, tparam.detach().numpy())
+
+
 @pytest.mark.parametrize("case", sorted(SPARSE_ADDS))
 def test_sparse_add_rounds_as_torchs_branch(case, x64, torch_cpu_loop, exact_float32):
     """SGD's sparse step, float32 in the exact mode, against torch's on 30
@@ -192,40 +213,26 @@ def test_sparse_add_rounds_as_torchs_branch(case, x64, torch_cpu_loop, exact_flo
     (padding entries, dropped, where the param has dimensions)."""
     shape, entries, coalesced = SPARSE_ADDS[case]
     n_sparse = len(entries[0])
-    real = [e for e in entries if -1 not in e]
     index = np.asarray(
         [[shape[d] if i == -1 else i for d, i in enumerate(e)] for e in entries],
         np.int64,
     ).reshape(len(entries), n_sparse)
-    opt = fo.sgd(lr=0.05)
+    keep = [k for k, e in enumerate(entries) if -1 not in e]  # not padding
+    torch_indices = torch.tensor(index[keep].T)
 
-    @jax.jit
-    def step(param, data):
-        grad = jsparse.BCOO(
-            (data, jnp.asarray(index)),
-            shape=shape,
-            unique_indices=coalesced,
-            indices_sorted=coalesced,
-        )
-        return opt.step({"p": param}, {"p": grad}, opt.init({"p": param}))[0]["p"]
+    def make_grad(data):
+        flags = dict(unique_indices=coalesced, indices_sorted=coalesced)
+        return jsparse.BCOO((data, jnp.asarray(index)), shape=shape, **flags)
 
-    rng = np.random.default_rng(0)
-    dense_shape = shape[n_sparse:]
-    for _ in range(30):
+    def draw(rng):
         param = rng.normal(size=shape).astype(np.float32)
-        data = rng.normal(size=(len(entries), *dense_shape)).astype(np.float32)
-        keep = [k for k, e in enumerate(entries) if -1 not in e]
-        indices = torch.tensor(
-            np.asarray(real, np.int64).reshape(len(real), n_sparse).T
-        )
+        data = rng.normal(size=(len(entries), *shape[n_sparse:])).astype(np.float32)
         grad = torch.sparse_coo_tensor(
-            indices, torch.tensor(data[keep]), shape, is_coalesced=coalesced
+            torch_indices, torch.tensor(data[keep]), shape, is_coalesced=coalesced
         )
-        tparam = torch.tensor(param, requires_grad=True)
-        tparam.grad = grad
-        torch.optim.SGD([tparam], lr=0.05).step()
-        ours = step(jnp.asarray(param), jnp.asarray(data))
-        np.testing.assert_array_equal(ours, tparam.detach().numpy())
+        return param, data, grad
+
+    _check_sgd_steps(make_grad, draw)
 
 
 def test_batched_sparse_gradient_keeps_its_coalesced_flag(
@@ -234,24 +241,15 @@ def test_batched_sparse_gradient_keeps_its_coalesced_flag(
     """`BCOO.fromdense(g, n_batch=1)` is torch's `g.to_sparse()`: coalesced
     (flagged unique and sorted), so its entries take the product-rounded
     branch, also once unbatched (`_sparse.entries` drops BCOO's flags)."""
-    opt = fo.sgd(lr=0.05)
 
-    @jax.jit
-    def step(param, dense):
-        grad = jsparse.BCOO.fromdense(dense, n_batch=1, nse=3)
-        return opt.step({"p": param}, {"p": grad}, opt.init({"p": param}))[0]["p"]
-
-    rng = np.random.default_rng(0)
-    for _ in range(30):
+    def draw(rng):
         param = rng.normal(size=(4, 5)).astype(np.float32)
         dense = rng.normal(size=(4, 5)).astype(np.float32)
         dense[rng.random((4, 5)) < 0.6] = 0  # at most 3 per row: nse=3 holds
         dense[np.cumsum(dense != 0, axis=1) > 3] = 0
-        tparam = torch.tensor(param, requires_grad=True)
-        tparam.grad = torch.tensor(dense).to_sparse()
-        torch.optim.SGD([tparam], lr=0.05).step()
-        ours = step(jnp.asarray(param), jnp.asarray(dense))
-        np.testing.assert_array_equal(ours, tparam.detach().numpy())
+        return param, dense, torch.tensor(dense).to_sparse()
+
+    _check_sgd_steps(lambda d: jsparse.BCOO.fromdense(d, n_batch=1, nse=3), draw)
 
 
 @pytest.mark.parametrize("exact", [False, True], ids=["default", "exact"])

@@ -294,8 +294,14 @@ def _split(fn: Callable, args: tuple) -> LeafProgram:
 
 
 def _type(x) -> tuple:
+    """What a traced program depends on of `x`: its shape, dtype and weak
+    type, its sharding (under an explicit mesh) and, inside `shard_map`, the
+    mesh axes it varies over (a program traced there names them, and
+    outside it fails with "unbound axis name")."""
     aval = x if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x)
-    return aval.shape, aval.dtype, aval.weak_type
+    varying = getattr(getattr(aval, "mat", None), "varying", None) or frozenset()
+    sharding = getattr(aval, "sharding", None)
+    return aval.shape, aval.dtype, aval.weak_type, sharding, varying
 
 
 def _is_small(aval) -> bool:

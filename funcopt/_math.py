@@ -198,10 +198,11 @@ def _elementwise_primitive(
     A `jax.custom_jvp` function is traced again at every call, and again
     under `vmap`, `jvp` and `_compile.inline`: `_wide32`'s twenty integer ops
     took 5 ms a call to trace in the x64 float32 scalar math (40% of the
-    trace time of NAdam's and RAdam's parity rows). As a primitive it is one equation
-    until it is lowered; there its program, traced once per operand type, is
-    inlined (no `func.call`, see `_compile.inline`). The ops, and so the
-    bits, are the same; un-jitted, `impl` runs op by op, as the
+    trace time of NAdam's and RAdam's parity rows). As a primitive it is one
+    equation until it is lowered; there `impl` is traced once per operand
+    type (that jaxpr is then evaluated into each call site, which is cheap)
+    and lowered in place, as the `custom_jvp` function's body was. The ops,
+    and so the bits, are the same; un-jitted, `impl` runs op by op, as the
     `custom_jvp` function did.
 
     `out_dtype(*dtypes)` is the result's dtype; `jvp(primals, tangents)`
@@ -210,21 +211,28 @@ def _elementwise_primitive(
     """
     prim = jcore.Primitive(name)
     prim.def_impl(impl)
-    prim.def_abstract_eval(
-        lambda *avals: jax.core.ShapedArray(
-            avals[0].shape, out_dtype(*(a.dtype for a in avals))
-        )
-    )
+
+    def abstract_eval(*avals):
+        # the result has the operands' shape and sharding, and inside
+        # `shard_map` varies over the mesh axes any operand varies over
+        like = max(avals, key=lambda a: len(_varying_axes(a)))
+        return like.update(dtype=out_dtype(*(a.dtype for a in avals)), weak_type=False)
+
+    prim.def_abstract_eval(abstract_eval)
     programs: dict = {}
 
     def lowering(ctx, *args):
-        key = tuple(ctx.avals_in)
-        if key not in programs:
-            programs[key] = jax.make_jaxpr(impl)(*ctx.avals_in)
-        program = programs[key]
-        return mlir.lower_fun(jcore.jaxpr_as_fun(program), multiple_results=True)(
-            ctx, *args
+        # 64-bit operands or results were traced with x64 on: `impl`'s
+        # integer ops are 64-bit then, whatever the setting when lowered
+        wide = any(
+            jnp.dtype(a.dtype).itemsize == 8 for a in (*ctx.avals_in, *ctx.avals_out)
         )
+        key = (wide, tuple(ctx.avals_in))
+        with jax.enable_x64(wide):
+            if key not in programs:
+                programs[key] = jax.make_jaxpr(impl)(*ctx.avals_in)
+            program = jcore.jaxpr_as_fun(programs[key])
+            return mlir.lower_fun(program, multiple_results=True)(ctx, *args)
 
     def jvp_rule(primals, tangents):
         tangents = [
@@ -248,6 +256,11 @@ def _elementwise_primitive(
         return prim.bind(*(jnp.broadcast_to(x, shape) for x in xs))
 
     return bind
+
+
+def _varying_axes(aval) -> frozenset:
+    """The `shard_map` mesh axes `aval` varies over (empty outside one)."""
+    return getattr(getattr(aval, "mat", None), "varying", None) or frozenset()
 
 
 def _wide32_impl(x: jax.Array) -> jax.Array:

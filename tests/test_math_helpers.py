@@ -129,3 +129,98 @@ def test_each_helper_is_one_equation_under_transformations(x64):
     for helper in ("funcopt_wide32", "funcopt_upcast_opaque", "funcopt_fma32_exact"):
         assert names.count(helper) == 1, (helper, names)
     assert not any("custom_jvp" in n for n in names), names
+
+
+def test_fma32_exact_broadcasts_its_operands(x64):
+    """Callers pass a 0-d addend or factor (`_math`'s scalar `alpha`)."""
+    a, b, c = _fma_operands(np.random.default_rng(5), 8)
+    got = jax.jit(_math._fma32_exact)(a, b[0], c[:1].reshape(()))
+    want = _math._fma32_exact(a, jnp.full(8, b[0]), jnp.full(8, c[0]))
+    np.testing.assert_array_equal(_bits(got), _bits(want))
+
+
+def test_fma32_exact_tangent_with_some_operands_constant(x64):
+    """A tangent for one operand only (the others are symbolic zeros)."""
+    a, b, c = (jnp.asarray(np.float64(v)) for v in (2.0, 3.0, -1.0))
+    for i, want in enumerate((3.0, 2.0, 1.0)):
+        args = [a, b, c]
+
+        def f(x, i=i, args=args):
+            return _math._fma32_exact(*args[:i], x, *args[i + 1 :])
+
+        _, tangent = jax.jvp(f, (args[i],), (jnp.asarray(1.0, jnp.float64),))
+        assert float(tangent) == want
+
+
+def test_impl_is_traced_once_per_operand_type():
+    """The helpers' integer ops are traced when lowered, once per operand
+    type, however many calls a program makes (a `custom_jvp` function's body
+    was traced at each)."""
+    traced = []
+
+    def impl(x):
+        traced.append(x)
+        return x * 2
+
+    double = _math._elementwise_primitive(
+        "test_double", impl, lambda dtype: dtype, lambda p, t: t[0] * 2
+    )
+    x = jnp.arange(4.0, dtype=jnp.float32)
+
+    def five_calls(x):
+        for _ in range(5):
+            x = double(x)
+        return x
+
+    traced_before = jax.jit(five_calls).trace(x)
+    assert traced == []  # tracing the program binds, it does not trace `impl`
+    np.testing.assert_array_equal(traced_before.lower().compile()(x), x * 32)
+    assert len(traced) == 1
+    np.testing.assert_array_equal(jax.jit(lambda x: double(double(x)))(x), x * 4)
+    assert len(traced) == 1
+    jax.jit(double)(jnp.arange(3.0, dtype=jnp.float32))  # another shape
+    assert len(traced) == 2
+
+
+def test_wide32_lowered_outside_the_x64_it_was_traced_in():
+    """A program traced with x64 on and lowered after leaving it keeps its
+    64-bit ops (and does not leave a narrowed program cached behind). A
+    shape no other test lowers: lowerings are cached per operand type."""
+    x = _float32_specials(np.random.default_rng(6)).reshape(3, 29)
+    with jax.enable_x64(True):
+        traced = jax.jit(_math._wide32).trace(jnp.asarray(x))
+    compiled = traced.lower().compile()
+    with jax.enable_x64(True):
+        want = _bits(x.astype(np.float64))
+        np.testing.assert_array_equal(_bits(compiled(jnp.asarray(x))), want)
+        again = jax.jit(lambda v: _math._wide32(v) * 1.0)(jnp.asarray(x))
+        np.testing.assert_array_equal(_bits(again), want)
+
+
+def test_helpers_inside_shard_map_vary_with_their_operands(x64):
+    """Inside `shard_map` the result varies over the mesh axes an operand
+    varies over: a step differentiates there (bfloat16 Adam reads its
+    moments through `_upcast_opaque`), and an unreplicated result cannot be
+    returned as replicated."""
+    import funcopt as fo
+
+    mesh = jax.make_mesh((1,), ("i",), axis_types=(jax.sharding.AxisType.Auto,))
+    spec = jax.sharding.PartitionSpec("i")
+    opt = fo.adam(lr=1e-2)
+    p = jnp.linspace(-1, 1, 8).astype(jnp.bfloat16)
+    g = jnp.linspace(0.5, -0.3, 8).astype(jnp.bfloat16)
+
+    def grad_of_step(p, g):
+        state = opt.init(p)
+        loss = lambda q: opt.step(q, g, state)[0].astype(jnp.float32).sum()  # noqa: E731
+        return jax.grad(loss)(p)
+
+    want = jax.jit(grad_of_step)(p, g)
+    sharded = jax.shard_map(grad_of_step, mesh=mesh, in_specs=spec, out_specs=spec)
+    np.testing.assert_array_equal(jax.jit(sharded)(p, g), want)
+    x = jnp.arange(8, dtype=jnp.float32)
+    replicated = jax.shard_map(
+        _math._wide32, mesh=mesh, in_specs=spec, out_specs=jax.sharding.PartitionSpec()
+    )
+    with pytest.raises(ValueError, match="replicat"):
+        jax.jit(replicated)(x)

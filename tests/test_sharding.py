@@ -297,3 +297,35 @@ def test_chain_and_bytes_per_device():
     assert len(jax.tree.leaves(shardings)) == len(jax.tree.leaves(state))
     mem = fs.bytes_per_device(state)
     assert sum(mem.values()) == sum(x.nbytes for x in jax.tree.leaves(state))
+
+
+@pytest.mark.parametrize(
+    "factory", [fo.adam, fo.nadam, fo.sgd], ids=lambda f: f.__name__
+)
+def test_step_inside_shard_map_then_outside_it(factory):
+    """A step traced inside `shard_map` and then outside it (per-device
+    training, then a plain step for evaluation): funcopt's per-leaf programs
+    are not reused across the two (the one traced inside names the mesh
+    axis: outside it fails with "unbound axis name"), and both give the
+    same bits. One leaf (a tree of several is packed, and took another
+    path); one device, so it runs in this process."""
+    mesh = jax.make_mesh((1,), ("i",), axis_types=(AxisType.Auto,))
+    opt = factory(lr=1e-2, momentum=0.9) if factory is fo.sgd else factory(lr=1e-2)
+    params = {"w": jnp.linspace(-1.0, 1.0, 8, dtype=jnp.float32)}
+    grads = jax.tree.map(lambda p: p * 0.1, params)
+
+    def two_steps(params, grads):
+        state = opt.init(params)
+        params, state = opt.step(params, grads, state)
+        return opt.step(params, grads, state)[0]
+
+    specs = {"w": P("i")}
+    inside = jax.jit(
+        jax.shard_map(two_steps, mesh=mesh, in_specs=(specs, specs), out_specs=specs)
+    )(params, grads)
+    outside = jax.jit(two_steps)(params, grads)
+    for k in params:
+        np.testing.assert_array_equal(
+            np.asarray(inside[k]).view(np.uint32),
+            np.asarray(outside[k]).view(np.uint32),
+        )

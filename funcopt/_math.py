@@ -190,10 +190,10 @@ def is_per_param_scalar(x) -> bool:
     return packed is not None and jnp.shape(x) == (packed[0][0], 1)
 
 
-def _elementwise_primitive(
+def _unary_primitive(
     name: str, impl: Callable, out_dtype: Callable, jvp: Callable
 ) -> Callable:
-    """`impl`, an elementwise function of same-shaped arrays, as one primitive.
+    """`impl`, an elementwise function of one array, as one primitive.
 
     A `jax.custom_jvp` function is traced again at every call, and again
     under `vmap`, `jvp` and `_compile.inline`: `_wide32`'s twenty integer ops
@@ -203,22 +203,19 @@ def _elementwise_primitive(
     type (that jaxpr is then evaluated into each call site, which is cheap)
     and lowered in place, as the `custom_jvp` function's body was. The ops,
     and so the bits, are the same; un-jitted, `impl` runs op by op, as the
-    `custom_jvp` function did.
+    `custom_jvp` function did. One operand: the result's type is the
+    operand's but for its dtype (its sharding and, inside `shard_map`, the
+    mesh axes it varies over), where several would need lax's rules for
+    joining their types (`_fma32_exact` stays a `custom_jvp` function).
 
-    `out_dtype(*dtypes)` is the result's dtype; `jvp(primals, tangents)`
-    the tangent of the result, tangents instantiated (no symbolic zeros).
-    The returned function broadcasts its operands to one shape first.
+    `out_dtype(dtype)` is the result's dtype; `jvp(x, t)` the tangent of
+    the result for the operand's tangent `t` (instantiated).
     """
     prim = jcore.Primitive(name)
     prim.def_impl(impl)
-
-    def abstract_eval(*avals):
-        # the result has the operands' shape and sharding, and inside
-        # `shard_map` varies over the mesh axes any operand varies over
-        like = max(avals, key=lambda a: len(_varying_axes(a)))
-        return like.update(dtype=out_dtype(*(a.dtype for a in avals)), weak_type=False)
-
-    prim.def_abstract_eval(abstract_eval)
+    prim.def_abstract_eval(
+        lambda aval: aval.update(dtype=out_dtype(aval.dtype), weak_type=False)
+    )
     programs: dict = {}
 
     def lowering(ctx, *args):
@@ -235,32 +232,13 @@ def _elementwise_primitive(
             return mlir.lower_fun(program, multiple_results=True)(ctx, *args)
 
     def jvp_rule(primals, tangents):
-        tangents = [
-            ad.instantiate_zeros(t) if type(t) is ad.Zero else t for t in tangents
-        ]
-        return prim.bind(*primals), jvp(primals, tangents)
-
-    def batch_rule(args, dims):
-        # every operand batched along a leading axis (an unbatched one
-        # broadcast to it): still operands of one shape
-        size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
-        args = [batching.bdim_at_front(x, d, size) for x, d in zip(args, dims)]
-        return prim.bind(*args), 0
+        ((x,), (t,)) = primals, tangents
+        return prim.bind(x), jvp(x, ad.instantiate_zeros(t))
 
     mlir.register_lowering(prim, lowering)
-    batching.primitive_batchers[prim] = batch_rule
+    batching.defvectorized(prim)
     ad.primitive_jvps[prim] = jvp_rule
-
-    def bind(*xs: jax.Array) -> jax.Array:
-        shape = jnp.broadcast_shapes(*(jnp.shape(x) for x in xs))
-        return prim.bind(*(jnp.broadcast_to(x, shape) for x in xs))
-
-    return bind
-
-
-def _varying_axes(aval) -> frozenset:
-    """The `shard_map` mesh axes `aval` varies over (empty outside one)."""
-    return getattr(getattr(aval, "mat", None), "varying", None) or frozenset()
+    return prim.bind
 
 
 def _wide32_impl(x: jax.Array) -> jax.Array:
@@ -286,11 +264,11 @@ def _wide32_impl(x: jax.Array) -> jax.Array:
     return jnp.where(exp == u64(0), tiny, normal)
 
 
-_wide32 = _elementwise_primitive(
+_wide32 = _unary_primitive(
     "funcopt_wide32",
     _wide32_impl,
     lambda dtype: jnp.dtype(jnp.float64),
-    lambda primals, tangents: tangents[0].astype(jnp.float64),
+    lambda x, t: t.astype(jnp.float64),
 )
 
 
@@ -318,7 +296,8 @@ def round_float32(y: jax.Array) -> jax.Array:
     return jnp.where(jnp.abs(y) < 2.0**-126, tiny, y.astype(jnp.float32))
 
 
-def _fma32_exact_impl(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
+@jax.custom_jvp
+def _fma32_exact(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
     """`fmaf(a, b, c)` of float32 values held in float64: one rounding.
 
     `a*b` is exact in float64; the sum is rounded to odd (round to nearest,
@@ -341,17 +320,11 @@ def _fma32_exact_impl(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
     return odd.astype(jnp.float32)
 
 
+@_fma32_exact.defjvp
 def _fma32_exact_jvp(primals, tangents):
-    (a, b, _), (ta, tb, tc) = primals, tangents
-    return (ta * b + a * tb + tc).astype(jnp.float32)
-
-
-_fma32_exact = _elementwise_primitive(
-    "funcopt_fma32_exact",
-    _fma32_exact_impl,
-    lambda *dtypes: jnp.dtype(jnp.float32),
-    _fma32_exact_jvp,
-)
+    (a, b, c), (ta, tb, tc) = primals, tangents
+    out = _fma32_exact(a, b, c)
+    return out, (ta * b + a * tb + tc).astype(jnp.float32)
 
 
 def _fma32(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
@@ -392,11 +365,11 @@ def _upcast_opaque_impl(h: jax.Array) -> jax.Array:
 
 
 # the bits are an implementation detail: differentiated as a convert
-_upcast_opaque = _elementwise_primitive(
+_upcast_opaque = _unary_primitive(
     "funcopt_upcast_opaque",
     _upcast_opaque_impl,
     lambda dtype: jnp.dtype(jnp.float32),
-    lambda primals, tangents: tangents[0].astype(jnp.float32),
+    lambda h, t: t.astype(jnp.float32),
 )
 
 

@@ -1,12 +1,12 @@
 """funcopt._math's bit helpers, which move float bits by integer ops so that
 no compiler can drop a rounding: the exact values of a convert (or of one
 fused multiply-add), under `jit`, `vmap` (an operand batched or not) and
-`jvp`, and one equation each in a traced program.
+`jvp`, and (the one-operand ones) one equation each in a traced program.
 
-They are traced once per operand type, at lowering, not at every call
-(`_math._elementwise_primitive`): a `jax.custom_jvp` function there cost
-5 ms of tracing a call, 40% of the trace time of NAdam's and RAdam's x64
-parity rows. The structural check below keeps them primitives."""
+Those two are traced once per operand type, at lowering, not at every call
+(`_math._unary_primitive`): as `jax.custom_jvp` functions they cost 5 ms of
+tracing a call, 40% of the trace time of NAdam's and RAdam's x64 parity
+rows. The structural check below keeps them primitives."""
 
 from fractions import Fraction
 
@@ -109,16 +109,15 @@ def test_helpers_differentiate_as_converts(x64):
 
 
 def test_each_helper_is_one_equation_under_transformations(x64):
-    """A helper is one primitive in the traced program, under `jvp` and
-    `vmap` too, not its integer ops inlined (nor a `custom_jvp_call`, whose
-    body is traced again at every call)."""
+    """A one-operand helper is one primitive in the traced program, under
+    `jvp` and `vmap` too, not its integer ops inlined (nor a
+    `custom_jvp_call`, whose body is traced again at every call)."""
     x = jnp.ones((2, 3), jnp.float32)
     wide = jnp.ones((2, 3), jnp.float64)
 
     def program(x, wide):
         up = _math._upcast_opaque(x.astype(jnp.bfloat16))
-        fused = _math._fma32_exact(wide, wide, wide)
-        return _math._wide32(x) + (up + fused).astype(jnp.float64)
+        return _math._wide32(x) + up.astype(jnp.float64) + wide
 
     def over(f):
         return lambda x, w: jax.jvp(jax.vmap(f), (x, w), (x, w))
@@ -126,7 +125,7 @@ def test_each_helper_is_one_equation_under_transformations(x64):
     names = [
         eqn.primitive.name for eqn in jax.make_jaxpr(over(program))(x, wide).jaxpr.eqns
     ]
-    for helper in ("funcopt_wide32", "funcopt_upcast_opaque", "funcopt_fma32_exact"):
+    for helper in ("funcopt_wide32", "funcopt_upcast_opaque"):
         assert names.count(helper) == 1, (helper, names)
     assert not any("custom_jvp" in n for n in names), names
 
@@ -162,8 +161,8 @@ def test_impl_is_traced_once_per_operand_type():
         traced.append(x)
         return x * 2
 
-    double = _math._elementwise_primitive(
-        "test_double", impl, lambda dtype: dtype, lambda p, t: t[0] * 2
+    double = _math._unary_primitive(
+        "test_double", impl, lambda dtype: dtype, lambda x, t: t * 2
     )
     x = jnp.arange(4.0, dtype=jnp.float32)
 

@@ -329,3 +329,26 @@ def test_step_inside_shard_map_then_outside_it(factory):
             np.asarray(inside[k]).view(np.uint32),
             np.asarray(outside[k]).view(np.uint32),
         )
+
+
+@pytest.mark.parametrize("name", NATIVE)
+def test_step_under_an_explicit_mesh_keeps_the_sharding_type(name):
+    """Under an explicit mesh (`jax.set_mesh` with `AxisType.Explicit`) the
+    params and state a jitted step returns keep the params' sharding in
+    their type, the native kernels' results included (typed as the buffers
+    they are written over; they came back replicated before). One device,
+    so it runs in this process."""
+    mesh = jax.make_mesh((1,), ("x",), axis_types=(AxisType.Explicit,))
+    opt = getattr(fo, name)(lr=1e-2)
+    with jax.set_mesh(mesh):
+        sharding = NamedSharding(mesh, P("x"))
+        params = {
+            "w": jax.device_put(jnp.linspace(-1, 1, 8, dtype=jnp.float32), sharding)
+        }
+        grads = jax.tree.map(lambda p: p * 0.1, params)
+        new_params, state = jax.jit(opt.step)(params, grads, opt.init(params))
+    assert jax.typeof(new_params["w"]).sharding.spec == P("x")
+    for slot, leaves in state.slots.items():
+        for leaf in jax.tree.leaves(leaves):
+            if jnp.ndim(leaf):
+                assert jax.typeof(leaf).sharding.spec == P("x"), slot

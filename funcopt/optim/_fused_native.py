@@ -457,8 +457,14 @@ def _run(
     def call(*operands):
         # the operands as they are: XLA copies a reshaped operand (a bitcast
         # of another buffer) before a call that writes into it
+        # typed as the buffers they are written over (under an explicit
+        # mesh, their sharding: the results would be replicated otherwise)
         results = [
-            jax.ShapeDtypeStruct(jnp.shape(operands[i]), operands[i].dtype)
+            jax.ShapeDtypeStruct(
+                jnp.shape(operands[i]),
+                operands[i].dtype,
+                sharding=jax.typeof(operands[i]).sharding,
+            )
             for i in out_index
         ]
         ffi = jax.ffi.ffi_call(

@@ -664,6 +664,10 @@ def _apply(definition, params, grads, state, has_grad):
     index = _compile.runtime_ints(range(n_index), state.step)
     # the counts after this step, read by the rules
     stepped = state.step + 1
+    # one leaf's count, for its type only (inside `shard_map`, the mesh axes
+    # the counts vary over: a program traced for an invariant count fails
+    # there); its value is never read (sliced once, when first needed)
+    count = None
     group_hparams: dict[int, dict[str, jax.Array]] = {}
     # leaves on the per-leaf path, by group and scalar math: computed once,
     # vectorised over their step counts
@@ -692,7 +696,8 @@ def _apply(definition, params, grads, state, has_grad):
             new_leaves[i], new_own = fn(p, g, owns[i], step, group_hparams[group])
             _store_leaf(i, new_leaves, new_own, owns[i], new_slots, p, mask)
         else:
-            count = jax.ShapeDtypeStruct((), stepped.dtype)
+            if count is None:
+                count = stepped[0]
             program = _compile.leaf_program(
                 fn, p, g, owns[i], count, group_hparams[group]
             )

@@ -352,3 +352,27 @@ def test_step_under_an_explicit_mesh_keeps_the_sharding_type(name):
         for leaf in jax.tree.leaves(leaves):
             if jnp.ndim(leaf):
                 assert jax.typeof(leaf).sharding.spec == P("x"), slot
+
+
+@pytest.mark.parametrize("factory", [fo.adam, fo.nadam], ids=lambda f: f.__name__)
+def test_step_inside_shard_map_with_its_state_passed_per_device(factory):
+    """Inside `shard_map` with the whole state passed in per device (step
+    counts and hyperparameters too, so they vary over the mesh axis): the
+    per-leaf programs are traced for counts of that type (traced for an
+    invariant count, the step failed: "pvary is a invariant->variant
+    collective"); the same bits as outside."""
+    mesh = jax.make_mesh((1,), ("i",), axis_types=(AxisType.Auto,))
+    opt = factory(lr=1e-2)
+    params = {"w": jnp.linspace(-1.0, 1.0, 8, dtype=jnp.float32)}
+    grads = jax.tree.map(lambda p: p * 0.1, params)
+    state = opt.init(params)
+    state_specs = jax.tree.map(lambda x: P("i") if jnp.ndim(x) else P(), state)
+    specs = (P("i"), P("i"), state_specs)
+    inside = jax.jit(
+        jax.shard_map(
+            opt.step, mesh=mesh, in_specs=specs, out_specs=(P("i"), state_specs)
+        )
+    )(params, grads, state)
+    outside = jax.jit(opt.step)(params, grads, state)
+    for a, b in zip(jax.tree.leaves(inside), jax.tree.leaves(outside)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -125,8 +125,10 @@ def exact_float32() -> bool:
     float32 op runs in float64 on operands rebuilt from their bits and is
     rounded as torch's CPU kernel rounds it (see the module docstring): the
     elementwise optimizers without a square root (SGD, Adamax, ASGD, Rprop;
-    contrib Lion, schedule-free SGD) give torch's default CPU path's bits,
-    and eager and jitted steps agree, at 4-15x the step time (measured on
+    contrib Lion, schedule-free SGD) and Adafactor (its norms and means in
+    torch's order of additions, `funcopt._reductions`) give torch's default
+    CPU path's bits, and eager and jitted steps agree, at 4-15x the step
+    time (measured on
     this project's 2-core x86 CI machine, 1 leaf of 1M and 100 leaves of
     10k). Needs x64 (without it there is no wider float to round through).
     """

@@ -25,7 +25,8 @@ float32 steps are the plain float32 program by default (torch's numbers within
 float32 rounding). With x64 enabled,
 [`set_exact_float32(True)`][funcopt.precision.set_exact_float32] mirrors torch's
 float32 kernels op by op instead: bit for bit torch's default CPU path for the
-optimizers without a square root, at several times the step time.
+optimizers without a square root and for Adafactor (its norms and means add
+in torch's order), at several times the step time.
 
 Adam/AdamW, SGD and Adagrad (default or `fused=True`), RMSprop, Adamax,
 Adadelta, RAdam, Rprop, NAdam and ASGD run native CPU kernels where they

@@ -8,10 +8,11 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from .. import _validate
+from .. import _reductions, _validate
 from .._core import Optimizer, make_optimizer
 from .._groups import ParamGroups
 from .._math import (
+    _exact32,
     _upcast_opaque,
     add,
     div,
@@ -66,9 +67,22 @@ def _adafactor_slots(param, group):
     return {"variance": jnp.zeros_like(param)}
 
 
-def _norm(x, **kwargs):
-    """`torch.norm`: the 2-norm, in `x`'s dtype (float32 sums for 16 bits)."""
+def _norm(x, axis=None):
+    """`torch.norm(x)` (`axis=None`) or `torch.norm(x, dim=axis, keepdim=True)`:
+    the 2-norm, in `x`'s dtype (float32 sums for 16 bits), with torch's
+    order of additions where float32 ops mirror torch's (`funcopt._reductions`)."""
+    if _exact32(x):
+        return _reductions.norm(x, axis)
+    kwargs = {} if axis is None else {"axis": axis, "keepdims": True}
     return tensor_op(lambda y: jnp.sqrt(jnp.sum(y * y, **kwargs)), x)
+
+
+def _mean_of_rows(row_var):
+    """`row_var.mean(dim=-2, keepdim=True)`; a 16-bit mean is a float32 sum
+    and division, rounded once."""
+    if _exact32(row_var):
+        return _reductions.mean(row_var, -2)
+    return tensor_op(lambda r: jnp.mean(r, axis=-2, keepdims=True), row_var)
 
 
 def _adafactor_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
@@ -90,16 +104,15 @@ def _adafactor_rule(param, grad, slots, step, hparams, options, lr_dtype=None):
     new_slots = {}
     if grad.ndim > 1:
         # norm(...).square_().div_(size): three ops, each rounded
-        row_norm = _norm(grad, axis=-1, keepdims=True)
+        row_norm = _norm(grad, axis=-1)
         row_mean = div(tensor_op(jnp.square, row_norm), grad.shape[-1])
         row_var = lerp(slots["row_var"], row_mean, one_minus_beta2_t)
-        col_norm = _norm(grad, axis=-2, keepdims=True)
+        col_norm = _norm(grad, axis=-2)
         col_mean = div(tensor_op(jnp.square, col_norm), grad.shape[-2])
         col_var = lerp(slots["col_var"], col_mean, one_minus_beta2_t)
         # torch's row_var @ col_var: an outer product (inner dimension 1)
         var_estimate = tensor_op(jnp.multiply, row_var, col_var)
-        # a 16-bit mean: float32 sum and division, one rounding
-        row_var_mean = tensor_op(lambda r: jnp.mean(r, axis=-2, keepdims=True), row_var)
+        row_var_mean = _mean_of_rows(row_var)
         var_estimate = tensor_op(
             jnp.divide, var_estimate, jnp.maximum(row_var_mean, scalar(eps1, param))
         )

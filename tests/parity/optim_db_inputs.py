@@ -319,7 +319,7 @@ KNOWN_GAPS: dict[tuple[str, str], str] = {}
 # float32 `sqrt` is MKL's, not correctly rounded on every machine)
 TAKES_SQRT = {
     "adam", "adamw", "nadam", "radam", "rmsprop", "adagrad", "adadelta",
-    "adafactor", "sparse_adam",
+    "sparse_adam",
 }  # fmt: skip
 
 # optimizers without float32 bit rows: their results depend on how torch's
@@ -335,11 +335,7 @@ BITS_NOT_APPLICABLE = {
 }
 
 # float32 bit rows funcopt does not match yet: xfail(strict=True)
-BITS_KNOWN_GAPS = {
-    ("adafactor", "*"): "torch's `norm` sums squares with fused multiply-adds "
-    "in the lanes of its CPU vector width, then the lanes and the tail in "
-    "turn; funcopt sums in XLA's order (row_var differs by 1 ulp at step 0)",
-}
+BITS_KNOWN_GAPS: dict[tuple[str, str], str] = {}
 
 PARAMS_LIST_ERRORS = {
     "invalid param type": "a single tensor instead of an iterable: funcopt "

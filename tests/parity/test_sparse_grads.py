@@ -142,9 +142,11 @@ def test_sparse_grads_float32_jit(row):
 
 # float32 bit rows that are not torch's bits yet (xfail, strict)
 BITS_GAPS = {
-    "sgd_momentum": "torch's momentum buffer of a sparse gradient is a sparse "
-    "tensor whose entries pile up (`buf.mul_(m).add_(grad)` concatenates), "
-    "each added to the param in turn; funcopt holds it dense, as its values",
+    "sgd_momentum": "out of reach: torch's momentum buffer of a sparse "
+    "gradient stays sparse, merged with each gradient's entries (a repeated "
+    "index kept as another entry), so its size depends on the data and each "
+    "entry is added to the param in turn; funcopt's state has fixed shapes, "
+    "its buffer dense",
     "sgd_nesterov_max": "as sgd_momentum",
 }
 

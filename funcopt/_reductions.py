@@ -17,7 +17,10 @@ torch's.
   [`torch_cpu_block`][funcopt.precision.torch_cpu_block] `None`). Then a
   correctly rounded square root.
 * `torch.norm(x, dim=-2)` (the generic reduction over an outer dimension):
-  each column's squares, rounded, added in turn.
+  each column's squares, rounded, added in turn; where the last dimension
+  has size 1, torch drops it and `dim=-2` takes the last-dimension path.
+* Where every dimension `norm` reduces has size 1 (a 0-d tensor too),
+  torch returns `abs(x)` without squaring (`norm_of_single_elements`).
 * `x.sum(dim)` and `x.mean(dim)` over a contiguous dimension (`cascade_sum`,
   `vectorized_inner_sum`): 8-lane vectors summed by `row_sum`, four
   interleaved partial sums, each a cascade of four levels (`multi_row_sum`);
@@ -94,19 +97,39 @@ def _norm_last(w: jax.Array) -> jax.Array:
     return total
 
 
+def _check_axis(axis) -> None:
+    if axis not in (None, -1, -2):
+        raise ValueError(f"axis must be None, -1 or -2, got {axis!r}")
+
+
+def norm_of_single_elements(x: jax.Array, axis: int | None) -> jax.Array | None:
+    """torch's `norm` (any dtype) where every dimension it reduces has size 1,
+    a 0-d tensor's included: `abs(x)`, nothing squared (so nothing overflows
+    or underflows), `keepdim=True` for an axis; `None` for any other shape."""
+    _check_axis(axis)
+    reduced = range(x.ndim) if axis is None else [x.ndim + axis]
+    if any(x.shape[d] != 1 for d in reduced):
+        return None
+    return jnp.abs(x).reshape(()) if axis is None else jnp.abs(x)
+
+
 def norm(x: jax.Array, axis: int | None = None) -> jax.Array:
     """torch's float32 `torch.norm(x)` (`axis=None`), `norm(x, dim=-1)` or
     `norm(x, dim=-2)` on CPU, bit for bit (`keepdim=True` for an axis)."""
+    single = norm_of_single_elements(x, axis)
+    if single is not None:
+        return single
+    w = _wide32(x)
     if axis is None:
-        total = _norm_last(_wide32(x).reshape(-1))
-    elif axis == -1:
-        total = _norm_last(_wide32(x))[..., None]
-    elif axis == -2:
-        rows = jnp.moveaxis(_wide32(x), -2, 0)
+        total = _norm_last(w.reshape(-1))
+    elif axis == -1 or x.shape[-1] == 1:
+        # torch drops a last dimension of size 1: dim -2 is then the
+        # contiguous last one
+        total = jnp.expand_dims(_norm_last(jnp.moveaxis(w, axis, -1)), axis)
+    else:
+        rows = jnp.moveaxis(w, -2, 0)
         total = _sequential(jnp.zeros(rows.shape[1:], rows.dtype), rows, _square)
         total = total[..., None, :]
-    else:
-        raise ValueError(f"axis must be None, -1 or -2, got {axis!r}")
     return jnp.sqrt(total).astype(jnp.float32)
 
 

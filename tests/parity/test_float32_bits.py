@@ -57,10 +57,11 @@ EXACT = [
     "lion",
     "lion-decoupled",
     "schedulefree_sgd",
-    # its roots are torch's `sqrt` instruction, not MKL's (`rsqrt` and
-    # `norm`); not "adafactor-foreach-tensor-lr", whose torch step raises a
-    # TypeError on these leaves, whose step counts differ (its optim_db bit
-    # rows are exact)
+    # its roots are the `sqrt` instruction, as torch's `rsqrt` and `norm`
+    # take them, not MKL's. (Not "adafactor-foreach-tensor-lr": on these
+    # leaves the `None` gradients leave the step counts unequal, and torch's
+    # foreach step with a tensor lr raises a TypeError there; its optim_db
+    # bit rows are exact.)
     "adafactor",
     "adafactor-foreach",
     "adafactor-tensor-lr",

@@ -127,10 +127,10 @@ def exact_float32() -> bool:
     elementwise optimizers without a square root (SGD, Adamax, ASGD, Rprop;
     contrib Lion, schedule-free SGD) and Adafactor (its norms and means in
     torch's order of additions, `funcopt._reductions`) give torch's default
-    CPU path's bits, and eager and jitted steps agree, at 4-15x the step
-    time (measured on
-    this project's 2-core x86 CI machine, 1 leaf of 1M and 100 leaves of
-    10k). Needs x64 (without it there is no wider float to round through).
+    CPU path's bits, and eager and jitted steps agree, at 4-15x the step time
+    (measured on this project's 2-core x86 CI machine, 1 leaf of 1M and 100
+    leaves of 10k). Needs x64 (without it there is no wider float to round
+    through).
     """
     return _exact_float32["enabled"]
 

@@ -150,13 +150,16 @@ def _multi_row_sum(items: jax.Array) -> jax.Array:
     # level 0 starts each block of `level_step` items at zero: the blocks'
     # sums are independent, one scan computes them all
     n_blocks = size // level_step
-    blocks = items[: n_blocks * level_step].reshape(n_blocks, level_step, *zero.shape)
-    block_sums = _sequential(
-        jnp.zeros((n_blocks, *zero.shape), items.dtype),
-        jnp.moveaxis(blocks, 1, 0),
-        lambda item: item,
-    )
     acc = [zero] * _LEVELS
+    if n_blocks:
+        blocks = items[: n_blocks * level_step].reshape(
+            n_blocks, level_step, *zero.shape
+        )
+        block_sums = _sequential(
+            jnp.zeros((n_blocks, *zero.shape), items.dtype),
+            jnp.moveaxis(blocks, 1, 0),
+            lambda item: item,
+        )
     for block in range(n_blocks):
         acc[0] = block_sums[block]
         i = (block + 1) * level_step

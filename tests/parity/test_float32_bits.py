@@ -60,8 +60,7 @@ EXACT = [
     # its roots are the `sqrt` instruction, as torch's `rsqrt` and `norm`
     # take them, not MKL's. (Not "adafactor-foreach-tensor-lr": on these
     # leaves the `None` gradients leave the step counts unequal, and torch's
-    # foreach step with a tensor lr raises a TypeError there; its optim_db
-    # bit rows are exact.)
+    # foreach step with a tensor lr raises a TypeError there.)
     "adafactor",
     "adafactor-foreach",
     "adafactor-tensor-lr",

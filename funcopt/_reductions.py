@@ -41,7 +41,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ._math import _fma32, _wide32, round_float32
+from ._math import _fma32, _narrow32, _wide32, round_float32
 
 # float32 lanes of the torch CPU kernels above (a 256-bit vector)
 _LANES = 8
@@ -62,7 +62,7 @@ def _add(a: jax.Array, b: jax.Array) -> jax.Array:
 def _square(w: jax.Array) -> jax.Array:
     """A float32 square, rounded, read back through its bits: opaque, so that
     no compiler fuses it into the add it feeds."""
-    return _wide32((w * w).astype(jnp.float32))
+    return _narrow32(w * w)
 
 
 def _sequential(total: jax.Array, items: jax.Array, term) -> jax.Array:

@@ -19,6 +19,7 @@ import torch
 
 from funcopt import _reductions
 from tests._subprocess import run_pytest_child
+from tests.torch_ref import assert_same_bits
 
 CHILD = "FUNCOPT_TEST_REDUCTIONS_CHILD"
 
@@ -35,14 +36,6 @@ def _data(rng: np.random.Generator, shape, trial: int = 0) -> np.ndarray:
     return np.asarray(rng.normal(size=shape) * scale, dtype=np.float32)
 
 
-def _same_bits(actual, expected, what: str) -> None:
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    assert actual.dtype == expected.dtype == np.float32, what
-    differ = actual.view(np.uint32) != expected.view(np.uint32)
-    assert not differ.any(), f"{what}: {differ.sum()} of {differ.size} differ"
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_norm_is_torchs(shape, x64, torch_cpu_loop):
     rng = np.random.default_rng(0)
@@ -50,10 +43,12 @@ def test_norm_is_torchs(shape, x64, torch_cpu_loop):
     for trial in range(16):
         x = _data(rng, shape, trial)
         t = torch.from_numpy(x)
-        _same_bits(norm(x, None), t.norm(2), f"norm, trial {trial}")
+        assert_same_bits(norm(x, None), t.norm(2), f"norm, trial {trial}")
         for axis in (-1, -2) if len(shape) >= 2 else ():
             expected = torch.norm(t, dim=axis, keepdim=True)
-            _same_bits(norm(x, axis), expected, f"norm(dim={axis}), trial {trial}")
+            assert_same_bits(
+                norm(x, axis), expected, f"norm(dim={axis}), trial {trial}"
+            )
 
 
 @pytest.mark.parametrize("rows", MEAN_ROWS)
@@ -63,7 +58,9 @@ def test_mean_is_torchs(rows, x64, torch_cpu_loop):
     rng = np.random.default_rng(rows)
     x = np.abs(_data(rng, (16, rows, 1)))
     expected = torch.from_numpy(x).mean(dim=-2, keepdim=True)
-    _same_bits(jax.jit(_reductions.mean, static_argnums=1)(x, -2), expected, "mean")
+    assert_same_bits(
+        jax.jit(_reductions.mean, static_argnums=1)(x, -2), expected, "mean"
+    )
 
 
 @pytest.mark.parametrize(
@@ -81,9 +78,9 @@ def test_norm_over_single_elements_is_abs(shape, axis, exact):
     kwargs = {} if axis is None else {"dim": axis, "keepdim": True}
     expected = torch.norm(t, **kwargs)
     with jax.enable_x64(exact):
-        _same_bits(jax.jit(_norm, static_argnums=1)(x, axis), expected, "norm")
+        assert_same_bits(jax.jit(_norm, static_argnums=1)(x, axis), expected, "norm")
         if exact:
-            _same_bits(_reductions.norm(x, axis), expected, "exact norm")
+            assert_same_bits(_reductions.norm(x, axis), expected, "exact norm")
 
 
 def test_only_a_contiguous_axis_is_averaged(x64):

@@ -71,11 +71,11 @@ def _norm(x, axis=None):
     """`torch.norm(x)` (`axis=None`) or `torch.norm(x, dim=axis, keepdim=True)`:
     the 2-norm, in `x`'s dtype (float32 sums for 16 bits), with torch's
     order of additions where float32 ops mirror torch's (`funcopt._reductions`)."""
+    if _exact32(x):
+        return _reductions.norm(x, axis)
     single = _reductions.norm_of_single_elements(x, axis)
     if single is not None:
         return single
-    if _exact32(x):
-        return _reductions.norm(x, axis)
     kwargs = {} if axis is None else {"axis": axis, "keepdims": True}
     return tensor_op(lambda y: jnp.sqrt(jnp.sum(y * y, **kwargs)), x)
 

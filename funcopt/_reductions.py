@@ -102,15 +102,21 @@ def _check_axis(axis) -> None:
         raise ValueError(f"axis must be None, -1 or -2, got {axis!r}")
 
 
-def norm_of_single_elements(x: jax.Array, axis: int | None) -> jax.Array | None:
-    """torch's `norm` (any dtype) where every dimension it reduces has size 1,
-    a 0-d tensor's included: `abs(x)`, nothing squared (so nothing overflows
+def norm_of_single_elements(
+    x: jax.Array, axis: int | None, ord: float = 2.0
+) -> jax.Array | None:
+    """torch's `linalg_vector_norm` (any dtype, any `ord`) where every
+    dimension it reduces has size 1, a 0-d tensor's included: `abs(x)`
+    (`x != 0` for `ord=0`), nothing raised to a power (so nothing overflows
     or underflows), `keepdim=True` for an axis; `None` for any other shape."""
     _check_axis(axis)
     reduced = range(x.ndim) if axis is None else [x.ndim + axis]
     if any(x.shape[d] != 1 for d in reduced):
         return None
-    return jnp.abs(x).reshape(()) if axis is None else jnp.abs(x)
+    single = jnp.abs(x)
+    if ord == 0:
+        single = (x != 0).astype(single.dtype)
+    return single.reshape(()) if axis is None else single
 
 
 def norm(x: jax.Array, axis: int | None = None) -> jax.Array:

@@ -40,6 +40,7 @@ import numpy as np
 import optax
 from jax.tree_util import PyTreeDef
 
+from ._reductions import norm_of_single_elements
 from ._tree import PyTree, as_array, is_trainable
 
 __all__ = [
@@ -78,9 +79,13 @@ def vector_norm(x: jax.Array, norm_type: float) -> jax.Array:
 
     in the real dtype of `x` (half-precision inputs accumulate in float32,
     torch's opmath type, and are rounded back). As torch, the (-)inf norm of
-    an empty array raises `RuntimeError`.
+    an empty array raises `RuntimeError`, and the norm of one element is its
+    absolute value (`x != 0` for $q = 0$), nothing raised to a power.
     """
     q = float(norm_type)
+    single = norm_of_single_elements(x, None, q)
+    if single is not None:
+        return single
     out_dtype = jnp.abs(jnp.zeros((), x.dtype)).dtype
     a = jnp.abs(x)
     if out_dtype in (jnp.float16, jnp.bfloat16):

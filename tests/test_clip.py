@@ -81,6 +81,30 @@ def run_ours(grads, max_norm, norm_type, jit, error_if_nonfinite=False):
     return (jax.jit(fn) if jit else fn)(grads)
 
 
+@pytest.mark.parametrize("norm_type", [*NORM_TYPES, -1.0, -2.0])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_norm_of_one_element_is_its_absolute_value(norm_type, dtype):
+    """torch's `vector_norm` of one element (0-d or of shape (1,)) is
+    `abs(x)` (`x != 0` for order 0): 3e19 keeps its value where its square
+    overflows float32, 1e-30 where it underflows; bit for bit, and through
+    `clip_grad_norm`'s total (the norm of one stacked norm)."""
+    from funcopt.clip import vector_norm
+    from tests.torch_ref import assert_same_bits
+
+    for value in (3e19, -1e-30, 0.0, -2.5):
+        for shape in ((), (1,)):
+            t = torch.full(shape, value, dtype=getattr(torch, dtype))
+            x = jnp.asarray(t.float().numpy()).astype(dtype)
+            expected = torch.linalg.vector_norm(t, norm_type)
+            what = f"{value} {shape}"
+            assert_same_bits(
+                vector_norm(x, norm_type), expected.float().numpy().astype(dtype), what
+            )
+            _, total = fo.clip_grad_norm({"g": x}, 1.0, norm_type)
+            expected_total = torch.nn.utils.get_total_norm([t], norm_type)
+            assert_same_bits(total, expected_total.float().numpy().astype(dtype), what)
+
+
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("regime", ["clipped", "unclipped"])
 @pytest.mark.parametrize("norm_type", NORM_TYPES)

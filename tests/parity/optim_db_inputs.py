@@ -314,9 +314,10 @@ NOT_APPLICABLE = {
 KNOWN_GAPS: dict[tuple[str, str], str] = {}
 
 # float32 bit for bit (`bit_rows`, x64 and `fo.precision.set_exact_float32`):
-# the optimizers whose step takes a square root, run in a child process whose
+# the optimizers whose step takes torch's `sqrt`, run in a child process whose
 # torch roots are correctly rounded (tests/parity/test_float32_bits.py: torch's
-# float32 `sqrt` is MKL's, not correctly rounded on every machine)
+# float32 `sqrt` is MKL's, not correctly rounded on every machine; Adafactor's
+# `rsqrt` and `norm` take the instruction's, and run in the parent)
 TAKES_SQRT = {
     "adam", "adamw", "nadam", "radam", "rmsprop", "adagrad", "adadelta",
     "sparse_adam",

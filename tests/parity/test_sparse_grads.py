@@ -140,7 +140,7 @@ def test_sparse_grads_float32_jit(row):
     _compare(row, np.float32, jit=True, rtol=F32_RTOL, atol=F32_ATOL, steps=3)
 
 
-# float32 bit rows that are not torch's bits yet (xfail, strict)
+# float32 bit rows that are not torch's bits, out of reach (xfail, strict)
 BITS_GAPS = {
     "sgd_momentum": "out of reach: torch's momentum buffer of a sparse "
     "gradient stays sparse, merged with each gradient's entries (a repeated "

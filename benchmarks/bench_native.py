@@ -1,6 +1,11 @@
 """One step on one 10M-element float32 leaf: funcopt's native kernel vs its
 JAX rule (`FUNCOPT_NATIVE=0`) vs optax vs torch.
 
+`--dtype bfloat16` or `float16`: the `fused=True` optimizers (Adam, AdamW,
+SGD, Adagrad) on 16-bit params and state, the only 16-bit steps the
+kernels take (torch's fused kernels compute them in float32; its default
+steps round each op to 16 bits, which the JAX rules mirror).
+
 Adam, AdamW, SGD with momentum and Adagrad with `fused=True` (torch
 `fused=True`), and the default step of RMSprop, Adamax, Adadelta, RAdam,
 Rprop, NAdam and ASGD (torch has no fused kernel for them: its default,
@@ -9,7 +14,7 @@ step `jax.jit` with params and state donated. One process, the four
 interleaved round by round (a busy machine slows all alike), each number the
 median over the rounds of the mean step time of `--steps` steps. Run:
 `python benchmarks/bench_native.py [--size N] [--rounds R] [--steps K]
-[--only NAME ...]`.
+[--only NAME ...] [--dtype float32|bfloat16|float16]`.
 """
 
 from __future__ import annotations
@@ -107,14 +112,18 @@ def chained_run(step, params, grads, state):
     return run
 
 
-def funcopt_runner(make, size: int, native: bool):
+# optimizers whose `fused=True` kernel takes 16-bit params
+FUSED = ("Adam", "AdamW", "SGD momentum", "Adagrad")
+
+
+def funcopt_runner(make, size: int, native: bool, dtype=jnp.float32):
     """A `run(k)` doing k donated jitted steps (compiled with the native
     switch as given: `jax.jit` does not retrace when it changes)."""
     _fused_native.set_native_fused(native)
     try:
         opt = make()
-        params = {"w": jnp.ones(size, jnp.float32)}
-        grads = {"w": jnp.full(size, 1e-3, jnp.float32)}
+        params = {"w": jnp.ones(size, dtype)}
+        grads = {"w": jnp.full(size, 1e-3, dtype)}
         state = opt.init(params)
         step = jax.jit(opt.step, donate_argnums=(0, 2))
         step = step.lower(params, grads, state).compile()
@@ -125,19 +134,19 @@ def funcopt_runner(make, size: int, native: bool):
     return chained_run(step, params, grads, state)
 
 
-def optax_runner(make, size: int):
+def optax_runner(make, size: int, dtype=jnp.float32):
     tx = make()
-    params = jnp.ones(size, jnp.float32)
-    grads = jnp.full(size, 1e-3, jnp.float32)
+    params = jnp.ones(size, dtype)
+    grads = jnp.full(size, 1e-3, dtype)
     state = tx.init(params)
 
     step = jax.jit(optax_train_step(tx), donate_argnums=(0, 2))
     return chained_run(step, params, grads, state)
 
 
-def torch_runner(make, size: int):
-    p = torch.ones(size, requires_grad=True)
-    p.grad = torch.full((size,), 1e-3)
+def torch_runner(make, size: int, dtype=torch.float32):
+    p = torch.ones(size, dtype=dtype, requires_grad=True)
+    p.grad = torch.full((size,), 1e-3, dtype=dtype)
     opt = make([p])
 
     def run(k):
@@ -153,12 +162,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--only", nargs="*", help="optimizer names (first word)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16", "float16")
+    )
     args = parser.parse_args()
+    dtype, torch_dtype = jnp.dtype(args.dtype), getattr(torch, args.dtype)
     assert _fused_native.available(), (
         "build the kernels: python -m funcopt._native.build"
     )
     print(
-        f"{args.size:,} float32 elements, median of {args.rounds} rounds of "
+        f"{args.size:,} {args.dtype} elements, median of {args.rounds} rounds of "
         f"{args.steps} steps, ms per step (torch threads: {torch.get_num_threads()})"
     )
     header = (
@@ -174,13 +187,15 @@ def main() -> None:
     for name, (make_fo, make_optax, make_torch) in OPTIMIZERS.items():
         if args.only and name.split()[0] not in args.only:
             continue
+        if dtype != jnp.float32 and name not in FUSED:
+            continue
         runners = {
-            "native": funcopt_runner(make_fo, args.size, True),
-            "jax": funcopt_runner(make_fo, args.size, False),
-            "torch": torch_runner(make_torch, args.size),
+            "native": funcopt_runner(make_fo, args.size, True, dtype),
+            "jax": funcopt_runner(make_fo, args.size, False, dtype),
+            "torch": torch_runner(make_torch, args.size, torch_dtype),
         }
         if make_optax is not None:
-            runners["optax"] = optax_runner(make_optax, args.size)
+            runners["optax"] = optax_runner(make_optax, args.size, dtype)
         for run in runners.values():
             run(2)  # warm up
         times: dict[str, list[float]] = {k: [] for k in runners}

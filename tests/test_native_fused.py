@@ -21,6 +21,7 @@ import subprocess
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import optax
 import pytest
@@ -259,9 +260,9 @@ def grads_for(rng, params, steps):
     ]
 
 
-def _check(case, kwargs, dtype, steps=STEPS):
+def _check(case, kwargs, dtype, steps=STEPS, params=None):
     rng = np.random.default_rng(1)
-    params = tail_sized_params(rng, dtype)
+    params = tail_sized_params(rng, dtype) if params is None else params
     grads = grads_for(rng, params, steps)
     new_params, state = run_funcopt(case, kwargs, params, grads, jit=True)
     if case is SGD and not kwargs["momentum"]:
@@ -302,19 +303,27 @@ def test_every_avx2_build_is_vectorised():
     GCC keeps a loop scalar without saying so where it cannot if-convert it
     (a select on a runtime flag, nested selects): Adam with weight decay and
     AMSGrad, and centered RMSprop with momentum, ran 1.3-3x slower so, with
-    the same bits. objdump comes with the binutils the build's g++ needs."""
+    the same bits. A build GCC found identical to another (SGD's `FIRST`
+    flag without momentum) is a jump to it. objdump comes with the binutils
+    the build's g++ needs."""
     objdump = shutil.which("objdump")
     assert objdump, "objdump (binutils) not found"
     text = subprocess.run(
         [objdump, "-d", "-C", "--no-show-raw-insn", str(fo._native.LIBRARY)],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
-    builds = {}
+    pattern = r"::(\w+)Kernel::segment<([^>]*)>.*>::avx2\("
+    blocks = {}
     for block in text.split("\n\n"):
-        head = block.strip().split("\n")[0]
-        found = re.search(r"::(\w+)Kernel::segment<([^>]*)>.*>::avx2\(", head)
+        found = re.search(pattern, block.strip().split("\n")[0])
         if found:
-            builds[found.groups()] = "ymm" in block
+            blocks[found.groups()] = block
+    builds = {}
+    for key, block in blocks.items():
+        jump = re.fullmatch(
+            r".*:\n\s*\w+:\s+jmp\s+\w+ <.*?" + pattern + r".*", block.strip(), re.S
+        )
+        builds[key] = "ymm" in (blocks[jump.groups()] if jump else block)
     assert {kernel for kernel, _ in builds} == set(KERNELS)
     scalar = sorted(key for key, vectorised in builds.items() if not vectorised)
     assert not scalar, f"AVX2 builds without 256-bit vectors: {scalar}"
@@ -325,6 +334,72 @@ def test_float32_bits_without_x64(case, kwargs, torch_cpu_loop):
     """Every flag combination, 100 steps, float32 without x64 nor the
     bit-exact mode: torch's params and every buffer, bit for bit."""
     _check(case, kwargs, np.float32)
+
+
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("case,kwargs", SOME)
+def test_16bit_fused_bits_without_x64(case, kwargs, dtype, torch_cpu_loop):
+    """bfloat16 and float16 params with `fused=True`, without x64 (where
+    the JAX rules are not torch's bits): torch's fused kernel computes them
+    in float32 and rounds each stored buffer; vectors of 16 elements (4109:
+    256 and a tail of 13, 29: one and 13, both 5 in float32 vectors; 7 and
+    0-d: only a tail; all but the first packed together). SGD: leaves
+    shorter than a vector, since torch 2.13's vectorised loop never stores a
+    16-bit param and funcopt computes every element as its scalar loop
+    (tests/parity/test_fused_sgd_adagrad.py)."""
+    assert not jax.config.jax_enable_x64
+    shapes = {"a": (4109,), "b": (29,), "c": (7,), "s": ()}
+    if case is SGD:
+        shapes = {"a": (15,), "b": (3, 5), "s": ()}
+    rng = np.random.default_rng(2)
+    params = {k: rng.normal(size=s).astype(dtype) for k, s in shapes.items()}
+    _check(case, kwargs, dtype, steps=30, params=params)
+
+
+def _converted(kind: int, values: np.ndarray, out_dtype) -> np.ndarray:
+    """The kernels' 16-bit conversion `kind` (`funcopt_convert_16bit`)
+    of `values`."""
+    import ctypes
+
+    lib = ctypes.CDLL(str(fo._native.LIBRARY))
+    values = np.ascontiguousarray(values)
+    out = np.empty(values.shape, out_dtype)
+    status = lib.funcopt_convert_16bit(
+        ctypes.c_int(kind),
+        ctypes.c_void_p(values.ctypes.data),
+        ctypes.c_void_p(out.ctypes.data),
+        ctypes.c_int64(values.size),
+    )
+    assert status == 0
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16], ids=["f16", "bf16"])
+def test_16bit_conversions_round_as_torch(dtype):
+    """The kernels read and write 16-bit buffers with bit operations (GCC
+    vectorises them): every 16-bit value widens exactly, and 2^22 float32
+    bit patterns (every exponent: subnormals, overflow, ties) round to
+    nearest even as ml_dtypes and torch round them. NaN stays NaN."""
+    widen, narrow = (0, 1) if dtype == np.float16 else (2, 3)
+    every = np.arange(1 << 16, dtype=np.uint16).view(dtype)
+    assert_same_bits(
+        _converted(widen, every, np.float32), every.astype(np.float32), "widen"
+    )
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 1 << 32, size=1 << 22, dtype=np.uint64).astype(np.uint32)
+    # ties and their neighbours: halfway between two 16-bit values
+    halfway = every.astype(np.float32).view(np.uint32) + (
+        1 << (12 if dtype == np.float16 else 15)
+    )
+    bits = np.concatenate([bits, halfway, halfway + 1, halfway - 1])
+    floats = bits.view(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = floats.astype(dtype)
+    assert_same_bits(_converted(narrow, floats, dtype), expected, "narrow")
+    torch_dtype = torch.float16 if dtype == np.float16 else torch.bfloat16
+    sample = floats[:: 1 << 10]
+    via_torch = torch.from_numpy(sample).to(torch_dtype).view(torch.int16).numpy()
+    assert_same_bits(_converted(narrow, sample, dtype), via_torch.view(dtype), "torch")
 
 
 @pytest.mark.parametrize("case,kwargs", SOME)
@@ -832,9 +907,13 @@ def _lowered(opt, params) -> str:
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "default"])
 def test_other_dtypes_and_tensor_lr_take_the_jax_path(fused):
-    """16-bit params and a tensor lr: no custom call."""
-    params = {"w": jnp.ones(20, jnp.bfloat16)}
-    assert "funcopt_adam" not in _lowered(fo.adam(fused=fused), params)
+    """16-bit params on the default step (torch rounds each op to 16
+    bits there) and a tensor lr: no custom call. With `fused=True` 16-bit
+    params take the kernel."""
+    for dtype in (jnp.bfloat16, jnp.float16):
+        params = {"w": jnp.ones(20, dtype)}
+        lowered = _lowered(fo.adam(fused=fused), params)
+        assert ("funcopt_adam" in lowered) == fused
     params = {"w": jnp.ones(20, jnp.float32)}
     tensor_lr = fo.adam(lr=np.float32(1e-3), fused=fused)
     assert "funcopt_adam" not in _lowered(tensor_lr, params)

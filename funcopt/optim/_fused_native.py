@@ -3,11 +3,12 @@
 Adam/AdamW, SGD and Adagrad, with `fused=True` and without, and the default
 step of RMSprop, Adamax, Adadelta, RAdam, Rprop, NAdam and ASGD (torch has no
 fused kernel for them) run a C++ kernel (`funcopt/_native`, an XLA FFI
-custom call) on float32 and float64 CPU params when its library is built
+custom call) on float32 and float64 CPU params, and with `fused=True` on
+bfloat16 and float16 ones too, when its library is built
 (`make venv`, or `pip install` with a C++ compiler): on one CPU device, and
 on several, where a default step runs on each device's piece of every leaf
 (`_partitioned`; no communication, the single-device bits); elsewhere
-(16-bit params, GPU, the fused kernels and packed buckets on several
+(16-bit params on the default step, GPU, the fused kernels and packed buckets on several
 devices, a tensor hyperparameter,
 Adam's and NAdam's `differentiable`/`capturable` path, the `capturable`
 step of Adamax, RAdam and ASGD, the `foreach=True` step of RAdam, NAdam and
@@ -16,7 +17,8 @@ rules in `adam.py`, `sgd.py`, `adagrad.py`, `rmsprop.py`, `adamax.py`,
 `adadelta.py`, `radam.py`, `rprop.py`, `nadam.py` and `asgd.py` run.
 
 * `fused=True`: torch's fused kernel (`_fused_adam_`, `_fused_sgd_`,
-  `_fused_adagrad_`), its vectorised body and scalar tail.
+  `_fused_adagrad_`), its vectorised body and scalar tail; 16-bit params in
+  float32, each stored buffer rounded once (torch's `opmath_t`).
 * The default step: torch's single-tensor path (`_single_tensor_adam`,
   `_single_tensor_sgd`, `_single_tensor_adagrad`,
   `_single_tensor_rmsprop`, `_single_tensor_adamax`,
@@ -122,7 +124,8 @@ def _requested() -> bool:
 
 def native_fused() -> bool:
     """Whether the steps of `set_native_fused` run the native CPU kernels
-    where they apply (float32/float64 params on the CPU): the library
+    where they apply (float32/float64 params on the CPU, 16-bit ones with
+    `fused=True`): the library
     is built and
     [`set_native_fused`][funcopt.precision.set_native_fused] (or
     `FUNCOPT_NATIVE`) did not turn them off. Logs the answer once (INFO,
@@ -307,9 +310,17 @@ def _traced(x) -> bool:
     return hasattr(trace, "frame") and hasattr(x, "val")
 
 
-def _applies(param: Any) -> bool:
+_KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
+# torch's fused kernels compute 16-bit params in float32 (`opmath_t`),
+# rounding each stored buffer once; its default steps round every op to 16
+# bits, which the JAX rules mirror
+_FUSED_ONLY_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _applies(param: Any, single_tensor: bool) -> bool:
+    dtype = jnp.dtype(param.dtype)
     return (
-        jnp.dtype(param.dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
+        (dtype in _KERNEL_DTYPES or (not single_tensor and dtype in _FUSED_ONLY_DTYPES))
         and native_fused()
         and jax.default_backend() == "cpu"
     )
@@ -404,7 +415,9 @@ def _run(
     unpacked leaves only."""
     if not isinstance(grad, jax.Array):  # a sparse gradient (BCOO)
         return None
-    if not _applies(param) or jnp.dtype(grad.dtype) != jnp.dtype(param.dtype):
+    if not _applies(param, single_tensor):
+        return None
+    if jnp.dtype(grad.dtype) != jnp.dtype(param.dtype):
         return None
     if jnp.shape(grad) != jnp.shape(param):
         return None

@@ -256,7 +256,8 @@ def adagrad(
     takes them as float32; both are mirrored. Complex params raise torch's
     `RuntimeError` (when the state is made, torch at its first step);
     `fused` combined with `foreach` or `differentiable` raises as in torch.
-    On one CPU device, float32 and float64 params take funcopt's native
+    On one CPU device, float32 and float64 params (with `fused=True`,
+    bfloat16 and float16 ones too) take funcopt's native
     kernel where it is built (`make venv`, or `pip install` with a C++
     compiler; `funcopt/_native`): the same rounding, op by op, in C++ and in
     place, torch's bits without x64 and the bit-exact mode too;

@@ -335,7 +335,8 @@ def adam(
     params: with x64) both loops are mirrored, element by element (also in
     leaves packed by [`funcopt.flat`][funcopt.flat]): torch's bits.
     Complex params raise torch's `RuntimeError`.
-    On one CPU device, float32 and float64 params take funcopt's native
+    On one CPU device, float32 and float64 params (with `fused=True`,
+    bfloat16 and float16 ones too) take funcopt's native
     kernel where it is built (`make venv`, or `pip install` with a C++
     compiler; `funcopt/_native`): the same rounding, op by op, in C++ and in
     place, torch's bits without x64 and the bit-exact mode too;

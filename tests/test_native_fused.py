@@ -343,17 +343,115 @@ def test_16bit_fused_bits_without_x64(case, kwargs, dtype, torch_cpu_loop):
     the JAX rules are not torch's bits): torch's fused kernel computes them
     in float32 and rounds each stored buffer; vectors of 16 elements (4109:
     256 and a tail of 13, 29: one and 13, both 5 in float32 vectors; 7 and
-    0-d: only a tail; all but the first packed together). SGD: leaves
-    shorter than a vector, since torch 2.13's vectorised loop never stores a
-    16-bit param and funcopt computes every element as its scalar loop
-    (tests/parity/test_fused_sgd_adagrad.py)."""
+    0-d: only a tail; 29 and 7 packed together). SGD: leaves shorter than a
+    vector, since torch 2.13's vectorised loop never stores a 16-bit param
+    and funcopt computes every element as its scalar loop
+    (tests/parity/test_fused_sgd_adagrad.py; longer leaves below)."""
     assert not jax.config.jax_enable_x64
     shapes = {"a": (4109,), "b": (29,), "c": (7,), "s": ()}
     if case is SGD:
         shapes = {"a": (15,), "b": (3, 5), "s": ()}
     rng = np.random.default_rng(2)
     params = {k: rng.normal(size=s).astype(dtype) for k, s in shapes.items()}
+    assert _KERNEL_CALL.search(_lowered(case.factory(**kwargs), params))
     _check(case, kwargs, dtype, steps=30, params=params)
+
+
+# a fused optimizer's kernel in a lowered step (not the packing copies)
+_KERNEL_CALL = re.compile(r"funcopt_(adam|sgd|adagrad)")
+
+
+def _as_torch(x: np.ndarray) -> torch.Tensor:
+    """A 16-bit numpy array as a torch tensor of the same bits."""
+    dtype = torch.float16 if x.dtype == np.float16 else torch.bfloat16
+    return torch.from_numpy(np.ascontiguousarray(x).view(np.int16)).view(dtype)
+
+
+def _bits(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().view(torch.int16).numpy().view(np.uint16)
+    return np.asarray(x).view(np.uint16)
+
+
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("case", [ADAM, ADAGRAD], ids=["adam", "adagrad"])
+def test_16bit_nan_bits_are_torchs(case, dtype, torch_cpu_loop):
+    """NaN gradients (payloads, both signs) in a 16-bit leaf's vectorised
+    loop and scalar tail: every stored NaN has torch's bits, compared raw
+    (`assert_same_bits` takes any NaN for any other). float16 keeps the
+    payload, as F16C does; bfloat16 stores 0xffff from the vectorised loop
+    and 0x7fc0 from the scalar tail."""
+    rng = np.random.default_rng(3)
+    n = 29  # a vector of 16 and a tail of 13
+    p = rng.normal(size=n).astype(dtype)
+    grads = [rng.normal(size=n).astype(dtype) for _ in range(2)]
+    nan = 0x7E05 if dtype == np.float16 else 0x7FC5
+    for g in grads:
+        g.view(np.uint16)[[0, 20]] = nan
+        g.view(np.uint16)[[3, 25]] = nan | 0x8000
+    kwargs = dict(lr=1e-2, fused=True)
+    tp = _as_torch(p.copy()).requires_grad_()
+    topt = case.torch_cls([tp], **kwargs)
+    opt = case.factory(**kwargs)
+    params, state, step = {"w": p}, opt.init({"w": p}), jax.jit(opt.step)
+    for g in grads:
+        tp.grad = _as_torch(g)
+        topt.step()
+        params, state = step(params, {"w": g}, state)
+    names = ("exp_avg", "exp_avg_sq") if case is ADAM else ("sum",)
+    pairs = [("param", params["w"], tp)] + [
+        (k, state.slots[k]["w"], topt.state[tp][k]) for k in names
+    ]
+    for what, ours, theirs in pairs:
+        np.testing.assert_array_equal(_bits(ours), _bits(theirs), what)
+    assert np.isnan(np.asarray(params["w"], np.float32)[[0, 3, 20, 25]]).all()
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize(
+    "factory,kwargs",
+    [
+        (fo.adam, dict(amsgrad=True, weight_decay=0.1, maximize=True)),
+        (fo.sgd, dict(momentum=0.9, nesterov=True, weight_decay=0.1)),
+        (fo.sgd, dict(momentum=0.9, dampening=0.3)),
+        (fo.adagrad, dict(lr_decay=0.01, weight_decay=0.1)),
+    ],
+    ids=["adam", "sgd-nesterov", "sgd-dampening", "adagrad"],
+)
+def test_16bit_fused_kernel_is_the_jax_rule_on_any_leaf(factory, kwargs, dtype, x64):
+    """With x64 the JAX rule is torch's 16-bit fused arithmetic: the
+    kernel gives its bits where torch 2.13 cannot be compared (SGD's leaves
+    of 16 elements and more), on a leaf split over threads (70,003
+    elements), one of (30, 7) and one of 9 (packed together), through
+    `step` in place and `update` (the new param written over the gradient),
+    over 3 steps."""
+    rng = np.random.default_rng(4)
+    shapes = {"a": (70_003,), "b": (30, 7), "c": (9,)}
+    draws = [
+        {k: jnp.asarray(rng.normal(size=s), dtype) for k, s in shapes.items()}
+        for _ in range(4)
+    ]
+    params, grads = draws[0], draws[1:]
+    opt = factory(lr=1e-2, fused=True, **kwargs)
+
+    def run(native: bool, through_update: bool):
+        with native_kernels(native):
+            step, update = jax.jit(opt.step), jax.jit(opt.update)
+            lowered = step.lower(params, grads[0], opt.init(params)).as_text()
+            assert bool(_KERNEL_CALL.search(lowered)) == native
+            p, state = params, opt.init(params)
+            for g in grads:
+                if through_update:
+                    updates, state = update(g, state, p)
+                    p = jax.tree.map(lambda a, u: a + u, p, updates)
+                else:
+                    p, state = step(p, g, state)
+            return p, state
+
+    for through_update in (False, True):
+        got, want = run(True, through_update), run(False, through_update)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert_same_bits(a, b, f"update={through_update}", reference="JAX rule")
 
 
 def _converted(kind: int, values: np.ndarray, out_dtype) -> np.ndarray:
@@ -391,7 +489,11 @@ def test_16bit_conversions_round_as_torch(dtype):
     halfway = every.astype(np.float32).view(np.uint32) + (
         1 << (12 if dtype == np.float16 else 15)
     )
-    bits = np.concatenate([bits, halfway, halfway + 1, halfway - 1])
+    # and exact midpoints, where float16's subnormals are spaced alike
+    finite = np.sort(every[np.isfinite(every) & (every >= 0)].astype(np.float64))
+    middle = ((finite[:-1] + finite[1:]) / 2).astype(np.float32).view(np.uint32)
+    bits = np.concatenate([bits, halfway, halfway + 1, halfway - 1, middle])
+    bits = np.concatenate([bits, bits ^ np.uint32(1 << 31)])
     floats = bits.view(np.float32)
     with np.errstate(over="ignore", invalid="ignore"):
         expected = floats.astype(dtype)
@@ -906,7 +1008,7 @@ def _lowered(opt, params) -> str:
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "default"])
-def test_other_dtypes_and_tensor_lr_take_the_jax_path(fused):
+def test_16bit_default_step_and_tensor_lr_take_the_jax_path(fused):
     """16-bit params on the default step (torch rounds each op to 16
     bits there) and a tensor lr: no custom call. With `fused=True` 16-bit
     params take the kernel."""
@@ -1032,9 +1134,11 @@ def test_packed_bucket_is_one_custom_call_in_place():
 @pytest.mark.skipif(bool(os.environ.get(CHILD)), reason="runs in the parent only")
 def test_fused_parity_suite_on_the_jax_path():
     """The fallback stays tested where the library is built: the fused parity
-    tests (torch's `fused=True` bits, float32 and float64, packed leaves,
-    the AVX2 and no-FMA children) with `FUNCOPT_NATIVE=0`, the pure JAX
-    rules a machine without a compiler runs."""
+    tests (torch's `fused=True` bits, float32 and float64, SGD's and
+    Adagrad's 16-bit rows, packed leaves, the AVX2 and no-FMA children) with
+    `FUNCOPT_NATIVE=0`, the pure JAX rules a machine without a compiler
+    runs. The 16-bit Adam rule: equal to the kernel,
+    `test_16bit_fused_kernel_is_the_jax_rule_on_any_leaf`."""
     parity = os.path.join(os.path.dirname(__file__), "parity")
     args = [
         "-q", "-p", "no:cacheprovider", "-p", "no:xdist",

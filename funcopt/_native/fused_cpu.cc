@@ -118,14 +118,19 @@ struct F16 {
 // float for 16-bit types), rounded to nearest even where stored. The
 // conversions are bit operations and selects, so the loops vectorise
 // (GCC 12 does not vectorise `_Float16` conversions); they are exact
-// (`widen`) and torch's rounding (`narrow`, NaN as c10's scalar
-// conversion gives it), checked against every float16 and 2^23 float32 bit
-// patterns (tests/test_native_fused.py)
+// (`widen`) and torch's rounding (`narrow`; a NaN as torch's x86 builds
+// store it: float16 keeps its payload, as F16C does; bfloat16 is 0xffff
+// from a vectorised loop (VECTOR), 0x7fc0 from a scalar one), checked
+// against every float16 value, 2^22 float32 bit patterns and the ties
+// (tests/test_native_fused.py)
 template <typename S>
 struct Storage {
   using T = S;
   static FUNCOPT_INLINE T widen(S x) { return x; }
-  static FUNCOPT_INLINE S narrow(T x) { return x; }
+  template <bool VECTOR>
+  static FUNCOPT_INLINE S narrow(T x) {
+    return x;
+  }
 };
 
 template <>
@@ -134,10 +139,12 @@ struct Storage<BF16> {
   static FUNCOPT_INLINE float widen(BF16 x) {
     return bits_float(uint32_t{x.bits} << 16);
   }
+  template <bool VECTOR>
   static FUNCOPT_INLINE BF16 narrow(float x) {
     const uint32_t u = float_bits(x);
     const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    return {static_cast<uint16_t>(pick(all_ones_if(x != x), 0x7fc0u, rounded))};
+    const uint32_t nan = VECTOR ? 0xffffu : 0x7fc0u;
+    return {static_cast<uint16_t>(pick(all_ones_if(x != x), nan, rounded))};
   }
 };
 
@@ -154,13 +161,16 @@ struct Storage<F16> {
     const uint32_t out = float_bits(scaled) | (special & (255u << 23));
     return bits_float(out | ((h & 0x8000u) << 16));
   }
+  template <bool VECTOR>
   static FUNCOPT_INLINE F16 narrow(float x) {
     uint32_t u = float_bits(x);
     const uint32_t sign = u & 0x80000000u;
     u ^= sign;
-    // overflow to inf (NaN: 0x7e00); below 2^-14 the float addition of
-    // 0.5 rounds at float16's subnormal step; else round the mantissa
-    const uint32_t big = pick(all_ones_if(u > (255u << 23)), 0x7e00u, 0x7c00u);
+    // overflow to inf (NaN: quiet, the payload's top bits kept); below
+    // 2^-14 the float addition of 0.5 rounds at float16's subnormal step;
+    // else round the mantissa
+    const uint32_t nan = 0x7e00u | ((u >> 13) & 0x3ffu);
+    const uint32_t big = pick(all_ones_if(u > (255u << 23)), nan, 0x7c00u);
     const uint32_t small =
         float_bits(bits_float(u) + bits_float(126u << 23)) - (126u << 23);
     const uint32_t normal =
@@ -181,7 +191,10 @@ template <>
 struct Storage<StagedF16> {
   using T = float;
   static FUNCOPT_INLINE float widen(StagedF16 x) { return x.value; }
-  static FUNCOPT_INLINE StagedF16 narrow(float x) { return {x}; }
+  template <bool VECTOR>
+  static FUNCOPT_INLINE StagedF16 narrow(float x) {
+    return {x};
+  }
 };
 
 template <typename S>
@@ -210,9 +223,11 @@ FUNCOPT_INLINE compute_t<S> widen(S x) {
   return Storage<S>::widen(x);
 }
 
-template <typename S>
+// x stored as S, by a vectorised loop of torch's kernel (VECTOR) or its
+// scalar tail (they differ in bfloat16 NaN only)
+template <typename S, bool VECTOR = false>
 FUNCOPT_INLINE S narrow(compute_t<S> x) {
-  return Storage<S>::narrow(x);
+  return Storage<S>::template narrow<VECTOR>(x);
 }
 
 // torch's vectors hold 32 bytes: 8 float32, 4 float64, 16 16-bit elements
@@ -655,15 +670,15 @@ FUNCOPT_INLINE void adam_loop(S* __restrict p, const S* __restrict g,
     // the vectorised loop fuses the second product, the tail the first
     vi = TAIL ? madd<FMA>(vi, s.b2, weighted * grad)
               : madd<FMA>(weighted, grad, vi * s.b2);
-    m[i] = narrow<S>(mi);
-    v[i] = narrow<S>(vi);
+    m[i] = narrow<S, !TAIL>(mi);
+    v[i] = narrow<S, !TAIL>(vi);
     if constexpr (AMS) {
       T old = widen(vmax[i]);
       vi = choose((old > vi) | (old != old), old, vi);
-      vmax[i] = narrow<S>(vi);
+      vmax[i] = narrow<S, !TAIL>(vi);
     }
     T denom = std::sqrt(vi) / s.bc2_sqrt + s.eps;
-    p[i] = narrow<S>(param + (s.neg_step_size * mi) / denom);
+    p[i] = narrow<S, !TAIL>(param + (s.neg_step_size * mi) / denom);
   }
 }
 
@@ -847,10 +862,10 @@ FUNCOPT_INLINE void sgd_loop(S* __restrict p, const S* __restrict g,
         buf = TAIL ? madd<FMA>(bi, s.mu, grad * s.damp)
                    : madd<FMA>(s.damp, grad, bi * s.mu);
       }
-      b[i] = narrow<S>(buf);
+      b[i] = narrow<S, !TAIL>(buf);
       grad = choose(s.nesterov, madd<FMA>(buf, s.mu, grad), buf);
     }
-    p[i] = narrow<S>(madd<FMA>(grad, s.neg_lr, param));
+    p[i] = narrow<S, !TAIL>(madd<FMA>(grad, s.neg_lr, param));
   }
 }
 
@@ -882,7 +897,8 @@ struct SgdKernel {
                         int64_t k) FUNCOPT_LAMBDA_INLINE {
         sgd_segment<StagedF16, FMA, WD, MOM>(pf, gf, bf, k, s);
       };
-      staged_f16(staged, p, g, n, b);
+      // without momentum torch leaves the buffer as it is
+      staged_f16(staged, p, g, n, MOM ? b : static_cast<void*>(nullptr));
       return;
     }
     sgd_segment<S, FMA, WD, MOM>(p, g, b, n, s);
@@ -989,7 +1005,7 @@ struct AdagradScalars {
   AdagradLoopScalars<T> body, tail;
 };
 
-template <typename S, bool FMA, bool WD, typename T = compute_t<S>>
+template <typename S, bool FMA, bool TAIL, bool WD, typename T = compute_t<S>>
 FUNCOPT_INLINE void adagrad_loop(S* __restrict p, const S* __restrict g,
                                  S* __restrict sum, int64_t n, T sign,
                                  const AdagradLoopScalars<T> s) {
@@ -998,9 +1014,9 @@ FUNCOPT_INLINE void adagrad_loop(S* __restrict p, const S* __restrict g,
     T grad = widen(g[i]) * sign;
     if constexpr (WD) grad = madd<FMA>(param, s.wd, grad);
     T acc = madd<FMA>(grad, grad, widen(sum[i]));
-    sum[i] = narrow<S>(acc);
+    sum[i] = narrow<S, !TAIL>(acc);
     T std_ = std::sqrt(acc) + s.eps;
-    p[i] = narrow<S>(param - (s.clr * grad) / std_);
+    p[i] = narrow<S, !TAIL>(param - (s.clr * grad) / std_);
   }
 }
 
@@ -1021,9 +1037,9 @@ struct AdagradKernel {
     S* sum = static_cast<S*>(sv_);
     const auto& s = *static_cast<const AdagradScalars<compute_t<S>>*>(scal);
     const int64_t body = n - n % kVectorWidth<S>;
-    adagrad_loop<S, FMA, WD>(p, g, sum, body, s.sign, s.body);
-    adagrad_loop<S, FMA, WD>(p + body, g + body, sum + body, n - body, s.sign,
-                             s.tail);
+    adagrad_loop<S, FMA, false, WD>(p, g, sum, body, s.sign, s.body);
+    adagrad_loop<S, FMA, true, WD>(p + body, g + body, sum + body, n - body,
+                                   s.sign, s.tail);
   }
 };
 

@@ -118,9 +118,11 @@ struct F16 {
 // float for 16-bit types), rounded to nearest even where stored. The
 // conversions are bit operations and selects, so the loops vectorise
 // (GCC 12 does not vectorise `_Float16` conversions); they are exact
-// (`widen`) and torch's rounding (`narrow`; a NaN as torch's x86 builds
-// store it: float16 keeps its payload, as F16C does; bfloat16 is 0xffff
-// from a vectorised loop (VECTOR), 0x7fc0 from a scalar one), checked
+// (`widen`) and torch's rounding (`narrow`; a NaN as torch's AVX2 and
+// AVX-512 builds store it: float16 keeps its payload, as F16C does;
+// bfloat16 is 0xffff from a vectorised loop (VECTOR), 0x7fc0 from a scalar
+// one; its `default` build, c10's scalar conversions everywhere, is not
+// mirrored there), checked
 // against every float16 value, 2^22 float32 bit patterns and the ties
 // (tests/test_native_fused.py)
 template <typename S>

@@ -373,14 +373,22 @@ def _bits(x) -> np.ndarray:
     return np.asarray(x).view(np.uint16)
 
 
-@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16], ids=["bf16", "f16"])
-@pytest.mark.parametrize("case", [ADAM, ADAGRAD], ids=["adam", "adagrad"])
+NAN_ROWS = [
+    pytest.param(case, dtype, id=f"{case.name}-{name}")
+    for case in (ADAM, ADAGRAD)
+    for dtype, name in ((ml_dtypes.bfloat16, "bf16"), (np.float16, "f16"))
+]
+
+
+@pytest.mark.parametrize("case,dtype", NAN_ROWS)
 def test_16bit_nan_bits_are_torchs(case, dtype, torch_cpu_loop):
     """NaN gradients (payloads, both signs) in a 16-bit leaf's vectorised
     loop and scalar tail: every stored NaN has torch's bits, compared raw
-    (`assert_same_bits` takes any NaN for any other). float16 keeps the
-    payload, as F16C does; bfloat16 stores 0xffff from the vectorised loop
-    and 0x7fc0 from the scalar tail."""
+    (`assert_same_bits` takes any NaN for any other). torch's AVX2/AVX-512
+    builds: float16 keeps the payload, as F16C does; bfloat16 stores 0xffff
+    from the vectorised loop and 0x7fc0 from the scalar tail. Its `default`
+    build (`test_torch_default_build_without_fma`): c10's conversions,
+    bfloat16 0x7fc0 and float16 0x7e00 with the sign."""
     rng = np.random.default_rng(3)
     n = 29  # a vector of 16 and a tail of 13
     p = rng.normal(size=n).astype(dtype)
@@ -561,19 +569,19 @@ def test_packed_buckets(case, kwargs, torch_cpu_loop):
 def test_torch_default_build_without_fma():
     """torch's `ATEN_CPU_CAPABILITY=default` build (no FMA; funcopt's
     `torch_cpu_block()` is None there): the kernel's `fma=False` variant,
-    fused and default steps, float32 and 16-bit (its NaN bits are not
-    mirrored: that build stores a 16-bit NaN as c10's scalar conversion
-    does, in its vectorised loops too)."""
+    fused and default steps, float32 and 16-bit (NaNs included: that build
+    stores a 16-bit NaN as c10's scalar conversion does, in its vectorised
+    loops too)."""
     args = [
-        "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__,
-        "-k", "float32_bits_without_x64 or 16bit_fused_bits_without_x64",
+        "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__, "-k",
+        "float32_bits_without_x64 or 16bit_fused_bits_without_x64 or 16bit_nan_bits",
     ]  # fmt: skip
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", CHILD: "1"}
     probe = (
         "import torch\nassert torch.backends.cpu.get_cpu_capability() == "
         "'DEFAULT', torch.backends.cpu.get_cpu_capability()"
     )
-    rows = len(ROWS) + len(DEFAULT_ROWS) + 2 * len(SOME)
+    rows = len(ROWS) + len(DEFAULT_ROWS) + 2 * len(SOME) + len(NAN_ROWS)
     assert run_pytest_child(args, env, probe=probe) == rows
 
 

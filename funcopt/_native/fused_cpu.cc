@@ -106,6 +106,19 @@ FUNCOPT_INLINE T choose(bool c, T a, T b) {
   }
 }
 
+// where torch stores a 16-bit value, for the bits of a NaN: a vectorised
+// loop of its AVX2/AVX-512 builds (bfloat16 0xffff, float16 the payload
+// kept, as F16C keeps it), their scalar tail (bfloat16 0x7fc0, float16 as
+// there), or any loop of its `default` build, c10's scalar conversions
+// (bfloat16 0x7fc0, float16 0x7e00 and the sign)
+enum class Store { kVectorX86, kScalarX86, kC10 };
+
+// `Store` of a kernel's loop: FMA (an AVX2/AVX-512 build) and TAIL
+template <bool FMA, bool TAIL>
+constexpr Store kStore = !FMA   ? Store::kC10
+                         : TAIL ? Store::kScalarX86
+                                : Store::kVectorX86;
+
 // 16-bit buffer elements (torch's c10::BFloat16, c10::Half): their bits
 struct BF16 {
   uint16_t bits;
@@ -118,18 +131,15 @@ struct F16 {
 // float for 16-bit types), rounded to nearest even where stored. The
 // conversions are bit operations and selects, so the loops vectorise
 // (GCC 12 does not vectorise `_Float16` conversions); they are exact
-// (`widen`) and torch's rounding (`narrow`; a NaN as torch's AVX2 and
-// AVX-512 builds store it: float16 keeps its payload, as F16C does;
-// bfloat16 is 0xffff from a vectorised loop (VECTOR), 0x7fc0 from a scalar
-// one; its `default` build, c10's scalar conversions everywhere, is not
-// mirrored there), checked
+// (`widen`) and torch's rounding (`narrow`; a NaN as torch stores it
+// there, `Store`), checked
 // against every float16 value, 2^22 float32 bit patterns and the ties
 // (tests/test_native_fused.py)
 template <typename S>
 struct Storage {
   using T = S;
   static FUNCOPT_INLINE T widen(S x) { return x; }
-  template <bool VECTOR>
+  template <Store>
   static FUNCOPT_INLINE S narrow(T x) {
     return x;
   }
@@ -141,11 +151,11 @@ struct Storage<BF16> {
   static FUNCOPT_INLINE float widen(BF16 x) {
     return bits_float(uint32_t{x.bits} << 16);
   }
-  template <bool VECTOR>
+  template <Store STORE>
   static FUNCOPT_INLINE BF16 narrow(float x) {
     const uint32_t u = float_bits(x);
     const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    const uint32_t nan = VECTOR ? 0xffffu : 0x7fc0u;
+    const uint32_t nan = STORE == Store::kVectorX86 ? 0xffffu : 0x7fc0u;
     return {static_cast<uint16_t>(pick(all_ones_if(x != x), nan, rounded))};
   }
 };
@@ -163,15 +173,16 @@ struct Storage<F16> {
     const uint32_t out = float_bits(scaled) | (special & (255u << 23));
     return bits_float(out | ((h & 0x8000u) << 16));
   }
-  template <bool VECTOR>
+  template <Store STORE>
   static FUNCOPT_INLINE F16 narrow(float x) {
     uint32_t u = float_bits(x);
     const uint32_t sign = u & 0x80000000u;
     u ^= sign;
-    // overflow to inf (NaN: quiet, the payload's top bits kept); below
-    // 2^-14 the float addition of 0.5 rounds at float16's subnormal step;
-    // else round the mantissa
-    const uint32_t nan = 0x7e00u | ((u >> 13) & 0x3ffu);
+    // overflow to inf (NaN: quiet, the payload's top bits kept but by c10);
+    // below 2^-14 the float addition of 0.5 rounds at float16's subnormal
+    // step; else round the mantissa
+    const uint32_t payload = STORE == Store::kC10 ? 0u : (u >> 13) & 0x3ffu;
+    const uint32_t nan = 0x7e00u | payload;
     const uint32_t big = pick(all_ones_if(u > (255u << 23)), nan, 0x7c00u);
     const uint32_t small =
         float_bits(bits_float(u) + bits_float(126u << 23)) - (126u << 23);
@@ -193,7 +204,7 @@ template <>
 struct Storage<StagedF16> {
   using T = float;
   static FUNCOPT_INLINE float widen(StagedF16 x) { return x.value; }
-  template <bool VECTOR>
+  template <Store>
   static FUNCOPT_INLINE StagedF16 narrow(float x) {
     return {x};
   }
@@ -225,11 +236,10 @@ FUNCOPT_INLINE compute_t<S> widen(S x) {
   return Storage<S>::widen(x);
 }
 
-// x stored as S, by a vectorised loop of torch's kernel (VECTOR) or its
-// scalar tail (they differ in bfloat16 NaN only)
-template <typename S, bool VECTOR = false>
+// x stored as S where torch stores it (`Store`: NaN bits only)
+template <typename S, Store STORE = Store::kScalarX86>
 FUNCOPT_INLINE S narrow(compute_t<S> x) {
-  return Storage<S>::template narrow<VECTOR>(x);
+  return Storage<S>::template narrow<STORE>(x);
 }
 
 // torch's vectors hold 32 bytes: 8 float32, 4 float64, 16 16-bit elements
@@ -533,7 +543,8 @@ auto select_flags(const bool* flags) {
 
 // float16 blocks to float and back: F16C (one instruction per 8 elements,
 // round to nearest even; torch's vectorised loops take the same) where the
-// CPU has it, else `Storage<F16>`'s bit operations
+// CPU has it, else `Storage<F16>`'s bit operations; torch's `default`
+// build's NaNs (`Store::kC10`) by the bit operations
 using WidenF16 = void (*)(const F16*, float*, int64_t);
 using NarrowF16 = void (*)(const float*, F16*, int64_t);
 
@@ -541,8 +552,9 @@ void widen_f16_bits(const F16* in, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = widen(in[i]);
 }
 
+template <Store STORE>
 void narrow_f16_bits(const float* in, F16* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = narrow<F16>(in[i]);
+  for (int64_t i = 0; i < n; ++i) out[i] = narrow<F16, STORE>(in[i]);
 }
 
 #if FUNCOPT_X86
@@ -566,7 +578,7 @@ __attribute__((target("avx,f16c"))) void narrow_f16_f16c(const float* in,
                                       _MM_FROUND_TO_NEAREST_INT);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), h);
   }
-  narrow_f16_bits(in + i, out + i, n - i);
+  narrow_f16_bits<Store::kScalarX86>(in + i, out + i, n - i);
 }
 #endif
 
@@ -587,11 +599,13 @@ WidenF16 widen_f16_block() {
   return &widen_f16_bits;
 }
 
+template <bool FMA>
 NarrowF16 narrow_f16_block() {
+  if constexpr (!FMA) return &narrow_f16_bits<Store::kC10>;
 #if FUNCOPT_X86
   if (has_f16c()) return &narrow_f16_f16c;
 #endif
-  return &narrow_f16_bits;
+  return &narrow_f16_bits<Store::kScalarX86>;
 }
 
 // `segment(p, g, buffers..., k)` over a float16 segment of n elements, in
@@ -604,13 +618,14 @@ NarrowF16 narrow_f16_block() {
 // call.
 constexpr int64_t kStage = 256;
 
-template <typename Fn, size_t... I, typename... Buffers>
+// FMA: torch's AVX2/AVX-512 build (its NaNs), else its `default` build
+template <bool FMA, typename Fn, size_t... I, typename... Buffers>
 FUNCOPT_INLINE void staged_f16(std::index_sequence<I...>, Fn segment, F16* p,
                                const F16* g, int64_t n, Buffers*... buffers) {
   static_assert((std::is_same_v<Buffers, F16> && ...), "float16 buffers");
   static_assert(kStage % kVectorWidth<F16> == 0, "whole vectors");
   const WidenF16 widen_block = widen_f16_block();
-  const NarrowF16 narrow_block = narrow_f16_block();
+  const NarrowF16 narrow_block = narrow_f16_block<FMA>();
   alignas(32) float pf[kStage], gf[kStage];
   alignas(32) float bf[sizeof...(Buffers) + 1][kStage];
   for (int64_t at = 0; at < n; at += kStage) {
@@ -624,10 +639,10 @@ FUNCOPT_INLINE void staged_f16(std::index_sequence<I...>, Fn segment, F16* p,
   }
 }
 
-template <typename Fn, typename... Buffers>
+template <bool FMA, typename Fn, typename... Buffers>
 FUNCOPT_INLINE void staged_f16(Fn segment, void* p, const void* g, int64_t n,
                                Buffers... buffers) {
-  staged_f16(std::index_sequence_for<Buffers...>{}, segment,
+  staged_f16<FMA>(std::index_sequence_for<Buffers...>{}, segment,
              static_cast<F16*>(p), static_cast<const F16*>(g), n,
              static_cast<F16*>(buffers)...);
 }
@@ -673,15 +688,15 @@ FUNCOPT_INLINE void adam_loop(S* __restrict p, const S* __restrict g,
     // the vectorised loop fuses the second product, the tail the first
     vi = TAIL ? madd<FMA>(vi, s.b2, weighted * grad)
               : madd<FMA>(weighted, grad, vi * s.b2);
-    m[i] = narrow<S, !TAIL>(mi);
-    v[i] = narrow<S, !TAIL>(vi);
+    m[i] = narrow<S, kStore<FMA, TAIL>>(mi);
+    v[i] = narrow<S, kStore<FMA, TAIL>>(vi);
     if constexpr (AMS) {
       T old = widen(vmax[i]);
       vi = choose((old > vi) | (old != old), old, vi);
-      vmax[i] = narrow<S, !TAIL>(vi);
+      vmax[i] = narrow<S, kStore<FMA, TAIL>>(vi);
     }
     T denom = std::sqrt(vi) / s.bc2_sqrt + s.eps;
-    p[i] = narrow<S, !TAIL>(param + (s.neg_step_size * mi) / denom);
+    p[i] = narrow<S, kStore<FMA, TAIL>>(param + (s.neg_step_size * mi) / denom);
   }
 }
 
@@ -706,7 +721,7 @@ struct AdamKernel {
                          float* vmax, int64_t k) FUNCOPT_LAMBDA_INLINE {
         segment<StagedF16, FMA, WD, AMS>(p, g, m, v, vmax, k, sv);
       };
-      staged_f16(staged, pv, gv, n, mv, vv, vmaxv);
+      staged_f16<FMA>(staged, pv, gv, n, mv, vv, vmaxv);
       return;
     }
     const auto& s = *static_cast<const AdamScalars<compute_t<S>>*>(sv);
@@ -865,10 +880,10 @@ FUNCOPT_INLINE void sgd_loop(S* __restrict p, const S* __restrict g,
         buf = TAIL ? madd<FMA>(bi, s.mu, grad * s.damp)
                    : madd<FMA>(s.damp, grad, bi * s.mu);
       }
-      b[i] = narrow<S, !TAIL>(buf);
+      b[i] = narrow<S, kStore<FMA, TAIL>>(buf);
       grad = choose(s.nesterov, madd<FMA>(buf, s.mu, grad), buf);
     }
-    p[i] = narrow<S, !TAIL>(madd<FMA>(grad, s.neg_lr, param));
+    p[i] = narrow<S, kStore<FMA, TAIL>>(madd<FMA>(grad, s.neg_lr, param));
   }
 }
 
@@ -901,7 +916,7 @@ struct SgdKernel {
         sgd_segment<StagedF16, FMA, WD, MOM>(pf, gf, bf, k, s);
       };
       // without momentum torch leaves the buffer as it is
-      staged_f16(staged, p, g, n, MOM ? b : static_cast<void*>(nullptr));
+      staged_f16<FMA>(staged, p, g, n, MOM ? b : static_cast<void*>(nullptr));
       return;
     }
     sgd_segment<S, FMA, WD, MOM>(p, g, b, n, s);
@@ -1017,9 +1032,9 @@ FUNCOPT_INLINE void adagrad_loop(S* __restrict p, const S* __restrict g,
     T grad = widen(g[i]) * sign;
     if constexpr (WD) grad = madd<FMA>(param, s.wd, grad);
     T acc = madd<FMA>(grad, grad, widen(sum[i]));
-    sum[i] = narrow<S, !TAIL>(acc);
+    sum[i] = narrow<S, kStore<FMA, TAIL>>(acc);
     T std_ = std::sqrt(acc) + s.eps;
-    p[i] = narrow<S, !TAIL>(param - (s.clr * grad) / std_);
+    p[i] = narrow<S, kStore<FMA, TAIL>>(param - (s.clr * grad) / std_);
   }
 }
 
@@ -1032,7 +1047,7 @@ struct AdagradKernel {
                            int64_t k) FUNCOPT_LAMBDA_INLINE {
         segment<StagedF16, FMA, WD>(p, g, sum, k, scal);
       };
-      staged_f16(staged, pv, gv, n, sv_);
+      staged_f16<FMA>(staged, pv, gv, n, sv_);
       return;
     }
     S* p = static_cast<S*>(pv);

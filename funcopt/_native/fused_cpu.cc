@@ -722,18 +722,18 @@ struct AdamKernel {
         segment<StagedF16, FMA, WD, AMS>(p, g, m, v, vmax, k, sv);
       };
       staged_f16<FMA>(staged, pv, gv, n, mv, vv, vmaxv);
-      return;
-    }
-    const auto& s = *static_cast<const AdamScalars<compute_t<S>>*>(sv);
-    S* p = static_cast<S*>(pv);
-    const S* g = static_cast<const S*>(gv);
-    S* m = static_cast<S*>(mv);
-    S* v = static_cast<S*>(vv);
-    S* vmax = static_cast<S*>(vmaxv);
-    if (s.small) {
-      adam_segment_lerp<S, FMA, WD, AMS, true>(p, g, m, v, vmax, n, s);
     } else {
-      adam_segment_lerp<S, FMA, WD, AMS, false>(p, g, m, v, vmax, n, s);
+      const auto& s = *static_cast<const AdamScalars<compute_t<S>>*>(sv);
+      S* p = static_cast<S*>(pv);
+      const S* g = static_cast<const S*>(gv);
+      S* m = static_cast<S*>(mv);
+      S* v = static_cast<S*>(vv);
+      S* vmax = static_cast<S*>(vmaxv);
+      if (s.small) {
+        adam_segment_lerp<S, FMA, WD, AMS, true>(p, g, m, v, vmax, n, s);
+      } else {
+        adam_segment_lerp<S, FMA, WD, AMS, false>(p, g, m, v, vmax, n, s);
+      }
     }
   }
 };
@@ -917,9 +917,9 @@ struct SgdKernel {
       };
       // without momentum torch leaves the buffer as it is
       staged_f16<FMA>(staged, p, g, n, MOM ? b : static_cast<void*>(nullptr));
-      return;
+    } else {
+      sgd_segment<S, FMA, WD, MOM>(p, g, b, n, s);
     }
-    sgd_segment<S, FMA, WD, MOM>(p, g, b, n, s);
   }
 };
 
@@ -1048,16 +1048,16 @@ struct AdagradKernel {
         segment<StagedF16, FMA, WD>(p, g, sum, k, scal);
       };
       staged_f16<FMA>(staged, pv, gv, n, sv_);
-      return;
+    } else {
+      S* p = static_cast<S*>(pv);
+      const S* g = static_cast<const S*>(gv);
+      S* sum = static_cast<S*>(sv_);
+      const auto& s = *static_cast<const AdagradScalars<compute_t<S>>*>(scal);
+      const int64_t body = n - n % kVectorWidth<S>;
+      adagrad_loop<S, FMA, false, WD>(p, g, sum, body, s.sign, s.body);
+      adagrad_loop<S, FMA, true, WD>(p + body, g + body, sum + body, n - body,
+                                     s.sign, s.tail);
     }
-    S* p = static_cast<S*>(pv);
-    const S* g = static_cast<const S*>(gv);
-    S* sum = static_cast<S*>(sv_);
-    const auto& s = *static_cast<const AdagradScalars<compute_t<S>>*>(scal);
-    const int64_t body = n - n % kVectorWidth<S>;
-    adagrad_loop<S, FMA, false, WD>(p, g, sum, body, s.sign, s.body);
-    adagrad_loop<S, FMA, true, WD>(p + body, g + body, sum + body, n - body,
-                                   s.sign, s.tail);
   }
 };
 

@@ -37,9 +37,11 @@ from tests.torch_ref import (
     check_against_torch,
     check_packed_against_torch,
     correctly_rounded_torch_sqrt,
+    from_torch,
     native_kernels,
     run_funcopt,
     run_torch,
+    to_torch,
     trainable_leaves,
 )
 
@@ -361,15 +363,10 @@ def test_16bit_fused_bits_without_x64(case, kwargs, dtype, torch_cpu_loop):
 _KERNEL_CALL = re.compile(r"funcopt_(adam|sgd|adagrad)")
 
 
-def _as_torch(x: np.ndarray) -> torch.Tensor:
-    """A 16-bit numpy array as a torch tensor of the same bits."""
-    dtype = torch.float16 if x.dtype == np.float16 else torch.bfloat16
-    return torch.from_numpy(np.ascontiguousarray(x).view(np.int16)).view(dtype)
-
-
 def _bits(x) -> np.ndarray:
+    """A 16-bit array's (or torch tensor's) bits."""
     if isinstance(x, torch.Tensor):
-        return x.detach().view(torch.int16).numpy().view(np.uint16)
+        x = from_torch(x)
     return np.asarray(x).view(np.uint16)
 
 
@@ -398,12 +395,12 @@ def test_16bit_nan_bits_are_torchs(case, dtype, torch_cpu_loop):
         g.view(np.uint16)[[0, 20]] = nan
         g.view(np.uint16)[[3, 25]] = nan | 0x8000
     kwargs = dict(lr=1e-2, fused=True)
-    tp = _as_torch(p.copy()).requires_grad_()
+    tp = to_torch(p).requires_grad_()
     topt = case.torch_cls([tp], **kwargs)
     opt = case.factory(**kwargs)
     params, state, step = {"w": p}, opt.init({"w": p}), jax.jit(opt.step)
     for g in grads:
-        tp.grad = _as_torch(g)
+        tp.grad = to_torch(g)
         topt.step()
         params, state = step(params, {"w": g}, state)
     names = ("exp_avg", "exp_avg_sq") if case is ADAM else ("sum",)

@@ -357,18 +357,21 @@ def make_grads(rng, params, steps: int, with_none: bool) -> list:
 
 
 def to_torch(x) -> torch.Tensor:
-    """A numpy (or JAX) array as a torch tensor of its dtype, bfloat16 included."""
+    """A numpy (or JAX) array as a torch tensor (a copy) of its dtype and
+    bits, bfloat16 included (its NaN payloads too: moved as 16-bit integers,
+    not converted through float32)."""
     x = np.asarray(x)
     if x.dtype == ml_dtypes.bfloat16:
-        return torch.tensor(x.astype(np.float32)).to(torch.bfloat16)
+        return torch.from_numpy(x.view(np.int16).copy()).view(torch.bfloat16)
     return torch.tensor(np.array(x))
 
 
 def from_torch(t: torch.Tensor) -> np.ndarray:
-    """A torch tensor as a numpy array of its dtype, bfloat16 included."""
+    """A torch tensor as a numpy array of its dtype and bits, bfloat16
+    included (a copy for bfloat16, as `to_torch` moves it)."""
     t = t.detach()
     if t.dtype == torch.bfloat16:
-        return t.float().numpy().astype(ml_dtypes.bfloat16)
+        return t.view(torch.int16).numpy().copy().view(ml_dtypes.bfloat16)
     return t.numpy()
 
 

@@ -89,20 +89,18 @@ def test_norm_of_one_element_is_its_absolute_value(norm_type, dtype):
     overflows float32, 1e-30 where it underflows; bit for bit, and through
     `clip_grad_norm`'s total (the norm of one stacked norm)."""
     from funcopt.clip import vector_norm
-    from tests.torch_ref import assert_same_bits
+    from tests.torch_ref import assert_same_bits, from_torch
 
     for value in (3e19, -1e-30, 0.0, -2.5):
         for shape in ((), (1,)):
             t = torch.full(shape, value, dtype=getattr(torch, dtype))
-            x = jnp.asarray(t.float().numpy()).astype(dtype)
+            x = jnp.asarray(from_torch(t))
             expected = torch.linalg.vector_norm(t, norm_type)
             what = f"{value} {shape}"
-            assert_same_bits(
-                vector_norm(x, norm_type), expected.float().numpy().astype(dtype), what
-            )
+            assert_same_bits(vector_norm(x, norm_type), from_torch(expected), what)
             _, total = fo.clip_grad_norm({"g": x}, 1.0, norm_type)
             expected_total = torch.nn.utils.get_total_norm([t], norm_type)
-            assert_same_bits(total, expected_total.float().numpy().astype(dtype), what)
+            assert_same_bits(total, from_torch(expected_total), what)
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])

@@ -73,9 +73,11 @@ def squared_distance(params, target):
 def paths(params) -> dict:
     """path -> {implementation: (step(carry, x) -> carry, carry, x)}: the same
     step as funcopt's user and optax's user write it, and its floor: the
-    same program without the optimizer (the buffers alone; optax's clip and
-    `apply_updates`; the loss gradient and `p - lr * g`), the part of the
-    reference no optimizer can make faster."""
+    same program without the optimizer (the params in and out and the grads
+    in; optax's clip and `apply_updates`; the loss gradient and
+    `p - lr * g`), the part of the reference no optimizer can make faster.
+    No optimizer state is in a floor: how many arrays an optimizer keeps
+    its state in is the optimizer's (funcopt packs small leaves' state)."""
     grads = jax.tree.map(lambda p: p * 1e-3, params)
     clip = optax.clip_by_global_norm(1.0)
 
@@ -111,7 +113,7 @@ def paths(params) -> dict:
                 grads,
             ),
             "optax": transform(optax.adam(1e-3)),
-            "floor": (lambda c, g: c, (params, optax.adam(1e-3).init(params)), grads),
+            "floor": (lambda c, g: c, params, grads),
         },
         "optax.chain(clip, fo.adamw())": {
             "funcopt": transform(optax.chain(clip, fo.adamw(lr=1e-3))),
@@ -125,7 +127,7 @@ def paths(params) -> dict:
                 target,
             ),
             "optax": (optax_grad_step, (params, tx.init(params)), target),
-            "floor": (grad_only_step, (params, tx.init(params)), target),
+            "floor": (grad_only_step, (params, ()), target),
         },
     }
 
@@ -183,14 +185,13 @@ def compile_rows(leaves: list[int]) -> list[dict]:
 
 
 def big_compile_row(timeout: float, leaves: int = BIG_LEAVES) -> dict:
-    """`jit(opt.step)` compile at `leaves` leaves, with two floors: params
-    and an Adam state (optax's, the same buffers) donated and returned
-    untouched, and the params alone; each in a child process stopped at
-    `timeout` seconds, imports and tree building included (then reported
-    as that bound)."""
+    """`jit(opt.step)` compile at `leaves` leaves, and its floor (the
+    params donated and returned untouched, the grads passed in); each in a
+    child process stopped at `timeout` seconds, imports and tree building
+    included (then reported as that bound)."""
     seconds = {
         program: _big_compile_seconds(program, timeout, leaves)
-        for program in ("funcopt", "floor", "params alone")
+        for program in ("funcopt", "floor")
     }
 
     def said(s):
@@ -201,10 +202,7 @@ def big_compile_row(timeout: float, leaves: int = BIG_LEAVES) -> dict:
     r = row(15, f"compile, jit(fo.adam().step), {leaves:,} leaves x 1,000",
             seconds["funcopt"] if isinstance(seconds["funcopt"], float) else None,
             None, BIG_SECONDS, absolute=True)  # fmt: skip
-    r["note"] = (
-        f"{said(seconds['funcopt'])}; floor {said(seconds['floor'])}, "
-        f"params alone {said(seconds['params alone'])}"
-    )
+    r["note"] = f"{said(seconds['funcopt'])}; floor {said(seconds['floor'])}"
     return r
 
 
@@ -212,16 +210,15 @@ def _big_compile_seconds(
     program: str, timeout: float, leaves: int
 ) -> float | str | None:
     """Compile seconds of `program` at `leaves` leaves in a child
-    process: funcopt's step, its floor (`paths`), or a step that returns
-    its donated params untouched (the least any step on them compiles in);
-    None where stopped at `timeout`, "failed (...)" where the child failed
-    (the run goes on)."""
+    process: funcopt's step or its floor (`paths`: a step that returns its
+    donated params untouched, the least any step on them compiles in); None
+    where stopped at `timeout`, "failed (...)" where the child failed (the
+    run goes on)."""
     code = (
         "import sys; sys.path.insert(0, 'benchmarks');"
         "import targets as t;"
         f"p = t.make_tree([1_000] * {leaves});"
         "impls = t.paths(p)['jit(fo.adam().step)'];"
-        "impls['params alone'] = (lambda c, g: c, p, impls['floor'][2]);"
         f"print(t.compiled(*impls[{program!r}])[1])"
     )
     root = pathlib.Path(__file__).parent.parent

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import PyTreeDef
 
-from . import _core, _groups
+from . import _core, _groups, _multi_tensor
 from ._tree import PyTree, is_trainable
 from .optim.lbfgs import _NO_GROUPS, LBFGS
 
@@ -209,6 +209,7 @@ def _extend_state(
     leaves, treedef = jax.tree.flatten(params)
     names, group_of = _groups.resolve(definition.groups, params)
     _core._check_state(definition, state, len(leaves), len(names), params)
+    state = state.unpacked()
     slot_leaves = _core._check_slots(definition, params, leaves, names, group_of, state)
 
     n_old = len(leaves)
@@ -257,4 +258,7 @@ def _extend_state(
             for n in new_names
         ]
         hparams[k] = jnp.stack(rows)
-    return _core.OptState(step, hparams, slots)
+    # in the layout init makes for the merged tree
+    return _multi_tensor.pack_state(
+        new_definition, merged, _core.OptState(step, hparams, slots)
+    )

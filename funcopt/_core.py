@@ -69,15 +69,23 @@ class OptState(NamedTuple):
         `state[p]["step"]`); 0 for leaves that never had a gradient.
       hparams: `{name: array[n_groups, ...]}`, every numeric hyperparameter
         of every parameter group, in the widest enabled float.
-      slots: `{name: pytree}`, per-parameter buffers named as in torch's
-        `optimizer.state[p]` (`exp_avg`, `momentum_buffer`, ...), each a
-        pytree with the structure of the params and `None` where a leaf has
-        no such buffer.
+      slots: `{name: buffers}`, per-parameter buffers named as in torch's
+        `optimizer.state[p]` (`exp_avg`, `momentum_buffer`, ...). Per leaf,
+        each is a pytree with the structure of the params and `None` where a
+        leaf has no such buffer; by default the small leaves' buffers are
+        packed (`funcopt.flat.FlatParams`, see `funcopt.flat.set_policy`),
+        and [`unpacked`][funcopt.OptState.unpacked] gives the trees.
     """
 
     step: jax.Array
     hparams: dict[str, jax.Array]
     slots: dict[str, PyTree]
+
+    def unpacked(self) -> OptState:
+        """This state with every buffer per leaf: `slots[name]` a pytree
+        of the params' structure (`None` where a leaf has no such buffer).
+        The same state when it already is; views (slices) under `jit`."""
+        return _multi_tensor.unpack_state(self)
 
 
 class Optimizer(optax.GradientTransformationExtraArgs):
@@ -427,6 +435,10 @@ def _init(definition: _Definition, params: PyTree) -> OptState:
         )
         for k in definition.hyperparams
     }
+    layout = _multi_tensor.state_layout(definition, leaves, treedef, names, group_of)
+    if layout is not None:
+        slots = _multi_tensor.init_packed(definition, layout, leaves, values)
+        return OptState(jnp.zeros(len(leaves), jnp.int32), hparams, slots)
     per_leaf = [
         {} if g is None else definition.init_slots(p, values[g])
         for p, g in zip(leaves, group_of)
@@ -517,6 +529,11 @@ def _check_slots(
     array). Runs at trace time (free under `jit`).
     """
     treedef: PyTreeDef = jax.tree.structure(params)
+    layout = _multi_tensor.packed_layout(state)
+    if layout is not None:
+        return _check_packed_slots(
+            definition, params, leaves, names, group_of, state, layout
+        )
     slot_leaves = {}
     for k, t in state.slots.items():
         try:
@@ -527,8 +544,82 @@ def _check_slots(
                 f"this {definition.name} state was made for another param tree: "
                 f"its buffer {k!r} does not have the structure of params ({detail})"
             ) from e
+    _check_leaf_slots(
+        definition, params, leaves, names, group_of, slot_leaves, range(len(leaves))
+    )
+    return slot_leaves
+
+
+def _check_packed_slots(definition, params, leaves, names, group_of, state, layout):
+    """`_check_slots` of a packed state: its layout is the params', each
+    bucket holds the buffers `init` makes for its leaves, packed; the leaves
+    outside the buckets are checked one by one. Returns the per-leaf buffers
+    of those leaves (None for the buckets' leaves). A state that does not
+    fit is refused with the per-leaf check's message, naming the first leaf
+    whose buffers differ."""
+    treedef: PyTreeDef = jax.tree.structure(params)
+    name = definition.name
+    if not all(
+        isinstance(v, _multi_tensor.FlatParams) and v.layout == layout
+        for v in state.slots.values()
+    ):
+        raise ValueError(
+            f"this {name} state mixes packed buffers (FlatParams) with per-leaf "
+            "ones: build it with init(), or pass state.unpacked()"
+        )
+    if layout.treedef != treedef:
+        k = next(iter(state.slots))
+        template = layout.treedef.unflatten(list(range(layout.n_leaves)))
+        detail = _tree.describe_structure_mismatch(params, template, repr(k))
+        raise ValueError(
+            f"this {name} state was made for another param tree: its buffer "
+            f"{k!r} does not have the structure of params ({detail})"
+        )
+    if not _packed_buffers_fit(definition, layout, leaves, group_of, state):
+        # the per-leaf check's message names the first leaf that differs
+        try:
+            per_leaf = state.unpacked()
+        except (ValueError, TypeError):  # buffers of other sizes than the layout's
+            per_leaf = None
+        if per_leaf is not None:
+            _check_slots(definition, params, leaves, names, group_of, per_leaf)
+        raise ValueError(
+            f"this {name} state was made for params of other shapes, dtypes or "
+            f"param groups, or with other options: its packed buffers do not "
+            f"fit these params"
+        )
+    slot_leaves: dict[str, list] = {k: [None] * len(leaves) for k in state.slots}
+    for k, v in state.slots.items():
+        for i, x in zip(layout.outside, v.rest):
+            slot_leaves[k][i] = x
+    _check_leaf_slots(
+        definition, params, leaves, names, group_of, slot_leaves, layout.outside
+    )
+    return slot_leaves
+
+
+def _packed_buffers_fit(definition, layout, leaves, group_of, state) -> bool:
+    """Whether `layout` is the params' (shapes, dtypes, groups) and each
+    bucket holds, packed, the buffers `init` makes for its leaves."""
+    if not _multi_tensor.describes(layout, leaves, group_of):
+        return False
+    specs = _multi_tensor.bucket_buffer_specs(definition, layout)
+    for j, spec in enumerate(specs):
+        held = {k: v.buffers[j] for k, v in state.slots.items()}
+        held = {k: v for k, v in held.items() if v is not None}
+        if set(held) != set(spec):
+            return False
+        if any(_array_spec(v) != spec[k] for k, v in held.items()):
+            return False
+    return True
+
+
+def _check_leaf_slots(definition, params, leaves, names, group_of, slot_leaves, which):
+    """The per-leaf buffers of the leaves `which` against what `init`
+    makes for them (`_check_slots`)."""
     paths = None
-    for i, (p, g) in enumerate(zip(leaves, group_of)):
+    for i in which:
+        p, g = leaves[i], group_of[i]
         own = {k: v[i] for k, v in slot_leaves.items() if v[i] is not None}
         if g is None:
             expected = {}
@@ -562,7 +653,6 @@ def _check_slots(
                     "param: the state was made for another param tree or with "
                     "other options"
                 )
-    return slot_leaves
 
 
 def check_step(definition: _Definition, params: PyTree, grads: PyTree, state: Any):
@@ -647,19 +737,39 @@ def _apply(definition, params, grads, state, has_grad):
     mask = None if has_grad is None else treedef.flatten_up_to(has_grad)
 
     new_leaves, increments = [], []
-    new_slots = {k: list(v) for k, v in slot_leaves.items()}
-    # many leaves packed into one kernel per (group, dtype) where it pays
+    # many leaves packed into one kernel per (group, dtype): the buckets of a
+    # packed state, or of the per-step policy (`funcopt.flat.set_policy`)
     packed = {}
-    if definition.elementwise:
+    layout = _multi_tensor.packed_layout(state)
+    if layout is not None:
+        packed, bucket_buffers = _multi_tensor.apply_packed(
+            definition, layout, leaves, grad_leaves, state, options, mask
+        )
+        # buckets that step leaf by leaf: their buffers unpacked, then packed
+        per_leaf_buckets = {
+            j
+            for j, b in enumerate(layout.buckets)
+            if j not in bucket_buffers
+            and any(grad_leaves[i] is not None for i in b.leaves)
+        }
+        for j in per_leaf_buckets:
+            own = _multi_tensor.unpack_bucket_slots(layout, j, state, leaves)
+            for k, values in own.items():
+                for i, v in zip(layout.buckets[j].leaves, values):
+                    slot_leaves[k][i] = v
+    elif definition.elementwise:
         # sparse (BCOO) gradients take the per-leaf path
         dense_grads = [None if isinstance(g, jsparse.BCOO) else g for g in grad_leaves]
         packed = _multi_tensor.apply_tree(
             definition, leaves, dense_grads, group_of, slot_leaves, state, options, mask
         )
+    new_slots = {k: list(v) for k, v in slot_leaves.items()}
     # each leaf reads its step count and its group's hyperparameters at
     # runtime indices, so that same-shaped leaves share one compiled kernel
     # (none needed when every leaf was packed)
-    some_per_leaf = len(packed) < sum(g is not None for g in grad_leaves)
+    some_per_leaf = any(
+        g is not None and i not in packed for i, g in enumerate(grad_leaves)
+    )
     n_index = max(len(leaves), len(names)) if some_per_leaf else 0
     index = _compile.runtime_ints(range(n_index), state.step)
     # the counts after this step, read by the rules
@@ -722,11 +832,13 @@ def _apply(definition, params, grads, state, has_grad):
             _store_leaf(i, new_leaves, new_own, owns[i], new_slots, p, mask)
 
     new_step = jnp.where(jnp.asarray(increments, dtype=bool), stepped, state.step)
-    new_state = OptState(
-        new_step,
-        state.hparams,
-        {k: treedef.unflatten(v) for k, v in new_slots.items()},
-    )
+    if layout is not None:
+        slots = _multi_tensor.repack_slots(
+            layout, state, bucket_buffers, new_slots, per_leaf_buckets
+        )
+    else:
+        slots = {k: treedef.unflatten(v) for k, v in new_slots.items()}
+    new_state = OptState(new_step, state.hparams, slots)
     return treedef.unflatten(new_leaves), new_state
 
 
@@ -844,7 +956,8 @@ def compiled_when_concrete(
     """
 
     def traced(settings, params, grads, state, has_grad):
-        # `settings` (funcopt._math's trace-time switches) key the cache
+        # `settings` (funcopt._math's trace-time switches and the packing
+        # policy) key the cache
         del settings
         return step_fn(params, grads, state, has_grad)
 
@@ -855,7 +968,8 @@ def compiled_when_concrete(
         if not all(_jit_argument(x) for x in jax.tree.leaves(args)):
             return step_fn(*args)
         check(params, grads, state)
-        new_params, new_state = compiled(_math.trace_settings(), *args)
+        settings = (_math.trace_settings(), _multi_tensor.get_policy())
+        new_params, new_state = compiled(settings, *args)
         kept = jax.tree.map(
             lambda new, old: new if is_trainable(old) else old, new_params, params
         )

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import threading
 from collections.abc import Callable, Sequence
@@ -72,19 +73,26 @@ def set_policy(value: str) -> None:
     paths. `"always"`: every bucket of an elementwise optimizer; `"never"`:
     the per-leaf path.
     [`funcopt.flat.FlatParams`][funcopt.flat.FlatParams] always take the
-    multi-tensor path. Read at trace time.
+    multi-tensor path. Read when a step is traced, and by `init`: the
+    buckets it selects there keep their optimizer state packed
+    (`state_layout`; `state.unpacked()` gives per-leaf trees). A state of
+    either layout steps on either path with the same bits (tested); a
+    packed bucket under `"never"` is unpacked, stepped leaf by leaf and
+    packed again, and the leaves outside a packed state's buckets (large,
+    0-d and complex ones under `"auto"`) step one program each.
 
-    A per-step pack copies each buffer in and out (`funcopt._packing`: one
-    native `memcpy` call per buffer). Measured for Adam on float32 leaves of
-    1,000 elements (2-core CPU, jax 0.10.2, params and state donated):
-    compile 0.41 s packed vs 1.03 s per leaf at 100 leaves and 3.3 s vs 13.5
-    s at 1,000 (optax 0.84 s and 10.8 s); a step of 28.5 vs 32.4 ms at 1,000
-    leaves (optax 25.0 ms), about even at 100. The copies cost about as much
-    as the rule itself, so leaves of 3,000 elements step 1.4x slower packed:
-    hence the size limit. With XLA's own concatenate and slices instead of
-    the native copies, the same 1,000 leaves compile in 10.6 s (46 s with
-    static slices: one kernel per piece), so elsewhere `"auto"` does not
-    pack. For many large leaves, keep them packed with
+    Each step copies the bucket's params and grads in and the params out
+    (`funcopt._packing`: one native `memcpy` call per buffer); the state
+    stays packed. Measured for Adam on 1,000 float32 leaves of 1,000
+    elements (2-core AMD EPYC, jax 0.10.2, params and state donated):
+    compile 0.6-1.0 s (optax 5.0 s), a step of 5.8-6.0 ms (optax 13.8-15.8
+    ms); with a per-leaf state, packed per step, it was 1.1 s and 16.7 ms
+    (each array a program takes or returns costs the runtime microseconds).
+    Leaves of 3,000 elements stepped 1.4x slower packed per step than one
+    kernel each: hence the size limit. With XLA's own concatenate and
+    slices instead of the native copies, the same 1,000 leaves compiled in
+    10.6 s (46 s with static slices: one kernel per piece), so elsewhere
+    `"auto"` does not pack. For many large leaves, keep them packed with
     [`funcopt.flat`][funcopt.flat] (no copies per step).
 
     Bits: where funcopt is bit-exact with torch (16-bit leaves, the exact
@@ -452,9 +460,15 @@ def _slot_kinds(slot_leaves, leaves, idx) -> dict[str, str] | None:
 class Layout:
     """Where every leaf of a params tree lives in the packed buffers.
 
-    Static (hashable by identity): build it once with
-    [`funcopt.flat.layout`][funcopt.flat.layout] and keep it; it is the `FlatParams`'s
-    pytree metadata.
+    Static: build it once with [`funcopt.flat.layout`][funcopt.flat.layout]
+    and keep it; it is the `FlatParams`'s pytree metadata. Two layouts of
+    the same tree, groups and buckets are equal (and hash alike), so the
+    states of two `init` calls have one pytree structure (`jit` caches,
+    `lax.scan` carries, `jax.tree.map` over both).
+
+    `outside` are the leaves in no bucket, held as they are (`FlatParams.rest`):
+    the non-trainable leaves and, in a plain tree's packed state (`state_layout`),
+    the leaves its step runs one by one.
     """
 
     treedef: Any
@@ -463,10 +477,34 @@ class Layout:
     group_names: tuple[str, ...]
     group_of: tuple[int | None, ...]
     buckets: tuple[Bucket, ...]
-    frozen: tuple[int, ...]  # leaves that are not trainable
+    outside: tuple[int, ...]
 
-    def __hash__(self) -> int:
-        return id(self)
+    @functools.cached_property
+    def _key(self) -> tuple:
+        buckets = tuple(
+            (b.group, str(b.dtype), b.leaves, b.sizes, b.width, b.rows)
+            for b in self.buckets
+        )
+        dtypes = tuple(None if d is None else str(jnp.dtype(d)) for d in self.dtypes)
+        return (
+            self.treedef,
+            self.shapes,
+            dtypes,
+            self.group_names,
+            self.group_of,
+            buckets,
+            self.outside,
+        )
+
+    def __eq__(self, other) -> bool:
+        return self is other or (isinstance(other, Layout) and self._key == other._key)
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash(self._key)
+
+    def __hash__(self) -> int:  # once per layout: jit hashes it every call
+        return self._hash
 
     @property
     def n_leaves(self) -> int:
@@ -481,7 +519,7 @@ class Layout:
             b.pack([_as_real(jnp.asarray(leaves[i])) for i in b.leaves])
             for b in self.buckets
         )
-        rest = tuple(leaves[i] for i in self.frozen)
+        rest = tuple(leaves[i] for i in self.outside)
         return FlatParams(buffers, rest, self)
 
     def unpack(self, flat: FlatParams):
@@ -491,7 +529,7 @@ class Layout:
             shapes = [real_shape_of(self.shapes[i], self.dtypes[i]) for i in b.leaves]
             for i, piece in zip(b.leaves, b.split(buf, shapes)):
                 leaves[i] = _to_complex(piece, self.dtypes[i])
-        for i, leaf in zip(self.frozen, flat.rest):
+        for i, leaf in zip(self.outside, flat.rest):
             leaves[i] = leaf
         return self.treedef.unflatten(leaves)
 
@@ -499,7 +537,8 @@ class Layout:
         """A state buffer tree (`state.slots[name]`) -> per-leaf tree.
 
         0-dim state buffers (`[n_rows]` in the flat state) become one
-        0-dim array per leaf; leaves without that buffer get `None`.
+        0-dim array per leaf; leaves without that buffer get `None`; the
+        leaves `outside` every bucket get theirs (`flat.rest`) as they are.
         """
         leaves: list[Any] = [None] * self.n_leaves
         for b, buf in zip(self.buckets, flat.buffers):
@@ -513,6 +552,8 @@ class Layout:
             shapes = [real_shape_of(self.shapes[i], self.dtypes[i]) for i in b.leaves]
             for i, piece in zip(b.leaves, b.split(buf, shapes)):
                 leaves[i] = _to_complex(piece, self.dtypes[i])
+        for i, leaf in zip(self.outside, flat.rest):
+            leaves[i] = leaf
         return self.treedef.unflatten(leaves)
 
     def unpack_state(self, state):
@@ -560,6 +601,19 @@ class FlatParams:
     def unpack(self):
         """`self.layout.unpack(self)`: the params tree (views under jit)."""
         return self.layout.unpack(self)
+
+    def __eq__(self, other) -> bool:
+        """As a tuple of its children compares (a `NamedTuple` state
+        does): `jax.tree.map(jnp.shape, a) == jax.tree.map(jnp.shape, b)`."""
+        if not isinstance(other, FlatParams):
+            return NotImplemented
+        return (self.layout, self.buffers, self.rest) == (
+            other.layout,
+            other.buffers,
+            other.rest,
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # holds arrays
 
     def __repr__(self) -> str:
         shapes = [getattr(b, "shape", None) for b in self.buffers]
@@ -616,8 +670,16 @@ def init_flat(definition, flat: FlatParams):
         )
         for k in definition.hyperparams
     }
+    per_bucket = _bucket_slots(definition, layout, flat.buffers, values)
+    slots = _flat_slots(layout, per_bucket, [{}] * len(layout.outside))
+    return OptState(jnp.zeros(layout.n_leaves, jnp.int32), hparams, slots)
+
+
+def _bucket_slots(definition, layout: Layout, buffers, values) -> list[dict]:
+    """`init_slots` on each bucket's packed params: `{slot: buffer}` per
+    bucket, a 0-dim buffer as one value per row (`[n_rows]`)."""
     per_bucket = []
-    for b, buf in zip(layout.buckets, flat.buffers):
+    for b, buf in zip(layout.buckets, buffers):
         slots = definition.init_slots(buf, values[b.group])
         per_bucket.append(
             {
@@ -625,14 +687,19 @@ def init_flat(definition, flat: FlatParams):
                 for k, v in slots.items()
             }
         )
-    names = list(dict.fromkeys(k for s in per_bucket for k in s))
-    slots = {
+    return per_bucket
+
+
+def _flat_slots(layout: Layout, per_bucket, per_outside) -> dict[str, FlatParams]:
+    """`{slot: FlatParams}` from each bucket's and each `outside` leaf's
+    `{slot: buffer}` (None where one has no such buffer)."""
+    names = dict.fromkeys(k for s in [*per_bucket, *per_outside] for k in s)
+    return {
         k: FlatParams(
-            [s.get(k) for s in per_bucket], [None] * len(layout.frozen), layout
+            [s.get(k) for s in per_bucket], [s.get(k) for s in per_outside], layout
         )
         for k in names
     }
-    return OptState(jnp.zeros(layout.n_leaves, jnp.int32), hparams, slots)
 
 
 def _flat_masks(layout: Layout, flat: FlatParams, has_grad):
@@ -659,7 +726,7 @@ def apply_flat(definition, flat: FlatParams, grads, state, has_grad):
     from ._core import OptState, _check_state
 
     layout = _check_layout(definition, flat)
-    if not isinstance(grads, FlatParams) or grads.layout is not layout:
+    if not isinstance(grads, FlatParams) or grads.layout != layout:
         raise TypeError(
             "grads of FlatParams must be FlatParams of the same layout "
             "(take jax.grad with respect to the FlatParams)"
@@ -695,3 +762,293 @@ def apply_flat(definition, flat: FlatParams, grads, state, has_grad):
         {k: FlatParams(v, state.slots[k].rest, layout) for k, v in new_slots.items()},
     )
     return FlatParams(new_buffers, flat.rest, layout), new_state
+
+
+# --------------------------------------------------------------------------
+# a plain tree's state, packed
+# --------------------------------------------------------------------------
+
+
+def state_layout(definition, leaves, treedef, names, group_of) -> Layout | None:
+    """The layout `init` keeps a plain tree's state buffers in, or None
+    (one buffer per leaf).
+
+    The buckets `set_policy` packs (read at `init`): by default (`"auto"`),
+    on one CPU device with the native library, a group's and dtype's small
+    leaves where it has two or more; every bucket with `"always"`; none with
+    `"never"`. Their buffers (`exp_avg`, ...) are one `[rows, width]` array
+    per bucket, the other leaves' as they are (`FlatParams.rest`), so a
+    step passes a few state arrays instead of two or three per leaf. Each
+    array a compiled program takes or returns costs the runtime a few
+    microseconds (Adam's per-leaf state of 1,000 leaves: ~9 ms a step, 2-core
+    CPU), more than the arithmetic. Whatever the layout, `opt.step` gives
+    the same bits (tested); `state.unpacked()` reads the buffers per leaf.
+    """
+    pol = get_policy()
+    if not definition.elementwise or pol == "never":
+        return None
+    if pol == "auto" and not _packing.native_available():
+        return None
+    # complex leaves keep per-leaf state: `init_slots` checks them (a
+    # precision policy refuses them), which it cannot on a bucket's real view
+    select = [
+        i
+        for i, (p, g) in enumerate(zip(leaves, group_of))
+        if g is not None
+        and is_trainable(p)
+        and not jnp.iscomplexobj(p)
+        and (pol == "always" or _auto_packs(p))
+    ]
+    buckets = [
+        b
+        for b in make_buckets(leaves, group_of, select)
+        if pol == "always" or len(b.leaves) >= AUTO_MIN_LEAVES
+    ]
+    if not buckets:
+        return None
+    inside = {i for b in buckets for i in b.leaves}
+    return Layout(
+        treedef,
+        tuple(tuple(np.shape(p)) for p in leaves),
+        tuple(jnp.result_type(p) if is_trainable(p) else None for p in leaves),
+        tuple(names),
+        tuple(group_of),
+        tuple(buckets),
+        tuple(i for i in range(len(leaves)) if i not in inside),
+    )
+
+
+def init_packed(definition, layout: Layout, leaves, values) -> dict[str, FlatParams]:
+    """`init`'s buffers in `layout`: `init_slots` once per bucket (on its
+    packed params) and once per leaf outside the buckets."""
+    from ._core import _as_real
+
+    buffers = []
+    for b in layout.buckets:
+        if _reads_values(definition.init_slots, b, values[b.group]):
+            buffers.append(b.pack([_as_real(jnp.asarray(leaves[i])) for i in b.leaves]))
+        else:  # no copy, and no read of params that may be abstract
+            buffers.append(jnp.zeros((b.n_rows, b.width), b.dtype))
+    per_outside = [
+        {}
+        if layout.group_of[i] is None
+        else definition.init_slots(leaves[i], values[layout.group_of[i]])
+        for i in layout.outside
+    ]
+    per_bucket = _bucket_slots(definition, layout, buffers, values)
+    return _flat_slots(layout, per_bucket, per_outside)
+
+
+def _reads_values(init_slots, bucket: Bucket, group: dict) -> bool:
+    """Whether `init_slots` reads its param's values (Adagrad's and
+    Rprop's do not, a copy of the params does), not only its shape."""
+    spec = jax.ShapeDtypeStruct((bucket.n_rows, bucket.width), bucket.dtype)
+    jaxpr = jax.make_jaxpr(lambda x: init_slots(x, group))(spec).jaxpr
+    (param,) = jaxpr.invars
+    used = [v for eqn in jaxpr.eqns for v in eqn.invars] + list(jaxpr.outvars)
+    return any(v is param for v in used)
+
+
+def packed_layout(state) -> Layout | None:
+    """The layout of a state whose buffers are packed, None for per-leaf ones."""
+    for v in state.slots.values():
+        if isinstance(v, FlatParams):
+            return v.layout
+    return None
+
+
+def unpack_state(state):
+    """`state` with every buffer per leaf (`OptState.unpacked`)."""
+    layout = packed_layout(state)
+    return state if layout is None else layout.unpack_state(state)
+
+
+def pack_state(definition, params, state):
+    """A per-leaf `state` (of `params`) in the layout `init(params)` makes:
+    what builds a state other than `init` (`load_state_dict`,
+    `add_param_group`) returns, so that it has `init`'s structure."""
+    state = unpack_state(state)
+    params = check_params(params)
+    leaves, treedef = jax.tree.flatten(params)
+    names, group_of = _groups.resolve(definition.groups, params)
+    layout = state_layout(definition, leaves, treedef, names, group_of)
+    if layout is None:
+        return state
+    return pack_into(layout, state, bucket_buffer_specs(definition, layout))
+
+
+def bucket_buffer_specs(definition, layout: Layout) -> list[dict[str, tuple]]:
+    """Per bucket, `{slot: (shape, dtype)}` of the packed buffers `init`
+    makes: `[n_rows, width]`, or `[n_rows]` for a 0-dim buffer per
+    parameter (NAdam's `mu_product`). Decided on the bucket's buffer, not
+    on a leaf: a 0-d leaf's moments are 0-dim too."""
+    from ._core import _slot_spec
+
+    out = []
+    for b in layout.buckets:
+        whole = (b.n_rows, b.width)
+        packed = jax.ShapeDtypeStruct(whole, b.dtype)
+        spec = _slot_spec(definition, packed, layout.group_names[b.group])
+        out.append(
+            {
+                k: (whole if shape == whole else (b.n_rows,), np.dtype(dtype))
+                for k, (shape, dtype) in spec.items()
+            }
+        )
+    return out
+
+
+def buffer_specs_of(state) -> list[dict[str, tuple]]:
+    """`bucket_buffer_specs` read off a packed state's buffers."""
+    layout = packed_layout(state)
+    assert layout is not None
+    return [
+        {
+            k: (tuple(np.shape(v.buffers[j])), np.dtype(v.buffers[j].dtype))
+            for k, v in state.slots.items()
+            if v.buffers[j] is not None
+        }
+        for j in range(len(layout.buckets))
+    ]
+
+
+def pack_into(layout: Layout, state, specs: list[dict[str, tuple]]):
+    """A per-leaf `state` with its buffers packed in `layout`, bucket `j`'s
+    as `specs[j]` says (`bucket_buffer_specs`, `buffer_specs_of`): what a
+    checkpoint restored into a packed state and `pack_state` return."""
+    from ._core import OptState, _as_real
+
+    slots = {}
+    for k, tree in state.slots.items():
+        per_leaf = layout.treedef.flatten_up_to(tree)
+        buffers: list[jax.Array | None] = []
+        for b, spec in zip(layout.buckets, specs):
+            own = [per_leaf[i] for i in b.leaves]
+            if k not in spec or own[0] is None:
+                buffers.append(None)
+            elif len(spec[k][0]) == 1:  # a 0-dim buffer per parameter
+                values = [jnp.asarray(s, spec[k][1]) for s in own]
+                buffers.append(b.pack_scalars(values))
+            else:
+                buffers.append(
+                    b.pack([_as_real(jnp.asarray(s)) for s in own], spec[k][1])
+                )
+        rest = [per_leaf[i] for i in layout.outside]
+        slots[k] = FlatParams(buffers, rest, layout)
+    return OptState(state.step, state.hparams, slots)
+
+
+def describes(layout: Layout, leaves, group_of) -> bool:
+    """Whether `layout` was made for params of these leaves' shapes and
+    dtypes, in these groups (the tree structure is checked apart)."""
+    return (
+        layout.shapes == tuple(tuple(np.shape(p)) for p in leaves)
+        and all(
+            d is None or (is_trainable(p) and jnp.result_type(p) == d)
+            for d, p in zip(layout.dtypes, leaves)
+        )
+        and layout.group_of == tuple(group_of)
+    )
+
+
+def runs_packed(bucket: Bucket, grad_leaves) -> bool:
+    """Whether a packed state's bucket steps as one kernel: not under
+    `set_policy("never")`, and not with a sparse gradient (those leaves
+    take the per-leaf path, the bucket's buffers unpacked and packed again)."""
+    from jax.experimental import sparse as jsparse
+
+    if get_policy() == "never":
+        return False
+    return not any(isinstance(grad_leaves[i], jsparse.BCOO) for i in bucket.leaves)
+
+
+def apply_packed(definition, layout, leaves, grad_leaves, state, options, mask):
+    """The buckets of a packed state, each one rule call on its buffers.
+
+    Returns `(done, buffers)`: `{leaf: (new_p, {}, stepped)}` and, per
+    bucket that ran, `{slot: new buffer}`. A leaf without a gradient
+    (`None`, or `has_grad` false) keeps its param, buffers and count. A
+    bucket where no leaf has a gradient, or that does not `runs_packed`,
+    is left to the caller.
+    """
+    from ._core import _as_complex, _as_real
+
+    done: dict[int, tuple] = {}
+    buffers: dict[int, dict[str, jax.Array]] = {}
+    for j, b in enumerate(layout.buckets):
+        idx = b.leaves
+        grads = [grad_leaves[i] for i in idx]
+        if all(g is None for g in grads) or not runs_packed(b, grad_leaves):
+            continue
+        shapes = [real_shape(leaves[i]) for i in idx]
+        p = b.pack([_as_real(leaves[i]) for i in idx])
+        g = b.pack(
+            [
+                jnp.zeros(s, b.dtype) if gr is None else _as_real(gr)
+                for gr, s in zip(grads, shapes)
+            ]
+        )
+        flags = None
+        if mask is not None or any(gr is None for gr in grads):
+            flags = [
+                False if gr is None else (True if mask is None else mask[i])
+                for gr, i in zip(grads, idx)
+            ]
+        m = None
+        if flags is not None:
+            m = _packing.stack_scalars([_packing.as_packable(f, bool) for f in flags])
+        slots = {
+            k: v.buffers[j] for k, v in state.slots.items() if v.buffers[j] is not None
+        }
+        steps = _take_leaves(state.step, idx)
+        hparams = {k: v[b.group] for k, v in state.hparams.items()}
+        new_p, buffers[j] = run_bucket(
+            definition, b, p, g, slots, steps, hparams, options[b.group], m
+        )
+        for jj, (i, piece) in enumerate(zip(idx, b.unpack(new_p, shapes))):
+            stepped = True if flags is None else flags[jj]
+            done[i] = (_as_complex(piece, leaves[i]), {}, stepped)
+    return done, buffers
+
+
+def unpack_bucket_slots(layout: Layout, j: int, state, leaves) -> dict[str, list]:
+    """Bucket `j`'s buffers, leaf by leaf: `{slot: [value per leaf]}`."""
+    from ._core import _as_complex
+
+    b = layout.buckets[j]
+    shapes = [real_shape(leaves[i]) for i in b.leaves]
+    out = {}
+    for k, v in state.slots.items():
+        buf = v.buffers[j]
+        if buf is None:
+            continue
+        if buf.ndim == 1:
+            out[k] = b.unpack_scalars(buf)
+        else:
+            pieces = b.unpack(buf, shapes)
+            out[k] = [_as_complex(x, leaves[i]) for x, i in zip(pieces, b.leaves)]
+    return out
+
+
+def repack_slots(layout, state, buffers, per_leaf, repack) -> dict[str, FlatParams]:
+    """The new packed buffers: the buckets that ran packed (`buffers`),
+    those in `repack` packed from their leaves' new per-leaf buffers
+    (`per_leaf`, `{slot: list over all leaves}`), the others as they were;
+    the leaves `outside` the buckets from `per_leaf`."""
+    from ._core import _as_real
+
+    slots = {}
+    for k, v in state.slots.items():
+        new = list(v.buffers)
+        for j, b in enumerate(layout.buckets):
+            if j in buffers and k in buffers[j]:
+                new[j] = buffers[j][k]
+            elif j in repack and new[j] is not None:
+                own = [per_leaf[k][i] for i in b.leaves]
+                if new[j].ndim == 1:
+                    new[j] = b.pack_scalars(own)
+                else:
+                    new[j] = b.pack([_as_real(x) for x in own], new[j].dtype)
+        rest = [per_leaf[k][i] for i in layout.outside]
+        slots[k] = FlatParams(new, rest, layout)
+    return slots

@@ -16,7 +16,10 @@ tree = fo.checkpoint.restore("ckpt_dir", like=..., format="orbax")
 opt)` and `sched.init(...)` fresh); its key paths, shapes and dtypes are
 checked against the checkpoint, and a difference raises `ValueError` naming
 the leaf. Restored values are bit-identical to the saved ones, so training
-resumed from a checkpoint continues exactly as the uninterrupted run.
+resumed from a checkpoint continues exactly as the uninterrupted run. An
+optimizer state is saved with its buffers per leaf (`OptState.unpacked`)
+and restored in `like`'s layout, so a checkpoint does not depend on which
+buffers a machine keeps packed (`funcopt.flat.set_policy`).
 
 **The light format** (`format="npz"`, the default; numpy only) is one zip
 file: `manifest.json` (format version, the tree's structure as text, and per
@@ -52,6 +55,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _multi_tensor
+from ._core import OptState
+
 FORMAT = "funcopt-npz"
 VERSION = 1
 
@@ -66,8 +72,33 @@ def _before_commit(path: str) -> None:
 # --------------------------------------------------------------------------
 
 
+def _is_opt_state(x: Any) -> bool:
+    return isinstance(x, OptState)
+
+
+def _per_leaf(tree: Any) -> Any:
+    """`tree` with each optimizer state's buffers per leaf: a checkpoint
+    does not depend on where a state keeps them packed (`OptState.unpacked`;
+    packed on one CPU device, per leaf on a GPU)."""
+    return jax.tree.map(
+        lambda x: x.unpacked() if _is_opt_state(x) else x, tree, is_leaf=_is_opt_state
+    )
+
+
+def _packed_like(restored: Any, like: Any) -> Any:
+    """`restored` (per leaf) with each optimizer state laid out as `like`'s."""
+
+    def lay_out(r, ref):
+        layout = _multi_tensor.packed_layout(ref) if _is_opt_state(ref) else None
+        if layout is None:
+            return r
+        return _multi_tensor.pack_into(layout, r, _multi_tensor.buffer_specs_of(ref))
+
+    return jax.tree.map(lay_out, restored, like, is_leaf=_is_opt_state)
+
+
 def _flatten(tree: Any) -> tuple[list[str], list[np.ndarray], Any]:
-    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(_per_leaf(tree))
     paths = [jax.tree_util.keystr(p) for p, _ in leaves_with_path]
     arrays = [np.asarray(jax.device_get(leaf)) for _, leaf in leaves_with_path]
     return paths, arrays, treedef
@@ -95,7 +126,7 @@ def _check_like(manifest_leaves: list[dict], like: Any) -> tuple[list, Any]:
 
 
 def _rebuild(treedef, values: list[np.ndarray], like: Any) -> Any:
-    like_leaves = jax.tree.leaves(like)
+    like_leaves = jax.tree.leaves(_per_leaf(like))
     out: list[Any] = []
     for value, ref in zip(values, like_leaves):
         if isinstance(ref, jax.Array):
@@ -104,7 +135,7 @@ def _rebuild(treedef, values: list[np.ndarray], like: Any) -> Any:
             out.append(np.asarray(value, dtype=ref.dtype))
         else:  # Python scalars
             out.append(type(ref)(value.item()) if np.ndim(value) == 0 else value)
-    return jax.tree.unflatten(treedef, out)
+    return _packed_like(jax.tree.unflatten(treedef, out), like)
 
 
 def _fsync_dir(path: str) -> None:

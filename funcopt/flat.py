@@ -37,8 +37,10 @@ LBFGS) run per leaf only and refuse `FlatParams`.
 
 On plain pytrees, `opt.step` also packs per step (`set_policy`): by
 default the small leaves of a tree on one CPU device (two or more of one
-group and dtype), copied in and out natively each step. Many large leaves:
-this layout, with no copies.
+group and dtype), their params and grads copied in and out natively each
+step, their optimizer state packed for good by `opt.init` (`state.slots[name]`
+is a `FlatParams` of this module; `state.unpacked()` gives per-leaf trees).
+Many large leaves: this layout, with no copies.
 """
 
 from __future__ import annotations

@@ -259,6 +259,22 @@ def state_shardings(
         if isinstance(x, OptState):
             slots = {}
             for name, tree in x.slots.items():
+                if isinstance(tree, _multi_tensor.FlatParams):  # packed: replicated
+                    rest = [
+                        None
+                        if s is None
+                        else _like(
+                            p_shardings[i],
+                            np.shape(leaves[i]),
+                            s.shape,
+                            mesh,
+                            zero_axis,
+                        )
+                        for i, s in zip(tree.layout.outside, tree.rest)
+                    ]
+                    buffers = [None if b is None else rep for b in tree.buffers]
+                    slots[name] = _multi_tensor.FlatParams(buffers, rest, tree.layout)
+                    continue
                 flat = treedef.flatten_up_to(tree)
                 slots[name] = treedef.unflatten(
                     [

@@ -92,7 +92,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _groups, _validate
+from . import _groups, _multi_tensor, _validate
 from ._tree import is_trainable
 
 # the keys schedulers add to torch's param_groups
@@ -537,7 +537,9 @@ def _state_dict(opt, state, params, names):
         param_groups.append(group)
 
     steps = np.asarray(state.step)
-    slots = {k: layout.treedef.flatten_up_to(t) for k, t in state.slots.items()}
+    slots = {
+        k: layout.treedef.flatten_up_to(t) for k, t in state.unpacked().slots.items()
+    }
     out_state = {}
     for group in layout.members:
         for i in group:
@@ -605,7 +607,7 @@ def load_state_dict(
     layout = _layout(opt, params, order, source)
     _check_group_sizes(layout, groups)
     _check_group_names(layout, groups)
-    state0 = opt.init(params)
+    state0 = opt.init(params).unpacked()
 
     hparams = {}
     for g, (group, gname) in enumerate(zip(groups, layout.names)):
@@ -657,11 +659,13 @@ def load_state_dict(
                     + layout.order_hint()
                 )
             slots[k][i] = jnp.asarray(value.astype(ref.dtype))
-    return state0._replace(
+    state = state0._replace(
         step=jnp.asarray(steps),
         hparams=hparams,
         slots={k: layout.treedef.unflatten(v) for k, v in slots.items()},
     )
+    # in the layout init makes (packed buffers by default)
+    return _multi_tensor.pack_state(definition, params, state)
 
 
 # --------------------------------------------------------------------------

@@ -149,7 +149,8 @@ def _bits_equal(a, b):
 
 def _check_extension(params, state, opt2, params2, state2):
     """Old leaves and groups bit for bit as they were; new ones as init makes."""
-    init = opt2.init(params2)
+    init = opt2.init(params2).unpacked()
+    state, state2 = state.unpacked(), state2.unpacked()
     old_paths = _by_path(params)
     paths = list(_by_path(params2))
     assert set(old_paths) <= set(paths)
@@ -380,12 +381,12 @@ def test_precision_policy_kept(x64):
     opt2, params2, state2 = fo.add_param_group(
         opt, params, opt.init(params), {"v": jnp.ones(2)}, name="v"
     )
-    assert state2.slots["exp_avg"]["v"].dtype == jnp.float32
-    assert state2.slots["exp_avg_sq"]["v"].dtype == jnp.float64
+    assert state2.unpacked().slots["exp_avg"]["v"].dtype == jnp.float32
+    assert state2.unpacked().slots["exp_avg_sq"]["v"].dtype == jnp.float64
     assert opt2.policy == opt.policy
     grads = jax.tree.map(jnp.ones_like, params2)
     _, state3 = jax.jit(opt2.step)(params2, grads, state2)
-    assert state3.slots["exp_avg"]["v"].dtype == jnp.float32
+    assert state3.unpacked().slots["exp_avg"]["v"].dtype == jnp.float32
 
 
 # --------------------------------------------------------------------------

@@ -45,7 +45,9 @@ def test_step_matches_finite_differences(case, x64):
             if jnp.issubdtype(q.dtype, jnp.floating)
         )
         return out + sum(
-            jnp.sum(s) for s in jax.tree.leaves(state.slots) if s.dtype == jnp.float64
+            jnp.sum(s)
+            for s in jax.tree.leaves(state.unpacked().slots)
+            if s.dtype == jnp.float64
         )
 
     float_only = lambda t: jax.tree.map(  # noqa: E731

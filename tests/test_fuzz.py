@@ -349,6 +349,7 @@ def corrupted_state(draw, name, opt, state):
         return state._replace(hparams=hparams)
     if not state.slots:
         return state._replace(slots={"bogus": {"w": jnp.ones((2, 3)), "n": None}})
+    state = state.unpacked()
     slot = draw(st.sampled_from(sorted(state.slots)))
     slots = dict(state.slots)
     slots[slot] = draw(corrupted_tree(slots[slot]))

@@ -45,6 +45,14 @@ def test_pack_and_unpack_copy_the_bits(dtype):
         pad[start : start + int(np.prod(shape))] = False
         start += span
     assert not np.asarray(packed, np.float64)[pad].any(), "padding is zeros"
+    # outside jit: copied on the host (one CPU device), the same bits
+    eager = _packing.pack(leaves, SPANS)
+    assert isinstance(eager, jax.Array) and eager.dtype == packed.dtype
+    assert eager.sharding.device_set == leaves[0].sharding.device_set
+    bits = np.dtype(f"u{packed.dtype.itemsize}")
+    np.testing.assert_array_equal(
+        np.asarray(eager).view(bits), np.asarray(packed).view(bits)
+    )
     back = jax.jit(lambda b: _packing.unpack(b, SPANS, SHAPES))(packed)
     for got, leaf in zip(back, leaves):
         assert got.shape == leaf.shape and got.dtype == leaf.dtype
@@ -186,16 +194,22 @@ def _small_tree(n=12):
 
 
 def test_default_step_packs_the_small_leaves_on_one_cpu_device():
-    """`opt.step` on a tree of many small leaves: one copy in per buffer
-    (params, grads, 2 moments) and one out per updated buffer, the large
-    leaf on its own; the per-leaf path where native copies are off."""
+    """`opt.step` on a tree of many small leaves: one copy in for params
+    and one for grads, one out for params (the 2 moments live packed in the
+    state `init` made), the large leaf on its own; a per-leaf state packs
+    its moments too; the per-leaf path where native copies are off."""
     params = _small_tree()
     grads = jax.tree.map(lambda p: p * 0.1, params)
     opt = fo.adam(lr=1e-2)
     text = jax.jit(opt.step).lower(params, grads, opt.init(params)).as_text()
+    with ff.policy("never"):
+        per_leaf = opt.init(params)
+    per_leaf_text = jax.jit(opt.step).lower(params, grads, per_leaf).as_text()
     if _native.usable():
-        assert text.count("stablehlo.custom_call @funcopt_pack(") == 4
-        assert text.count("stablehlo.custom_call @funcopt_unpack(") == 3
+        assert text.count("stablehlo.custom_call @funcopt_pack(") == 2
+        assert text.count("stablehlo.custom_call @funcopt_unpack(") == 1
+        assert per_leaf_text.count("stablehlo.custom_call @funcopt_pack(") == 4
+        assert per_leaf_text.count("stablehlo.custom_call @funcopt_unpack(") == 3
     else:
         assert "funcopt_pack" not in text and "concatenate" not in text
 
@@ -218,8 +232,9 @@ def test_default_step_packs_two_small_leaves_not_a_0d_or_a_large_one():
     grads = jax.tree.map(lambda p: p * 0.1 if p.dtype == jnp.float32 else None, params)
     opt = fo.adam(lr=1e-2)
     text = jax.jit(opt.step).lower(params, grads, opt.init(params)).as_text()
-    # params, grads, exp_avg, exp_avg_sq: "b" (3,) and "k" (2, 2, 2)
-    packed = ["tensor<3xf32>, tensor<2x2x2xf32>"] * 4 if _native.usable() else []
+    # params and grads: "b" (3,) and "k" (2, 2, 2); exp_avg, exp_avg_sq live
+    # packed in the state
+    packed = ["tensor<3xf32>, tensor<2x2x2xf32>"] * 2 if _native.usable() else []
     assert _packed_operands(text) == packed
     lone = {"b": params["b"], "w": params["w"]}
     grads = jax.tree.map(jnp.cos, lone)
@@ -241,7 +256,7 @@ def test_default_step_gives_the_per_leaf_paths_bits(x64, exact_float32):
             p, s = params, opt.init(params)
             for _ in range(3):
                 p, s = step(p, grads, s)
-        results.append(jax.tree.leaves((p, s)))
+        results.append(jax.tree.leaves((p, s.unpacked())))
     for a, b in zip(*results):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -93,7 +93,8 @@ def test_bf16_params_match_torch(case, torch_cpu_loop):
     p = p16
     for g in g16:
         p, state = step(p, g, state)
-    for leaf in jax.tree.leaves(state.slots):  # state in the param dtype, as torch
+    # state in the param dtype, as torch
+    for leaf in jax.tree.leaves(state.unpacked().slots):
         if leaf.shape:
             assert leaf.dtype == jnp.bfloat16
     expected = _torch_run(case, kwargs, p16, g16, torch.bfloat16)

@@ -480,7 +480,7 @@ def trainable_leaves(tree) -> list:
 def slot_leaves(state, params, name) -> list:
     """Slot ``name`` per trainable leaf (None where that leaf has none)."""
     leaves, treedef = jax.tree.flatten(params)
-    flat = treedef.flatten_up_to(state.slots[name])
+    flat = treedef.flatten_up_to(state.unpacked().slots[name])
     return [s for s, p in zip(flat, leaves) if is_trainable(p)]
 
 

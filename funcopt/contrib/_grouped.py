@@ -64,7 +64,8 @@ def _leaf_stats(inner: Optimizer, leaf_stats, params, grads, state, has_grad):
     names, group_of = _groups.resolve(definition.groups, params)
     values = [definition.group_values(n) for n in names]
     options = [definition.group_options(v) for v in values]
-    slot_leaves = {k: treedef.flatten_up_to(t) for k, t in state.slots.items()}
+    slots = state.unpacked().slots
+    slot_leaves = {k: treedef.flatten_up_to(t) for k, t in slots.items()}
     mask = None if has_grad is None else treedef.flatten_up_to(has_grad)
     out = []
     for i, (p, g, group) in enumerate(zip(leaves, grad_leaves, group_of)):

@@ -143,7 +143,7 @@ def _switch(opt, params, state, beta_of_group, to_eval: bool):
     names, group_of = _groups.resolve(opt.param_groups, params)
     treedef: PyTreeDef
     leaves, treedef = jax.tree.flatten(params)
-    z = treedef.flatten_up_to(state.slots["z"])
+    z = treedef.flatten_up_to(state.unpacked().slots["z"])
     out = []
     for i, (p, g) in enumerate(zip(leaves, group_of)):
         if g is None:

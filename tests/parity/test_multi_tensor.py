@@ -212,5 +212,10 @@ def test_the_packed_default_gives_the_per_leaf_bits(case, mode, x64):
                 )
     finally:
         _math.set_exact_float32(False)
-    for a, e in zip(jax.tree.leaves(runs[1]), jax.tree.leaves(runs[0])):
+    # the auto run's state is packed (the layout init chose), the other per leaf
+    (p0, s0), (p1, s1) = runs
+    assert ff.FlatParams in {type(v) for v in s1.slots.values()}
+    assert ff.FlatParams not in {type(v) for v in s0.slots.values()}
+    got, expected = (p1, s1.unpacked()), (p0, s0)
+    for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(e))

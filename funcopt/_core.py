@@ -84,7 +84,8 @@ class OptState(NamedTuple):
     def unpacked(self) -> OptState:
         """This state with every buffer per leaf: `slots[name]` a pytree
         of the params' structure (`None` where a leaf has no such buffer).
-        The same state when it already is; views (slices) under `jit`."""
+        The same state when it already is; the buffers are copied out
+        (one call per bucket, on the host outside `jit`)."""
         return _multi_tensor.unpack_state(self)
 
 

@@ -545,12 +545,13 @@ class Layout:
             if buf is None:
                 continue
             if buf.ndim == 1:  # a 0-dim buffer per parameter, one value per row
-                vals = b.first_of_rows(buf)
-                for j, i in enumerate(b.leaves):
-                    leaves[i] = vals[j]
+                for i, value in zip(b.leaves, b.unpack_scalars(buf)):
+                    leaves[i] = value
                 continue
+            # copies (`funcopt._packing.unpack`): eagerly on the host, where
+            # `split`'s slices would compile a program as large as the tree
             shapes = [real_shape_of(self.shapes[i], self.dtypes[i]) for i in b.leaves]
-            for i, piece in zip(b.leaves, b.split(buf, shapes)):
+            for i, piece in zip(b.leaves, b.unpack(buf, shapes)):
                 leaves[i] = _to_complex(piece, self.dtypes[i])
         for i, leaf in zip(self.outside, flat.rest):
             leaves[i] = leaf

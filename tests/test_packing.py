@@ -54,9 +54,12 @@ def test_pack_and_unpack_copy_the_bits(dtype):
         np.asarray(eager).view(bits), np.asarray(packed).view(bits)
     )
     back = jax.jit(lambda b: _packing.unpack(b, SPANS, SHAPES))(packed)
-    for got, leaf in zip(back, leaves):
-        assert got.shape == leaf.shape and got.dtype == leaf.dtype
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(leaf))
+    eager_back = _packing.unpack(packed, SPANS, SHAPES)  # on the host
+    for got, again, leaf in zip(back, eager_back, leaves, strict=True):
+        for x in (got, again):
+            assert isinstance(x, jax.Array)
+            assert x.shape == leaf.shape and x.dtype == leaf.dtype
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(leaf))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bool_])

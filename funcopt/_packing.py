@@ -115,6 +115,14 @@ def _on_one_cpu(x) -> bool:
     return len(devices) == 1 and next(iter(devices)).platform == "cpu"
 
 
+def _placed(host, like: jax.Array):
+    """Host arrays on `like`'s device, committed to it only if `like` is:
+    an uncommitted array joins a computation on any device, as the
+    reference's results (jnp ops on uncommitted arrays) would."""
+    device = next(iter(like.sharding.device_set)) if like.committed else None
+    return jax.device_put(host, device)
+
+
 def _pack_impl(*leaves, spans, shape):
     """`pack` outside any transformation. Arrays of one CPU device are
     copied on the host (`_pack_reference` run op by op would compile a
@@ -128,7 +136,7 @@ def _pack_impl(*leaves, spans, shape):
         host = np.asarray(leaf).reshape(-1)
         out[start : start + host.size] = host
         start += span
-    return jax.device_put(out.reshape(shape), next(iter(leaves[0].sharding.device_set)))
+    return _placed(out.reshape(shape), leaves[0])
 
 
 def _unpack_impl(buffer, *, spans, shapes):
@@ -138,14 +146,13 @@ def _unpack_impl(buffer, *, spans, shapes):
     reference."""
     if not _on_one_cpu(buffer):
         return _unpack_reference(buffer, spans=spans, shapes=shapes)
-    device = next(iter(buffer.sharding.device_set))
     host = np.asarray(buffer).reshape(-1)
     pieces, start = [], 0
     for span, shape in zip(spans, shapes):
         size = math.prod(shape)
         pieces.append(host[start : start + size].reshape(shape))
         start += span
-    return jax.device_put(pieces, device)  # one batched transfer
+    return _placed(pieces, buffer)  # one batched transfer
 
 
 def _unpack_reference(buffer, *, spans, shapes):

@@ -45,10 +45,18 @@ def test_pack_and_unpack_copy_the_bits(dtype):
         pad[start : start + int(np.prod(shape))] = False
         start += span
     assert not np.asarray(packed, np.float64)[pad].any(), "padding is zeros"
-    # outside jit: copied on the host (one CPU device), the same bits
+    # outside jit: copied on the host (one CPU device), the same bits, and
+    # committed to a device only where the leaves are
     eager = _packing.pack(leaves, SPANS)
     assert isinstance(eager, jax.Array) and eager.dtype == packed.dtype
     assert eager.sharding.device_set == leaves[0].sharding.device_set
+    assert (
+        not eager.committed and not _packing.unpack(eager, SPANS, SHAPES)[0].committed
+    )
+    committed = [jax.device_put(x, jax.devices()[0]) for x in leaves]
+    eager_committed = _packing.pack(committed, SPANS)
+    assert eager_committed.committed
+    assert _packing.unpack(eager_committed, SPANS, SHAPES)[0].committed
     bits = np.dtype(f"u{packed.dtype.itemsize}")
     np.testing.assert_array_equal(
         np.asarray(eager).view(bits), np.asarray(packed).view(bits)

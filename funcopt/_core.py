@@ -754,7 +754,7 @@ def _apply(definition, params, grads, state, has_grad):
             and any(grad_leaves[i] is not None for i in b.leaves)
         }
         for j in per_leaf_buckets:
-            own = _multi_tensor.unpack_bucket_slots(layout, j, state, leaves)
+            own = _multi_tensor.unpack_bucket_slots(layout, j, state)
             for k, values in own.items():
                 for i, v in zip(layout.buckets[j].leaves, values):
                     slot_leaves[k][i] = v

@@ -541,21 +541,37 @@ class Layout:
         leaves `outside` every bucket get theirs (`flat.rest`) as they are.
         """
         leaves: list[Any] = [None] * self.n_leaves
-        for b, buf in zip(self.buckets, flat.buffers):
-            if buf is None:
-                continue
-            if buf.ndim == 1:  # a 0-dim buffer per parameter, one value per row
-                for i, value in zip(b.leaves, b.unpack_scalars(buf)):
+        for j, buf in enumerate(flat.buffers):
+            if buf is not None:
+                for i, value in zip(self.buckets[j].leaves, self.bucket_values(j, buf)):
                     leaves[i] = value
-                continue
-            # copies (`funcopt._packing.unpack`): eagerly on the host, where
-            # `split`'s slices would compile a program as large as the tree
-            shapes = [real_shape_of(self.shapes[i], self.dtypes[i]) for i in b.leaves]
-            for i, piece in zip(b.leaves, b.unpack(buf, shapes)):
-                leaves[i] = _to_complex(piece, self.dtypes[i])
         for i, leaf in zip(self.outside, flat.rest):
             leaves[i] = leaf
         return self.treedef.unflatten(leaves)
+
+    def bucket_values(self, j: int, buffer) -> list:
+        """Bucket `j`'s state buffer, leaf by leaf: a `[n_rows]` buffer (a
+        0-dim buffer per parameter) one 0-dim value each, a `[n_rows, width]`
+        one cut to each leaf's shape (complex leaves complex again). Copies
+        (`funcopt._packing.unpack`): eagerly on the host, where `split`'s
+        slices would compile a program as large as the tree."""
+        b = self.buckets[j]
+        if buffer.ndim == 1:
+            return b.unpack_scalars(buffer)
+        shapes = [real_shape_of(self.shapes[i], self.dtypes[i]) for i in b.leaves]
+        pieces = b.unpack(buffer, shapes)
+        return [_to_complex(x, self.dtypes[i]) for x, i in zip(pieces, b.leaves)]
+
+    def bucket_buffer(self, j: int, values, dtype, per_row: bool) -> jax.Array:
+        """The inverse of `bucket_values`: bucket `j`'s leaves' values
+        packed into one buffer of `dtype`, `[n_rows]` where `per_row` (0-dim
+        values), else `[n_rows, width]`."""
+        from ._core import _as_real
+
+        b = self.buckets[j]
+        if per_row:
+            return b.pack_scalars([_packing.as_packable(v, dtype) for v in values])
+        return b.pack([_as_real(_packing.as_packable(v)) for v in values], dtype)
 
     def unpack_state(self, state):
         """A flat `OptState` -> the per-leaf `OptState` of the same step."""
@@ -917,23 +933,19 @@ def pack_into(layout: Layout, state, specs: list[dict[str, tuple]]):
     """A per-leaf `state` with its buffers packed in `layout`, bucket `j`'s
     as `specs[j]` says (`bucket_buffer_specs`, `buffer_specs_of`): what a
     checkpoint restored into a packed state and `pack_state` return."""
-    from ._core import OptState, _as_real
+    from ._core import OptState
 
     slots = {}
     for k, tree in state.slots.items():
         per_leaf = layout.treedef.flatten_up_to(tree)
         buffers: list[jax.Array | None] = []
-        for b, spec in zip(layout.buckets, specs):
+        for j, (b, spec) in enumerate(zip(layout.buckets, specs)):
             own = [per_leaf[i] for i in b.leaves]
             if k not in spec or own[0] is None:
                 buffers.append(None)
-            elif len(spec[k][0]) == 1:  # a 0-dim buffer per parameter
-                values = [jnp.asarray(s, spec[k][1]) for s in own]
-                buffers.append(b.pack_scalars(values))
             else:
-                buffers.append(
-                    b.pack([_as_real(jnp.asarray(s)) for s in own], spec[k][1])
-                )
+                shape, dtype = spec[k]
+                buffers.append(layout.bucket_buffer(j, own, dtype, len(shape) == 1))
         rest = [per_leaf[i] for i in layout.outside]
         slots[k] = FlatParams(buffers, rest, layout)
     return OptState(state.step, state.hparams, slots)
@@ -1012,23 +1024,13 @@ def apply_packed(definition, layout, leaves, grad_leaves, state, options, mask):
     return done, buffers
 
 
-def unpack_bucket_slots(layout: Layout, j: int, state, leaves) -> dict[str, list]:
+def unpack_bucket_slots(layout: Layout, j: int, state) -> dict[str, list]:
     """Bucket `j`'s buffers, leaf by leaf: `{slot: [value per leaf]}`."""
-    from ._core import _as_complex
-
-    b = layout.buckets[j]
-    shapes = [real_shape(leaves[i]) for i in b.leaves]
-    out = {}
-    for k, v in state.slots.items():
-        buf = v.buffers[j]
-        if buf is None:
-            continue
-        if buf.ndim == 1:
-            out[k] = b.unpack_scalars(buf)
-        else:
-            pieces = b.unpack(buf, shapes)
-            out[k] = [_as_complex(x, leaves[i]) for x, i in zip(pieces, b.leaves)]
-    return out
+    return {
+        k: layout.bucket_values(j, v.buffers[j])
+        for k, v in state.slots.items()
+        if v.buffers[j] is not None
+    }
 
 
 def repack_slots(layout, state, buffers, per_leaf, repack) -> dict[str, FlatParams]:
@@ -1036,8 +1038,6 @@ def repack_slots(layout, state, buffers, per_leaf, repack) -> dict[str, FlatPara
     those in `repack` packed from their leaves' new per-leaf buffers
     (`per_leaf`, `{slot: list over all leaves}`), the others as they were;
     the leaves `outside` the buckets from `per_leaf`."""
-    from ._core import _as_real
-
     slots = {}
     for k, v in state.slots.items():
         new = list(v.buffers)
@@ -1046,10 +1046,7 @@ def repack_slots(layout, state, buffers, per_leaf, repack) -> dict[str, FlatPara
                 new[j] = buffers[j][k]
             elif j in repack and new[j] is not None:
                 own = [per_leaf[k][i] for i in b.leaves]
-                if new[j].ndim == 1:
-                    new[j] = b.pack_scalars(own)
-                else:
-                    new[j] = b.pack([_as_real(x) for x in own], new[j].dtype)
+                new[j] = layout.bucket_buffer(j, own, new[j].dtype, new[j].ndim == 1)
         rest = [per_leaf[k][i] for i in layout.outside]
         slots[k] = FlatParams(new, rest, layout)
     return slots

@@ -72,7 +72,8 @@ class OptState(NamedTuple):
       slots: `{name: buffers}`, per-parameter buffers named as in torch's
         `optimizer.state[p]` (`exp_avg`, `momentum_buffer`, ...). Per leaf,
         each is a pytree with the structure of the params and `None` where a
-        leaf has no such buffer; by default the small leaves' buffers are
+        leaf has no such buffer; by default the small leaves' buffers (and
+        under Adam/AdamW and SGD, those of leaves of any size) are
         packed (`funcopt.flat.FlatParams`, see `funcopt.flat.set_policy`),
         and [`unpacked`][funcopt.OptState.unpacked] gives the trees.
     """
@@ -783,6 +784,8 @@ def _apply(definition, params, grads, state, has_grad):
     # leaves on the per-leaf path, by group and scalar math: computed once,
     # vectorised over their step counts
     by_scalars: dict[tuple, list[tuple[int, _compile.LeafProgram]]] = {}
+    # dense leaves on the per-leaf path, by group
+    dense: dict[int, list[int]] = {}
     owns = {}
     for i, (p, g, group) in enumerate(zip(leaves, grad_leaves, group_of)):
         if i in packed:
@@ -807,15 +810,27 @@ def _apply(definition, params, grads, state, has_grad):
             new_leaves[i], new_own = fn(p, g, owns[i], step, group_hparams[group])
             _store_leaf(i, new_leaves, new_own, owns[i], new_slots, p, mask)
         else:
+            dense.setdefault(group, []).append(i)
+        increments.append(True if mask is None else mask[i])
+    for group, members in dense.items():
+        hparams = group_hparams[group]
+        # many leaves in one native call where the rule has one (Adam, SGD)
+        many = _many_leaves(definition, members, leaves, grad_leaves, owns,
+                            stepped, hparams, options[group], mask)  # fmt: skip
+        fn = _leaf_step(definition, names[group], options[group])
+        for i in members:
+            if i in many:  # `has_grad` applied by the call
+                new_leaves[i], new_own = many[i]
+                _store_leaf(i, new_leaves, new_own, owns[i], new_slots, leaves[i], None)
+                continue
             if count is None:
                 count = stepped[0]
             program = _compile.leaf_program(
-                fn, p, g, owns[i], count, group_hparams[group]
+                fn, leaves[i], grad_leaves[i], owns[i], count, hparams
             )
             by_scalars.setdefault(
                 (group, program.scalars, program.small_own), []
             ).append((i, program))
-        increments.append(True if mask is None else mask[i])
     for (group, scalars, _), members in by_scalars.items():
         order = [i for i, _ in members]
         everyone = order == list(range(stepped.shape[0]))
@@ -841,6 +856,35 @@ def _apply(definition, params, grads, state, has_grad):
         slots = {k: treedef.unflatten(v) for k, v in new_slots.items()}
     new_state = OptState(new_step, state.hparams, slots)
     return treedef.unflatten(new_leaves), new_state
+
+
+def _many_leaves(definition, members, leaves, grad_leaves, owns, stepped, hparams,
+                 options, mask) -> dict[int, tuple]:  # fmt: skip
+    """The `(new_param, new_slots)` of the leaves `members` (one group's,
+    dense) that the rule steps together in one native call (`rule.many`,
+    `_fused_native._run_many`: Adam/AdamW and SGD), by leaf, a leaf whose
+    `has_grad` (`mask`) is false keeping its values; the others take their
+    own programs."""
+    many = getattr(definition.rule, "many", None)
+    if many is None or len(members) < 2:
+        return {}
+    everyone = members == list(range(stepped.shape[0]))
+    steps = (stepped if everyone else stepped[np.asarray(members)]).astype(
+        widest_float()
+    )
+    live = jnp.ones(len(members), bool)
+    if mask is not None:
+        live = jnp.stack([jnp.asarray(mask[i], bool) for i in members])
+    out = many(
+        [leaves[i] for i in members],
+        [grad_leaves[i] for i in members],
+        [owns[i] for i in members],
+        steps,
+        live,
+        hparams,
+        options,
+    )
+    return {members[rank]: v for rank, v in out.items()}
 
 
 def _store_leaf(i, new_leaves, new_own, own, new_slots, p, mask) -> None:

@@ -23,10 +23,13 @@ Two ways in:
 * [`funcopt.flat`][funcopt.flat]: params, grads and state *live* packed
   ([`FlatParams`][funcopt.flat.FlatParams]); the model reads views (`layout.unpack`) and
   the optimizer step is one kernel per bucket with no packing per step;
-* a plain pytree through `opt.step`/`TrainState`: leaves are packed,
+* a plain pytree through `opt.step`/`TrainState`: the optimizer state of
+  a bucket's leaves lives packed (`init`), and the leaves are packed,
   updated and copied back per step, by default where that compiles and runs
   faster than one kernel per leaf (many small leaves on one CPU device; see
-  [`set_policy`][funcopt.flat.set_policy]).
+  [`set_policy`][funcopt.flat.set_policy]); where the rule's native kernel
+  steps many leaves in one call (Adam/AdamW, SGD: `step_bucket_in_place`),
+  it reads the params and gradients where they are and nothing is copied.
 """
 
 from __future__ import annotations
@@ -65,13 +68,21 @@ def set_policy(value: str) -> None:
 
     `"auto"` (default): on one CPU device with the native library loaded
     (`funcopt._packing.native_available`), the leaves with dimensions of at
-    most `AUTO_MAX_LEAF_BYTES` bytes, where a bucket (group, dtype) has at
-    least `AUTO_MIN_LEAVES` (2) of them; larger leaves, 0-d leaves (torch's
-    0-d tensor math, see `_auto_packs`), and every leaf elsewhere (GPU, TPU,
-    several devices, no library), run one kernel per leaf. The parity
+    most `AUTO_MAX_LEAF_BYTES` bytes, and those of any size whose bucket
+    steps in place (Adam/AdamW and SGD on the native kernels: the params
+    and gradients read where they are, `step_bucket_in_place`), where a bucket
+    (group, dtype) has at least `AUTO_MIN_LEAVES` (2) of them; other large
+    leaves, 0-d leaves (torch's 0-d tensor math, see `_auto_packs`), and
+    every leaf elsewhere (GPU, TPU, several devices, no library), run one
+    kernel per leaf. The parity
     table's tree has leaves of both kinds, so each of its rows runs both
     paths. `"always"`: every bucket of an elementwise optimizer; `"never"`:
-    the per-leaf path.
+    the per-leaf path (per-leaf state; Adam/AdamW and SGD still step a
+    group's leaves in one native call there, `_core._many_leaves`).
+    Where the bucket steps in place, `init`'s layout follows the native
+    setting at that time: a state made with the kernels on and stepped
+    with them off (or on a sparse gradient) packs its large leaves every
+    step, correct but slow.
     [`funcopt.flat.FlatParams`][funcopt.flat.FlatParams] always take the
     multi-tensor path. Read when a step is traced, and by `init`: the
     buckets it selects there keep their optimizer state packed
@@ -81,9 +92,10 @@ def set_policy(value: str) -> None:
     packed again, and the leaves outside a packed state's buckets (large,
     0-d and complex ones under `"auto"`) step one program each.
 
-    Each step copies the bucket's params and grads in and the params out
-    (`funcopt._packing`: one native `memcpy` call per buffer); the state
-    stays packed. Measured for Adam on 1,000 float32 leaves of 1,000
+    Where the bucket does not step in place, each step copies its params
+    and grads in and the params out (`funcopt._packing`: one native
+    `memcpy` call per buffer); the state stays packed. Measured with the
+    copies for Adam on 1,000 float32 leaves of 1,000
     elements (2-core AMD EPYC, jax 0.10.2, params and state donated):
     compile 0.6-1.0 s (optax 5.0 s), a step of 5.8-6.0 ms (optax 13.8-15.8
     ms); with a per-leaf state, packed per step, it was 1.1 s and 16.7 ms
@@ -335,17 +347,48 @@ def run_bucket(definition, bucket, p, g, slots, steps, hparams, options, mask):
     return new_p, {k: v.reshape(slots[k].shape) for k, v in new_slots.items()}
 
 
-def _auto_packs(leaf) -> bool:
-    """Whether `"auto"` packs this leaf (`set_policy`): a small leaf with
-    dimensions. A 0-d leaf keeps torch's 0-d tensor math, which its own
-    program gives it: torch rounds a 0-d float32 param as scalar math (see
+def _auto_packs(leaf, in_place: Callable[[], bool] = lambda: False) -> bool:
+    """Whether `"auto"` packs this leaf (`set_policy`): a leaf with
+    dimensions, small or of any size where its bucket steps in place (no
+    copies a step: `in_place()`, asked of large leaves only). A 0-d leaf
+    keeps torch's 0-d tensor math, which its own program gives it: torch
+    rounds a 0-d float32 param as scalar math (see
     `funcopt._math.is_per_param_scalar`), and promotes a 0-d 16-bit param
     with a 0-d float32 tensor (ASGD's `eta`) to float32, where a packed row
     counts as having dimensions."""
     shape = real_shape(leaf)
     if not shape:
         return False
-    return math.prod(shape) * real_dtype(leaf).itemsize <= AUTO_MAX_LEAF_BYTES
+    small = math.prod(shape) * real_dtype(leaf).itemsize <= AUTO_MAX_LEAF_BYTES
+    return small or in_place()
+
+
+def _bucket_steps_in_place(definition, bucket: Bucket, options) -> bool:
+    """Whether the rule steps many leaves of `bucket`'s group and dtype in
+    one call reading them where they are (`rule.steps_in_place`; then
+    `"auto"` leaves them to the per-leaf path, `_core._many_leaves`,
+    rather than packing them every step)."""
+    check = getattr(definition.rule, "steps_in_place", None)
+    return check is not None and check(bucket.dtype, options[bucket.group])
+
+
+def _leaf_steps_in_place(definition, leaf, group: str) -> bool:
+    """Whether a packed state's bucket of leaves like `leaf` in `group`
+    would step in place (`step_bucket_in_place`): the rule has a kernel that reads
+    many leaves' params where they are and applies to the group's options
+    and the leaf's dtype (`rule.steps_in_place`), and every state buffer
+    `init` makes is of the leaf's shape and dtype."""
+    from ._core import _slot_spec
+
+    check = getattr(definition.rule, "steps_in_place", None)
+    if check is None or jnp.iscomplexobj(leaf):
+        return False
+    options = definition.group_options(definition.group_values(group))
+    if not check(jnp.dtype(leaf.dtype), options):
+        return False
+    spec = _slot_spec(definition, leaf, group)
+    own = (tuple(np.shape(leaf)), np.dtype(leaf.dtype))
+    return bool(spec) and all(s == own for s in spec.values())
 
 
 def apply_tree(
@@ -355,7 +398,9 @@ def apply_tree(
 
     Packs the leaves of every bucket the policy selects, runs the rule once
     per bucket and splits the results back into leaves. Leaves it leaves out
-    (policy, unsupported slot shapes) go through the per-leaf path.
+    (policy, unsupported slot shapes, and under `"auto"` buckets whose rule
+    steps many leaves in one call without copies) go through the per-leaf
+    path.
     """
     pol = get_policy()
     if pol == "never":
@@ -376,6 +421,10 @@ def apply_tree(
         idx = bucket.leaves
         if pol == "auto" and len(idx) < AUTO_MIN_LEAVES:
             continue
+        complex_leaves = any(jnp.iscomplexobj(leaves[i]) for i in idx)
+        if pol == "auto" and not complex_leaves:
+            if _bucket_steps_in_place(definition, bucket, options):
+                continue  # the per-leaf path steps them in one call, no copies
         kinds = _slot_kinds(slot_leaves, leaves, idx)
         if kinds is None:
             continue
@@ -792,10 +841,12 @@ def state_layout(definition, leaves, treedef, names, group_of) -> Layout | None:
 
     The buckets `set_policy` packs (read at `init`): by default (`"auto"`),
     on one CPU device with the native library, a group's and dtype's small
-    leaves where it has two or more; every bucket with `"always"`; none with
-    `"never"`. Their buffers (`exp_avg`, ...) are one `[rows, width]` array
-    per bucket, the other leaves' as they are (`FlatParams.rest`), so a
-    step passes a few state arrays instead of two or three per leaf. Each
+    leaves, and its leaves of any size where the bucket steps in place
+    (`_leaf_steps_in_place`), where it has two or more; every bucket with
+    `"always"`; none with `"never"`. Their buffers (`exp_avg`, ...) are
+    one `[rows, width]` array per bucket, the other leaves' as they are
+    (`FlatParams.rest`), so a step passes a few state arrays instead of two
+    or three per leaf. Each
     array a compiled program takes or returns costs the runtime a few
     microseconds (Adam's per-leaf state of 1,000 leaves: ~9 ms a step, 2-core
     CPU), more than the arithmetic. Whatever the layout, `opt.step` gives
@@ -814,7 +865,12 @@ def state_layout(definition, leaves, treedef, names, group_of) -> Layout | None:
         if g is not None
         and is_trainable(p)
         and not jnp.iscomplexobj(p)
-        and (pol == "always" or _auto_packs(p))
+        and (
+            pol == "always"
+            or _auto_packs(
+                p, functools.partial(_leaf_steps_in_place, definition, p, names[g])
+            )
+        )
     ]
     buckets = [
         b
@@ -993,28 +1049,37 @@ def apply_packed(definition, layout, leaves, grad_leaves, state, options, mask):
         grads = [grad_leaves[i] for i in idx]
         if all(g is None for g in grads) or not runs_packed(b, grad_leaves):
             continue
-        shapes = [real_shape(leaves[i]) for i in idx]
-        p = b.pack([_as_real(leaves[i]) for i in idx])
-        g = b.pack(
-            [
-                jnp.zeros(s, b.dtype) if gr is None else _as_real(gr)
-                for gr, s in zip(grads, shapes)
-            ]
-        )
         flags = None
         if mask is not None or any(gr is None for gr in grads):
             flags = [
                 False if gr is None else (True if mask is None else mask[i])
                 for gr, i in zip(grads, idx)
             ]
-        m = None
-        if flags is not None:
-            m = _packing.stack_scalars([_packing.as_packable(f, bool) for f in flags])
         slots = {
             k: v.buffers[j] for k, v in state.slots.items() if v.buffers[j] is not None
         }
         steps = _take_leaves(state.step, idx)
         hparams = {k: v[b.group] for k, v in state.hparams.items()}
+        params = [leaves[i] for i in idx]
+        in_place = step_bucket_in_place(
+            definition, b, params, grads, slots, steps, hparams, options[b.group], flags
+        )
+        if in_place is not None:
+            new_params, buffers[j] = in_place
+            for jj, i in enumerate(idx):
+                done[i] = (new_params[jj], {}, True if flags is None else flags[jj])
+            continue
+        shapes = [real_shape(leaves[i]) for i in idx]
+        p = b.pack([_as_real(x) for x in params])
+        g = b.pack(
+            [
+                jnp.zeros(s, b.dtype) if gr is None else _as_real(gr)
+                for gr, s in zip(grads, shapes)
+            ]
+        )
+        m = None
+        if flags is not None:
+            m = _packing.stack_scalars([_packing.as_packable(f, bool) for f in flags])
         new_p, buffers[j] = run_bucket(
             definition, b, p, g, slots, steps, hparams, options[b.group], m
         )
@@ -1022,6 +1087,47 @@ def apply_packed(definition, layout, leaves, grad_leaves, state, options, mask):
             stepped = True if flags is None else flags[jj]
             done[i] = (_as_complex(piece, leaves[i]), {}, stepped)
     return done, buffers
+
+
+def step_bucket_in_place(
+    definition, bucket, params, grads, slots, steps, hparams, options, flags
+):
+    """A packed state's bucket stepped by the rule's kernel for many leaves
+    (`rule.many_packed`: Adam/AdamW, SGD, `_fused_native._run_many_packed`):
+    the leaves' params and gradients read where they are, the state buffers
+    `slots` updated in place, where `run_bucket` would pack the params and
+    gradients and unpack the new params (three copies of the bucket a
+    step). The same bits. `steps`: the counts before this step; `flags`:
+    which leaves have a gradient (`apply_packed`; None: all). `(new_params,
+    new_slots)`, or None where the rule has no such kernel or it does not
+    apply."""
+    many = getattr(definition.rule, "many_packed", None)
+    live = [k for k, g in enumerate(grads) if g is not None]
+    if many is None or not live:
+        return None
+    offsets = [bucket.first_row[k] * bucket.width for k in live]
+    counts = steps + 1 if len(live) == len(grads) else (steps + 1)[np.asarray(live)]
+    # a traced `has_grad` false: the call leaves that leaf as it is
+    stepping = jnp.ones(len(live), bool)
+    if flags is not None:
+        stepping = jnp.stack([jnp.asarray(flags[k], bool) for k in live])
+    out = many(
+        [params[k] for k in live],
+        [grads[k] for k in live],
+        slots,
+        offsets,
+        counts.astype(widest_float()),
+        stepping,
+        hparams,
+        options,
+    )
+    if out is None:
+        return None
+    new_live, new_slots = out
+    new_params = list(params)  # a leaf without a gradient: not in the call
+    for k, v in zip(live, new_live):
+        new_params[k] = v
+    return new_params, new_slots
 
 
 def unpack_bucket_slots(layout: Layout, j: int, state) -> dict[str, list]:

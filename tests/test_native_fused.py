@@ -29,6 +29,7 @@ import torch
 
 import funcopt as fo
 import funcopt.flat as ff
+from funcopt import _multi_tensor
 from funcopt.optim import _fused_native
 from tests._subprocess import run_pytest_child
 from tests.torch_ref import (
@@ -451,7 +452,7 @@ def test_16bit_fused_kernel_is_the_jax_rule_on_any_leaf(factory, kwargs, dtype, 
                     p = jax.tree.map(lambda a, u: a + u, p, updates)
                 else:
                     p, state = step(p, g, state)
-            return p, state
+            return p, state.unpacked()  # the layouts differ: `init` asks the kernel
 
     for through_update in (False, True):
         got, want = run(True, through_update), run(False, through_update)
@@ -789,19 +790,21 @@ def _optimized_hlo(opt, params, grads, state) -> str:
 
 
 def _float_copies(hlo: str, leaves: int) -> list[str]:
-    """The copies of float32 arrays in an optimized HLO, but for those fused
-    into the loop that computes their operand (no pass of their own). 0-d
-    values may be copied, 4 bytes each: the step counters, and the
-    per-parameter scalars such as NAdam's mu_product, stacked (`[k]` or
-    `[k,1]`, k up to one per leaf) and sliced for the leaves that share a
-    kernel."""
+    """The copies of float arrays (any width) in an optimized HLO, but for
+    those fused into the loop that computes their operand (no pass of their
+    own). 0-d float32 values may be copied, 4 bytes each: the step
+    counters, and the per-parameter scalars such as NAdam's mu_product,
+    stacked (`[k]` or `[k,1]`, k up to one per leaf) and sliced for the
+    leaves that share a kernel."""
     computations = hlo.split("\n\n")
     hlo = "\n\n".join(c for c in computations if not c.startswith("%fused_comp"))
     copies = re.finditer(r"= f32\[(\d+)(,1)?\]\S* copy(?:-start)?\(.*", hlo)
     stacked = [c.group(0) for c in copies if int(c.group(1)) <= leaves]
     return [
         c
-        for c in re.findall(r"= f32\[[^\]]+\]\S* copy(?:-start)?\(.*", hlo)
+        for c in re.findall(
+            r"= (?:f16|bf16|f32|f64)\[[^\]]+\]\S* copy(?:-start)?\(.*", hlo
+        )
         if c not in stacked
     ]
 
@@ -837,25 +840,180 @@ KERNEL_STEPS = pytest.mark.parametrize(
 )  # fmt: skip
 
 
+# the optimizers whose kernels step many leaves in one call (`_run_many`)
+MANY_LEAVES = (fo.adam, fo.adamw, fo.sgd)
+
+
+def _kernel_calls(hlo: str) -> list[tuple[str, int, dict[int, int]]]:
+    """Each kernel call of an optimized HLO text: its target, the leaves it
+    steps (its `leaves` attribute; 1 without) and its results' aliased
+    operands (result index -> operand index)."""
+    calls = []
+    for line in hlo.splitlines():
+        target = re.search(r'custom_call_target="(funcopt_\w+)"', line)
+        if target is None:
+            continue
+        leaves = re.search(r"leaves = (\d+)", line)
+        aliases = re.findall(r"\{(\d*)\}: \((\d+),", line)
+        calls.append((
+            target.group(1),
+            int(leaves.group(1)) if leaves else 1,
+            {int(r or 0): int(o) for r, o in aliases},
+        ))  # fmt: skip
+    return calls
+
+
+@pytest.mark.parametrize("policy", ["never", "auto"])
 @KERNEL_STEPS
-def test_donated_step_is_one_custom_call_per_leaf_in_place(factory, kwargs):
-    """The optimized HLO of the donated jitted step: one custom call per
-    leaf, no copy (results alias the donated inputs)."""
+def test_donated_step_is_custom_calls_in_place(factory, kwargs, policy):
+    """The optimized HLO of the donated jitted step: every leaf stepped by
+    one custom call, no copy (results alias the donated inputs). With
+    per-leaf state (`"never"`): one call per leaf, or one for every leaf
+    where the kernel steps many (Adam/AdamW, SGD); with the state of the
+    leaves with dimensions packed (`"auto"`, Adam/AdamW and SGD), one call
+    for them and one for the 0-d leaf."""
     rng = np.random.default_rng(4)
     shapes = {"a": (4101,), "b": (300, 7), "c": ()}
     params = {
         k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()
     }
     grads = jax.tree.map(jnp.ones_like, params)
-    opt = factory(**kwargs)
-    hlo = _optimized_hlo(opt, params, grads, opt.init(params))
-    assert hlo.count("custom_call_target=") == len(shapes), hlo
+    with ff.policy(policy):
+        opt = factory(**kwargs)
+        state = opt.init(params)
+        hlo = _optimized_hlo(opt, params, grads, state)
+    calls = _kernel_calls(hlo)
+    assert sum(leaves for _, leaves, _ in calls) == len(shapes), hlo
+    many = factory in MANY_LEAVES
+    packed = _multi_tensor.packed_layout(state) is not None
+    stateless = factory is fo.sgd and not kwargs.get("momentum")
+    assert packed == (many and policy == "auto" and not stateless)
+    assert len(calls) == (2 if packed else 1 if many else len(shapes)), hlo
     assert not _float_copies(hlo, len(shapes)), hlo
     assert "output_to_operand_aliasing" in hlo
     with native_kernels(False):
         assert "custom_call_target" not in _optimized_hlo(
             opt, params, grads, opt.init(params)
         )
+
+
+@pytest.mark.parametrize("policy", ["never", "auto"])
+@KERNEL_STEPS
+def test_many_leaves_in_one_call_are_each_leaf_stepped_alone(
+    factory, kwargs, policy, x64
+):
+    """Where one kernel call steps many leaves (Adam/AdamW, SGD), each leaf's
+    param and buffers are the bits of that leaf stepped alone (its own
+    call): over three steps, a leaf with no gradient (None) and one masked
+    out by a traced `has_grad`, and leaves whose elements the threads split
+    as one range (cut inside a leaf with a tail, at a whole vector). With
+    per-leaf state (`"never"`) all in one call, float32 and float64 leaves
+    together; with the state packed (`"auto"`), the float32 leaves with
+    dimensions in one call, their state buffers a bucket's. The other
+    kernels: one call a leaf."""
+    rng = np.random.default_rng(11)
+    shapes = {"a": (20_003,), "b": (30_001,), "c": (300, 7), "d": (), "e": (4101,)}
+    params = {
+        k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()
+    }
+    params["e"] = params["e"].astype(jnp.float64)
+    with ff.policy(policy):
+        opt = factory(**kwargs)
+        state = opt.init(params)
+        step = jax.jit(opt.step)
+        hlo = step.lower(params, params, state).compile().as_text()
+    calls = _kernel_calls(hlo)
+    assert sum(leaves for _, leaves, _ in calls) == len(shapes), hlo
+    if factory not in MANY_LEAVES:
+        assert len(calls) == len(shapes), hlo
+    elif _multi_tensor.packed_layout(state) is None:  # per-leaf state
+        assert len(calls) == 1, hlo
+    else:
+        assert max(leaves for _, leaves, _ in calls) == 3, hlo
+    with ff.policy(policy):  # traced under it
+        masked = jax.jit(lambda p, g, s, on: opt.step(p, g, s, has_grad=on))
+        alone = {k: (params[k], opt.init({k: params[k]})) for k in shapes}
+        for i in range(3):
+            grads = {
+                k: jnp.asarray(rng.normal(size=s), params[k].dtype)
+                for k, s in shapes.items()
+            }
+            grads["d"] = None if i == 1 else grads["d"]
+            has_grad = {k: jnp.asarray(not (i == 2 and k == "b")) for k in shapes}
+            params, state = masked(params, grads, state, has_grad)
+            for k in shapes:
+                if grads[k] is None or not has_grad[k]:
+                    continue
+                alone[k] = step({k: alone[k][0]}, {k: grads[k]}, alone[k][1])
+                alone[k] = (alone[k][0][k], alone[k][1])
+    slots = state.unpacked().slots
+    for k in shapes:
+        assert_same_bits(params[k], alone[k][0], k)
+        for name, buffers in slots.items():
+            assert_same_bits(buffers[k], alone[k][1].unpacked().slots[name][k], name)
+
+
+@pytest.mark.parametrize(
+    "factory,kwargs,dtype",
+    [
+        (fo.adam, dict(fused=True), jnp.float32),
+        (fo.adam, dict(fused=True), jnp.bfloat16),
+        (fo.adamw, dict(amsgrad=True), jnp.float32),
+        (fo.sgd, dict(lr=0.1, momentum=0.9, nesterov=True, fused=True), jnp.float32),
+        (fo.sgd, dict(lr=0.1, momentum=0.9, nesterov=True, fused=True), jnp.bfloat16),
+        (fo.sgd, dict(lr=0.1, momentum=0.9, dampening=0.5), jnp.float32),
+    ],
+    ids=[
+        "adam", "adam-bf16", "default-adamw-amsgrad", "sgd-nesterov",
+        "sgd-nesterov-bf16", "default-sgd-momentum",
+    ],
+)  # fmt: skip
+def test_packed_state_steps_with_params_where_they_are(factory, kwargs, dtype):
+    """A packed state's bucket (small leaves) under Adam/AdamW or SGD: one
+    kernel call reads the leaves' params and gradients where they are (the
+    donated step packs and unpacks none of them) and updates the packed
+    buffers in place; each leaf's bits as stepped alone
+    over steps with a None gradient and a traced `has_grad` false (that
+    leaf skipped by the call), and of `update` (the new params written over
+    the gradients, a skipped leaf's param copied there). 16-bit params: with
+    `fused=True` (torch's default steps round each op to 16 bits: the JAX
+    rules). The reference: each leaf stepped alone (its own call)."""
+    rng = np.random.default_rng(12)
+    shapes = {"a": (37,), "b": (6, 5), "c": (3, 2), "d": (257,), "e": (100,)}
+    params = {k: jnp.asarray(rng.normal(size=s), dtype) for k, s in shapes.items()}
+    opt = factory(**kwargs)
+    state = opt.init(params)
+    assert _multi_tensor.packed_layout(state) is not None
+    hlo = _optimized_hlo(opt, params, params, state)
+    ((target, leaves, _),) = _kernel_calls(hlo)
+    assert target.endswith("_many") and leaves == len(shapes), hlo
+    assert not _float_copies(hlo, len(shapes)), hlo
+
+    step = jax.jit(lambda p, g, s, on: opt.step(p, g, s, has_grad=on))
+    update = jax.jit(lambda g, s, p, on: opt.update(g, s, p, has_grad=on))
+    alone = {k: (params[k], opt.init({k: params[k]})) for k in shapes}
+    p, r = params, np.random.default_rng(13)
+    for i in range(4):
+        g = {k: jnp.asarray(r.normal(size=v), dtype) for k, v in shapes.items()}
+        g["c"] = None if i == 1 else g["c"]
+        on = {k: jnp.asarray(not (i == 2 and k == "d")) for k in shapes}
+        updates, from_update = update(g, state, p, on)
+        new_p, state = step(p, g, state, on)
+        for a, b in zip(jax.tree.leaves(from_update), jax.tree.leaves(state)):
+            assert_same_bits(a, b, "update's state")
+        for k in shapes:
+            # `update` writes the new params over the gradients, a leaf
+            # whose `has_grad` is false copied there as it is
+            assert_same_bits(updates[k], new_p[k] - p[k], f"update {k}")
+            if g[k] is not None and on[k]:
+                stepped = step({k: alone[k][0]}, {k: g[k]}, alone[k][1], {k: on[k]})
+                alone[k] = (stepped[0][k], stepped[1])
+        p = new_p
+    slots = state.unpacked().slots
+    for k in shapes:  # each leaf as stepped alone (its own call)
+        assert_same_bits(p[k], alone[k][0], k)
+        for name, buffers in slots.items():
+            assert_same_bits(buffers[k], alone[k][1].unpacked().slots[name][k], name)
 
 
 @KERNEL_STEPS
@@ -917,11 +1075,16 @@ def test_update_runs_the_kernels_out_of_place(factory, kwargs):
 
 
 def _new_param_over(hlo: str) -> set[str]:
-    """Each kernel call's operand that its new param (result 0) is written
-    over: "param" (operand 0) or "grad" (operand 1)."""
-    # `{0}` of a tuple of results, `{}` of one result (SGD's)
-    aliased = re.findall(r"output_to_operand_aliasing=\{\{0?\}: \((\d+),", hlo)
-    return {("param", "grad")[int(i)] for i in aliased}
+    """The operands the kernel calls write their new params (the first
+    results, one per leaf) over: "param" (the leaf's param operand) or "grad"
+    (its gradient's, after every param)."""
+    over = set()
+    for target, leaves, aliases in _kernel_calls(hlo):
+        if target in ("funcopt_pack", "funcopt_unpack"):  # copies
+            continue
+        for leaf in range(leaves):
+            over.add({leaf: "param", leaves + leaf: "grad"}[aliases[leaf]])
+    return over
 
 
 def _layer_loss(params, x):
@@ -1089,16 +1252,48 @@ def test_build_without_a_working_compiler_returns_none(cxx, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "default"])
-def test_leaves_packed_per_step_are_one_custom_call_in_place(fused):
-    """50 small leaves of a plain tree, packed per step (`set_policy`): one
-    kernel call for the bucket on the packed buffers as the pack wrote them
-    (a reshape between them was a copy of each buffer before the call)."""
-    opt = fo.adam(fused=fused)
+@pytest.mark.parametrize(
+    "factory,call", [(fo.adam, "funcopt_adam_many"), (fo.adagrad, "funcopt_adagrad")]
+)
+def test_packed_state_bucket_is_one_custom_call_in_place(factory, call, fused):
+    """50 small leaves of a plain tree, their state packed in one bucket
+    (`set_policy`): one kernel call for the bucket, the packed buffers
+    updated in place, no copy or loop over a `[rows, width]` buffer besides
+    the call. Adam's call reads every leaf's param and gradient where they
+    are (`funcopt_adam_many`); Adagrad's (no such kernel) the params and
+    gradients as the pack wrote them (a reshape between them was a copy of
+    each buffer before the call)."""
+    opt = factory(fused=fused)
     params = {f"l{i}": jnp.ones((100 + i,), jnp.float32) for i in range(50)}
     hlo = _optimized_hlo(opt, params, params, opt.init(params))
-    assert hlo.count('custom_call_target="funcopt_adam"') == 1, hlo
-    # no copy or loop over a packed `[rows, width]` buffer besides the call
+    copies = ("funcopt_pack", "funcopt_unpack")
+    kernels = [(t, n) for t, n, _ in _kernel_calls(hlo) if t not in copies]
+    assert kernels == [(call, 50 if call.endswith("_many") else 1)], hlo
     assert not re.findall(r"= f32\[\d+,\d+\]\S* (?:copy|fusion)\(", hlo), hlo
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "default"])
+def test_stateless_sgd_steps_small_leaves_in_one_call(fused):
+    """SGD without momentum keeps no state (nothing to pack at `init`): its
+    50 small leaves are still stepped by one call that reads them where
+    they are (`funcopt_sgd_many`), not packed and unpacked every step; the
+    bits of each leaf stepped alone."""
+    rng = np.random.default_rng(14)
+    params = {
+        f"l{i}": jnp.asarray(rng.normal(size=100 + i), jnp.float32) for i in range(50)
+    }
+    grads = jax.tree.map(
+        lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params
+    )
+    opt = fo.sgd(lr=0.1, fused=fused)
+    hlo = _optimized_hlo(opt, params, grads, opt.init(params))
+    assert [(t, n) for t, n, _ in _kernel_calls(hlo)] == [("funcopt_sgd_many", 50)]
+    step = jax.jit(opt.step)
+    got = step(params, grads, opt.init(params))[0]
+    for k in params:  # each leaf alone: its own call
+        alone = {k: params[k]}
+        want = step(alone, {k: grads[k]}, opt.init(alone))[0][k]
+        assert_same_bits(got[k], want, k)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "default"])

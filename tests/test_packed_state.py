@@ -65,23 +65,37 @@ def _assert_same_bits(a, b):
 
 
 def test_init_packs_the_small_leaves_of_each_bucket():
+    """The small leaves with dimensions (RMSprop), and those of any size
+    where the bucket steps in place (Adam: its kernel reads the params where
+    they are): one buffer per bucket, the other leaves' own."""
     params = _tree(np.random.default_rng(0))
-    state = fo.adam(lr=0.1).init(params)
-    assert _is_packed(state)
-    flat = state.slots["exp_avg"]
-    layout = flat.layout
     names = sorted(params)  # dict leaves flatten in sorted key order
-    packed = {names[i] for b in layout.buckets for i in b.leaves}
-    assert packed == {f"s{i}" for i in range(6)}
-    assert {names[i] for i in layout.outside} == {"big", "scalar", "step_count"}
-    # one buffer per bucket (one group, one dtype) and the large and 0-d
-    # leaves' own: the step passes 2 + 2 state arrays instead of 2 x 8
-    assert len(flat.buffers) == 1
-    assert len(jax.tree.leaves(state.slots)) == 2 * (1 + 2)
-    with ff.policy("never"):
-        assert not _is_packed(fo.adam(lr=0.1).init(params))
-    # one small leaf per bucket does not pay: per leaf
-    assert not _is_packed(fo.adam().init({"a": jnp.ones(3), "b": jnp.ones((50, 50))}))
+    small = {f"s{i}" for i in range(6)}
+    for make, packed, outside in (
+        (fo.rmsprop, small, {"big", "scalar", "step_count"}),
+        (fo.adam, small | {"big"}, {"scalar", "step_count"}),
+    ):
+        state = make(lr=0.1).init(params)
+        assert _is_packed(state)
+        name = next(iter(state.slots))
+        flat = state.slots[name]
+        layout = flat.layout
+        assert {names[i] for b in layout.buckets for i in b.leaves} == packed
+        assert {names[i] for i in layout.outside} == outside
+        # one buffer per bucket (one group, one dtype) and the others' own:
+        # Adam's step passes 2 + 2 state arrays instead of 2 x 8
+        assert len(flat.buffers) == 1
+        per_slot = 1 + sum(
+            jnp.issubdtype(params[k].dtype, jnp.floating) for k in outside
+        )
+        assert len(jax.tree.leaves(state.slots)) == len(state.slots) * per_slot
+        with ff.policy("never"):
+            assert not _is_packed(make(lr=0.1).init(params))
+    # one leaf per bucket does not pay: per leaf
+    lone = {"a": jnp.ones(3), "b": jnp.ones((50, 50))}
+    assert not _is_packed(fo.rmsprop().init(lone))
+    assert _is_packed(fo.adam().init(lone))
+    assert not _is_packed(fo.adam().init({"a": jnp.ones(3), "s": jnp.ones(())}))
 
 
 def test_unpacked_is_the_per_leaf_state():
@@ -146,7 +160,7 @@ def test_a_leaf_without_gradient_keeps_its_buffers_in_the_bucket():
     assert not np.any(np.asarray(s1.unpacked().slots["exp_avg"]["s2"]))
     assert np.all(np.asarray(s1.unpacked().slots["exp_avg"]["s0"]) != 0)
     # every gradient of the bucket missing: the buffers pass through
-    none = tuple(f"s{i}" for i in range(6))
+    none = (*(f"s{i}" for i in range(6)), "big")
     _, s2 = jax.jit(opt.step)(p1, _grads(rng, params, none=none), s1)
     _assert_same_bits(s2.slots["exp_avg"].buffers, s1.slots["exp_avg"].buffers)
 
@@ -252,7 +266,9 @@ def test_a_mixed_or_mistyped_packed_state_is_refused():
         [b.astype(jnp.float16) for b in flat.buffers], flat.rest, flat.layout
     )
     bad = state._replace(slots={**state.slots, "exp_avg": wrong})
-    with pytest.raises(ValueError, match=r"state buffer 'exp_avg' is float16\[5\]"):
+    with pytest.raises(
+        ValueError, match=r"state buffer 'exp_avg' is float16\[64, 40\]"
+    ):
         opt.step(params, grads, bad)
     message = r"^params\['big'\]: this state holds buffers \['exp_avg', 'exp_avg_sq'\]"
     with pytest.raises(ValueError, match=message):

@@ -44,7 +44,7 @@ import optax
 from jax.experimental import sparse as jsparse
 from jax.tree_util import PyTreeDef
 
-from . import _compile, _groups, _math, _multi_tensor, _tree, _validate
+from . import _compile, _groups, _math, _multi_tensor, _packing, _tree, _validate
 from ._math import widest_float
 from ._tree import PyTree, check_params, flatten_grads, is_trainable, leaf_paths
 
@@ -872,9 +872,9 @@ def _many_leaves(definition, members, leaves, grad_leaves, owns, stepped, hparam
     steps = (stepped if everyone else stepped[np.asarray(members)]).astype(
         widest_float()
     )
-    live = jnp.ones(len(members), bool)
-    if mask is not None:
-        live = jnp.stack([jnp.asarray(mask[i], bool) for i in members])
+    live = _packing.stack_flags(
+        None if mask is None else [mask[i] for i in members], len(members)
+    )
     out = many(
         [leaves[i] for i in members],
         [grad_leaves[i] for i in members],

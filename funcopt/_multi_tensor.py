@@ -184,6 +184,8 @@ class Bucket:
       first_row: each leaf's first row; `rows[i]` rows each (at least one,
         so a 0-size leaf still has its per-parameter scalars).
       row_leaf: `int32[n_rows]`, the local leaf index of every row.
+      in_place: a packed state's bucket of large leaves whose rule steps
+        them where they are (`step_bucket_in_place`), not packed per step.
     """
 
     group: int
@@ -194,6 +196,7 @@ class Bucket:
     first_row: tuple[int, ...]
     rows: tuple[int, ...]
     row_leaf: np.ndarray
+    in_place: bool = False
 
     @property
     def n_rows(self) -> int:
@@ -285,16 +288,20 @@ def real_dtype(leaf) -> np.dtype:
 
 
 def make_buckets(
-    leaves: Sequence[Any], group_of: Sequence[int | None], select: Sequence[int]
+    leaves: Sequence[Any],
+    group_of: Sequence[int | None],
+    select: Sequence[int],
+    in_place: frozenset[int] = frozenset(),
 ) -> list[Bucket]:
-    """Buckets of the leaves `select` (indices), by (group, real dtype)."""
-    by_key: dict[tuple[int, str], list[int]] = {}
+    """Buckets of the leaves `select` (indices), by (group, real dtype, and
+    whether the leaf is `in_place`: see `Bucket.in_place`)."""
+    by_key: dict[tuple[int, str, bool], list[int]] = {}
     for i in select:
         # the callers select only leaves that have a group
-        key = (cast(int, group_of[i]), str(real_dtype(leaves[i])))
+        key = (cast(int, group_of[i]), str(real_dtype(leaves[i])), i in in_place)
         by_key.setdefault(key, []).append(i)
     buckets = []
-    for (group, _), idx in by_key.items():
+    for (group, _, leaves_in_place), idx in by_key.items():
         sizes = [math.prod(real_shape(leaves[i])) for i in idx]
         width = choose_width(sizes)
         rows = [max(1, -(-s // width)) for s in sizes]
@@ -310,6 +317,7 @@ def make_buckets(
                 tuple(first),
                 tuple(rows),
                 row_leaf,
+                leaves_in_place,
             )
         )
     return buckets
@@ -347,29 +355,17 @@ def run_bucket(definition, bucket, p, g, slots, steps, hparams, options, mask):
     return new_p, {k: v.reshape(slots[k].shape) for k, v in new_slots.items()}
 
 
-def _auto_packs(leaf, in_place: Callable[[], bool] = lambda: False) -> bool:
-    """Whether `"auto"` packs this leaf (`set_policy`): a leaf with
-    dimensions, small or of any size where its bucket steps in place (no
-    copies a step: `in_place()`, asked of large leaves only). A 0-d leaf
-    keeps torch's 0-d tensor math, which its own program gives it: torch
-    rounds a 0-d float32 param as scalar math (see
+def _auto_packs(leaf) -> bool:
+    """Whether `"auto"` packs this leaf per step (`set_policy`): a small leaf
+    with dimensions. A 0-d leaf keeps torch's 0-d tensor math, which its own
+    program gives it: torch rounds a 0-d float32 param as scalar math (see
     `funcopt._math.is_per_param_scalar`), and promotes a 0-d 16-bit param
     with a 0-d float32 tensor (ASGD's `eta`) to float32, where a packed row
     counts as having dimensions."""
     shape = real_shape(leaf)
     if not shape:
         return False
-    small = math.prod(shape) * real_dtype(leaf).itemsize <= AUTO_MAX_LEAF_BYTES
-    return small or in_place()
-
-
-def _bucket_steps_in_place(definition, bucket: Bucket, options) -> bool:
-    """Whether the rule steps many leaves of `bucket`'s group and dtype in
-    one call reading them where they are (`rule.steps_in_place`; then
-    `"auto"` leaves them to the per-leaf path, `_core._many_leaves`,
-    rather than packing them every step)."""
-    check = getattr(definition.rule, "steps_in_place", None)
-    return check is not None and check(bucket.dtype, options[bucket.group])
+    return math.prod(shape) * real_dtype(leaf).itemsize <= AUTO_MAX_LEAF_BYTES
 
 
 def _leaf_steps_in_place(definition, leaf, group: str) -> bool:
@@ -398,9 +394,7 @@ def apply_tree(
 
     Packs the leaves of every bucket the policy selects, runs the rule once
     per bucket and splits the results back into leaves. Leaves it leaves out
-    (policy, unsupported slot shapes, and under `"auto"` buckets whose rule
-    steps many leaves in one call without copies) go through the per-leaf
-    path.
+    (policy, unsupported slot shapes) go through the per-leaf path.
     """
     pol = get_policy()
     if pol == "never":
@@ -421,10 +415,6 @@ def apply_tree(
         idx = bucket.leaves
         if pol == "auto" and len(idx) < AUTO_MIN_LEAVES:
             continue
-        complex_leaves = any(jnp.iscomplexobj(leaves[i]) for i in idx)
-        if pol == "auto" and not complex_leaves:
-            if _bucket_steps_in_place(definition, bucket, options):
-                continue  # the per-leaf path steps them in one call, no copies
         kinds = _slot_kinds(slot_leaves, leaves, idx)
         if kinds is None:
             continue
@@ -531,7 +521,7 @@ class Layout:
     @functools.cached_property
     def _key(self) -> tuple:
         buckets = tuple(
-            (b.group, str(b.dtype), b.leaves, b.sizes, b.width, b.rows)
+            (b.group, str(b.dtype), b.leaves, b.sizes, b.width, b.rows, b.in_place)
             for b in self.buckets
         )
         dtypes = tuple(None if d is None else str(jnp.dtype(d)) for d in self.dtypes)
@@ -859,22 +849,28 @@ def state_layout(definition, leaves, treedef, names, group_of) -> Layout | None:
         return None
     # complex leaves keep per-leaf state: `init_slots` checks them (a
     # precision policy refuses them), which it cannot on a bucket's real view
-    select = [
+    candidates = [
         i
         for i, (p, g) in enumerate(zip(leaves, group_of))
-        if g is not None
-        and is_trainable(p)
-        and not jnp.iscomplexobj(p)
-        and (
-            pol == "always"
-            or _auto_packs(
-                p, functools.partial(_leaf_steps_in_place, definition, p, names[g])
-            )
-        )
+        if g is not None and is_trainable(p) and not jnp.iscomplexobj(p)
+    ]
+    # large leaves whose bucket steps in place: their own buckets (small
+    # ones are packed per step: it compiles faster, and copies little)
+    in_place = frozenset(
+        i
+        for i in candidates
+        if np.ndim(leaves[i]) > 0
+        and not _auto_packs(leaves[i])
+        and _leaf_steps_in_place(definition, leaves[i], names[group_of[i]])
+    )
+    select = [
+        i
+        for i in candidates
+        if pol == "always" or _auto_packs(leaves[i]) or i in in_place
     ]
     buckets = [
         b
-        for b in make_buckets(leaves, group_of, select)
+        for b in make_buckets(leaves, group_of, select, in_place)
         if pol == "always" or len(b.leaves) >= AUTO_MIN_LEAVES
     ]
     if not buckets:
@@ -1061,9 +1057,12 @@ def apply_packed(definition, layout, leaves, grad_leaves, state, options, mask):
         steps = _take_leaves(state.step, idx)
         hparams = {k: v[b.group] for k, v in state.hparams.items()}
         params = [leaves[i] for i in idx]
-        in_place = step_bucket_in_place(
-            definition, b, params, grads, slots, steps, hparams, options[b.group], flags
-        )
+        in_place = None
+        if b.in_place:
+            in_place = step_bucket_in_place(
+                definition, b, params, grads, slots, steps, hparams, options[b.group],
+                flags,
+            )  # fmt: skip
         if in_place is not None:
             new_params, buffers[j] = in_place
             for jj, i in enumerate(idx):
@@ -1108,9 +1107,9 @@ def step_bucket_in_place(
     offsets = [bucket.first_row[k] * bucket.width for k in live]
     counts = steps + 1 if len(live) == len(grads) else (steps + 1)[np.asarray(live)]
     # a traced `has_grad` false: the call leaves that leaf as it is
-    stepping = jnp.ones(len(live), bool)
-    if flags is not None:
-        stepping = jnp.stack([jnp.asarray(flags[k], bool) for k in live])
+    stepping = _packing.stack_flags(
+        None if flags is None else [flags[k] for k in live], len(live)
+    )
     out = many(
         [params[k] for k in live],
         [grads[k] for k in live],

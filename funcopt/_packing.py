@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.extend.core as jcore
@@ -68,6 +69,14 @@ def stack_scalars(values: Sequence[jax.Array]) -> jax.Array:
     """0-d values (one dtype) -> one 1-D buffer, in one copy (`jnp.stack`
     of many 0-d values compiles one kernel per value)."""
     return pack(values, [1] * len(values))
+
+
+def stack_flags(flags: Sequence[Any] | None, n: int) -> jax.Array:
+    """`bool[n]`: the flags (Python or traced bools; None: all true) as one
+    buffer (`stack_scalars`; a constant where none is traced)."""
+    if flags is None or all(f is True for f in flags):
+        return jnp.ones(n, bool)
+    return stack_scalars([as_packable(f, bool) for f in flags])
 
 
 def unstack_scalars(buffer: jax.Array) -> list[jax.Array]:

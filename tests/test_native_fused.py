@@ -969,7 +969,7 @@ def test_many_leaves_in_one_call_are_each_leaf_stepped_alone(
     ],
 )  # fmt: skip
 def test_packed_state_steps_with_params_where_they_are(factory, kwargs, dtype):
-    """A packed state's bucket (small leaves) under Adam/AdamW or SGD: one
+    """A packed state's bucket of large leaves under Adam/AdamW or SGD: one
     kernel call reads the leaves' params and gradients where they are (the
     donated step packs and unpacks none of them) and updates the packed
     buffers in place; each leaf's bits as stepped alone
@@ -979,7 +979,8 @@ def test_packed_state_steps_with_params_where_they_are(factory, kwargs, dtype):
     `fused=True` (torch's default steps round each op to 16 bits: the JAX
     rules). The reference: each leaf stepped alone (its own call)."""
     rng = np.random.default_rng(12)
-    shapes = {"a": (37,), "b": (6, 5), "c": (3, 2), "d": (257,), "e": (100,)}
+    # above 4 KB (`AUTO_MAX_LEAF_BYTES`): smaller leaves are packed per step
+    shapes = {"a": (2100,), "b": (50, 60), "c": (1100, 2), "d": (3001,), "e": (2500,)}
     params = {k: jnp.asarray(rng.normal(size=s), dtype) for k, s in shapes.items()}
     opt = factory(**kwargs)
     state = opt.init(params)
@@ -1253,18 +1254,22 @@ def test_build_without_a_working_compiler_returns_none(cxx, tmp_path, monkeypatc
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "default"])
 @pytest.mark.parametrize(
-    "factory,call", [(fo.adam, "funcopt_adam_many"), (fo.adagrad, "funcopt_adagrad")]
+    "factory,size,call",
+    [
+        (fo.adam, 100, "funcopt_adam"),
+        (fo.adagrad, 100, "funcopt_adagrad"),
+        (fo.adam, 2000, "funcopt_adam_many"),
+    ],
 )
-def test_packed_state_bucket_is_one_custom_call_in_place(factory, call, fused):
-    """50 small leaves of a plain tree, their state packed in one bucket
+def test_packed_state_bucket_is_one_custom_call_in_place(factory, size, call, fused):
+    """50 leaves of a plain tree, their state packed in one bucket
     (`set_policy`): one kernel call for the bucket, the packed buffers
     updated in place, no copy or loop over a `[rows, width]` buffer besides
-    the call. Adam's call reads every leaf's param and gradient where they
-    are (`funcopt_adam_many`); Adagrad's (no such kernel) the params and
-    gradients as the pack wrote them (a reshape between them was a copy of
-    each buffer before the call)."""
+    the call. Small leaves: the call reads the params and gradients as the
+    pack wrote them (a reshape between them was a copy of each buffer before
+    the call); Adam's large leaves: where they are (`funcopt_adam_many`)."""
     opt = factory(fused=fused)
-    params = {f"l{i}": jnp.ones((100 + i,), jnp.float32) for i in range(50)}
+    params = {f"l{i}": jnp.ones((size + i,), jnp.float32) for i in range(50)}
     hlo = _optimized_hlo(opt, params, params, opt.init(params))
     copies = ("funcopt_pack", "funcopt_unpack")
     kernels = [(t, n) for t, n, _ in _kernel_calls(hlo) if t not in copies]
@@ -1273,14 +1278,14 @@ def test_packed_state_bucket_is_one_custom_call_in_place(factory, call, fused):
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "default"])
-def test_stateless_sgd_steps_small_leaves_in_one_call(fused):
+def test_stateless_sgd_steps_large_leaves_in_one_call(fused):
     """SGD without momentum keeps no state (nothing to pack at `init`): its
-    50 small leaves are still stepped by one call that reads them where
-    they are (`funcopt_sgd_many`), not packed and unpacked every step; the
-    bits of each leaf stepped alone."""
+    50 large leaves (the per-leaf path) are stepped by one call that reads
+    them where they are (`funcopt_sgd_many`); the bits of each leaf stepped
+    alone."""
     rng = np.random.default_rng(14)
     params = {
-        f"l{i}": jnp.asarray(rng.normal(size=100 + i), jnp.float32) for i in range(50)
+        f"l{i}": jnp.asarray(rng.normal(size=2000 + i), jnp.float32) for i in range(50)
     }
     grads = jax.tree.map(
         lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params

@@ -488,19 +488,9 @@ def _run(
     def call(*operands):
         # the operands as they are: XLA copies a reshaped operand (a bitcast
         # of another buffer) before a call that writes into it
-        # typed as the buffers they are written over (under an explicit
-        # mesh, their sharding: the results would be replicated otherwise)
-        results = [
-            jax.ShapeDtypeStruct(
-                jnp.shape(operands[i]),
-                operands[i].dtype,
-                sharding=jax.typeof(operands[i]).sharding,
-            )
-            for i in out_index
-        ]
         ffi = jax.ffi.ffi_call(
             target,
-            results,
+            _written_over(operands, out_index),
             vmap_method="sequential",
             input_output_aliases=aliases,
         )
@@ -550,22 +540,37 @@ _MANY = frozenset(
 )
 
 
+# the most leaves one `<target>_many` call steps: XLA's CPU compiler spends
+# time superlinear in one instruction's aliased operands (Adam, 1,000
+# leaves of 1,000 in one call: 59 s to compile with per-leaf state, 4.5 s
+# packed, against 3.9 s and 0.4 s in calls of one leaf or one packed
+# bucket; 2-core AMD EPYC, jaxlib 0.10.2)
+LEAVES_PER_CALL = 64
+
+
+def _chunks(n: int) -> list[range]:
+    """`range(n)` cut into runs of at most `LEAVES_PER_CALL`, of even sizes."""
+    calls = -(-n // LEAVES_PER_CALL)
+    cuts = [n * c // calls for c in range(calls + 1)]
+    return [range(a, b) for a, b in zip(cuts, cuts[1:])]
+
+
 def _run_many(
     target, params, grads, slots, names, steps, live, hparams, keys, options,
     jax_rule, single_tensor,
 ):  # fmt: skip
-    """The kernel `target` on many leaves (each its own buffers) in one call
-    (`<target>_many`): the threads split every leaf's elements as one range,
-    where one call a leaf split each on its own while XLA ran the others'
-    beside it (Adam, 100 leaves of 100,000 float32, 2-core AMD EPYC: ~20 us
-    a leaf more than one leaf of 10M). Each leaf is stepped as `_run` steps
-    it alone: the same bits, the same aliasing, the same JAX rule to
-    differentiate. `slots[i]`: leaf i's buffers; `steps`: each leaf's count
-    after this step; `live`: whether each leaf steps (a traced `has_grad`:
-    the others keep their values, no select after the call). The
-    `(new_param, new_slots)` of each leaf it stepped,
-    by position; none (`_run` steps each) where fewer than two leaves fit,
-    on several devices, and for the other kernels."""
+    """The kernel `target` on many leaves (each its own buffers) in few
+    calls (`<target>_many`, `LEAVES_PER_CALL` leaves each): the threads split
+    a call's leaves' elements as one range, where one call a leaf split each
+    on its own while XLA ran the others' beside it (Adam, 100 leaves of
+    100,000 float32, 2-core AMD EPYC: ~20 us a leaf more than one leaf of
+    10M). Each leaf is stepped as `_run` steps it alone: the same bits, the
+    same aliasing, the same JAX rule to differentiate. `slots[i]`: leaf i's
+    buffers; `steps`: each leaf's count after this step; `live`: whether
+    each leaf steps (a traced `has_grad`: the others keep their values, no
+    select after the call). The `(new_param, new_slots)` of each leaf it
+    stepped, by position; none (`_run` steps each) where fewer than two
+    leaves fit, on several devices, and for the other kernels."""
     if not _many_applies(target, hparams, keys) or packed_layout() is not None:
         return {}
     fit = [
@@ -573,11 +578,30 @@ def _run_many(
         for i, (p, g, own) in enumerate(zip(params, grads, slots))
         if _fits(p, g, own, names, single_tensor)
     ]
-    n = len(fit)
-    if n < 2:
+    if len(fit) < 2:
         return {}
-    groups = [[params[i] for i in fit], [grads[i] for i in fit]]
-    groups += [[slots[i][k] for i in fit] for k in names]
+    steps, live = _take(steps, fit), _take(live, fit)
+    out = {}
+    for run in _chunks(len(fit)):
+        leaves = [fit[r] for r in run]
+        stepped = _call_many(
+            target, [params[i] for i in leaves], [grads[i] for i in leaves],
+            [slots[i] for i in leaves], names, steps[run.start : run.stop],
+            live[run.start : run.stop], hparams, keys, options, jax_rule,
+            single_tensor,
+        )  # fmt: skip
+        out.update(zip(leaves, stepped))
+    return out
+
+
+def _call_many(
+    target, params, grads, slots, names, steps, live, hparams, keys, options,
+    jax_rule, single_tensor,
+):  # fmt: skip
+    """One `<target>_many` call on leaves that fit (`_run_many`): each
+    leaf's `(new_param, new_slots)`."""
+    n = len(params)
+    groups = [params, grads, *([own[k] for own in slots] for k in names)]
     arrays = [x for group in groups for x in group]
     no_offsets = np.zeros(0, np.int64)  # each leaf's own buffers
 
@@ -593,11 +617,11 @@ def _run_many(
 
     kernel = _many_kernel(target, arrays, n, no_offsets, keys, options,
                           single_tensor, fallback)  # fmt: skip
-    out = kernel(arrays, _take(steps, fit), _take(live, fit), dict(hparams))
-    return {
-        i: (out[rank], {k: out[(1 + j) * n + rank] for j, k in enumerate(names)})
-        for rank, i in enumerate(fit)
-    }
+    out = kernel(arrays, steps, live, dict(hparams))
+    return [
+        (out[rank], {k: out[(1 + j) * n + rank] for j, k in enumerate(names)})
+        for rank in range(n)
+    ]
 
 
 def _run_many_packed(
@@ -605,7 +629,8 @@ def _run_many_packed(
     options, jax_rule, single_tensor,
 ):  # fmt: skip
     """The kernel `target` on many leaves whose state is packed (a packed
-    state's bucket) in one call (`<target>_many`): each leaf's param and
+    state's bucket) in few calls (`<target>_many`, `LEAVES_PER_CALL` leaves
+    each, one after another on the bucket's buffers): each leaf's param and
     gradient read where they are (not packed and unpacked around the call),
     its state buffers `names` the elements of `buffers[name]` from
     `offsets[i]`, stepped as `_run` steps it alone (the same bits, the JAX
@@ -620,6 +645,24 @@ def _run_many_packed(
     dtypes = {jnp.dtype(x.dtype) for x in (*params, *buffers.values())}
     if len(dtypes) != 1:
         return None
+    steps, live = jnp.asarray(steps), jnp.asarray(live)
+    new_params = []
+    for run in _chunks(len(params)):
+        at = slice(run.start, run.stop)
+        stepped, buffers = _call_many_packed(
+            target, params[at], grads[at], buffers, names, offsets[at], steps[at],
+            live[at], hparams, keys, options, jax_rule, single_tensor,
+        )  # fmt: skip
+        new_params += stepped
+    return new_params, buffers
+
+
+def _call_many_packed(
+    target, params, grads, buffers, names, offsets, steps, live, hparams, keys,
+    options, jax_rule, single_tensor,
+):  # fmt: skip
+    """One `<target>_many` call on leaves whose state is packed
+    (`_run_many_packed`): `(new_params, new_buffers)`."""
     n = len(params)
     arrays = [*params, *grads, *(buffers[k] for k in names)]
     offsets = np.asarray(offsets, np.int64)
@@ -641,7 +684,7 @@ def _run_many_packed(
 
     kernel = _many_kernel(target, arrays, n, offsets, keys, options,
                           single_tensor, fallback)  # fmt: skip
-    out = kernel(arrays, jnp.asarray(steps), jnp.asarray(live), dict(hparams))
+    out = kernel(arrays, steps, live, dict(hparams))
     return list(out[:n]), dict(zip(names, out[n:]))
 
 
@@ -670,17 +713,9 @@ def _many_kernel(target, arrays, n, offsets, keys, options, single_tensor, fallb
         "leaves": np.int64(n),
         "offsets": offsets,
     }
-    results = [
-        jax.ShapeDtypeStruct(
-            jnp.shape(arrays[i]),
-            arrays[i].dtype,
-            sharding=jax.typeof(arrays[i]).sharding,
-        )
-        for i in out_index
-    ]
     call = jax.ffi.ffi_call(
         target + "_many",
-        results,
+        _written_over(arrays, out_index),
         vmap_method="sequential",
         input_output_aliases=aliases,
     )
@@ -697,6 +732,20 @@ def _many_kernel(target, arrays, n, offsets, keys, options, single_tensor, fallb
         return kernel(*primals), jax.jvp(fallback, primals, tangents)[1]
 
     return kernel
+
+
+def _written_over(operands, out_index) -> list[jax.ShapeDtypeStruct]:
+    """A kernel's result types: each that of the operand `out_index` says it
+    is written over (under an explicit mesh, its sharding too: the results
+    would be replicated otherwise)."""
+    return [
+        jax.ShapeDtypeStruct(
+            jnp.shape(operands[i]),
+            operands[i].dtype,
+            sharding=jax.typeof(operands[i]).sharding,
+        )
+        for i in out_index
+    ]
 
 
 def _partitioned(

@@ -94,6 +94,8 @@ def test_targets_writes_every_kind_of_target(tmp_path):
         assert any(t.startswith(f"step ms, {path}") for t in targets), path
     for name in ("adam", "adamw", "sgd"):
         assert any(f"fused=True {name}," in t and "roofline" in t for t in targets)
+        # many leaves: against the XLA path (FUNCOPT_NATIVE=0), issue 19's words
+        assert any(f"fused=True {name}," in t and "XLA path" in t for t in targets)
     # the many-leaf compile: seconds, with its floor in its note
     (big,) = [r for r in rows if r["goal"].endswith(" s")]
     assert big["target"].startswith("compile, jit(fo.adam().step), 5 leaves")

@@ -73,7 +73,7 @@ class OptState(NamedTuple):
         `optimizer.state[p]` (`exp_avg`, `momentum_buffer`, ...). Per leaf,
         each is a pytree with the structure of the params and `None` where a
         leaf has no such buffer; by default the small leaves' buffers (and
-        under Adam/AdamW and SGD, those of leaves of any size) are
+        under Adam/AdamW and SGD, the large leaves' too) are
         packed (`funcopt.flat.FlatParams`, see `funcopt.flat.set_policy`),
         and [`unpacked`][funcopt.OptState.unpacked] gives the trees.
     """

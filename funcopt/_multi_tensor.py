@@ -27,9 +27,10 @@ Two ways in:
   a bucket's leaves lives packed (`init`), and the leaves are packed,
   updated and copied back per step, by default where that compiles and runs
   faster than one kernel per leaf (many small leaves on one CPU device; see
-  [`set_policy`][funcopt.flat.set_policy]); where the rule's native kernel
-  steps many leaves in one call (Adam/AdamW, SGD: `step_bucket_in_place`),
-  it reads the params and gradients where they are and nothing is copied.
+  [`set_policy`][funcopt.flat.set_policy]); large leaves whose rule's
+  native kernel steps many leaves in one call (Adam/AdamW, SGD) get
+  buckets of their own (`Bucket.in_place`), stepped with their params and
+  gradients read where they are: nothing copied (`step_bucket_in_place`).
 """
 
 from __future__ import annotations
@@ -68,10 +69,11 @@ def set_policy(value: str) -> None:
 
     `"auto"` (default): on one CPU device with the native library loaded
     (`funcopt._packing.native_available`), the leaves with dimensions of at
-    most `AUTO_MAX_LEAF_BYTES` bytes, and those of any size whose bucket
-    steps in place (Adam/AdamW and SGD on the native kernels: the params
-    and gradients read where they are, `step_bucket_in_place`), where a bucket
-    (group, dtype) has at least `AUTO_MIN_LEAVES` (2) of them; other large
+    most `AUTO_MAX_LEAF_BYTES` bytes, and (their state only, in buckets of
+    their own) the larger ones whose bucket steps in place (Adam/AdamW and
+    SGD on the native kernels: the params and gradients read where they
+    are, `step_bucket_in_place`), where a bucket (group, dtype, size class)
+    has at least `AUTO_MIN_LEAVES` (2) of them; other large
     leaves, 0-d leaves (torch's 0-d tensor math, see `_auto_packs`), and
     every leaf elsewhere (GPU, TPU, several devices, no library), run one
     kernel per leaf. The parity
@@ -831,8 +833,8 @@ def state_layout(definition, leaves, treedef, names, group_of) -> Layout | None:
 
     The buckets `set_policy` packs (read at `init`): by default (`"auto"`),
     on one CPU device with the native library, a group's and dtype's small
-    leaves, and its leaves of any size where the bucket steps in place
-    (`_leaf_steps_in_place`), where it has two or more; every bucket with
+    leaves, and in buckets of their own its larger leaves that step in
+    place (`_leaf_steps_in_place`), where it has two or more; every bucket with
     `"always"`; none with `"never"`. Their buffers (`exp_avg`, ...) are
     one `[rows, width]` array per bucket, the other leaves' as they are
     (`FlatParams.rest`), so a step passes a few state arrays instead of two

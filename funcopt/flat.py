@@ -40,10 +40,10 @@ default the small leaves of a tree on one CPU device (two or more of one
 group and dtype), their params and grads copied in and out natively each
 step, their optimizer state packed for good by `opt.init` (`state.slots[name]`
 is a `FlatParams` of this module; `state.unpacked()` gives per-leaf trees).
-Adam/AdamW and SGD copy nothing: their native kernel steps a bucket's
-leaves where they are, so `init` packs the state of their leaves of any
-size. Many large leaves under other optimizers: this layout, with no
-copies.
+Adam/AdamW and SGD copy nothing for large leaves: their native kernel
+steps them where they are, so `init` packs their large leaves' state too,
+in buckets of their own. Many large leaves under other optimizers: this
+layout, with no copies.
 """
 
 from __future__ import annotations

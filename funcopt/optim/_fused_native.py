@@ -57,8 +57,9 @@ Adam/AdamW and SGD step many leaves in one call (`<target>_many`,
 `_run_many`): every leaf the per-leaf path steps in a group, and every leaf
 of a packed state's bucket, its param and gradient read where they are and
 its state buffers the bucket's elements (`_run_many_packed`; `init` then
-packs the state of leaves of any size: `funcopt.flat.set_policy`). The
-threads split all the leaves' elements as one range; each leaf takes the
+packs the state of large leaves too, in buckets of their own:
+`funcopt.flat.set_policy`), at most `LEAVES_PER_CALL` leaves a call. The
+threads split a call's leaves' elements as one range; each leaf takes the
 arithmetic it takes alone (the same bits, tested).
 
 The kernel's results alias its inputs: under `jax.jit` with the params and
@@ -852,7 +853,7 @@ def with_kernel(kernel: Callable, jax_rule: Callable) -> Callable:
     def steps_in_place(dtype, options) -> bool:
         """Whether `many_packed` would step a bucket of `dtype` leaves in a
         group with these options (read by `init`, which then packs the
-        state of leaves of any size, `_multi_tensor.state_layout`)."""
+        state of large leaves too, `_multi_tensor.state_layout`)."""
         if dict(options.get(TENSOR_DTYPES, ())) or not hasattr(
             kernel, "steps_in_place"
         ):

@@ -833,8 +833,7 @@ def _apply(definition, params, grads, state, has_grad):
             ).append((i, program))
     for (group, scalars, _), members in by_scalars.items():
         order = [i for i, _ in members]
-        everyone = order == list(range(stepped.shape[0]))
-        steps = stepped if everyone else stepped[np.asarray(order)]
+        steps = _multi_tensor.take_leaves(stepped, order)
         small = [
             jnp.stack([jax.tree.leaves(owns[i])[k] for i in order])
             for k in members[0][1].small_own
@@ -868,10 +867,7 @@ def _many_leaves(definition, members, leaves, grad_leaves, owns, stepped, hparam
     many = getattr(definition.rule, "many", None)
     if many is None or len(members) < 2:
         return {}
-    everyone = members == list(range(stepped.shape[0]))
-    steps = (stepped if everyone else stepped[np.asarray(members)]).astype(
-        widest_float()
-    )
+    steps = _multi_tensor.take_leaves(stepped, members).astype(widest_float())
     live = _packing.stack_flags(
         None if mask is None else [mask[i] for i in members], len(members)
     )

@@ -430,7 +430,7 @@ def apply_tree(
                 if kind == "array"
                 else bucket.pack_scalars(own)
             )
-        steps = _take_leaves(state.step, idx)
+        steps = take_leaves(state.step, idx)
         hparams = {k: v[bucket.group] for k, v in state.hparams.items()}
         m = None
         if mask is not None:  # one flag per leaf
@@ -459,7 +459,7 @@ def apply_tree(
     return done
 
 
-def _take_leaves(per_leaf: jax.Array, idx: Sequence[int]) -> jax.Array:
+def take_leaves(per_leaf: jax.Array, idx: Sequence[int]) -> jax.Array:
     """`per_leaf[idx]`: a slice where `idx` is a run of consecutive leaves
     (the usual bucket), which XLA fuses into its readers; a gather, a
     kernel of its own, otherwise."""
@@ -1056,7 +1056,7 @@ def apply_packed(definition, layout, leaves, grad_leaves, state, options, mask):
         slots = {
             k: v.buffers[j] for k, v in state.slots.items() if v.buffers[j] is not None
         }
-        steps = _take_leaves(state.step, idx)
+        steps = take_leaves(state.step, idx)
         hparams = {k: v[b.group] for k, v in state.hparams.items()}
         params = [leaves[i] for i in idx]
         in_place = None
@@ -1107,7 +1107,7 @@ def step_bucket_in_place(
     if many is None or not live:
         return None
     offsets = [bucket.first_row[k] * bucket.width for k in live]
-    counts = steps + 1 if len(live) == len(grads) else (steps + 1)[np.asarray(live)]
+    counts = take_leaves(steps + 1, live)
     # a traced `has_grad` false: the call leaves that leaf as it is
     stepping = _packing.stack_flags(
         None if flags is None else [flags[k] for k in live], len(live)

@@ -2357,6 +2357,25 @@ class Leaves {
   int64_t per_buffer_;
 };
 
+// `step_leaf(plan, i)` for each leaf of `in` that steps, every leaf added
+// to one `Plan` (`Leaves`); an error where the operands do not fit `in`
+// with `scalars` hyperparameters, or a leaf's step fails
+template <typename F>
+ffi::Error step_leaves(ffi::ThreadPool& pool, const Leaves& in, int64_t leaves,
+                       int64_t scalars, F&& step_leaf) {
+  ffi::Error bad = in.check(scalars);
+  if (bad.failure()) return bad;
+  in.keep_packed();
+  return planned(pool, [&](Plan& plan) {
+    for (int64_t i = 0; i < leaves; ++i) {
+      if (!in.steps_or_keeps(i)) continue;
+      ffi::Error e = step_leaf(plan, i);
+      if (e.failure()) return e;
+    }
+    return ffi::Error::Success();
+  });
+}
+
 // Adam/AdamW (`AdamImpl`, `AdamAmsImpl`) on many leaves
 template <bool AMS>
 ffi::Error AdamManyImpl(ffi::ThreadPool pool, ffi::RemainingArgs args,
@@ -2364,28 +2383,21 @@ ffi::Error AdamManyImpl(ffi::ThreadPool pool, ffi::RemainingArgs args,
                         ffi::Span<const int64_t> offsets, bool fma,
                         bool maximize, bool decoupled, bool single_tensor) {
   const Leaves in(args, rets, leaves, AMS ? 3 : 2, offsets);
-  ffi::Error bad = in.check(4);  // lr, betas, eps, weight_decay
-  if (bad.failure()) return bad;
-  in.keep_packed();
-  return planned(pool, [&](Plan& plan) {
-    for (int64_t i = 0; i < leaves; ++i) {
-      if (!in.steps_or_keeps(i)) continue;
-      View views[7];
-      ffi::AnyBuffer m = in.state(0, i, views[0]);
-      ffi::AnyBuffer v = in.state(1, i, views[1]);
-      ffi::AnyBuffer max_sq = AMS ? in.state(2, i, views[2]) : m;
-      ffi::AnyBuffer out_p = in.param_result(i);
-      ffi::AnyBuffer out_m = in.state_result(0, i, views[3]);
-      ffi::AnyBuffer out_v = in.state_result(1, i, views[4]);
-      ffi::AnyBuffer out_max = AMS ? in.state_result(2, i, views[5]) : m;
-      ffi::Error e = adam_any(
-          plan, in.param(i), in.grad(i), m, v, AMS ? &max_sq : nullptr,
-          in.step(i, views[6]), in.scalar(0), in.scalar(1), in.scalar(2),
-          in.scalar(3), &out_p, &out_m, &out_v, AMS ? &out_max : nullptr, fma,
-          maximize, decoupled, single_tensor, {}, {});
-      if (e.failure()) return e;
-    }
-    return ffi::Error::Success();
+  // hyperparameters: lr, betas, eps, weight_decay
+  return step_leaves(pool, in, leaves, 4, [&](Plan& plan, int64_t i) {
+    View views[7];
+    ffi::AnyBuffer m = in.state(0, i, views[0]);
+    ffi::AnyBuffer v = in.state(1, i, views[1]);
+    ffi::AnyBuffer max_sq = AMS ? in.state(2, i, views[2]) : m;
+    ffi::AnyBuffer out_p = in.param_result(i);
+    ffi::AnyBuffer out_m = in.state_result(0, i, views[3]);
+    ffi::AnyBuffer out_v = in.state_result(1, i, views[4]);
+    ffi::AnyBuffer out_max = AMS ? in.state_result(2, i, views[5]) : m;
+    return adam_any(plan, in.param(i), in.grad(i), m, v,
+                    AMS ? &max_sq : nullptr, in.step(i, views[6]),
+                    in.scalar(0), in.scalar(1), in.scalar(2), in.scalar(3),
+                    &out_p, &out_m, &out_v, AMS ? &out_max : nullptr, fma,
+                    maximize, decoupled, single_tensor, {}, {});
   });
 }
 
@@ -2396,27 +2408,20 @@ ffi::Error SgdManyImpl(ffi::ThreadPool pool, ffi::RemainingArgs args,
                        ffi::Span<const int64_t> offsets, bool fma,
                        bool maximize, bool nesterov, bool single_tensor) {
   const Leaves in(args, rets, leaves, MOMENTUM ? 1 : 0, offsets);
-  ffi::Error bad = in.check(4);  // lr, momentum, dampening, weight_decay
-  if (bad.failure()) return bad;
-  in.keep_packed();
-  return planned(pool, [&](Plan& plan) {
-    for (int64_t i = 0; i < leaves; ++i) {
-      if (!in.steps_or_keeps(i)) continue;
-      View views[3];
-      ffi::AnyBuffer out_p = in.param_result(i);
-      ffi::AnyBuffer buffer = out_p, out_b = out_p;
-      if (MOMENTUM) {
-        buffer = in.state(0, i, views[0]);
-        out_b = in.state_result(0, i, views[1]);
-      }
-      ffi::Error e = sgd_any(
-          plan, in.param(i), in.grad(i), MOMENTUM ? &buffer : nullptr,
-          in.step(i, views[2]), in.scalar(0), in.scalar(1), in.scalar(2),
-          in.scalar(3), &out_p, MOMENTUM ? &out_b : nullptr, fma, maximize,
-          nesterov, single_tensor, {}, {});
-      if (e.failure()) return e;
+  // hyperparameters: lr, momentum, dampening, weight_decay
+  return step_leaves(pool, in, leaves, 4, [&](Plan& plan, int64_t i) {
+    View views[3];
+    ffi::AnyBuffer out_p = in.param_result(i);
+    ffi::AnyBuffer buffer = out_p, out_b = out_p;
+    if (MOMENTUM) {
+      buffer = in.state(0, i, views[0]);
+      out_b = in.state_result(0, i, views[1]);
     }
-    return ffi::Error::Success();
+    return sgd_any(plan, in.param(i), in.grad(i), MOMENTUM ? &buffer : nullptr,
+                   in.step(i, views[2]), in.scalar(0), in.scalar(1),
+                   in.scalar(2), in.scalar(3), &out_p,
+                   MOMENTUM ? &out_b : nullptr, fma, maximize, nesterov,
+                   single_tensor, {}, {});
   });
 }
 

@@ -95,6 +95,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from .. import _native
 from .._core import TENSOR_DTYPES
 from .._math import packed_layout, packed_leaves, torch_cpu_block
+from .._multi_tensor import take_leaves
 
 _log = logging.getLogger("funcopt")
 _switch: dict[str, Any] = {"enabled": None, "logged": False}
@@ -526,15 +527,6 @@ def _run(
     return out[0], dict(zip(updated, out[1:]))
 
 
-def _take(vector, index: list[int]) -> jax.Array:
-    """`vector[index]` (the whole vector where `index` takes every element
-    in order: no gather)."""
-    vector = jnp.asarray(vector)
-    if index == list(range(jnp.shape(vector)[0])):
-        return vector
-    return vector[np.asarray(index)]
-
-
 # the kernels with a handler for many leaves in one call (`_run_many`)
 _MANY = frozenset(
     {"funcopt_adam", "funcopt_adam_amsgrad", "funcopt_sgd", "funcopt_sgd_momentum"}
@@ -581,7 +573,7 @@ def _run_many(
     ]
     if len(fit) < 2:
         return {}
-    steps, live = _take(steps, fit), _take(live, fit)
+    steps, live = take_leaves(steps, fit), take_leaves(live, fit)
     out = {}
     for run in _chunks(len(fit)):
         leaves = [fit[r] for r in run]
@@ -906,7 +898,8 @@ def _kernel(
         same = [i for i, own in enumerate(slots) if buffers(own, options)[0] == target]
         out = _run_many(
             target, [params[i] for i in same], [grads[i] for i in same],
-            [slots[i] for i in same], names, _take(steps, same), _take(live, same),
+            [slots[i] for i in same], names, take_leaves(steps, same),
+            take_leaves(live, same),
             hparams, keys, options, jax_rule, single_tensor,
         )  # fmt: skip
         return {same[rank]: v for rank, v in out.items()}

@@ -275,7 +275,9 @@ def without_native_code():
 def fused_rows(one_leaf: int, many: dict, min_time: float) -> list[dict]:
     """Issue 19: `fused=True` (native kernels) against torch `fused=True`, the
     roofline (one leaf) and the XLA path (many leaves: the same step as
-    funcopt runs without its library, `without_native_code`)."""
+    funcopt runs without its library, `without_native_code`); many leaves'
+    floor: the jitted program without the optimizer (the params in and
+    out, the grads in), JAX's cost of a call on that many arrays."""
     assert fo.precision.native_fused(), "build the kernels: make venv"
     bw = max(bandwidth().values())
     rows = []
@@ -296,6 +298,9 @@ def fused_rows(one_leaf: int, many: dict, min_time: float) -> list[dict]:
                     )
                 samplers[label] = chain_sampler(program, carry, grads)
             samplers["torch"], _ = torch_step(torch_cls, torch_kwargs, sizes, "fused")
+            if len(sizes) > 1:  # the program without the optimizer (`paths`)
+                floor, _ = compiled(lambda c, g: c, copy(params), grads)
+                samplers["floor"] = chain_sampler(floor, copy(params), grads)
             ms = {k: 1e3 * t for k, t in time_interleaved(samplers, min_time).items()}
             target = f"step ms, fused=True {name}, {case}"
             if len(sizes) == 1:
@@ -308,9 +313,9 @@ def fused_rows(one_leaf: int, many: dict, min_time: float) -> list[dict]:
             else:
                 report(rows,
                        row(19, f"{target} vs torch fused", ms["native"],
-                           ms["torch"], 1.0),
+                           ms["torch"], 1.0, floor=ms["floor"]),
                        row(19, f"{target} vs XLA path", ms["native"],
-                           ms["xla"], 1.0))  # fmt: skip
+                           ms["xla"], 1.0, floor=ms["floor"]))  # fmt: skip
     return rows
 
 
@@ -335,7 +340,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         + f". {sum(r['met'] for r in rows)} of {len(rows)} met.",
         "",
         "floor: the ratio of the same program without the optimizer (issue 15"
-        " rows; see `paths`), the lowest any optimizer can reach.",
+        " rows, see `paths`; issue 19's many-leaf rows: the params in and out"
+        " and the grads in), the lowest any optimizer can reach.",
         "",
         "| issue | target | funcopt | reference | ratio | floor | goal | met |",
         "|---|---|---|---|---|---|---|---|",

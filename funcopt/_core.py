@@ -72,8 +72,7 @@ class OptState(NamedTuple):
       slots: `{name: buffers}`, per-parameter buffers named as in torch's
         `optimizer.state[p]` (`exp_avg`, `momentum_buffer`, ...). Per leaf,
         each is a pytree with the structure of the params and `None` where a
-        leaf has no such buffer; by default the small leaves' buffers (and
-        under Adam/AdamW and SGD, the large leaves' too) are
+        leaf has no such buffer; by default the small leaves' buffers are
         packed (`funcopt.flat.FlatParams`, see `funcopt.flat.set_policy`),
         and [`unpacked`][funcopt.OptState.unpacked] gives the trees.
     """
@@ -98,7 +97,10 @@ class Optimizer(optax.GradientTransformationExtraArgs):
     `opt.step(params, grads, state)` returns `(new_params, new_state)`
     exactly as torch's parameters and state after `optimizer.step()` with
     `p.grad = grads`; prefer it to `update` + `optax.apply_updates`,
-    whose extra subtraction and addition can round by one ulp.
+    which runs the pure JAX rules (XLA fuses them with the subtraction and
+    the addition; without x64 their hyperparameters are float32, so
+    torch's float32 numbers to ~1e-5 relative, its bits only with x64 and
+    `set_exact_float32`) and rounds `new - old + old` once more.
 
     `params` is any pytree: its floating-point leaves are trained, Python
     floats included (as the arrays of the default float dtype that `jit`
@@ -119,10 +121,8 @@ class Optimizer(optax.GradientTransformationExtraArgs):
         """
         from .optim import _fused_native
 
-        if _fused_native.gradients_are_temporaries(params, grads):
-            with _fused_native.writing_over_gradients():
-                return self._step_fn(params, grads, state, has_grad)
-        return self._step_fn(params, grads, state, has_grad)
+        with _fused_native.tracing_step(params, grads):
+            return self._step_fn(params, grads, state, has_grad)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items())
@@ -728,6 +728,8 @@ def _sparse_message(name: str) -> str:
 
 def _apply(definition, params, grads, state, has_grad):
     """`(new_params, new_state)`: torch's `optimizer.step()`."""
+    from .optim import _fused_native
+
     if isinstance(params, _multi_tensor.FlatParams):
         return _multi_tensor.apply_flat(definition, params, grads, state, has_grad)
     leaves, grad_leaves, names, group_of, slot_leaves = check_step(
@@ -744,9 +746,10 @@ def _apply(definition, params, grads, state, has_grad):
     packed = {}
     layout = _multi_tensor.packed_layout(state)
     if layout is not None:
-        packed, bucket_buffers = _multi_tensor.apply_packed(
-            definition, layout, leaves, grad_leaves, state, options, mask
-        )
+        with _fused_native.kernels_on_packed_buckets():
+            packed, bucket_buffers = _multi_tensor.apply_packed(
+                definition, layout, leaves, grad_leaves, state, options, mask
+            )
         # buckets that step leaf by leaf: their buffers unpacked, then packed
         per_leaf_buckets = {
             j
@@ -762,9 +765,11 @@ def _apply(definition, params, grads, state, has_grad):
     elif definition.elementwise:
         # sparse (BCOO) gradients take the per-leaf path
         dense_grads = [None if isinstance(g, jsparse.BCOO) else g for g in grad_leaves]
-        packed = _multi_tensor.apply_tree(
-            definition, leaves, dense_grads, group_of, slot_leaves, state, options, mask
-        )
+        with _fused_native.kernels_on_packed_buckets():
+            packed = _multi_tensor.apply_tree(
+                definition, leaves, dense_grads, group_of, slot_leaves, state,
+                options, mask,
+            )  # fmt: skip
     new_slots = {k: list(v) for k, v in slot_leaves.items()}
     # each leaf reads its step count and its group's hyperparameters at
     # runtime indices, so that same-shaped leaves share one compiled kernel
@@ -942,7 +947,10 @@ def _leaf_step(definition: _Definition, group: str, options: dict[str, Any]):
 
 def updates_of_step(name, step_fn, grads, state, params, has_grad):
     """The optax protocol on a step: `(new_params - params, new_state)`, the
-    new params written over the gradients (`_fused_native.writing_over_gradients`)."""
+    step traced with the JAX rules (`_fused_native.jax_rules_only`), which
+    XLA fuses with the subtraction and `optax.apply_updates`' addition,
+    except on a plain tree's packed buckets (copied in and out: nothing to
+    fuse), which keep the kernels."""
     if params is None:
         raise ValueError(
             f"funcopt.{name.lower()}'s update() needs params: call "
@@ -950,7 +958,9 @@ def updates_of_step(name, step_fn, grads, state, params, has_grad):
         )
     from .optim import _fused_native
 
-    with _fused_native.writing_over_gradients():
+    # the kernels of packed buckets (`kernels_on_packed_buckets`) write the
+    # new params over the gradients: the params stay live for `new - old`
+    with _fused_native.jax_rules_only(), _fused_native.writing_over_gradients():
         new_params, new_state = step_fn(params, grads, state, has_grad)
     updates = jax.tree.map(
         lambda new, old: new - old if is_trainable(old) else jnp.zeros_like(old),

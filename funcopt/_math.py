@@ -148,12 +148,14 @@ def set_exact_float32(enabled: bool) -> None:
     _exact_float32["enabled"] = enabled
 
 
-def trace_settings() -> tuple[int | None, bool, bool, bool, bool]:
+def trace_settings() -> tuple[int | None, bool, bool, bool, bool, bool]:
     """Everything a rule reads at trace time from funcopt's settings (part of
-    the per-leaf kernel cache key): this module's, whether the steps traced
-    run the native kernels (`funcopt.optim._fused_native.native_fused`),
-    whether those write the params in place (`params_in_place`) and whether
-    they can be split over devices (`partitions`)."""
+    the per-leaf kernel cache key and of the eager step's): this module's,
+    whether the kernels are on (`funcopt.optim._fused_native.native_fused`)
+    and run on the leaves stepped one by one (`kernels_now`: not under
+    `update`, whose packed buckets still run them), whether they write the
+    params in place (`params_in_place`) and whether they can be split over
+    devices (`partitions`)."""
     from .optim import _fused_native
 
     native = _fused_native.native_fused()
@@ -161,6 +163,7 @@ def trace_settings() -> tuple[int | None, bool, bool, bool, bool]:
         torch_cpu_block(),
         exact_float32(),
         native,
+        _fused_native.kernels_now(),
         # (the JAX rules' programs are the same either way)
         _fused_native.params_in_place() or not native,
         _fused_native.partitions(),

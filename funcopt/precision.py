@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ._core import Optimizer, build_optimizer
+from ._core import Optimizer, build_optimizer, updates_of_step
 from ._math import exact_float32 as exact_float32
 from ._math import set_exact_float32 as set_exact_float32
 from ._math import set_torch_cpu_block as set_torch_cpu_block
@@ -258,17 +258,6 @@ def master_weights(opt: optax.GradientTransformation, dtype: Any = jnp.float32):
         return new_params, MasterWeightsState(kept, new_inner)
 
     def update(grads, state, params=None, **extra_args):
-        if params is None:
-            raise ValueError(
-                "master_weights' update() needs params: call update(grads, state, "
-                "params)"
-            )
-        new_params, new_state = step_fn(params, grads, state, None)
-        updates = jax.tree.map(
-            lambda n, o: n - o if is_trainable(o) else jnp.zeros_like(o),
-            new_params,
-            params,
-        )
-        return updates, new_state
+        return updates_of_step("master_weights", step_fn, grads, state, params, None)
 
     return _wrapper(opt, "master_weights", init, update, step_fn)

@@ -325,10 +325,9 @@ def check_native_kernels(mesh, rng):
 
 
 def check_update(mesh, rng):
-    """`update` + `optax.apply_updates` (the optax protocol; the kernels
-    write the new params over the gradients the step computes) on sharded
-    params, donated: per device, the bits of the run on one device, no
-    collective, no float copy."""
+    """`update` + `optax.apply_updates` (the optax protocol: the JAX rules)
+    on sharded params, donated: the bits of the run on one device, no
+    kernel, no collective, no float copy."""
     import optax
 
     opt = fo.adamw(amsgrad=True)
@@ -355,7 +354,7 @@ def check_update(mesh, rng):
         compiled, params, state, sharded_grads, shardings,
         fs.state_shardings(opt, params),
     )  # fmt: skip
-    row = result("native-update:adamw", "{'amsgrad': True}", "plain", (p, st),
+    row = result("update:adamw", "{'amsgrad': True}", "plain", (p, st),
                  (params, state), keeps, collectives(compiled))  # fmt: skip
     row["kernel_calls"] = kernel_calls(compiled)
     row["float_copies"] = float_copies(compiled)

@@ -95,9 +95,17 @@ def test_init_packs_the_small_leaves_of_each_bucket():
     lone = {"a": jnp.ones(3), "b": jnp.ones((50, 50))}
     assert not _is_packed(fo.rmsprop().init(lone))
     assert not _is_packed(fo.adam().init(lone))
+    # large leaves: per leaf by default (where `update`'s JAX rules fuse
+    # with `apply_updates`); under "always", Adam's in a bucket stepped in
+    # place
     large = {"a": jnp.ones((40, 40)), "b": jnp.ones((50, 50))}
     assert not _is_packed(fo.rmsprop().init(large))
-    (bucket,) = fo.adam().init(large).slots["exp_avg"].layout.buckets
+    assert not _is_packed(fo.adam().init(large))
+    with ff.policy("always"):
+        (bucket,) = fo.adam().init(large).slots["exp_avg"].layout.buckets
+        assert (
+            not fo.rmsprop().init(large).slots["square_avg"].layout.buckets[0].in_place
+        )
     assert bucket.in_place and bucket.leaves == (0, 1)
 
 

@@ -56,17 +56,21 @@ its last bits; with x64 the double itself is passed.
 Adam/AdamW and SGD step many leaves in one call (`<target>_many`,
 `_run_many`): every leaf the per-leaf path steps in a group, and every leaf
 of a packed state's bucket, its param and gradient read where they are and
-its state buffers the bucket's elements (`_run_many_packed`; `init` then
-packs the state of large leaves too, in buckets of their own:
-`funcopt.flat.set_policy`), at most `LEAVES_PER_CALL` leaves a call. The
+its state buffers the bucket's elements (`_run_many_packed`; under
+`set_policy("always")` `init` packs large leaves' state in buckets of
+their own), at most `LEAVES_PER_CALL` leaves a call (one a call in a
+train step, `one_call_per_leaf`). The
 threads split a call's leaves' elements as one range; each leaf takes the
 arithmetic it takes alone (the same bits, tested).
 
 The kernel's results alias its inputs: under `jax.jit` with the params and
-state donated the update is in place (no copies). Under `update` (the optax
-protocol, and a step inside a `jit` that computes its gradients:
-`writing_over_gradients`) the new params are written over the gradients
-instead, the params read as they are. `lr`, the step count and
+state donated the update is in place (no copies). In a step inside a `jit`
+that computes its gradients (`writing_over_gradients`) the new params are
+written over the gradients instead, the params read as they are. The optax
+protocol's `update` runs the JAX rules on the leaves it steps one by one
+(`jax_rules_only`: XLA fuses them with `optax.apply_updates`, which it
+cannot with a kernel), the kernels on packed buckets, written over the
+gradients. `lr`, the step count and
 the other hyperparameters are runtime buffers (no recompile when they
 change). It differentiates through the JAX rule (`jax.custom_jvp`), and
 `vmap` runs it once per batch element.
@@ -160,82 +164,157 @@ def native_fused() -> bool:
 _updates = threading.local()
 
 
+def kernels_now() -> bool:
+    """Whether a step traced now runs the kernels where they apply:
+    `native_fused`, but for the leaves `update` steps one by one
+    (`jax_rules_only`). Read at trace time (part of the per-leaf kernel
+    cache key, `funcopt._math.trace_settings`)."""
+    return native_fused() and not _switch_is_on("jax_rules")
+
+
+def _switch_is_on(name: str) -> bool:
+    return getattr(_updates, name, False)
+
+
 @contextlib.contextmanager
-def _switched_on(name: str):
-    """The trace-time switch `name` (of this thread) on while a block runs."""
-    old = getattr(_updates, name, False)
-    setattr(_updates, name, True)
+def _switched(name: str, value: bool):
+    """The trace-time switch `name` (of this thread) set to `value` while a
+    block runs."""
+    old = _switch_is_on(name)
+    setattr(_updates, name, value)
     try:
         yield
     finally:
         setattr(_updates, name, old)
 
 
+def jax_rules_only() -> contextlib.AbstractContextManager:
+    """While the optax protocol's `update` traces its step: the pure JAX
+    rules run on the leaves it steps one by one and on `funcopt.flat`
+    buckets (`kernels_now` is false), the kernels on a plain tree's packed
+    buckets (`kernels_on_packed_buckets`).
+
+    `update` returns `new_params - params`, which `optax.apply_updates`
+    adds back: XLA fuses the JAX rule, the subtraction and the addition
+    into the loops of the step (optax's own `update` compiles so), where a
+    kernel (a custom call, which XLA does not fuse) wrote its new params
+    over the gradients and the addition made one more pass over memory,
+    after a copy of each gradient that was an argument of the `jit`.
+    Measured (2-core AMD EPYC, AdamW, float32, params and state donated,
+    interleaved): 100 leaves of 100,000 with the gradients computed in the
+    `jit`, 22.9 ms with the kernels, 11.0 ms with the JAX rules, optax 10.4
+    ms; one leaf of 1M, 0.98, 0.65 and 0.67 ms. Without x64 the JAX rules
+    hold the hyperparameters in float32 (`1 - beta2` is 0.99998713e-3, as
+    in optax): torch's float32 numbers to ~1e-5 relative (its bits with
+    x64 and `set_exact_float32`); `update` + `apply_updates` already rounds
+    `new - old + old`, and `opt.step` keeps the kernels' bits.
+    """
+    return _switched("jax_rules", True)
+
+
+def kernels_on_packed_buckets() -> contextlib.AbstractContextManager:
+    """While a plain tree's packed buckets step (`_multi_tensor.apply_packed`,
+    `apply_tree`): the kernels run there under `update` too
+    (`jax_rules_only` off). A bucket's params are copied in and out, or
+    read in place by one call for many leaves: XLA has nothing to fuse
+    there, and the kernel compiles faster (`optax.chain(clip, fo.adamw())`
+    on 10 leaves of 1,000: ~0.8x optax's compile, ~1.1x with the JAX rule)
+    and gives torch's bits."""
+    return _switched("jax_rules", False)
+
+
 def writing_over_gradients() -> contextlib.AbstractContextManager:
     """While a step traces whose gradients die with it and whose params are
-    read elsewhere: the kernels write the new params over the gradients
-    (their last use), the params read as they are. The optax protocol's
-    `update` traces its step so, and `step` where
-    `gradients_are_temporaries`.
+    read elsewhere (a train step, `tracing_step`): the kernels write the new
+    params over the gradients (their last use), the params read as they
+    are.
 
-    `update` returns `new_params - params`, so the params stay live after
-    the step: a kernel that wrote them in place would make XLA copy every
-    param before it (measured: `optax.chain(clip, fo.adamw())` on 100 leaves
-    of 100,000 at 1.5x optax's step). Written over the gradient, a kernel
-    still makes one pass over memory and needs no new buffer (a fresh one
-    per step measured 1.41x optax at one 10M leaf, its pages faulted in
-    each step), and `new_params - params + params` (`optax.apply_updates`)
-    fuses into one loop, as optax's own `apply_updates` does.
+    Backprop reads a layer's weight again for its input's gradient,
+    unordered with the weight's own update. There XLA's CPU copy insertion
+    copies each such param before a kernel updates it in place, twice, and
+    keeps the copies in the step's temporary buffer
+    (`benchmarks/in_jit_grads.py`, a 10.5M-param MLP: 18 param copies, a
+    40 MB temporary whose pages fault in every step, 1.4x optax's step);
+    written over the gradient (dead after the step), the new param is
+    copied into the param's buffer once, as optax's step copies it (0.9x).
+    A step that returns the gradients too makes XLA copy them instead; a
+    param read elementwise only is read before its gradient exists (no
+    copy); with XLA's region analysis (`XLA_FLAGS` has
+    `--xla_cpu_copy_insertion_use_region_analysis=true`) nothing is
+    copied. A fresh buffer per step instead measured 1.41x optax at one 10M
+    leaf, its pages faulted in each step.
     """
-    return _switched_on("over_gradients")
+    return _switched("over_gradients", True)
 
 
 def params_in_place() -> bool:
     """Whether the kernels of a step traced now write the new params over
     the params (outside `writing_over_gradients`). Read at trace time (part of
     the per-leaf kernel cache key, `funcopt._math.trace_settings`)."""
-    return not getattr(_updates, "over_gradients", False)
+    return not _switch_is_on("over_gradients")
 
 
 def keeping_gradients() -> contextlib.AbstractContextManager:
     """While a step whose gradients stay live after it traces
     (`fo.TrainState`, which keeps them as torch keeps `p.grad`): the
-    kernels write the new params over the params, whatever
-    `gradients_are_temporaries` says."""
-    return _switched_on("keep_gradients")
+    kernels write the new params over the params, in a train step too
+    (`tracing_step`)."""
+    return _switched("keep_gradients", True)
 
 
-def gradients_are_temporaries(params, grads) -> bool:
-    """Whether `step`, traced now, should write the new params over the
-    gradients (as `writing_over_gradients` does) rather than over the params.
+_REGION_ANALYSIS = "xla_cpu_copy_insertion_use_region_analysis=true"
 
-    True inside a `jit` whose program computes the gradients and already
-    took a param (as it is, or transposed, reshaped or cast) into a matrix
-    product or convolution, directly or in a call (a nested `jit`, `cond`,
+
+def _region_analysis() -> bool:
+    """Whether XLA's CPU copy insertion runs its region analysis (set in
+    `XLA_FLAGS` before JAX starts): then it copies no param that a kernel
+    updates in place."""
+    return _REGION_ANALYSIS in os.environ.get("XLA_FLAGS", "")
+
+
+@contextlib.contextmanager
+def tracing_step(params, grads):
+    """The trace-time switches of `step` on these params and gradients. Where
+    the traced program computes the gradients by backprop through a matrix
+    product of the params (`_computed_after_a_product`): each leaf takes a
+    call of its own (`one_call_per_leaf`), and the new params are written
+    over the gradients (`writing_over_gradients`) unless they are kept
+    (`keeping_gradients`) or XLA's region analysis is on."""
+    with contextlib.ExitStack() as switches:
+        if kernels_now() and _backprop_computes(params, grads):
+            switches.enter_context(_switched("one_call_per_leaf", True))
+            if not _switch_is_on("keep_gradients") and not _region_analysis():
+                switches.enter_context(writing_over_gradients())
+        yield
+
+
+def one_call_per_leaf() -> bool:
+    """Whether the step traced now computes its gradients by backprop (a
+    train step: `jax.grad` then `opt.step`, or `TrainState`'s backward then
+    step, in one `jit`): each leaf then takes a kernel call of its own, not
+    one call for many (`LEAVES_PER_CALL`). XLA's CPU runtime runs a leaf's
+    call as soon as its gradient exists, beside the rest of backprop; one
+    call for many leaves waits for the last of their gradients and then
+    runs alone. Measured (2-core AMD EPYC, a 20-layer MLP of 1024x1024,
+    batch 32, AdamW): 50.7 ms a train step with a call a leaf, 96.8 ms with
+    one call for the 20 weights, optax 58.1 ms. Gradients elementwise in the
+    params (no product: nothing to overlap) keep the calls for many, and so
+    do packed buckets of large leaves (`set_policy("always")`: their calls
+    chain through the bucket's buffers)."""
+    return _switch_is_on("one_call_per_leaf")
+
+
+def _backprop_computes(params, grads) -> bool:
+    """Whether the traced program computes `grads` after it took a param (as
+    it is, or transposed, reshaped or cast) into a matrix product or
+    convolution, directly or in a call (a nested `jit`, `cond`,
     `checkpoint`, ...): the usual train step, `jax.grad(loss)(params, x)`
-    then `opt.step`, where backprop reads a layer's weight again for its
-    input's gradient, unordered with the weight's own update. There XLA's
-    CPU copy insertion copies each such param before a kernel updates it in
-    place, twice, and keeps the copies in the step's temporary buffer
-    (`benchmarks/in_jit_grads.py`, a 10.5M-param MLP: 18 param copies, a
-    40 MB temporary whose pages fault in every step, 1.4x optax's step);
-    written over the gradient (dead after the step), the new param is
-    copied into the param's buffer once, as optax's step copies it (0.9x).
-    A step that returns the gradients too makes XLA copy them instead.
-    False (in place) where the gradients are arguments of the `jit`
-    (`jax.jit(opt.step)`, also called inside another `jit`: not XLA's to
-    overwrite), computed without a product of a param (a clip; a param
-    read elementwise only is read before its gradient exists: no copy),
-    kept (`keeping_gradients`), outside `jit`, under other
-    transformations, with XLA's region analysis on (`XLA_FLAGS` has
-    `--xla_cpu_copy_insertion_use_region_analysis=true`: no copies in
-    place), and wherever the trace cannot be read. Decided at trace time
-    from the traced program (JAX's tracing frame).
-    """
-    if getattr(_updates, "keep_gradients", False) or not native_fused():
-        return False
-    if _REGION_ANALYSIS in os.environ.get("XLA_FLAGS", ""):
-        return False
+    then `opt.step`. False where the gradients are arguments of the `jit`
+    (`jax.jit(opt.step)`, also called inside another `jit`), computed
+    without a product of a param (a clip; a param read elementwise only),
+    outside `jit`, under other transformations, and wherever the trace
+    cannot be read. Decided at trace time from the traced program (JAX's
+    tracing frame)."""
     try:
         return _computed_after_a_product(
             jax.tree.leaves(params), jax.tree.leaves(grads)
@@ -243,9 +322,6 @@ def gradients_are_temporaries(params, grads) -> bool:
     except AttributeError as error:  # another JAX's tracing internals
         _log.debug("funcopt: the traced program cannot be read: %s", error)
         return False
-
-
-_REGION_ANALYSIS = "xla_cpu_copy_insertion_use_region_analysis=true"
 
 
 def _computed_after_a_product(params: list, grads: list) -> bool:
@@ -331,7 +407,7 @@ def _applies(param: Any, single_tensor: bool) -> bool:
     dtype = jnp.dtype(param.dtype)
     return (
         (dtype in _KERNEL_DTYPES or (not single_tensor and dtype in _FUSED_ONLY_DTYPES))
-        and native_fused()
+        and kernels_now()
         and jax.default_backend() == "cpu"
     )
 
@@ -447,8 +523,8 @@ def _run(
     """The kernel `target` on the param, gradient and buffers `names` (the
     param and buffers updated in place), differentiated through `jax_rule`
     (`jax.custom_jvp`); None where the kernel does not apply. The new param
-    is written over the gradient while `update` traces, or a step on
-    gradients it computes (`writing_over_gradients`).
+    is written over the gradient while `update` traces (its packed
+    buckets), or a step on gradients it computes (`writing_over_gradients`).
     `single_tensor`: torch's single-tensor (default) step instead of its
     fused kernel. `leaf_scalars`: the per-parameter 0-d float32 buffers
     (NAdam's `mu_product`, ASGD's `eta` and `mu`), passed after `names` as
@@ -481,8 +557,8 @@ def _run(
     out_index = [0, *range(2, len(arrays))]
     # the results written over their inputs: the new param over the param,
     # or over the gradient (its last use) under `writing_over_gradients`:
-    # `update`, whose param stays live for `new - param`, and a step on
-    # gradients it computes (`gradients_are_temporaries`)
+    # `update` (its packed buckets), whose param stays live for
+    # `new - param`, and a step on gradients it computes (`tracing_step`)
     aliases = {i: k for k, i in enumerate(out_index)}
     if not params_in_place():
         aliases[1] = aliases.pop(0)
@@ -828,7 +904,11 @@ def with_kernel(kernel: Callable, jax_rule: Callable) -> Callable:
         """The leaves the kernel steps in one call (`_run_many`), by position:
         `rule` on each, the same bits; a leaf whose `live` flag is false
         keeps its values."""
-        if dict(options.get(TENSOR_DTYPES, ())) or not hasattr(kernel, "many"):
+        if (
+            dict(options.get(TENSOR_DTYPES, ()))
+            or not hasattr(kernel, "many")
+            or one_call_per_leaf()
+        ):
             return {}
         return kernel.many(params, grads, slots, steps, live, hparams, options,
                            jax_rule)  # fmt: skip
@@ -845,7 +925,8 @@ def with_kernel(kernel: Callable, jax_rule: Callable) -> Callable:
     def steps_in_place(dtype, options) -> bool:
         """Whether `many_packed` would step a bucket of `dtype` leaves in a
         group with these options (read by `init`, which then packs the
-        state of large leaves too, `_multi_tensor.state_layout`)."""
+        state of large leaves too under `set_policy("always")`,
+        `_multi_tensor.state_layout`)."""
         if dict(options.get(TENSOR_DTYPES, ())) or not hasattr(
             kernel, "steps_in_place"
         ):

@@ -359,7 +359,9 @@ def build_optimizer(definition: _Definition, defaults: Mapping[str, Any]) -> Opt
         lambda params, grads, state, has_grad: _apply(
             definition, params, grads, state, has_grad
         ),
-        lambda params, grads, state: check_step(definition, params, grads, state),
+        lambda params, grads, state: check_step(
+            definition, params, _per_leaf_grads(params, grads, state), state
+        ),
     )
     opt = Optimizer(
         lambda params: _init(definition, params),
@@ -732,6 +734,11 @@ def _apply(definition, params, grads, state, has_grad):
 
     if isinstance(params, _multi_tensor.FlatParams):
         return _multi_tensor.apply_flat(definition, params, grads, state, has_grad)
+    grad_buffers = None
+    if isinstance(grads, _multi_tensor.FlatParams):  # `TrainState`'s
+        grads, has_grad, grad_buffers = _multi_tensor.unpack_step_grads(
+            state, grads, has_grad
+        )
     leaves, grad_leaves, names, group_of, slot_leaves = check_step(
         definition, params, grads, state
     )
@@ -739,6 +746,7 @@ def _apply(definition, params, grads, state, has_grad):
     values = [definition.group_values(n) for n in names]
     options = [definition.group_options(v) for v in values]
     mask = None if has_grad is None else treedef.flatten_up_to(has_grad)
+    mask, grad_leaves = _fold_known_flags(mask, grad_leaves)
 
     new_leaves, increments = [], []
     # many leaves packed into one kernel per (group, dtype): the buckets of a
@@ -748,8 +756,9 @@ def _apply(definition, params, grads, state, has_grad):
     if layout is not None:
         with _fused_native.kernels_on_packed_buckets():
             packed, bucket_buffers = _multi_tensor.apply_packed(
-                definition, layout, leaves, grad_leaves, state, options, mask
-            )
+                definition, layout, leaves, grad_leaves, state, options, mask,
+                grad_buffers,
+            )  # fmt: skip
         # buckets that step leaf by leaf: their buffers unpacked, then packed
         per_leaf_buckets = {
             j
@@ -860,6 +869,35 @@ def _apply(definition, params, grads, state, has_grad):
         slots = {k: treedef.unflatten(v) for k, v in new_slots.items()}
     new_state = OptState(new_step, state.hparams, slots)
     return treedef.unflatten(new_leaves), new_state
+
+
+def _per_leaf_grads(params, grads, state):
+    """`grads` of a plain params tree per leaf: gradients packed in the
+    layout of the state's packed buffers (`TrainState` keeps them so) as
+    views of their buffers."""
+    if isinstance(params, _multi_tensor.FlatParams) or not isinstance(
+        grads, _multi_tensor.FlatParams
+    ):
+        return grads
+    return _multi_tensor.unpack_step_grads(state, grads, None)[0]
+
+
+def _fold_known_flags(mask, grad_leaves):
+    """`(mask, grad_leaves)` with the `has_grad` flags known while tracing
+    folded in (`_packing.known_flag`): a leaf known to have no gradient
+    takes the gradient None (torch's `p.grad is None`: the same skip), a
+    flag known true is dropped, and the mask is None where no flag is left
+    for the run to read. `TrainState` sets its flags as constants of the
+    train step's trace; read at run time, each would cost a select over the
+    leaf's param and state and a copy of the buffers a kernel updates in
+    place."""
+    if mask is None:
+        return None, grad_leaves
+    known = [_packing.known_flag(m) for m in mask]
+    grad_leaves = [None if k is False else g for k, g in zip(known, grad_leaves)]
+    if all(k is not None for k in known):
+        return None, grad_leaves
+    return [m if k is None else k for m, k in zip(mask, known)], grad_leaves
 
 
 def _many_leaves(definition, members, leaves, grad_leaves, owns, stepped, hparams,

@@ -1033,14 +1033,79 @@ def runs_packed(bucket: Bucket, grad_leaves) -> bool:
     return not any(isinstance(grad_leaves[i], jsparse.BCOO) for i in bucket.leaves)
 
 
-def apply_packed(definition, layout, leaves, grad_leaves, state, options, mask):
+def unpack_step_grads(state, grads: FlatParams, has_grad):
+    """`(grads, has_grad, buffers)` of a step given gradients packed in the
+    layout of its packed state (`TrainState` keeps them so): the gradients
+    per leaf (views of the buffers, for the checks and the leaves stepped
+    one by one), the flags per leaf, and the gradient buffers, which the
+    buckets read as they are. `has_grad` is None or a `FlatParams` of the
+    same layout whose buffers hold a flag per leaf of their bucket; flags
+    known while tracing (`_packing.known_flags`) stay known."""
+    layout = packed_layout(state)
+    if layout is None or grads.layout != layout:
+        raise TypeError(
+            "packed gradients (FlatParams) must be in the layout of the "
+            "optimizer state's packed buffers (see funcopt.flat for "
+            "FlatParams params)"
+        )
+    if has_grad is not None:
+        if not isinstance(has_grad, FlatParams) or has_grad.layout != layout:
+            raise TypeError(
+                "has_grad of packed gradients must be a FlatParams of their layout"
+            )
+        flags: list[Any] = [None] * layout.n_leaves
+        for b, buffer in zip(layout.buckets, has_grad.buffers):
+            known = _packing.known_flags(buffer)
+            values = (
+                [bool(f) for f in known]
+                if known is not None
+                else _packing.unstack_scalars(buffer)
+            )
+            for i, f in zip(b.leaves, values):
+                flags[i] = f
+        for i, f in zip(layout.outside, has_grad.rest):
+            flags[i] = f
+        has_grad = layout.treedef.unflatten(flags)
+    tree, buffers = grad_views(grads)
+    return tree, has_grad, buffers
+
+
+def grad_views(grads: FlatParams):
+    """`(tree, buffers)` of gradients kept in a packed state's layout
+    (`TrainState`): the gradients per leaf (views of the buffers) and the
+    buffers, None for a bucket that steps its leaves in place (`Bucket.in_place`),
+    whose gradients are kept per leaf (a tuple in place of its buffer: its
+    kernel reads them where they are, a view would be a copy)."""
+    layout = grads.layout
+    leaves: list[Any] = [None] * layout.n_leaves
+    buffers = []
+    for b, buffer in zip(layout.buckets, grads.buffers):
+        if isinstance(buffer, tuple):
+            pieces, buffer = list(buffer), None
+        else:
+            shapes = [
+                real_shape_of(layout.shapes[i], layout.dtypes[i]) for i in b.leaves
+            ]
+            pieces = b.split(buffer, shapes)
+        for i, piece in zip(b.leaves, pieces):
+            leaves[i] = piece
+        buffers.append(buffer)
+    for i, leaf in zip(layout.outside, grads.rest):
+        leaves[i] = leaf
+    return layout.treedef.unflatten(leaves), buffers
+
+
+def apply_packed(
+    definition, layout, leaves, grad_leaves, state, options, mask, grad_buffers=None
+):
     """The buckets of a packed state, each one rule call on its buffers.
 
     Returns `(done, buffers)`: `{leaf: (new_p, {}, stepped)}` and, per
     bucket that ran, `{slot: new buffer}`. A leaf without a gradient
     (`None`, or `has_grad` false) keeps its param, buffers and count. A
     bucket where no leaf has a gradient, or that does not `runs_packed`,
-    is left to the caller.
+    is left to the caller. `grad_buffers`: the gradients already packed,
+    one buffer per bucket (`unpack_step_grads`), read as they are.
     """
     from ._core import _as_complex, _as_real
 
@@ -1076,12 +1141,16 @@ def apply_packed(definition, layout, leaves, grad_leaves, state, options, mask):
             continue
         shapes = [real_shape(leaves[i]) for i in idx]
         p = b.pack([_as_real(x) for x in params])
-        g = b.pack(
-            [
-                jnp.zeros(s, b.dtype) if gr is None else _as_real(gr)
-                for gr, s in zip(grads, shapes)
-            ]
-        )
+        if grad_buffers is not None and grad_buffers[j] is not None:
+            # a leaf without a gradient is masked
+            g = grad_buffers[j]
+        else:
+            g = b.pack(
+                [
+                    jnp.zeros(s, b.dtype) if gr is None else _as_real(gr)
+                    for gr, s in zip(grads, shapes)
+                ]
+            )
         m = None
         if flags is not None:
             m = _packing.stack_scalars([_packing.as_packable(f, bool) for f in flags])

@@ -79,6 +79,29 @@ def stack_flags(flags: Sequence[Any] | None, n: int) -> jax.Array:
     return stack_scalars([as_packable(f, bool) for f in flags])
 
 
+def known_flags(flags: Any) -> np.ndarray | None:
+    """`has_grad` flags (one, or a buffer of them) as NumPy bools where
+    known while tracing: Python or NumPy bools, or a constant of the trace
+    (`jnp.asarray(np.ones(n, bool))` inside a `jit`, as `TrainState.backward`
+    sets them); None where only the run knows them (an argument, a value
+    computed from one, a concrete array)."""
+    if isinstance(flags, (bool, np.bool_, np.ndarray)):
+        return np.asarray(flags, bool)
+    if not isinstance(flags, jax.core.Tracer):
+        return None
+    try:  # a constant of the trace (jaxpr tracers only)
+        value = flags.get_const()
+    except Exception:  # pragma: no cover - depends on JAX internals
+        return None
+    return None if value is None else np.asarray(value, bool)
+
+
+def known_flag(flag: Any) -> bool | None:
+    """One flag's value where known while tracing (`known_flags`)."""
+    value = known_flags(flag)
+    return None if value is None or value.shape != () else bool(value)
+
+
 def unstack_scalars(buffer: jax.Array) -> list[jax.Array]:
     """The inverse of `stack_scalars`: a 1-D buffer -> its 0-d values."""
     n = buffer.shape[0]

@@ -9,25 +9,28 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.tree_util import PyTreeDef
 
+from . import _multi_tensor, _packing
 from . import clip as _clip
-from ._core import Optimizer
+from ._core import Optimizer, OptState
 from ._math import materialized
-from ._tree import PyTree, check_params, is_trainable
+from ._multi_tensor import FlatParams, Layout
+from ._tree import PyTree, check_params, flatten_grads, is_trainable
 from .optim import _fused_native
 
 
-# Leaves flatten with `grads` after `opt_state`: jit pairs each donated input
-# buffer with the first output of its shape in leaf order, and a jit drops an
-# unused argument, so were the old gradients unused after `zero_grad`,
-# gradients listed before the state would take the state's donated buffers
-# and leave XLA copying (Adam, 1M params: four 4 MB copies a step, 5x
-# optax's time). `zero_grad` keeps them an argument (`_zero_like_grad`), so
-# the new gradients take their buffers.
+# Leaves flatten with the gradients after `opt_state`: jit pairs each donated
+# input buffer with the first output of its shape in leaf order, and a jit
+# drops an unused argument, so were the old gradients unused after
+# `zero_grad`, gradients listed before the state would take the state's
+# donated buffers and leave XLA copying (Adam, 1M params: four 4 MB copies a
+# step, 5x optax's time). `zero_grad` keeps them an argument
+# (`_zero_like_grad`), so the new gradients take their buffers.
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["params", "opt_state", "grads", "grad_defined"],
+    data_fields=["params", "opt_state", "stored_grads", "stored_defined"],
     meta_fields=["opt"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +42,7 @@ class TrainState:
     | `loss.backward()` | `ts, loss = ts.backward(loss_fn, *args)` |
     | `optimizer.step()` | `ts = ts.step()` |
     | `optimizer.zero_grad()` | `ts = ts.zero_grad()` (`set_to_none=True`) |
+    | `p.grad = g` | `ts = ts.with_grads(grads)` |
     | `clip_grad_norm_(ps, m)` | `ts, total = ts.clip_grad_norm(m)` |
     | `clip_grad_value_(ps, c)` | `ts = ts.clip_grad_value(c)` |
 
@@ -51,18 +55,28 @@ class TrainState:
     array, so the pytree structure never changes and a whole train step is
     one `jax.jit`.
 
+    Where the optimizer keeps its small leaves' state packed in buckets
+    (`funcopt.flat.set_policy`, the default on CPU), the gradients and
+    flags of those leaves are kept in the same buckets (`stored_grads`,
+    `stored_defined`): a jitted train step then takes and returns a few
+    buffers instead of two arrays per leaf (each costs the runtime a few
+    microseconds: 1,000 leaves, ~9 ms a step), and the step reads them as
+    they are. `grads` and `grad_defined` show them per leaf.
+
     Attributes:
       params: the parameters (any pytree).
-      grads: accumulated gradients, zeros where undefined; `None` for
-        leaves that are not trainable (not floating point).
-      grad_defined: one boolean per leaf, torch's `p.grad is not None`.
       opt_state: the optimizer's state.
+      stored_grads: the gradients as kept: `grads`, or a
+        [`FlatParams`][funcopt.flat.FlatParams] in the layout of the
+        optimizer state's packed buffers.
+      stored_defined: the flags as kept: `grad_defined`, or a `FlatParams`
+        of that layout holding one flag per leaf of each bucket.
       opt: the optimizer (static).
     """
 
     params: PyTree
-    grads: PyTree
-    grad_defined: PyTree
+    stored_grads: Any
+    stored_defined: Any
     opt_state: Any
     opt: Optimizer = dataclasses.field(metadata=dict(static=True))
 
@@ -74,12 +88,73 @@ class TrainState:
         returns them (see [`funcopt.Optimizer`][funcopt.Optimizer]).
         """
         params = check_params(params)
+        opt_state = opt.init(params)
+        layout = _grad_layout(opt, opt_state)
         return cls(
             params=params,
-            grads=_zero_grads(params),
-            grad_defined=jax.tree.map(lambda _: jnp.asarray(False), params),
-            opt_state=opt.init(params),
+            stored_grads=_store_grads(layout, _zero_grads(params)),
+            stored_defined=_store_flags(
+                layout, jax.tree.map(lambda _: jnp.asarray(False), params)
+            ),
+            opt_state=opt_state,
             opt=opt,
+        )
+
+    @property
+    def grads(self) -> PyTree:
+        """Accumulated gradients (a pytree of the params' structure), zeros
+        where undefined; `None` for leaves that are not trainable (not
+        floating point). Views of the packed buffers where they are packed."""
+        stored = self.stored_grads
+        if isinstance(stored, FlatParams):
+            return _multi_tensor.grad_views(stored)[0]
+        return stored
+
+    @property
+    def grad_defined(self) -> PyTree:
+        """One boolean per leaf: torch's `p.grad is not None`."""
+        stored = self.stored_defined
+        if not isinstance(stored, FlatParams):
+            return stored
+        layout = stored.layout
+        flags: list[Any] = [None] * layout.n_leaves
+        for b, buffer in zip(layout.buckets, stored.buffers):
+            known = _packing.known_flags(buffer)
+            values = (
+                _packing.unstack_scalars(buffer)
+                if known is None
+                else [jnp.asarray(bool(k)) for k in known]
+            )
+            for i, f in zip(b.leaves, values):
+                flags[i] = f
+        for i, f in zip(layout.outside, stored.rest):
+            flags[i] = f
+        return layout.treedef.unflatten(flags)
+
+    def with_grads(self, grads: PyTree, grad_defined: PyTree = None) -> TrainState:
+        """torch's `p.grad = g` for every leaf: this state with `grads` (a
+        pytree of the params' structure; a `None` leaf has no gradient) and
+        `grad_defined` (one boolean per leaf; by default, defined where the
+        gradient is not `None`).
+
+        Raises `TypeError` or `ValueError` naming the leaf where `grads`
+        does not match the params (structure, dtype, shape).
+        """
+        params, grad_leaves = flatten_grads(self.params, grads)
+        treedef: PyTreeDef = jax.tree.structure(self.params)
+        if grad_defined is None:
+            flags = [jnp.asarray(g is not None) for g in grad_leaves]
+        else:
+            flags = treedef.flatten_up_to(grad_defined)
+        full = [
+            (jnp.zeros_like(p) if g is None else g) if is_trainable(p) else None
+            for p, g in zip(params, grad_leaves)
+        ]
+        layout = _grad_layout(self.opt, self.opt_state)
+        return dataclasses.replace(
+            self,
+            stored_grads=_store_grads(layout, treedef.unflatten(full)),
+            stored_defined=_store_flags(layout, treedef.unflatten(flags)),
         )
 
     def backward(
@@ -132,27 +207,29 @@ class TrainState:
         primals = [leaves[i] for i in trainable]
         result, new = jax.value_and_grad(loss_of_trainable, has_aux=has_aux)(primals)
         reached = _inputs_reaching_output(loss_only, primals)
-        grads = treedef.flatten_up_to(self.grads)
-        defined = treedef.flatten_up_to(self.grad_defined)
+        # torch: a leaf outside the graph keeps its grad (None)
+        added: list[Any] = [None] * len(leaves)
         for i, g, used in zip(trainable, new, reached):
-            if used:  # torch: a leaf outside the graph keeps its grad (None)
-                # computed before the step reads it (see `materialized`): a
-                # donated step then updates the params in place, no copy
-                grads[i] = materialized(grads[i] + g)
-                defined[i] = jnp.asarray(True)
+            if used:
+                added[i] = g
         new_state = dataclasses.replace(
             self,
-            grads=treedef.unflatten(grads),
-            grad_defined=treedef.unflatten(defined),
+            stored_grads=_accumulate(self.stored_grads, added, treedef),
+            stored_defined=_mark_defined(self.stored_defined, added, treedef),
         )
         return new_state, result
 
     def step(self) -> TrainState:
         """`optimizer.step()` with the accumulated gradients."""
+        grads, defined = self.stored_grads, self.stored_defined
+        if isinstance(grads, FlatParams) and grads.layout != _grad_layout(
+            self.opt, self.opt_state
+        ):  # a state of another layout (e.g. one loaded or sharded since)
+            grads, defined = self.grads, self.grad_defined
         # they stay `grads` after the step, as torch keeps `p.grad`
         with _fused_native.keeping_gradients():
             params, opt_state = self.opt.step(
-                self.params, self.grads, self.opt_state, has_grad=self.grad_defined
+                self.params, grads, self.opt_state, has_grad=defined
             )
         return dataclasses.replace(self, params=params, opt_state=opt_state)
 
@@ -178,7 +255,7 @@ class TrainState:
             foreach,
             has_grad=self.grad_defined,
         )
-        return dataclasses.replace(self, grads=grads), total
+        return self._with_grad_values(grads), total
 
     def clip_grad_value(
         self, clip_value: float, foreach: bool | None = None
@@ -187,7 +264,7 @@ class TrainState:
         grads = _clip.clip_grad_value(
             self.grads, clip_value, foreach, has_grad=self.grad_defined
         )
-        return dataclasses.replace(self, grads=grads)
+        return self._with_grad_values(grads)
 
     def zero_grad(self, set_to_none: bool = True) -> TrainState:
         """`optimizer.zero_grad(set_to_none)`.
@@ -197,11 +274,162 @@ class TrainState:
         `set_to_none=False` keeps them defined as zeros, so weight decay and
         momentum still act on them.
         """
-        defined = self.grad_defined
+        defined = self.stored_defined
         if set_to_none:
-            defined = jax.tree.map(lambda _: jnp.asarray(False), defined)
-        grads = jax.tree.map(_zero_like_grad, self.params, self.grads)
-        return dataclasses.replace(self, grads=grads, grad_defined=defined)
+            defined = _all_undefined(defined)
+        stored = self.stored_grads
+        if isinstance(stored, FlatParams):
+            params = stored.layout.treedef.flatten_up_to(self.params)
+            grads = FlatParams(
+                [
+                    jax.tree.map(lambda b: _zero_like_grad(b, b), b)
+                    for b in stored.buffers
+                ],
+                [
+                    _zero_like_grad(params[i], g)
+                    for i, g in zip(stored.layout.outside, stored.rest)
+                ],
+                stored.layout,
+            )
+        else:
+            grads = jax.tree.map(_zero_like_grad, self.params, stored)
+        return dataclasses.replace(self, stored_grads=grads, stored_defined=defined)
+
+    def _with_grad_values(self, grads: PyTree) -> TrainState:
+        """This state with new values of the gradients (their flags kept)."""
+        layout = _grad_layout(self.opt, self.opt_state)
+        if not isinstance(self.stored_grads, FlatParams):
+            layout = None
+        return dataclasses.replace(self, stored_grads=_store_grads(layout, grads))
+
+
+def _grad_layout(opt: Any, opt_state: Any) -> Layout | None:
+    """The layout `TrainState` keeps gradients and flags in: that of the
+    optimizer state's packed buffers, where a funcopt optimizer's own step
+    (which reads packed gradients, `_core._apply`) keeps its state packed;
+    None (per leaf) otherwise."""
+    if getattr(opt, "definition", None) is None or not isinstance(opt_state, OptState):
+        return None
+    return _multi_tensor.packed_layout(opt_state)
+
+
+def _store_grads(layout: Layout | None, grads: PyTree) -> Any:
+    """A gradient tree as `TrainState` keeps it: as it is, or packed (the
+    leaves of a bucket that steps in place per leaf: `_multi_tensor.grad_views`)."""
+    if layout is None:
+        return grads
+    leaves = layout.treedef.flatten_up_to(grads)
+    return FlatParams(
+        [
+            tuple(leaves[i] for i in b.leaves)
+            if b.in_place
+            else b.pack([leaves[i] for i in b.leaves])
+            for b in layout.buckets
+        ],
+        [leaves[i] for i in layout.outside],
+        layout,
+    )
+
+
+def _store_flags(layout: Layout | None, flags: PyTree) -> Any:
+    """A tree of flags as `TrainState` keeps it: as it is, or one buffer
+    per bucket (a constant of the trace where every flag of it is known,
+    which a step then needs not read, `_packing.known_flags`)."""
+    if layout is None:
+        return flags
+    leaves = layout.treedef.flatten_up_to(flags)
+    return FlatParams(
+        [_flag_buffer([leaves[i] for i in b.leaves]) for b in layout.buckets],
+        [leaves[i] for i in layout.outside],
+        layout,
+    )
+
+
+def _flag_buffer(flags: list[Any]) -> jax.Array:
+    known = [_packing.known_flag(f) for f in flags]
+    if all(k is not None for k in known):
+        return jnp.asarray(np.array(known, dtype=bool))
+    return _packing.stack_scalars([_packing.as_packable(f, bool) for f in flags])
+
+
+def _all_undefined(stored: Any) -> Any:
+    """`stored_defined` with every flag false (`zero_grad(set_to_none=True)`)."""
+    if not isinstance(stored, FlatParams):
+        return jax.tree.map(lambda _: jnp.asarray(False), stored)
+    return FlatParams(
+        [jnp.asarray(np.zeros(b.shape, bool)) for b in stored.buffers],
+        [jnp.asarray(False) for _ in stored.rest],
+        stored.layout,
+    )
+
+
+def _accumulate(stored: Any, added: list, treedef: PyTreeDef) -> Any:
+    """`stored_grads` plus the new gradients `added` (per leaf, None where
+    the loss did not reach the leaf: its gradient is kept). Each new sum is
+    computed before the step reads it (see `materialized`): a donated step
+    then updates the params in place, no copy; a bucket's sum already is
+    (its pack is a copy). A bucket's leaves the loss did not reach add
+    `-0.0`, which keeps every value as it is (`-0.0` included, which `+0.0`
+    would turn into `+0.0`)."""
+    if not isinstance(stored, FlatParams):
+        old = treedef.flatten_up_to(stored)
+        return treedef.unflatten(
+            [o if g is None else materialized(o + g) for o, g in zip(old, added)]
+        )
+    layout = stored.layout
+    buffers: list[Any] = []
+    for b, old in zip(layout.buckets, stored.buffers):
+        used = np.array([added[i] is not None for i in b.leaves])
+        if not used.any():
+            buffers.append(old)
+            continue
+        if isinstance(old, tuple):  # per leaf
+            buffers.append(
+                tuple(
+                    o if added[i] is None else materialized(o + added[i])
+                    for i, o in zip(b.leaves, old)
+                )
+            )
+            continue
+        new = b.pack(
+            [
+                jnp.full(layout.shapes[i], -0.0, b.dtype)
+                if added[i] is None
+                else added[i]
+                for i in b.leaves
+            ]
+        )
+        buffers.append(old + new)
+    rest = [
+        o if added[i] is None else materialized(o + added[i])
+        for i, o in zip(layout.outside, stored.rest)
+    ]
+    return FlatParams(buffers, rest, layout)
+
+
+def _mark_defined(stored: Any, added: list, treedef: PyTreeDef) -> Any:
+    """`stored_defined` with the leaves of `added` marked defined (constants
+    of the trace where known: see `_store_flags`)."""
+    if not isinstance(stored, FlatParams):
+        old = treedef.flatten_up_to(stored)
+        return treedef.unflatten(
+            [o if g is None else jnp.asarray(True) for o, g in zip(old, added)]
+        )
+    layout = stored.layout
+    buffers = []
+    for b, old in zip(layout.buckets, stored.buffers):
+        used = np.array([added[i] is not None for i in b.leaves])
+        known = _packing.known_flags(old)
+        if used.all() or known is not None:
+            known = used if known is None else known | used
+            buffers.append(jnp.asarray(known))
+        else:
+            buffers.append(jnp.where(used, True, old))
+    rest = [
+        o if added[i] is None else jnp.asarray(True)
+        for i, o in zip(layout.outside, stored.rest)
+    ]
+    return FlatParams(buffers, rest, layout)
 
 
 def _inputs_reaching_output(fn: Callable, args: list) -> list[bool]:

@@ -5,6 +5,8 @@ compared after every operation, so accumulation, forgotten ``zero_grad``,
 ``step`` before ``backward``, stale gradients and ``set_to_none`` all show.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -143,10 +145,26 @@ def test_backward_accumulates_like_torch(x64):
     assert bool(ts.grad_defined["w"])
 
 
-def test_unused_leaf_keeps_no_gradient():
-    ts = fo.TrainState.create({"a": jnp.ones(2), "b": jnp.ones(2)}, fo.sgd())
-    ts, _ = ts.backward(lambda p: jnp.sum(p["a"]))
-    assert bool(ts.grad_defined["a"]) and not bool(ts.grad_defined["b"])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_unused_leaf_keeps_no_gradient(jit):
+    """An unused leaf's flag stays false and its stored gradient keeps its
+    bits (a -0.0 included); in one `jit` after `zero_grad`, where the flags
+    are known while tracing, too."""
+    params = {"a": jnp.ones(2), "b": jnp.ones(2), "c": jnp.ones(2)}
+    ts = fo.TrainState.create(params, fo.sgd(momentum=0.9))
+    ts = ts.with_grads({"a": None, "b": None, "c": jnp.asarray([-0.0, 2.0])})
+
+    def backward(ts, zero):
+        if zero:
+            ts = ts.zero_grad()
+        return ts.backward(lambda p: jnp.sum(p["a"]))[0]
+
+    run = jax.jit(backward, static_argnums=1) if jit else backward
+    kept = run(ts, False)
+    assert [bool(kept.grad_defined[k]) for k in "abc"] == [True, False, True]
+    np.testing.assert_array_equal(np.signbit(kept.grads["c"]), [True, False])
+    cleared = run(ts, True)
+    assert [bool(cleared.grad_defined[k]) for k in "abc"] == [True, False, False]
 
 
 def test_train_step_compiles_once():
@@ -287,3 +305,225 @@ def test_backward_without_has_aux_rejects_a_tuple_loss():
     ts = fo.TrainState.create({"w": jnp.ones(2)}, fo.sgd(lr=0.1))
     with pytest.raises(TypeError):
         ts.backward(lambda p: (jnp.sum(p["w"]), None))
+
+
+# --------------------------------------------------------------------------
+# gradients kept in the optimizer state's packed buckets
+# --------------------------------------------------------------------------
+
+
+def _run_scenario_states(ops, factory, kwargs, jit):
+    """Every op of a scenario on float32 params: after each, the params,
+    gradients, flags and (per-leaf) optimizer state, as NumPy."""
+    params = {k: jnp.asarray(v, jnp.float32) for k, v in INIT.items()}
+    ts = fo.TrainState.create(params, factory(**kwargs))
+    maybe_jit = jax.jit if jit else (lambda f, **kw: f)
+    backward = maybe_jit(
+        lambda ts, x, y, use_head: ts.backward(jax_loss, x, y, use_head)[0],
+        static_argnums=3,
+    )
+    step = maybe_jit(lambda ts: ts.step())
+    zero = maybe_jit(lambda ts, keep: ts.zero_grad(not keep), static_argnums=1)
+    history = []
+    for op in ops:
+        if op.startswith("bw"):
+            x, y = (jnp.asarray(a, jnp.float32) for a in BATCHES[int(op[2])])
+            ts = backward(ts, x, y, "nohead" not in op)
+        elif op == "step":
+            ts = step(ts)
+        else:
+            ts = zero(ts, op == "zero_keep")
+        seen = (ts.params, ts.grads, ts.grad_defined, ts.opt_state.unpacked())
+        history.append(jax.tree.map(np.asarray, seen))
+    return ts, history
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_packed_gradients_give_the_per_leaf_bits(scenario, opt_name, jit):
+    """The default layout keeps the small leaves' gradients and flags in the
+    optimizer state's buckets; every op gives the same bits as gradients
+    kept per leaf (`set_policy("never")`), flags of unused leaves included."""
+    _, factory, kwargs = OPTIMIZERS[opt_name]
+    ops = SCENARIOS[scenario]
+    ts, packed = _run_scenario_states(ops, factory, kwargs, jit)
+    assert isinstance(ts.stored_grads, fo.flat.FlatParams)
+    assert isinstance(ts.stored_defined, fo.flat.FlatParams)
+    with fo.flat.policy("never"):
+        ts, per_leaf = _run_scenario_states(ops, factory, kwargs, jit)
+    assert isinstance(ts.stored_grads, dict)
+    for i, (a, b) in enumerate(zip(packed, per_leaf)):
+        assert jax.tree.structure(a) == jax.tree.structure(b), ops[i]
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(x, y, err_msg=f"after op {i} {ops[i]}")
+
+
+def _many_leaf_train_step(n):
+    params = {f"p{i:03d}": jnp.full((7,), 0.1 * i, jnp.float32) for i in range(n)}
+    ts = fo.TrainState.create(params, fo.adamw(lr=1e-2))
+
+    def train_step(ts, target):
+        ts = ts.zero_grad()
+        ts, _ = ts.backward(
+            lambda p, t: sum(jnp.sum((p[k] - t) ** 2) for k in p), target
+        )
+        return ts.step()
+
+    return ts, train_step
+
+
+def test_a_train_step_passes_few_arrays_and_reads_no_flag():
+    """A train step over many small leaves takes and returns the params and a
+    few buffers (gradients and flags packed with the state), and its flags,
+    set while tracing (`backward` after `zero_grad`), are folded: no select
+    of old and new values in the program."""
+    n = 40
+    ts, train_step = _many_leaf_train_step(n)
+    assert len(jax.tree.leaves(ts)) < n + 12
+    hlo = jax.jit(train_step, donate_argnums=0).lower(ts, 0.5).compile().as_text()
+    entry = hlo[hlo.index("ENTRY") :]
+    assert " select(" not in entry and "select_n" not in entry
+    assert not [
+        line for line in entry.splitlines() if " copy(" in line and "f32[" in line
+    ]
+
+
+def test_known_flags_fold_to_the_step_without_them():
+    """`has_grad` flags known while tracing (constants of the trace) step as
+    if absent (true) or as a gradient None (false); traced flags are read."""
+    params = {"a": jnp.ones(3), "b": jnp.ones(3)}
+    grads = {"a": jnp.full(3, 0.5), "b": jnp.full(3, 0.25)}
+    opt = fo.adam(lr=0.1)
+    state = opt.init(params)
+
+    def step_with(flags):
+        return jax.jit(lambda p, g, s: opt.step(p, g, s, has_grad=flags()))(
+            params, grads, state
+        )
+
+    const = step_with(lambda: {"a": jnp.asarray(True), "b": jnp.asarray(False)})
+    grads_b_none = opt.step(params, {"a": grads["a"], "b": None}, state)
+    for x, y in zip(jax.tree.leaves(const), jax.tree.leaves(grads_b_none)):
+        np.testing.assert_array_equal(x, y)
+
+    def program(step):
+        return jax.jit(step).lower(params, grads, state).as_text()
+
+    known = program(lambda p, g, s: opt.step(p, g, s, has_grad={"a": True, "b": True}))
+    assert known == program(lambda p, g, s: opt.step(p, g, s))
+    traced = jax.jit(lambda p, g, s, f: opt.step(p, g, s, has_grad=f)).lower(
+        params, grads, state, {"a": True, "b": True}
+    )
+    assert traced.as_text() != known
+
+
+def test_known_flags_reads_constants_only():
+    from funcopt import _packing
+
+    assert _packing.known_flag(True) is True
+    assert _packing.known_flag(np.bool_(False)) is False
+    np.testing.assert_array_equal(_packing.known_flags(np.array([1, 0], bool)), [1, 0])
+    assert _packing.known_flag(jnp.asarray(True)) is None  # concrete: read at run time
+
+    def inside(x):
+        assert _packing.known_flag(jnp.asarray(True)) is True
+        np.testing.assert_array_equal(
+            _packing.known_flags(jnp.asarray(np.array([True, False]))), [True, False]
+        )
+        assert _packing.known_flag(x > 0) is None
+        assert _packing.known_flag(x) is None
+        return x
+
+    jax.jit(inside)(1.0)
+
+
+def test_with_grads_is_torch_grad_assignment(x64):
+    """`ts.with_grads(g)` then `step` is torch's `p.grad = g; opt.step()`;
+    a None gradient skips its parameter; a wrong shape is named."""
+    params = {k: jnp.asarray(v) for k, v in INIT.items()}
+    grads = {k: jnp.asarray(RNG.normal(size=np.shape(v))) for k, v in INIT.items()}
+    ts = fo.TrainState.create(params, fo.adamw(lr=0.05, weight_decay=0.1))
+    ts = ts.with_grads({**grads, "h": None}).step()
+    tparams = {k: torch.tensor(v, requires_grad=True) for k, v in INIT.items()}
+    topt = torch.optim.AdamW(list(tparams.values()), lr=0.05, weight_decay=0.1)
+    for k, p in tparams.items():
+        p.grad = None if k == "h" else torch.tensor(np.asarray(grads[k]))
+    topt.step()
+    for k, p in tparams.items():
+        np.testing.assert_allclose(ts.params[k], p.detach().numpy(), rtol=1e-12)
+    assert not bool(ts.grad_defined["h"]) and bool(ts.grad_defined["w"])
+    np.testing.assert_array_equal(ts.grads["w"], grads["w"])
+    with pytest.raises(ValueError, match=r"\['b'\]"):
+        ts.with_grads({**grads, "b": jnp.ones(5)})
+
+
+def test_a_state_of_another_layout_steps_the_per_leaf_gradients():
+    """A `TrainState` whose optimizer state was replaced by one of another
+    layout (per leaf here, as a loaded or sharded one may be) steps its
+    packed gradients per leaf: the same bits."""
+    params = {k: jnp.asarray(v, jnp.float32) for k, v in INIT.items()}
+    opt = fo.adam(lr=0.1)
+    ts = fo.TrainState.create(params, opt)
+    ts, _ = ts.backward(jax_loss, *(jnp.asarray(a, jnp.float32) for a in BATCHES[0]))
+    assert isinstance(ts.stored_grads, fo.flat.FlatParams)
+    with fo.flat.policy("never"):
+        per_leaf = dataclasses.replace(ts, opt_state=opt.init(params))
+    a = jax.jit(lambda t: t.step())(per_leaf)
+    b = ts.step()
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_in_place_buckets_keep_their_gradients_per_leaf():
+    """Under `set_policy("always")` large leaves step in place, one call
+    for their bucket reading each leaf where it is: `TrainState` keeps
+    their gradients per leaf (packed, each step would copy them in and
+    the call out again), with the same bits as gradients kept per leaf."""
+    rng = np.random.default_rng(3)
+    params = {
+        "w": jnp.asarray(rng.normal(size=(40, 40)), jnp.float32),
+        "v": jnp.asarray(rng.normal(size=(50, 40)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(40,)), jnp.float32),
+        "c": jnp.asarray(rng.normal(size=(40,)), jnp.float32),
+    }
+
+    def loss(p, t):
+        return jnp.sum((p["w"] - t) ** 2) + jnp.sum(p["v"] ** 3) + jnp.sum(p["b"] * p["c"])
+
+    def train_step(ts, t):
+        ts = ts.zero_grad()
+        ts, _ = ts.backward(loss, t)
+        ts, _ = ts.backward(loss, t * 2)
+        return ts.step()
+
+    def run():
+        ts = fo.TrainState.create(jax.tree.map(jnp.copy, params), fo.adam(lr=0.01))
+        step = jax.jit(train_step, donate_argnums=0)
+        for k in range(3):
+            ts = step(ts, jnp.float32(0.1 * k))
+        return ts, jax.tree.map(np.asarray, (ts.params, ts.grads, ts.opt_state.unpacked()))
+
+    with fo.flat.policy("always"):
+        ts, always = run()
+        kept = ts.stored_grads.buffers
+        assert any(isinstance(b, tuple) for b in kept)
+        assert any(not isinstance(b, tuple) for b in kept)
+        hlo = (
+            jax.jit(train_step, donate_argnums=0)
+            .lower(ts, jnp.float32(0.5))
+            .compile()
+            .as_text()
+        )
+    entry = hlo[hlo.index("ENTRY") :]
+    big = [
+        line
+        for line in entry.splitlines()
+        if (" copy(" in line or "funcopt_pack" in line)
+        and ("f32[40,40]" in line or "f32[50,40]" in line)
+    ]
+    assert not big, big
+    with fo.flat.policy("never"):
+        _, per_leaf = run()
+    for x, y in zip(jax.tree.leaves(always), jax.tree.leaves(per_leaf)):
+        np.testing.assert_array_equal(x, y)

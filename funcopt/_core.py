@@ -872,14 +872,16 @@ def _apply(definition, params, grads, state, has_grad):
 
 
 def _per_leaf_grads(params, grads, state):
-    """`grads` of a plain params tree per leaf: gradients packed in the
-    layout of the state's packed buffers (`TrainState` keeps them so) as
-    views of their buffers."""
+    """`grads` of a plain params tree per leaf, for the checks of an eager
+    step: gradients packed in the layout of the state's packed buffers
+    (`TrainState` keeps them so) as the shapes of their views (no copy)."""
     if isinstance(params, _multi_tensor.FlatParams) or not isinstance(
         grads, _multi_tensor.FlatParams
     ):
         return grads
-    return _multi_tensor.unpack_step_grads(state, grads, None)[0]
+    return jax.eval_shape(
+        lambda g: _multi_tensor.unpack_step_grads(state, g, None)[0], grads
+    )
 
 
 def _fold_known_flags(mask, grad_leaves):

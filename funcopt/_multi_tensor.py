@@ -1039,8 +1039,9 @@ def unpack_step_grads(state, grads: FlatParams, has_grad):
     per leaf (views of the buffers, for the checks and the leaves stepped
     one by one), the flags per leaf, and the gradient buffers, which the
     buckets read as they are. `has_grad` is None or a `FlatParams` of the
-    same layout whose buffers hold a flag per leaf of their bucket; flags
-    known while tracing (`_packing.known_flags`) stay known."""
+    same layout whose buffers hold a flag per leaf of their bucket (or a
+    tree of the params' structure, passed on); flags known while tracing
+    (`_packing.known_flags`) stay known."""
     layout = packed_layout(state)
     if layout is None or grads.layout != layout:
         raise TypeError(
@@ -1048,10 +1049,11 @@ def unpack_step_grads(state, grads: FlatParams, has_grad):
             "optimizer state's packed buffers (see funcopt.flat for "
             "FlatParams params)"
         )
-    if has_grad is not None:
-        if not isinstance(has_grad, FlatParams) or has_grad.layout != layout:
+    if isinstance(has_grad, FlatParams):
+        if has_grad.layout != layout:
             raise TypeError(
-                "has_grad of packed gradients must be a FlatParams of their layout"
+                "has_grad of packed gradients must be a FlatParams of their "
+                "layout or a tree of the params' structure"
             )
         flags: list[Any] = [None] * layout.n_leaves
         for b, buffer in zip(layout.buckets, has_grad.buffers):

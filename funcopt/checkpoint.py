@@ -18,8 +18,9 @@ checked against the checkpoint, and a difference raises `ValueError` naming
 the leaf. Restored values are bit-identical to the saved ones, so training
 resumed from a checkpoint continues exactly as the uninterrupted run. An
 optimizer state is saved with its buffers per leaf (`OptState.unpacked`)
-and restored in `like`'s layout, so a checkpoint does not depend on which
-buffers a machine keeps packed (`funcopt.flat.set_policy`).
+and restored in `like`'s layout (a `TrainState`'s gradients and flags too),
+so a checkpoint does not depend on which buffers a machine keeps packed
+(`funcopt.flat.set_policy`).
 
 **The light format** (`format="npz"`, the default; numpy only) is one zip
 file: `manifest.json` (format version, the tree's structure as text, and per
@@ -42,6 +43,8 @@ name.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import io
 import json
 import os
@@ -57,6 +60,7 @@ import numpy as np
 
 from . import _multi_tensor
 from ._core import OptState
+from .train_state import TrainState
 
 FORMAT = "funcopt-npz"
 VERSION = 1
@@ -72,29 +76,60 @@ def _before_commit(path: str) -> None:
 # --------------------------------------------------------------------------
 
 
-def _is_opt_state(x: Any) -> bool:
-    return isinstance(x, OptState)
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["params", "opt_state", "grads", "grad_defined"],
+    meta_fields=[],
+)
+@dataclasses.dataclass(frozen=True)
+class _TrainStatePerLeaf:
+    """A `TrainState` as a checkpoint holds it: gradients and flags per leaf
+    (`grads`, `grad_defined`), under the key paths `TrainState` had before
+    it kept them packed, so that older checkpoints restore too."""
+
+    params: Any
+    opt_state: Any
+    grads: Any
+    grad_defined: Any
 
 
 def _per_leaf(tree: Any) -> Any:
-    """`tree` with each optimizer state's buffers per leaf: a checkpoint
-    does not depend on where a state keeps them packed (`OptState.unpacked`;
-    packed on one CPU device, per leaf on a GPU)."""
+    """`tree` with each optimizer state's buffers, and each `TrainState`'s
+    gradients and flags, per leaf: a checkpoint does not depend on where a
+    state keeps them packed (`OptState.unpacked`; packed on one CPU device,
+    per leaf on a GPU)."""
+
+    def per_leaf(x):
+        if isinstance(x, TrainState):
+            return _TrainStatePerLeaf(
+                x.params, _per_leaf(x.opt_state), x.grads, x.grad_defined
+            )
+        return x.unpacked() if isinstance(x, OptState) else x
+
     return jax.tree.map(
-        lambda x: x.unpacked() if _is_opt_state(x) else x, tree, is_leaf=_is_opt_state
+        per_leaf, tree, is_leaf=lambda x: isinstance(x, OptState | TrainState)
     )
 
 
 def _packed_like(restored: Any, like: Any) -> Any:
-    """`restored` (per leaf) with each optimizer state laid out as `like`'s."""
+    """`restored` (per leaf) with each optimizer state and `TrainState` laid
+    out as `like`'s."""
 
     def lay_out(r, ref):
-        layout = _multi_tensor.packed_layout(ref) if _is_opt_state(ref) else None
+        if isinstance(ref, TrainState):
+            opt_state = _packed_like(r.opt_state, ref.opt_state)
+            return ref._with_per_leaf(r.params, opt_state, r.grads, r.grad_defined)
+        layout = _multi_tensor.packed_layout(ref) if isinstance(ref, OptState) else None
         if layout is None:
             return r
         return _multi_tensor.pack_into(layout, r, _multi_tensor.buffer_specs_of(ref))
 
-    return jax.tree.map(lay_out, restored, like, is_leaf=_is_opt_state)
+    return jax.tree.map(
+        lay_out,
+        restored,
+        like,
+        is_leaf=lambda x: isinstance(x, OptState | _TrainStatePerLeaf),
+    )
 
 
 def _flatten(tree: Any) -> tuple[list[str], list[np.ndarray], Any]:

@@ -28,9 +28,9 @@ gradient of the views lands packed). A tree with non-trainable leaves
 (integers) needs `jax.grad(..., allow_int=True)`. torch's `p.grad is
 None` is `opt.step(fparams, fgrads, state, has_grad=flags)` with
 `flags` a tree of booleans of the *params'* structure (one per leaf), or a
-`FlatParams` of flags (one per bucket, as [`funcopt.TrainState`][funcopt.TrainState]
-built on `FlatParams` passes it). Padding (a leaf's tail row) is zero in
-params and grads and is never read back by `unpack`.
+`FlatParams` of flags (one per bucket, or one per leaf of each bucket).
+Padding (a leaf's tail row) is zero in params and grads and is never read
+back by `unpack`.
 
 Optimizers whose rule is not elementwise (Adafactor, Muon, SparseAdam,
 LBFGS) run per leaf only and refuse `FlatParams`.

@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import sparse as jsparse
 from jax.tree_util import PyTreeDef
 
 from . import _multi_tensor, _packing
@@ -56,7 +57,8 @@ class TrainState:
     one `jax.jit`.
 
     Where the optimizer keeps its small leaves' state packed in buckets
-    (`funcopt.flat.set_policy`, the default on CPU), the gradients and
+    (`funcopt.flat.set_policy`; by default on one CPU device with the
+    native library), the gradients and
     flags of those leaves are kept in the same buckets (`stored_grads`,
     `stored_defined`): a jitted train step then takes and returns a few
     buffers instead of two arrays per leaf (each costs the runtime a few
@@ -145,12 +147,14 @@ class TrainState:
         if grad_defined is None:
             flags = [jnp.asarray(g is not None) for g in grad_leaves]
         else:
-            flags = treedef.flatten_up_to(grad_defined)
+            flags = [_flag(f) for f in treedef.flatten_up_to(grad_defined)]
         full = [
             (jnp.zeros_like(p) if g is None else g) if is_trainable(p) else None
             for p, g in zip(params, grad_leaves)
         ]
         layout = _grad_layout(self.opt, self.opt_state)
+        if any(isinstance(g, jsparse.BCOO) for g in grad_leaves):
+            layout = None  # sparse gradients are kept (and stepped) per leaf
         return dataclasses.replace(
             self,
             stored_grads=_store_grads(layout, treedef.unflatten(full)),
@@ -296,11 +300,27 @@ class TrainState:
         return dataclasses.replace(self, stored_grads=grads, stored_defined=defined)
 
     def _with_grad_values(self, grads: PyTree) -> TrainState:
-        """This state with new values of the gradients (their flags kept)."""
-        layout = _grad_layout(self.opt, self.opt_state)
-        if not isinstance(self.stored_grads, FlatParams):
-            layout = None
+        """This state with new values of the gradients, kept in the layout
+        of the old ones (and of their flags, which stay)."""
+        stored = self.stored_grads
+        layout = stored.layout if isinstance(stored, FlatParams) else None
         return dataclasses.replace(self, stored_grads=_store_grads(layout, grads))
+
+    def _with_per_leaf(
+        self, params: PyTree, opt_state: Any, grads: PyTree, grad_defined: PyTree
+    ) -> TrainState:
+        """This state's optimizer and layout with these values (per leaf
+        gradients and flags, as `grads` and `grad_defined` read them):
+        `funcopt.checkpoint`'s restore."""
+        stored = self.stored_grads
+        layout = stored.layout if isinstance(stored, FlatParams) else None
+        return dataclasses.replace(
+            self,
+            params=params,
+            opt_state=opt_state,
+            stored_grads=_store_grads(layout, grads),
+            stored_defined=_store_flags(layout, grad_defined),
+        )
 
 
 def _grad_layout(opt: Any, opt_state: Any) -> Layout | None:
@@ -343,6 +363,15 @@ def _store_flags(layout: Layout | None, flags: PyTree) -> Any:
         [leaves[i] for i in layout.outside],
         layout,
     )
+
+
+def _flag(flag: Any) -> jax.Array:
+    """One `grad_defined` flag as a 0-d bool array (a Python or NumPy bool
+    too, so that the pytree's types never change)."""
+    flag = jnp.asarray(flag, dtype=bool)
+    if flag.shape != ():
+        raise ValueError(f"grad_defined: one boolean per leaf, got shape {flag.shape}")
+    return flag
 
 
 def _flag_buffer(flags: list[Any]) -> jax.Array:

@@ -179,7 +179,7 @@ def test_mismatched_like_is_an_error(tmp_path):
     assert manifest["format"] == "funcopt-npz"
     assert any("opt_state" in leaf["path"] for leaf in manifest["leaves"])
     params = {"b": jnp.zeros(3), "w": jnp.zeros((3, 4))}
-    other = fo.TrainState.create(params, tree["train"].opt)
+    other = fo.TrainState.create(params, fo.adamw())
     with pytest.raises(ValueError, match=r"float32\(4, 3\), like has float32\(3, 4\)"):
         checkpoint.restore(path, like={"train": other, "sched": tree["sched"]})
     with pytest.raises(ValueError, match="only in the checkpoint"):
@@ -200,3 +200,43 @@ def test_bfloat16_and_scalars_round_trip(tmp_path):
     for k in tree:
         assert back[k].dtype == tree[k].dtype
         np.testing.assert_array_equal(np.asarray(back[k]), np.asarray(tree[k]))
+
+
+@pytest.mark.parametrize("saved_policy", ["always", "never"])
+def test_a_train_state_restores_into_another_layout(tmp_path, saved_policy):
+    """A `TrainState` saves its gradients and flags per leaf, under the key
+    paths of `.grads` and `.grad_defined`: a state whose gradients were kept
+    packed restores into a `like` that keeps them per leaf, and back, with
+    the same values; the restored state has `like`'s layout."""
+    other = "never" if saved_policy == "always" else "always"
+    params = {f"p{i}": jnp.full((3,), 0.5 * i, jnp.float32) for i in range(4)}
+
+    def state(policy):
+        with fo.flat.policy(policy):
+            ts = fo.TrainState.create(params, fo.adam(lr=0.1))
+            ts, _ = ts.backward(lambda p: jnp.sum(p["p1"] ** 2 + p["p2"] ** 3))
+            return ts.step()
+
+    saved = state(saved_policy)
+    path = _path(tmp_path, "npz")
+    checkpoint.save(path, {"train": saved})
+    names = [leaf["path"] for leaf in checkpoint.read_manifest(path)["leaves"]]
+    assert "['train'].grads['p1']" in names
+    assert "['train'].grad_defined['p3']" in names
+    like = {"train": state(other)}
+    back = checkpoint.restore(path, like=like)["train"]
+    assert type(back.stored_grads) is type(like["train"].stored_grads)
+    assert type(back.stored_grads) is not type(saved.stored_grads)
+    for field in ("params", "grads", "grad_defined"):
+        for x, y in zip(
+            jax.tree.leaves(getattr(back, field)),
+            jax.tree.leaves(getattr(saved, field)),
+        ):
+            np.testing.assert_array_equal(x, y)
+    for x, y in zip(
+        jax.tree.leaves(back.opt_state.unpacked()),
+        jax.tree.leaves(saved.opt_state.unpacked()),
+    ):
+        np.testing.assert_array_equal(x, y)
+    stepped = [back.step(), saved.step()]
+    np.testing.assert_array_equal(stepped[0].params["p2"], stepped[1].params["p2"])

@@ -341,7 +341,8 @@ def _train_state_with_grads(rng, dtypes, defined):
         "n": np.arange(3, dtype=np.int32),
     }
     params = jax.tree.map(jnp.asarray, params)
-    ts = fo.TrainState.create(params, fo.sgd(lr=0.1))
+    # a state of buffers: the gradients are kept packed with them
+    ts = fo.TrainState.create(params, fo.sgd(lr=0.1, momentum=0.9))
     grads = {
         k: (jnp.asarray(4.0 * rng.normal(size=v.shape), v.dtype) if k != "n" else None)
         for k, v in params.items()

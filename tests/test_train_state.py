@@ -14,6 +14,14 @@ import pytest
 import torch
 
 import funcopt as fo
+from funcopt import _packing
+
+# where the default layout packs the small leaves' state (one CPU device,
+# the native library), and with it `TrainState`'s gradients
+packs_by_default = pytest.mark.skipif(
+    not _packing.native_available(),
+    reason="no native library: the default layout is per leaf",
+)
 
 RNG = np.random.default_rng(0)
 BATCHES = [(RNG.normal(size=(5, 3)), RNG.normal(size=(5, 2))) for _ in range(4)]
@@ -338,6 +346,7 @@ def _run_scenario_states(ops, factory, kwargs, jit):
     return ts, history
 
 
+@packs_by_default
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
@@ -373,6 +382,7 @@ def _many_leaf_train_step(n):
     return ts, train_step
 
 
+@packs_by_default
 def test_a_train_step_passes_few_arrays_and_reads_no_flag():
     """A train step over many small leaves takes and returns the params and a
     few buffers (gradients and flags packed with the state), and its flags,
@@ -419,8 +429,6 @@ def test_known_flags_fold_to_the_step_without_them():
 
 
 def test_known_flags_reads_constants_only():
-    from funcopt import _packing
-
     assert _packing.known_flag(True) is True
     assert _packing.known_flag(np.bool_(False)) is False
     np.testing.assert_array_equal(_packing.known_flags(np.array([1, 0], bool)), [1, 0])
@@ -458,6 +466,7 @@ def test_with_grads_is_torch_grad_assignment(x64):
         ts.with_grads({**grads, "b": jnp.ones(5)})
 
 
+@packs_by_default
 def test_a_state_of_another_layout_steps_the_per_leaf_gradients():
     """A `TrainState` whose optimizer state was replaced by one of another
     layout (per leaf here, as a loaded or sharded one may be) steps its
@@ -469,12 +478,21 @@ def test_a_state_of_another_layout_steps_the_per_leaf_gradients():
     assert isinstance(ts.stored_grads, fo.flat.FlatParams)
     with fo.flat.policy("never"):
         per_leaf = dataclasses.replace(ts, opt_state=opt.init(params))
-    a = jax.jit(lambda t: t.step())(per_leaf)
-    b = ts.step()
+
+    def run(ts, x, y):  # the gradients' layout kept through every call
+        ts, _ = ts.clip_grad_norm(0.5)
+        ts = ts.clip_grad_value(0.3).step().zero_grad()
+        ts, _ = ts.backward(jax_loss, x, y)
+        return ts.step()
+
+    batch = [jnp.asarray(a, jnp.float32) for a in BATCHES[1]]
+    a = jax.jit(run)(per_leaf, *batch)
+    b = jax.jit(run)(ts, *batch)
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_array_equal(x, y)
 
 
+@packs_by_default
 def test_in_place_buckets_keep_their_gradients_per_leaf():
     """Under `set_policy("always")` large leaves step in place, one call
     for their bucket reading each leaf where it is: `TrainState` keeps
@@ -489,7 +507,9 @@ def test_in_place_buckets_keep_their_gradients_per_leaf():
     }
 
     def loss(p, t):
-        return jnp.sum((p["w"] - t) ** 2) + jnp.sum(p["v"] ** 3) + jnp.sum(p["b"] * p["c"])
+        return (
+            jnp.sum((p["w"] - t) ** 2) + jnp.sum(p["v"] ** 3) + jnp.sum(p["b"] * p["c"])
+        )
 
     def train_step(ts, t):
         ts = ts.zero_grad()
@@ -502,7 +522,9 @@ def test_in_place_buckets_keep_their_gradients_per_leaf():
         step = jax.jit(train_step, donate_argnums=0)
         for k in range(3):
             ts = step(ts, jnp.float32(0.1 * k))
-        return ts, jax.tree.map(np.asarray, (ts.params, ts.grads, ts.opt_state.unpacked()))
+        return ts, jax.tree.map(
+            np.asarray, (ts.params, ts.grads, ts.opt_state.unpacked())
+        )
 
     with fo.flat.policy("always"):
         ts, always = run()
@@ -527,3 +549,21 @@ def test_in_place_buckets_keep_their_gradients_per_leaf():
         _, per_leaf = run()
     for x, y in zip(jax.tree.leaves(always), jax.tree.leaves(per_leaf)):
         np.testing.assert_array_equal(x, y)
+
+
+def test_with_sparse_gradients_keeps_them_per_leaf():
+    """A BCOO gradient given with `with_grads` is kept (and stepped) per
+    leaf whatever the layout: SGD's sparse step, as torch's."""
+    from jax.experimental import sparse as jsparse
+
+    params = {k: jnp.ones((3, 2)) for k in "abc"}
+    dense = {k: jnp.asarray([[1.0, 0.0], [0.0, 0.0], [2.0, 0.0]]) for k in params}
+    opt = fo.sgd(lr=0.1, momentum=0.9)
+    ts = fo.TrainState.create(params, opt)
+    sparse = {**dense, "b": jsparse.BCOO.fromdense(dense["b"])}
+    ts = ts.with_grads(sparse)
+    assert isinstance(ts.stored_grads, dict)
+    stepped = ts.step()
+    expected, _ = opt.step(params, dense, opt.init(params))
+    for k in params:
+        np.testing.assert_allclose(stepped.params[k], expected[k], rtol=1e-6)

@@ -437,8 +437,7 @@ def apply_tree(
         hparams = {k: v[bucket.group] for k, v in state.hparams.items()}
         m = None
         if mask is not None:  # one flag per leaf
-            flags = [_packing.as_packable(mask[i], bool) for i in idx]
-            m = _packing.stack_scalars(flags)
+            m = _packing.stack_flags([mask[i] for i in idx], len(idx))
         new_p, new_slots = run_bucket(
             definition, bucket, p, g, slots, steps, hparams, options[bucket.group], m
         )
@@ -567,9 +566,15 @@ class Layout:
         return FlatParams(buffers, rest, self)
 
     def unpack(self, flat: FlatParams):
-        """`FlatParams` -> the params tree: views (slices) under `jit`."""
+        """`FlatParams` -> the params tree: views (slices) under `jit`. A
+        bucket held as a tuple of its leaves (a `TrainState`'s gradients of
+        a bucket that steps in place) gives them as they are."""
         leaves: list[Any] = [None] * self.n_leaves
         for b, buf in zip(self.buckets, flat.buffers):
+            if isinstance(buf, tuple):
+                for i, leaf in zip(b.leaves, buf):
+                    leaves[i] = leaf
+                continue
             shapes = [real_shape_of(self.shapes[i], self.dtypes[i]) for i in b.leaves]
             for i, piece in zip(b.leaves, b.split(buf, shapes)):
                 leaves[i] = _to_complex(piece, self.dtypes[i])
@@ -1055,46 +1060,30 @@ def unpack_step_grads(state, grads: FlatParams, has_grad):
                 "has_grad of packed gradients must be a FlatParams of their "
                 "layout or a tree of the params' structure"
             )
-        flags: list[Any] = [None] * layout.n_leaves
-        for b, buffer in zip(layout.buckets, has_grad.buffers):
-            known = _packing.known_flags(buffer)
-            values = (
-                [bool(f) for f in known]
-                if known is not None
-                else _packing.unstack_scalars(buffer)
-            )
-            for i, f in zip(b.leaves, values):
-                flags[i] = f
-        for i, f in zip(layout.outside, has_grad.rest):
-            flags[i] = f
-        has_grad = layout.treedef.unflatten(flags)
-    tree, buffers = grad_views(grads)
-    return tree, has_grad, buffers
+        has_grad = layout.treedef.unflatten(flag_values(has_grad))
+    buffers = [None if isinstance(b, tuple) else b for b in grads.buffers]
+    return layout.unpack(grads), has_grad, buffers
 
 
-def grad_views(grads: FlatParams):
-    """`(tree, buffers)` of gradients kept in a packed state's layout
-    (`TrainState`): the gradients per leaf (views of the buffers) and the
-    buffers, None for a bucket that steps its leaves in place (`Bucket.in_place`),
-    whose gradients are kept per leaf (a tuple in place of its buffer: its
-    kernel reads them where they are, a view would be a copy)."""
-    layout = grads.layout
-    leaves: list[Any] = [None] * layout.n_leaves
-    buffers = []
-    for b, buffer in zip(layout.buckets, grads.buffers):
-        if isinstance(buffer, tuple):
-            pieces, buffer = list(buffer), None
-        else:
-            shapes = [
-                real_shape_of(layout.shapes[i], layout.dtypes[i]) for i in b.leaves
-            ]
-            pieces = b.split(buffer, shapes)
-        for i, piece in zip(b.leaves, pieces):
-            leaves[i] = piece
-        buffers.append(buffer)
-    for i, leaf in zip(layout.outside, grads.rest):
-        leaves[i] = leaf
-    return layout.treedef.unflatten(leaves), buffers
+def flag_values(flags: FlatParams) -> list[Any]:
+    """Per leaf, the flags of a `FlatParams` whose bucket buffers hold one
+    flag per leaf (`TrainState`'s): Python bools where a buffer is known
+    while tracing (`_packing.known_flags`), else its 0-d values; the leaves
+    outside the buckets' as they are."""
+    layout = flags.layout
+    values: list[Any] = [None] * layout.n_leaves
+    for b, buffer in zip(layout.buckets, flags.buffers):
+        known = _packing.known_flags(buffer)
+        per_leaf = (
+            _packing.unstack_scalars(buffer)
+            if known is None
+            else [bool(f) for f in known]
+        )
+        for i, f in zip(b.leaves, per_leaf):
+            values[i] = f
+    for i, f in zip(layout.outside, flags.rest):
+        values[i] = f
+    return values
 
 
 def apply_packed(
@@ -1107,7 +1096,8 @@ def apply_packed(
     (`None`, or `has_grad` false) keeps its param, buffers and count. A
     bucket where no leaf has a gradient, or that does not `runs_packed`,
     is left to the caller. `grad_buffers`: the gradients already packed,
-    one buffer per bucket (`unpack_step_grads`), read as they are.
+    one buffer per bucket (`unpack_step_grads`; None for a bucket held per
+    leaf), read as they are.
     """
     from ._core import _as_complex, _as_real
 
@@ -1153,9 +1143,7 @@ def apply_packed(
                     for gr, s in zip(grads, shapes)
                 ]
             )
-        m = None
-        if flags is not None:
-            m = _packing.stack_scalars([_packing.as_packable(f, bool) for f in flags])
+        m = None if flags is None else _packing.stack_flags(flags, len(flags))
         new_p, buffers[j] = run_bucket(
             definition, b, p, g, slots, steps, hparams, options[b.group], m
         )

@@ -73,9 +73,13 @@ def stack_scalars(values: Sequence[jax.Array]) -> jax.Array:
 
 def stack_flags(flags: Sequence[Any] | None, n: int) -> jax.Array:
     """`bool[n]`: the flags (Python or traced bools; None: all true) as one
-    buffer (`stack_scalars`; a constant where none is traced)."""
-    if flags is None or all(f is True for f in flags):
+    buffer (`stack_scalars`), a constant of the trace where every flag is
+    known while tracing (`known_flag`), which a reader then folds."""
+    if flags is None:
         return jnp.ones(n, bool)
+    known = [known_flag(f) for f in flags]
+    if all(k is not None for k in known):
+        return jnp.asarray(np.array(known, dtype=bool))
     return stack_scalars([as_packable(f, bool) for f in flags])
 
 

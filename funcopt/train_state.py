@@ -108,9 +108,7 @@ class TrainState:
         where undefined; `None` for leaves that are not trainable (not
         floating point). Views of the packed buffers where they are packed."""
         stored = self.stored_grads
-        if isinstance(stored, FlatParams):
-            return _multi_tensor.grad_views(stored)[0]
-        return stored
+        return stored.unpack() if isinstance(stored, FlatParams) else stored
 
     @property
     def grad_defined(self) -> PyTree:
@@ -118,20 +116,8 @@ class TrainState:
         stored = self.stored_defined
         if not isinstance(stored, FlatParams):
             return stored
-        layout = stored.layout
-        flags: list[Any] = [None] * layout.n_leaves
-        for b, buffer in zip(layout.buckets, stored.buffers):
-            known = _packing.known_flags(buffer)
-            values = (
-                _packing.unstack_scalars(buffer)
-                if known is None
-                else [jnp.asarray(bool(k)) for k in known]
-            )
-            for i, f in zip(b.leaves, values):
-                flags[i] = f
-        for i, f in zip(layout.outside, stored.rest):
-            flags[i] = f
-        return layout.treedef.unflatten(flags)
+        flags = _multi_tensor.flag_values(stored)
+        return stored.layout.treedef.unflatten([_flag(f) for f in flags])
 
     def with_grads(self, grads: PyTree, grad_defined: PyTree = None) -> TrainState:
         """torch's `p.grad = g` for every leaf: this state with `grads` (a
@@ -299,11 +285,15 @@ class TrainState:
             grads = jax.tree.map(_zero_like_grad, self.params, stored)
         return dataclasses.replace(self, stored_grads=grads, stored_defined=defined)
 
+    def _stored_layout(self) -> Layout | None:
+        """The layout the gradients and flags are kept in (None: per leaf)."""
+        stored = self.stored_grads
+        return stored.layout if isinstance(stored, FlatParams) else None
+
     def _with_grad_values(self, grads: PyTree) -> TrainState:
         """This state with new values of the gradients, kept in the layout
         of the old ones (and of their flags, which stay)."""
-        stored = self.stored_grads
-        layout = stored.layout if isinstance(stored, FlatParams) else None
+        layout = self._stored_layout()
         return dataclasses.replace(self, stored_grads=_store_grads(layout, grads))
 
     def _with_per_leaf(
@@ -312,8 +302,7 @@ class TrainState:
         """This state's optimizer and layout with these values (per leaf
         gradients and flags, as `grads` and `grad_defined` read them):
         `funcopt.checkpoint`'s restore."""
-        stored = self.stored_grads
-        layout = stored.layout if isinstance(stored, FlatParams) else None
+        layout = self._stored_layout()
         return dataclasses.replace(
             self,
             params=params,
@@ -335,7 +324,7 @@ def _grad_layout(opt: Any, opt_state: Any) -> Layout | None:
 
 def _store_grads(layout: Layout | None, grads: PyTree) -> Any:
     """A gradient tree as `TrainState` keeps it: as it is, or packed (the
-    leaves of a bucket that steps in place per leaf: `_multi_tensor.grad_views`)."""
+    leaves of a bucket that steps in place per leaf, as a tuple: `Layout.unpack`)."""
     if layout is None:
         return grads
     leaves = layout.treedef.flatten_up_to(grads)
@@ -359,7 +348,10 @@ def _store_flags(layout: Layout | None, flags: PyTree) -> Any:
         return flags
     leaves = layout.treedef.flatten_up_to(flags)
     return FlatParams(
-        [_flag_buffer([leaves[i] for i in b.leaves]) for b in layout.buckets],
+        [
+            _packing.stack_flags([leaves[i] for i in b.leaves], len(b.leaves))
+            for b in layout.buckets
+        ],
         [leaves[i] for i in layout.outside],
         layout,
     )
@@ -372,13 +364,6 @@ def _flag(flag: Any) -> jax.Array:
     if flag.shape != ():
         raise ValueError(f"grad_defined: one boolean per leaf, got shape {flag.shape}")
     return flag
-
-
-def _flag_buffer(flags: list[Any]) -> jax.Array:
-    known = [_packing.known_flag(f) for f in flags]
-    if all(k is not None for k in known):
-        return jnp.asarray(np.array(known, dtype=bool))
-    return _packing.stack_scalars([_packing.as_packable(f, bool) for f in flags])
 
 
 def _all_undefined(stored: Any) -> Any:

@@ -9,7 +9,10 @@ with `update` + `apply_updates`; `fo.TrainState`'s `zero_grad`, `backward`,
 `fused=True` and the machine's streaming roofline. Every program is jitted
 with its carry (params, state) donated; compile seconds are trace + lower +
 XLA compile; step times are medians of implementations timed in alternating
-turns (`bench_step.time_interleaved`), so a busy moment falls on all alike.
+turns (`bench_step.time_interleaved`), so a busy moment falls on all alike,
+each over `PLACEMENTS` copies of its buffers stepped in turn
+(`bench_step.across_placements`: a step's time depends on where its buffers
+lie).
 
     .venv/bin/python benchmarks/targets.py [--quick] [--skip-big] [--out DIR]
 
@@ -27,6 +30,7 @@ import pathlib
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +38,7 @@ import optax
 import torch
 from bench_step import (
     OPTIMIZERS,
+    across_placements,
     bandwidth,
     chain_sampler,
     machine,
@@ -64,6 +69,8 @@ STEP_RATIO = {
 # roofline; many leaves against torch fused and funcopt's default path
 FUSED = {"adam": fo.adam, "adamw": fo.adamw, "sgd": fo.sgd}
 FUSED_RATIO = 1.1
+# copies of each program's buffers timed in turn (`bench_step.across_placements`)
+PLACEMENTS = 4
 SMOKE_SIZES = {"compile": [3], "big": 5, "step": [1_000], "fused": [1_000]}
 
 
@@ -143,6 +150,14 @@ def compiled(step, carry, x):
 
 def copy(tree):
     return jax.tree.map(lambda v: jnp.copy(v) if isinstance(v, jax.Array) else v, tree)
+
+
+def placed(program, carry, x) -> Callable[[], float]:
+    """A sampler of `program` stepping `PLACEMENTS` copies of `carry` and
+    `x` in turn (`bench_step.across_placements`)."""
+    return across_placements(
+        chain_sampler(program, copy(carry), copy(x)) for _ in range(PLACEMENTS)
+    )
 
 
 def row(issue, target, funcopt, reference, goal, *, absolute=False, floor=None):
@@ -248,7 +263,7 @@ def step_rows(cases: dict, min_time: float) -> list[dict]:
             samplers = {}
             for k, (step, carry, x) in impls.items():
                 program, _ = compiled(step, carry, x)
-                samplers[k] = chain_sampler(program, copy(carry), x)
+                samplers[k] = placed(program, carry, x)
             ms = {k: 1e3 * t for k, t in time_interleaved(samplers, min_time).items()}
             report(rows, row(15, f"step ms, {path}, {case}",
                              ms["funcopt"], ms["optax"], goal,
@@ -296,11 +311,14 @@ def fused_rows(one_leaf: int, many: dict, min_time: float) -> list[dict]:
                     program, _ = compiled(
                         lambda c, g, o=opt: o.step(c[0], g, c[1]), carry, grads
                     )
-                samplers[label] = chain_sampler(program, carry, grads)
-            samplers["torch"], _ = torch_step(torch_cls, torch_kwargs, sizes, "fused")
+                samplers[label] = placed(program, carry, grads)
+            samplers["torch"] = across_placements(
+                torch_step(torch_cls, torch_kwargs, sizes, "fused")[0]
+                for _ in range(PLACEMENTS)
+            )
             if len(sizes) > 1:  # the program without the optimizer (`paths`)
                 floor, _ = compiled(lambda c, g: c, copy(params), grads)
-                samplers["floor"] = chain_sampler(floor, copy(params), grads)
+                samplers["floor"] = placed(floor, params, grads)
             ms = {k: 1e3 * t for k, t in time_interleaved(samplers, min_time).items()}
             target = f"step ms, fused=True {name}, {case}"
             if len(sizes) == 1:

@@ -906,9 +906,9 @@ def _many_leaves(definition, members, leaves, grad_leaves, owns, stepped, hparam
                  options, mask) -> dict[int, tuple]:  # fmt: skip
     """The `(new_param, new_slots)` of the leaves `members` (one group's,
     dense) that the rule steps together in one native call (`rule.many`,
-    `_fused_native._run_many`: Adam/AdamW and SGD), by leaf, a leaf whose
-    `has_grad` (`mask`) is false keeping its values; the others take their
-    own programs."""
+    `_fused_native._run_many`: Adam/AdamW, SGD, Adagrad, RMSprop), by leaf,
+    a leaf whose `has_grad` (`mask`) is false keeping its values; the
+    others take their own programs."""
     many = getattr(definition.rule, "many", None)
     if many is None or len(members) < 2:
         return {}

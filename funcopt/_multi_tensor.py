@@ -29,9 +29,9 @@ Two ways in:
   faster than one kernel per leaf (many small leaves on one CPU device; see
   [`set_policy`][funcopt.flat.set_policy]); under `"always"`, large
   leaves whose rule's native kernel steps many leaves in one call
-  (Adam/AdamW, SGD) get buckets of their own (`Bucket.in_place`), stepped
-  with their params and gradients read where they are: nothing copied
-  (`step_bucket_in_place`).
+  (Adam/AdamW, SGD, Adagrad, RMSprop) get buckets of their own
+  (`Bucket.in_place`), stepped with their params and gradients read where
+  they are: nothing copied (`step_bucket_in_place`).
 """
 
 from __future__ import annotations
@@ -74,20 +74,20 @@ def set_policy(value: str) -> None:
     class) has at least `AUTO_MIN_LEAVES` (2) of them; large
     leaves, 0-d leaves (torch's 0-d tensor math, see `_auto_packs`), and
     every leaf elsewhere (GPU, TPU, several devices, no library), keep a
-    per-leaf state (Adam/AdamW and SGD still step a group's large leaves
-    in one native call, `_core._many_leaves`; other rules one kernel per
-    leaf). The parity
-    table's tree has leaves of both kinds, so each of its rows runs both
-    paths. `"always"`: every bucket of an elementwise optimizer, the large
-    leaves of Adam/AdamW and SGD on the native kernels in buckets of their
-    own whose params and gradients are read where they are
-    (`step_bucket_in_place`; `opt.step` at 100 leaves of 100,000 measured
-    up to 20% faster than on per-leaf state, but `update` runs the kernel
-    on such a bucket, which XLA cannot fuse with `apply_updates`: 2x the
-    JAX rules' step on per-leaf state; a step with the kernels off packs
-    those leaves every step: 7x slower);
-    `"never"`: the per-leaf path (per-leaf state; Adam/AdamW and SGD still
-    step a group's leaves in one native call there).
+    per-leaf state (Adam/AdamW, SGD, Adagrad and RMSprop still step a
+    group's large leaves in one native call, `_core._many_leaves`; other
+    rules one kernel per leaf). The parity table's tree has leaves of both
+    kinds, so each of its rows runs both paths. `"always"`: every bucket of
+    an elementwise optimizer, the large leaves of Adam/AdamW, SGD, Adagrad
+    and RMSprop on the native kernels in buckets of their own whose params
+    and gradients are read where they are (`step_bucket_in_place`;
+    `opt.step` at 100 leaves of 100,000 measured up to 20% faster than on
+    per-leaf state, but `update` runs the kernel on such a bucket, which
+    XLA cannot fuse with `apply_updates`: 2x the JAX rules' step on
+    per-leaf state; a step with the kernels off packs those leaves every
+    step: 7x slower); `"never"`: the per-leaf path (per-leaf state;
+    Adam/AdamW, SGD, Adagrad and RMSprop still step a group's leaves in one
+    native call there).
     [`funcopt.flat.FlatParams`][funcopt.flat.FlatParams] always take the
     multi-tensor path. Read when a step is traced, and by `init`: the
     buckets it selects there keep their optimizer state packed
@@ -1157,7 +1157,8 @@ def step_bucket_in_place(
     definition, bucket, params, grads, slots, steps, hparams, options, flags
 ):
     """A packed state's bucket stepped by the rule's kernel for many leaves
-    (`rule.many_packed`: Adam/AdamW, SGD, `_fused_native._run_many_packed`):
+    (`rule.many_packed`: Adam/AdamW, SGD, Adagrad, RMSprop,
+    `_fused_native._run_many_packed`):
     the leaves' params and gradients read where they are, the state buffers
     `slots` updated in place, where `run_bucket` would pack the params and
     gradients and unpack the new params (three copies of the bucket a

@@ -40,9 +40,9 @@ default the small leaves of a tree on one CPU device (two or more of one
 group and dtype), their params and grads copied in and out natively each
 step, their optimizer state packed for good by `opt.init` (`state.slots[name]`
 is a `FlatParams` of this module; `state.unpacked()` gives per-leaf trees).
-Adam/AdamW and SGD copy nothing for large leaves: their native kernel
-steps a group's large leaves where they are, in one call. Many large
-leaves under other optimizers: this layout, with no copies.
+Adam/AdamW, SGD, Adagrad and RMSprop copy nothing for large leaves: their
+native kernel steps a group's large leaves where they are, in one call.
+Many large leaves under other optimizers: this layout, with no copies.
 """
 
 from __future__ import annotations

@@ -408,8 +408,9 @@ def zero_step(
 
 def per_leaf():
     """A context: `opt.step` traced inside it keeps every leaf in its own
-    buffers (per-leaf state; Adam/AdamW and SGD on one CPU device still step
-    a group's leaves in one native call, each where it is).
+    buffers (per-leaf state; Adam/AdamW, SGD, Adagrad and RMSprop on one CPU
+    device still step a group's leaves in one native call, each where it
+    is).
 
     By default an elementwise optimizer may pack many small leaves into one
     buffer per step (the multi-tensor path, `funcopt._multi_tensor`); on

@@ -150,3 +150,21 @@ def test_in_jit_grads_writes_both_flag_runs(tmp_path):
     markdown = (tmp_path / "in_jit_grads.md").read_text()
     assert "| default | MLP, 2 x 64x64 | optax |" in markdown
     assert "region_analysis" in markdown
+
+
+def test_across_placements_runs_each_placement_in_turn(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from bench_step import across_placements
+
+    calls = []
+
+    def sampler(i):
+        def sample():
+            calls.append(i)
+            return float(i)
+
+        return sample
+
+    sample = across_placements(sampler(i) for i in range(3))
+    assert calls == [0, 1, 2]  # each placement warmed once
+    assert [sample() for _ in range(6)] == [1.0, 2.0, 0.0, 1.0, 2.0, 0.0]

@@ -841,7 +841,7 @@ KERNEL_STEPS = pytest.mark.parametrize(
 
 
 # the optimizers whose kernels step many leaves in one call (`_run_many`)
-MANY_LEAVES = (fo.adam, fo.adamw, fo.sgd)
+MANY_LEAVES = (fo.adam, fo.adamw, fo.sgd, fo.adagrad, fo.rmsprop)
 
 
 def _kernel_calls(hlo: str) -> list[tuple[str, int, dict[int, int]]]:
@@ -892,7 +892,7 @@ def test_donated_step_is_custom_calls_in_place(factory, kwargs, policy):
     one custom call, no copy (results alias the donated inputs). The
     leaves here are large (and one 0-d): per-leaf state under either
     policy, one call per leaf, or one for every leaf where the kernel steps
-    many (Adam/AdamW, SGD). (The packed state of `"always"`:
+    many (`MANY_LEAVES`). (The packed state of `"always"`:
     `test_packed_state_steps_with_params_where_they_are`.)"""
     rng = np.random.default_rng(4)
     shapes = {"a": (4101,), "b": (300, 7), "c": ()}
@@ -923,7 +923,7 @@ def test_donated_step_is_custom_calls_in_place(factory, kwargs, policy):
 def test_many_leaves_in_one_call_are_each_leaf_stepped_alone(
     factory, kwargs, policy, x64
 ):
-    """Where one kernel call steps many leaves (Adam/AdamW, SGD), each leaf's
+    """Where one kernel call steps many leaves (`MANY_LEAVES`), each leaf's
     param and buffers are the bits of that leaf stepped alone (its own
     call): over three steps, a leaf with no gradient (None) and one masked
     out by a traced `has_grad`, and leaves whose elements the threads split
@@ -947,9 +947,9 @@ def test_many_leaves_in_one_call_are_each_leaf_stepped_alone(
     if policy == "never":
         assert calls == ([5] if factory in MANY_LEAVES else [1] * 5), hlo
     elif _multi_tensor.packed_layout(state) is not None:
-        # a bucket of every float32 leaf, or (Adam/AdamW, SGD with
-        # momentum) one of the large ones, read where they are, and the
-        # 0-d leaf's; the float64 leaf's
+        # a bucket of every float32 leaf, or (`MANY_LEAVES`) one of the
+        # large ones, read where they are, and the 0-d leaf's; the float64
+        # leaf's
         large = factory in MANY_LEAVES
         assert sorted(calls) == ([1, 1, 3] if large else [1, 1]), hlo
     with ff.policy(policy):  # traced under it
@@ -984,17 +984,23 @@ def test_many_leaves_in_one_call_are_each_leaf_stepped_alone(
         (fo.sgd, dict(lr=0.1, momentum=0.9, nesterov=True, fused=True), jnp.float32),
         (fo.sgd, dict(lr=0.1, momentum=0.9, nesterov=True, fused=True), jnp.bfloat16),
         (fo.sgd, dict(lr=0.1, momentum=0.9, dampening=0.5), jnp.float32),
+        (fo.adagrad, dict(fused=True, weight_decay=0.1), jnp.float32),
+        (fo.adagrad, dict(fused=True, lr_decay=0.1), jnp.bfloat16),
+        (fo.rmsprop, dict(centered=True, momentum=0.9), jnp.float32),
+        (fo.rmsprop, dict(weight_decay=0.1), jnp.float32),
     ],
     ids=[
         "adam", "adam-bf16", "default-adamw-amsgrad", "sgd-nesterov",
-        "sgd-nesterov-bf16", "default-sgd-momentum",
+        "sgd-nesterov-bf16", "default-sgd-momentum", "adagrad", "adagrad-bf16",
+        "default-rmsprop-centered-momentum", "default-rmsprop",
     ],
 )  # fmt: skip
 def test_packed_state_steps_with_params_where_they_are(factory, kwargs, dtype):
-    """A packed state's bucket of large leaves under Adam/AdamW or SGD
-    (`set_policy("always")`): one kernel call reads the leaves' params and
-    gradients where they are (the donated step packs and unpacks none of
-    them) and updates the packed buffers in place; each leaf's bits as
+    """A packed state's bucket of large leaves under Adam/AdamW, SGD,
+    Adagrad or RMSprop (`set_policy("always")`): one kernel call reads the
+    leaves' params and gradients where they are (the donated step packs and
+    unpacks none of them) and updates the packed buffers in place; each
+    leaf's bits as
     stepped alone over steps with a None gradient and a traced `has_grad`
     false (that leaf skipped by the call), and of `update`, which runs the
     kernel on such a bucket too (the new params written over the

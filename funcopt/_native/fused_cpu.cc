@@ -38,9 +38,9 @@
 // the elements it occupies; empty: one leaf, the whole buffer; NAdam's and
 // ASGD's `rows`: see `PerLeaf`). The step buffer holds one count, or one per
 // leaf. A call's segments are split over XLA's intra-op thread
-// pool as one range (`Plan`); the `*_many` handlers (Adam/AdamW, SGD)
-// step many leaves in one call, each in its own buffers or its state
-// packed. Each kernel's segment function is built for AVX2+FMA
+// pool as one range (`Plan`); the `*_many` handlers (Adam/AdamW, SGD,
+// Adagrad, RMSprop) step many leaves in one call, each in its own buffers
+// or its state packed. Each kernel's segment function is built for AVX2+FMA
 // and for the baseline, picked at run time (`ForCpu`, `select_flags`).
 
 #include <algorithm>
@@ -1183,6 +1183,22 @@ ffi::Error adagrad_typed(Plan& plan, ffi::AnyBuffer param, ffi::AnyBuffer grad,
   return ffi::Error::Success();
 }
 
+ffi::Error adagrad_any(Plan& plan, ffi::AnyBuffer param, ffi::AnyBuffer grad,
+                       ffi::AnyBuffer sum, ffi::AnyBuffer step,
+                       ffi::AnyBuffer lr, ffi::AnyBuffer lr_decay,
+                       ffi::AnyBuffer wd, ffi::AnyBuffer eps,
+                       ffi::AnyBuffer* out_p, ffi::AnyBuffer* out_s, bool fma,
+                       bool maximize, bool single_tensor,
+                       ffi::Span<const int64_t> sizes,
+                       ffi::Span<const int64_t> spans) {
+  return by_float_type<true>(param, "funcopt_adagrad", [&](auto zero) {
+    using S = decltype(zero);
+    return adagrad_typed<S>(plan, param, grad, sum, step, lr, lr_decay, wd, eps,
+                            out_p, out_s, fma, maximize, single_tensor, sizes,
+                            spans);
+  });
+}
+
 ffi::Error AdagradImpl(ffi::ThreadPool pool, ffi::AnyBuffer param, ffi::AnyBuffer grad,
                        ffi::AnyBuffer sum, ffi::AnyBuffer step,
                        ffi::AnyBuffer lr, ffi::AnyBuffer lr_decay,
@@ -1192,13 +1208,10 @@ ffi::Error AdagradImpl(ffi::ThreadPool pool, ffi::AnyBuffer param, ffi::AnyBuffe
                        bool maximize, bool single_tensor,
                        ffi::Span<const int64_t> sizes,
                        ffi::Span<const int64_t> spans) {
-  return by_float_type<true>(param, "funcopt_adagrad", [&](auto zero) {
-    using S = decltype(zero);
-    return planned(pool, [&](Plan& plan) {
-      return adagrad_typed<S>(plan, param, grad, sum, step, lr, lr_decay, wd, eps,
-                                &*out_p, &*out_s, fma, maximize, single_tensor,
-                                sizes, spans);
-    });
+  return planned(pool, [&](Plan& plan) {
+    return adagrad_any(plan, param, grad, sum, step, lr, lr_decay, wd, eps,
+                       &*out_p, &*out_s, fma, maximize, single_tensor, sizes,
+                       spans);
   });
 }
 
@@ -2425,6 +2438,56 @@ ffi::Error SgdManyImpl(ffi::ThreadPool pool, ffi::RemainingArgs args,
   });
 }
 
+// Adagrad (`AdagradImpl`) on many leaves
+ffi::Error AdagradManyImpl(ffi::ThreadPool pool, ffi::RemainingArgs args,
+                           ffi::RemainingRets rets, int64_t leaves,
+                           ffi::Span<const int64_t> offsets, bool fma,
+                           bool maximize, bool single_tensor) {
+  const Leaves in(args, rets, leaves, 1, offsets);
+  // hyperparameters: lr, lr_decay, weight_decay, eps
+  return step_leaves(pool, in, leaves, 4, [&](Plan& plan, int64_t i) {
+    View views[3];
+    ffi::AnyBuffer sum = in.state(0, i, views[0]);
+    ffi::AnyBuffer out_p = in.param_result(i);
+    ffi::AnyBuffer out_s = in.state_result(0, i, views[1]);
+    return adagrad_any(plan, in.param(i), in.grad(i), sum, in.step(i, views[2]),
+                       in.scalar(0), in.scalar(1), in.scalar(2), in.scalar(3),
+                       &out_p, &out_s, fma, maximize, single_tensor, {}, {});
+  });
+}
+
+// RMSprop (`RmspropImpl` and its centered and momentum variants) on many
+// leaves; the state buffers: square_avg, then grad_avg (CENTERED) and
+// momentum_buffer (MOMENTUM)
+template <bool CENTERED, bool MOMENTUM>
+ffi::Error RmspropManyImpl(ffi::ThreadPool pool, ffi::RemainingArgs args,
+                           ffi::RemainingRets rets, int64_t leaves,
+                           ffi::Span<const int64_t> offsets, bool fma,
+                           bool maximize, bool single_tensor) {
+  constexpr bool kPresent[3] = {true, CENTERED, MOMENTUM};
+  const Leaves in(args, rets, leaves, 1 + CENTERED + MOMENTUM, offsets);
+  // hyperparameters: lr, alpha, eps, weight_decay, momentum
+  return step_leaves(pool, in, leaves, 5, [&](Plan& plan, int64_t i) {
+    View views[6];
+    ffi::AnyBuffer out_p = in.param_result(i);
+    // an absent buffer's slot holds the param's result, never read
+    ffi::AnyBuffer own[3] = {out_p, out_p, out_p};
+    ffi::AnyBuffer own_out[3] = {out_p, out_p, out_p};
+    RmspropBuffers bufs{{nullptr, nullptr, nullptr}, {nullptr, nullptr, nullptr}};
+    for (int k = 0, j = 0; k < 3; ++k) {
+      if (!kPresent[k]) continue;
+      own[k] = in.state(j, i, views[2 * j]);
+      own_out[k] = in.state_result(j, i, views[2 * j + 1]);
+      bufs.in[k] = &own[k];
+      bufs.out[k] = &own_out[k];
+      ++j;
+    }
+    return rmsprop_any(plan, in.param(i), in.grad(i), bufs, in.scalar(0),
+                       in.scalar(1), in.scalar(2), in.scalar(3), in.scalar(4),
+                       &out_p, fma, maximize, single_tensor, {}, {});
+  });
+}
+
 // ---- packing leaves into one buffer (the multi-tensor step on a tree) ----
 // `spans[i]` elements of the packed buffer belong to leaf i: its own elements,
 // then zeros. Plain copies: no rounding, any dtype.
@@ -2743,6 +2806,23 @@ FUNCOPT_MANY(FuncoptAdamMany, AdamManyImpl<false>, "decoupled")
 FUNCOPT_MANY(FuncoptAdamAmsMany, AdamManyImpl<true>, "decoupled")
 FUNCOPT_MANY(FuncoptSgdMany, SgdManyImpl<false>, "nesterov")
 FUNCOPT_MANY(FuncoptSgdMomentumMany, SgdManyImpl<true>, "nesterov")
+
+// the optimizers whose kernels take no flag beyond `FUNCOPT_ATTRS`
+#define FUNCOPT_MANY_NO_FLAG(NAME, IMPL)                   \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, IMPL,                \
+                                ffi::Ffi::Bind()           \
+                                    .Ctx<ffi::ThreadPool>() \
+                                    .RemainingArgs()       \
+                                    .RemainingRets()       \
+                                    .Attr<int64_t>("leaves") \
+                                    .Attr<ffi::Span<const int64_t>>("offsets") FUNCOPT_ATTRS \
+                                    .Attr<bool>("single_tensor"));
+
+FUNCOPT_MANY_NO_FLAG(FuncoptAdagradMany, AdagradManyImpl)
+FUNCOPT_MANY_NO_FLAG(FuncoptRmspropMany, (RmspropManyImpl<false, false>))
+FUNCOPT_MANY_NO_FLAG(FuncoptRmspropCenteredMany, (RmspropManyImpl<true, false>))
+FUNCOPT_MANY_NO_FLAG(FuncoptRmspropMomentumMany, (RmspropManyImpl<false, true>))
+FUNCOPT_MANY_NO_FLAG(FuncoptRmspropCenteredMomentumMany, (RmspropManyImpl<true, true>))
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FuncoptPack, PackImpl,
                               ffi::Ffi::Bind()

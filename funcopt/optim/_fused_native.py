@@ -53,15 +53,17 @@ written, for values of up to 7 significant digits: `1e-3`, `0.999`, `3e-4`),
 so a computed value (a scheduler's cosine) can differ from torch's double in
 its last bits; with x64 the double itself is passed.
 
-Adam/AdamW and SGD step many leaves in one call (`<target>_many`,
-`_run_many`): every leaf the per-leaf path steps in a group, and every leaf
-of a packed state's bucket, its param and gradient read where they are and
-its state buffers the bucket's elements (`_run_many_packed`; under
-`set_policy("always")` `init` packs large leaves' state in buckets of
-their own), at most `LEAVES_PER_CALL` leaves a call (one a call in a
-train step, `one_call_per_leaf`). The
-threads split a call's leaves' elements as one range; each leaf takes the
-arithmetic it takes alone (the same bits, tested).
+Adam/AdamW, SGD, Adagrad and RMSprop step many leaves in one call
+(`<target>_many`, `_run_many`): every leaf the per-leaf path steps in a
+group, and every leaf of a packed state's bucket, its param and gradient
+read where they are and its state buffers the bucket's elements
+(`_run_many_packed`; under `set_policy("always")` `init` packs large
+leaves' state in buckets of their own), at most `LEAVES_PER_CALL` leaves a
+call (one a call in a train step, `one_call_per_leaf`). The threads split
+a call's leaves' elements as one range; each leaf takes the arithmetic it
+takes alone (the same bits, tested). Adagrad and RMSprop at 100 leaves of
+100,000 float32 (2-core AMD EPYC): 14-16% faster a step than one call a
+leaf (Adagrad `fused=True` 6.1 ms against 7.2 ms, torch fused 5.9 ms).
 
 The kernel's results alias its inputs: under `jax.jit` with the params and
 state donated the update is in place (no copies). In a step inside a `jit`
@@ -605,7 +607,17 @@ def _run(
 
 # the kernels with a handler for many leaves in one call (`_run_many`)
 _MANY = frozenset(
-    {"funcopt_adam", "funcopt_adam_amsgrad", "funcopt_sgd", "funcopt_sgd_momentum"}
+    {
+        "funcopt_adam",
+        "funcopt_adam_amsgrad",
+        "funcopt_sgd",
+        "funcopt_sgd_momentum",
+        "funcopt_adagrad",
+        "funcopt_rmsprop",
+        "funcopt_rmsprop_centered",
+        "funcopt_rmsprop_momentum",
+        "funcopt_rmsprop_centered_momentum",
+    }
 )
 
 

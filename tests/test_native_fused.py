@@ -823,6 +823,8 @@ KERNEL_STEPS = pytest.mark.parametrize(
         (fo.sgd, dict(lr=0.1)),
         (fo.rmsprop, {}),
         (fo.rmsprop, dict(centered=True, momentum=0.9)),
+        (fo.rmsprop, dict(momentum=0.9, weight_decay=0.1)),
+        (fo.rmsprop, dict(centered=True, maximize=True)),
         (fo.adamax, dict(weight_decay=0.1)),
         (fo.adadelta, {}),
         (fo.radam, dict(weight_decay=0.1)),
@@ -833,7 +835,8 @@ KERNEL_STEPS = pytest.mark.parametrize(
     ids=[
         "adam", "amsgrad", "sgd", "adagrad",
         "default-adam", "default-adamw-amsgrad", "default-sgd-momentum", "default-sgd",
-        "default-rmsprop", "default-rmsprop-centered-momentum", "default-adamax",
+        "default-rmsprop", "default-rmsprop-centered-momentum",
+        "default-rmsprop-momentum", "default-rmsprop-centered", "default-adamax",
         "default-adadelta", "default-radam", "default-rprop", "default-nadam",
         "default-asgd",
     ],

@@ -81,9 +81,9 @@ def set_policy(value: str) -> None:
     an elementwise optimizer, the large leaves of Adam/AdamW, SGD, Adagrad
     and RMSprop on the native kernels in buckets of their own whose params
     and gradients are read where they are (`step_bucket_in_place`;
-    `opt.step` at 100 leaves of 100,000 measured up to 20% faster than on
-    per-leaf state, but `update` runs the kernel on such a bucket, which
-    XLA cannot fuse with `apply_updates`: 2x the JAX rules' step on
+    Adam's `opt.step` at 100 leaves of 100,000 measured up to 20% faster
+    than on per-leaf state, but `update` runs the kernel on such a bucket,
+    which XLA cannot fuse with `apply_updates`: 2x the JAX rules' step on
     per-leaf state; a step with the kernels off packs those leaves every
     step: 7x slower); `"never"`: the per-leaf path (per-leaf state;
     Adam/AdamW, SGD, Adagrad and RMSprop still step a group's leaves in one

@@ -659,23 +659,32 @@ def _setup(case=ADAM, kwargs=None, dtype=np.float32):
     return opt, params, grads, opt.init(params)
 
 
-def test_rmsprop_reads_momentum_at_every_step(torch_cpu_loop):
+@pytest.mark.parametrize("policy", ["auto", "never"])
+def test_rmsprop_reads_momentum_at_every_step(policy, torch_cpu_loop):
     """torch's `if momentum > 0` at every step: a group whose momentum is
     set to 0 after its buffer exists steps without it (the buffer kept),
-    and with it again when set back."""
+    and with it again when set back; the small leaves packed (`"auto"`), or
+    each in its own buffers, stepped in one call (`"never"`)."""
     rng = np.random.default_rng(6)
     params = tail_sized_params(rng, np.float32)
     grads = grads_for(rng, params, 6)
     opt = fo.rmsprop(lr=1e-2, momentum=0.9, centered=True)
-    step = jax.jit(opt.step)
-    p, s = jax.tree.map(jnp.asarray, params), opt.init(params)
+    with ff.policy(policy):
+        p, s = jax.tree.map(jnp.asarray, params), opt.init(params)
+        step = jax.jit(opt.step)
+        g0 = jax.tree.map(jnp.asarray, grads[0])
+        hlo = step.lower(p, g0, s).compile().as_text()
+    if policy == "never":
+        calls = [(t, n) for t, n, _ in _optimizer_kernels(hlo)]
+        assert calls == [("funcopt_rmsprop_centered_momentum_many", 4)], hlo
     tparams = [torch.tensor(params[k]).requires_grad_() for k in "abcs"]
     topt = torch.optim.RMSprop(tparams, lr=1e-2, momentum=0.9, centered=True)
     for i, g in enumerate(grads):
         momentum = 0.0 if i in (2, 3) else 0.9
         s = fo.set_hparam(s, "momentum", momentum)
         topt.param_groups[0]["momentum"] = momentum
-        p, s = step(p, jax.tree.map(jnp.asarray, g), s)
+        with ff.policy(policy):
+            p, s = step(p, jax.tree.map(jnp.asarray, g), s)
         for tp, k in zip(tparams, "abcs"):
             tp.grad = torch.tensor(g[k])
         with correctly_rounded_torch_sqrt(float64=True):
@@ -818,6 +827,7 @@ KERNEL_STEPS = pytest.mark.parametrize(
         (fo.sgd, dict(lr=0.1, momentum=0.9, fused=True)),
         (fo.adagrad, dict(fused=True)),
         (fo.adam, {}),
+        (fo.adagrad, dict(lr_decay=0.01, weight_decay=0.1, maximize=True)),
         (fo.adamw, dict(amsgrad=True)),
         (fo.sgd, dict(lr=0.1, momentum=0.9)),
         (fo.sgd, dict(lr=0.1)),
@@ -834,7 +844,8 @@ KERNEL_STEPS = pytest.mark.parametrize(
     ],
     ids=[
         "adam", "amsgrad", "sgd", "adagrad",
-        "default-adam", "default-adamw-amsgrad", "default-sgd-momentum", "default-sgd",
+        "default-adam", "default-adagrad", "default-adamw-amsgrad",
+        "default-sgd-momentum", "default-sgd",
         "default-rmsprop", "default-rmsprop-centered-momentum",
         "default-rmsprop-momentum", "default-rmsprop-centered", "default-adamax",
         "default-adadelta", "default-radam", "default-rprop", "default-nadam",

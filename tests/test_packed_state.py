@@ -97,8 +97,8 @@ def test_init_packs_the_small_leaves_of_each_bucket():
     assert not _is_packed(fo.adam().init(lone))
     # large leaves: per leaf by default (where `update`'s JAX rules fuse
     # with `apply_updates`); under "always", Adam's (and RMSprop's) in a
-    # bucket stepped in place, Adadelta's (no kernel for many leaves)
-    # packed per step
+    # bucket stepped in place, Adadelta's (no kernel for many leaves) in
+    # a bucket whose params and gradients are packed per step
     large = {"a": jnp.ones((40, 40)), "b": jnp.ones((50, 50))}
     assert not _is_packed(fo.rmsprop().init(large))
     assert not _is_packed(fo.adam().init(large))

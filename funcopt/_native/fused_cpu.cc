@@ -2791,7 +2791,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FuncoptAsgd, AsgdImpl,
                                   .Attr<ffi::Span<const int64_t>>("spans")
                                   .Attr<ffi::Span<const int64_t>>("rows"));
 
-#define FUNCOPT_MANY(NAME, IMPL, FLAG)                     \
+// the `*_many` handlers' binding; FLAGS: the attributes of the flags a
+// kernel takes beyond `FUNCOPT_ATTRS` (none for Adagrad and RMSprop)
+#define FUNCOPT_MANY(NAME, IMPL, FLAGS)                    \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, IMPL,                \
                                 ffi::Ffi::Bind()           \
                                     .Ctx<ffi::ThreadPool>() \
@@ -2799,30 +2801,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FuncoptAsgd, AsgdImpl,
                                     .RemainingRets()       \
                                     .Attr<int64_t>("leaves") \
                                     .Attr<ffi::Span<const int64_t>>("offsets") FUNCOPT_ATTRS \
-                                    .Attr<bool>(FLAG)      \
+                                    FLAGS                  \
                                     .Attr<bool>("single_tensor"));
 
-FUNCOPT_MANY(FuncoptAdamMany, AdamManyImpl<false>, "decoupled")
-FUNCOPT_MANY(FuncoptAdamAmsMany, AdamManyImpl<true>, "decoupled")
-FUNCOPT_MANY(FuncoptSgdMany, SgdManyImpl<false>, "nesterov")
-FUNCOPT_MANY(FuncoptSgdMomentumMany, SgdManyImpl<true>, "nesterov")
-
-// the optimizers whose kernels take no flag beyond `FUNCOPT_ATTRS`
-#define FUNCOPT_MANY_NO_FLAG(NAME, IMPL)                   \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, IMPL,                \
-                                ffi::Ffi::Bind()           \
-                                    .Ctx<ffi::ThreadPool>() \
-                                    .RemainingArgs()       \
-                                    .RemainingRets()       \
-                                    .Attr<int64_t>("leaves") \
-                                    .Attr<ffi::Span<const int64_t>>("offsets") FUNCOPT_ATTRS \
-                                    .Attr<bool>("single_tensor"));
-
-FUNCOPT_MANY_NO_FLAG(FuncoptAdagradMany, AdagradManyImpl)
-FUNCOPT_MANY_NO_FLAG(FuncoptRmspropMany, (RmspropManyImpl<false, false>))
-FUNCOPT_MANY_NO_FLAG(FuncoptRmspropCenteredMany, (RmspropManyImpl<true, false>))
-FUNCOPT_MANY_NO_FLAG(FuncoptRmspropMomentumMany, (RmspropManyImpl<false, true>))
-FUNCOPT_MANY_NO_FLAG(FuncoptRmspropCenteredMomentumMany, (RmspropManyImpl<true, true>))
+FUNCOPT_MANY(FuncoptAdamMany, AdamManyImpl<false>, .Attr<bool>("decoupled"))
+FUNCOPT_MANY(FuncoptAdamAmsMany, AdamManyImpl<true>, .Attr<bool>("decoupled"))
+FUNCOPT_MANY(FuncoptSgdMany, SgdManyImpl<false>, .Attr<bool>("nesterov"))
+FUNCOPT_MANY(FuncoptSgdMomentumMany, SgdManyImpl<true>, .Attr<bool>("nesterov"))
+FUNCOPT_MANY(FuncoptAdagradMany, AdagradManyImpl, )
+FUNCOPT_MANY(FuncoptRmspropMany, (RmspropManyImpl<false, false>), )
+FUNCOPT_MANY(FuncoptRmspropCenteredMany, (RmspropManyImpl<true, false>), )
+FUNCOPT_MANY(FuncoptRmspropMomentumMany, (RmspropManyImpl<false, true>), )
+FUNCOPT_MANY(FuncoptRmspropCenteredMomentumMany, (RmspropManyImpl<true, true>), )
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FuncoptPack, PackImpl,
                               ffi::Ffi::Bind()

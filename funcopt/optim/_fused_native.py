@@ -606,19 +606,12 @@ def _run(
     return out[0], dict(zip(updated, out[1:]))
 
 
-# the kernels with a handler for many leaves in one call (`_run_many`)
+# the kernels with a handler for many leaves in one call (`_run_many`):
+# those the library registers a `<target>_many` for
 _MANY = frozenset(
-    {
-        "funcopt_adam",
-        "funcopt_adam_amsgrad",
-        "funcopt_sgd",
-        "funcopt_sgd_momentum",
-        "funcopt_adagrad",
-        "funcopt_rmsprop",
-        "funcopt_rmsprop_centered",
-        "funcopt_rmsprop_momentum",
-        "funcopt_rmsprop_centered_momentum",
-    }
+    name.removesuffix("_many")
+    for name in _native.TARGETS.values()
+    if name.endswith("_many")
 )
 
 

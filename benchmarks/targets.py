@@ -15,8 +15,11 @@ each over `PLACEMENTS` copies of its buffers stepped in turn
 lie).
 
     .venv/bin/python benchmarks/targets.py [--quick] [--skip-big] [--out DIR]
+    .venv/bin/python benchmarks/targets.py --spread RUN.json [RUN.json ...]
 
-Writes `benchmarks/results/targets.{json,md}` and prints the table.
+Writes `benchmarks/results/targets.{json,md}` and prints the table;
+`--spread` prints, from several runs' `targets.json`, each target some run
+missed, with its ratio and floor in every run.
 `--smoke` runs every measurement on tiny sizes (the test of this script).
 """
 
@@ -375,6 +378,43 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def spread(runs: list[dict]) -> str:
+    """Markdown: each target that some of `runs` (the contents of their
+    `targets.json`, in order) did not meet, with its ratio (seconds for an
+    absolute goal) and floor in every run, `*` where that run missed it,
+    and in how many runs it was met. Tells a target missed in every run
+    from one that run-to-run noise moves across its goal."""
+
+    def value(r):
+        if r is None:
+            return "-"
+        v = r["funcopt"] if r["goal"].endswith(" s") else r["ratio"]
+        return ("-" if v is None else f"{v:.2f}") + ("" if r["met"] else "*")
+
+    def floor(r):
+        return (
+            "-" if r is None or r["floor_ratio"] is None else f"{r['floor_ratio']:.2f}"
+        )
+
+    by_run = [{r["target"]: r for r in run["rows"]} for run in runs]
+    lines = [
+        "| issue | target | per run | floor per run | goal | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for target, first in by_run[0].items():
+        rows = [run.get(target) for run in by_run]
+        measured = [r for r in rows if r is not None]
+        if all(r["met"] for r in measured):
+            continue
+        met = sum(r["met"] for r in measured)
+        lines.append(
+            f"| #{first['issue']} | {target} | {' / '.join(map(value, rows))} | "
+            f"{' / '.join(map(floor, rows))} | {first['goal']} | "
+            f"{met} of {len(measured)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="shorter timing loops")
@@ -387,7 +427,16 @@ def main() -> None:
     ap.add_argument(
         "--fused-only", action="store_true", help="issue 19's rows only (printed)"
     )
+    ap.add_argument(
+        "--spread",
+        nargs="+",
+        metavar="JSON",
+        help="print the targets some of these runs' targets.json missed, run by run",
+    )
     args = ap.parse_args()
+    if args.spread:
+        print(spread([json.loads(pathlib.Path(f).read_text()) for f in args.spread]))
+        return
     min_time = 0.05 if args.smoke else 0.25 if args.quick else 0.6
     if args.smoke:
         leaves = SMOKE_SIZES["compile"]

@@ -110,6 +110,37 @@ def test_targets_writes_every_kind_of_target(tmp_path):
     assert paths and all(r["floor_ratio"] > 0 for r in paths)
     markdown = (tmp_path / "targets.md").read_text()
     assert f"of {len(rows) + 1} met." in markdown
+    check_spread(tmp_path / "targets.json", tmp_path)
+
+
+def check_spread(first: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """`targets.py --spread` on a run and a copy where one target it met is
+    missed and one it missed is met: each target some run missed, once, with
+    its value in both runs and how many met it."""
+    run = json.loads(first.read_text())
+    rows = run["rows"]
+    ratio_rows = [r for r in rows if r["ratio"] is not None]
+    (flipped_to_miss, flipped_to_meet) = ratio_rows[0], ratio_rows[-1]
+    rows_2 = []
+    for r in rows:
+        r = dict(r)
+        if r["target"] in (flipped_to_miss["target"], flipped_to_meet["target"]):
+            r["met"] = r["target"] != flipped_to_miss["target"]
+            r["ratio"] = 0.5 if r["met"] else 9.0
+        rows_2.append(r)
+    second = tmp_path / "second.json"
+    second.write_text(json.dumps({**run, "rows": rows_2}))
+    table = run_script("targets.py", "--spread", str(first), str(second))
+    listed = [line.split(" | ")[1] for line in table.splitlines()[2:] if line]
+    missed = {r["target"] for r in rows if not r["met"]}
+    missed_2 = {r["target"] for r in rows_2 if not r["met"]}
+    assert listed == [r["target"] for r in rows if r["target"] in missed | missed_2]
+    line = next(x for x in table.splitlines() if flipped_to_miss["target"] in x)
+    met_first = 1 if flipped_to_miss["met"] else 0
+    assert line.endswith(f"| {met_first} of 2 |") and " / 9.00* |" in line
+    if not flipped_to_meet["met"]:  # else met in both runs: not listed (above)
+        line = next(x for x in table.splitlines() if flipped_to_meet["target"] in x)
+        assert line.endswith("| 1 of 2 |") and " / 0.50 |" in line
 
 
 def test_xla_floor_writes_json_and_markdown(tmp_path):

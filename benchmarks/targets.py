@@ -223,6 +223,7 @@ def big_compile_row(timeout: float, leaves: int = BIG_LEAVES) -> dict:
             seconds["funcopt"] if isinstance(seconds["funcopt"], float) else None,
             None, BIG_SECONDS, absolute=True)  # fmt: skip
     r["note"] = f"{said(seconds['funcopt'])}; floor {said(seconds['floor'])}"
+    r["floor_s"] = seconds["floor"] if isinstance(seconds["floor"], float) else None
     return r
 
 
@@ -380,37 +381,49 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 
 def spread(runs: list[dict]) -> str:
     """Markdown: each target that some of `runs` (the contents of their
-    `targets.json`, in order) did not meet, with its ratio (seconds for an
-    absolute goal) and floor in every run, `*` where that run missed it,
-    and in how many runs it was met. Tells a target missed in every run
-    from one that run-to-run noise moves across its goal."""
+    `targets.json`, in order) did not meet, in the order they first appear,
+    with its ratio (seconds for a goal in seconds, or the run's note where
+    it has no value) and floor in every run (`-` where the run lacks the
+    target), `*` where that run missed it, and in how many of the runs that
+    measured it it was met. Tells a target missed in every run from one
+    that run-to-run noise moves across its goal."""
 
-    def value(r):
+    def in_seconds(r) -> bool:
+        return r["goal"].endswith(" s")
+
+    def value(r) -> str:
         if r is None:
             return "-"
-        v = r["funcopt"] if r["goal"].endswith(" s") else r["ratio"]
-        return ("-" if v is None else f"{v:.2f}") + ("" if r["met"] else "*")
+        v = r["funcopt"] if in_seconds(r) else r["ratio"]
+        if v is None:
+            shown = r.get("note", "-")
+        else:
+            shown = f"{v:.3g} s" if in_seconds(r) else f"{v:.3f}"
+        return shown + ("" if r["met"] else "*")
 
-    def floor(r):
-        return (
-            "-" if r is None or r["floor_ratio"] is None else f"{r['floor_ratio']:.2f}"
-        )
+    def floor(r) -> str:
+        if r is None:
+            return "-"
+        if in_seconds(r):
+            return "-" if r.get("floor_s") is None else f"{r['floor_s']:.3g} s"
+        return "-" if r["floor_ratio"] is None else f"{r['floor_ratio']:.3f}"
 
     by_run = [{r["target"]: r for r in run["rows"]} for run in runs]
+    targets = list(dict.fromkeys(t for run in by_run for t in run))
     lines = [
         "| issue | target | per run | floor per run | goal | met |",
         "|---|---|---|---|---|---|",
     ]
-    for target, first in by_run[0].items():
+    for target in targets:
         rows = [run.get(target) for run in by_run]
         measured = [r for r in rows if r is not None]
         if all(r["met"] for r in measured):
             continue
-        met = sum(r["met"] for r in measured)
+        last = measured[-1]
         lines.append(
-            f"| #{first['issue']} | {target} | {' / '.join(map(value, rows))} | "
-            f"{' / '.join(map(floor, rows))} | {first['goal']} | "
-            f"{met} of {len(measured)} |"
+            f"| #{last['issue']} | {target} | {' / '.join(map(value, rows))} | "
+            f"{' / '.join(map(floor, rows))} | {last['goal']} | "
+            f"{sum(r['met'] for r in measured)} of {len(measured)} |"
         )
     return "\n".join(lines) + "\n"
 

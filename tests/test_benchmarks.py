@@ -110,37 +110,56 @@ def test_targets_writes_every_kind_of_target(tmp_path):
     assert paths and all(r["floor_ratio"] > 0 for r in paths)
     markdown = (tmp_path / "targets.md").read_text()
     assert f"of {len(rows) + 1} met." in markdown
-    check_spread(tmp_path / "targets.json", tmp_path)
-
-
-def check_spread(first: pathlib.Path, tmp_path: pathlib.Path) -> None:
-    """`targets.py --spread` on a run and a copy where one target it met is
-    missed and one it missed is met: each target some run missed, once, with
-    its value in both runs and how many met it."""
-    run = json.loads(first.read_text())
-    rows = run["rows"]
-    ratio_rows = [r for r in rows if r["ratio"] is not None]
-    (flipped_to_miss, flipped_to_meet) = ratio_rows[0], ratio_rows[-1]
-    rows_2 = []
-    for r in rows:
-        r = dict(r)
-        if r["target"] in (flipped_to_miss["target"], flipped_to_meet["target"]):
-            r["met"] = r["target"] != flipped_to_miss["target"]
-            r["ratio"] = 0.5 if r["met"] else 9.0
-        rows_2.append(r)
-    second = tmp_path / "second.json"
-    second.write_text(json.dumps({**run, "rows": rows_2}))
-    table = run_script("targets.py", "--spread", str(first), str(second))
+    # `--spread` reads the run's own file: the targets it missed, in order
+    table = run_script("targets.py", "--spread", str(tmp_path / "targets.json"))
     listed = [line.split(" | ")[1] for line in table.splitlines()[2:] if line]
-    missed = {r["target"] for r in rows if not r["met"]}
-    missed_2 = {r["target"] for r in rows_2 if not r["met"]}
-    assert listed == [r["target"] for r in rows if r["target"] in missed | missed_2]
-    line = next(x for x in table.splitlines() if flipped_to_miss["target"] in x)
-    met_first = 1 if flipped_to_miss["met"] else 0
-    assert line.endswith(f"| {met_first} of 2 |") and " / 9.00* |" in line
-    if not flipped_to_meet["met"]:  # else met in both runs: not listed (above)
-        line = next(x for x in table.splitlines() if flipped_to_meet["target"] in x)
-        assert line.endswith("| 1 of 2 |") and " / 0.50 |" in line
+    all_rows = json.loads((tmp_path / "targets.json").read_text())["rows"]
+    assert listed == [r["target"] for r in all_rows if not r["met"]]
+
+
+def test_targets_spread_lists_each_target_some_run_missed(tmp_path):
+    def target(name, value, met, floor=None, goal="<= 1.0x", **extra):
+        seconds = goal.endswith(" s")
+        return {"issue": 15, "target": name, "goal": goal, "met": met,
+                "funcopt": value if seconds else 1.0,
+                "ratio": None if seconds else value,
+                "floor_ratio": None if seconds else floor, **extra}  # fmt: skip
+
+    first = [
+        target("met in both", 0.9, True),
+        target("missed in both", 1.2, False, floor=0.25),
+        target("missed first", 1.05, False),
+        target("in seconds", 13.7, False, goal="<= 2.0 s", floor_s=6.5),
+        target("stopped", None, False, goal="<= 2.0 s", note="stopped at 150 s"),
+    ]
+    second = [
+        target("met in both", 0.8, True),
+        target("missed in both", 1.1, False, floor=0.3),
+        target("missed first", 0.95, True),
+        target("second run only", 1.3, False),
+    ]
+    files = []
+    for k, rows in enumerate((first, second)):
+        files.append(tmp_path / f"run{k}.json")
+        files[-1].write_text(json.dumps({"meta": {}, "rows": rows}))
+    table = run_script("targets.py", "--spread", *map(str, files))
+    lines = {x.split(" | ")[1]: x for x in table.splitlines()[2:] if x}
+    assert list(lines) == [
+        "missed in both", "missed first", "in seconds", "stopped", "second run only"
+    ]  # fmt: skip
+    assert lines["missed in both"].endswith(
+        "| 1.200* / 1.100* | 0.250 / 0.300 | <= 1.0x | 0 of 2 |"
+    )
+    assert lines["missed first"].endswith(
+        "| 1.050* / 0.950 | - / - | <= 1.0x | 1 of 2 |"
+    )
+    assert lines["in seconds"].endswith(
+        "| 13.7 s* / - | 6.5 s / - | <= 2.0 s | 0 of 1 |"
+    )
+    assert "| stopped at 150 s* / - |" in lines["stopped"]
+    assert lines["second run only"].endswith(
+        "| - / 1.300* | - / - | <= 1.0x | 0 of 1 |"
+    )
 
 
 def test_xla_floor_writes_json_and_markdown(tmp_path):

@@ -754,10 +754,11 @@ def _apply(definition, params, grads, state, has_grad):
     packed = {}
     layout = _multi_tensor.packed_layout(state)
     if layout is not None:
+        where_they_are = _fused_native.update_steps_buckets_where_they_are(grad_leaves)
         with _fused_native.kernels_on_packed_buckets():
             packed, bucket_buffers = _multi_tensor.apply_packed(
                 definition, layout, leaves, grad_leaves, state, options, mask,
-                grad_buffers,
+                grad_buffers, where_they_are,
             )  # fmt: skip
         # buckets that step leaf by leaf: their buffers unpacked, then packed
         per_leaf_buckets = {
@@ -989,8 +990,10 @@ def updates_of_step(name, step_fn, grads, state, params, has_grad):
     """The optax protocol on a step: `(new_params - params, new_state)`, the
     step traced with the JAX rules (`_fused_native.jax_rules_only`), which
     XLA fuses with the subtraction and `optax.apply_updates`' addition,
-    except on a plain tree's packed buckets (copied in and out: nothing to
-    fuse), which keep the kernels."""
+    except on a plain tree's packed buckets (copied in and out or, on
+    gradients the program computes, read where they are:
+    `_fused_native.update_steps_buckets_where_they_are`; nothing to fuse),
+    which keep the kernels."""
     if params is None:
         raise ValueError(
             f"funcopt.{name.lower()}'s update() needs params: call "

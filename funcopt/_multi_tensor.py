@@ -31,7 +31,9 @@ Two ways in:
   leaves whose rule's native kernel steps many leaves in one call
   (Adam/AdamW, SGD, Adagrad, RMSprop) get buckets of their own
   (`Bucket.in_place`), stepped with their params and gradients read where
-  they are: nothing copied (`step_bucket_in_place`).
+  they are: nothing copied (`step_bucket_in_place`). `update` on gradients
+  the jitted program computes steps every bucket of those rules so, where
+  their kernel applies (`_fused_native.update_steps_buckets_where_they_are`).
 """
 
 from __future__ import annotations
@@ -110,7 +112,12 @@ def set_policy(value: str) -> None:
     slices instead of the native copies, the same 1,000 leaves compiled in
     10.6 s (46 s with static slices: one kernel per piece), so elsewhere
     `"auto"` does not pack. For many large leaves, keep them packed with
-    [`funcopt.flat`][funcopt.flat] (no copies per step).
+    [`funcopt.flat`][funcopt.flat] (no copies per step). `update` on
+    gradients the jitted program computes (a clip's in `optax.chain`,
+    backprop's) copies nothing either where the kernels of Adam/AdamW,
+    SGD, Adagrad and RMSprop apply: they read each bucket's params and
+    gradients where they are and write the new params over the gradients
+    (`_fused_native.update_steps_buckets_where_they_are`).
 
     Bits: where funcopt is bit-exact with torch (16-bit leaves, the exact
     float32 mode, the native kernels) both
@@ -1087,8 +1094,9 @@ def flag_values(flags: FlatParams) -> list[Any]:
 
 
 def apply_packed(
-    definition, layout, leaves, grad_leaves, state, options, mask, grad_buffers=None
-):
+    definition, layout, leaves, grad_leaves, state, options, mask, grad_buffers=None,
+    where_they_are=False,
+):  # fmt: skip
     """The buckets of a packed state, each one rule call on its buffers.
 
     Returns `(done, buffers)`: `{leaf: (new_p, {}, stepped)}` and, per
@@ -1097,7 +1105,12 @@ def apply_packed(
     bucket where no leaf has a gradient, or that does not `runs_packed`,
     is left to the caller. `grad_buffers`: the gradients already packed,
     one buffer per bucket (`unpack_step_grads`; None for a bucket held per
-    leaf), read as they are.
+    leaf), read as they are. `where_they_are`: every bucket, not only the
+    `Bucket.in_place` ones, steps its leaves where they are where its
+    rule's kernel applies (`step_bucket_in_place`; `update` on gradients
+    the program computes,
+    `_fused_native.update_steps_buckets_where_they_are`; never with
+    `grad_buffers`, which only `TrainState`'s step passes).
     """
     from ._core import _as_complex, _as_real
 
@@ -1120,14 +1133,14 @@ def apply_packed(
         steps = take_leaves(state.step, idx)
         hparams = {k: v[b.group] for k, v in state.hparams.items()}
         params = [leaves[i] for i in idx]
-        in_place = None
-        if b.in_place:
-            in_place = step_bucket_in_place(
+        stepped_in_place = None
+        if b.in_place or where_they_are:
+            stepped_in_place = step_bucket_in_place(
                 definition, b, params, grads, slots, steps, hparams, options[b.group],
                 flags,
             )  # fmt: skip
-        if in_place is not None:
-            new_params, buffers[j] = in_place
+        if stepped_in_place is not None:
+            new_params, buffers[j] = stepped_in_place
             for jj, i in enumerate(idx):
                 done[i] = (new_params[jj], {}, True if flags is None else flags[jj])
             continue

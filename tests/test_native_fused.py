@@ -989,6 +989,16 @@ def test_many_leaves_in_one_call_are_each_leaf_stepped_alone(
             assert_same_bits(buffers[k], alone[k][1].unpacked().slots[name][k], name)
 
 
+def _steps_with_gaps(rng, shapes, dtype, none, off, steps=4):
+    """`steps` steps' gradients and `has_grad` flags: leaf `none`'s gradient
+    None at step 1, leaf `off`'s flag false at step 2, the others
+    stepping."""
+    for i in range(steps):
+        g = {k: jnp.asarray(rng.normal(size=v), dtype) for k, v in shapes.items()}
+        g[none] = None if i == 1 else g[none]
+        yield g, {k: jnp.asarray(not (i == 2 and k == off)) for k in shapes}
+
+
 @pytest.mark.parametrize(
     "factory,kwargs,dtype",
     [
@@ -1037,10 +1047,7 @@ def test_packed_state_steps_with_params_where_they_are(factory, kwargs, dtype):
         update_hlo = update.lower(params, state, params, flags).compile().as_text()
         p, r = params, np.random.default_rng(13)
         alone = {k: (params[k], opt.init({k: params[k]})) for k in shapes}
-        for i in range(4):
-            g = {k: jnp.asarray(r.normal(size=v), dtype) for k, v in shapes.items()}
-            g["c"] = None if i == 1 else g["c"]
-            on = {k: jnp.asarray(not (i == 2 and k == "d")) for k in shapes}
+        for g, on in _steps_with_gaps(r, shapes, dtype, none="c", off="d"):
             updates, from_update = update(g, state, p, on)
             new_p, state = step(p, g, state, on)
             for a, b in zip(jax.tree.leaves(from_update), jax.tree.leaves(state)):
@@ -1121,6 +1128,98 @@ def test_update_runs_the_jax_rules(factory, kwargs):
     donated = jax.jit(train_step, donate_argnums=(0, 1))
     hlo = donated.lower(params, opt.init(params)).compile().as_text()
     assert len(_optimizer_kernels(hlo)) == 1, hlo
+
+
+@pytest.mark.parametrize(
+    "factory,kwargs,dtype",
+    [
+        (fo.adamw, {}, jnp.float32),
+        (fo.adam, dict(fused=True, amsgrad=True), jnp.bfloat16),
+        (fo.sgd, dict(lr=0.1, momentum=0.9, nesterov=True), jnp.float32),
+        (fo.adagrad, dict(lr_decay=0.01, weight_decay=0.1), jnp.float32),
+        (fo.rmsprop, dict(centered=True, momentum=0.9), jnp.float32),
+        (fo.nadam, {}, jnp.float32),  # no kernel for many leaves: packed
+    ],
+    ids=["adamw", "amsgrad-bf16", "sgd-nesterov", "adagrad", "rmsprop", "nadam"],
+)  # fmt: skip
+def test_update_on_computed_gradients_steps_small_leaves_where_they_are(
+    factory, kwargs, dtype
+):
+    """`update` + `apply_updates` in one `jit`, the gradients clipped
+    there (`optax.chain(optax.clip_by_global_norm(1.0), opt)`): the packed
+    bucket of small leaves (one spans several rows) is stepped by one call
+    for many leaves that reads their params and gradients where they are
+    and writes the new params over the clipped gradients
+    (`_fused_native.update_steps_buckets_where_they_are`: no pack, no
+    unpack), with a None gradient and traced `has_grad` flags too;
+    gradients that are arguments of the `jit` are packed (written over,
+    each would be copied first), and so is a rule without such a kernel;
+    clipped gradients the program also returns come back as the clip made
+    them (XLA copies them before the call). Over steps with a None
+    gradient and a `has_grad` false, `update`'s increments are the bits of
+    `opt.step`'s new params minus the params, on the same clipped
+    gradients (the clip compiled twice: its global norm is one reduction,
+    the same bits), and its state has `opt.step`'s bits."""
+    rng = np.random.default_rng(21)
+    shapes = {"a": (33,), "b": (5, 7), "c": (100,), "d": (3,)}
+    params = {k: jnp.asarray(rng.normal(size=s), dtype) for k, s in shapes.items()}
+    clip = optax.clip_by_global_norm(1.0)
+    opt = factory(**kwargs)
+    chained = optax.chain(clip, opt)
+
+    @jax.jit
+    def update(g, s, p, on):
+        return chained.update(g, s, p, has_grad=on)
+
+    @jax.jit
+    def step(g, s, p, on):
+        clipped, _ = clip.update(g, None)
+        return opt.step(p, clipped, s, has_grad=on)
+
+    @jax.jit
+    def update_returning_clipped(g, s, p):
+        clipped, _ = clip.update(g, None)
+        return opt.update(clipped, s[1], p)[0], clipped
+
+    state = chained.init(params)
+    layout = _multi_tensor.packed_layout(state[1])
+    assert layout is not None and max(layout.buckets[0].rows) > 1
+    many = factory in MANY_LEAVES
+    on = {k: jnp.asarray(True) for k in shapes}
+    no_b = {**params, "b": None}
+    for args in ((params, state, params, None), (no_b, state, params, on)):
+        hlo = update.lower(*args).compile().as_text()
+        targets = [t for t, _, _ in _kernel_calls(hlo)]
+        assert (_packing.UNPACK_TARGET in targets) != many, targets
+        if many:  # (`has_grad`'s flags are stacked by a pack of bools)
+            assert not re.search(r"= f\S+ custom-call\(.*funcopt_pack", hlo), hlo
+            ((target, leaves, aliases),) = _optimizer_kernels(hlo)
+            live = len(shapes) - (args[0] is no_b)
+            assert target.endswith("_many") and leaves == live, hlo
+            # the new params over the gradients: result i, operand live + i
+            assert all(aliases[i] == live + i for i in range(live)), hlo
+    passed_in = jax.jit(lambda g, s, p: opt.update(g, s, p))
+    text = passed_in.lower(params, state[1], params).compile().as_text()
+    assert _packing.PACK_TARGET in [t for t, _, _ in _kernel_calls(text)]
+    _, clipped = update_returning_clipped(params, state, params)
+    want, _ = jax.jit(lambda g: clip.update(g, None))(params)
+    for k in shapes:
+        assert_same_bits(clipped[k], want[k], f"returned clipped gradient {k}")
+
+    p, stepped = params, state[1]
+    steps = _steps_with_gaps(rng, shapes, dtype, none="b", off="d")
+    for i, (g, on) in enumerate(steps):
+        updates, state = update(g, state, p, on)
+        new_p, stepped = step(g, stepped, p, on)
+        for a, b in zip(
+            jax.tree.leaves(state[1]), jax.tree.leaves(stepped), strict=True
+        ):
+            assert_same_bits(a, b, f"step {i}: update's state")
+        for k in shapes:
+            assert_same_bits(updates[k], new_p[k] - p[k], f"step {i}: update {k}")
+        if i == 2:  # `has_grad` false: no increment
+            assert not np.any(np.asarray(updates["d"]))
+        p = new_p
 
 
 def _new_param_over(hlo: str) -> set[str]:

@@ -754,6 +754,8 @@ def _apply(definition, params, grads, state, has_grad):
     packed = {}
     layout = _multi_tensor.packed_layout(state)
     if layout is not None:
+        # read before `kernels_on_packed_buckets` turns `update`'s JAX-rules
+        # switch off: inside it every step looks like `opt.step`
         where_they_are = _fused_native.update_steps_buckets_where_they_are(grad_leaves)
         with _fused_native.kernels_on_packed_buckets():
             packed, bucket_buffers = _multi_tensor.apply_packed(
